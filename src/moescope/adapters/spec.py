@@ -1,0 +1,87 @@
+"""RouterSpec: what moescope needs to know about one MoE family, declared as data.
+
+Capture itself is generic (it records what each experts module *receives*); a spec says where to find
+the pieces and what they mean, so `inspect` can describe a model and tests can check the captured
+routing against an independent computation of the family's policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class StrEnum(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+class Scoring(StrEnum):
+    """How router logits become the scores that experts are chosen on."""
+
+    SOFTMAX = "softmax"  # softmax over all experts, then top-k
+    SOFTMAX_TOPK = "softmax_topk"  # top-k on logits, then softmax over the k (Mixtral/GPT-OSS style)
+    SIGMOID = "sigmoid"  # sigmoid scores, top-k (optionally bias-corrected and group-limited)
+    SPARSEMIXER = "sparsemixer"  # PhiMoE's sparsemixer
+    CUSTOM = "custom"  # anything else; see `notes`
+
+
+class RouterOutput(StrEnum):
+    """What the tensor the router module returns (at `router_output_index`) contains."""
+
+    LOGITS = "logits"
+    PROBS = "probs"
+
+
+class Selection(StrEnum):
+    """Where the chosen expert ids and gate weights are read."""
+
+    EXPERTS_INPUT = "experts_input"  # arguments of the experts module's forward (what it consumes)
+    ROUTER_TOPK = "router_topk"  # custom models: top-k of the router output, computed by moescope
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Declarative description of one MoE family's router.
+
+    Attribute names refer to the MoE block (the parent of the experts module) or to the model config.
+    """
+
+    family: str  # transformers model_type, or "custom"
+    scoring: Scoring
+    router_attr: str = "gate"  # child of the MoE block that computes router_output
+    router_output_index: int | None = 0  # position of logits/probs in the router's return tuple; None: plain tensor
+    router_output: RouterOutput = RouterOutput.LOGITS
+    experts_attr: str = "experts"
+    ids_arg: str = "top_k_index"  # experts.forward parameter holding expert ids   [N, k]
+    weights_arg: str = "top_k_weights"  # experts.forward parameter holding gate weights [N, k]
+    selection: Selection = Selection.EXPERTS_INPUT
+    renormalize: str | bool | None = None  # config attribute (or constant) saying top-k weights are renormalised
+    bias_attr: str | None = None  # router/block attribute holding a selection-only correction bias
+    scaling_attr: str | None = None  # config attribute with a routed scaling factor
+    grouped: bool = False  # group-limited selection (n_group / topk_group)
+    shared_experts_attr: str | None = None  # child of the MoE block with always-on shared experts
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class UnsupportedFamily:
+    """A family moescope knows about but cannot capture faithfully; `reason` is shown by `inspect`."""
+
+    family: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE layer found in a model."""
+
+    index: int  # MoE-layer index: 0..L-1 over MoE layers only
+    decoder_layer: int  # index of the decoder layer holding it
+    block_path: str  # module path of the MoE block
+    n_experts: int
+    top_k: int
+    spec: RouterSpec
+    n_shared_experts: int = 0
+    expert_sizes: tuple[int, ...] | None = None  # intermediate size per expert, when they differ
+    extra: dict = field(default_factory=dict)

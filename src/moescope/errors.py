@@ -1,0 +1,29 @@
+"""One exception hierarchy: every error a user can cause is a MoescopeError with a one-line message.
+
+The CLI prints `error: <message>` and exits non-zero for these; anything else is a bug and keeps its
+traceback. Messages say what went wrong *and* what to do about it.
+"""
+
+
+class MoescopeError(Exception):
+    """Base class for errors caused by input, configuration or environment (not by a bug)."""
+
+
+class ModelLoadError(MoescopeError):
+    """The model could not be found or loaded."""
+
+
+class NoRouterFoundError(MoescopeError):
+    """The model has no MoE router moescope recognises."""
+
+
+class CorpusError(MoescopeError):
+    """The corpus is missing, empty or malformed."""
+
+
+class TraceError(MoescopeError):
+    """A trace on disk is missing, corrupt, locked, or of an unknown schema."""
+
+
+class ImportFormatError(MoescopeError):
+    """A file to import (e.g. JSONL) is malformed."""

@@ -1,0 +1,55 @@
+"""The on-disk trace format: a versioned contract with explicit dtypes.
+
+A trace is a folder:
+
+    manifest.json                      what was captured and which shards are committed (see manifest.py)
+    routing/part-00000.parquet         one row per (sequence, position, MoE layer)
+    tokens/part-00000.parquet          one row per (sequence, position)
+    sequences/part-00000.parquet       one row per sequence
+
+A shard is one `part-NNNNN` in each of the three tables and always holds whole sequences. Inside a
+routing part, rows are ordered by (layer, seq_id, pos) and every MoE layer covers the same tokens, so
+a shard is a dense [L, T, k] block (see ShardData). Token ids live in `tokens` rather than in every
+routing row: they would otherwise be repeated once per layer.
+"""
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TABLES = ("routing", "tokens", "sequences")
+
+
+def routing_schema(top_k: int, weights_dtype: str = "float16", n_router_outputs: int = 0) -> pa.Schema:
+    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row."""
+    fields = [
+        pa.field("seq_id", pa.int32(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),  # MoE-layer index (0..L-1), not decoder index
+        pa.field("topk_ids", pa.list_(pa.int16(), top_k), nullable=False),
+        pa.field("topk_weights", pa.list_(pa.from_numpy_dtype(weights_dtype), top_k), nullable=False),
+    ]
+    if n_router_outputs:
+        fields.append(pa.field("router_output", pa.list_(pa.float16(), n_router_outputs), nullable=False))
+    return pa.schema(fields)
+
+
+TOKENS_SCHEMA = pa.schema(
+    [
+        pa.field("seq_id", pa.int32(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("generated", pa.bool_(), nullable=False),  # False: prompt token, True: produced by --generate
+        pa.field("output_entropy", pa.float32()),  # entropy (nats) of the model's next-token distribution; null if not recorded
+    ]
+)
+
+SEQUENCES_SCHEMA = pa.schema(
+    [
+        pa.field("seq_id", pa.int32(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # corpus name, e.g. "humaneval"
+        pa.field("domain", pa.string(), nullable=False),  # "code" | "math" | "prose" | user label
+        pa.field("doc_id", pa.string(), nullable=False),  # id of the document within its source
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("text_sha1", pa.string(), nullable=False),
+    ]
+)
