@@ -1,0 +1,183 @@
+"""Find the MoE layers of a loaded model: declared families first, structure second, user patterns last.
+
+Capture is generic: every supported family ends in an experts module whose forward receives the
+expert ids and gate weights the model chose (after bias correction, group limits, renormalisation and
+scaling). Discovery finds those modules and attaches the family's declared RouterSpec.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from moescope.adapters.registry import lookup_family
+from moescope.adapters.spec import MoELayer, RouterOutput, RouterSpec, Scoring, Selection
+from moescope.errors import NoRouterFoundError
+
+# (ids parameter, weights parameter) names that experts modules use in transformers v5
+_EXPERT_ARG_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
+_ROUTER_ATTRS = ("gate", "router")
+_SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
+_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k")
+
+
+@dataclass(frozen=True)
+class CustomRouter:
+    """How to capture a model moescope does not recognise: point at its router modules.
+
+    pattern:    fnmatch pattern over module paths, e.g. "blocks.*.moe.router"
+    output:     what the router returns (a tensor, or a tuple whose `output_index` element is it):
+                "logits" (softmax is applied) or "probs"
+    top_k:      experts chosen per token (top-k of the scores)
+    renormalize: whether the model divides the top-k probabilities by their sum
+    expert_sizes: intermediate size of each expert when they differ (for cost analyses)
+    """
+
+    pattern: str
+    top_k: int
+    output: RouterOutput = RouterOutput.LOGITS
+    output_index: int | None = None
+    renormalize: bool = True
+    expert_sizes: tuple[int, ...] | None = None
+
+
+def forward_param_index(module: nn.Module, name: str) -> int | None:
+    """Position of `name` among forward's positional parameters (self excluded), or None."""
+    params = list(inspect.signature(type(module).forward).parameters)[1:]
+    return params.index(name) if name in params else None
+
+
+def _experts_arg_names(experts: nn.Module) -> tuple[str, str] | None:
+    params = set(list(inspect.signature(type(experts).forward).parameters)[1:])
+    for ids_arg, weights_arg in _EXPERT_ARG_NAMES:
+        if ids_arg in params and weights_arg in params:
+            return ids_arg, weights_arg
+    return None
+
+
+def _decoder_layer_index(path: str) -> int:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(match.group(1)) if match else -1
+
+
+def _config_top_k(config) -> int | None:
+    for cfg in (config, getattr(config, "ffn_config", None), getattr(config, "text_config", None)):
+        for attr in _TOP_K_CONFIG_ATTRS:
+            value = getattr(cfg, attr, None) if cfg is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _n_experts(experts: nn.Module, router: nn.Module | None) -> int:
+    for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
+        value = getattr(experts, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for obj in (router, experts):
+        weight = getattr(obj, "weight", None) if obj is not None else None
+        if weight is not None and weight.dim() >= 2:
+            return int(weight.shape[0])
+    if isinstance(experts, (nn.ModuleList, nn.Sequential)):
+        return len(experts)
+    raise NoRouterFoundError(f"cannot tell how many experts {type(experts).__name__} has")
+
+
+def _n_shared(block: nn.Module, config) -> tuple[str | None, int]:
+    for attr in _SHARED_ATTRS:
+        if isinstance(getattr(block, attr, None), nn.Module):
+            n = getattr(config, "n_shared_experts", None) or getattr(config, "num_shared_experts", None) or 1
+            return attr, int(n)
+    return None, 0
+
+
+def _generic_spec(model_type: str, router_attr: str | None, arg_names: tuple[str, str]) -> RouterSpec:
+    return RouterSpec(
+        family=model_type,
+        scoring=Scoring.CUSTOM,
+        router_attr=router_attr or "",
+        ids_arg=arg_names[0],
+        weights_arg=arg_names[1],
+        notes="not declared: found by structure; ids and weights are read where the experts consume them",
+    )
+
+
+def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> list[MoELayer]:
+    """All MoE layers of `model`, in execution order (module registration order).
+
+    Raises NoRouterFoundError naming what was searched when there are none.
+    """
+    if custom is not None:
+        return _find_custom(model, custom)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    declared = lookup_family(model_type)
+    layers: list[MoELayer] = []
+    for path, block in model.named_modules():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, nn.Module) or (arg_names := _experts_arg_names(experts)) is None:
+            continue
+        router_attr = next((a for a in _ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
+        spec = declared or _generic_spec(model_type, router_attr, arg_names)
+        router = getattr(block, spec.router_attr, None) if spec.router_attr else None
+        shared_attr, n_shared = _n_shared(block, config)
+        spec = replace(spec, shared_experts_attr=spec.shared_experts_attr or shared_attr)
+        layers.append(
+            MoELayer(
+                index=len(layers),
+                decoder_layer=_decoder_layer_index(path),
+                block_path=path,
+                n_experts=_n_experts(experts, router),
+                top_k=getattr(router, "top_k", None) or _config_top_k(config) or 0,
+                spec=spec,
+                n_shared_experts=n_shared,
+            )
+        )
+    if not layers:
+        raise NoRouterFoundError(
+            f"no MoE layers found in {type(model).__name__} (model_type={model_type!r}): searched for modules "
+            f"with an `experts` child whose forward takes {' or '.join('/'.join(p) for p in _EXPERT_ARG_NAMES)}; "
+            "for a custom MoE pass --router-pattern 'path.*.router' --top-k K (see README: custom models)"
+        )
+    return layers
+
+
+def _find_custom(model: nn.Module, custom: CustomRouter) -> list[MoELayer]:
+    spec = RouterSpec(
+        family="custom",
+        scoring=Scoring.SOFTMAX if custom.output == RouterOutput.LOGITS else Scoring.CUSTOM,
+        router_attr="",
+        router_output_index=custom.output_index,
+        router_output=custom.output,
+        selection=Selection.ROUTER_TOPK,
+        renormalize=custom.renormalize,
+    )
+    layers = []
+    for path, module in model.named_modules():
+        if path and fnmatch.fnmatchcase(path, custom.pattern):
+            weight = getattr(module, "weight", None)
+            n_experts = int(weight.shape[0]) if weight is not None else 0
+            if custom.expert_sizes is not None:
+                n_experts = len(custom.expert_sizes)
+            layers.append(
+                MoELayer(
+                    index=len(layers),
+                    decoder_layer=_decoder_layer_index(path),
+                    block_path=path,
+                    n_experts=n_experts,
+                    top_k=custom.top_k,
+                    spec=spec,
+                    expert_sizes=custom.expert_sizes,
+                )
+            )
+    if not layers:
+        raise NoRouterFoundError(f"--router-pattern {custom.pattern!r} matched no module of {type(model).__name__}")
+    if any(layer.n_experts <= 0 for layer in layers):
+        raise NoRouterFoundError(
+            f"cannot tell the number of experts of modules matching {custom.pattern!r}: give expert sizes"
+        )
+    return layers

@@ -1,0 +1,107 @@
+"""The Python API: `moescope.capture(...)` and `moescope.open_trace(...)`, the same options as the CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence as SequenceABC
+
+import torch
+from torch import nn
+
+from moescope.adapters.discover import CustomRouter
+from moescope.capture.batches import sequences_from_documents, sequences_from_ids
+from moescope.capture.loading import load_model
+from moescope.capture.runner import CaptureOptions, run_capture
+from moescope.errors import CorpusError, MoescopeError
+from moescope.trace.reader import Trace, open_trace
+
+__all__ = ["capture", "open_trace", "CustomRouter", "CaptureOptions"]
+
+
+def _documents(data, split: str):
+    """A corpus spec string, a list of Document objects, or a list of plain strings."""
+    from moescope.corpora import Document, describe_corpus, load_corpus
+
+    if isinstance(data, str):
+        return load_corpus(data, split=split), describe_corpus(data, split=split)
+    if isinstance(data, SequenceABC) and data and all(isinstance(d, str) for d in data):
+        docs = [Document(doc_id=str(i), text=t, source="user", domain="unknown") for i, t in enumerate(data)]
+        return docs, {"spec": "python-list", "documents": len(docs)}
+    if isinstance(data, SequenceABC) and data and all(isinstance(d, Document) for d in data):
+        return list(data), {"spec": "python-documents", "documents": len(data)}
+    raise CorpusError("data must be a corpus name/path, a non-empty list of strings, or a list of Documents")
+
+
+def capture(
+    model: str | nn.Module,
+    data=None,
+    *,
+    out: str | os.PathLike,
+    tokenizer=None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_tokens: int | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    save_router_output: bool = False,
+    output_entropy: bool = False,
+    generate: int = 0,
+    weights_dtype: str = "float16",
+    router: CustomRouter | None = None,
+    split: str = "all",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Trace:
+    """Record, for every token and MoE layer, the experts the model chose and their gate weights.
+
+    Parameters
+    ----------
+    model : a Hugging Face id, a local folder, ``moescope:NAME``, or an already-loaded ``nn.Module``.
+    data : a corpus spec (``"humaneval,wiki"``, a file, a folder, ``file.jsonl:field``, ``hf:...``), a list
+        of strings, or a list of ``moescope.corpora.Document``. Not needed with ``input_ids``.
+    out : the trace folder. An unfinished capture with the same settings is resumed.
+    input_ids, attention_mask : pre-tokenised input [B, T]; sequence i is row i and positions are the
+        row's real-token positions.
+    router : a ``CustomRouter`` for models moescope does not recognise.
+
+    Returns
+    -------
+    Trace : the trace just written (``trace.sql(...)``, ``trace.shards()``).
+
+    Examples
+    --------
+    >>> trace = moescope.capture("moescope:tiny-moe", "humaneval", out="traces/run1", max_tokens=2048)  # doctest: +SKIP
+    """
+    if (data is None) == (input_ids is None):
+        raise MoescopeError("give exactly one of `data` (a corpus) or `input_ids`")
+    if seq_len <= 0 or batch_size <= 0 or (max_tokens is not None and max_tokens <= 0) or generate < 0:
+        raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
+    if weights_dtype not in ("float16", "float32"):
+        raise MoescopeError(f"weights_dtype must be float16 or float32, not {weights_dtype!r}")
+    if isinstance(model, str):
+        model_info = {"id": model}
+        model, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    else:
+        model_info = {"id": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__}
+        model.eval()
+    opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
+                          output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype)
+    if input_ids is not None:
+        if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):
+            raise MoescopeError("input_ids must be [batch, seq] and attention_mask the same shape")
+        sequences = list(sequences_from_ids(input_ids, attention_mask))
+        corpus_info = {"spec": "input_ids", "rows": int(input_ids.shape[0])}
+        total = sum(len(s.token_ids) for s in sequences)
+    else:
+        if tokenizer is None:
+            raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
+        docs, corpus_info = _documents(data, split)
+        corpus_info = {**corpus_info, "split": split}
+        sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+        total = max_tokens
+    return run_capture(model, tokenizer, sequences, out, opts=opts, model_info=model_info, corpus_info=corpus_info,
+                       custom_router=router, overwrite=overwrite, progress=progress, total_tokens=total)

@@ -1,0 +1,82 @@
+"""Turning documents into fixed-size token sequences and padded batches (no model, no hooks here)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sequence:
+    seq_id: int
+    token_ids: list[int]
+    source: str
+    domain: str
+    doc_id: str
+    text_sha1: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    sequences: list[Sequence]
+    input_ids: torch.Tensor  # int64 [B, T]
+    attention_mask: torch.Tensor  # int64 [B, T], 1 for real tokens
+    pos: torch.Tensor  # int64 [B, T], position of each token in its sequence (-1 on padding)
+
+
+def sequences_from_documents(documents: Iterable, tokenizer, *, seq_len: int, max_tokens: int | None) -> Iterator[Sequence]:
+    """Tokenise documents and cut each into sequences of at most `seq_len` tokens, in corpus order.
+
+    seq_ids are assigned in this order, so the same corpus and options always give the same ids
+    (which is what lets an interrupted capture resume).
+    """
+    total, seq_id = 0, 0
+    for doc in documents:
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        sha1 = hashlib.sha1(doc.text.encode("utf-8", "replace")).hexdigest()
+        for start in range(0, len(ids), seq_len):
+            chunk = ids[start : start + seq_len]
+            if max_tokens is not None:
+                chunk = chunk[: max_tokens - total]
+            if not chunk:
+                return
+            yield Sequence(seq_id, chunk, doc.source, doc.domain, doc.doc_id, sha1)
+            seq_id += 1
+            total += len(chunk)
+
+
+def sequences_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Iterator[Sequence]:
+    """Pre-tokenised rows: sequence i is row i (its real tokens, in order)."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    for row, (ids, keep) in enumerate(zip(input_ids, mask)):
+        tokens = ids[keep].tolist()
+        sha1 = hashlib.sha1(str(tokens).encode()).hexdigest()
+        yield Sequence(row, tokens, "input_ids", "unknown", str(row), sha1)
+
+
+def make_batch(sequences: list[Sequence], pad_id: int, *, left_pad: bool = False) -> Batch:
+    width = max(len(s.token_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq.token_ids)
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        input_ids[row, cols] = torch.tensor(seq.token_ids, dtype=torch.long)
+        mask[row, cols] = 1
+    pos = mask.cumsum(-1) - 1
+    pos[mask == 0] = -1
+    return Batch(sequences, input_ids, mask, pos)
+
+
+def batched(sequences: Iterable[Sequence], batch_size: int) -> Iterator[list[Sequence]]:
+    group: list[Sequence] = []
+    for seq in sequences:
+        group.append(seq)
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group

@@ -1,0 +1,129 @@
+"""RoutingRecorder: the only place moescope puts hooks on a model.
+
+Hooks are global state on the model, so they live inside one context manager whose `finally`
+removes exactly the handles it added. Each hook does O(1) Python work: detach, cast, copy, append.
+Nothing is converted to Python objects or looped over per token here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moescope.adapters.discover import forward_param_index
+from moescope.adapters.spec import MoELayer, RouterOutput, Selection
+
+
+@dataclass
+class LayerChunks:
+    """What one MoE layer saw, one entry per forward call since the last `take()`."""
+
+    ids: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k] each
+    weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
+    router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
+
+
+def _router_tensor(output, index: int | None) -> torch.Tensor:
+    tensor = output if index is None or isinstance(output, torch.Tensor) else output[index]
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+class RoutingRecorder:
+    """Context manager recording, per MoE layer, the expert ids and gate weights the experts received.
+
+    >>> with RoutingRecorder(model, layers) as rec:   # doctest: +SKIP
+    ...     model(input_ids)
+    ...     chunks = rec.take()                      # list[LayerChunks], one per MoE layer
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[MoELayer],
+        *,
+        save_router_output: bool = False,
+        weights_dtype: torch.dtype = torch.float16,
+    ):
+        self.model = model
+        self.layers = layers
+        self.save_router_output = save_router_output
+        self.weights_dtype = weights_dtype
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._chunks = [LayerChunks() for _ in layers]
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _experts_input_hook(self, chunks: LayerChunks, ids_pos: int | None, weights_pos: int | None, layer: MoELayer):
+        ids_arg, weights_arg = layer.spec.ids_arg, layer.spec.weights_arg
+
+        def hook(module, args, kwargs):
+            ids = kwargs[ids_arg] if ids_arg in kwargs else args[ids_pos]
+            weights = kwargs[weights_arg] if weights_arg in kwargs else args[weights_pos]
+            chunks.ids.append(ids.detach().reshape(-1, ids.shape[-1]).to("cpu", torch.int16, non_blocking=True))
+            chunks.weights.append(
+                weights.detach().reshape(-1, weights.shape[-1]).to("cpu", self.weights_dtype, non_blocking=True)
+            )
+
+        return hook
+
+    def _router_output_hook(self, chunks: LayerChunks, index: int | None):
+        def hook(module, args, output):
+            chunks.router_output.append(_router_tensor(output, index).detach().to("cpu", torch.float16))
+
+        return hook
+
+    def _router_topk_hook(self, chunks: LayerChunks, layer: MoELayer):
+        """Custom models: the router output is all we have; select top-k as the user declared."""
+        spec = layer.spec
+
+        def hook(module, args, output):
+            scores = _router_tensor(output, spec.router_output_index).detach().float()  # [N, E]
+            probs = scores.softmax(-1) if spec.router_output == RouterOutput.LOGITS else scores
+            weights, ids = probs.topk(layer.top_k, dim=-1)  # [N, k]
+            if spec.renormalize:
+                weights = weights / weights.sum(-1, keepdim=True)
+            chunks.ids.append(ids.to("cpu", torch.int16))
+            chunks.weights.append(weights.to("cpu", self.weights_dtype))
+            if self.save_router_output:
+                chunks.router_output.append(scores.to("cpu", torch.float16))
+
+        return hook
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> "RoutingRecorder":
+        try:
+            for layer, chunks in zip(self.layers, self._chunks):
+                block = self.model.get_submodule(layer.block_path)
+                if layer.spec.selection == Selection.ROUTER_TOPK:
+                    self._handles.append(block.register_forward_hook(self._router_topk_hook(chunks, layer)))
+                    continue
+                experts = getattr(block, layer.spec.experts_attr)
+                ids_pos = forward_param_index(experts, layer.spec.ids_arg)
+                weights_pos = forward_param_index(experts, layer.spec.weights_arg)
+                hook = self._experts_input_hook(chunks, ids_pos, weights_pos, layer)
+                self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+                if self.save_router_output:
+                    router = getattr(block, layer.spec.router_attr)
+                    hook = self._router_output_hook(chunks, layer.spec.router_output_index)
+                    self._handles.append(router.register_forward_hook(hook))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def take(self) -> list[LayerChunks]:
+        """Hand over everything recorded since the last call and start afresh."""
+        taken = []
+        for chunks in self._chunks:  # the hooks hold these objects: empty them, don't replace them
+            taken.append(LayerChunks(chunks.ids, chunks.weights, chunks.router_output))
+            chunks.ids, chunks.weights, chunks.router_output = [], [], []
+        return taken

@@ -1,0 +1,58 @@
+"""Loading a model and tokenizer by name: a local folder, a Hugging Face id, or `moescope:NAME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moescope.errors import ModelLoadError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def resolve_model_path(name: str) -> str:
+    """`moescope:NAME` -> the shipped model's folder; anything else is returned unchanged."""
+    if name.startswith("moescope:"):
+        from moescope.models import shipped_model_path
+
+        return str(shipped_model_path(name.split(":", 1)[1]))
+    return name
+
+
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+               trust_remote_code: bool = False):
+    """(model, tokenizer) ready for inference. Errors are one line that says what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    if local and not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; point at a Hugging Face model folder")
+    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"model folder {path} does not exist")
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if local else " (is the id right, and is it in your Hugging Face cache or reachable online?)"
+        raise ModelLoadError(f"cannot load model {name!r}{hint}: {first}") from None
+    if not device_map:
+        model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer

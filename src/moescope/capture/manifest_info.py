@@ -1,0 +1,73 @@
+"""What a capture writes into manifest.json besides the shard list: model, layers, settings, versions."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict
+
+import numpy as np
+
+import moescope
+from moescope.adapters.spec import MoELayer
+
+
+def detect_router_output_kind(router_output: np.ndarray) -> str:
+    """'probs' if every row is a probability vector (non-negative, sums to 1), else 'logits'."""
+    rows = router_output.reshape(-1, router_output.shape[-1]).astype(np.float32)
+    sums = rows.sum(-1)
+    is_probs = (rows.min() >= 0) and np.allclose(sums, 1.0, atol=2e-2)  # float16 storage: loose tolerance
+    return "probs" if is_probs else "logits"
+
+
+def versions() -> dict:
+    import pyarrow
+    import torch
+    import transformers
+
+    return {
+        "moescope": moescope.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def layer_entry(layer: MoELayer) -> dict:
+    spec = asdict(layer.spec)
+    return {
+        "moe_layer": layer.index,
+        "decoder_layer": layer.decoder_layer,
+        "module": layer.block_path,
+        "n_experts": layer.n_experts,
+        "top_k": layer.top_k,
+        "n_shared_experts": layer.n_shared_experts,
+        "expert_sizes": list(layer.expert_sizes) if layer.expert_sizes else None,
+        "scoring": str(layer.spec.scoring),
+        "spec": {k: (str(v) if hasattr(v, "value") else v) for k, v in spec.items()},
+    }
+
+
+def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
+    config = getattr(model, "config", None)
+    n_decoder = getattr(config, "num_hidden_layers", None)
+    moe_decoder = {layer.decoder_layer for layer in layers}
+    return {
+        "schema_version": None,  # set by TraceWriter
+        "model": {
+            **model_info,
+            "model_type": getattr(config, "model_type", None),
+            "class": type(model).__name__,
+            "hidden_size": getattr(config, "hidden_size", None),
+            "num_decoder_layers": n_decoder,
+            "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
+        },
+        "layers": [layer_entry(layer) for layer in layers],
+        "capture": {k: v for k, v in opts.items() if k != "shard_tokens"},
+        "corpus": corpus_info,
+        "weights_dtype": opts["weights_dtype"],
+        "router_output_kind": None,
+        "versions": versions(),
+        "shards": [],
+    }

@@ -1,0 +1,130 @@
+"""From what the hooks recorded for one batch to token-aligned arrays, and from those to Arrow tables.
+
+Experts modules see the batch flattened to [B*T, H] (row-major), so row b*T + t is token (b, t);
+padding rows are dropped here, using the attention mask, and never reach the trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from moescope.capture.batches import Batch
+from moescope.capture.hooks import LayerChunks
+from moescope.errors import MoescopeError
+from moescope.trace.schema import SEQUENCES_SCHEMA, TOKENS_SCHEMA, routing_schema
+
+
+@dataclass
+class TokenBlock:
+    """Routing of a group of tokens, ordered by (seq_id, pos)."""
+
+    seq_id: np.ndarray  # int32 [T]
+    pos: np.ndarray  # int32 [T]
+    token_id: np.ndarray  # int32 [T]
+    generated: np.ndarray  # bool  [T]
+    output_entropy: np.ndarray  # float32 [T] (NaN when not recorded)
+    topk_ids: np.ndarray  # int16 [L, T, k]
+    topk_weights: np.ndarray  # float16|float32 [L, T, k]
+    router_output: np.ndarray | None  # float16 [L, T, E]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.seq_id)
+
+
+def _stack(chunks: list[torch.Tensor], rows: int, what: str, layer: int) -> torch.Tensor:
+    tensor = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
+    if tensor.shape[0] != rows:
+        raise MoescopeError(
+            f"MoE layer {layer} recorded {tensor.shape[0]} {what} rows for a batch of {rows} token slots; this model "
+            "does not route every token exactly once per forward pass (capacity limits?) and cannot be captured"
+        )
+    return tensor
+
+
+def block_from_forward(batch: Batch, recorded: list[LayerChunks], output_entropy: torch.Tensor | None) -> TokenBlock:
+    """One forward pass over `batch` (no generation): drop padding, keep (seq, pos) order."""
+    keep = batch.attention_mask.reshape(-1).bool()  # [B*T]
+    rows = keep.shape[0]
+    ids = torch.stack([_stack(c.ids, rows, "expert-id", i)[keep] for i, c in enumerate(recorded)])  # [L, n, k]
+    weights = torch.stack([_stack(c.weights, rows, "weight", i)[keep] for i, c in enumerate(recorded)])
+    router_output = None
+    if recorded and recorded[0].router_output:
+        router_output = torch.stack([_stack(c.router_output, rows, "router-output", i)[keep] for i, c in enumerate(recorded)]).numpy()
+    seq_ids = torch.tensor([s.seq_id for s in batch.sequences], dtype=torch.int32)[:, None].expand_as(batch.input_ids)
+    n = int(keep.sum())
+    entropy = np.full(n, np.nan, np.float32) if output_entropy is None else output_entropy.reshape(-1)[keep].float().numpy()
+    return TokenBlock(
+        seq_id=seq_ids.reshape(-1)[keep].numpy(),
+        pos=batch.pos.reshape(-1)[keep].to(torch.int32).numpy(),
+        token_id=batch.input_ids.reshape(-1)[keep].to(torch.int32).numpy(),
+        generated=np.zeros(n, dtype=bool),
+        output_entropy=entropy,
+        topk_ids=ids.numpy(),
+        topk_weights=weights.numpy(),
+        router_output=router_output,
+    )
+
+
+def concat_blocks(blocks: list[TokenBlock]) -> TokenBlock:
+    router = None if blocks[0].router_output is None else np.concatenate([b.router_output for b in blocks], axis=1)
+    return TokenBlock(
+        seq_id=np.concatenate([b.seq_id for b in blocks]),
+        pos=np.concatenate([b.pos for b in blocks]),
+        token_id=np.concatenate([b.token_id for b in blocks]),
+        generated=np.concatenate([b.generated for b in blocks]),
+        output_entropy=np.concatenate([b.output_entropy for b in blocks]),
+        topk_ids=np.concatenate([b.topk_ids for b in blocks], axis=1),
+        topk_weights=np.concatenate([b.topk_weights for b in blocks], axis=1),
+        router_output=router,
+    )
+
+
+def _fixed_list(values: np.ndarray, width: int, arrow_type: pa.DataType) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def routing_table(block: TokenBlock) -> pa.Table:
+    """Rows ordered by (layer, seq_id, pos): layer-major, so each column compresses well."""
+    n_layers, n_tokens, k = block.topk_ids.shape
+    weights_dtype = block.topk_weights.dtype.name
+    n_out = 0 if block.router_output is None else block.router_output.shape[2]
+    schema = routing_schema(k, weights_dtype, n_out)
+    columns = [
+        pa.array(np.tile(block.seq_id, n_layers), pa.int32()),
+        pa.array(np.tile(block.pos, n_layers), pa.int32()),
+        pa.array(np.repeat(np.arange(n_layers, dtype=np.int16), n_tokens), pa.int16()),
+        _fixed_list(block.topk_ids.astype(np.int16, copy=False), k, pa.int16()),
+        _fixed_list(block.topk_weights, k, schema.field("topk_weights").type.value_type),
+    ]
+    if n_out:
+        columns.append(_fixed_list(block.router_output.astype(np.float16, copy=False), n_out, pa.float16()))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def tokens_table(block: TokenBlock) -> pa.Table:
+    return pa.Table.from_arrays(
+        [
+            pa.array(block.seq_id, pa.int32()),
+            pa.array(block.pos, pa.int32()),
+            pa.array(block.token_id, pa.int32()),
+            pa.array(block.generated, pa.bool_()),
+            pa.array(block.output_entropy, pa.float32(), from_pandas=True),  # NaN -> null
+        ],
+        schema=TOKENS_SCHEMA,
+    )
+
+
+def sequences_table(sequences: list, n_tokens: dict[int, int]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            dict(seq_id=s.seq_id, source=s.source, domain=s.domain, doc_id=s.doc_id, n_tokens=n_tokens[s.seq_id], text_sha1=s.text_sha1)
+            for s in sequences
+        ],
+        schema=SEQUENCES_SCHEMA,
+    )

@@ -1,0 +1,133 @@
+"""The capture loop: batches in, committed shards out, memory bounded by one shard.
+
+    sequences -> padded batches -> forward (RoutingRecorder) -> TokenBlock -> buffer -> shard
+
+Shards hold whole sequences; sequences already committed by an interrupted run are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moescope.adapters.discover import CustomRouter, find_moe_layers
+from moescope.adapters.spec import MoELayer
+from moescope.capture.batches import Batch, Sequence, batched, make_batch
+from moescope.capture.generate import block_from_generate
+from moescope.capture.hooks import RoutingRecorder
+from moescope.capture.manifest_info import build_manifest, detect_router_output_kind
+from moescope.capture.rows import TokenBlock, block_from_forward, concat_blocks, routing_table, sequences_table, tokens_table
+from moescope.trace.reader import Trace
+from moescope.trace.writer import TraceWriter
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    seq_len: int = 256
+    batch_size: int = 8
+    max_tokens: int | None = None
+    save_router_output: bool = False
+    output_entropy: bool = False
+    generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
+    weights_dtype: str = "float16"
+    shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
+
+
+def _output_entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    return -(logp.exp() * logp).sum(-1)  # [B, T]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+class _ShardBuffer:
+    """Collects TokenBlocks and their sequences until a shard's worth, then commits them."""
+
+    def __init__(self, writer: TraceWriter, shard_tokens: int):
+        self.writer, self.shard_tokens = writer, shard_tokens
+        self.blocks: list[TokenBlock] = []
+        self.sequences: list[Sequence] = []
+        self.kind_votes: list[str | None] = []
+
+    def add(self, block: TokenBlock, sequences: list[Sequence]) -> None:
+        self.blocks.append(block)
+        self.sequences.extend(sequences)
+        if block.router_output is not None:
+            self.kind_votes.append(detect_router_output_kind(block.router_output))
+        if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.blocks:
+            return
+        block = concat_blocks(self.blocks)
+        seq_ids, counts = torch.unique(torch.from_numpy(block.seq_id), return_counts=True)
+        n_tokens = dict(zip(seq_ids.tolist(), counts.tolist()))
+        tables = {
+            "routing": routing_table(block),
+            "tokens": tokens_table(block),
+            "sequences": sequences_table(self.sequences, n_tokens),
+        }
+        ids = [s.seq_id for s in self.sequences]
+        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids))
+        self.blocks, self.sequences = [], []
+
+
+def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
+    device = next(model.parameters()).device
+    weights_dtype = getattr(torch, opts.weights_dtype)
+    with RoutingRecorder(model, layers, save_router_output=opts.save_router_output, weights_dtype=weights_dtype) as rec, torch.inference_mode():
+        for batch in batches:
+            input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            if opts.generate:
+                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=opts.generate,
+                                     do_sample=False, pad_token_id=_pad_id(model))
+                yield batch, block_from_generate(batch, rec.take(), out.cpu(), eos)
+            else:
+                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                entropy = _output_entropy(logits).cpu() if opts.output_entropy else None
+                yield batch, block_from_forward(batch, rec.take(), entropy)
+
+
+def _pad_id(model) -> int:
+    config = model.config
+    pad = getattr(config, "pad_token_id", None)
+    return pad if pad is not None else 0
+
+
+def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
+                model_info: dict, corpus_info: dict, custom_router: CustomRouter | None = None,
+                overwrite: bool = False, progress: bool = True, total_tokens: int | None = None) -> Trace:
+    """Capture the routing of `sequences` through `model` into the trace folder `out`."""
+    from tqdm.auto import tqdm
+
+    layers = find_moe_layers(model, custom_router)
+    manifest = build_manifest(model, layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
+    with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+        done = writer.committed_seq_ids
+        todo = (s for s in sequences if s.seq_id not in done)
+        batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(todo, opts.batch_size))
+        buffer = _ShardBuffer(writer, opts.shard_tokens)
+        bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)
+        started = time.perf_counter()
+        n_tokens = 0
+        for batch, block in _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer)):
+            buffer.add(block, batch.sequences)
+            n_tokens += block.n_tokens
+            bar.update(block.n_tokens)
+        buffer.flush()
+        bar.close()
+        votes = {v for v in buffer.kind_votes if v}
+        kind = votes.pop() if len(votes) == 1 else ("mixed" if votes else writer.manifest.get("router_output_kind"))
+        seconds = time.perf_counter() - started
+        writer.finish(router_output_kind=kind, stats={"tokens_this_run": n_tokens, "seconds_this_run": round(seconds, 3)})
+    return Trace(out)

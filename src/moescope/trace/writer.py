@@ -1,0 +1,145 @@
+"""TraceWriter: commits shards atomically and lets an interrupted capture resume.
+
+Protocol for one shard: write each table's part to a hidden temporary file, fsync, rename to its final
+name, then rewrite the manifest (atomically) with the part's rows and checksum. Part files that the
+manifest does not list are leftovers of an interrupted run and are deleted when a writer opens the
+folder. A lock file (flock, released by the OS even on SIGKILL) keeps two captures out of one folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moescope.errors import TraceError
+from moescope.trace.manifest import MANIFEST, fsync_dir, read_manifest, sha256_file, write_manifest
+from moescope.trace.schema import SCHEMA_VERSION, TABLES
+
+LOCK = ".moescope.lock"
+# settings that must match for a capture to resume into an existing, incomplete trace
+RESUME_KEYS = ("model", "corpus", "capture")
+
+
+def _parquet_options(table: str) -> dict:
+    options = dict(compression="zstd", compression_level=9, write_statistics=False)
+    if table == "routing":
+        # float gate weights compress far better split into byte planes
+        options.update(use_dictionary=["topk_ids"], column_encoding={"topk_weights": "BYTE_STREAM_SPLIT"})
+    return options
+
+
+class TraceWriter:
+    """Writes a trace folder; use as a context manager so the lock is always released."""
+
+    def __init__(self, folder: str | os.PathLike, manifest: dict, *, overwrite: bool = False):
+        self.folder = Path(folder)
+        self._lock_fd: int | None = None
+        self._prepare_folder()
+        self._lock()
+        self.manifest = self._start_or_resume(manifest, overwrite)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _prepare_folder(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise TraceError(f"--out {self.folder} is a file; give a folder path")
+        ours = {MANIFEST, LOCK, *TABLES}
+        if self.folder.is_dir() and not (self.folder / MANIFEST).exists():
+            if any(p.name not in ours for p in self.folder.iterdir()):
+                raise TraceError(f"{self.folder} is not empty and is not a moescope trace; choose another --out")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for table in TABLES:
+                (self.folder / table).mkdir(exist_ok=True)
+        except OSError as err:
+            raise TraceError(f"cannot create trace folder {self.folder}: {err.strerror}; choose a writable --out") from None
+        if not os.access(self.folder, os.W_OK):
+            raise TraceError(f"trace folder {self.folder} is not writable; choose a writable --out")
+
+    def _lock(self) -> None:
+        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise TraceError(f"{self.folder} is being written by another moescope process; wait or use another --out") from None
+            raise
+        self._lock_fd = fd
+
+    def _start_or_resume(self, manifest: dict, overwrite: bool) -> dict:
+        if (self.folder / MANIFEST).exists():
+            old = read_manifest(self.folder)
+            same = all(old.get(key) == manifest.get(key) for key in RESUME_KEYS)
+            if overwrite:
+                self._delete_parts(keep=set())
+            elif old.get("complete"):
+                raise TraceError(f"{self.folder} already holds a complete trace; pass --overwrite or choose another --out")
+            elif not same:
+                differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
+                raise TraceError(
+                    f"{self.folder} holds an unfinished capture with different {'/'.join(differs)} settings; "
+                    "rerun with the same options to resume, or pass --overwrite"
+                )
+            else:
+                manifest = {**manifest, "shards": old["shards"]}
+        manifest = {**manifest, "schema_version": SCHEMA_VERSION, "complete": False}
+        manifest.setdefault("shards", [])
+        self._delete_parts(keep={f["path"] for s in manifest["shards"] for f in s["files"].values()})
+        write_manifest(self.folder, manifest)
+        return manifest
+
+    def _delete_parts(self, keep: set[str]) -> None:
+        for table in TABLES:
+            for path in (self.folder / table).iterdir():
+                if f"{table}/{path.name}" not in keep:
+                    path.unlink()
+
+    # -- writing -------------------------------------------------------------------------------
+    @property
+    def committed_seq_ids(self) -> set[int]:
+        return {i for shard in self.manifest["shards"] for i in range(shard["seq_id_min"], shard["seq_id_max"] + 1)}
+
+    def write_shard(self, tables: dict[str, pa.Table], *, seq_id_min: int, seq_id_max: int) -> None:
+        """Commit one shard made of one table per name in TABLES; all-or-nothing."""
+        index = len(self.manifest["shards"])
+        files = {}
+        for name in TABLES:
+            rel = f"{name}/part-{index:05d}.parquet"
+            final = self.folder / rel
+            tmp = final.with_name(f".{final.name}.tmp")
+            pq.write_table(tables[name], tmp, **_parquet_options(name))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            files[name] = {"path": rel, "rows": tables[name].num_rows, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
+        fsync_dir(self.folder / "routing")
+        shard = {"index": index, "seq_id_min": seq_id_min, "seq_id_max": seq_id_max, "files": files}
+        self.manifest = {**self.manifest, "shards": [*self.manifest["shards"], shard]}
+        write_manifest(self.folder, self.manifest)
+
+    def finish(self, **fields) -> dict:
+        """Mark the trace complete; `fields` (e.g. detected router output kind) are added to the manifest."""
+        self.manifest = {**self.manifest, **fields, "complete": True}
+        write_manifest(self.folder, self.manifest)
+        return self.manifest
+
+    def update(self, **fields) -> None:
+        self.manifest = {**self.manifest, **fields}
+        write_manifest(self.folder, self.manifest)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "TraceWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
