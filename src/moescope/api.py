@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import CustomRouter
-from moescope.capture.batches import sequences_from_documents, sequences_from_ids
-from moescope.capture.loading import load_model
-from moescope.capture.runner import CaptureOptions, run_capture
+from moescope.record.batches import sequences_from_documents, sequences_from_ids
+from moescope.record.loading import load_model
+from moescope.record.runner import CaptureOptions, run_capture
 from moescope.errors import CorpusError, MoescopeError
 from moescope.trace.reader import Trace, open_trace
 

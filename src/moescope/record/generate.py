@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moescope.capture.batches import Batch
-from moescope.capture.hooks import LayerChunks
-from moescope.capture.rows import TokenBlock
+from moescope.record.batches import Batch
+from moescope.record.hooks import LayerChunks
+from moescope.record.rows import TokenBlock
 from moescope.errors import MoescopeError
 
 

@@ -16,11 +16,11 @@ import torch
 
 from moescope.adapters.discover import CustomRouter, find_moe_layers
 from moescope.adapters.spec import MoELayer
-from moescope.capture.batches import Batch, Sequence, batched, make_batch
-from moescope.capture.generate import block_from_generate
-from moescope.capture.hooks import RoutingRecorder
-from moescope.capture.manifest_info import build_manifest, detect_router_output_kind
-from moescope.capture.rows import TokenBlock, block_from_forward, concat_blocks, routing_table, sequences_table, tokens_table
+from moescope.record.batches import Batch, Sequence, batched, make_batch
+from moescope.record.generate import block_from_generate
+from moescope.record.hooks import RoutingRecorder
+from moescope.record.manifest_info import build_manifest, detect_router_output_kind
+from moescope.record.rows import TokenBlock, block_from_forward, concat_blocks, routing_table, sequences_table, tokens_table
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 

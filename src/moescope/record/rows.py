@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from moescope.capture.batches import Batch
-from moescope.capture.hooks import LayerChunks
+from moescope.record.batches import Batch
+from moescope.record.hooks import LayerChunks
 from moescope.errors import MoescopeError
 from moescope.trace.schema import SEQUENCES_SCHEMA, TOKENS_SCHEMA, routing_schema
 

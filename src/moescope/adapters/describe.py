@@ -1,0 +1,44 @@
+"""A JSON-serialisable description of how a model's MoE layers will be captured (used by `inspect`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moescope.adapters.discover import CustomRouter, find_moe_layers
+from moescope.adapters.registry import lookup_family, unsupported_reason
+from moescope.record.manifest_info import layer_entry
+from moescope.errors import NoRouterFoundError
+
+
+def describe_model(model: nn.Module, custom: CustomRouter | None = None) -> dict:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    unsupported = unsupported_reason(model_type) if model_type else None
+    if custom is not None:
+        status = "custom (user-declared router modules)"
+    elif unsupported is not None:
+        status = "unsupported"
+    elif lookup_family(model_type or "") is not None:
+        status = "declared"
+    else:
+        status = "not declared (found by structure)"
+    if unsupported is not None and custom is None:
+        layers = []
+    else:
+        try:
+            layers = [layer_entry(layer) for layer in find_moe_layers(model, custom)]
+        except NoRouterFoundError:
+            if unsupported is None:
+                raise
+            layers = []
+    n_decoder = getattr(config, "num_hidden_layers", None)
+    moe_decoder = {entry["decoder_layer"] for entry in layers}
+    return {
+        "class": type(model).__name__,
+        "model_type": model_type,
+        "family_status": status,
+        "unsupported_reason": unsupported.reason if unsupported else None,
+        "num_decoder_layers": n_decoder,
+        "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
+        "layers": layers,
+    }

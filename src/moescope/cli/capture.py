@@ -1,0 +1,55 @@
+"""`moescope capture MODEL --data CORPUS --out TRACE`: record routing into a trace folder."""
+
+from __future__ import annotations
+
+from moescope.cli._common import add_command, positive_int
+from moescope.cli.inspect import add_custom_router_args, custom_router_from_args
+
+EXAMPLES = """  moescope capture moescope:tiny-moe --data humaneval,gsm-symbolic,wiki --out traces/run1 --max-tokens 20000
+  moescope capture ./Mixtral-8x7B --data code.jsonl:text --out traces/mixtral --device cuda --dtype bf16 --device-map auto
+  moescope capture moescope:tiny-moe --data gsm-symbolic --out traces/gen --generate 32 --save-logits
+(an interrupted capture resumes when the same command is run again)
+"""
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "capture", help="record which experts every token is routed to", examples=EXAMPLES)
+    p.add_argument("model", help="Hugging Face id, local folder or moescope:NAME")
+    p.add_argument("--data", required=True, help="corpus: built-in name(s) comma-separated, file, folder, file.jsonl:field, hf:NAME[:CONFIG]:SPLIT:FIELD")
+    p.add_argument("--out", required=True, help="trace folder to write")
+    p.add_argument("--split", choices=("all", "train", "eval"), default="all", help="corpus split (default all)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="stop after this many tokens")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (documents are cut)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--device-map", default=None, help="e.g. auto: spread a large model over the GPUs")
+    p.add_argument("--save-logits", action="store_true", help="also store the full router output per token")
+    p.add_argument("--output-entropy", action="store_true", help="also store the entropy of the next-token distribution")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens per sequence and record them too")
+    p.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+    add_custom_router_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from moescope.api import capture
+    from moescope.errors import MoescopeError
+
+    if args.generate < 0:
+        raise MoescopeError("--generate must be 0 or more")
+    trace = capture(
+        args.model, args.data, out=args.out, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits,
+        output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
+        router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    stats = trace.manifest.get("stats", {})
+    rate = stats.get("tokens_this_run", 0) / max(stats.get("seconds_this_run", 0), 1e-9)
+    print(f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} MoE layers in "
+          f"{len(trace.manifest['shards'])} shard(s) ({rate:,.0f} tokens/s this run)")
+    return 0

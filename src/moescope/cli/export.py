@@ -1,0 +1,32 @@
+"""`moescope export TRACE --format jsonl|csv --out FILE`."""
+
+from __future__ import annotations
+
+from moescope.cli._common import add_command
+
+EXAMPLES = """  moescope export traces/run1 --format jsonl --out run1.jsonl
+  moescope export traces/run1 --format csv --out run1.csv
+"""
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "export", help="write a trace's routing as JSONL (one line per token and layer) or CSV", examples=EXAMPLES)
+    p.add_argument("trace")
+    p.add_argument("--format", choices=("jsonl", "csv"), required=True)
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from moescope.errors import MoescopeError
+    from moescope.trace.exchange import export_trace
+    from moescope.trace.reader import open_trace
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise MoescopeError(f"{args.out} exists; pass --overwrite or choose another --out")
+    rows = export_trace(open_trace(args.trace), args.out, fmt=args.format)
+    print(f"wrote {rows} rows to {args.out}")
+    return 0

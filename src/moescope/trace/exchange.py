@@ -1,0 +1,161 @@
+"""JSONL and CSV exchange formats.
+
+JSONL rows follow the format routing profilers around vLLM write, one line per token and layer:
+
+    {"problem_id": 0, "layer": 3, "token_id": 17, "expert_ids": [5, 1], "weights": [0.61, 0.39]}
+
+where `problem_id` is the sequence and `token_id` the *position* in it (not the vocabulary id).
+Export runs in DuckDB straight from the Parquet parts; import validates every line and writes a
+regular trace (token vocabulary ids are unknown there and stored as -1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from moescope.record.manifest_info import versions
+from moescope.record.rows import TokenBlock, routing_table, tokens_table
+from moescope.errors import ImportFormatError, MoescopeError
+from moescope.trace.reader import Trace
+from moescope.trace.schema import SEQUENCES_SCHEMA
+from moescope.trace.writer import TraceWriter
+
+FORMATS = ("jsonl", "csv")
+
+
+def export_trace(trace: Trace, path: str | os.PathLike, *, fmt: str) -> int:
+    """Write the trace's routing to `path` as JSONL or CSV; returns the number of rows written."""
+    if fmt not in FORMATS:
+        raise MoescopeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.is_dir():
+        raise MoescopeError(f"--out {path} is a folder; give a file name")
+    if not path.parent.exists():
+        raise MoescopeError(f"folder {path.parent} does not exist; create it first")
+    if fmt == "jsonl":
+        query = ("SELECT r.seq_id AS problem_id, r.layer, r.pos AS token_id, r.topk_ids AS expert_ids, "
+                 "r.topk_weights AS weights FROM routing r ORDER BY r.seq_id, r.pos, r.layer")
+        options = "FORMAT JSON"
+    else:
+        query = ("SELECT r.seq_id, r.pos, t.token_id, r.layer, r.topk_ids AS expert_ids, r.topk_weights AS weights "
+                 "FROM routing r JOIN tokens t USING (seq_id, pos) ORDER BY r.seq_id, r.pos, r.layer")
+        options = "FORMAT CSV, HEADER"
+    tmp = path.with_name(f".{path.name}.tmp")
+    con = trace.duckdb()
+    con.execute(f"COPY ({query}) TO '{tmp}' ({options})")
+    os.replace(tmp, path)
+    return int(con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0])
+
+
+def _check_row(row, line_no: int, source: str) -> tuple[int, int, int, list, list]:
+    where = f"{source}:{line_no}"
+    if not isinstance(row, dict):
+        raise ImportFormatError(f"{where}: expected a JSON object per line")
+    missing = [k for k in ("problem_id", "layer", "token_id", "expert_ids", "weights") if k not in row]
+    if missing:
+        raise ImportFormatError(f"{where}: missing field(s) {', '.join(missing)}")
+    ints = []
+    for key, limit in (("problem_id", 2**31 - 1), ("layer", 2**15 - 1), ("token_id", 2**31 - 1)):
+        value = row[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+            raise ImportFormatError(f"{where}: {key} must be an integer in [0, {limit}], got {value!r}")
+        ints.append(value)
+    ids, weights = row["expert_ids"], row["weights"]
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**15 for i in ids):
+        raise ImportFormatError(f"{where}: expert_ids must be a non-empty list of expert indices in [0, 32767]")
+    if not isinstance(weights, list) or len(weights) != len(ids) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+    ):
+        raise ImportFormatError(f"{where}: weights must be a list of finite numbers, one per expert id")
+    if len(set(ids)) != len(ids):
+        raise ImportFormatError(f"{where}: expert_ids repeats an expert")
+    return ints[0], ints[1], ints[2], ids, weights
+
+
+def read_jsonl_rows(path: Path):
+    """Validated rows as NumPy arrays: seq [R], layer [R], pos [R], ids [R, k], weights [R, k]."""
+    seqs, layers, positions, all_ids, all_weights = [], [], [], [], []
+    top_k = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    raise ImportFormatError(f"{path}:{line_no}: not valid JSON") from None
+                seq, layer, pos, ids, weights = _check_row(row, line_no, str(path))
+                if top_k is None:
+                    top_k = len(ids)
+                elif len(ids) != top_k:
+                    raise ImportFormatError(f"{path}:{line_no}: {len(ids)} experts but earlier lines have {top_k}")
+                seqs.append(seq), layers.append(layer), positions.append(pos), all_ids.append(ids), all_weights.append(weights)
+    except UnicodeDecodeError:
+        raise ImportFormatError(f"{path}: not UTF-8 text; JSONL must be UTF-8") from None
+    except FileNotFoundError:
+        raise ImportFormatError(f"{path}: no such file") from None
+    if not seqs:
+        raise ImportFormatError(f"{path}: no rows; nothing to import")
+    return (np.array(seqs, np.int64), np.array(layers, np.int64), np.array(positions, np.int64),
+            np.array(all_ids, np.int16), np.array(all_weights, np.float32))
+
+
+def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, shard_tokens: int = 65536) -> Trace:
+    path = Path(path)
+    seq, layer, pos, ids, weights = read_jsonl_rows(path)
+    layer_values = np.unique(layer)
+    n_layers = len(layer_values)
+    if not np.array_equal(layer_values, np.arange(n_layers)):
+        raise ImportFormatError(f"{path}: layers must be numbered 0..L-1 without gaps; found {layer_values[:10].tolist()}")
+    tokens, token_index = np.unique(np.stack([seq, pos], 1), axis=0, return_inverse=True)  # tokens sorted by (seq, pos)
+    token_index = token_index.reshape(-1)
+    cell = token_index * n_layers + layer
+    if len(np.unique(cell)) != len(cell):
+        raise ImportFormatError(f"{path}: a (problem_id, token_id, layer) appears more than once")
+    if len(cell) != len(tokens) * n_layers:
+        raise ImportFormatError(f"{path}: every (problem_id, token_id) needs a line for each of the {n_layers} layers")
+    order = np.argsort(layer * len(tokens) + token_index, kind="stable")  # -> (layer, seq, pos)
+    k = ids.shape[1]
+    dense_ids = ids[order].reshape(n_layers, len(tokens), k)
+    dense_weights = weights[order].reshape(n_layers, len(tokens), k).astype(np.float16)
+    n_experts = int(ids.max()) + 1
+    manifest = {
+        "model": {"id": f"imported:{path.name}", "model_type": None, "class": None, "hidden_size": None},
+        "layers": [{"moe_layer": i, "decoder_layer": None, "module": None, "n_experts": n_experts, "top_k": k,
+                    "n_shared_experts": 0, "expert_sizes": None, "scoring": "unknown", "spec": None} for i in range(n_layers)],
+        "capture": {"imported_from": str(path)},
+        "corpus": {"spec": f"jsonl:{path.name}"},
+        "weights_dtype": "float16",
+        "router_output_kind": None,
+        "versions": versions(),
+    }
+    import pyarrow as pa
+
+    seq_starts = np.flatnonzero(np.diff(tokens[:, 0], prepend=-1))  # first token of each sequence
+    cuts = [0]  # shard boundaries fall between whole sequences
+    for boundary in [*seq_starts[1:], len(tokens)]:
+        if boundary - cuts[-1] >= shard_tokens or boundary == len(tokens):
+            cuts.append(int(boundary))
+    with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            part = slice(lo, hi)
+            block = TokenBlock(
+                seq_id=tokens[part, 0].astype(np.int32), pos=tokens[part, 1].astype(np.int32),
+                token_id=np.full(hi - lo, -1, np.int32), generated=np.zeros(hi - lo, bool),
+                output_entropy=np.full(hi - lo, np.nan, np.float32),
+                topk_ids=dense_ids[:, part], topk_weights=dense_weights[:, part], router_output=None,
+            )
+            uniq, counts = np.unique(block.seq_id, return_counts=True)
+            sequences = pa.Table.from_pylist(
+                [dict(seq_id=int(s), source=path.name, domain="unknown", doc_id=str(s), n_tokens=int(c), text_sha1="")
+                 for s, c in zip(uniq, counts)], schema=SEQUENCES_SCHEMA)
+            writer.write_shard({"routing": routing_table(block), "tokens": tokens_table(block), "sequences": sequences},
+                               seq_id_min=int(uniq.min()), seq_id_max=int(uniq.max()))
+        writer.finish()
+    return Trace(out)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random-initialised MoE models built from config classes (no hub, no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tiny_qwen3_moe(seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2, **overrides,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for module in model.modules():  # routers start at zero: give them real, tie-free preferences
+        if type(module).__name__.endswith("TopKRouter"):
+            torch.nn.init.normal_(module.weight, std=0.5)
+    return model
+
+
+@pytest.fixture
+def tiny_moe():
+    return make_tiny_qwen3_moe()
+
+
+@pytest.fixture
+def padded_batch():
+    """[3, 12] ids with right padding in rows 1 and 2 (pad id 0)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 256, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
