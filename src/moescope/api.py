@@ -53,6 +53,7 @@ def capture(
     weights_dtype: str = "float16",
     router: CustomRouter | None = None,
     split: str = "all",
+    shard_tokens: int = 65536,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Trace:
@@ -67,6 +68,7 @@ def capture(
     input_ids, attention_mask : pre-tokenised input [B, T]; sequence i is row i and positions are the
         row's real-token positions.
     router : a ``CustomRouter`` for models moescope does not recognise.
+    shard_tokens : tokens per committed shard; bounds memory (and the work lost to an interruption).
 
     Returns
     -------
@@ -89,7 +91,8 @@ def capture(
         model_info = {"id": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__}
         model.eval()
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
-                          output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype)
+                          output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
+                          shard_tokens=shard_tokens)
     if input_ids is not None:
         if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise MoescopeError("input_ids must be [batch, seq] and attention_mask the same shape")
