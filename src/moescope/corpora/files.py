@@ -8,15 +8,15 @@
   field FIELD (default ``text``); doc_id ``data.jsonl:N`` with N the 1-based line number. Lines whose
   text is empty are skipped; a line that is not an object, or lacks the field, is an error.
 
-Bytes that are not UTF-8 are decoded as U+FFFD rather than refused. Files are read one at a time, so a
-large directory costs the memory of its largest file.
+Bytes that are not UTF-8 are decoded as U+FFFD rather than refused; CRLF line ends become LF. Text
+and JSONL files are streamed line by line and directories file by file, so memory is bounded by the
+largest document, not the corpus.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +24,6 @@ from moescope.corpora.document import Document, Item
 from moescope.errors import CorpusError
 
 _BINARY_PROBE_BYTES = 8192
-_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
 def _decode(data: bytes) -> str:
@@ -32,27 +31,36 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
 
 
-def _is_binary(path: Path) -> bool:
-    with path.open("rb") as f:
-        return b"\0" in f.read(_BINARY_PROBE_BYTES)
-
-
 def read_text_blocks(path: Path, *, source: str, domain: str) -> Iterator[Item]:
-    """One document per blank-line-separated block of a text file."""
-    blocks = (b.strip() for b in _BLANK_LINE.split(_decode(path.read_bytes())))
-    for k, block in enumerate(b for b in blocks if b):
-        doc_id = f"{path.name}#{k}"
-        yield doc_id, Document(doc_id, block, source, domain)
+    """One document per blank-line-separated block of a text file, streamed line by line."""
+    block: list[str] = []
+    k = 0
+    with path.open("rb") as f:
+        for raw in f:
+            line = _decode(raw).rstrip("\r\n")
+            if line.strip():
+                block.append(line)
+                continue
+            if block:
+                yield _block_item(path, k, block, source, domain)
+                block, k = [], k + 1
+        if block:
+            yield _block_item(path, k, block, source, domain)
+
+
+def _block_item(path: Path, k: int, lines: list[str], source: str, domain: str) -> Item:
+    doc_id = f"{path.name}#{k}"
+    return doc_id, Document(doc_id, "\n".join(lines).strip(), source, domain)
 
 
 def text_files(root: Path) -> list[str]:
-    """Sorted relative POSIX paths of the non-hidden regular files below `root`, binary ones excluded."""
+    """Sorted relative POSIX paths of the non-hidden regular files below `root`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
             path = Path(dirpath, filename)
-            if not filename.startswith(".") and path.is_file() and not _is_binary(path):
+            if not filename.startswith(".") and path.is_file():
                 found.append(path.relative_to(root).as_posix())
     return sorted(found)
 
@@ -60,7 +68,10 @@ def text_files(root: Path) -> list[str]:
 def read_directory(root: Path, *, source: str, domain: str) -> Iterator[Item]:
     """One document per text file below `root`, whole-file, in sorted relative-path order."""
     for rel in text_files(root):
-        text = _decode((root / rel).read_bytes())
+        data = (root / rel).read_bytes()
+        if b"\0" in data[:_BINARY_PROBE_BYTES]:
+            continue  # images, archives, compiled files: not text
+        text = _decode(data)
         if text.strip():
             yield rel, Document(rel, text, source, domain)
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from moescope.corpora.document import Document, Item
 from moescope.errors import CorpusError
@@ -82,12 +83,13 @@ def read_hf(spec: str, *, domain: str) -> Iterator[Item]:
     try:
         with _offline():
             table = datasets.load_dataset(hf.name, hf.config, split=hf.split)
-    except (OSError, ValueError) as err:  # ConnectionError and DatasetNotFoundError are OSErrors
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    except OSError as err:  # ConnectionError and DatasetNotFoundError are OSErrors
         raise CorpusError(
-            f"{spec}: the dataset is not available offline ({first_line[:200]}); load it once where the hub "
+            f"{spec}: the dataset is not available offline ({_first_line(err)}); load it once where the hub "
             "is reachable so it is cached, or export it to JSONL and pass file.jsonl:FIELD"
         ) from None
+    except ValueError as err:  # e.g. unknown split or config of a dataset that is there
+        raise CorpusError(f"{spec}: {_first_line(err)}; check CONFIG and SPLIT in {_FORM}") from None
     if hf.field not in table.column_names:
         raise CorpusError(f"{spec}: no field {hf.field!r}; its fields are: {', '.join(table.column_names)}")
     for row, text in enumerate(_column(table, hf.field)):
@@ -98,7 +100,11 @@ def read_hf(spec: str, *, domain: str) -> Iterator[Item]:
             yield doc_id, Document(doc_id, text, spec, domain)
 
 
-def _column(table: "datasets.Dataset", field: str) -> Iterator[object]:  # noqa: F821
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200].rstrip(".")
+
+
+def _column(table: Any, field: str) -> Iterator[object]:  # table: a datasets.Dataset
     # Row by row from the memory-mapped Arrow table: bounded memory for large splits.
     for record in table.select_columns([field]):
         yield record[field]

@@ -37,8 +37,10 @@ _KIND_DESCRIPTIONS = {
 class Source:
     """One entry of a spec, ready to read.
 
-    `name` is the ``source`` of every document it yields and, with each document's split group, the
-    key of the train/eval hash: a built-in name, a normalised path or the ``hf:`` spec.
+    `name` is the ``source`` of every document it yields: a built-in name, a normalised path or the
+    ``hf:`` spec. `split_namespace` is hashed with each document's split group (split.py): the name
+    for built-ins and ``hf:``, the kind for files, so moving a file does not move its documents
+    between train and eval (its groups, relative paths and file names, are location-free).
     """
 
     entry: str  # the entry as written, domain prefix included
@@ -47,6 +49,7 @@ class Source:
     domain: str
     description: str
     version: str | None
+    split_namespace: str
     read: Callable[[], Iterator[Item]] = field(compare=False, repr=False)
 
 
@@ -73,14 +76,19 @@ def parse_entry(entry: str) -> Source:
     if body.startswith("hf:"):
         hf.parse_hf(body)
         hf.check_datasets_installed(body)
-        return Source(entry, body, "hf", domain or USER, _KIND_DESCRIPTIONS["hf"], None,
-                      lambda: hf.read_hf(body, domain=domain or USER))
-    name, sep, arg = body.partition(":")
+        return Source(
+            entry=entry, name=body, kind="hf", domain=domain or USER, description=_KIND_DESCRIPTIONS["hf"],
+            version=None, split_namespace=body, read=lambda: hf.read_hf(body, domain=domain or USER),
+        )
+    name, sep, text_arg = body.partition(":")
     if name in builtin.BUILTIN_CORPORA:
-        builtin.check_builtin(name, arg if sep else None)
+        arg = text_arg if sep else None
+        builtin.check_builtin(name, arg)
         info = builtin.BUILTIN_CORPORA[name]
-        return Source(entry, name, "builtin", domain or info.domain, info.description, builtin.builtin_version(name),
-                      lambda: builtin.read_builtin(name, arg if sep else None))
+        return Source(
+            entry=entry, name=name, kind="builtin", domain=domain or info.domain, description=info.description,
+            version=builtin.builtin_version(name), split_namespace=name, read=lambda: builtin.read_builtin(name, arg),
+        )
     return _parse_path(entry, body, domain or USER)
 
 
@@ -96,10 +104,16 @@ def _parse_path(entry: str, body: str, domain: str) -> Source:
     if field_name is not None:
         if not path.is_file():
             raise CorpusError(f"{path_text} is not a file; a .jsonl spec names one JSONL file")
-        return Source(entry, name, "jsonl", domain, f"{_KIND_DESCRIPTIONS['jsonl']}, field {field_name!r}", None,
-                      lambda: files.read_jsonl(path, field_name, source=name, domain=domain))
-    if path.is_dir():
-        return Source(entry, name, "directory", domain, _KIND_DESCRIPTIONS["directory"], None,
-                      lambda: files.read_directory(path, source=name, domain=domain))
-    return Source(entry, name, "text", domain, _KIND_DESCRIPTIONS["text"], None,
-                  lambda: files.read_text_blocks(path, source=name, domain=domain))
+        kind, description = "jsonl", f"{_KIND_DESCRIPTIONS['jsonl']}, field {field_name!r}"
+        read = lambda: files.read_jsonl(path, field_name, source=name, domain=domain)  # noqa: E731
+    elif path.is_dir():
+        kind, description = "directory", _KIND_DESCRIPTIONS["directory"]
+        read = lambda: files.read_directory(path, source=name, domain=domain)  # noqa: E731
+    else:
+        kind, description = "text", _KIND_DESCRIPTIONS["text"]
+        read = lambda: files.read_text_blocks(path, source=name, domain=domain)  # noqa: E731
+    # Files hash by kind, not path: moving a file keeps each document on its side of the split.
+    return Source(
+        entry=entry, name=name, kind=kind, domain=domain, description=description, version=None,
+        split_namespace=kind, read=read,
+    )

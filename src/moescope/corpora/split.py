@@ -2,8 +2,10 @@
 
 Each document belongs to a *split group* chosen by its source: usually the document itself, but a
 whole article for Wikipedia paragraphs and a whole template for GSM-Symbolic problems, so that near
-copies never straddle the split. The hash is BLAKE2b of ``source + "\\x1f" + group``: it does not
-depend on Python's hash seed, the machine, the order of documents or how many there are.
+copies never straddle the split. The hash is BLAKE2b of ``namespace + "\\x1f" + group``, where the
+namespace is the built-in corpus name (or the kind of user file, so that moving a file changes
+nothing): it does not depend on Python's hash seed, the machine, the order of documents or how many
+there are.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ def check_split(split: str) -> str:
     return split
 
 
-def split_of(source: str, group: str) -> str:
-    """Return ``"train"`` or ``"eval"`` for the split group `group` of corpus `source`.
+def split_of(namespace: str, group: str) -> str:
+    """Return ``"train"`` or ``"eval"`` for the split group `group` in `namespace`.
 
     Examples
     --------
@@ -33,11 +35,11 @@ def split_of(source: str, group: str) -> str:
     >>> split_of("humaneval", "HumanEval/0") == split_of("humaneval", "HumanEval/0")
     True
     """
-    key = f"{source}\x1f{group}".encode("utf-8", errors="surrogatepass")
+    key = f"{namespace}\x1f{group}".encode("utf-8", errors="surrogatepass")
     bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % 1000
     return "eval" if bucket < EVAL_PER_MILLE else "train"
 
 
-def in_split(source: str, group: str, split: str) -> bool:
+def in_split(namespace: str, group: str, split: str) -> bool:
     """True when the group belongs to `split` (``"all"`` holds every group)."""
-    return split == "all" or split_of(source, group) == split
+    return split == "all" or split_of(namespace, group) == split
