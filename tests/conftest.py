@@ -37,3 +37,26 @@ def padded_batch():
     mask[2, 3:] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+def make_byte_tokenizer():
+    """A 256-symbol byte-level BPE tokenizer trained on nothing: offline and deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(3)}
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab.update({ch: i + 3 for i, ch in enumerate(sorted(alphabet)[:253])})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<0>", eos_token="<1>", bos_token="<2>", unk_token="<0>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Qwen3-MoE + tokenizer folder, loadable with AutoModelForCausalLM like a hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    make_tiny_qwen3_moe().save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder

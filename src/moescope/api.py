@@ -20,12 +20,12 @@ __all__ = ["capture", "open_trace", "CustomRouter", "CaptureOptions"]
 
 def _documents(data, split: str):
     """A corpus spec string, a list of Document objects, or a list of plain strings."""
-    from moescope.corpora import Document, describe_corpus, load_corpus
+    from moescope.corpora import Document, describe_corpus, iter_corpus
 
-    if isinstance(data, str):
-        return load_corpus(data, split=split), describe_corpus(data, split=split)
+    if isinstance(data, str):  # streamed: memory stays bounded however large the corpus
+        return iter_corpus(data, split=split), describe_corpus(data, split=split)
     if isinstance(data, SequenceABC) and data and all(isinstance(d, str) for d in data):
-        docs = [Document(doc_id=str(i), text=t, source="user", domain="unknown") for i, t in enumerate(data)]
+        docs = [Document(doc_id=str(i), text=t, source="user", domain="user") for i, t in enumerate(data)]
         return docs, {"spec": "python-list", "documents": len(docs)}
     if isinstance(data, SequenceABC) and data and all(isinstance(d, Document) for d in data):
         return list(data), {"spec": "python-documents", "documents": len(data)}
@@ -84,6 +84,9 @@ def capture(
         raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
     if weights_dtype not in ("float16", "float32"):
         raise MoescopeError(f"weights_dtype must be float16 or float32, not {weights_dtype!r}")
+    if data is not None:  # check the corpus before spending time on the model
+        docs, corpus_info = _documents(data, split)
+        corpus_info = {**corpus_info, "split": split}
     if isinstance(model, str):
         model_info = {"id": model}
         model, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
@@ -102,8 +105,6 @@ def capture(
     else:
         if tokenizer is None:
             raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
-        docs, corpus_info = _documents(data, split)
-        corpus_info = {**corpus_info, "split": split}
         sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
         total = max_tokens
     return run_capture(model, tokenizer, sequences, out, opts=opts, model_info=model_info, corpus_info=corpus_info,

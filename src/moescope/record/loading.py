@@ -33,6 +33,9 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
                trust_remote_code: bool = False):
     """(model, tokenizer) ready for inference. Errors are one line that says what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading bars would bury moescope's own one-line messages
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

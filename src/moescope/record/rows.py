@@ -92,18 +92,17 @@ def _fixed_list(values: np.ndarray, width: int, arrow_type: pa.DataType) -> pa.A
 def routing_table(block: TokenBlock) -> pa.Table:
     """Rows ordered by (layer, seq_id, pos): layer-major, so each column compresses well."""
     n_layers, n_tokens, k = block.topk_ids.shape
-    weights_dtype = block.topk_weights.dtype.name
     n_out = 0 if block.router_output is None else block.router_output.shape[2]
-    schema = routing_schema(k, weights_dtype, n_out)
+    schema = routing_schema(k, n_out)
     columns = [
         pa.array(np.tile(block.seq_id, n_layers), pa.int32()),
         pa.array(np.tile(block.pos, n_layers), pa.int32()),
         pa.array(np.repeat(np.arange(n_layers, dtype=np.int16), n_tokens), pa.int16()),
         _fixed_list(block.topk_ids.astype(np.int16, copy=False), k, pa.int16()),
-        _fixed_list(block.topk_weights, k, schema.field("topk_weights").type.value_type),
+        _fixed_list(block.topk_weights.astype(np.float32, copy=False), k, pa.float32()),
     ]
     if n_out:
-        columns.append(_fixed_list(block.router_output.astype(np.float16, copy=False), n_out, pa.float16()))
+        columns.append(_fixed_list(block.router_output.astype(np.float16).astype(np.float32), n_out, pa.float32()))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -19,17 +19,22 @@ SCHEMA_VERSION = 1
 TABLES = ("routing", "tokens", "sequences")
 
 
-def routing_schema(top_k: int, weights_dtype: str = "float16", n_router_outputs: int = 0) -> pa.Schema:
-    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row."""
+def routing_schema(top_k: int, n_router_outputs: int = 0) -> pa.Schema:
+    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row.
+
+    Floats are stored as float32 (which every Parquet reader, DuckDB included, understands) holding
+    values rounded to the capture's precision (float16 by default, see manifest `weights_dtype`): the
+    unused low mantissa bytes are zero and cost almost nothing after byte-stream-split + zstd.
+    """
     fields = [
         pa.field("seq_id", pa.int32(), nullable=False),
         pa.field("pos", pa.int32(), nullable=False),
         pa.field("layer", pa.int16(), nullable=False),  # MoE-layer index (0..L-1), not decoder index
         pa.field("topk_ids", pa.list_(pa.int16(), top_k), nullable=False),
-        pa.field("topk_weights", pa.list_(pa.from_numpy_dtype(weights_dtype), top_k), nullable=False),
+        pa.field("topk_weights", pa.list_(pa.float32(), top_k), nullable=False),
     ]
     if n_router_outputs:
-        fields.append(pa.field("router_output", pa.list_(pa.float16(), n_router_outputs), nullable=False))
+        fields.append(pa.field("router_output", pa.list_(pa.float32(), n_router_outputs), nullable=False))
     return pa.schema(fields)
 
 

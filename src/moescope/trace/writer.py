@@ -32,7 +32,8 @@ def _parquet_options(table: str) -> dict:
         # expert ids: few distinct values -> dictionary; gate weights: floats compress far better split
         # into byte planes (the exponent plane is nearly constant)
         options.update(use_dictionary=["topk_ids.list.element"],
-                       column_encoding={"topk_weights.list.element": "BYTE_STREAM_SPLIT"})
+                       column_encoding={"topk_weights.list.element": "BYTE_STREAM_SPLIT",
+                                        "router_output.list.element": "BYTE_STREAM_SPLIT"})
     elif table == "tokens":
         options.update(use_dictionary=False)  # token ids are too many distinct values for a dictionary to pay
     return options
