@@ -48,6 +48,7 @@ def capture(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     save_router_output: bool = False,
+    predict_next_layer: bool = False,
     output_entropy: bool = False,
     generate: int = 0,
     weights_dtype: str = "float16",
@@ -67,6 +68,8 @@ def capture(
     out : the trace folder. An unfinished capture with the same settings is resumed.
     input_ids, attention_mask : pre-tokenised input [B, T]; sequence i is row i and positions are the
         row's real-token positions.
+    predict_next_layer : also record what layer N+1's router picks from layer N's router input (the
+        router-lookahead predictor of the cross-layer analysis).
     router : a ``CustomRouter`` for models moescope does not recognise.
     shard_tokens : tokens per committed shard; bounds memory (and the work lost to an interruption).
 
@@ -82,6 +85,8 @@ def capture(
         raise MoescopeError("give exactly one of `data` (a corpus) or `input_ids`")
     if seq_len <= 0 or batch_size <= 0 or (max_tokens is not None and max_tokens <= 0) or generate < 0:
         raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
+    if generate and predict_next_layer:
+        raise MoescopeError("predict_next_layer is recorded for prompt tokens only; drop it or generate separately")
     if weights_dtype not in ("float16", "float32"):
         raise MoescopeError(f"weights_dtype must be float16 or float32, not {weights_dtype!r}")
     if data is not None:  # check the corpus before spending time on the model
@@ -94,7 +99,7 @@ def capture(
         model_info = {"id": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__}
         model.eval()
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
-                          output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
+                          predict_next_layer=predict_next_layer, output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
                           shard_tokens=shard_tokens)
     if input_ids is not None:
         if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):

@@ -104,3 +104,23 @@ def test_generate_records_prompt_and_generated_tokens(tiny_moe, tmp_path):
     f = next(forced.shards())
     agree = (np.sort(f.topk_ids, -1) == np.sort(shard.topk_ids[:, shard.seq_id == 0], -1)).all(-1).mean()
     assert agree > 0.95
+
+
+def test_next_layer_prediction_is_the_next_router_on_this_layers_input(tiny_moe, padded_batch, tmp_path):
+    ids, mask = padded_batch
+    trace = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
+                             predict_next_layer=True)
+    shard = next(trace.shards())
+    inputs = []
+    routers = _router_modules(tiny_moe)
+    handles = [r.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1]))) for r in routers]
+    with torch.inference_mode():
+        tiny_moe(input_ids=ids, attention_mask=mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    for layer in range(3):
+        logits = inputs[layer][keep] @ routers[layer + 1].weight.T
+        expected = np.sort(logits.topk(2, dim=-1).indices.numpy(), -1)
+        np.testing.assert_array_equal(np.sort(shard.predicted_next_ids[layer], -1), expected)
+    assert (shard.predicted_next_ids[3] == -1).all()

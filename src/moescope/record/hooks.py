@@ -23,6 +23,7 @@ class LayerChunks:
     ids: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k] each
     weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
     router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
+    predicted_next: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k]: layer N+1's router on this input
 
 
 def _router_tensor(output, index: int | None) -> torch.Tensor:
@@ -44,11 +45,13 @@ class RoutingRecorder:
         layers: list[MoELayer],
         *,
         save_router_output: bool = False,
+        predict_next_layer: bool = False,
         weights_dtype: torch.dtype = torch.float16,
     ):
         self.model = model
         self.layers = layers
         self.save_router_output = save_router_output
+        self.predict_next_layer = predict_next_layer
         self.weights_dtype = weights_dtype
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._chunks = [LayerChunks() for _ in layers]
@@ -70,6 +73,16 @@ class RoutingRecorder:
     def _router_output_hook(self, chunks: LayerChunks, index: int | None):
         def hook(module, args, output):
             chunks.router_output.append(_router_tensor(output, index).detach().to("cpu", torch.float16))
+
+        return hook
+
+    def _lookahead_hook(self, chunks: LayerChunks, next_router: nn.Module, next_layer: MoELayer):
+        """Apply layer N+1's router to layer N's router input: what a prefetcher could know one layer early."""
+        index = next_layer.spec.router_output_index
+
+        def hook(module, args):
+            scores = _router_tensor(next_router.forward(args[0]), index)  # forward(): bypasses hooks
+            chunks.predicted_next.append(scores.topk(next_layer.top_k, dim=-1).indices.to("cpu", torch.int16))
 
         return hook
 
@@ -107,10 +120,19 @@ class RoutingRecorder:
                     router = getattr(block, layer.spec.router_attr)
                     hook = self._router_output_hook(chunks, layer.spec.router_output_index)
                     self._handles.append(router.register_forward_hook(hook))
+            if self.predict_next_layer:
+                for layer, nxt, chunks in zip(self.layers, self.layers[1:], self._chunks):
+                    router = self._router_module(layer)
+                    hook = self._lookahead_hook(chunks, self._router_module(nxt), nxt)
+                    self._handles.append(router.register_forward_pre_hook(hook))
         except BaseException:
             self._remove()
             raise
         return self
+
+    def _router_module(self, layer: MoELayer) -> nn.Module:
+        block = self.model.get_submodule(layer.block_path)
+        return block if layer.spec.selection == Selection.ROUTER_TOPK else getattr(block, layer.spec.router_attr)
 
     def __exit__(self, *exc) -> None:
         self._remove()
@@ -124,6 +146,6 @@ class RoutingRecorder:
         """Hand over everything recorded since the last call and start afresh."""
         taken = []
         for chunks in self._chunks:  # the hooks hold these objects: empty them, don't replace them
-            taken.append(LayerChunks(chunks.ids, chunks.weights, chunks.router_output))
-            chunks.ids, chunks.weights, chunks.router_output = [], [], []
+            taken.append(LayerChunks(chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next))
+            chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next = [], [], [], []
         return taken

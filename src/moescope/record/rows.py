@@ -30,6 +30,7 @@ class TokenBlock:
     topk_ids: np.ndarray  # int16 [L, T, k]
     topk_weights: np.ndarray  # float16|float32 [L, T, k]
     router_output: np.ndarray | None  # float16 [L, T, E]
+    predicted_next: np.ndarray | None = None  # int16 [L, T, k]: layer l+1's router on layer l's input; -1 on the last layer
 
     @property
     def n_tokens(self) -> int:
@@ -57,6 +58,10 @@ def block_from_forward(batch: Batch, recorded: list[LayerChunks], output_entropy
         router_output = torch.stack([_stack(c.router_output, rows, "router-output", i)[keep] for i, c in enumerate(recorded)]).numpy()
     seq_ids = torch.tensor([s.seq_id for s in batch.sequences], dtype=torch.int32)[:, None].expand_as(batch.input_ids)
     n = int(keep.sum())
+    predicted = None
+    if recorded and recorded[0].predicted_next:
+        rows_next = [_stack(c.predicted_next, rows, "lookahead", i)[keep] for i, c in enumerate(recorded[:-1])]
+        predicted = torch.stack([*rows_next, torch.full_like(rows_next[0], -1)]).numpy()
     entropy = np.full(n, np.nan, np.float32) if output_entropy is None else output_entropy.reshape(-1)[keep].float().numpy()
     return TokenBlock(
         seq_id=seq_ids.reshape(-1)[keep].numpy(),
@@ -67,6 +72,7 @@ def block_from_forward(batch: Batch, recorded: list[LayerChunks], output_entropy
         topk_ids=ids.numpy(),
         topk_weights=weights.numpy(),
         router_output=router_output,
+        predicted_next=predicted,
     )
 
 
@@ -81,6 +87,7 @@ def concat_blocks(blocks: list[TokenBlock]) -> TokenBlock:
         topk_ids=np.concatenate([b.topk_ids for b in blocks], axis=1),
         topk_weights=np.concatenate([b.topk_weights for b in blocks], axis=1),
         router_output=router,
+        predicted_next=None if blocks[0].predicted_next is None else np.concatenate([b.predicted_next for b in blocks], axis=1),
     )
 
 
@@ -93,7 +100,8 @@ def routing_table(block: TokenBlock) -> pa.Table:
     """Rows ordered by (layer, seq_id, pos): layer-major, so each column compresses well."""
     n_layers, n_tokens, k = block.topk_ids.shape
     n_out = 0 if block.router_output is None else block.router_output.shape[2]
-    schema = routing_schema(k, n_out)
+    k_next = 0 if block.predicted_next is None else block.predicted_next.shape[2]
+    schema = routing_schema(k, n_out, k_next)
     columns = [
         pa.array(np.tile(block.seq_id, n_layers), pa.int32()),
         pa.array(np.tile(block.pos, n_layers), pa.int32()),
@@ -103,6 +111,8 @@ def routing_table(block: TokenBlock) -> pa.Table:
     ]
     if n_out:
         columns.append(_fixed_list(block.router_output.astype(np.float16).astype(np.float32), n_out, pa.float32()))
+    if k_next:
+        columns.append(_fixed_list(block.predicted_next.astype(np.int16, copy=False), k_next, pa.int16()))
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -31,6 +31,7 @@ class CaptureOptions:
     batch_size: int = 8
     max_tokens: int | None = None
     save_router_output: bool = False
+    predict_next_layer: bool = False  # also record layer l+1's router applied to layer l's input (prefetch predictor)
     output_entropy: bool = False
     generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
     weights_dtype: str = "float16"
@@ -84,7 +85,9 @@ class _ShardBuffer:
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
     device = next(model.parameters()).device
     weights_dtype = getattr(torch, opts.weights_dtype)
-    with RoutingRecorder(model, layers, save_router_output=opts.save_router_output, weights_dtype=weights_dtype) as rec, torch.inference_mode():
+    recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
+                               predict_next_layer=opts.predict_next_layer, weights_dtype=weights_dtype)
+    with recorder as rec, torch.inference_mode():
         for batch in batches:
             input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             if opts.generate:

@@ -118,6 +118,10 @@ class Trace:
         if "router_output" in routing.column_names:
             width = routing.schema.field("router_output").type.list_size
             router_output = _fixed_list_to_numpy(routing.column("router_output"), width, np.float32).reshape(n_layers, n_tokens, width)
+        predicted = None
+        if "next_layer_prediction" in routing.column_names:
+            width = routing.schema.field("next_layer_prediction").type.list_size
+            predicted = _fixed_list_to_numpy(routing.column("next_layer_prediction"), width, np.int16).reshape(n_layers, n_tokens, width)
         entropy = tokens.column("output_entropy").to_numpy(zero_copy_only=False).astype(np.float32)
         return ShardData(
             layers=np.arange(n_layers, dtype=np.int16),
@@ -131,6 +135,7 @@ class Trace:
             topk_weights=_fixed_list_to_numpy(routing.column("topk_weights"), k, np.float32).reshape(n_layers, n_tokens, k),
             router_output=router_output,
             output_entropy=None if np.isnan(entropy).all() else entropy,
+            predicted_next_ids=predicted,
         )
 
     # -- SQL -----------------------------------------------------------------------------------

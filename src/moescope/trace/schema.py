@@ -19,8 +19,9 @@ SCHEMA_VERSION = 1
 TABLES = ("routing", "tokens", "sequences")
 
 
-def routing_schema(top_k: int, n_router_outputs: int = 0) -> pa.Schema:
-    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row.
+def routing_schema(top_k: int, n_router_outputs: int = 0, lookahead_k: int = 0) -> pa.Schema:
+    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row, and
+    `lookahead_k` > 0 the experts layer l+1's router picks from layer l's router input (-1 on the last layer).
 
     Floats are stored as float32 (which every Parquet reader, DuckDB included, understands) holding
     values rounded to the capture's precision (float16 by default, see manifest `weights_dtype`): the
@@ -35,6 +36,8 @@ def routing_schema(top_k: int, n_router_outputs: int = 0) -> pa.Schema:
     ]
     if n_router_outputs:
         fields.append(pa.field("router_output", pa.list_(pa.float32(), n_router_outputs), nullable=False))
+    if lookahead_k:
+        fields.append(pa.field("next_layer_prediction", pa.list_(pa.int16(), lookahead_k), nullable=False))
     return pa.schema(fields)
 
 

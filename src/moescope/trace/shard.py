@@ -24,6 +24,7 @@ class ShardData:
     topk_weights: np.ndarray  # float32 [L, T, k] gate weights as the experts applied them
     router_output: np.ndarray | None = None  # float32 [L, T, E] logits or probs (manifest says which)
     output_entropy: np.ndarray | None = None  # float32 [T] entropy of next-token distribution, NaN if absent
+    predicted_next_ids: np.ndarray | None = None  # int16 [L, T, k] layer l+1's router on layer l's input (-1: last layer)
 
     @property
     def n_tokens(self) -> int:
