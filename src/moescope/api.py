@@ -93,6 +93,9 @@ def capture(
         docs, corpus_info = _documents(data, split)
         corpus_info = {**corpus_info, "split": split}
     if isinstance(model, str):
+        from moescope.record.loading import default_router
+
+        router = router or default_router(model)
         model_info = {"id": model}
         model, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     else:

@@ -109,8 +109,11 @@ def _generic_spec(model_type: str, router_attr: str | None, arg_names: tuple[str
 def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> list[MoELayer]:
     """All MoE layers of `model`, in execution order (module registration order).
 
+    A model class of your own can declare its routers once, as a class attribute
+    ``moescope_router = CustomRouter(...)``, instead of passing `custom` on every call.
     Raises NoRouterFoundError naming what was searched when there are none.
     """
+    custom = custom or getattr(model, "moescope_router", None)
     if custom is not None:
         return _find_custom(model, custom)
     config = getattr(model, "config", None)

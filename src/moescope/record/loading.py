@@ -29,6 +29,15 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def default_router(name: str):
+    """The router declaration a shipped custom model (``moescope:tiny-varmoe``) needs, else None."""
+    if not name.startswith("moescope:"):
+        return None
+    from moescope.models import default_custom_router
+
+    return default_custom_router(name.split(":", 1)[1])
+
+
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
                trust_remote_code: bool = False):
     """(model, tokenizer) ready for inference. Errors are one line that says what to do."""
