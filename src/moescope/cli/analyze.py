@@ -1,0 +1,31 @@
+"""`moescope analyze TRACE --out DIR`: every routing analysis, as tables and summary.json."""
+
+from __future__ import annotations
+
+from moescope.cli._common import add_command
+
+EXAMPLES = """  moescope analyze traces/run1 --out results/run1
+  moescope analyze traces/run1 --out results/run1 --only load,cross_layer,expert_cache
+  moescope analyze traces/imported --out results/imported --no-model     # routing-only analyses
+"""
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "analyze", help="compute load, confidence, co-activation, cross-layer, domain, token and cost analyses", examples=EXAMPLES)
+    p.add_argument("trace")
+    p.add_argument("--out", required=True, help="folder for the tables and summary.json")
+    p.add_argument("--only", default=None, help="comma-separated analysis names")
+    p.add_argument("--model", default=None, help="model to read router weights/tokenizer from (default: the trace's)")
+    p.add_argument("--no-model", action="store_true", help="skip what needs the model")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from moescope.pipeline.analyze import analyze_trace
+    from moescope.pipeline.summary import print_summary
+
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    summary = analyze_trace(args.trace, args.out, only=only, model=args.model, use_model=not args.no_model)
+    print_summary(summary)
+    print(f"tables and summary.json in {args.out}")
+    return 0

@@ -1,0 +1,1 @@
+"""End-to-end jobs built from the parts: analyse a trace to files, compare two, run the demo."""

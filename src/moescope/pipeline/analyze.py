@@ -1,0 +1,124 @@
+"""Analyse a trace into files: one Parquet + CSV table per result table, and summary.json.
+
+    trace ──run_analyses──▶ {name: result} ──▶ out/<name>[__<table>].{parquet,csv} + summary.json
+
+Analyses that need the model (router weight structure; token text for token tables) load it from the
+manifest's model id when it can be loaded offline, and are skipped with a note otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.context import AnalysisContext
+from moescope.analysis.kernels import jsonable
+from moescope.analysis.router_structure import analyze_router_weights
+from moescope.analysis.runner import ANALYSES, run_analyses
+from moescope.errors import ModelLoadError, MoescopeError, NoRouterFoundError
+from moescope.trace.manifest import atomic_write_bytes
+from moescope.trace.reader import Trace, open_trace
+
+ROUTER_STRUCTURE = "router_structure"
+
+
+def analysis_context(trace: Trace, **overrides) -> AnalysisContext:
+    """The AnalysisContext of a trace (expert sizes only when the capture knew them)."""
+    layers = [{k: v for k, v in layer.items() if not (k == "expert_sizes" and v is None)} for layer in trace.layers]
+    manifest = {**trace.manifest, "layers": layers}
+    overrides.setdefault("hidden_size", trace.manifest["model"].get("hidden_size"))
+    return AnalysisContext.from_manifest(manifest, **overrides)
+
+
+def _load_model_for(trace: Trace, model: str | None):
+    """(model, tokenizer) for the trace's model, or (None, None, reason) when it cannot be loaded here."""
+    from moescope.record.loading import load_model
+
+    name = model or trace.manifest["model"].get("id", "")
+    if not name or name.startswith("imported:"):
+        return None, None, "no model recorded in the trace (imported from JSONL)"
+    try:
+        loaded, tokenizer = load_model(name, device="cpu")
+    except ModelLoadError as err:
+        return None, None, f"model not available ({err}); pass --model"
+    return loaded, tokenizer, None
+
+
+def router_weights(model, trace: Trace) -> dict[int, np.ndarray]:
+    """{moe_layer: router weight [E, H]} read from the modules the manifest names."""
+    weights = {}
+    for layer in trace.layers:
+        module = model.get_submodule(layer["module"])
+        spec = layer.get("spec") or {}
+        router = getattr(module, spec.get("router_attr") or "", None) or module  # custom: the module is the router
+        weight = getattr(router, "weight", None)
+        if weight is None and hasattr(router, "layer"):  # e.g. DBRX keeps a Linear inside the router
+            weight = router.layer.weight
+        if weight is None or weight.dim() != 2:
+            raise NoRouterFoundError(f"router of MoE layer {layer['moe_layer']} has no [experts, hidden] weight")
+        weights[layer["moe_layer"]] = weight.detach().float().cpu().numpy()
+    return weights
+
+
+def _write_tables(name: str, tables, out: Path) -> list[str]:
+    frames = tables if isinstance(tables, dict) else {"": tables}
+    written = []
+    for table, frame in frames.items():
+        if not isinstance(frame, pd.DataFrame):
+            continue
+        stem = f"{name}__{table}" if table else name
+        frame = frame.reset_index(drop=True)
+        frame.to_parquet(out / f"{stem}.parquet", index=False)
+        frame.to_csv(out / f"{stem}.csv", index=False)
+        written.append(stem)
+    return written
+
+
+def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only: list[str] | None = None,
+                  model: str | None = None, use_model: bool = True) -> dict:
+    """Run the analyses on a trace and write their tables and `summary.json` into `out`.
+
+    Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}}.
+    """
+    trace = open_trace(trace_path)
+    if not trace.manifest["shards"]:
+        raise MoescopeError(f"{trace_path} has no committed shards; nothing to analyse")
+    names = list(ANALYSES) + [ROUTER_STRUCTURE] if only is None else list(only)
+    unknown = [n for n in names if n not in ANALYSES and n != ROUTER_STRUCTURE]
+    if unknown:
+        raise MoescopeError(f"unknown analyses {', '.join(unknown)}; choose from {', '.join([*ANALYSES, ROUTER_STRUCTURE])}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoescopeError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = tokenizer = None
+    skipped_reason = "not requested (--no-model)"
+    if use_model:
+        loaded, tokenizer, skipped_reason = _load_model_for(trace, model)
+    overrides = {}
+    if tokenizer is not None:
+        overrides["token_text"] = lambda token_id: tokenizer.decode([int(token_id)])
+        overrides["vocab_size"] = len(tokenizer)
+    ctx = analysis_context(trace, **overrides)
+    results = run_analyses(trace.shards, ctx, only=[n for n in names if n in ANALYSES])
+    notes = {name: list(result.notes) for name, result in results.items()}
+    if ROUTER_STRUCTURE in names:
+        if loaded is None:
+            notes[ROUTER_STRUCTURE] = [f"skipped: router weights need the model, {skipped_reason}"]
+        else:
+            results[ROUTER_STRUCTURE] = analyze_router_weights(router_weights(loaded, trace))
+            notes[ROUTER_STRUCTURE] = list(results[ROUTER_STRUCTURE].notes)
+    tables = {name: _write_tables(name, result.to_pandas(), out) for name, result in results.items()}
+    summary = {
+        "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
+                  "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
+        "analyses": {name: jsonable(result.summary()) for name, result in results.items()},
+        "tables": tables,
+        "notes": notes,
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    return summary
