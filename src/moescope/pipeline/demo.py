@@ -1,0 +1,80 @@
+"""`moescope demo`: the whole pipeline on the shipped models and built-in corpora, in a few minutes.
+
+    out/traces/tiny-moe      capture of moescope:tiny-moe over code + math + prose (eval split)
+    out/traces/tiny-varmoe   the variable-size-expert model, same text (cost per token)
+    out/results/<model>/     every analysis: tables + summary.json
+    out/quant/               router vs experts quantization sensitivity, MoE against the dense twin
+    out/report.html          everything in one page
+
+Steps whose output already exists with the same settings are reused, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from moescope.errors import MoescopeError, TraceError
+
+DEMO_CORPUS = "humaneval,gsm-symbolic,wiki"
+
+
+def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progress: bool) -> None:
+    from moescope.api import capture
+    from moescope.trace.reader import open_trace
+
+    if (out / "manifest.json").exists():
+        try:
+            trace = open_trace(out)
+        except TraceError:
+            trace = None
+        if trace is not None and trace.complete and trace.manifest["capture"].get("max_tokens") == max_tokens:
+            print(f"  reusing {out}")
+            return
+    capture(model, DEMO_CORPUS, out=out, split="eval", max_tokens=max_tokens, seq_len=seq_len, batch_size=8,
+            device="cpu", save_router_output=True, predict_next_layer=True, output_entropy=True,
+            overwrite=(out / "manifest.json").exists() and open_trace(out).complete, progress=progress)
+
+
+def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, quant_tokens: int = 4096,
+             progress: bool = True, steps: tuple[str, ...] = ("capture", "analyze", "quant", "report")) -> dict:
+    """Run the demo into `out`; returns {step: output path}."""
+    from moescope.pipeline.analyze import analyze_trace
+    from moescope.pipeline.summary import print_summary
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MoescopeError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, str] = {}
+    started = time.perf_counter()
+    models = ("tiny-moe", "tiny-varmoe")
+    if "capture" in steps:
+        for name in models:
+            print(f"[demo] capturing moescope:{name} over {DEMO_CORPUS} (eval split, {max_tokens} tokens)")
+            _capture_step(f"moescope:{name}", out / "traces" / name, max_tokens=max_tokens, seq_len=seq_len, progress=progress)
+            outputs[f"trace:{name}"] = str(out / "traces" / name)
+    if "analyze" in steps:
+        for name in models:
+            print(f"[demo] analysing {name}")
+            results = out / "results" / name
+            if results.exists():
+                shutil.rmtree(results)  # derived data: always recomputed from the trace
+            summary = analyze_trace(out / "traces" / name, results)
+            print_summary(summary, limit=12)
+            outputs[f"results:{name}"] = str(results)
+    if "quant" in steps:
+        from moescope.pipeline.quant import run_demo_quant
+
+        print("[demo] quantization sensitivity: tiny-moe against its dense twin")
+        outputs["quant"] = str(run_demo_quant(out / "quant", max_tokens=quant_tokens, progress=progress))
+    if "report" in steps:
+        from moescope.report import write_report
+
+        report = write_report([out / "results" / name for name in models] + [out / "quant"], out / "report.html")
+        outputs["report"] = str(report)
+    print(f"[demo] done in {time.perf_counter() - started:.0f} s; outputs under {out}")
+    for key, path in outputs.items():
+        print(f"  {key:<22} {path}")
+    return outputs
