@@ -47,31 +47,32 @@ def _stack(chunks: list[torch.Tensor], rows: int, what: str, layer: int) -> torc
     return tensor
 
 
+def _layers(recorded: list[LayerChunks], field: str, rows: int, keep: np.ndarray) -> np.ndarray:
+    """[L, n, x]: one field of every layer, padding rows dropped (one NumPy gather, not one per layer)."""
+    stacked = torch.stack([_stack(getattr(c, field), rows, field, i) for i, c in enumerate(recorded)])
+    return stacked.numpy()[:, keep]
+
+
 def block_from_forward(batch: Batch, recorded: list[LayerChunks], output_entropy: torch.Tensor | None) -> TokenBlock:
     """One forward pass over `batch` (no generation): drop padding, keep (seq, pos) order."""
-    keep = batch.attention_mask.reshape(-1).bool()  # [B*T]
-    rows = keep.shape[0]
-    ids = torch.stack([_stack(c.ids, rows, "expert-id", i)[keep] for i, c in enumerate(recorded)])  # [L, n, k]
-    weights = torch.stack([_stack(c.weights, rows, "weight", i)[keep] for i, c in enumerate(recorded)])
-    router_output = None
-    if recorded and recorded[0].router_output:
-        router_output = torch.stack([_stack(c.router_output, rows, "router-output", i)[keep] for i, c in enumerate(recorded)]).numpy()
-    seq_ids = torch.tensor([s.seq_id for s in batch.sequences], dtype=torch.int32)[:, None].expand_as(batch.input_ids)
-    n = int(keep.sum())
+    keep = batch.attention_mask.reshape(-1).bool().numpy()  # [B*T]
+    rows, n = keep.shape[0], int(keep.sum())
+    has = lambda field: bool(recorded) and bool(getattr(recorded[0], field))
     predicted = None
-    if recorded and recorded[0].predicted_next:
-        rows_next = [_stack(c.predicted_next, rows, "lookahead", i)[keep] for i, c in enumerate(recorded[:-1])]
-        predicted = torch.stack([*rows_next, torch.full_like(rows_next[0], -1)]).numpy()
-    entropy = np.full(n, np.nan, np.float32) if output_entropy is None else output_entropy.reshape(-1)[keep].float().numpy()
+    if has("predicted_next"):  # the last layer has no next layer: -1
+        ahead = _layers(recorded[:-1], "predicted_next", rows, keep)
+        predicted = np.concatenate([ahead, np.full_like(ahead[:1], -1)])
+    seq_ids = np.repeat(np.array([s.seq_id for s in batch.sequences], dtype=np.int32), batch.input_ids.shape[1])
+    entropy = np.full(n, np.nan, np.float32) if output_entropy is None else output_entropy.reshape(-1).float().numpy()[keep]
     return TokenBlock(
-        seq_id=seq_ids.reshape(-1)[keep].numpy(),
-        pos=batch.pos.reshape(-1)[keep].to(torch.int32).numpy(),
-        token_id=batch.input_ids.reshape(-1)[keep].to(torch.int32).numpy(),
+        seq_id=seq_ids[keep],
+        pos=batch.pos.reshape(-1).numpy()[keep].astype(np.int32),
+        token_id=batch.input_ids.reshape(-1).numpy()[keep].astype(np.int32),
         generated=np.zeros(n, dtype=bool),
         output_entropy=entropy,
-        topk_ids=ids.numpy(),
-        topk_weights=weights.numpy(),
-        router_output=router_output,
+        topk_ids=_layers(recorded, "ids", rows, keep),
+        topk_weights=_layers(recorded, "weights", rows, keep),
+        router_output=_layers(recorded, "router_output", rows, keep) if has("router_output") else None,
         predicted_next=predicted,
     )
 
