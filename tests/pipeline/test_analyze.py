@@ -1,0 +1,59 @@
+"""analyze / compare end to end on real captures of a tiny model (tables on disk, summary.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+import moescope
+from moescope.pipeline.analyze import analyze_trace
+from moescope.pipeline.compare import compare_traces
+from moescope.trace.exchange import export_trace, import_jsonl
+from conftest import make_byte_tokenizer, make_tiny_qwen3_moe
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("an")
+    (root / "code.txt").write_text("def f(x):\n    return x * 2\n\nfor i in range(10):\n    print(i)\n")
+    (root / "prose.txt").write_text("The river ran slowly past the old mill.\n\nShe read the letter twice.\n")
+    data = f"code={root / 'code.txt'},prose={root / 'prose.txt'}"
+    a = moescope.capture(str(tiny_model_dir), data, out=root / "a", seq_len=16, save_router_output=True,
+                         predict_next_layer=True, progress=False)
+    other = make_tiny_qwen3_moe(seed=7)
+    b = moescope.capture(other, data, tokenizer=make_byte_tokenizer(), out=root / "b", seq_len=16, progress=False)
+    return root, a, b
+
+
+def test_analyze_writes_every_table_and_a_summary(traces):
+    root, a, _ = traces
+    summary = analyze_trace(a.folder, root / "res")
+    on_disk = json.loads((root / "res" / "summary.json").read_text())
+    assert on_disk["trace"]["tokens"] == a.n_tokens
+    assert {"load", "aux_losses", "router_confidence", "cross_layer", "domain_specialisation", "router_structure"} <= set(summary["analyses"])
+    load = pd.read_parquet(root / "res" / "load__per_expert.parquet")
+    counted = a.sql("SELECT layer, count(*) * 2 AS slots FROM routing GROUP BY layer ORDER BY layer")
+    per_layer = load[load["layer"] >= 0].groupby("layer")["count"].sum().to_numpy()
+    assert per_layer.tolist() == counted["slots"].tolist()  # the analysis counts what DuckDB counts
+    assert summary["analyses"]["router_structure"]  # the model was loadable: router weights analysed
+    assert (root / "res" / "load__per_expert.csv").exists()
+
+
+def test_imported_trace_gets_routing_only_analyses(traces):
+    root, a, _ = traces
+    export_trace(a, root / "a.jsonl", fmt="jsonl")
+    imported = import_jsonl(root / "a.jsonl", root / "imp")
+    summary = analyze_trace(imported.folder, root / "res-imp")
+    assert "load" in summary["analyses"]
+    assert any("skipped" in note for note in summary["notes"]["router_structure"])
+
+
+def test_compare_same_tokens_gives_agreement(traces):
+    root, a, b = traces
+    same = compare_traces(a.folder, a.folder, root / "cmp-same")
+    assert same["mean_top1_agreement"] == 1.0 and same["mean_topk_jaccard"] == 1.0
+    assert same["mean_load_js_divergence"] == pytest.approx(0.0, abs=1e-12)
+    diff = compare_traces(a.folder, b.folder, root / "cmp-diff")
+    assert diff["shared_tokens"] == a.n_tokens and diff["mean_top1_agreement"] < 0.9
