@@ -20,9 +20,11 @@ from moescope.quant.formats import (
     quantize,
 )
 from moescope.quant.patch import PatchReport, quantized
+from moescope.quant.sweep import SweepConfig, SweepResult, plan_configs, run_quant_sweep
 from moescope.quant.targets import TARGETS, select_weights
 
 __all__ = [
-    "Granularity", "PatchReport", "QuantConfigError", "QuantFormat", "QuantStats", "Scheme", 
-    "TARGETS", "make_format", "quantize", "quantized", "select_weights",
+    "Granularity", "PatchReport", "QuantConfigError", "QuantFormat", "QuantStats", "Scheme", "SweepConfig",
+    "SweepResult", "TARGETS", "make_format", "plan_configs", "quantize", "quantized", "run_quant_sweep",
+    "select_weights",
 ]

@@ -1,0 +1,274 @@
+"""The unquantized reference pass a sweep reuses, and the evaluation of one quantized configuration.
+
+One forward pass per evaluation batch records, for the real (non-padding) tokens:
+    nll          per predicted token, and the sequence it belongs to          [n]
+    ids/weights  per MoE layer: what the experts received                     [n, k]
+    logp         per MoE layer: log of the router distribution over experts   [n, E]
+    x            per MoE layer: the router's input (pre-hook)                 [n, H]
+    outputs      per decoder layer: what the layer returned (for prefix replay)
+
+Local routing re-applies each router module's own forward to the cached x, so a router-only
+configuration costs one small matmul per layer instead of a forward pass. End-to-end evaluation
+runs the model; when a configuration touches one decoder layer l only, layers 0..l-1 are replaced by
+stubs returning their cached reference outputs, so only layers l.. run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moescope.adapters.spec import MoELayer
+from moescope.errors import MoescopeError
+from moescope.quant.routing import RoutingDelta, router_choice, router_log_probs, router_scores
+from moescope.quant.targets import decoder_layer_of, router_module
+from moescope.record.batches import Batch
+from moescope.record.hooks import RoutingRecorder
+
+LOCAL_CHUNK = 32768  # router-input rows per local forward call
+
+
+@dataclass
+class BatchReference:
+    batch: Batch
+    keep: torch.Tensor  # bool [B*T]: real tokens
+    nll: torch.Tensor  # float32 [n_pred]
+    nll_seq: torch.Tensor  # int64 [n_pred]: global sequence index of each predicted token
+    ids: list[torch.Tensor] = field(default_factory=list)  # per MoE layer [n, k]
+    weights: list[torch.Tensor] = field(default_factory=list)  # per MoE layer [n, k]
+    logp: list[torch.Tensor] = field(default_factory=list)  # per MoE layer [n, E]
+    outputs: list = field(default_factory=list)  # per decoder layer: its return value (prefix replay)
+
+
+@dataclass
+class Reference:
+    batches: list[BatchReference]
+    x: list[torch.Tensor]  # per MoE layer: router inputs of all real tokens [N, H]
+    local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per MoE layer: router forward on x (ids, w, logp)
+    local_agreement: list[float]  # per MoE layer: fraction of tokens whose local top-k set equals the recorded one
+    seconds: float
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return torch.cat([b.nll for b in self.batches])
+
+    @property
+    def nll_seq(self) -> torch.Tensor:
+        return torch.cat([b.nll_seq for b in self.batches])
+
+
+def token_nll(logits: torch.Tensor, batch: Batch, seq_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of each real token that has a real successor, and its sequence index."""
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), batch.input_ids[:, 1:].reshape(-1).to(logits.device),
+                          reduction="none").reshape(B, T - 1).cpu()
+    valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()  # [B, T-1]
+    rows = (torch.arange(B) + seq_offset)[:, None].expand(B, T - 1)
+    return nll[valid], rows[valid]
+
+
+def _rows(chunks: list[torch.Tensor], keep: torch.Tensor, what: str) -> torch.Tensor:
+    tensor = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
+    if tensor.shape[0] != keep.shape[0]:
+        raise MoescopeError(f"a router saw {tensor.shape[0]} {what} rows for {keep.shape[0]} token slots; this model "
+                            "does not route every token exactly once per forward pass and cannot be swept")
+    return tensor[keep]
+
+
+class Taps:
+    """Hooks for a sweep: router inputs and float32 router scores per MoE layer, decoder-layer outputs.
+
+    Same discipline as RoutingRecorder: O(1) work per hook, removed in `__exit__` (also on error).
+    """
+
+    def __init__(self, routers: list[nn.Module], layers: list[MoELayer], *, inputs: bool,
+                 decoder_layers: list[nn.Module] = ()):
+        self.routers, self.layers, self.inputs, self.decoder_layers = routers, layers, inputs, list(decoder_layers)
+        self.x = [[] for _ in routers]
+        self.scores = [[] for _ in routers]
+        self.outputs = [[] for _ in self.decoder_layers]
+        self._handles = []
+
+    def __enter__(self) -> "Taps":
+        try:
+            for i, (router, layer) in enumerate(zip(self.routers, self.layers)):
+                index = layer.spec.router_output_index
+                self._handles.append(router.register_forward_hook(
+                    lambda m, a, out, i=i, index=index: self.scores[i].append(router_scores(out, index).detach().float())))
+                if self.inputs:
+                    self._handles.append(router.register_forward_pre_hook(
+                        lambda m, a, i=i: self.x[i].append(a[0].detach().reshape(-1, a[0].shape[-1]))))
+            for i, module in enumerate(self.decoder_layers):  # copied: a later layer may work in place
+                self._handles.append(module.register_forward_hook(lambda m, a, out, i=i: self.outputs[i].append(_clone(out))))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def take(self):
+        taken = (self.x, self.scores, self.outputs)
+        self.x, self.scores = [[] for _ in self.routers], [[] for _ in self.routers]
+        self.outputs = [[] for _ in self.decoder_layers]
+        return taken
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder layer j: returns its cached reference output for the current batch."""
+
+    def __init__(self, outputs: list, cursor: list[int]):
+        super().__init__()
+        self.outputs, self.cursor = outputs, cursor
+
+    def forward(self, *args, **kwargs):
+        return _clone(self.outputs[self.cursor[0]])  # the cache must survive in-place work downstream
+
+
+def _clone(output):
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_clone(o) for o in output)
+    return output
+
+
+@contextmanager
+def replay_prefix(layer_list: nn.ModuleList, start: int, outputs: list[list], cursor: list[int]) -> Iterator[None]:
+    """Replace decoder layers 0..start-1 by their cached outputs (`outputs[j][batch]`); restored on exit."""
+    originals = []
+    try:
+        for j in range(start):
+            originals.append((j, layer_list[j]))
+            layer_list[j] = _Replay(outputs[j], cursor)
+        yield
+    finally:
+        for j, module in originals:
+            layer_list[j] = module
+
+
+def decoder_layer_list(model: nn.Module, paths: list[str]) -> nn.ModuleList | None:
+    """The ModuleList of decoder layers holding the modules at `paths` (e.g. model.layers)."""
+    lists = {found[0] for path in paths if (found := decoder_layer_of(path)) is not None}
+    if len(lists) != 1:
+        return None
+    module = model.get_submodule(lists.pop())
+    return module if isinstance(module, nn.ModuleList) else None
+
+
+def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                 use_cache=False).logits
+
+
+def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer] | None, *,
+                   layer_list: nn.ModuleList | None, keep_outputs: bool, progress: bool = False) -> Reference:
+    """Run the unquantized model once over `batches` and cache everything the sweep reuses."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    layers = layers or []
+    routers = [router_module(model, layer) for layer in layers]
+    decoder_layers = list(layer_list)[:-1] if keep_outputs and layer_list is not None else []
+    started = time.perf_counter()
+    refs, xs, offset = [], [[] for _ in layers], 0
+    recorder = RoutingRecorder(model, layers, weights_dtype=torch.float32)
+    with recorder as rec, Taps(routers, layers, inputs=True, decoder_layers=decoder_layers) as taps, torch.inference_mode():
+        for batch in tqdm(batches, desc="reference pass", unit="batch", disable=not progress, leave=False):
+            logits = _forward(model, batch)
+            keep = batch.attention_mask.reshape(-1).bool()
+            nll, seq = token_nll(logits, batch, offset)
+            offset += batch.input_ids.shape[0]
+            chunks = rec.take() if layers else []
+            x, scores, outputs = taps.take()
+            ref = BatchReference(batch, keep, nll, seq, outputs=[o[0] for o in outputs])
+            for i, layer in enumerate(layers):
+                ref.ids.append(_rows(chunks[i].ids, keep, "expert-id").long())
+                ref.weights.append(_rows(chunks[i].weights, keep, "gate-weight"))
+                ref.logp.append(router_log_probs(_rows([s.cpu() for s in scores[i]], keep, "router-score"), layer))
+                xs[i].append(_rows(x[i], keep, "router-input"))
+            refs.append(ref)
+    seconds = time.perf_counter() - started
+    x_all = [torch.cat(chunks) for chunks in xs]
+    local = [local_routing(router, layer, x) for router, layer, x in zip(routers, layers, x_all)]
+    agreement = []
+    for i in range(len(layers)):
+        recorded = torch.cat([r.ids[i] for r in refs])
+        overlap = (recorded[:, :, None] == local[i][0][:, None, :]).any(-1).all(-1)
+        agreement.append(float(overlap.float().mean()) if len(overlap) else float("nan"))
+    return Reference(refs, x_all, local, agreement, seconds)
+
+
+def local_routing(router: nn.Module, layer: MoELayer, x: torch.Tensor):
+    """(ids, weights, logp) of `router`'s own forward on cached inputs x [N, H], in row chunks, no hooks."""
+    ids, weights, logps = [], [], []
+    with torch.inference_mode():
+        for start in range(0, max(len(x), 1), LOCAL_CHUNK):
+            rows = x[start : start + LOCAL_CHUNK]
+            out = router.forward(rows)
+            logp = router_log_probs(router_scores(out, layer.spec.router_output_index), layer)
+            i, w = router_choice(out, layer, logp)
+            ids.append(i.cpu())
+            weights.append(w.cpu())
+            logps.append(logp.cpu())
+    return torch.cat(ids), torch.cat(weights), torch.cat(logps)
+
+
+def local_deltas(model: nn.Module, layers: list[MoELayer], ref: Reference, changed: set[int]) -> dict[int, dict]:
+    """Per MoE layer whose router weight is in `changed` (ids of parameters): local routing change."""
+    results = {}
+    for i, layer in enumerate(layers):
+        router = router_module(model, layer)
+        weight = getattr(router, "weight", None)
+        if weight is None or id(weight) not in changed:
+            continue
+        ids, w, logp = local_routing(router, layer, ref.x[i])
+        delta = RoutingDelta()
+        delta.add(*ref.local[i][:2], ids, w, ref.local[i][2], logp)
+        results[i] = delta.result()
+    return results
+
+
+def end_to_end(model: nn.Module, layers: list[MoELayer] | None, ref: Reference, *, start: int,
+               layer_list: nn.ModuleList | None) -> tuple[torch.Tensor, dict[int, dict], set[int]]:
+    """Forward every batch through the (patched) model. Returns (nll [n], per MoE layer routing change,
+    MoE layers replayed from the reference). `start` > 0 replays decoder layers 0..start-1."""
+    layers = layers or []
+    live = [i for i, layer in enumerate(layers) if layer.decoder_layer >= start or start == 0]
+    replayed = set(range(len(layers))) - set(live)
+    routers = [router_module(model, layers[i]) for i in live]
+    deltas = {i: RoutingDelta() for i in range(len(layers))}
+    cursor, nlls = [0], []
+    outputs = [[b.outputs[j] for b in ref.batches] for j in range(start)]
+    recorder = RoutingRecorder(model, [layers[i] for i in live], weights_dtype=torch.float32)
+    replay = replay_prefix(layer_list, start, outputs, cursor) if start > 0 else _nothing()
+    with replay, recorder as rec, Taps(routers, [layers[i] for i in live], inputs=False) as taps, torch.inference_mode():
+        for b, bref in enumerate(ref.batches):
+            cursor[0] = b
+            logits = _forward(model, bref.batch)
+            nlls.append(token_nll(logits, bref.batch, 0)[0])
+            chunks = rec.take() if live else []
+            _, scores, _ = taps.take()
+            for j, i in enumerate(live):
+                ids = _rows(chunks[j].ids, bref.keep, "expert-id").long()
+                w = _rows(chunks[j].weights, bref.keep, "gate-weight")
+                logp = router_log_probs(_rows([s.cpu() for s in scores[j]], bref.keep, "router-score"), layers[i])
+                deltas[i].add(bref.ids[i], bref.weights[i], ids, w, bref.logp[i], logp)
+            for i in replayed:  # unchanged by construction: compare the reference with itself
+                deltas[i].add(bref.ids[i], bref.weights[i], bref.ids[i], bref.weights[i], bref.logp[i], bref.logp[i])
+    return torch.cat(nlls), {i: d.result() for i, d in deltas.items()}, replayed
+
+
+@contextmanager
+def _nothing():
+    yield
