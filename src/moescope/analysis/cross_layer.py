@@ -1,0 +1,282 @@
+"""Cross-layer predictability: how well layer N's routing predicts layer N+d's (speculative prefetching).
+
+transitions[d-1, l, i, j] = tokens with i in S(l) and j in S(l+d), d = 1..max_hop, where S(l) is the
+token's top-k set at layer l; P(j at l+d | i at l) = transitions / load(l, i).
+
+Each predictor names k experts for the target layer; recall = |predicted ∩ S(target)| / |S(target)|,
+summed over tokens ("recall@k"):
+  same_index        S(l) itself, for target l+d (hop d).
+  transition        the k experts most often seen at l+d after the token's first-choice expert at l
+                    (largest gate weight), learned on the other half of the trace: sequences with even
+                    seq_id are predicted from a table learned on odd ones and vice versa (two-fold
+                    cross-fitting). Ties go to the expert with more load at l+d in the learning half,
+                    then to the lower index. Conditioning on the first choice (not the whole set) keeps
+                    the sufficient statistics an E x E table per (parity, hop, layer), so it streams.
+  previous_token    S(target) of the previous token of the same sequence (hop reported as 0).
+  router_lookahead  layer l+1's router applied to layer l's router input, computed during capture and
+                    carried as ShardData.predicted_next_ids (hop 1 only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.coactivation import pair_counts
+from moescope.analysis.context import AnalysisContext
+from moescope.analysis.kernels import jsonable, merge_arrays
+from moescope.analysis.shard_view import ShardView, predicted_next_ids_of, set_overlap
+from moescope.errors import MoescopeError
+from moescope.trace.shard import ShardData
+
+NAME = "cross_layer"
+PREDICTORS = ("same_index", "transition", "previous_token", "router_lookahead")
+
+
+@dataclass(frozen=True, eq=False)
+class CrossLayerState:
+    layers: tuple[int, ...]
+    n_tokens: int
+    transitions: np.ndarray  # int64 [K, L, E, E] (zero where l + d >= L)
+    first_choice_transitions: np.ndarray  # int64 [2, K, L, E, E] by seq_id parity
+    load_by_parity: np.ndarray  # int64 [2, L, E]
+    previous_overlap: np.ndarray  # int64 [L] sum over tokens with a previous token of |S_t ∩ S_t-1|
+    previous_targets: np.ndarray  # int64 [L] real experts in S_t over those tokens
+    lookahead_overlap: np.ndarray | None  # int64 [L] |P(l) ∩ S(l+1)| at source l (last entry 0)
+
+
+def seq_parity(shard: ShardData) -> np.ndarray:
+    """intp [T]: 0 for tokens of even seq_id, 1 for odd (the two halves of the cross-fitted split)."""
+    return (shard.seq_id & 1).astype(np.intp)
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
+    view = ShardView.of(shard, ctx)
+    L, T, E, K = view.L, view.T, view.E, ctx.thresholds.max_hop
+    ids, side = view.ids_by_slot, E + 1  # [k, L, T]
+    parity = seq_parity(view.shard)
+    transitions = np.zeros((K, L, E, E), np.int64)
+    first_choice = np.zeros((2, K, L, E, E), np.int64)
+    # first choice tagged with parity: source id (p * side + i) in a table of 2 * side rows
+    tagged = (parity[None, :] * side + view.first_choice)[None]  # [1, L, T]
+    for d in range(1, min(K, L - 1) + 1):
+        transitions[d - 1, : L - d] = pair_counts(ids[:, :-d], ids[:, d:], E)
+        both = pair_counts(tagged[:, :-d], ids[:, d:], 2 * side)  # [L-d, 2*side, 2*side]; only columns < E are ids
+        first_choice[:, d - 1, : L - d] = both[:, :, :E].reshape(L - d, 2, side, E)[:, :, :E].transpose(1, 0, 2, 3)
+    load_by_parity = np.stack([_load(view.ids[:, parity == p], E) for p in (0, 1)])
+    previous = view.has_previous
+    predicted = predicted_next_ids_of(view.shard)
+    lookahead = None
+    if predicted is not None:
+        pred = predicted.transpose(2, 0, 1)  # [k', L, T]
+        pred = np.where((pred >= 0) & (pred < E), pred, E).astype(np.intp)
+        lookahead = np.zeros(L, np.int64)
+        lookahead[: L - 1] = set_overlap(pred[:, : L - 1], view.ids_by_slot[:, 1:], E).sum(axis=1)
+    return CrossLayerState(
+        view.layers,
+        T,
+        transitions,
+        first_choice,
+        load_by_parity,
+        view.previous_overlap.sum(axis=1),
+        (view.ids[:, previous] < E).sum(axis=(1, 2)),
+        lookahead,
+    )
+
+
+def _load(ids: np.ndarray, n_experts: int) -> np.ndarray:
+    """int64 [L, E] slots per expert of ids [L, T, k]."""
+    offsets = (np.arange(ids.shape[0], dtype=np.intp) * (n_experts + 1))[:, None, None]
+    return np.bincount((ids + offsets).ravel(), minlength=ids.shape[0] * (n_experts + 1)).reshape(-1, n_experts + 1)[
+        :, :n_experts
+    ]
+
+
+def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
+    if a.layers != b.layers or a.transitions.shape != b.transitions.shape:
+        raise MoescopeError("cannot merge cross-layer states of different layers or max_hop")
+    if (a.lookahead_overlap is None) != (b.lookahead_overlap is None):
+        raise MoescopeError("cannot merge shards with and without predicted_next_ids")
+    return CrossLayerState(
+        a.layers,
+        a.n_tokens + b.n_tokens,
+        a.transitions + b.transitions,
+        a.first_choice_transitions + b.first_choice_transitions,
+        a.load_by_parity + b.load_by_parity,
+        a.previous_overlap + b.previous_overlap,
+        a.previous_targets + b.previous_targets,
+        merge_arrays(a.lookahead_overlap, b.lookahead_overlap),
+    )
+
+
+def top_predictions(counts: np.ndarray, target_load: np.ndarray, k: int) -> np.ndarray:
+    """int64 [..., E, k]: for each source row i, the k targets j with most counts[..., i, j].
+
+    counts: int64 [..., E, E]; target_load: int64 [..., E] breaks ties (more load first), then lower j.
+    """
+    score = counts * (target_load.max(initial=0) + 1) + target_load[..., None, :]  # [..., E, E]
+    return np.argsort(-score, axis=-1, kind="stable")[..., :k]
+
+
+@dataclass(frozen=True, eq=False)
+class PrefetchTable:
+    """What the transition predictor learned, per half of the trace (index = seq_id parity).
+
+    counts[q, l, i, j]: tokens of parity q with first choice i at layer l and j in S(l+1);
+    target_load[q, l, j]: slots of expert j at layer l among tokens of parity q.
+    """
+
+    counts: np.ndarray  # int64 [2, L - 1, E, E]
+    target_load: np.ndarray  # int64 [2, L, E]
+
+    def predictions(self, k: int) -> np.ndarray:
+        """int64 [2, L - 1, E, k]: predictions[q, l, i] learned on parity q, for layer l + 1."""
+        return top_predictions(self.counts, self.target_load[:, 1:], k)
+
+    def pooled(self) -> PrefetchTable:
+        """Both halves together: use a table learned on another trace as-is for every token."""
+        counts = self.counts.sum(axis=0, keepdims=True)
+        load = self.target_load.sum(axis=0, keepdims=True)
+        return PrefetchTable(np.concatenate([counts, counts]), np.concatenate([load, load]))
+
+
+@dataclass(frozen=True, eq=False)
+class CrossLayerResult:
+    layers: tuple[int, ...]
+    n_tokens: int
+    top_k: int
+    transitions: np.ndarray  # int64 [K, L, E, E]
+    load: np.ndarray  # int64 [L, E]
+    first_choice_transitions: np.ndarray  # int64 [2, K, L, E, E]
+    load_by_parity: np.ndarray  # int64 [2, L, E]
+    recall: pd.DataFrame  # predictor, hop, source_layer, target_layer, hits, targets, recall
+    notes: tuple[str, ...] = ()
+
+    def conditional(self) -> np.ndarray:
+        """float64 [K, L, E, E]: P(j at l+d | i at l) (NaN where expert i is never selected at l)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.transitions / self.load[None, :, :, None]
+
+    def prefetch_table(self) -> PrefetchTable:
+        return PrefetchTable(self.first_choice_transitions[:, 0, :-1], self.load_by_parity)
+
+    def recall_overall(self) -> pd.DataFrame:
+        """Pooled recall per (predictor, hop)."""
+        grouped = self.recall.groupby(["predictor", "hop"], sort=False)[["hits", "targets"]].sum().reset_index()
+        grouped["recall"] = grouped["hits"] / grouped["targets"].where(grouped["targets"] > 0)
+        return grouped
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        K, L, E, _ = self.transitions.shape
+        d, l, i, j = np.meshgrid(np.arange(1, K + 1), np.arange(L), np.arange(E), np.arange(E), indexing="ij")
+        keep = (self.transitions > 0).ravel()
+        layers = np.asarray(self.layers)
+        transitions = pd.DataFrame(
+            {
+                "hop": d.ravel()[keep],
+                "source_layer": layers[l.ravel()[keep]],
+                "target_layer": layers[(l + d).ravel()[keep]],
+                "expert_from": i.ravel()[keep],
+                "expert_to": j.ravel()[keep],
+                "count": self.transitions.ravel()[keep],
+                "p_to_given_from": self.conditional().ravel()[keep],
+            }
+        )
+        return {"transitions": transitions, "recall": self.recall, "recall_overall": self.recall_overall()}
+
+    def summary(self) -> dict:
+        overall = self.recall_overall()
+        out = {f"recall_{r.predictor}_hop{r.hop}": r.recall for r in overall.itertuples()}
+        hop1 = overall[overall.hop.isin([0, 1])]
+        if len(hop1) and hop1.recall.notna().any():
+            out["best_predictor_hop1"] = hop1.loc[hop1.recall.idxmax(), "predictor"]
+        out["notes"] = list(self.notes)
+        return jsonable(out)
+
+
+def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
+    K, L, E, _ = state.transitions.shape
+    k = ctx.top_k
+    load = state.load_by_parity.sum(axis=0)  # [L, E]
+    slots = load.sum(axis=1)  # [L] real experts selected per layer
+    layers = np.asarray(state.layers)
+    frames = []
+    hop = np.arange(1, K + 1)[:, None]  # [K, 1]
+    src = np.arange(L)[None, :]  # [1, L]
+    valid = src + hop < L  # [K, L]
+    target = np.minimum(src + hop, L - 1)
+    same_index = np.trace(state.transitions, axis1=2, axis2=3)  # [K, L]
+    frames.append(_recall_rows("same_index", hop, src, target, same_index, slots[target], valid, layers))
+
+    target_load = state.load_by_parity[:, target]  # [2, K, L, E] load of the target layer per parity
+    learned = top_predictions(state.first_choice_transitions, target_load, k)  # [2, K, L, E, k] per learning half
+    chosen = np.zeros(state.first_choice_transitions.shape, bool)
+    np.put_along_axis(chosen, learned, True, axis=-1)
+    # tokens of parity p are predicted with the table learned on parity 1 - p
+    hits = (state.first_choice_transitions * chosen[::-1]).sum(axis=(0, 3, 4))  # [K, L]
+    frames.append(_recall_rows("transition", hop, src, target, hits, slots[target], valid, layers))
+
+    frames.append(
+        _recall_rows(
+            "previous_token",
+            np.zeros((1, 1), int),
+            src,
+            src,
+            state.previous_overlap[None],
+            state.previous_targets[None],
+            np.ones((1, L), bool),
+            layers,
+        )
+    )
+    notes = []
+    if state.lookahead_overlap is not None:
+        frames.append(
+            _recall_rows(
+                "router_lookahead",
+                np.ones((1, 1), int),
+                src,
+                np.minimum(src + 1, L - 1),
+                state.lookahead_overlap[None],
+                slots[np.minimum(src + 1, L - 1)],
+                src + 1 < L,
+                layers,
+            )
+        )
+    else:
+        notes.append("router_lookahead needs predicted_next_ids computed during capture (the model's routers); skipped")
+    if L == 1:
+        notes.append("one MoE layer: no cross-layer transitions")
+    recall = pd.concat(frames, ignore_index=True)
+    return CrossLayerResult(
+        state.layers,
+        state.n_tokens,
+        k,
+        state.transitions,
+        load,
+        state.first_choice_transitions,
+        state.load_by_parity,
+        recall,
+        tuple(notes),
+    )
+
+
+def _recall_rows(predictor, hop, src, target, hits, targets, valid, layers) -> pd.DataFrame:
+    """Long table rows for one predictor from [H, L] arrays (broadcast), keeping `valid` cells."""
+    shape = np.broadcast_shapes(np.shape(hop), np.shape(src), np.shape(hits), np.shape(valid))
+    cols = [np.broadcast_to(x, shape)[np.broadcast_to(valid, shape)] for x in (hop, src, target, hits, targets)]
+    hops, sources, targets_layer, hit, tgt = cols
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rate = np.where(tgt > 0, hit / np.maximum(tgt, 1), np.nan)
+    return pd.DataFrame(
+        {
+            "predictor": predictor,
+            "hop": hops.astype(np.int64),
+            "source_layer": layers[sources],
+            "target_layer": layers[targets_layer],
+            "hits": hit.astype(np.int64),
+            "targets": tgt.astype(np.int64),
+            "recall": rate,
+        }
+    )

@@ -1,0 +1,155 @@
+"""Expert cache: hit rate of a per-layer cache of C experts, LRU alone or fed by a prefetch predictor.
+
+The cache model is lru_kernel.py's: one LRU cache per layer, cold at each sequence start, a token's
+prefetch batch inserted before its experts are looked up. Predictors (for layer l, from layer l-1):
+  lru               no prefetch.
+  same_index        prefetch S(l-1), the experts the token used one layer earlier.
+  transition        prefetch the transition predictor's k experts for the first choice at l-1 (see
+                    cross_layer.py; cross-fitted by seq_id parity). Needs `ctx.prefetch_table`, which
+                    run_analyses learns in a first pass when it can read the shards twice.
+  router_lookahead  prefetch predicted_next_ids[l-1] (layer l's router on layer l-1's input).
+Layer 0 has no earlier layer, so every predictor equals LRU there. The previous-token predictor is not
+simulated: its experts are already the most recent entries of an LRU cache, so it equals LRU.
+hit_rate(C) = hits / lookups over real experts, for every C from the largest batch to E.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.context import OVERALL, AnalysisContext
+from moescope.analysis.cross_layer import seq_parity
+from moescope.analysis.kernels import jsonable
+from moescope.analysis.lru_kernel import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
+from moescope.analysis.shard_view import ShardView, predicted_next_ids_of
+from moescope.errors import MoescopeError
+from moescope.trace.shard import ShardData
+
+NAME = "expert_cache"
+
+
+@dataclass(frozen=True, eq=False)
+class CacheState:
+    layers: tuple[int, ...]
+    predictors: tuple[str, ...]
+    batch_size: tuple[int, ...]  # largest batch each predictor inserts (the smallest valid capacity)
+    rank_counts: np.ndarray  # int64 [P, L, E + 1]: lookups by LRU rank; column E = no prior use
+    n_tokens: int
+
+
+def _prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndarray | None]:
+    """predictor -> intp [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel)."""
+    E, ids = view.E, view.ids
+    empty = np.full((1, view.T, view.k), E, np.intp)
+    sources: dict[str, np.ndarray | None] = {"lru": None, "same_index": np.concatenate([empty, ids[:-1]])}
+    if ctx.prefetch_table is not None:
+        pred = ctx.prefetch_table.predictions(view.k)  # [2, L-1, E, k] learned per parity
+        if pred.shape[1] != view.L - 1:
+            raise MoescopeError(f"prefetch table covers {pred.shape[1] + 1} layers, the shard {view.L}")
+        pred = np.concatenate([pred, np.full(pred.shape[:2] + (1, view.k), E)], axis=2)  # row E: no first choice
+        learned_on = 1 - seq_parity(view.shard)  # [T] tokens use the other half's table
+        layer = np.arange(view.L - 1)[:, None]
+        guess = pred[learned_on[None, :], layer, view.first_choice[:-1]]  # [L-1, T, k]
+        sources["transition"] = np.concatenate([empty, guess.astype(np.intp)])
+    predicted = predicted_next_ids_of(view.shard)
+    if predicted is not None:
+        pred = np.where((predicted >= 0) & (predicted < E), predicted, E).astype(np.intp)
+        sources["router_lookahead"] = np.concatenate([np.full((1,) + pred.shape[1:], E, np.intp), pred[:-1]])
+    return sources
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CacheState:
+    view = ShardView.of(shard, ctx)
+    sources = _prefetch_sources(view, ctx)
+    L, T, E = view.L, view.T, view.E
+    counts = np.zeros((len(sources), L, E + 1), np.int64)
+    # the L caches run as one stream laid end to end, in groups of layers to bound memory
+    group = max(1, (1 << 24) // max(1, 2 * T * (E + 1)))
+    for p, prefetch in enumerate(sources.values()):  # a few predictors
+        for lo in range(0, L, group):
+            hi = min(L, lo + group)
+            starts = (view.sequence_start[None, :] + (np.arange(hi - lo) * T)[:, None]).ravel()  # [(hi-lo)*T]
+            rank = lru_ranks(
+                view.ids[lo:hi].reshape(-1, view.k),
+                None if prefetch is None else prefetch[lo:hi].reshape((hi - lo) * T, -1),
+                starts,
+                E,
+            ).reshape(hi - lo, T * view.k)
+            # histogram per layer of rank (0..E-1), column E = no prior use, not-an-expert dropped
+            binned = np.where(rank == NO_PRIOR_USE, E, rank) + (np.arange(hi - lo) * (E + 2))[:, None]
+            binned = np.where(rank == NOT_AN_EXPERT, (np.arange(hi - lo) * (E + 2))[:, None] + E + 1, binned)
+            counts[p, lo:hi] = np.bincount(binned.ravel(), minlength=(hi - lo) * (E + 2)).reshape(hi - lo, E + 2)[
+                :, : E + 1
+            ]
+    batch = tuple(view.k if s is None else max(view.k, s.shape[2]) for s in sources.values())
+    return CacheState(view.layers, tuple(sources), batch, counts, view.T)
+
+
+def merge(a: CacheState, b: CacheState) -> CacheState:
+    if a.layers != b.layers or a.predictors != b.predictors:
+        raise MoescopeError("cannot merge expert-cache states of different layers or predictors")
+    return CacheState(a.layers, a.predictors, a.batch_size, a.rank_counts + b.rank_counts, a.n_tokens + b.n_tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class CacheResult:
+    layers: tuple[int, ...]
+    predictors: tuple[str, ...]
+    capacities: np.ndarray  # int64 [C] from top_k to E
+    hits: np.ndarray  # int64 [P, L, C] (-1 where C is below the predictor's batch size)
+    lookups: np.ndarray  # int64 [P, L]
+    notes: tuple[str, ...] = ()
+
+    def hit_rate(self) -> np.ndarray:
+        """float64 [P, L + 1, C]: per layer, then OVERALL (NaN where not valid)."""
+        hits = np.concatenate([self.hits, self.hits.sum(axis=1, keepdims=True)], axis=1).astype(np.float64)
+        hits[hits < 0] = np.nan
+        lookups = np.concatenate([self.lookups, self.lookups.sum(axis=1, keepdims=True)], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return hits / lookups[..., None]
+
+    def to_pandas(self) -> pd.DataFrame:
+        P, L, C = self.hits.shape
+        rate = self.hit_rate()
+        hits = np.concatenate([self.hits, self.hits.sum(axis=1, keepdims=True)], axis=1)
+        lookups = np.concatenate([self.lookups, self.lookups.sum(axis=1, keepdims=True)], axis=1)
+        return pd.DataFrame(
+            {
+                "predictor": np.repeat(self.predictors, (L + 1) * C),
+                "layer": np.tile(np.repeat([*self.layers, OVERALL], C), P),
+                "capacity": np.tile(self.capacities, P * (L + 1)),
+                "hits": np.where(hits < 0, -1, hits).ravel(),
+                "lookups": np.repeat(lookups.ravel(), C),
+                "hit_rate": rate.ravel(),
+            }
+        )
+
+    def summary(self) -> dict:
+        rate = self.hit_rate()[:, -1]  # [P, C] overall
+        out = {}
+        E = int(self.capacities[-1])
+        k = int(self.capacities[0])
+        for capacity in sorted({min(2 * k, E), max(k, E // 2)}):
+            c = capacity - k
+            for p, name in enumerate(self.predictors):
+                out[f"hit_rate_{name}_C{capacity}"] = rate[p, c]
+        out["notes"] = list(self.notes)
+        return jsonable(out)
+
+
+def finalize(state: CacheState, ctx: AnalysisContext) -> CacheResult:
+    E, k = ctx.n_experts, ctx.top_k
+    capacities = np.arange(k, E + 1)
+    cumulative = np.cumsum(state.rank_counts[..., :E], axis=-1)  # [P, L, E]: lookups with rank < C at index C-1
+    hits = cumulative[..., capacities - 1]  # [P, L, C]
+    for p, batch in enumerate(state.batch_size):
+        hits[p, :, capacities < batch] = -1
+    notes = []
+    if "transition" not in state.predictors:
+        notes.append("transition predictor skipped: it needs a prefetch table learned in a first pass over the trace")
+    if "router_lookahead" not in state.predictors:
+        notes.append("router_lookahead skipped: the trace has no predicted_next_ids (needs the model during capture)")
+    return CacheResult(state.layers, state.predictors, capacities, hits, state.rank_counts.sum(axis=-1), tuple(notes))

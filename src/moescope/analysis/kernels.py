@@ -1,0 +1,230 @@
+"""Small vectorised building blocks shared by the analyses: mergeable histograms, moments, sparse counts.
+
+Everything here adds up: a state built from two shards equals the merge of the states of each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def fixed_histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """int64 [..., bins + 2]: counts of values along the last axis in `bins` equal bins over [lo, hi].
+
+    Column 0 counts values < lo, column bins+1 values > hi (NaN too); hi itself falls in the last bin.
+    Works per row, so a [L, T] input gives one histogram per layer.
+    """
+    rows = values.reshape(-1, values.shape[-1]) if values.ndim > 1 else values[None, :]
+    x = rows.astype(np.float64)
+    idx = np.floor((x - lo) * (bins / (hi - lo)))
+    idx -= x == hi  # right edge inclusive: hi lands in bin bins-1, not in the overflow
+    np.nan_to_num(idx, copy=False, nan=bins, posinf=bins, neginf=-1)
+    np.clip(idx, -1, bins, out=idx)
+    idx += 1 + (np.arange(rows.shape[0]) * (bins + 2))[:, None]
+    counts = np.bincount(idx.astype(np.intp).ravel(), minlength=rows.shape[0] * (bins + 2))
+    return counts.reshape(values.shape[:-1] + (bins + 2,)) if values.ndim > 1 else counts
+
+
+def histogram_edges(lo: float, hi: float, bins: int, log: bool = False) -> np.ndarray:
+    """float64 [bins + 1] edges matching `fixed_histogram` (on log10 values when `log`)."""
+    edges = np.linspace(lo, hi, bins + 1)
+    return 10.0**edges if log else edges
+
+
+def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in nats of distributions along `axis` (0 log 0 = 0); rows need not be normalised."""
+    p = np.asarray(p, dtype=np.float64)
+    total = p.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = p / total
+        terms = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+    return -terms.sum(axis=axis)
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Jensen-Shannon divergence in bits (0 .. 1) between distributions along `axis` (normalised here)."""
+    p = np.asarray(p, np.float64)
+    q = np.asarray(q, np.float64)
+    p = p / p.sum(axis=axis, keepdims=True)
+    q = q / q.sum(axis=axis, keepdims=True)
+    m = 0.5 * (p + q)
+    return (entropy(m, axis) - 0.5 * entropy(p, axis) - 0.5 * entropy(q, axis)) / math.log(2)
+
+
+@dataclass(frozen=True, eq=False)
+class CoMoments:
+    """Mergeable count, means, second moments and co-moment of paired samples (Chan et al. update).
+
+    Arrays share one shape (e.g. [L] for per-layer statistics); scalars are shape ().
+    """
+
+    n: np.ndarray
+    mean_x: np.ndarray
+    mean_y: np.ndarray
+    m2_x: np.ndarray  # sum (x - mean_x)^2
+    m2_y: np.ndarray
+    c_xy: np.ndarray  # sum (x - mean_x)(y - mean_y)
+
+    @classmethod
+    def of(
+        cls, x: np.ndarray, y: np.ndarray | None = None, axis: int = -1, mask: np.ndarray | None = None
+    ) -> CoMoments:
+        """Moments of samples along `axis` where `mask` (default: all); y defaults to x."""
+        x = np.asarray(x, np.float64)
+        y = x if y is None else np.asarray(y, np.float64)
+        axis %= x.ndim
+        if mask is not None and mask.all():
+            mask = None  # the common case: skip the masking passes
+        if mask is None:
+            n = np.full(x.shape[:axis] + x.shape[axis + 1 :], x.shape[axis], np.float64)
+        else:
+            n = mask.sum(axis=axis).astype(np.float64)
+            x, y = np.where(mask, x, 0.0), np.where(mask, y, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mx = np.where(n > 0, x.sum(axis=axis) / n, 0.0)
+            my = mx if y is x else np.where(n > 0, y.sum(axis=axis) / n, 0.0)
+        dx = x - np.expand_dims(mx, axis)
+        dy = dx if y is x else y - np.expand_dims(my, axis)
+        if mask is not None:
+            dx, dy = dx * mask, dy * mask
+        m2x = (dx * dx).sum(axis)
+        m2y = m2x if dy is dx else (dy * dy).sum(axis)
+        return cls(n, mx, my, m2x, m2y, m2x if dy is dx else (dx * dy).sum(axis))
+
+    def merge(self, other: CoMoments) -> CoMoments:
+        n = self.n + other.n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            wa = np.where(n > 0, self.n / n, 0.0)
+            wb = np.where(n > 0, other.n / n, 0.0)
+        dx, dy = other.mean_x - self.mean_x, other.mean_y - self.mean_y
+        cross = self.n * wb  # n_a * n_b / n
+        return CoMoments(
+            n,
+            wa * self.mean_x + wb * other.mean_x,
+            wa * self.mean_y + wb * other.mean_y,
+            self.m2_x + other.m2_x + dx * dx * cross,
+            self.m2_y + other.m2_y + dy * dy * cross,
+            self.c_xy + other.c_xy + dx * dy * cross,
+        )
+
+    def pooled(self) -> CoMoments:
+        """Merge along the first axis (e.g. per-layer moments [L] into one overall scalar)."""
+        out = CoMoments(*(np.asarray(getattr(self, f)[0]) for f in _COMOMENT_FIELDS))
+        for i in range(1, self.n.shape[0]):
+            out = out.merge(CoMoments(*(np.asarray(getattr(self, f)[i]) for f in _COMOMENT_FIELDS)))
+        return out
+
+    def with_overall(self) -> CoMoments:
+        """[L] moments -> [L + 1]: per layer, then pooled."""
+        pooled = self.pooled()
+        return CoMoments(*(np.append(getattr(self, f), getattr(pooled, f)) for f in _COMOMENT_FIELDS))
+
+    def mean(self) -> np.ndarray:
+        return np.where(self.n > 0, self.mean_x, np.nan)
+
+    def std_x(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sqrt(np.where(self.n > 0, self.m2_x / self.n, np.nan))
+
+    def pearson(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.c_xy / np.sqrt(self.m2_x * self.m2_y)
+
+
+_COMOMENT_FIELDS = ("n", "mean_x", "mean_y", "m2_x", "m2_y", "c_xy")
+
+
+@dataclass(frozen=True, eq=False)
+class SparseCounts:
+    """Counts (and optional float sums) keyed by int64 keys: keys sorted and unique.
+
+    keys: int64 [N]; counts: int64 [N]; sums: float64 [N, m] (m may be 0).
+    """
+
+    keys: np.ndarray
+    counts: np.ndarray
+    sums: np.ndarray
+
+    @classmethod
+    def empty(cls, n_sums: int = 0) -> SparseCounts:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_sums), np.float64))
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, sums: np.ndarray | None = None, dense_limit: int = 1 << 22) -> SparseCounts:
+        """Count occurrences of each key (and add up `sums` rows [N, m] per key)."""
+        keys = np.asarray(keys, np.int64).ravel()
+        sums = (
+            np.zeros((keys.shape[0], 0))
+            if sums is None
+            else np.asarray(sums, np.float64).reshape(keys.shape[0], -1 if keys.size else np.shape(sums)[-1])
+        )
+        if keys.size == 0:
+            return cls.empty(sums.shape[1])
+        lo, hi = int(keys.min()), int(keys.max())
+        if hi - lo < min(dense_limit, 2 * keys.size + 1024):  # dense bincount beats sorting here
+            shifted = (keys - lo).astype(np.intp)
+            counts = np.bincount(shifted, minlength=hi - lo + 1)
+            present = np.flatnonzero(counts)
+            total = [
+                np.bincount(shifted, weights=sums[:, j], minlength=hi - lo + 1)[present] for j in range(sums.shape[1])
+            ]
+            return cls(
+                present.astype(np.int64) + lo,
+                counts[present],
+                np.stack(total, 1) if total else np.zeros((present.size, 0)),
+            )
+        order = np.argsort(keys)
+        keys, sums = keys[order], sums[order]
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+        counts = np.diff(np.append(starts, keys.size))
+        return cls(keys[starts], counts, np.add.reduceat(sums, starts, axis=0) if sums.shape[1] else sums[starts])
+
+    def merge(self, other: SparseCounts) -> SparseCounts:
+        """Add two tables: keys present in both add up, the others are inserted in order (linear time)."""
+        if other.keys.size == 0:
+            return self
+        if self.keys.size == 0:
+            return other
+        big, small = (self, other) if self.keys.size >= other.keys.size else (other, self)
+        at = np.searchsorted(big.keys, small.keys)  # [n_small] insertion points, non-decreasing
+        found = at < big.keys.size
+        found[found] = big.keys[at[found]] == small.keys[found]
+        counts, sums = big.counts.copy(), big.sums.copy()
+        counts[at[found]] += small.counts[found]  # matched keys are unique: plain fancy add is exact
+        sums[at[found]] += small.sums[found]
+        new = ~found
+        return SparseCounts(
+            np.insert(big.keys, at[new], small.keys[new]),
+            np.insert(counts, at[new], small.counts[new]),
+            np.insert(sums, at[new], small.sums[new], axis=0),
+        )
+
+
+def merge_arrays(a, b):
+    """Add two equally shaped states field by field (None stays None only if both are None)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def jsonable(value):
+    """Convert NumPy scalars/arrays (and NaN) into plain JSON-serialisable Python values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return None if math.isnan(v) or math.isinf(v) else v
+    return value

@@ -1,0 +1,167 @@
+"""Expert load: how many routing slots each expert receives, and how far that is from balanced.
+
+Per layer, a token contributes k slots. Statistics of the load vector c[E] (population std, as np.std):
+share = c / sum(c); expected share = 1/E; CV = std/mean; balance score = 1 - CV (1 = perfectly even,
+the seed notebook's score); max/mean; normalised load entropy = H(share) / ln E (1 = even, 0 = one expert).
+An expert is dead when c <= dead_max_count, under-used when c < underused_factor * mean and overloaded
+when c > overloaded_factor * mean. The OVERALL row treats every (layer, expert) as one unit of L*E:
+experts of different layers are different experts, so their loads are not pooled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.context import AnalysisContext, Thresholds
+from moescope.analysis.kernels import entropy, jsonable
+from moescope.analysis.result import layer_labels
+from moescope.analysis.shard_view import ShardView
+from moescope.errors import MoescopeError
+from moescope.trace.shard import ShardData
+
+NAME = "load"
+
+
+@dataclass(frozen=True, eq=False)
+class LoadState:
+    layers: tuple[int, ...]
+    counts: np.ndarray  # int64 [L, E]
+    invalid_slots: np.ndarray  # int64 [L] slots whose id was not an expert
+    n_tokens: int
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> LoadState:
+    view = ShardView.of(shard, ctx)
+    return LoadState(view.layers, view.load[:, : view.E].copy(), view.load[:, view.E].copy(), view.T)
+
+
+def merge(a: LoadState, b: LoadState) -> LoadState:
+    if a.layers != b.layers:
+        raise MoescopeError(f"cannot merge load states of different layers {a.layers} and {b.layers}")
+    return LoadState(a.layers, a.counts + b.counts, a.invalid_slots + b.invalid_slots, a.n_tokens + b.n_tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadResult:
+    layers: tuple[int, ...]
+    counts: np.ndarray  # int64 [L, E]
+    invalid_slots: np.ndarray  # int64 [L]
+    n_tokens: int
+    top_k: int
+    thresholds: Thresholds
+    stats: dict[str, np.ndarray]  # each float64 [L + 1]: per layer, then OVERALL
+    status: np.ndarray  # str [L, E]: "dead" | "underused" | "overloaded" | "ok"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def share(self) -> np.ndarray:
+        """float64 [L, E] fraction of each layer's slots."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.counts / self.counts.sum(axis=1, keepdims=True)
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        L, E = self.counts.shape
+        mean = self.counts.mean(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = self.counts / mean
+        per_expert = pd.DataFrame(
+            {
+                "layer": np.repeat(self.layers, E),
+                "expert": np.tile(np.arange(E), L),
+                "count": self.counts.ravel(),
+                "share": self.share.ravel(),
+                "expected_share": np.full(L * E, 1.0 / E),
+                "load_over_expected": ratio.ravel(),
+                "status": self.status.ravel(),
+            }
+        )
+        per_layer = pd.DataFrame({"layer": layer_labels(self.layers), **self.stats})
+        return {"per_expert": per_expert, "per_layer": per_layer}
+
+    def summary(self) -> dict:
+        overall = {key: values[-1] for key, values in self.stats.items()}
+        worst = int(np.nanargmax(self.stats["max_over_mean"][:-1]))
+        flagged = {
+            status: [[int(self.layers[l]), int(e)] for l, e in zip(*np.nonzero(self.status == status))]
+            for status in ("dead", "overloaded")
+        }
+        return jsonable(
+            {
+                "n_tokens": self.n_tokens,
+                "n_layers": len(self.layers),
+                "n_experts": self.counts.shape[1],
+                "top_k": self.top_k,
+                "balance_score": overall["balance_score"],
+                "cv": overall["cv"],
+                "load_entropy_norm": overall["load_entropy_norm"],
+                "max_over_mean": overall["max_over_mean"],
+                "worst_layer": self.layers[worst],
+                "worst_layer_max_over_mean": self.stats["max_over_mean"][worst],
+                "n_dead": int(overall["n_dead"]),
+                "n_underused": int(overall["n_underused"]),
+                "n_overloaded": int(overall["n_overloaded"]),
+                "dead_experts": flagged["dead"],
+                "overloaded_experts": flagged["overloaded"],
+                "invalid_slots": int(self.invalid_slots.sum()),
+            }
+        )
+
+
+def finalize(state: LoadState, ctx: AnalysisContext) -> LoadResult:
+    th = ctx.thresholds
+    counts = state.counts.astype(np.float64)  # [L, E]
+    L, E = counts.shape
+    rows = [counts[l] for l in range(L)] + [counts.ravel()]  # per layer, then all L*E units
+    per_row = [_load_stats(row, th) for row in rows]
+    stats = {name: np.array([r[name] for r in per_row]) for name in _STAT_NAMES}
+    mean = counts.mean(axis=1, keepdims=True)
+    status = np.full((L, E), "ok", dtype=object)
+    status[counts < th.underused_factor * mean] = "underused"
+    status[counts > th.overloaded_factor * mean] = "overloaded"
+    status[counts <= th.dead_max_count] = "dead"
+    notes = ()
+    if state.invalid_slots.any():
+        notes = (f"{int(state.invalid_slots.sum())} slots held ids outside [0, {E}) and are not counted as load",)
+    return LoadResult(
+        state.layers, state.counts, state.invalid_slots, state.n_tokens, ctx.top_k, th, stats, status.astype(str), notes
+    )
+
+
+_STAT_NAMES = (
+    "slots",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "max_over_mean",
+    "cv",
+    "balance_score",
+    "load_entropy_norm",
+    "n_dead",
+    "n_underused",  # includes dead experts
+    "n_overloaded",
+)
+
+
+def _load_stats(c: np.ndarray, th: Thresholds) -> dict[str, float]:
+    """Statistics of one load vector c [n] (n experts, or n (layer, expert) units)."""
+    mean, std = c.mean(), c.std()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cv = std / mean
+    return {
+        "slots": c.sum(),
+        "mean": mean,
+        "std": std,
+        "min": c.min(),
+        "max": c.max(),
+        "max_over_mean": c.max() / mean if mean > 0 else np.nan,
+        "cv": cv,
+        "balance_score": 1.0 - cv,
+        "load_entropy_norm": entropy(c) / np.log(c.size) if c.size > 1 and mean > 0 else np.nan,
+        "n_dead": float((c <= th.dead_max_count).sum()),
+        "n_underused": float((c < th.underused_factor * mean).sum()),
+        "n_overloaded": float((c > th.overloaded_factor * mean).sum()),
+    }

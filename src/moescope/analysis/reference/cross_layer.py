@@ -1,0 +1,72 @@
+"""Cross-layer transitions and predictor recall, one token at a time (see analysis/cross_layer.py).
+
+Learns the transition predictor's tables in a first loop, then evaluates every predictor token by token.
+"""
+
+from __future__ import annotations
+
+from moescope.analysis.reference.rows import first_choice, is_next_position, real, token_rows
+
+
+def learn(rows, ctx, max_hop: int) -> tuple[list, list]:
+    """(first-choice transition counts [parity][hop-1][layer][i][j], target load [parity][layer][j])."""
+    E, L = ctx.n_experts, ctx.n_layers
+    counts = [[[[[0] * E for _ in range(E)] for _ in range(L)] for _ in range(max_hop)] for _ in range(2)]
+    load = [[[0] * E for _ in range(L)] for _ in range(2)]
+    for row in rows:
+        p = row.seq_id & 1
+        for layer in range(L):
+            for e in real(row.experts[layer], E):
+                load[p][layer][e] += 1
+            fc = first_choice(row.experts[layer], row.weights[layer], E)
+            if fc is None:
+                continue
+            for d in range(1, max_hop + 1):
+                if layer + d < L:
+                    for j in real(row.experts[layer + d], E):
+                        counts[p][d - 1][layer][fc][j] += 1
+    return counts, load
+
+
+def predict(counts, load, parity: int, hop: int, layer: int, source: int, k: int, E: int) -> list[int]:
+    """The transition predictor learned on `parity` for (hop, source layer, first-choice expert)."""
+    row = counts[parity][hop - 1][layer][source]
+    target = load[parity][layer + hop]
+    return sorted(range(E), key=lambda j: (-row[j], -target[j], j))[:k]
+
+
+def compute(shards, ctx) -> dict:
+    E, L, k = ctx.n_experts, ctx.n_layers, ctx.top_k
+    K = ctx.thresholds.max_hop
+    rows = list(token_rows(shards))
+    counts, load = learn(rows, ctx, K)
+    transitions = [[[[0] * E for _ in range(E)] for _ in range(L)] for _ in range(K)]
+    hits: dict[tuple[str, int, int], list[int]] = {}  # (predictor, hop, source layer) -> [hits, targets]
+
+    def add(key, predicted, actual):
+        cell = hits.setdefault(key, [0, 0])
+        cell[0] += len(set(predicted) & set(actual))
+        cell[1] += len(actual)
+
+    prev = None
+    for row in rows:
+        p = row.seq_id & 1
+        for layer in range(L):
+            here = real(row.experts[layer], E)
+            for d in range(1, K + 1):
+                if layer + d >= L:
+                    continue
+                there = real(row.experts[layer + d], E)
+                for i in here:
+                    for j in there:
+                        transitions[d - 1][layer][i][j] += 1
+                add(("same_index", d, layer), here, there)
+                fc = first_choice(row.experts[layer], row.weights[layer], E)
+                guess = [] if fc is None else predict(counts, load, 1 - p, d, layer, fc, k, E)
+                add(("transition", d, layer), guess, there)
+            if is_next_position(prev, row):
+                add(("previous_token", 0, layer), real(prev.experts[layer], E), here)
+            if row.predicted is not None and layer + 1 < L:
+                add(("router_lookahead", 1, layer), real(row.predicted[layer], E), real(row.experts[layer + 1], E))
+        prev = row
+    return {"transitions": transitions, "recall": hits, "first_choice_counts": counts, "load_by_parity": load}

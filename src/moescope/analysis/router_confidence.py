@@ -1,0 +1,212 @@
+"""Router confidence: how decisively the router picks its experts.
+
+From the captured gate weights (always available), per token with weights sorted descending:
+  top-1 / top-2 weight after renormalising the k weights to sum 1 (so scaled routers compare),
+  their ratio w1 / w2 (log-binned over [1, ratio_max]; w2 = 0 lands in the overflow bin and is left out
+  of the mean), and the entropy of the renormalised selected weights.
+From router outputs (when captured), p = router probabilities (softmax of logits):
+  routing entropy H(p) in nats (histogram over [0, ln E]); margin p_(k) - p_(k+1) between the last
+  selected and the first rejected expert; the share of tokens whose captured top-k set is the top-k of p
+  (below 1 for bias-corrected or group-limited routers); and what top-m routing of p would do for each m in
+  `what_if_top_k`: the load it puts on each expert, how many experts it uses and the first expert's weight
+  p_(1) / sum of the m largest p.
+Histograms have `hist_bins` equal bins plus an underflow and an overflow bin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.context import AnalysisContext
+from moescope.analysis.kernels import CoMoments, fixed_histogram, histogram_edges, jsonable
+from moescope.analysis.result import layer_labels
+from moescope.analysis.rowwise import sort_ascending
+from moescope.analysis.shard_view import ShardView
+from moescope.errors import MoescopeError
+from moescope.trace.shard import ShardData
+
+NAME = "router_confidence"
+
+
+@dataclass(frozen=True, eq=False)
+class Histogram:
+    edges: np.ndarray  # float64 [B + 1] (bin edges; log10 edges already exponentiated when log)
+    counts: np.ndarray  # int64 [L, B + 2]: underflow, B bins, overflow
+
+
+@dataclass(frozen=True, eq=False)
+class ConfidenceState:
+    layers: tuple[int, ...]
+    n_tokens: int
+    histograms: dict[str, Histogram]
+    moments: dict[str, CoMoments]  # each over [L]
+    what_if_k: tuple[int, ...]  # the m of each what-if routing that applies (m <= E)
+    what_if_load: np.ndarray | None  # int64 [M, L, E]
+    topk_matches: np.ndarray | None  # int64 [L] tokens whose captured set equals top-k of the router output
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> ConfidenceState:
+    view = ShardView.of(shard, ctx)
+    th, k, E = ctx.thresholds, view.k, view.E
+    bins = th.hist_bins
+    hist: dict[str, Histogram] = {}
+    mom: dict[str, CoMoments] = {}
+
+    w = view.sorted_weights  # [k, L, T] descending
+    with np.errstate(invalid="ignore", divide="ignore"):
+        wn = w / w.sum(axis=0)  # [k, L, T] renormalised
+    hist["top1_weight"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(wn[0], 0, 1, bins))
+    mom["top1_weight"] = CoMoments.of(wn[0], axis=1, mask=np.isfinite(wn[0]))
+    if k >= 2:
+        hist["top2_weight"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(wn[1], 0, 1, bins))
+        mom["top2_weight"] = CoMoments.of(wn[1], axis=1, mask=np.isfinite(wn[1]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = w[0] / w[1]  # [L, T]
+            log_ratio = np.log10(ratio)
+        log_max = math.log10(th.ratio_max)
+        hist["weight_ratio"] = Histogram(
+            histogram_edges(0, log_max, bins, log=True), fixed_histogram(log_ratio, 0, log_max, bins)
+        )
+        mom["weight_ratio"] = CoMoments.of(ratio, axis=1, mask=np.isfinite(ratio))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            h_sel = -(wn * np.log(wn + (wn == 0))).sum(axis=0)  # [L, T]; 0 log 0 = 0
+        hist["selected_entropy"] = Histogram(
+            histogram_edges(0, math.log(k), bins), fixed_histogram(h_sel, 0, math.log(k), bins)
+        )
+        mom["selected_entropy"] = CoMoments.of(h_sel, axis=1, mask=np.isfinite(h_sel))
+
+    what_if_k = tuple(m for m in th.what_if_top_k if m <= E)
+    what_if_load = matches = None
+    if view.router_probs is not None:
+        h = view.router_entropy  # [L, T]
+        hist["router_entropy"] = Histogram(
+            histogram_edges(0, math.log(E), bins), fixed_histogram(h, 0, math.log(E), bins)
+        )
+        mom["router_entropy"] = CoMoments.of(h, axis=1)
+        top_ids, top_p = view.router_top  # [m, L, T] descending
+        if E > k:
+            margin = top_p[k - 1].astype(np.float64) - top_p[k]  # [L, T]
+            hist["margin"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(margin, 0, 1, bins))
+            mom["margin"] = CoMoments.of(margin, axis=1)
+        matches = (view.sorted_ids == sort_ascending(top_ids[:k])).all(axis=0).sum(axis=1)  # [L]
+        offsets = (np.arange(view.L, dtype=np.intp) * E)[None, :, None]
+        loads = []
+        for m in what_if_k:  # a handful of alternative k values, each vectorised over the shard
+            loads.append(np.bincount((top_ids[:m] + offsets).ravel(), minlength=view.L * E).reshape(view.L, E))
+            first = top_p[0] / top_p[:m].sum(axis=0, dtype=np.float64)
+            mom[f"what_if_top{m}_first_weight"] = CoMoments.of(first, axis=1)
+        what_if_load = np.stack(loads)
+    return ConfidenceState(view.layers, view.T, hist, mom, what_if_k, what_if_load, matches)
+
+
+def merge(a: ConfidenceState, b: ConfidenceState) -> ConfidenceState:
+    if a.layers != b.layers or a.histograms.keys() != b.histograms.keys():
+        raise MoescopeError("cannot merge router-confidence states of different layers or router-output availability")
+    return ConfidenceState(
+        a.layers,
+        a.n_tokens + b.n_tokens,
+        {key: Histogram(h.edges, h.counts + b.histograms[key].counts) for key, h in a.histograms.items()},
+        {key: m.merge(b.moments[key]) for key, m in a.moments.items()},
+        a.what_if_k,
+        None if a.what_if_load is None else a.what_if_load + b.what_if_load,
+        None if a.topk_matches is None else a.topk_matches + b.topk_matches,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ConfidenceResult:
+    layers: tuple[int, ...]
+    n_tokens: int
+    histograms: dict[str, Histogram]
+    moments: dict[str, CoMoments]  # each [L + 1]: per layer, then OVERALL
+    what_if_k: tuple[int, ...]
+    what_if_load: np.ndarray | None  # int64 [M, L, E]
+    topk_match_rate: np.ndarray | None  # float64 [L + 1]
+    notes: tuple[str, ...] = ()
+
+    def mean(self, quantity: str) -> np.ndarray:
+        """float64 [L + 1] mean of a quantity per layer then overall (NaN when not available)."""
+        m = self.moments.get(quantity)
+        return np.full(len(self.layers) + 1, np.nan) if m is None else m.mean()
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        per_layer = {"layer": layer_labels(self.layers)}
+        for q in ("top1_weight", "top2_weight", "weight_ratio", "selected_entropy", "router_entropy", "margin"):
+            per_layer[f"mean_{q}"] = self.mean(q)
+        per_layer["std_top1_weight"] = self.moments["top1_weight"].std_x()
+        per_layer["topk_matches_router"] = self.topk_match_rate if self.topk_match_rate is not None else np.nan
+        rows = []
+        for q, h in self.histograms.items():
+            counts = np.vstack([h.counts, h.counts.sum(axis=0)])  # [L + 1, B + 2]
+            lo = np.concatenate([[-np.inf], h.edges])
+            hi = np.concatenate([h.edges, [np.inf]])
+            for i, layer in enumerate(layer_labels(self.layers)):
+                rows.append(
+                    pd.DataFrame({"quantity": q, "layer": layer, "bin_lo": lo, "bin_hi": hi, "count": counts[i]})
+                )
+        histograms = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+        return {"per_layer": pd.DataFrame(per_layer), "histograms": histograms, "what_if": self._what_if_table()}
+
+    def _what_if_table(self) -> pd.DataFrame:
+        if self.what_if_load is None:
+            return pd.DataFrame(
+                columns=["layer", "top_k", "experts_used", "max_share", "mean_first_weight", "std_first_weight"]
+            )
+        frames = []
+        for i, m in enumerate(self.what_if_k):
+            load = np.vstack([self.what_if_load[i], self.what_if_load[i].sum(axis=0)])  # [L + 1, E]
+            first = self.moments[f"what_if_top{m}_first_weight"]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "layer": layer_labels(self.layers),
+                        "top_k": m,
+                        "experts_used": np.append(
+                            (self.what_if_load[i] > 0).sum(axis=1), (self.what_if_load[i] > 0).sum()
+                        ),
+                        "max_share": load.max(axis=1) / np.maximum(load.sum(axis=1), 1),
+                        "mean_first_weight": first.mean(),
+                        "std_first_weight": first.std_x(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def summary(self) -> dict:
+        out = {
+            "mean_top1_weight": self.mean("top1_weight")[-1],
+            "mean_top2_weight": self.mean("top2_weight")[-1],
+            "mean_weight_ratio": self.mean("weight_ratio")[-1],
+            "mean_router_entropy": self.mean("router_entropy")[-1],
+            "mean_margin": self.mean("margin")[-1],
+            "topk_matches_router": None if self.topk_match_rate is None else self.topk_match_rate[-1],
+            "notes": list(self.notes),
+        }
+        for m in self.what_if_k if self.what_if_load is not None else ():
+            out[f"what_if_top{m}_mean_first_weight"] = self.mean(f"what_if_top{m}_first_weight")[-1]
+        return jsonable(out)
+
+
+def finalize(state: ConfidenceState, ctx: AnalysisContext) -> ConfidenceResult:
+    notes = []
+    if state.what_if_load is None:
+        notes.append(ctx.missing_router_output("routing entropy, margins and what-if top-k"))
+    elif ctx.top_k >= ctx.n_experts:
+        notes.append("k = E: there is no (k+1)-th expert, so no margin")
+    rate = None
+    if state.topk_matches is not None:
+        rate = np.append(state.topk_matches, state.topk_matches.sum() / len(state.layers)) / max(state.n_tokens, 1)
+    return ConfidenceResult(
+        state.layers,
+        state.n_tokens,
+        state.histograms,
+        {key: m.with_overall() for key, m in state.moments.items()},
+        state.what_if_k,
+        state.what_if_load,
+        rate,
+        tuple(notes),
+    )

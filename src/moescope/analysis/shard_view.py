@@ -1,0 +1,184 @@
+"""ShardView: one shard plus the derived arrays several analyses share, each computed once on demand.
+
+The runner wraps every shard in a view so that, e.g., router probabilities or expert loads are computed
+once per shard however many analyses read them. Each analysis also accepts a bare ShardData.
+
+Expert ids outside [0, E) (dropped tokens marked -1, zero-compute experts with ids >= E) are not experts:
+they are mapped to the sentinel id E, which every count then drops.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from moescope.analysis.context import AnalysisContext
+from moescope.analysis.rowwise import sort_ascending, sort_descending, top_m
+from moescope.errors import MoescopeError
+from moescope.trace.shard import ShardData
+
+
+def predicted_next_ids_of(shard: ShardData) -> np.ndarray | None:
+    """int16 [L, T, k'] next-layer router predictions captured with the shard, or None."""
+    return getattr(shard, "predicted_next_ids", None)
+
+
+class ShardView:
+    """Derived per-shard arrays, cached. All shapes use L layers, T tokens, k slots, E experts."""
+
+    def __init__(self, shard: ShardData, ctx: AnalysisContext):
+        L, T, k = shard.topk_ids.shape
+        if L != ctx.n_layers:
+            raise MoescopeError(f"shard has {L} MoE layers but the analysis context says {ctx.n_layers}")
+        if k != ctx.top_k:
+            raise MoescopeError(f"shard has top-{k} routing but the analysis context says top-{ctx.top_k}")
+        if shard.topk_weights.shape != (L, T, k):
+            raise MoescopeError(f"topk_weights shape {shard.topk_weights.shape} != topk_ids shape {(L, T, k)}")
+        if shard.router_output is not None and shard.router_output.shape != (L, T, ctx.n_experts):
+            raise MoescopeError(
+                f"router_output shape {shard.router_output.shape} != [L, T, n_experts] = {(L, T, ctx.n_experts)}"
+            )
+        self.shard, self.ctx = shard, ctx
+        self.L, self.T, self.k, self.E = L, T, k, ctx.n_experts
+
+    @classmethod
+    def of(cls, shard: ShardData | ShardView, ctx: AnalysisContext) -> ShardView:
+        return shard if isinstance(shard, ShardView) else cls(shard, ctx)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.shard.layers)
+
+    @cached_property
+    def ids_by_slot(self) -> np.ndarray:
+        """intp [k, L, T]: expert ids slot-major, invalid ones replaced by the sentinel E."""
+        raw = self.shard.topk_ids.transpose(2, 0, 1)
+        return np.where((raw >= 0) & (raw < self.E), raw, self.E).astype(np.intp)
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        """intp [L, T, k]: expert ids, invalid ones replaced by the sentinel E."""
+        raw = self.shard.topk_ids
+        return np.where((raw >= 0) & (raw < self.E), raw, self.E).astype(np.intp)
+
+    @cached_property
+    def load(self) -> np.ndarray:
+        """int64 [L, E + 1]: slots per expert per layer; column E counts invalid slots."""
+        offsets = (np.arange(self.L, dtype=np.intp) * (self.E + 1))[:, None, None]
+        return np.bincount((self.ids + offsets).ravel(), minlength=self.L * (self.E + 1)).reshape(self.L, self.E + 1)
+
+    @cached_property
+    def valid_slots(self) -> np.ndarray:
+        """int64 [L]: slots that hold a real expert."""
+        return self.load[:, : self.E].sum(axis=1)
+
+    @cached_property
+    def weights_by_slot(self) -> np.ndarray:
+        """float64 [k, L, T]: gate weights slot-major."""
+        return self.shard.topk_weights.transpose(2, 0, 1).astype(np.float64)
+
+    @cached_property
+    def sorted_weights(self) -> np.ndarray:
+        """float64 [k, L, T]: each token's gate weights, descending."""
+        return sort_descending(self.weights_by_slot)
+
+    @cached_property
+    def sorted_ids(self) -> np.ndarray:
+        """intp [k, L, T]: each token's expert ids ascending (sentinels last)."""
+        return sort_ascending(self.ids_by_slot)
+
+    @cached_property
+    def first_choice(self) -> np.ndarray:
+        """intp [L, T]: the expert with the largest gate weight (first such column on ties)."""
+        w, ids = self.weights_by_slot, self.ids_by_slot
+        best, choice = w[0], ids[0]
+        for c in range(1, self.k):  # k slots, each a whole-shard operation
+            better = w[c] > best
+            best = np.where(better, w[c], best)
+            choice = np.where(better, ids[c], choice)
+        return choice
+
+    @cached_property
+    def has_previous(self) -> np.ndarray:
+        """bool [T]: token t-1 is the previous position of the same sequence."""
+        return self.shard.same_sequence_as_previous()
+
+    @cached_property
+    def sequence_start(self) -> np.ndarray:
+        """intp [T]: index of the first token of each token's sequence within the shard."""
+        starts = np.flatnonzero(~self.has_previous)
+        return starts[np.searchsorted(starts, np.arange(self.T), side="right") - 1]
+
+    @cached_property
+    def previous_overlap(self) -> np.ndarray:
+        """int64 [L, T]: |S_t ∩ S_{t-1}| over real experts; 0 where t has no previous token."""
+        out = np.zeros((self.L, self.T), np.int64)
+        ids = self.ids_by_slot
+        out[:, 1:] = set_overlap(ids[:, :, 1:], ids[:, :, :-1], self.E)
+        return out * self.has_previous[None, :]
+
+    @cached_property
+    def _router(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
+        """(probs float32 [E, L, T] expert-major, logsumexp float64 [L, T] or None, entropy float64 [L, T])."""
+        out = self.shard.router_output
+        if out is None or self.ctx.router_output_kind not in ("logits", "probs"):
+            return None
+        z = np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)  # [E, L, T]
+        if self.ctx.router_output_kind == "probs":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                plogp = z * np.log(z + (z == 0))  # 0 log 0 = 0
+            return z, None, -plogp.sum(axis=0, dtype=np.float64)
+        peak = z.max(axis=0)  # [L, T]
+        probs = np.exp(z - peak)  # [E, L, T]
+        total = probs.sum(axis=0, dtype=np.float64)  # [L, T]
+        probs /= total.astype(np.float32)
+        lse = peak + np.log(total)
+        entropy = lse - (probs * z).sum(axis=0, dtype=np.float64)  # H = lse - sum p * logit
+        return probs, lse, entropy
+
+    @property
+    def router_probs(self) -> np.ndarray | None:
+        """float32 [E, L, T] router probabilities, expert-major (softmax of logits when logits were captured)."""
+        return None if self._router is None else self._router[0]
+
+    @property
+    def router_logsumexp(self) -> np.ndarray | None:
+        """float64 [L, T] log-sum-exp of router logits (None unless logits were captured)."""
+        return None if self._router is None else self._router[1]
+
+    @property
+    def router_entropy(self) -> np.ndarray | None:
+        """float64 [L, T] entropy (nats) of each token's router distribution."""
+        return None if self._router is None else self._router[2]
+
+    @cached_property
+    def router_top(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(intp [m, L, T] expert ids, float32 [m, L, T] probabilities) of the m most probable experts,
+        descending, ties to the lower id; m = min(E, max(k + 1, largest what-if k))."""
+        probs = self.router_probs
+        if probs is None:
+            return None
+        return top_m(probs, min(self.E, max(self.k + 1, *self.ctx.thresholds.what_if_top_k)))
+
+    @cached_property
+    def multiset_rank(self) -> np.ndarray | None:
+        """int64 [L, T]: the unordered top-k set as one integer (see combinations.py); None if too many sets."""
+        from moescope.analysis.combinations import CombinationCoder
+
+        coder = CombinationCoder.for_context(self.E, self.k)
+        return None if coder is None else coder.encode_sorted(self.sorted_ids)
+
+
+def set_overlap(a: np.ndarray, b: np.ndarray, sentinel: int) -> np.ndarray:
+    """int64 [...]: |set(a) ∩ set(b)| per position, counting real ids only; each set holds distinct ids.
+
+    a: slot-major [ka, ...], b: [kb, ...] integer ids; ids equal to `sentinel` never match.
+    """
+    hits = np.zeros(a.shape[1:], np.int64)
+    for i in range(a.shape[0]):  # ka x kb comparisons of whole arrays (k is small)
+        match = a[i] == b[0]
+        for j in range(1, b.shape[0]):
+            match |= a[i] == b[j]
+        hits += match & (a[i] != sentinel)
+    return hits

@@ -1,0 +1,314 @@
+"""Token specialisation: which experts each vocabulary token goes to, and how consistently.
+
+Per token id and layer: expert counts (slots), and counts of each unordered top-k combination. From them:
+  top1_share       max_e count / total slots, mean over layers (1/k .. 1; higher = more specialised)
+  entropy_norm     H(expert counts) / ln E, mean over layers (0 = always the same experts)
+  mode combination the most common top-k set per layer (ties: lowest rank), and its share of occurrences
+The vocabulary-specialisation summary weights tokens by occurrences (those with >= min_token_count) and
+compares with a token that routes like the whole layer does (layer top-1 share and load entropy).
+With expert sizes it exports the token routing table of the variable-size-expert research: per token
+the average selected expert size (over all L*k slots; a slot holding no expert counts as size 0), expert FLOPs per occurrence (all layers, from the actual counts; see
+context.expert_flops) and the FLOPs of the per-layer mode combinations (how the seed's table is built).
+Memory grows with the number of distinct (token, layer, combination) triples, not with trace length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.combinations import CombinationCoder
+from moescope.analysis.context import AnalysisContext
+from moescope.analysis.kernels import SparseCounts, jsonable
+from moescope.analysis.shard_view import ShardView
+from moescope.errors import MoescopeError
+from moescope.trace.shard import ShardData
+
+NAME = "token_specialisation"
+_INT32_TOKENS = 1 << 31
+
+
+@dataclass(frozen=True, eq=False)
+class TokenState:
+    layers: tuple[int, ...]
+    occurrences: SparseCounts  # key token_id; sums [entropy sum, entropy count]
+    expert_counts: SparseCounts  # key (token * L + l) * E + e
+    combinations: SparseCounts | None  # key (token * L + l) * R + rank; None when keys would overflow
+
+
+def _combination_space(ctx: AnalysisContext) -> int | None:
+    """R = number of combination ranks, or None when (token, layer, rank) does not fit one int64."""
+    coder = CombinationCoder.for_context(ctx.n_experts, ctx.top_k)
+    if coder is None:
+        return None
+    vocab = ctx.vocab_size or _INT32_TOKENS
+    return coder.n_codes if vocab * ctx.n_layers * coder.n_codes < 2**62 else None
+
+
+def _count_by_token(
+    inverse: np.ndarray, uniq: np.ndarray, inner: np.ndarray, inner_size: int, layers: int
+) -> SparseCounts:
+    """Count keys (local token index, inner) and return them keyed by (token id * inner_size + inner).
+
+    inverse: intp [T] local index of each token; inner: int64 [L, T, ...] in [0, inner_size) or -1 (dropped).
+    """
+    local = inverse.reshape((1, -1) + (1,) * (inner.ndim - 2)) * inner_size + inner
+    counts = SparseCounts.from_keys(local[inner >= 0])
+    return SparseCounts(
+        uniq[counts.keys // inner_size] * inner_size + counts.keys % inner_size, counts.counts, counts.sums
+    )
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:
+    view = ShardView.of(shard, ctx)
+    L, E = view.L, view.E
+    uniq, inverse = np.unique(view.shard.token_id.astype(np.int64), return_inverse=True)
+    entropy = view.shard.output_entropy
+    if entropy is None:
+        entropy = np.full(view.T, np.nan, np.float32)
+    finite = np.isfinite(entropy)
+    occurrences = SparseCounts.from_keys(
+        view.shard.token_id.astype(np.int64), sums=np.stack([np.where(finite, entropy, 0.0), finite], axis=1)
+    )
+    layer = np.arange(L, dtype=np.int64)[:, None, None]
+    expert_key = np.where(view.ids < E, layer * E + view.ids, -1)  # [L, T, k] inner key (layer, expert)
+    expert_counts = _count_by_token(inverse, uniq, expert_key, L * E, L)
+    combos = None
+    R = _combination_space(ctx)
+    if R is not None:
+        combo_key = layer[..., 0] * R + view.multiset_rank  # [L, T]
+        combos = _count_by_token(inverse, uniq, combo_key, L * R, L)
+    return TokenState(view.layers, occurrences, expert_counts, combos)
+
+
+def merge(a: TokenState, b: TokenState) -> TokenState:
+    if a.layers != b.layers:
+        raise MoescopeError(f"cannot merge token states of different layers {a.layers} and {b.layers}")
+    combos = None if a.combinations is None or b.combinations is None else a.combinations.merge(b.combinations)
+    return TokenState(a.layers, a.occurrences.merge(b.occurrences), a.expert_counts.merge(b.expert_counts), combos)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenResult:
+    layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    token_ids: np.ndarray  # int64 [V] distinct tokens seen, ascending
+    occurrences: np.ndarray  # int64 [V]
+    mean_output_entropy: np.ndarray  # float64 [V] (NaN when not recorded)
+    top1_share: np.ndarray  # float64 [V]
+    entropy_norm: np.ndarray  # float64 [V]
+    expert_counts: SparseCounts  # key (token * L + l) * E + e
+    mode_combination: np.ndarray | None  # int64 [V, L, k] sorted expert ids (-1: not an expert)
+    mode_share: np.ndarray | None  # float64 [V, L]
+    avg_expert_size: np.ndarray | None  # float64 [V]
+    flops_per_token: np.ndarray | None  # float64 [V] expert FLOPs per occurrence, all layers
+    mode_flops: np.ndarray | None  # float64 [V] expert FLOPs of the mode combinations, all layers
+    expert_sizes: np.ndarray | None  # int64 [L, E]
+    texts: tuple[str, ...] | None
+    baseline_top1_share: float  # mean over layers of the busiest expert's share of the layer
+    baseline_entropy_norm: float  # mean over layers of the normalised load entropy
+    min_token_count: int
+    notes: tuple[str, ...] = ()
+
+    def expert_table(self) -> pd.DataFrame:
+        """Long table: token_id, layer, expert, count."""
+        L, E = len(self.layers), self.n_experts
+        keys = self.expert_counts.keys
+        return pd.DataFrame(
+            {
+                "token_id": keys // (L * E),
+                "layer": np.asarray(self.layers)[(keys // E) % L],
+                "expert": keys % E,
+                "count": self.expert_counts.counts,
+            }
+        )
+
+    def routing_table(self) -> pd.DataFrame:
+        """One row per token: the exportable token routing table (sorted by FLOPs when known)."""
+        table = {
+            "token_id": self.token_ids,
+            "token": list(self.texts) if self.texts is not None else [""] * self.token_ids.size,
+            "occurrences": self.occurrences,
+            "mean_output_entropy": self.mean_output_entropy,
+            "top1_share": self.top1_share,
+            "entropy_norm": self.entropy_norm,
+        }
+        if self.avg_expert_size is not None:
+            table["avg_expert_size"] = self.avg_expert_size
+        if self.flops_per_token is not None:
+            table["flops_per_token"] = self.flops_per_token
+            table["mode_combination_flops"] = self.mode_flops
+        if self.mode_combination is not None:
+            for i, layer in enumerate(self.layers):
+                table[f"layer_{layer}"] = _format_combinations(
+                    self.mode_combination[:, i], None if self.expert_sizes is None else self.expert_sizes[i]
+                )
+                table[f"layer_{layer}_share"] = self.mode_share[:, i]
+        df = pd.DataFrame(table)
+        if self.flops_per_token is not None:
+            df = df.sort_values("flops_per_token", kind="stable").reset_index(drop=True)
+        return df
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        return {"tokens": self.routing_table(), "token_experts": self.expert_table()}
+
+    def summary(self) -> dict:
+        frequent = self.occurrences >= self.min_token_count
+        weights = np.where(frequent, self.occurrences, 0).astype(np.float64)
+
+        def weighted(x):
+            return float((x * weights).sum() / weights.sum()) if weights.sum() else None
+
+        order = np.lexsort((-self.occurrences, -np.where(frequent, self.top1_share, -1)))[:10]
+        out = {
+            "distinct_tokens": int(self.token_ids.size),
+            "tokens_counted": int(frequent.sum()),
+            "top1_share": weighted(self.top1_share),
+            "baseline_top1_share": self.baseline_top1_share,
+            "entropy_norm": weighted(self.entropy_norm),
+            "baseline_entropy_norm": self.baseline_entropy_norm,
+            "mode_combination_share": weighted(np.nanmean(self.mode_share, axis=1))
+            if self.mode_share is not None
+            else None,
+            "most_specialised": [
+                {
+                    "token_id": int(self.token_ids[i]),
+                    "token": self.texts[i] if self.texts else "",
+                    "top1_share": self.top1_share[i],
+                    "occurrences": int(self.occurrences[i]),
+                }
+                for i in order
+                if frequent[i]
+            ],
+            "notes": list(self.notes),
+        }
+        if self.flops_per_token is not None:
+            out["mean_flops_per_token"] = weighted(self.flops_per_token)
+        return jsonable(out)
+
+
+def _format_combinations(combos: np.ndarray, sizes: np.ndarray | None) -> list[str]:
+    """'(3,7)' or, with sizes, '(3(2432),7(128))' for each row of sorted ids [V, k] (-1 entries dropped)."""
+    V, k = combos.shape
+    parts = []
+    for c in range(k):  # k columns, each formatted for every token at once
+        ids = pd.Series(combos[:, c])
+        text = (
+            ids.astype(str)
+            if sizes is None
+            else ids.astype(str) + "(" + pd.Series(sizes[np.maximum(combos[:, c], 0)]).astype(str) + ")"
+        )
+        parts.append(text.where(ids >= 0, ""))
+    joined = parts[0]
+    for p in parts[1:]:
+        joined = joined.str.cat(p, sep=",")
+    return ("(" + joined.str.replace(r"^,+|,+$", "", regex=True).str.replace(r",,+", ",", regex=True) + ")").tolist()
+
+
+def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
+    L, E, k = len(state.layers), ctx.n_experts, ctx.top_k
+    occ = state.occurrences
+    token_ids, occurrences = occ.keys, occ.counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_entropy = np.where(occ.sums[:, 1] > 0, occ.sums[:, 0] / occ.sums[:, 1], np.nan)
+
+    keys, counts = state.expert_counts.keys, state.expert_counts.counts
+    group = keys // E  # token * L + layer, sorted
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    total = np.add.reduceat(counts, starts).astype(np.float64)
+    top = np.maximum.reduceat(counts, starts) / total
+    p = counts / np.repeat(total, np.diff(np.append(starts, counts.size)))
+    h = -np.add.reduceat(p * np.log(p), starts) / np.log(E) if E > 1 else np.zeros(starts.size)
+    token_of_group = group[starts] // L
+    tok_index = np.searchsorted(token_ids, token_of_group)  # [groups] index into token_ids
+    layers_seen = np.bincount(tok_index, minlength=token_ids.size)
+    top1_share = np.bincount(tok_index, weights=top, minlength=token_ids.size) / np.maximum(layers_seen, 1)
+    entropy_norm = np.bincount(tok_index, weights=h, minlength=token_ids.size) / np.maximum(layers_seen, 1)
+
+    load = np.bincount((keys // E) % L * E + keys % E, weights=counts, minlength=L * E).reshape(L, E)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        layer_share = load / load.sum(axis=1, keepdims=True)
+        baseline_entropy = (
+            np.nanmean(-np.where(layer_share > 0, layer_share * np.log(layer_share), 0).sum(axis=1) / np.log(E))
+            if E > 1
+            else 0.0
+        )
+    baseline_top1 = float(np.nanmean(layer_share.max(axis=1)))
+
+    notes = []
+    avg_size = flops = mode_flops = None
+    token_all = np.searchsorted(token_ids, keys // (L * E))  # [N] token index of each count
+    layer_all, expert_all = (keys // E) % L, keys % E
+    if ctx.expert_sizes is not None:
+        sizes = ctx.expert_sizes
+        size_sum = np.bincount(token_all, weights=counts * sizes[layer_all, expert_all], minlength=token_ids.size)
+        avg_size = size_sum / (occurrences * L * k)  # slots holding no expert count as size 0
+    if ctx.has_costs:
+        per_expert = ctx.expert_flops()  # [L, E]
+        flops = (
+            np.bincount(token_all, weights=counts * per_expert[layer_all, expert_all], minlength=token_ids.size)
+            / occurrences
+        )
+
+    mode = share = None
+    if state.combinations is not None:
+        mode, share = _mode_combinations(state.combinations, token_ids, occurrences, L, E, k, ctx)
+        if ctx.has_costs:
+            per_expert = np.concatenate([ctx.expert_flops(), np.zeros((L, 1))], axis=1)  # id -1 -> column E costs 0
+            mode_flops = per_expert[np.arange(L)[None, :, None], np.where(mode >= 0, mode, E)].sum(axis=(1, 2))
+    else:
+        notes.append(
+            f"C(E+k, k) top-{k} combinations of {E} experts do not fit a 64-bit key: mode combinations skipped"
+        )
+    if not ctx.has_costs:
+        notes.append("no expert sizes and hidden size in the context: no per-token FLOPs")
+    texts = tuple(ctx.text_of(t) for t in token_ids) if ctx.token_text is not None else None  # vocabulary-sized
+    return TokenResult(
+        state.layers,
+        E,
+        k,
+        token_ids,
+        occurrences,
+        mean_entropy,
+        top1_share,
+        entropy_norm,
+        state.expert_counts,
+        mode,
+        share,
+        avg_size,
+        flops,
+        mode_flops,
+        ctx.expert_sizes,
+        texts,
+        baseline_top1,
+        float(baseline_entropy),
+        ctx.thresholds.min_token_count,
+        tuple(notes),
+    )
+
+
+def _mode_combinations(combos: SparseCounts, token_ids, occurrences, L, E, k, ctx) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 [V, L, k] sorted ids of each token's most common combination per layer, float64 [V, L] its share)."""
+    R = _combination_space(ctx)
+    coder = CombinationCoder.for_context(E, k)
+    keys, counts = combos.keys, combos.counts
+    group = keys // R  # token * L + layer, sorted
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    sizes = np.diff(np.append(starts, counts.size))
+    best = np.maximum.reduceat(counts, starts)
+    is_best = counts == np.repeat(best, sizes)
+    first_best = np.minimum.reduceat(
+        np.where(is_best, np.arange(counts.size), counts.size), starts
+    )  # lowest rank wins ties
+    ids = coder.decode(keys[first_best] % R)  # [G, k]
+    ids[ids >= E] = -1
+    tok = np.searchsorted(token_ids, group[starts] // L)
+    layer = group[starts] % L
+    mode = np.full((token_ids.size, L, k), -1, np.int64)
+    share = np.full((token_ids.size, L), np.nan)
+    mode[tok, layer] = ids
+    share[tok, layer] = best / occurrences[tok]
+    return mode, share

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from moescope.analysis.kernels import CoMoments, SparseCounts, fixed_histogram, js_divergence
+from moescope.analysis.rowwise import _top_m_partition, sort_ascending, sort_descending, top_m
+
+
+def test_fixed_histogram_edges_and_overflow():
+    x = np.array([-0.1, 0.0, 0.49, 0.5, 1.0, 1.01, np.nan, np.inf])
+    assert fixed_histogram(x, 0.0, 1.0, 2).tolist() == [1, 2, 2, 3]
+
+
+def test_comoments_merge_equals_one_pass():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal(101) * 1e6 + 1e9, rng.standard_normal(101)
+    parts = [CoMoments.of(x[a:b], y[a:b], axis=0) for a, b in ((0, 1), (1, 40), (40, 101))]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.pearson() == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-9)
+    assert merged.std_x() == pytest.approx(x.std(), rel=1e-9)
+
+
+def test_sparse_counts_merge_adds_keys_and_sums():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        a, b = rng.integers(0, 30, rng.integers(0, 20)), rng.integers(0, 10**9, rng.integers(0, 20))
+        wa, wb = rng.random((a.size, 2)), rng.random((b.size, 2))
+        merged = SparseCounts.from_keys(a, wa).merge(SparseCounts.from_keys(b, wb))
+        keys = np.concatenate([a, b])
+        weights = np.concatenate([wa, wb])
+        np.testing.assert_array_equal(merged.keys, np.unique(keys))
+        np.testing.assert_array_equal(merged.counts, [(keys == k).sum() for k in merged.keys])
+        np.testing.assert_allclose(merged.sums, [weights[keys == k].sum(axis=0) for k in merged.keys])
+
+
+def test_js_divergence_bounds():
+    assert js_divergence(np.array([1, 0]), np.array([0, 1])) == pytest.approx(1.0)
+    assert js_divergence(np.array([2, 2]), np.array([1, 1])) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("n_experts", [1, 3, 8, 16, 17, 40])
+def test_top_m_breaks_ties_towards_the_lower_index(n_experts):
+    rng = np.random.default_rng(n_experts)
+    values = rng.integers(0, 3, (n_experts, 9, 11)).astype(np.float32)  # many ties
+    expected = np.argsort(-np.moveaxis(values, 0, -1), axis=-1, kind="stable")
+    for m in range(1, min(n_experts, 5) + 1):
+        for ids, vals in (top_m(values, m), _top_m_partition(values, m)):
+            np.testing.assert_array_equal(np.moveaxis(ids, 0, -1), expected[..., :m])
+            np.testing.assert_array_equal(vals, np.take_along_axis(values, ids, axis=0))
+
+
+def test_sorting_networks():
+    rng = np.random.default_rng(2)
+    for k in range(1, 9):
+        x = rng.integers(0, 5, (k, 13))
+        np.testing.assert_array_equal(sort_descending(x), -np.sort(-x, axis=0))
+        np.testing.assert_array_equal(sort_ascending(x), np.sort(x, axis=0))
