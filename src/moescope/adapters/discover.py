@@ -74,14 +74,20 @@ def _config_top_k(config) -> int | None:
 
 
 def _n_experts(experts: nn.Module, router: nn.Module | None) -> int:
-    for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
-        value = getattr(experts, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """Experts a layer can route to (zero-compute experts included: LongCat ids go up to total - 1)."""
+    for obj in (experts, router):
+        for attr in ("total_experts", "num_experts", "n_routed_experts", "num_local_experts", "num_routed_experts"):
+            value = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
     for obj in (router, experts):
         weight = getattr(obj, "weight", None) if obj is not None else None
         if weight is not None and weight.dim() >= 2:
             return int(weight.shape[0])
+    if router is not None:  # a router that wraps its Linear (DBRX `layer`, LongCat `classifier`)
+        linears = [m for m in router.modules() if isinstance(m, nn.Linear)]
+        if len(linears) == 1:
+            return linears[0].out_features
     if isinstance(experts, (nn.ModuleList, nn.Sequential)):
         return len(experts)
     raise NoRouterFoundError(f"cannot tell how many experts {type(experts).__name__} has")
@@ -119,6 +125,8 @@ def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> lis
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
     declared = lookup_family(model_type)
+    if declared is not None and declared.selection == Selection.ROUTER_TOPK:
+        return _find_router_topk(model, declared, config)
     layers: list[MoELayer] = []
     for path, block in model.named_modules():
         experts = getattr(block, "experts", None)
@@ -146,6 +154,30 @@ def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> lis
             f"with an `experts` child whose forward takes {' or '.join('/'.join(p) for p in _EXPERT_ARG_NAMES)}; "
             "for a custom MoE pass --router-pattern 'path.*.router' --top-k K (see README: custom models)"
         )
+    return layers
+
+
+def _config_flag(config, value) -> bool:
+    """A spec flag that is either a constant or the name of a config attribute."""
+    return bool(getattr(config, value, False)) if isinstance(value, str) else bool(value)
+
+
+def _find_router_topk(model: nn.Module, spec: RouterSpec, config) -> list[MoELayer]:
+    """Declared families whose experts do not receive ids and weights (Llama4, JetMoE): the routing
+    is read from the router's output, selected by the family's declared scoring rule."""
+    spec = replace(spec, renormalize=_config_flag(config, spec.renormalize))
+    layers = []
+    for path, block in model.named_modules():
+        router = getattr(block, spec.router_attr, None)
+        if not isinstance(router, nn.Module):
+            continue
+        top_k = getattr(router, "top_k", None) or _config_top_k(config) or 0
+        n_experts = getattr(router, "num_experts", None) or _n_experts(router, router)
+        shared_attr, n_shared = _n_shared(block, config)
+        layers.append(MoELayer(index=len(layers), decoder_layer=_decoder_layer_index(path), block_path=path,
+                               n_experts=int(n_experts), top_k=int(top_k), spec=spec, n_shared_experts=n_shared))
+    if not layers:
+        raise NoRouterFoundError(f"no `{spec.router_attr}` router modules found in {type(model).__name__}")
     return layers
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import forward_param_index
-from moescope.adapters.spec import MoELayer, RouterOutput, Selection
+from moescope.adapters.spec import MoELayer, RouterOutput, Scoring, Selection
 
 
 @dataclass
@@ -24,6 +24,23 @@ class LayerChunks:
     weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
     router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
     predicted_next: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k]: layer N+1's router on this input
+
+
+def select_topk(scores: torch.Tensor, spec, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) [N, k] from a router output [N, E], by the declared scoring rule."""
+    if spec.router_output == RouterOutput.PROBS:
+        weights, ids = scores.topk(k, dim=-1)
+    elif spec.scoring == Scoring.SIGMOID:  # Llama4: sigmoid of the top-k logits
+        top, ids = scores.topk(k, dim=-1)
+        weights = top.sigmoid()
+    elif spec.scoring == Scoring.SOFTMAX_TOPK:  # softmax over the k selected logits
+        top, ids = scores.topk(k, dim=-1)
+        return top.softmax(-1), ids
+    else:  # softmax over all experts, then top-k
+        weights, ids = scores.softmax(-1).topk(k, dim=-1)
+    if spec.renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
 
 
 def _router_tensor(output, index: int | None) -> torch.Tensor:
@@ -87,15 +104,12 @@ class RoutingRecorder:
         return hook
 
     def _router_topk_hook(self, chunks: LayerChunks, layer: MoELayer):
-        """Custom models: the router output is all we have; select top-k as the user declared."""
-        spec = layer.spec
+        """Routing read from the router's output (custom models, Llama4, JetMoE): select as declared."""
+        spec, k = layer.spec, layer.top_k
 
         def hook(module, args, output):
             scores = _router_tensor(output, spec.router_output_index).detach().float()  # [N, E]
-            probs = scores.softmax(-1) if spec.router_output == RouterOutput.LOGITS else scores
-            weights, ids = probs.topk(layer.top_k, dim=-1)  # [N, k]
-            if spec.renormalize:
-                weights = weights / weights.sum(-1, keepdim=True)
+            weights, ids = select_topk(scores, spec, k)  # [N, k] each
             chunks.ids.append(ids.to("cpu", torch.int16))
             chunks.weights.append(weights.to("cpu", self.weights_dtype))
             if self.save_router_output:
@@ -109,7 +123,8 @@ class RoutingRecorder:
             for layer, chunks in zip(self.layers, self._chunks):
                 block = self.model.get_submodule(layer.block_path)
                 if layer.spec.selection == Selection.ROUTER_TOPK:
-                    self._handles.append(block.register_forward_hook(self._router_topk_hook(chunks, layer)))
+                    router = self._router_module(layer)
+                    self._handles.append(router.register_forward_hook(self._router_topk_hook(chunks, layer)))
                     continue
                 experts = getattr(block, layer.spec.experts_attr)
                 ids_pos = forward_param_index(experts, layer.spec.ids_arg)
@@ -132,7 +147,7 @@ class RoutingRecorder:
 
     def _router_module(self, layer: MoELayer) -> nn.Module:
         block = self.model.get_submodule(layer.block_path)
-        return block if layer.spec.selection == Selection.ROUTER_TOPK else getattr(block, layer.spec.router_attr)
+        return block.get_submodule(layer.spec.router_attr) if layer.spec.router_attr else block  # custom: the router itself
 
     def __exit__(self, *exc) -> None:
         self._remove()
