@@ -1,0 +1,25 @@
+"""Quantization sweeps by model name (CLI and demo), on top of `moescope.quant.sweep.run_quant_sweep`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moescope.record.loading import default_router, load_model
+
+
+def quant_from_names(model: str, data, *, out, dense_model: str | None = None, device: str = "cpu", **options) -> dict:
+    from moescope.quant.sweep import run_quant_sweep
+
+    loaded, tokenizer = load_model(model, device=device, dtype="float32")
+    dense = load_model(dense_model, device=device, dtype="float32")[0] if dense_model else None
+    result = run_quant_sweep(loaded, tokenizer, data, out=out, dense_model=dense, custom_router=default_router(model),
+                             model_info={"id": model, "dense_id": dense_model}, **options)
+    return {**result.summary, "verdict_lines": [answer["statement"] for answer in result.summary["router_vs_experts"]]}
+
+
+def run_demo_quant(out: Path, *, max_tokens: int, progress: bool) -> Path:
+    """Router vs experts vs attention at 2/3/4/8 bits on tiny-moe, with tiny-dense as the control."""
+    quant_from_names("moescope:tiny-moe", "humaneval,gsm-symbolic,wiki", out=out, dense_model="moescope:tiny-dense",
+                     bits="2,3,4,8", targets="router,experts,attention", schemes="rtn-asym", max_tokens=max_tokens,
+                     seq_len=128, batch_size=8, progress=progress)
+    return out
