@@ -202,3 +202,17 @@ def test_custom_router_with_per_expert_linear_experts(tmp_path):
     assert router.loc[2, "flip_topk_set_local"] > router.loc[8, "flip_topk_set_local"]
     assert c.loc["experts", "n_params"].tolist() == [2 * 3 * 32 * (48 + 48 + 16 + 16)] * 2
     assert not math.isnan(router.loc[2, "delta_nll"])
+
+
+def test_reference_nll_equals_the_models_own_loss(tmp_path):
+    model = qwen3_moe()
+    res = _sweep(model, tmp_path, targets="router", bits=(8,), end_to_end=False)
+    total, count = 0.0, 0
+    for b in sweep_module.make_batches(ByteTokenizer(), DOCS, seq_len=64, max_tokens=600, batch_size=4):
+        labels = b.input_ids.masked_fill(b.attention_mask == 0, -100)
+        with torch.no_grad():
+            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total, count = total + float(loss) * n, count + n
+    assert res.summary["reference"]["moe"]["tokens_predicted"] == count
+    assert res.summary["reference"]["moe"]["nll"] == pytest.approx(total / count, rel=1e-5)

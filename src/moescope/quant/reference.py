@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moescope.adapters.spec import MoELayer
@@ -64,9 +63,10 @@ class Reference:
 
 def token_nll(logits: torch.Tensor, batch: Batch, seq_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL of each real token that has a real successor, and its sequence index."""
-    B, T, V = logits.shape
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), batch.input_ids[:, 1:].reshape(-1).to(logits.device),
-                          reduction="none").reshape(B, T - 1).cpu()
+    B, T, _ = logits.shape
+    view = logits[:, :-1] if logits.dtype == torch.float32 else logits[:, :-1].float()  # no copy of [B, T-1, V]
+    target = batch.input_ids[:, 1:, None].to(logits.device)
+    nll = (torch.logsumexp(view, -1) - view.gather(-1, target).squeeze(-1)).cpu()  # [B, T-1]
     valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()  # [B, T-1]
     rows = (torch.arange(B) + seq_offset)[:, None].expand(B, T - 1)
     return nll[valid], rows[valid]
