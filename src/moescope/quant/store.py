@@ -75,7 +75,7 @@ class ResultStore:
             existing = json.loads(info_path.read_text())
             if existing.get("fingerprint") != sweep_info["fingerprint"]:
                 raise QuantConfigError(
-                    f"{self.out} holds a sweep of another model, corpus or batching "
+                    f"{self.out} holds a sweep of another model, corpus, batching or measurement mode "
                     f"({existing.get('fingerprint')} != {sweep_info['fingerprint']}); "
                     "choose another out folder or pass overwrite=True (--overwrite) to start afresh"
                 )

@@ -32,6 +32,7 @@ from moescope.quant.store import ResultStore
 from moescope.quant.summary import summarize
 from moescope.quant.targets import TARGETS, WeightRef, moe_layers_or_none, select_weights
 from moescope.record.batches import Batch, batched, make_batch, sequences_from_documents
+from moescope.record.loading import default_router, load_model
 
 ROUTING_KEYS = ("flip_top1", "flip_topk_set", "jaccard", "kl", "entropy_delta")
 CONFIG_COLUMNS = (
@@ -71,18 +72,19 @@ class SweepResult:
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def _documents(data) -> list[Document]:
+def _documents(data, split: str) -> list[Document]:
     if isinstance(data, str):
-        return load_corpus(data, split="eval")
+        return load_corpus(data, split=split)
     docs = [d if isinstance(d, Document) else Document(str(i), str(d), "user", "user") for i, d in enumerate(data)]
     if not docs:
         raise CorpusError("no evaluation documents given")
     return docs
 
 
-def make_batches(tokenizer, data, *, seq_len: int, max_tokens: int | None, batch_size: int) -> list[Batch]:
+def make_batches(tokenizer, data, *, seq_len: int, max_tokens: int | None, batch_size: int,
+                 split: str = "eval") -> list[Batch]:
     """The fixed evaluation batches: documents cut into sequences of <= seq_len tokens, right-padded."""
-    sequences = [s for s in sequences_from_documents(_documents(data), tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+    sequences = [s for s in sequences_from_documents(_documents(data, split), tokenizer, seq_len=seq_len, max_tokens=max_tokens)
                  if len(s.token_ids) >= 2]  # a sequence of one token predicts nothing
     if not sequences:
         raise CorpusError("the evaluation data holds no sequence of two or more tokens")
@@ -99,8 +101,10 @@ def _model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(models: list[nn.Module], batches: list[Batch]) -> str:
+def _fingerprint(models: list[nn.Module], batches: list[Batch], measure: str) -> str:
+    """Identifies what finished results depend on: the models' weights, the token batches, what is measured."""
     h = hashlib.blake2b(digest_size=8)
+    h.update(measure.encode())
     for model in models:
         h.update(_model_fingerprint(model).encode())
     for batch in batches:
@@ -164,7 +168,6 @@ class _Evaluator:
         fmt = make_format(cfg.scheme, cfg.bits, cfg.granularity)
         started = time.perf_counter()
         row = {"config_id": cfg.config_id, **asdict(cfg)}
-        per_layer: list[dict] = []
         with quantized(self.model, None, fmt, weights=weights) as patch:
             stats = patch.stats
             row.update(n_params=stats.n_params, rel_error=stats.rel_error, max_abs_error=stats.max_abs_error,
@@ -176,6 +179,13 @@ class _Evaluator:
                 start = cfg.layer if (self.reuse_prefix and cfg.layer > 0) else 0
                 nll, e2e, replayed = end_to_end(self.model, self.layers, self.ref, start=start, layer_list=self.layer_list)
         row.update(_quality(self.ref, nll, stats.n_params))
+        per_layer = self._routing_columns(row, local, e2e, replayed)
+        row["seconds"] = time.perf_counter() - started
+        return row, per_layer
+
+    def _routing_columns(self, row: dict, local: dict, e2e: dict, replayed: set[int]) -> list[dict]:
+        """Adds layer-mean routing columns to `row`; returns the per-layer rows."""
+        per_layer = []
         for mode, results in (("local", local), ("e2e", e2e)):
             for key in ROUTING_KEYS:
                 values = [r[key] for r in results.values()]
@@ -184,8 +194,7 @@ class _Evaluator:
                 per_layer.append({**{k: row[k] for k in PER_LAYER_COLUMNS[:7]}, "mode": mode, "moe_layer": i,
                                   "decoder_layer": self.layers[i].decoder_layer, "replayed": i in replayed,
                                   **{k: result[k] for k in PER_LAYER_COLUMNS[11:]}})
-        row["seconds"] = time.perf_counter() - started
-        return row, per_layer
+        return per_layer
 
 
 def paired_delta(ref: torch.Tensor, quant: torch.Tensor, seq: torch.Tensor) -> tuple[float, float]:
@@ -240,6 +249,9 @@ def run_quant_sweep(
     end_to_end: bool = True,
     reuse_prefix: bool = True,
     custom_router: CustomRouter | None = None,
+    split: str = "eval",
+    device: str = "auto",
+    dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
     model_info: dict | None = None,
@@ -249,9 +261,10 @@ def run_quant_sweep(
     Parameters
     ----------
     model, tokenizer
-        A loaded MoE causal LM and its tokenizer (see `moescope.record.loading.load_model`).
+        A loaded MoE causal LM and its tokenizer, or a name for `moescope.record.loading.load_model`
+        (``"moescope:tiny-moe"``, a folder, a hub id; tokenizer None: the model's own).
     data : str or iterable of Document or str
-        A corpus spec (its eval split is used, e.g. ``"wiki"``) or the documents themselves.
+        A corpus spec (its `split` is used, e.g. ``"wiki"``) or the documents themselves.
     out : path
         Folder for results.jsonl, configs/per_layer (.parquet, .csv), summary.json. An existing sweep of
         the same model, data and batching resumes at the first unfinished configuration.
@@ -265,7 +278,7 @@ def run_quant_sweep(
         "auto": per channel for RTN, the native block for nf4 (64), fp4 (32), nvfp4 (16).
     per_layer : bool
         Also quantize each decoder layer's share of every target alone.
-    dense_model : model, optional
+    dense_model : model or name, optional
         Dense control sharing the tokenizer: the same sweep for experts (its MLPs), attention and all.
     max_tokens, seq_len, batch_size
         Evaluation budget and batching.
@@ -275,11 +288,38 @@ def run_quant_sweep(
     reuse_prefix : bool
         For single-layer configurations, replay the unquantized layers before it from the reference
         (costs memory for every decoder layer's output on the evaluation set).
+    custom_router : CustomRouter, optional
+        For MoE models discovery does not recognise (a shipped custom model's is found from its name).
+    split : str
+        Corpus split when `data` is a spec ("eval" by default: the models were not trained on it).
+    device, dtype
+        Used only when a model is given by name.
+    overwrite : bool
+        Discard results already in `out` instead of resuming.
     progress : bool
         tqdm bars for the reference pass and over configurations.
+
+    Returns
+    -------
+    SweepResult
+        The configs and per_layer DataFrames and the summary dict, as written to `out`.
+
+    Examples
+    --------
+    >>> res = run_quant_sweep("moescope:tiny-moe", None, "wiki", out="results/quant",  # doctest: +SKIP
+    ...                       bits="2,3,4,8", targets="router,experts", dense_model="moescope:tiny-dense")
+    >>> res.summary["router_vs_experts"][0]["statement"]  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 
+    if isinstance(model, str):
+        model_info = {"name": model, **(model_info or {})}
+        custom_router = custom_router or default_router(model)
+        model, own_tokenizer = load_model(model, device=device, dtype=dtype)
+        tokenizer = tokenizer or own_tokenizer
+    if isinstance(dense_model, str):
+        model_info = {**(model_info or {}), "dense_name": dense_model}
+        dense_model, _ = load_model(dense_model, device=device, dtype=dtype)
     bits = tuple(int(b) for b in _as_tuple(bits))
     targets, schemes, granularity = _as_tuple(targets), _as_tuple(schemes), _as_tuple(granularity)
     for scheme in schemes:
@@ -290,11 +330,12 @@ def run_quant_sweep(
     if not end_to_end and (set(targets) - {"router", "all"} or dense_model is not None):
         raise QuantConfigError("without end-to-end evaluation only router and all targets can be measured (local "
                                "routing); experts, shared, attention and the dense control need end_to_end=True")
-    batches = make_batches(tokenizer, data, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+    batches = make_batches(tokenizer, data, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, split=split)
     models = [(model, "moe")] + ([(dense_model, "dense")] if dense_model is not None else [])
     options = dict(bits=bits, targets=targets, schemes=schemes, granularity=granularity, per_layer=per_layer,
                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, end_to_end=end_to_end)
-    info = {"fingerprint": _fingerprint([m for m, _ in models], batches), "options": options,
+    fingerprint = _fingerprint([m for m, _ in models], batches, measure="e2e" if end_to_end else "local")
+    info = {"fingerprint": fingerprint, "options": options,
             "model_info": model_info or {}, "models": {kind: type(m).__name__ for m, kind in models}}
     store = ResultStore(out, info, overwrite=overwrite)
     skipped_before = len(store.done)
