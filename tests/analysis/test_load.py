@@ -59,3 +59,9 @@ def test_matches_per_token_reference(spec_name, layout):
             np.testing.assert_allclose(result.stats[name][i], value, rtol=1e-12, atol=1e-12, err_msg=name)
     per_layer = result.to_pandas()["per_layer"]
     assert per_layer["layer"].iloc[-1] == OVERALL
+
+
+def test_a_layer_without_real_experts_still_summarises():
+    shard = make_shard([[[-1], [-1]]])
+    summary = run_one("load", [shard], AnalysisContext(n_experts=2, top_k=1, n_layers=1)).summary()
+    assert summary["worst_layer"] is None and summary["invalid_slots"] == 2

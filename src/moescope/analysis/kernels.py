@@ -21,8 +21,8 @@ def fixed_histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.n
     x = rows.astype(np.float64)
     idx = np.floor((x - lo) * (bins / (hi - lo)))
     idx -= x == hi  # right edge inclusive: hi lands in bin bins-1, not in the overflow
-    np.nan_to_num(idx, copy=False, nan=bins, posinf=bins, neginf=-1)
-    np.clip(idx, -1, bins, out=idx)
+    np.fmin(idx, bins, out=idx)  # fmin: NaN -> bins (overflow), +inf -> bins
+    np.fmax(idx, -1, out=idx)  # -inf and below-range -> -1 (underflow)
     idx += 1 + (np.arange(rows.shape[0]) * (bins + 2))[:, None]
     counts = np.bincount(idx.astype(np.intp).ravel(), minlength=rows.shape[0] * (bins + 2))
     return counts.reshape(values.shape[:-1] + (bins + 2,)) if values.ndim > 1 else counts
@@ -153,9 +153,17 @@ class SparseCounts:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_sums), np.float64))
 
     @classmethod
-    def from_keys(cls, keys: np.ndarray, sums: np.ndarray | None = None, dense_limit: int = 1 << 22) -> SparseCounts:
-        """Count occurrences of each key (and add up `sums` rows [N, m] per key)."""
+    def from_keys(
+        cls,
+        keys: np.ndarray,
+        sums: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        dense_limit: int = 1 << 23,
+    ) -> SparseCounts:
+        """Count occurrences of each key (each adds `weights` instead of 1 when given) and add up `sums`
+        rows [N, m] per key."""
         keys = np.asarray(keys, np.int64).ravel()
+        weights = None if weights is None else np.asarray(weights, np.int64).ravel()
         sums = (
             np.zeros((keys.shape[0], 0))
             if sums is None
@@ -164,10 +172,12 @@ class SparseCounts:
         if keys.size == 0:
             return cls.empty(sums.shape[1])
         lo, hi = int(keys.min()), int(keys.max())
-        if hi - lo < min(dense_limit, 2 * keys.size + 1024):  # dense bincount beats sorting here
+        if hi - lo < min(dense_limit, 16 * keys.size + 1024):  # a dense bincount beats sorting up to here
             shifted = (keys - lo).astype(np.intp)
             counts = np.bincount(shifted, minlength=hi - lo + 1)
             present = np.flatnonzero(counts)
+            if weights is not None:
+                counts = np.bincount(shifted, weights=weights, minlength=hi - lo + 1).astype(np.int64)
             total = [
                 np.bincount(shifted, weights=sums[:, j], minlength=hi - lo + 1)[present] for j in range(sums.shape[1])
             ]
@@ -179,7 +189,7 @@ class SparseCounts:
         order = np.argsort(keys)
         keys, sums = keys[order], sums[order]
         starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-        counts = np.diff(np.append(starts, keys.size))
+        counts = np.diff(np.append(starts, keys.size)) if weights is None else np.add.reduceat(weights[order], starts)
         return cls(keys[starts], counts, np.add.reduceat(sums, starts, axis=0) if sums.shape[1] else sums[starts])
 
     def merge(self, other: SparseCounts) -> SparseCounts:
@@ -196,10 +206,21 @@ class SparseCounts:
         counts[at[found]] += small.counts[found]  # matched keys are unique: plain fancy add is exact
         sums[at[found]] += small.sums[found]
         new = ~found
+        at_new = at[new]
+        # output slot of big row i: i + (new keys inserted at or before i); of the j-th new key: at_new[j] + j
+        shift = np.cumsum(np.bincount(at_new, minlength=big.keys.size + 1))[: big.keys.size]
+        slot_big = np.arange(big.keys.size) + shift
+        slot_new = at_new + np.arange(at_new.size)
+        n = big.keys.size + at_new.size
+
+        def place(old_rows, new_rows):
+            out = np.empty((n,) + old_rows.shape[1:], old_rows.dtype)
+            out[slot_big] = old_rows
+            out[slot_new] = new_rows
+            return out
+
         return SparseCounts(
-            np.insert(big.keys, at[new], small.keys[new]),
-            np.insert(counts, at[new], small.counts[new]),
-            np.insert(sums, at[new], small.sums[new], axis=0),
+            place(big.keys, small.keys[new]), place(counts, small.counts[new]), place(sums, small.sums[new])
         )
 
 

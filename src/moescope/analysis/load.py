@@ -83,7 +83,8 @@ class LoadResult:
 
     def summary(self) -> dict:
         overall = {key: values[-1] for key, values in self.stats.items()}
-        worst = int(np.nanargmax(self.stats["max_over_mean"][:-1]))
+        per_layer = self.stats["max_over_mean"][:-1]
+        worst = int(np.nanargmax(per_layer)) if np.isfinite(per_layer).any() else None
         flagged = {
             status: [[int(self.layers[l]), int(e)] for l, e in zip(*np.nonzero(self.status == status))]
             for status in ("dead", "overloaded")
@@ -98,8 +99,8 @@ class LoadResult:
                 "cv": overall["cv"],
                 "load_entropy_norm": overall["load_entropy_norm"],
                 "max_over_mean": overall["max_over_mean"],
-                "worst_layer": self.layers[worst],
-                "worst_layer_max_over_mean": self.stats["max_over_mean"][worst],
+                "worst_layer": None if worst is None else self.layers[worst],
+                "worst_layer_max_over_mean": None if worst is None else per_layer[worst],
                 "n_dead": int(overall["n_dead"]),
                 "n_underused": int(overall["n_underused"]),
                 "n_overloaded": int(overall["n_overloaded"]),

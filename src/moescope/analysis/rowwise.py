@@ -45,12 +45,14 @@ def top_m(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
                 (np.greater if f > e else np.greater_equal)(values[f], values[e], out=hit)
                 np.add(rank[e], hit, out=rank[e], casting="unsafe")
     idx = np.zeros((m,) + values.shape[1:], np.int16)
-    for e in range(1, E):  # exactly one expert has each rank: idx[r] = sum_e e * [rank_e == r]
+    val = np.zeros((m,) + values.shape[1:], values.dtype)
+    for e in range(E):  # exactly one expert has each rank: idx[r] = sum_e e * [rank_e == r]
         for r in range(m):
             np.equal(rank[e], np.int16(r), out=hit)
-            idx[r] += hit * np.int16(e)  # arithmetic, not masked assignment: far faster in NumPy
-    idx = idx.astype(np.intp)
-    return idx, np.take_along_axis(values, idx, axis=0)
+            if e:
+                idx[r] += hit * np.int16(e)  # arithmetic, not masked assignment: far faster in NumPy
+            val[r] += hit * values[e]
+    return idx.astype(np.intp), val
 
 
 def _top_m_partition(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:

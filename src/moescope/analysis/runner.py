@@ -1,7 +1,8 @@
 """Stream shards once through every analysis's accumulate, merge as we go, finalize at the end.
 
-Memory is one shard (plus its derived arrays) and the merged states, which do not grow with the trace
-(token specialisation grows with the number of distinct tokens). The expert-cache transition predictor
+Merging is a tree reduce (pairs of equal rank, like a binary counter), the same shape a cluster would
+use. Memory is one shard (plus its derived arrays) and at most log2(shards) partial states, which do not
+grow with the trace (token specialisation grows with the number of distinct tokens). The expert-cache transition predictor
 needs a table learned over the whole trace before it can be evaluated, so when `shards` can be read twice
 (a list, a tuple, or a zero-argument callable returning an iterable) and no `ctx.prefetch_table` is given,
 the cache runs in a second pass; with a one-shot iterator it runs in the first pass without that predictor.
@@ -87,20 +88,46 @@ def _open(shards: ShardSource) -> Iterable[ShardData]:
 def _run_pass(
     shards: Iterable[ShardData], names: list[str], ctx: AnalysisContext, clock: dict[str, float]
 ) -> dict[str, AnalysisResult]:
-    states: dict[str, object] = {}
+    reducers = {name: _TreeReduce(ANALYSES[name].merge) for name in names}
     for shard in shards:
         view = ShardView(shard, ctx)  # derived arrays shared by the analyses of this shard
         for name in names:
             start = time.process_time()
-            module = ANALYSES[name]
-            state = module.accumulate(view, ctx)
-            states[name] = module.merge(states[name], state) if name in states else state
+            reducers[name].push(ANALYSES[name].accumulate(view, ctx))
             clock[name] = clock.get(name, 0.0) + time.process_time() - start
-    if not states:
-        raise MoescopeError("the trace has no shards: nothing to analyse")
     results = {}
     for name in names:
         start = time.process_time()
-        results[name] = ANALYSES[name].finalize(states[name], ctx)
+        state = reducers[name].result()
+        if state is None:
+            raise MoescopeError("the trace has no shards: nothing to analyse")
+        results[name] = ANALYSES[name].finalize(state, ctx)
         clock[name] = clock.get(name, 0.0) + time.process_time() - start
     return results
+
+
+class _TreeReduce:
+    """Merge states pairwise like a binary counter: each state takes part in O(log n) merges.
+
+    Folding left to right would merge every shard into an ever larger state (quadratic work for states
+    that grow, such as per-token tables); merges are associative, so the order does not change results.
+    Holds at most log2(n) partial states.
+    """
+
+    def __init__(self, merge):
+        self.merge = merge
+        self.stack: list[tuple[int, object]] = []  # (level, state), levels strictly decreasing
+
+    def push(self, state) -> None:
+        level = 0
+        while self.stack and self.stack[-1][0] == level:
+            state = self.merge(self.stack.pop()[1], state)
+            level += 1
+        self.stack.append((level, state))
+
+    def result(self):
+        state = None
+        while self.stack:
+            older = self.stack.pop()[1]
+            state = older if state is None else self.merge(older, state)
+        return state

@@ -34,8 +34,9 @@ _INT32_TOKENS = 1 << 31
 class TokenState:
     layers: tuple[int, ...]
     occurrences: SparseCounts  # key token_id; sums [entropy sum, entropy count]
-    expert_counts: SparseCounts  # key (token * L + l) * E + e
     combinations: SparseCounts | None  # key (token * L + l) * R + rank; None when keys would overflow
+    expert_counts: SparseCounts | None  # key (token * L + l) * E + e; only kept without combinations
+    # (expert counts follow from the combination counts, so they are derived at finalize when possible)
 
 
 def _combination_space(ctx: AnalysisContext) -> int | None:
@@ -73,21 +74,29 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState
         view.shard.token_id.astype(np.int64), sums=np.stack([np.where(finite, entropy, 0.0), finite], axis=1)
     )
     layer = np.arange(L, dtype=np.int64)[:, None, None]
-    expert_key = np.where(view.ids < E, layer * E + view.ids, -1)  # [L, T, k] inner key (layer, expert)
-    expert_counts = _count_by_token(inverse, uniq, expert_key, L * E, L)
-    combos = None
     R = _combination_space(ctx)
     if R is not None:
         combo_key = layer[..., 0] * R + view.multiset_rank  # [L, T]
-        combos = _count_by_token(inverse, uniq, combo_key, L * R, L)
-    return TokenState(view.layers, occurrences, expert_counts, combos)
+        return TokenState(view.layers, occurrences, _count_by_token(inverse, uniq, combo_key, L * R, L), None)
+    expert_key = np.where(view.ids < E, layer * E + view.ids, -1)  # [L, T, k] inner key (layer, expert)
+    return TokenState(view.layers, occurrences, None, _count_by_token(inverse, uniq, expert_key, L * E, L))
 
 
 def merge(a: TokenState, b: TokenState) -> TokenState:
-    if a.layers != b.layers:
-        raise MoescopeError(f"cannot merge token states of different layers {a.layers} and {b.layers}")
-    combos = None if a.combinations is None or b.combinations is None else a.combinations.merge(b.combinations)
-    return TokenState(a.layers, a.occurrences.merge(b.occurrences), a.expert_counts.merge(b.expert_counts), combos)
+    if a.layers != b.layers or (a.combinations is None) != (b.combinations is None):
+        raise MoescopeError("cannot merge token states of different layers or combination coding")
+    if a.combinations is not None:
+        return TokenState(a.layers, a.occurrences.merge(b.occurrences), a.combinations.merge(b.combinations), None)
+    return TokenState(a.layers, a.occurrences.merge(b.occurrences), None, a.expert_counts.merge(b.expert_counts))
+
+
+def _expert_counts_from_combinations(combos: SparseCounts, L: int, E: int, k: int, R: int) -> SparseCounts:
+    """(token, layer, expert) counts from (token, layer, combination) counts: each set adds 1 per member."""
+    coder = CombinationCoder.for_context(E, k)
+    ids = coder.decode(combos.keys % R)  # [N, k] sorted, E = not an expert
+    keys = (combos.keys // R)[:, None] * E + ids  # [N, k] (token * L + l) * E + e
+    real = ids < E
+    return SparseCounts.from_keys(keys[real], weights=np.broadcast_to(combos.counts[:, None], ids.shape)[real])
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,7 +224,11 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_entropy = np.where(occ.sums[:, 1] > 0, occ.sums[:, 0] / occ.sums[:, 1], np.nan)
 
-    keys, counts = state.expert_counts.keys, state.expert_counts.counts
+    R = _combination_space(ctx)
+    expert_counts = state.expert_counts
+    if state.combinations is not None:
+        expert_counts = _expert_counts_from_combinations(state.combinations, L, E, k, R)
+    keys, counts = expert_counts.keys, expert_counts.counts
     group = keys // E  # token * L + layer, sorted
     starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
     total = np.add.reduceat(counts, starts).astype(np.float64)
@@ -275,7 +288,7 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
         mean_entropy,
         top1_share,
         entropy_norm,
-        state.expert_counts,
+        expert_counts,
         mode,
         share,
         avg_size,
