@@ -22,6 +22,7 @@ class Scoring(StrEnum):
     SOFTMAX = "softmax"  # softmax over all experts, then top-k
     SOFTMAX_TOPK = "softmax_topk"  # top-k on logits, then softmax over the k (Mixtral/GPT-OSS style)
     SIGMOID = "sigmoid"  # sigmoid scores, top-k (optionally bias-corrected and group-limited)
+    SQRTSOFTPLUS = "sqrtsoftplus"  # sqrt(softplus(logit)) scores, top-k (DeepSeek-V4)
     SPARSEMIXER = "sparsemixer"  # PhiMoE's sparsemixer
     CUSTOM = "custom"  # anything else; see `notes`
 
@@ -56,9 +57,13 @@ class RouterSpec:
     ids_arg: str = "top_k_index"  # experts.forward parameter holding expert ids   [N, k]
     weights_arg: str = "top_k_weights"  # experts.forward parameter holding gate weights [N, k]
     selection: Selection = Selection.EXPERTS_INPUT
-    renormalize: str | bool | None = None  # config attribute (or constant) saying top-k weights are renormalised
-    bias_attr: str | None = None  # router/block attribute holding a selection-only correction bias
-    scaling_attr: str | None = None  # config attribute with a routed scaling factor
+    renormalize: str | bool | None = None  # config attribute (or constant) saying top-k weights are renormalised;
+    #                                        a number p read from the config means division by the L_p norm
+    bias_attr: str | None = None  # dotted path from the MoE block to a selection-only correction bias [E]
+    scaling_attr: str | None = None  # config attribute with a routed scaling factor (already in the weights)
+    scoring_attr: str | None = None  # config attribute naming the score function at run time (overrides `scoring`)
+    output_scale_attr: str | None = None  # config attribute scaling the routed experts' summed *output*: the
+    #                                     weights the experts receive exclude it; effective gate = weight * scale
     grouped: bool = False  # group-limited selection (n_group / topk_group)
     shared_experts_attr: str | None = None  # child of the MoE block with always-on shared experts
     notes: str = ""

@@ -1,0 +1,1 @@
+"""Adapter tests: tiny configs for every MoE family and an independent NumPy routing reference."""

@@ -1,0 +1,466 @@
+"""Independent NumPy reference for every routing policy declared in moescope.adapters.families.
+
+`reference_route(spec, config, router_input, router_params)` computes, from the hidden states a router
+receives and the router's weights, the expert ids and gate weights the experts should receive. It is
+written from the math (float64 NumPy), never by calling the model's modules. The generic policies read
+only the RouterSpec and the config; what a spec cannot say (group-score variants, soft-capping, a bias
+added to logits rather than scores) is declared per family in `VARIANTS`, and the three CUSTOM routers
+(Gemma4, Inkling, ZAYA) have their own functions.
+
+`router_inputs_and_expert_args(model, spec, input_ids, attention_mask)` runs one forward pass with
+forward pre-hooks on every router (its input) and experts module (the ids and weights it received) and
+returns one `LayerRecord` per MoE block, so a test can compare the model with the reference, or with
+moescope's own capture.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from moescope.adapters.spec import RouterOutput, RouterSpec, Scoring, Selection
+
+# Family quirks the RouterSpec fields do not express, as data.
+#   group_score: "top2_sum" (DeepSeek-V3) or "max" (DeepSeek-V2);  group_fill: score of dropped groups' experts
+#   group_when:  (config attr, value) under which grouping applies;  bias_on: "scores" or "logits"
+#   softcap_attr: config attr c for tanh(x/c)*c on the logits;  linear_bias: whether a router Linear bias counts
+VARIANTS: dict[str, dict[str, object]] = {
+    "axk2": {"group_fill": 0.0},
+    "deepseek_v2": {"group_score": "max", "group_fill": 0.0, "group_when": ("topk_method", "group_limited_greedy")},
+    "kolibri1": {"bias_on": "logits"},
+    "laguna": {"softcap_attr": "moe_router_logit_softcapping"},
+    "longcat_flash": {"linear_bias": False},
+}
+_DEFAULT_VARIANT = {
+    "group_score": "top2_sum", "group_fill": -np.inf, "group_when": None, "bias_on": "scores",
+    "softcap_attr": None, "linear_bias": True,
+}
+
+# Names of a score function as config attributes spell them (scoring_attr).
+_SCORING_BY_NAME = {"softmax": Scoring.SOFTMAX_TOPK, "sigmoid": Scoring.SIGMOID, "sqrtsoftplus": Scoring.SQRTSOFTPLUS}
+_TOP_K_ATTRS = ("num_experts_per_tok", "moe_topk", "top_k_experts", "ffn_config.moe_top_k", "moe_top_k")
+
+
+# --- small numerics ------------------------------------------------------------------------------------
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _sqrtsoftplus(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.logaddexp(0.0, x))
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:  # exact (erf) GELU
+    erf = np.frompyfunc(math.erf, 1, 1)
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)).astype(np.float64))
+
+
+def _rms_norm(x: np.ndarray, eps: float, weight: np.ndarray | None = None) -> np.ndarray:
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return y if weight is None else y * weight
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest per row, largest first (stable: lower index wins exact ties)."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def _take(x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(x, ids, axis=-1)
+
+
+def config_value(config, path: str | bool | float | None):
+    """A constant, or the value of a (dotted) config attribute; None when absent."""
+    if path is None or isinstance(path, (bool, int, float)):
+        return path
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def config_top_k(config) -> int:
+    for attr in _TOP_K_ATTRS:
+        value = config_value(config, attr)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise ValueError(f"cannot find top-k in {type(config).__name__}")
+
+
+# --- router parameters ---------------------------------------------------------------------------------
+def _get_path(module: nn.Module, path: str):
+    obj = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def router_params(block: nn.Module, spec: RouterSpec) -> dict[str, np.ndarray]:
+    """Every parameter and buffer of the block's router (float64 / int64 NumPy, by local name), plus the
+    selection-only correction bias under "correction_bias" when the spec declares one and it exists."""
+    router = block.get_submodule(spec.router_attr)
+    params = {}
+    for name, tensor in [*router.named_parameters(), *router.named_buffers()]:
+        array = tensor.detach().cpu()
+        params[name] = array.double().numpy() if array.is_floating_point() else array.numpy()
+    if spec.bias_attr is not None:
+        bias = _get_path(block, spec.bias_attr)
+        if isinstance(bias, torch.Tensor):
+            params["correction_bias"] = bias.detach().cpu().double().numpy().reshape(-1)
+    return params
+
+
+def _linear(params: Mapping[str, np.ndarray], use_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The router's [E, H] weight (named `weight`, else its only 2-D parameter) and its Linear bias, if any."""
+    if "weight" in params:
+        prefix = ""
+    else:
+        matrices = [n for n, v in params.items() if n.endswith("weight") and v.ndim == 2]
+        if len(matrices) != 1:
+            raise ValueError(f"router has no single [E, H] weight: {sorted(params)}")
+        prefix = matrices[0][: -len("weight")]
+    bias = params.get(prefix + "bias") if use_bias else None
+    return params[prefix + "weight"], bias
+
+
+# --- the policies --------------------------------------------------------------------------------------
+@dataclass
+class Routing:
+    ids: np.ndarray  # int64 [N, k]
+    weights: np.ndarray  # float64 [N, k]
+    selection_scores: np.ndarray  # float64 [N, E']: what top-k was taken over (for near-tie checks)
+    router_output: np.ndarray  # float64 [N, E']: what the router returns at router_output_index
+
+
+def _scoring(spec: RouterSpec, config) -> Scoring:
+    if spec.scoring_attr is None:
+        return spec.scoring
+    name = config_value(config, spec.scoring_attr)
+    if name not in _SCORING_BY_NAME:
+        raise NotImplementedError(f"{spec.family}: {spec.scoring_attr}={name!r} has no reference")
+    return _SCORING_BY_NAME[name]
+
+
+def _renormalize(weights: np.ndarray, spec: RouterSpec, config) -> np.ndarray:
+    value = config_value(config, spec.renormalize)
+    if value is None or value is False:
+        return weights
+    if value is True:
+        return weights / weights.sum(-1, keepdims=True)
+    p = float(value)  # an L_p norm (DBRX)
+    return weights / (np.abs(weights) ** p).sum(-1, keepdims=True) ** (1.0 / p)
+
+
+def _group_limit(scores: np.ndarray, config, variant: dict) -> np.ndarray:
+    n_group, topk_group = config_value(config, "n_group"), config_value(config, "topk_group")
+    when = variant["group_when"]
+    if not n_group or (when is not None and config_value(config, when[0]) != when[1]):
+        return scores
+    n, e = scores.shape
+    grouped = scores.reshape(n, n_group, e // n_group)  # (N, G, E/G)
+    if variant["group_score"] == "max":
+        group_scores = grouped.max(-1)
+    else:
+        group_scores = -np.sort(-grouped, axis=-1)[..., :2].sum(-1)
+    keep = np.zeros((n, n_group), dtype=bool)
+    np.put_along_axis(keep, _topk(group_scores, topk_group), True, axis=-1)
+    keep = np.repeat(keep, e // n_group, axis=-1)  # (N, E)
+    return np.where(keep, scores, variant["group_fill"])
+
+
+def _policy(spec, config, x, params, k, extra) -> Routing:
+    """softmax / softmax_topk / sigmoid / sqrtsoftplus, with bias, groups, renormalisation and scaling."""
+    variant = {**_DEFAULT_VARIANT, **VARIANTS.get(spec.family, {})}
+    weight, bias = _linear(params, variant["linear_bias"])
+    logits = x @ weight.T + (0.0 if bias is None else bias)  # (N, E)
+    cap = config_value(config, variant["softcap_attr"])
+    if cap:
+        logits = np.tanh(logits / cap) * cap
+    scoring = _scoring(spec, config)
+    correction = params.get("correction_bias", 0.0) if spec.bias_attr else 0.0
+
+    if scoring == Scoring.SOFTMAX_TOPK:
+        ids = _topk(logits, k)
+        weights = _softmax(_take(logits, ids))
+        return Routing(ids, weights * _scale(spec, config), logits, logits)
+
+    scores = {
+        Scoring.SOFTMAX: _softmax, Scoring.SIGMOID: _sigmoid, Scoring.SQRTSOFTPLUS: _sqrtsoftplus,
+    }[scoring](logits)
+    selection = (logits if variant["bias_on"] == "logits" else scores) + correction
+    if spec.grouped:
+        selection = _group_limit(selection, config, variant)
+    if "tid2eid" in params:  # DeepSeek-V4 hash layers: a frozen token -> experts table
+        ids = params["tid2eid"][extra["input_ids"].reshape(-1)]
+    else:
+        ids = _topk(selection, k)
+    weights = _renormalize(_take(scores, ids), spec, config)
+    return Routing(ids, weights * _scale(spec, config), selection, logits)
+
+
+def _scale(spec: RouterSpec, config) -> float:
+    value = config_value(config, spec.scaling_attr)
+    return 1.0 if value is None else float(value)
+
+
+def _sparsemixer(spec, config, x, params, k, extra) -> Routing:
+    """PhiMoE sparsemixer, eval path: two rounds of (argmax, softmax over the logits near the max)."""
+    logits = x @ _linear(params, True)[0].T  # (N, E)
+    eps = float(config.router_jitter_noise)
+    ids, weights, masked = [], [], logits.copy()
+    for _ in range(2):
+        top = masked.max(-1, keepdims=True)  # (N, 1)
+        choice = masked.argmax(-1)[:, None]
+        factor = np.maximum(np.abs(logits), top)
+        far = (top - logits) / factor > 2 * eps
+        gates = _softmax(np.where(far, -np.inf, masked))
+        ids.append(choice)
+        weights.append(_take(gates, choice))
+        np.put_along_axis(masked, choice, -np.inf, axis=-1)
+    return Routing(np.concatenate(ids, -1), np.concatenate(weights, -1), logits, logits)
+
+
+def _gemma4(spec, config, x, params, k, extra) -> Routing:
+    h = _rms_norm(x, config.rms_norm_eps) * params["scale"] * x.shape[-1] ** -0.5
+    probs = _softmax(h @ params["proj.weight"].T)
+    ids = _topk(probs, k)
+    weights = _take(probs, ids)
+    weights = weights / weights.sum(-1, keepdims=True) * params["per_expert_scale"][ids]
+    return Routing(ids, weights, probs, probs)
+
+
+def _inkling(spec, config, x, params, k, extra) -> Routing:
+    n_shared = int(config.n_shared_experts)
+    logits = x @ params["weight"].T  # (N, E + S)
+    routed, shared = logits[:, :-n_shared], logits[:, -n_shared:]
+    selection = _sigmoid(routed) + params["correction_bias"]
+    ids = _topk(selection, k)
+    gates = _sigmoid(np.concatenate([_take(routed, ids), shared], -1))  # (N, k + S)
+    weights = gates / gates.sum(-1, keepdims=True) * float(config.route_scale) * params["global_scale"].item()
+    return Routing(ids, weights[:, :k], selection, routed)
+
+
+def _zaya(spec, config, x, params, k, extra) -> Routing:
+    h = x @ params["down_proj.weight"].T + params["down_proj.bias"]  # (N, R)
+    states = extra.get("router_states")
+    if "router_states_scale" in params and states is not None:
+        h = h + states.reshape(h.shape) * params["router_states_scale"]
+    h = _rms_norm(h, config.rms_norm_eps, params["router_mlp.norm.weight"])
+    h = _gelu(h @ params["router_mlp.fc1.weight"].T + params["router_mlp.fc1.bias"])
+    h = _gelu(h @ params["router_mlp.fc2.weight"].T + params["router_mlp.fc2.bias"])
+    logits = h @ params["router_mlp.out_proj.weight"].T  # (N, E + 1): the last class skips
+    probs = _softmax(logits)
+    selection = probs + params["balancing_biases"]
+    ids = _topk(selection, k)
+    weights = _take(probs, ids)
+    skip = ids == logits.shape[-1] - 1
+    return Routing(np.where(skip, 0, ids), np.where(skip, 0.0, weights), selection, logits)
+
+
+_CUSTOM = {"gemma4_text": _gemma4, "gemma4": _gemma4, "inkling_text": _inkling, "inkling_mm_model": _inkling,
+           "zaya": _zaya}
+
+
+def reference_routing(
+    spec: RouterSpec,
+    config,
+    router_input: np.ndarray,
+    router_params: Mapping[str, np.ndarray],
+    *,
+    top_k: int | None = None,
+    extra_inputs: Mapping[str, np.ndarray] | None = None,
+) -> Routing:
+    """Full reference result (ids, weights, selection scores, router output) for one MoE layer."""
+    x = np.asarray(router_input, dtype=np.float64).reshape(-1, router_input.shape[-1])  # (N, H)
+    k = top_k or config_top_k(config)
+    if spec.scoring == Scoring.CUSTOM:
+        policy = _CUSTOM[spec.family]
+    elif spec.scoring == Scoring.SPARSEMIXER:
+        policy = _sparsemixer
+    else:
+        policy = _policy
+    return policy(spec, config, x, router_params, k, dict(extra_inputs or {}))
+
+
+def reference_route(
+    spec: RouterSpec,
+    config,
+    router_input: np.ndarray,
+    router_params: Mapping[str, np.ndarray],
+    *,
+    top_k: int | None = None,
+    extra_inputs: Mapping[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ids int64 [N, k] and gate weights float64 [N, k] the experts should receive."""
+    routing = reference_routing(spec, config, router_input, router_params, top_k=top_k, extra_inputs=extra_inputs)
+    return routing.ids, routing.weights
+
+
+# --- what the model actually did -----------------------------------------------------------------------
+@dataclass
+class LayerRecord:
+    """One MoE block in one forward pass."""
+
+    block_path: str
+    top_k: int
+    router_input: np.ndarray  # float64 [N, H]
+    extra_inputs: dict[str, np.ndarray]  # other tensor inputs of the router's forward, by parameter name
+    router_output: np.ndarray | None  # float64 [N, E'] at spec.router_output_index
+    ids: np.ndarray  # int64 [N, k]: what the experts received (or, for ROUTER_TOPK families, used)
+    weights: np.ndarray  # float64 [N, k]
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def moe_blocks(model: nn.Module, spec: RouterSpec) -> list[tuple[str, nn.Module]]:
+    """(path, block) of every module with the spec's router child (and experts child, if read there)."""
+    found = []
+    for path, module in model.named_modules():
+        router = _get_path(module, spec.router_attr)
+        if not isinstance(router, nn.Module) or router is module:
+            continue
+        if spec.selection == Selection.EXPERTS_INPUT and not isinstance(getattr(module, spec.experts_attr, None), nn.Module):
+            continue
+        found.append((path, module))
+    return found
+
+
+def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    signature = inspect.signature(type(module).forward)
+    return dict(signature.bind(module, *args, **kwargs).arguments)
+
+
+def _as_array(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return tensor.double().numpy() if tensor.is_floating_point() else tensor.long().numpy()
+
+
+def _llama4_used(output) -> tuple[np.ndarray, np.ndarray]:
+    """Llama4: router output 0 is [N, E] sigmoid scores, zero outside the chosen experts; the block scales
+    each expert's input by it. Recover (ids, scores) of the non-zero entries."""
+    scores = _as_array(output[0])
+    k = int((scores[0] != 0).sum())
+    ids = np.sort(_topk(scores, k), axis=-1)
+    return ids, _take(scores, ids)
+
+
+def _jetmoe_used(output) -> tuple[np.ndarray, np.ndarray]:
+    """JetMoE gating returns (sorted slot, token of each sorted slot, gate of each sorted slot, group sizes,
+    logits); the experts process sorted slots grouped by expert, so slot j goes to expert e where j falls
+    in e's group. Rebuild the per-token (ids, gates) the experts actually applied."""
+    sorted_slot, token, gates, sizes = (output[0], output[1], output[2], output[3])
+    expert = np.repeat(np.arange(len(sizes)), sizes)  # expert of each sorted slot
+    sorted_slot, token, gates = _as_array(sorted_slot), _as_array(token), _as_array(gates)
+    n_tokens = int(token.max()) + 1
+    k = len(token) // n_tokens
+    ids = np.zeros((n_tokens, k), dtype=np.int64)
+    weights = np.zeros((n_tokens, k))
+    slot_in_token = sorted_slot % k  # sorted_slot = token * k + position in that token's top-k
+    ids[token, slot_in_token] = expert
+    weights[token, slot_in_token] = gates
+    return ids, weights
+
+
+# ROUTER_TOPK families: how to read, from the router's full return value, the routing the block used.
+ROUTER_OUTPUT_DECODERS = {
+    "llama4_text": _llama4_used, "llama4": _llama4_used, "jetmoe": _jetmoe_used,
+}
+
+
+def router_inputs_and_expert_args(
+    model: nn.Module, spec: RouterSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> list[LayerRecord]:
+    """Run one forward pass with hooks on every router and experts module; return one record per MoE block.
+
+    Hooks are removed in `finally`, whatever happens.
+    """
+    blocks = moe_blocks(model, spec)
+    seen: dict[str, dict] = {path: {} for path, _ in blocks}
+    handles = []
+
+    def router_pre(path):
+        def hook(module, args, kwargs):
+            bound = _bound_arguments(module, args, kwargs)
+            tensors = {n: v for n, v in bound.items() if isinstance(v, torch.Tensor)}
+            x = tensors.pop(next(iter(tensors)))  # the first tensor argument is the hidden states
+            seen[path]["router_input"] = _as_array(x).reshape(-1, x.shape[-1])
+            seen[path]["extra_inputs"] = {n: _as_array(v) for n, v in tensors.items()}
+
+        return hook
+
+    def router_post(path):
+        def hook(module, args, output):
+            seen[path]["router_full_output"] = output
+            tensor = output if spec.router_output_index is None else output[spec.router_output_index]
+            seen[path]["router_output"] = _as_array(tensor).reshape(-1, tensor.shape[-1])
+
+        return hook
+
+    def experts_pre(path):
+        def hook(module, args, kwargs):
+            bound = _bound_arguments(module, args, kwargs)
+            ids, weights = bound[spec.ids_arg], bound[spec.weights_arg]
+            seen[path]["ids"] = _as_array(ids).reshape(-1, ids.shape[-1])
+            seen[path]["weights"] = _as_array(weights).reshape(-1, weights.shape[-1])
+
+        return hook
+
+    try:
+        for path, block in blocks:
+            router = block.get_submodule(spec.router_attr)
+            handles.append(router.register_forward_pre_hook(router_pre(path), with_kwargs=True))
+            handles.append(router.register_forward_hook(router_post(path)))
+            if spec.selection == Selection.EXPERTS_INPUT:
+                experts = getattr(block, spec.experts_attr)
+                handles.append(experts.register_forward_pre_hook(experts_pre(path), with_kwargs=True))
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    records = []
+    for path, block in blocks:
+        got = seen[path]
+        if spec.selection == Selection.ROUTER_TOPK:
+            got["ids"], got["weights"] = ROUTER_OUTPUT_DECODERS[spec.family](got["router_full_output"])
+        router = block.get_submodule(spec.router_attr)
+        records.append(
+            LayerRecord(
+                block_path=path,
+                top_k=got["ids"].shape[-1],
+                router_input=got["router_input"],
+                extra_inputs=got["extra_inputs"],
+                router_output=got.get("router_output"),
+                ids=got["ids"],
+                weights=got["weights"],
+                params=router_params(block, spec),
+            )
+        )
+    return records
+
+
+def is_probability_rows(x: np.ndarray, atol: float = 1e-4) -> bool:
+    return bool(x.min() >= 0 and np.allclose(x.sum(-1), 1.0, atol=atol))
+
+
+__all__ = [
+    "LayerRecord", "ROUTER_OUTPUT_DECODERS", "Routing", "VARIANTS", "config_top_k", "config_value",
+    "is_probability_rows", "moe_blocks", "reference_route", "reference_routing", "router_inputs_and_expert_args",
+    "router_params", "RouterOutput",
+]
