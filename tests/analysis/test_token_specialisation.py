@@ -78,3 +78,12 @@ def test_matches_per_token_reference(spec_name, layout):
             sorted(c, key=lambda e: (e < 0, e)) for c in r["mode_combination"]
         ]
         np.testing.assert_allclose(result.mode_share[i], r["mode_share"], rtol=1e-12)
+
+
+def test_tokens_without_any_real_expert():
+    result = run_one(
+        "token_specialisation", [make_shard([[[-1, 2]]])], AnalysisContext(n_experts=2, top_k=2, n_layers=1)
+    )
+    assert result.occurrences.tolist() == [1] and result.top1_share.tolist() == [0.0]
+    assert result.mode_combination.tolist() == [[[-1, -1]]]
+    assert result.summary()["distinct_tokens"] == 1

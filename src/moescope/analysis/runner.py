@@ -95,6 +95,7 @@ def _run_pass(
             start = time.process_time()
             reducers[name].push(ANALYSES[name].accumulate(view, ctx))
             clock[name] = clock.get(name, 0.0) + time.process_time() - start
+        del shard, view  # free this shard and its derived arrays before the next one is read
     results = {}
     for name in names:
         start = time.process_time()

@@ -230,11 +230,11 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
         expert_counts = _expert_counts_from_combinations(state.combinations, L, E, k, R)
     keys, counts = expert_counts.keys, expert_counts.counts
     group = keys // E  # token * L + layer, sorted
-    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
-    total = np.add.reduceat(counts, starts).astype(np.float64)
-    top = np.maximum.reduceat(counts, starts) / total
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]])) if keys.size else keys
+    total = np.add.reduceat(counts, starts).astype(np.float64) if keys.size else np.zeros(0)
+    top = np.maximum.reduceat(counts, starts) / total if keys.size else np.zeros(0)
     p = counts / np.repeat(total, np.diff(np.append(starts, counts.size)))
-    h = -np.add.reduceat(p * np.log(p), starts) / np.log(E) if E > 1 else np.zeros(starts.size)
+    h = -np.add.reduceat(p * np.log(p), starts) / np.log(E) if E > 1 and keys.size else np.zeros(starts.size)
     token_of_group = group[starts] // L
     tok_index = np.searchsorted(token_ids, token_of_group)  # [groups] index into token_ids
     layers_seen = np.bincount(tok_index, minlength=token_ids.size)
@@ -246,10 +246,10 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
         layer_share = load / load.sum(axis=1, keepdims=True)
         baseline_entropy = (
             np.nanmean(-np.where(layer_share > 0, layer_share * np.log(layer_share), 0).sum(axis=1) / np.log(E))
-            if E > 1
-            else 0.0
+            if E > 1 and load.sum()
+            else float("nan")
         )
-    baseline_top1 = float(np.nanmean(layer_share.max(axis=1)))
+        baseline_top1 = float(np.nanmean(layer_share.max(axis=1))) if load.sum() else float("nan")
 
     notes = []
     avg_size = flops = mode_flops = None
