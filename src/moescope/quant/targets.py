@@ -93,32 +93,26 @@ def _modules_named(model: nn.Module, names: tuple[str, ...]):
 
 def _by_target(model: nn.Module, moe: list[MoELayer] | None) -> dict[str, list[tuple[str, nn.Parameter, bool]]]:
     found: dict[str, list] = {t: [] for t in ("router", "experts", "shared", "attention", "mlp")}
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    module_paths = {id(m): path for path, m in model.named_modules()}
     for layer in moe or []:
         router = router_module(model, layer)
         weight = getattr(router, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.dim() == 2:
-            found["router"].append((_path_of(model, weight), weight, False))
+            found["router"].append((param_names[id(weight)], weight, False))
         experts = experts_module(model, layer)
         if experts is not None:
-            found["experts"].extend(_matrices(experts, _path_of_module(model, experts)))
+            found["experts"].extend(_matrices(experts, module_paths[id(experts)]))
         if layer.spec.shared_experts_attr:
             shared = getattr(model.get_submodule(layer.block_path), layer.spec.shared_experts_attr, None)
             if isinstance(shared, nn.Module):
-                found["shared"].extend(_matrices(shared, _path_of_module(model, shared)))
+                found["shared"].extend(_matrices(shared, module_paths[id(shared)]))
     for path, module in _modules_named(model, _ATTENTION_NAMES):
         found["attention"].extend(_matrices(module, path))
     if moe is None:  # dense model: its MLPs play the experts' part
         for path, module in _modules_named(model, _MLP_NAMES):
             found["mlp"].extend(_matrices(module, path))
     return found
-
-
-def _path_of(model: nn.Module, param: nn.Parameter) -> str:
-    return next(name for name, p in model.named_parameters() if p is param)
-
-
-def _path_of_module(model: nn.Module, module: nn.Module) -> str:
-    return next(path for path, m in model.named_modules() if m is module)
 
 
 def select_weights(model: nn.Module, targets, *, layers=None, moe_layers: list[MoELayer] | None = None,
