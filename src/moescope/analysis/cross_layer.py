@@ -65,8 +65,9 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayer
         transitions[d - 1, : L - d] = pair_counts(ids[:, :-d], ids[:, d:], E)
         both = pair_counts(tagged[:, :-d], ids[:, d:], 2 * side)  # [L-d, 2*side, 2*side]; only columns < E are ids
         first_choice[:, d - 1, : L - d] = both[:, :, :E].reshape(L - d, 2, side, E)[:, :, :E].transpose(1, 0, 2, 3)
-    load_by_parity = np.stack([_load(view.ids[:, parity == p], E) for p in (0, 1)])
-    previous = view.has_previous
+    by_parity = (parity[None, :, None] * L + np.arange(L)[:, None, None]) * side + view.ids  # [L, T, k]
+    load_by_parity = np.bincount(by_parity.ravel(), minlength=2 * L * side).reshape(2, L, side)[:, :, :E]
+    starts = ~view.has_previous  # tokens without a previous token
     predicted = predicted_next_ids_of(view.shard)
     lookahead = None
     if predicted is not None:
@@ -81,7 +82,7 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayer
         first_choice,
         load_by_parity,
         view.previous_overlap.sum(axis=1),
-        (view.ids[:, previous] < E).sum(axis=(1, 2)),
+        view.valid_slots - (view.ids[:, starts] < E).sum(axis=(1, 2)),
         lookahead,
     )
 

@@ -14,18 +14,23 @@ SELECTION_MAX_EXPERTS = 16  # above this, top-m by argpartition along the expert
 
 def sort_descending(rows: np.ndarray) -> np.ndarray:
     """rows [r, ...] sorted descending along axis 0 (odd-even transposition network, r passes)."""
-    out = [rows[i].copy() for i in range(rows.shape[0])]
-    for p in range(len(out)):
-        for i in range(p % 2, len(out) - 1, 2):
-            hi = np.maximum(out[i], out[i + 1])
-            out[i + 1] = np.minimum(out[i], out[i + 1])
-            out[i] = hi
-    return np.stack(out) if out else rows.copy()
+    return _sort_network(rows, descending=True)
 
 
 def sort_ascending(rows: np.ndarray) -> np.ndarray:
     """rows [r, ...] sorted ascending along axis 0."""
-    return sort_descending(rows)[::-1].copy()
+    return _sort_network(rows, descending=False)
+
+
+def _sort_network(rows: np.ndarray, descending: bool) -> np.ndarray:
+    out = rows.copy()
+    first, second = (np.maximum, np.minimum) if descending else (np.minimum, np.maximum)
+    for p in range(out.shape[0]):
+        for i in range(p % 2, out.shape[0] - 1, 2):  # compare-exchange rows i and i+1 of the whole array
+            kept = first(out[i], out[i + 1])
+            second(out[i], out[i + 1], out=out[i + 1])
+            out[i] = kept
+    return out
 
 
 def top_m(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,23 +44,23 @@ class LocalityState:
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> LocalityState:
     view = ShardView.of(shard, ctx)
     E = view.E
-    cur = view.has_previous  # [T] token t has a previous token
-    prev = np.roll(cur, -1)  # [T] token t is the previous token of t+1
-    if view.T:
-        prev[-1] = False
+    starts = np.flatnonzero(~view.has_previous)  # first token of each sequence: never the later of a pair
+    ends = np.append(starts[1:] - 1, view.T - 1) if view.T else starts  # last token: never the earlier one
     fc = view.first_choice  # [L, T]
-    same = ((fc[:, cur] == fc[:, prev]) & (fc[:, cur] < E)).sum(axis=1)
-    overlap = view.previous_overlap[:, cur]  # [L, pairs]
+    same = ((fc[:, 1:] == fc[:, :-1]) & (fc[:, 1:] < E) & view.has_previous[None, 1:]).sum(axis=1)
+    overlap = view.previous_overlap  # [L, T], 0 where there is no previous token
+    first_all = _load(fc[..., None], E)
+    # every token is the later token of a pair except sequence starts, the earlier one except sequence ends
     return LocalityState(
         view.layers,
-        int(cur.sum()),
+        view.T - starts.size,
         same,
         overlap.sum(axis=1),
         (overlap > 0).sum(axis=1),
-        _load(fc[:, prev, None], E),
-        _load(fc[:, cur, None], E),
-        _load(view.ids[:, prev], E),
-        _load(view.ids[:, cur], E),
+        first_all - _load(fc[:, ends, None], E),
+        first_all - _load(fc[:, starts, None], E),
+        view.load[:, :E] - _load(view.ids[:, ends], E),
+        view.load[:, :E] - _load(view.ids[:, starts], E),
     )
 
 
