@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "quant", "demo")
+SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "quant", "report", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
