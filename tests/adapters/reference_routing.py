@@ -11,6 +11,9 @@ added to logits rather than scores) is declared per family in `VARIANTS`, and th
 forward pre-hooks on every router (its input) and experts module (the ids and weights it received) and
 returns one `LayerRecord` per MoE block, so a test can compare the model with the reference, or with
 moescope's own capture.
+
+`config` is the config the MoE blocks were built from: for a multimodal model, its text config
+(`model.config.get_text_config()`), since routing attributes live there.
 """
 
 from __future__ import annotations
@@ -24,22 +27,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from moescope.adapters.spec import RouterOutput, RouterSpec, Scoring, Selection
+from moescope.adapters.spec import RouterSpec, Scoring, Selection
+
+from .tiny_configs import COMPOSITE_TEXT_TYPES
 
 # Family quirks the RouterSpec fields do not express, as data.
 #   group_score: "top2_sum" (DeepSeek-V3) or "max" (DeepSeek-V2);  group_fill: score of dropped groups' experts
 #   group_when:  (config attr, value) under which grouping applies;  bias_on: "scores" or "logits"
-#   softcap_attr: config attr c for tanh(x/c)*c on the logits;  linear_bias: whether a router Linear bias counts
+#   softcap_attr: config attr c for tanh(x/c)*c on the logits;  logit_scale_attr: config attr multiplying the logits
+#   linear_bias: whether a router Linear bias counts
+_DEEPSEEK_V2 = {"group_score": "max", "group_fill": 0.0, "group_when": ("topk_method", "group_limited_greedy")}
 VARIANTS: dict[str, dict[str, object]] = {
     "axk2": {"group_fill": 0.0},
-    "deepseek_v2": {"group_score": "max", "group_fill": 0.0, "group_when": ("topk_method", "group_limited_greedy")},
+    "deepseek_v2": _DEEPSEEK_V2,
+    "deepseek_ocr2_text": _DEEPSEEK_V2,
+    "unlimited_ocr_text": _DEEPSEEK_V2,
+    "mistral4": {"group_fill": 0.0},
+    "mistral_large4_text": {"group_fill": 0.0},
+    "muse_spark_text": {"logit_scale_attr": "output_multiplier"},
     "kolibri1": {"bias_on": "logits"},
     "laguna": {"softcap_attr": "moe_router_logit_softcapping"},
     "longcat_flash": {"linear_bias": False},
 }
 _DEFAULT_VARIANT = {
     "group_score": "top2_sum", "group_fill": -np.inf, "group_when": None, "bias_on": "scores",
-    "softcap_attr": None, "linear_bias": True,
+    "softcap_attr": None, "logit_scale_attr": None, "linear_bias": True,
 }
 
 # Names of a score function as config attributes spell them (scoring_attr).
@@ -186,9 +198,12 @@ def _group_limit(scores: np.ndarray, config, variant: dict) -> np.ndarray:
 
 def _policy(spec, config, x, params, k, extra) -> Routing:
     """softmax / softmax_topk / sigmoid / sqrtsoftplus, with bias, groups, renormalisation and scaling."""
-    variant = {**_DEFAULT_VARIANT, **VARIANTS.get(spec.family, {})}
+    variant = {**_DEFAULT_VARIANT, **VARIANTS.get(_text_family(spec), {})}
     weight, bias = _linear(params, variant["linear_bias"])
     logits = x @ weight.T + (0.0 if bias is None else bias)  # (N, E)
+    multiplier = config_value(config, variant["logit_scale_attr"])
+    if multiplier is not None:
+        logits = logits * multiplier
     cap = config_value(config, variant["softcap_attr"])
     if cap:
         logits = np.tanh(logits / cap) * cap
@@ -273,8 +288,12 @@ def _zaya(spec, config, x, params, k, extra) -> Routing:
     return Routing(np.where(skip, 0, ids), np.where(skip, 0.0, weights), selection, logits)
 
 
-_CUSTOM = {"gemma4_text": _gemma4, "gemma4": _gemma4, "inkling_text": _inkling, "inkling_mm_model": _inkling,
-           "zaya": _zaya}
+_CUSTOM = {"gemma4_text": _gemma4, "inkling_text": _inkling, "zaya": _zaya}
+
+
+def _text_family(spec: RouterSpec) -> str:
+    """Composite (multimodal) model_types route like their text decoder's family."""
+    return COMPOSITE_TEXT_TYPES.get(spec.family, spec.family)
 
 
 def reference_routing(
@@ -290,7 +309,7 @@ def reference_routing(
     x = np.asarray(router_input, dtype=np.float64).reshape(-1, router_input.shape[-1])  # (N, H)
     k = top_k or config_top_k(config)
     if spec.scoring == Scoring.CUSTOM:
-        policy = _CUSTOM[spec.family]
+        policy = _CUSTOM[_text_family(spec)]
     elif spec.scoring == Scoring.SPARSEMIXER:
         policy = _sparsemixer
     else:
@@ -334,7 +353,8 @@ def moe_blocks(model: nn.Module, spec: RouterSpec) -> list[tuple[str, nn.Module]
         router = _get_path(module, spec.router_attr)
         if not isinstance(router, nn.Module) or router is module:
             continue
-        if spec.selection == Selection.EXPERTS_INPUT and not isinstance(getattr(module, spec.experts_attr, None), nn.Module):
+        experts = getattr(module, spec.experts_attr, None)
+        if spec.selection == Selection.EXPERTS_INPUT and not isinstance(experts, nn.Module):
             continue
         found.append((path, module))
     return found
@@ -377,17 +397,14 @@ def _jetmoe_used(output) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ROUTER_TOPK families: how to read, from the router's full return value, the routing the block used.
-ROUTER_OUTPUT_DECODERS = {
-    "llama4_text": _llama4_used, "llama4": _llama4_used, "jetmoe": _jetmoe_used,
-}
+ROUTER_OUTPUT_DECODERS = {"llama4_text": _llama4_used, "jetmoe": _jetmoe_used}
 
 
 def router_inputs_and_expert_args(
     model: nn.Module, spec: RouterSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> list[LayerRecord]:
-    """Run one forward pass with hooks on every router and experts module; return one record per MoE block.
-
-    Hooks are removed in `finally`, whatever happens.
+    """Run one forward pass with hooks on every router and experts module; return one record per MoE block
+    the pass reached, in module order. Hooks are removed in `finally`, whatever happens.
     """
     blocks = moe_blocks(model, spec)
     seen: dict[str, dict] = {path: {} for path, _ in blocks}
@@ -437,9 +454,10 @@ def router_inputs_and_expert_args(
     records = []
     for path, block in blocks:
         got = seen[path]
+        if not got:  # a block this input never reaches (e.g. Ernie-4.5-VL's vision experts on text)
+            continue
         if spec.selection == Selection.ROUTER_TOPK:
-            got["ids"], got["weights"] = ROUTER_OUTPUT_DECODERS[spec.family](got["router_full_output"])
-        router = block.get_submodule(spec.router_attr)
+            got["ids"], got["weights"] = ROUTER_OUTPUT_DECODERS[_text_family(spec)](got["router_full_output"])
         records.append(
             LayerRecord(
                 block_path=path,
@@ -462,5 +480,5 @@ def is_probability_rows(x: np.ndarray, atol: float = 1e-4) -> bool:
 __all__ = [
     "LayerRecord", "ROUTER_OUTPUT_DECODERS", "Routing", "VARIANTS", "config_top_k", "config_value",
     "is_probability_rows", "moe_blocks", "reference_route", "reference_routing", "router_inputs_and_expert_args",
-    "router_params", "RouterOutput",
+    "router_params",
 ]

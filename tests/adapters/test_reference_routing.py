@@ -1,16 +1,23 @@
-"""Every declared family routes exactly as its RouterSpec says.
+"""Every declared family routes exactly as its RouterSpec says, and every MoE family is declared.
 
 For each family: build a tiny random model (routers randomised), run one padded batch, and compare the
-ids and weights each experts module actually received with the independent NumPy reference computed
-from the router's input and weights. Also check that the router output is what the spec says it is
-(logits, or probabilities whose rows sum to 1) and sits at the declared index.
+ids and weights each experts module actually received (for ROUTER_TOPK families: the routing the block
+applied, decoded from the router's return value) with the independent NumPy reference computed from the
+router's input and weights. Also check that the router output is what the spec says it is (logits, or
+probabilities whose rows sum to 1) and sits at the declared index.
 """
 
 from __future__ import annotations
 
+import pathlib
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_type_to_module_name
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moescope.adapters.families import FAMILIES, UNSUPPORTED
 from moescope.adapters.spec import RouterOutput
@@ -21,7 +28,12 @@ from .reference_routing import (
     reference_routing,
     router_inputs_and_expert_args,
 )
-from .tiny_configs import CAUSAL_MOE_FAMILIES, OVERRIDES, build_tiny_model
+from .tiny_configs import (
+    CAUSAL_MOE_FAMILIES,
+    COMPOSITE_TEXT_TYPES,
+    MULTIMODAL_TEXT_FAMILIES,
+    build_tiny_model,
+)
 
 TIE_MARGIN = 1e-5  # reference scores closer than this at the k-th place may legitimately swap
 
@@ -57,15 +69,44 @@ def assert_same_routing(got_ids, got_w, ref, k: int, where: str) -> None:
     np.testing.assert_allclose(got_w[same], ref_w[same], rtol=1e-4, atol=1e-5, err_msg=f"{where}: weights")
 
 
-def test_every_causal_family_is_declared_or_unsupported():
-    undeclared = [f for f in CAUSAL_MOE_FAMILIES if f not in FAMILIES and f not in UNSUPPORTED]
-    assert not undeclared
+# Model types whose modeling file mentions router_logits but that hold no routed experts.
+NOT_MOE = {
+    "gemma4_unified": "only forwards output_router_logits record keys; its decoder has no experts",
+    "gemma4_unified_text": "only forwards output_router_logits record keys; its decoder has no experts",
+}
+
+
+def _causal_types_mentioning_router_logits() -> list[str]:
+    root = pathlib.Path(transformers.__file__).parent / "models"
+    found = []
+    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        folder = root / model_type_to_module_name(model_type)
+        if any("router_logits" in p.read_text() for p in folder.glob("modeling_*.py")):
+            found.append(model_type)
+    return found
+
+
+def test_every_causal_moe_family_is_declared_or_unsupported():
+    causal = _causal_types_mentioning_router_logits()
+    assert len(causal) > 60
+    missing = [t for t in causal if t not in FAMILIES and t not in UNSUPPORTED and t not in NOT_MOE]
+    assert not missing, f"MoE causal LMs with neither a RouterSpec nor a reason: {missing}"
     assert not set(FAMILIES) & set(UNSUPPORTED)
-    for family, spec in FAMILIES.items():
-        assert spec.family == family
+    assert all(spec.family == family for family, spec in FAMILIES.items())
+    assert all(f in FAMILIES or f in UNSUPPORTED for f in CAUSAL_MOE_FAMILIES + MULTIMODAL_TEXT_FAMILIES)
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if f in OVERRIDES))
+@pytest.mark.parametrize("composite", sorted(COMPOSITE_TEXT_TYPES))
+def test_composite_types_route_like_their_text_decoder(composite):
+    text_type = COMPOSITE_TEXT_TYPES[composite]
+    assert CONFIG_MAPPING[composite]().get_text_config().model_type == text_type
+    assert replace(FAMILIES[composite], family=text_type) == FAMILIES[text_type]
+
+
+TESTED = sorted(f for f in CAUSAL_MOE_FAMILIES + MULTIMODAL_TEXT_FAMILIES if f in FAMILIES)
+
+
+@pytest.mark.parametrize("family", TESTED)
 def test_reference_matches_model(family):
     spec = FAMILIES[family]
     model = build_tiny_model(family)
@@ -93,3 +134,17 @@ def test_reference_matches_model(family):
     # the randomised routers really spread tokens, else the comparison above proves little
     used = np.unique(np.concatenate([r.ids.reshape(-1) for r in records]))
     assert len(used) >= 3, f"{family}: all tokens go to experts {used.tolist()}"
+
+
+def test_collection_hooks_are_removed_after_success_and_after_an_exception():
+    model = build_tiny_model("mixtral")
+    spec = FAMILIES["mixtral"]
+
+    def n_hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    router_inputs_and_expert_args(model, spec, *padded_batch())
+    assert n_hooks() == 0
+    with pytest.raises(IndexError):
+        router_inputs_and_expert_args(model, spec, torch.full((1, 3), 10_000))  # id beyond the vocabulary
+    assert n_hooks() == 0

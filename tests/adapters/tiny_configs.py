@@ -1,4 +1,4 @@
-"""Tiny random-initialised causal-LM configs for every MoE family transformers ships.
+"""Tiny random-initialised configs for every MoE family transformers ships.
 
 `tiny_config(model_type)` starts from the family's own config class with generic small sizes
 (hidden 64, 4 layers, 8 experts, top-2, vocab 256, fp32) applied to the fields that class has, then
@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -124,7 +125,8 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "granitemoe": {},
     "granitemoe_swa": {},
     "granitemoehybrid": {
-        "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 8, "shared_intermediate_size": 32,
+        "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 8,
+        "shared_intermediate_size": 32,
     },
     "granitemoeshared": {},
     "hunyuan_v1_moe": {},
@@ -153,7 +155,8 @@ OVERRIDES: dict[str, dict[str, object]] = {
     },
     "mixtral": {},
     "nemotron_h": {
-        "hybrid_override_pattern": "ME*E", "ssm_state_size": 16, "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2,
+        "hybrid_override_pattern": "ME*E",  # Mamba, MoE, attention, MoE
+        "ssm_state_size": 16, "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2,
         "chunk_size": 8, "moe_shared_expert_intermediate_size": 32,
     },
     "olmoe": {},
@@ -170,23 +173,73 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "zaya": {"router_hidden_size": 32, "num_experts_per_tok": 1},  # ZAYA validates top-1 only
 }
 
+# Text decoders of multimodal MoE families that have no causal LM: built as their base text model
+# (no LM head, so `model(...)` returns hidden states, not logits).
+TEXT_DECODER_OVERRIDES: dict[str, dict[str, object]] = {
+    "deepseek_ocr2_text": {
+        "topk_method": "group_limited_greedy", "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+    },
+    "ernie4_5_vl_moe_text": {
+        "moe_intermediate_size": [32, 32], "moe_num_shared_experts": 1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},  # head_dim 16
+    },
+    "glm4v_moe_text": {
+        "rope_parameters": {
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+        },
+    },
+    "glm5_next_text": {
+        **_MLA, "qk_rope_head_dim": 0, "qk_nope_head_dim": 16,  # DSA layers are NoPE
+        "index_n_heads": 2, "index_head_dim": 16, "index_topk": 16, "linear_head_dim": 16, "linear_num_heads": 4,
+        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+    },
+    "mistral4": {**_MLA},
+    "mistral_large4_text": {**_MLA, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4},
+    "muse_spark_text": {"moe_hidden_size": 32},
+    "qwen3_omni_moe_text": {},
+    "qwen3_vl_moe_text": {},
+    "step3p5": {"mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]},
+    "unlimited_ocr_text": {"topk_method": "group_limited_greedy", "num_key_value_heads": 4},
+}
+
+# Model classes for text decoders that no Auto class maps (model_type -> transformers class name).
+TEXT_MODEL_CLASSES: dict[str, str] = {
+    "deepseek_ocr2_text": "DeepseekOcr2TextModel",
+    "ernie4_5_vl_moe_text": "Ernie4_5_VLMoeTextModel",
+    "qwen3_omni_moe_text": "Qwen3OmniMoeThinkerTextModel",
+    "step3p5": "Step3p7TextModel",
+    "unlimited_ocr_text": "UnlimitedOcrTextModel",
+}
+
 # Every model_type in transformers 5.23 whose AutoModelForCausalLM is a mixture of experts, at the
 # level of its text decoder (see COMPOSITE_TEXT_TYPES for the multimodal wrappers around some of them).
 CAUSAL_MOE_FAMILIES: list[str] = sorted(OVERRIDES)
+MULTIMODAL_TEXT_FAMILIES: list[str] = sorted(TEXT_DECODER_OVERRIDES)
 
-# Composite (multimodal) model_types whose MoE decoder is built from the text sub-config of the type on
-# the right, with the same classes. Those marked causal in transformers' AutoModelForCausalLM mapping
-# load with it; the others only through their own multimodal class.
+# Composite (multimodal) model_types whose MoE decoder is built, with the same classes, from the text
+# sub-config of the type on the right. Some load with AutoModelForCausalLM (gemma4, llama4, qwen3_5_moe,
+# qwen4_exp, dots3_note), the others only through their own multimodal class.
 COMPOSITE_TEXT_TYPES: dict[str, str] = {
     "aria": "aria_text",
+    "deepseek_ocr2": "deepseek_ocr2_text",
     "dots3_note": "dots3_note_text",
+    "ernie4_5_vl_moe": "ernie4_5_vl_moe_text",
     "gemma4": "gemma4_text",
+    "glm4v_moe": "glm4v_moe_text",
+    "glm5_next": "glm5_next_text",
     "inkling_mm_model": "inkling_text",
     "inkling2": "inkling2_text",
     "llama4": "llama4_text",
     "minimax_m3_vl": "minimax_m3_vl_text",
+    "mistral_large4": "mistral_large4_text",
+    "muse_spark": "muse_spark_text",
     "qwen3_5_moe": "qwen3_5_moe_text",
+    "qwen3_omni_moe": "qwen3_omni_moe_text",
+    "qwen3_omni_moe_thinker": "qwen3_omni_moe_text",
+    "qwen3_vl_moe": "qwen3_vl_moe_text",
     "qwen4_exp": "qwen4_exp_text",
+    "step3p7": "step3p5",
+    "unlimited_ocr": "unlimited_ocr_text",
 }
 
 
@@ -207,11 +260,13 @@ def _kwargs_for(cls: type, overrides: dict[str, object]) -> dict[str, object]:
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
-    """A tiny fp32 causal-LM config of `model_type` (see module docstring)."""
-    if model_type not in OVERRIDES:
-        raise KeyError(f"no tiny config declared for {model_type!r}; known: {', '.join(CAUSAL_MOE_FAMILIES)}")
+    """A tiny fp32 config of `model_type`, a causal-LM family or a multimodal family's text decoder."""
+    overrides = OVERRIDES.get(model_type, TEXT_DECODER_OVERRIDES.get(model_type))
+    if overrides is None:
+        known = ", ".join(CAUSAL_MOE_FAMILIES + MULTIMODAL_TEXT_FAMILIES)
+        raise KeyError(f"no tiny config declared for {model_type!r}; known: {known}")
     cls = CONFIG_MAPPING[model_type]
-    config = cls(**_kwargs_for(cls, OVERRIDES[model_type]))
+    config = cls(**_kwargs_for(cls, overrides))
     config._attn_implementation = "eager"
     return config
 
@@ -222,6 +277,8 @@ def build_tiny_model(model_type: str, seed: int = SEED) -> nn.Module:
     torch.manual_seed(seed)
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    elif model_type in TEXT_MODEL_CLASSES:
+        model = getattr(transformers, TEXT_MODEL_CLASSES[model_type])._from_config(config, dtype=torch.float32)
     else:
         model = AutoModel.from_config(config, dtype=torch.float32)
     model.eval()

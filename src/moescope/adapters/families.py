@@ -7,8 +7,10 @@ below, but every model_type is listed explicitly, so `FAMILIES[model_type]` neve
 
 Conventions (see spec.py): attribute paths are relative to the MoE block, i.e. the parent of the
 experts module; `renormalize`, `scaling_attr`, `scoring_attr` and `output_scale_attr` name config
-attributes (dotted for sub-configs). Composite (multimodal) model_types whose decoder is the same
-as their text model's map to the text family's spec under their own name.
+attributes (dotted for sub-configs) and are read from the config the MoE blocks were built from — for
+a multimodal model, its text config. Composite (multimodal) model_types whose decoder is their text
+model's map to the text family's spec under their own name; multimodal families without a causal LM
+are declared too, so an already-loaded multimodal model can be captured.
 """
 
 from __future__ import annotations
@@ -348,7 +350,70 @@ FAMILIES: dict[str, RouterSpec] = {
     "zaya": _ZAYA,
 }
 
-# Composite model_types whose AutoModel(ForCausalLM) decoder is the text family's.
+# Multimodal families without a causal LM of their own: their text decoders route as below (tested on the
+# text model built from the text sub-config).
+FAMILIES.update(
+    {
+        "deepseek_ocr2_text": replace(FAMILIES["deepseek_v2"], family="deepseek_ocr2_text"),
+        "ernie4_5_vl_moe_text": _softmax(
+            "ernie4_5_vl_moe_text",
+            True,
+            bias_attr="gate.moe_statics.e_score_correction_bias",
+            notes="Ernie-4.5 routing, with modality-isolated experts: each decoder MoE layer holds two blocks, "
+            "`text_moe` and `vision_moe` (each a gate + experts), and a token runs through exactly one of them; "
+            "text-only input never calls `vision_moe`. Shared experts sit on their parent.",
+        ),
+        "glm4v_moe_text": _deepseek_v3("glm4v_moe_text"),
+        "glm5_next_text": _deepseek_v3("glm5_next_text"),
+        "mistral4": RouterSpec(
+            family="mistral4",
+            scoring=Scoring.SOFTMAX,
+            renormalize="norm_topk_prob",
+            scaling_attr="routed_scaling_factor",
+            grouped=True,
+            shared_experts_attr="shared_experts",
+            notes="softmax probabilities limited to the topk_group best of n_group groups (group score: sum of "
+            "its two best probabilities; dropped experts set to 0.0), no correction bias; weights renormalised "
+            "when norm_topk_prob, times routed_scaling_factor.",
+        ),
+        "mistral_large4_text": RouterSpec(
+            family="mistral_large4_text",
+            scoring=Scoring.SOFTMAX,
+            renormalize=True,
+            scaling_attr="routed_scaling_factor",
+            grouped=True,
+            shared_experts_attr="shared_experts",
+            notes="Mistral-4 routing with fp32 logits and renormalisation always on.",
+        ),
+        "muse_spark_text": _sigmoid_biased(
+            "muse_spark_text",
+            "gate.e_score_correction_bias",
+            renormalize=True,
+            scaling_attr="routed_scaling_factor",
+            notes="Logits are multiplied by config.output_multiplier before the sigmoid (and returned so); the "
+            "experts run in a projected space (pre_expert_proj, moe_hidden_size) with a per-expert output norm.",
+        ),
+        "qwen3_omni_moe_text": _softmax(
+            "qwen3_omni_moe_text",
+            "norm_topk_prob",
+            notes="Thinker and talker decoders both route this way (the talker's blocks add a sigmoid-gated "
+            "`shared_expert`).",
+        ),
+        "qwen3_vl_moe_text": _softmax("qwen3_vl_moe_text", True),
+        "step3p5": _sigmoid_biased(
+            "step3p5",
+            "gate.e_score_correction_bias",
+            renormalize=True,
+            output_scale_attr="moe_router_scaling_factor",
+            shared_experts_attr="shared_experts",
+            notes="Step-3.7 text decoder (model_type step3p5): moe_router_scaling_factor multiplies the routed "
+            "output, not the weights.",
+        ),
+        "unlimited_ocr_text": replace(FAMILIES["deepseek_v2"], family="unlimited_ocr_text"),
+    }
+)
+
+# Composite model_types whose decoder is built from the text sub-config of the family on the right.
 FAMILIES.update(_aliases(FAMILIES["aria_text"], "aria"))
 FAMILIES.update(_aliases(FAMILIES["dots3_note_text"], "dots3_note"))
 FAMILIES.update(_aliases(FAMILIES["gemma4_text"], "gemma4"))
@@ -358,6 +423,18 @@ FAMILIES.update(_aliases(FAMILIES["llama4_text"], "llama4"))
 FAMILIES.update(_aliases(FAMILIES["minimax_m3_vl_text"], "minimax_m3_vl"))
 FAMILIES.update(_aliases(FAMILIES["qwen3_5_moe_text"], "qwen3_5_moe"))
 FAMILIES.update(_aliases(FAMILIES["qwen4_exp_text"], "qwen4_exp"))
+FAMILIES.update(_aliases(FAMILIES["deepseek_ocr2_text"], "deepseek_ocr2"))
+FAMILIES.update(_aliases(FAMILIES["ernie4_5_vl_moe_text"], "ernie4_5_vl_moe"))
+FAMILIES.update(_aliases(FAMILIES["glm4v_moe_text"], "glm4v_moe"))
+FAMILIES.update(_aliases(FAMILIES["glm5_next_text"], "glm5_next"))
+FAMILIES.update(_aliases(FAMILIES["mistral_large4_text"], "mistral_large4"))
+FAMILIES.update(_aliases(FAMILIES["muse_spark_text"], "muse_spark"))
+FAMILIES.update(_aliases(FAMILIES["qwen3_omni_moe_text"], "qwen3_omni_moe", "qwen3_omni_moe_thinker"))
+# The Qwen3-Omni talker's own text decoder: same router class code as the thinker's.
+FAMILIES.update(_aliases(FAMILIES["qwen3_omni_moe_text"], "qwen3_omni_moe_talker_text"))
+FAMILIES.update(_aliases(FAMILIES["qwen3_vl_moe_text"], "qwen3_vl_moe"))
+FAMILIES.update(_aliases(FAMILIES["step3p5"], "step3p7"))
+FAMILIES.update(_aliases(FAMILIES["unlimited_ocr_text"], "unlimited_ocr"))
 
 
 UNSUPPORTED: dict[str, UnsupportedFamily] = {
