@@ -38,6 +38,11 @@ class TokenBlock:
 
 
 def _stack(chunks: list[torch.Tensor], rows: int, what: str, layer: int) -> torch.Tensor:
+    if not chunks:
+        raise MoescopeError(
+            f"MoE layer {layer} did not run on this batch (e.g. a vision-only expert block on text input); "
+            "capture its text layers only with --router-pattern, or give input that reaches every MoE block"
+        )
     tensor = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
     if tensor.shape[0] != rows:
         raise MoescopeError(

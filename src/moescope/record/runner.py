@@ -95,8 +95,9 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
                                      do_sample=False, pad_token_id=_pad_id(model))
                 yield batch, block_from_generate(batch, rec.take(), out.cpu(), eos)
             else:
-                logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-                entropy = _output_entropy(logits).cpu() if opts.output_entropy else None
+                output = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                logits = getattr(output, "logits", None)  # None for a base model without an LM head
+                entropy = _output_entropy(logits).cpu() if opts.output_entropy and logits is not None else None
                 yield batch, block_from_forward(batch, rec.take(), entropy)
 
 
