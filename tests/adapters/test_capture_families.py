@@ -14,11 +14,18 @@ import moescope
 from moescope.adapters.families import FAMILIES
 
 from .reference_routing import Routing, config_top_k, reference_routing, router_inputs_and_expert_args
-from .test_reference_routing import assert_same_routing, padded_batch
-from .tiny_configs import OVERRIDES, build_tiny_model
+from .test_reference_routing import TESTED, assert_same_routing, padded_batch
+from .tiny_configs import build_tiny_model
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if f in OVERRIDES))
+# Known limitation, reported by `capture` with a one-line error: each Ernie-4.5-VL decoder layer has a
+# text and a vision expert block, and text input never reaches the vision block.
+NOT_YET = {"ernie4_5_vl_moe_text": "vision expert blocks never run on text input"}
+
+
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.xfail(reason=NOT_YET[f], strict=True)) if f in NOT_YET else f for f in TESTED]
+)
 def test_capture_matches_reference(family, tmp_path):
     spec = FAMILIES[family]
     model = build_tiny_model(family)
