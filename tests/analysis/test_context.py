@@ -11,7 +11,8 @@ def test_from_manifest_with_per_layer_entries():
         "model": {"hidden_size": 64},
         "layers": [{"moe_layer": i, "n_experts": 8, "top_k": 2, "expert_sizes": [64] * 4 + [16] * 4} for i in range(3)],
     }
-    ctx = AnalysisContext.from_manifest(manifest, hidden_size=64)
+    ctx = AnalysisContext.from_manifest(manifest)
+    assert ctx.hidden_size == 64
     assert (ctx.n_experts, ctx.top_k, ctx.n_layers, ctx.router_output_kind) == (8, 2, 3, "logits")
     assert ctx.expert_sizes.shape == (3, 8)
     np.testing.assert_array_equal(ctx.expert_flops()[0, :2], [2 * 3 * 64 * 64] * 2)

@@ -116,8 +116,9 @@ class AnalysisContext:
     def from_manifest(cls, manifest: Mapping[str, Any], **overrides: Any) -> AnalysisContext:
         """Build a context from a trace manifest.
 
-        Reads `n_experts`, `top_k`, `router_output_kind`, `expert_sizes`, `hidden_size` either at the top
-        level (an int, or a list with one entry per MoE layer) or from a `layers` list of per-layer dicts.
+        Reads `n_experts`, `top_k`, `router_output_kind`, `expert_sizes` either at the top level (an int,
+        or a list with one entry per MoE layer) or from a `layers` list of per-layer dicts; `hidden_size`
+        at the top level or under `model`.
         `overrides` (e.g. `token_text=`, `thresholds=`) are passed through.
         """
         per_layer = manifest.get("layers")
@@ -161,7 +162,7 @@ class AnalysisContext:
             n_layers=int(n_layers),
             router_output_kind=kinds,
             expert_sizes=None if sizes is None else np.asarray(sizes, dtype=np.int64),
-            hidden_size=manifest.get("hidden_size"),
+            hidden_size=manifest.get("hidden_size") or (manifest.get("model") or {}).get("hidden_size"),
             vocab_size=manifest.get("vocab_size"),
         )
         kwargs.update(overrides)
