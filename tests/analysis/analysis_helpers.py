@@ -12,7 +12,7 @@ from moescope.trace.shard import ShardData
 SHARD_LAYOUTS = {"one_token": [1], "seven_tokens": [7], "uneven": [1, 7, 30, 2, 45]}
 
 # Routing shapes that exercise the different code paths (k = 1, invalid ids, probabilities, no router
-# outputs, E > 16 for top-m by partition, k * E > 256 for the range-OR LRU kernel).
+# outputs, E > 16 for top-m by partition, E > 64 for multi-word bitmasks).
 SPECS = {
     "base": SyntheticSpec(n_layers=3, n_experts=6, top_k=2, seq_len=(1, 12), predicted_next_ids=True, vocab_size=40),
     "top1_probs": SyntheticSpec(n_layers=2, n_experts=5, top_k=1, seq_len=(1, 9), router_output="probs", vocab_size=30),
