@@ -15,8 +15,9 @@ stubs returning their cached reference outputs, so only layers l.. run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -173,8 +174,6 @@ def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer] | None, *,
                    layer_list: nn.ModuleList | None, keep_outputs: bool, progress: bool = False) -> Reference:
     """Run the unquantized model once over `batches` and cache everything the sweep reuses."""
-    import time
-
     from tqdm.auto import tqdm
 
     layers = layers or []
@@ -201,12 +200,15 @@ def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer
     seconds = time.perf_counter() - started
     x_all = [torch.cat(chunks) for chunks in xs]
     local = [local_routing(router, layer, x) for router, layer, x in zip(routers, layers, x_all)]
-    agreement = []
-    for i in range(len(layers)):
-        recorded = torch.cat([r.ids[i] for r in refs])
-        overlap = (recorded[:, :, None] == local[i][0][:, None, :]).any(-1).all(-1)
-        agreement.append(float(overlap.float().mean()) if len(overlap) else float("nan"))
+    agreement = [_agreement(torch.cat([r.ids[i] for r in refs]), local[i][0]) for i in range(len(layers))]
     return Reference(refs, x_all, local, agreement, seconds)
+
+
+def _agreement(recorded: torch.Tensor, local_ids: torch.Tensor) -> float:
+    """Fraction of tokens whose top-k set from the router module alone equals what the experts received
+    (below 1: the block changes the router's choice, and local flips describe the router module only)."""
+    same = (recorded[:, :, None] == local_ids[:, None, :]).any(-1).all(-1)
+    return float(same.float().mean()) if len(same) else float("nan")
 
 
 def local_routing(router: nn.Module, layer: MoELayer, x: torch.Tensor):
@@ -251,7 +253,7 @@ def end_to_end(model: nn.Module, layers: list[MoELayer] | None, ref: Reference, 
     cursor, nlls = [0], []
     outputs = [[b.outputs[j] for b in ref.batches] for j in range(start)]
     recorder = RoutingRecorder(model, [layers[i] for i in live], weights_dtype=torch.float32)
-    replay = replay_prefix(layer_list, start, outputs, cursor) if start > 0 else _nothing()
+    replay = replay_prefix(layer_list, start, outputs, cursor) if start > 0 else nullcontext()
     with replay, recorder as rec, Taps(routers, [layers[i] for i in live], inputs=False) as taps, torch.inference_mode():
         for b, bref in enumerate(ref.batches):
             cursor[0] = b
@@ -267,8 +269,3 @@ def end_to_end(model: nn.Module, layers: list[MoELayer] | None, ref: Reference, 
             for i in replayed:  # unchanged by construction: compare the reference with itself
                 deltas[i].add(bref.ids[i], bref.weights[i], bref.ids[i], bref.weights[i], bref.logp[i], bref.logp[i])
     return torch.cat(nlls), {i: d.result() for i, d in deltas.items()}, replayed
-
-
-@contextmanager
-def _nothing():
-    yield
