@@ -257,8 +257,8 @@ def main() -> None:
                 f"   {rows:>11,} rows: {full / 2**20:5.0f} MiB   (x{full / small:.2f} for x{n_tokens / small_tokens:.0f} the rows)"
             )
         print(
-            "  token_specialisation keeps one count per distinct (token, layer, expert set): it grows with the"
-            " vocabulary seen, not with the trace, and stops growing once that saturates"
+            "  token_specialisation keeps one count per distinct (token, layer, expert set): bounded by vocabulary x"
+            " layers x sets, not by trace length; with many experts the sets rarely repeat and it nears one per row"
         )
     print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     print(f"load average at the end (other work on this {os.cpu_count()}-core machine): {os.getloadavg()[0]:.1f}")

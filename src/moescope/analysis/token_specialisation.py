@@ -9,7 +9,9 @@ compares with a token that routes like the whole layer does (layer top-1 share a
 With expert sizes it exports the token routing table of the variable-size-expert research: per token
 the average selected expert size (over all L*k slots; a slot holding no expert counts as size 0), expert FLOPs per occurrence (all layers, from the actual counts; see
 context.expert_flops) and the FLOPs of the per-layer mode combinations (how the seed's table is built).
-Memory grows with the number of distinct (token, layer, combination) triples, not with trace length.
+Memory grows with the number of distinct (token, layer, combination) triples, bounded by vocabulary x
+layers x combinations rather than by trace length; with many experts (e.g. 64, top-6) combinations rarely
+repeat and the table approaches one entry per (token, layer) row.
 """
 
 from __future__ import annotations
