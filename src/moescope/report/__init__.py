@@ -1,0 +1,132 @@
+"""The report: analysis and quantization results folders -> one self-contained HTML page (+ figure files).
+
+    results.py    read results folders (analysis or quant) without failing on what is missing
+    sections.py   which figures, tables and notes each analysis gets (the report as data, document.py)
+    figures/      pure functions DataFrame -> matplotlib Figure, rendered byte-stably
+    html.py       the page: escaped text, inline CSS/JS, figures as data: URIs, no network requests
+
+>>> from moescope.report import write_report                                    # doctest: +SKIP
+>>> write_report(["results/tiny-moe", "results/quant"], "report.html", figures_dir="figures")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from moescope import __version__
+from moescope.errors import MoescopeError
+from moescope.report.document import Document, FigureBlock, Group
+from moescope.report.results import AnalysisResults, MissingResults, QuantResults, load_results
+from moescope.report.sections import analysis_group, headline, missing_group, quant_group
+
+
+class ReportError(MoescopeError):
+    """The report cannot be written (no inputs, unwritable output)."""
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Folder names, prefixed with their parent where two inputs share a name."""
+    names = [p.name or str(p) for p in paths]
+    return [f"{p.parent.name}/{n}" if names.count(n) > 1 and p.parent.name else n for p, n in zip(paths, names)]
+
+
+def _stem(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "results"
+
+
+def build_document(result_dirs: Sequence[str | os.PathLike], *, title: str = "moescope report") -> Document:
+    """The report as data (see document.py): one group per results folder, quantization folders last."""
+    paths = [Path(p) for p in result_dirs]
+    loaded = [load_results(p) for p in paths]
+    labels = _labels(paths)
+    order = sorted(range(len(paths)), key=lambda i: (isinstance(loaded[i], MissingResults), isinstance(loaded[i], QuantResults), i))
+    groups = []
+    for n, i in enumerate(order, 1):
+        results, gid = loaded[i], f"r{n}"
+        if isinstance(results, AnalysisResults):
+            groups.append(analysis_group(results, gid, labels[i]))
+        elif isinstance(results, QuantResults):
+            groups.append(quant_group(results, gid, labels[i]))
+        else:
+            groups.append(missing_group(results, gid, labels[i]))
+    return Document(title, tuple(str(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)
+
+
+def write_report(
+    result_dirs: Sequence[str | os.PathLike],
+    out_html: str | os.PathLike,
+    *,
+    figures_dir: str | os.PathLike | None = None,
+    title: str = "moescope report",
+) -> Path:
+    """Write one self-contained HTML report of analysis and quantization results folders.
+
+    Parameters
+    ----------
+    result_dirs
+        Folders written by `moescope analyze` (one section group each) and `moescope quant`. A folder that
+        does not exist or is not a results folder gets a short "not available" group instead of an error,
+        so a pipeline that skipped a step still gets its report.
+    out_html
+        The HTML file to write (its folder is created). The page makes no network requests: figures are
+        embedded as SVG data URIs, CSS and the table-sorting script are inline.
+    figures_dir
+        Also write every figure there as ``NN-<folder>__<figure>.svg`` and ``.png`` (for papers).
+    title
+        The page title.
+
+    Returns
+    -------
+    Path of the written report. The same inputs give byte-identical output.
+    """
+    if not result_dirs:
+        raise ReportError("no results folders given; pass the --out folders of `moescope analyze` and/or `moescope quant`")
+    from moescope.report.figures import render_png, render_svg
+    from moescope.report.html import render_document
+
+    doc = build_document(result_dirs, title=title)
+    out_html = Path(out_html)
+    figures = Path(figures_dir) if figures_dir is not None else None
+    for folder in (out_html.parent, figures):
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ReportError(f"cannot create {folder}: {err.strerror}; choose a writable location") from None
+    index = {g.id: n for n, g in enumerate(doc.groups, 1)}
+    used: set[str] = set()
+
+    def render(group: Group, block: FigureBlock) -> bytes | str:
+        stem = f"{index[group.id]:02d}-{_stem(group.title)}__{block.name}"
+        while stem in used:  # a figure name repeated within a group (not expected; kept distinct anyway)
+            stem += "_"
+        used.add(stem)
+        try:
+            fig = block.make()
+        except (ValueError, KeyError, IndexError, TypeError) as err:  # a table this version cannot read
+            message = f"figure {block.name} could not be drawn: {type(err).__name__}: {err}"
+            warnings.warn(message, stacklevel=2)
+            return message
+        svg = render_svg(fig)
+        if figures is not None:
+            (figures / f"{stem}.svg").write_bytes(svg)
+            fig.set_layout_engine("none")  # laid out for the SVG already: keep those positions, skip the layout pass
+            (figures / f"{stem}.png").write_bytes(render_png(fig))
+        return svg
+
+    page = render_document(doc, render)
+    tmp = out_html.with_name(f".{out_html.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out_html)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write {out_html}: {err.strerror}; choose a writable --out") from None
+    return out_html
+
+
+__all__ = ["ReportError", "build_document", "load_results", "write_report"]
