@@ -3,7 +3,7 @@
     python bench/quant.py [--model moescope:tiny-moe] [--tokens 8192] [--reps 3] [--threads 1]
 
 Configurations: every MoE layer's router alone, plus all routers together, x bits 2,3,4,8, one scheme
-(rtn-asym, per channel). Ways, interleaved rep by rep so machine noise hits each alike:
+(rtn-asym, per channel). Ways, interleaved rep by rep in a rotating order so machine noise hits each alike:
   eval pass    one unquantized forward pass over the evaluation batches (NLL): the unit
   local        run_quant_sweep(end_to_end=False): one reference pass, then each router re-applied to its
                cached inputs (routing only; tables and summary written)
@@ -137,31 +137,28 @@ def main() -> None:
                     max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, overwrite=True,
                     progress=False)
     times: dict[str, list[float]] = {k: [] for k in ("eval pass", "local", "naive", "full", "full/noreplay")}
-    local_flips, naive_flips = {}, {}
     eval_pass(model, batches)  # warm-up
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.reps):
-            t = time.perf_counter()
+    flips: dict[str, dict] = {}
+
+    def timed(way: str, tmp: str) -> None:
+        t = time.perf_counter()
+        if way == "eval pass":
             eval_pass(model, batches)
-            times["eval pass"].append(time.perf_counter() - t)
+        elif way == "naive":
+            flips["naive"] = naive_sweep(model, batches)
+        else:
+            res = run_quant_sweep(model, tokenizer, docs, out=f"{tmp}/{way.replace('/', '-')}", end_to_end=way != "local",
+                                  reuse_prefix=way == "full", **sweep_kw)
+            if way == "local":
+                pl = res.per_layer[(res.per_layer["mode"] == "local") & (res.per_layer["layer"] >= 0)]
+                flips["local"] = {(int(r.bits), int(r.layer)): float(r.flip_topk_set) for r in pl.itertuples()}
+        times[way].append(time.perf_counter() - t)
 
-            t = time.perf_counter()
-            res = run_quant_sweep(model, tokenizer, docs, out=f"{tmp}/local", end_to_end=False, **sweep_kw)
-            times["local"].append(time.perf_counter() - t)
-            pl = res.per_layer[(res.per_layer["mode"] == "local") & (res.per_layer["layer"] >= 0)]
-            local_flips = {(int(r.bits), int(r.layer)): float(r.flip_topk_set) for r in pl.itertuples()}
-
-            t = time.perf_counter()
-            naive_flips = naive_sweep(model, batches)
-            times["naive"].append(time.perf_counter() - t)
-
-            t = time.perf_counter()
-            run_quant_sweep(model, tokenizer, docs, out=f"{tmp}/full", **sweep_kw)
-            times["full"].append(time.perf_counter() - t)
-
-            t = time.perf_counter()
-            run_quant_sweep(model, tokenizer, docs, out=f"{tmp}/noreplay", reuse_prefix=False, **sweep_kw)
-            times["full/noreplay"].append(time.perf_counter() - t)
+    ways = list(times)
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for way in ways[rep % len(ways):] + ways[: rep % len(ways)]:  # rotate: no way always runs first or last
+                timed(way, tmp)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     unit = med["eval pass"]
@@ -173,9 +170,9 @@ def main() -> None:
     print(f"with quality (NLL) and end-to-end routing: full {med['full'] / unit:.2f}x "
           f"(no replay {med['full/noreplay'] / unit:.2f}x) vs naive {med['naive'] / unit:.2f}x -> "
           f"speedup {med['naive'] / med['full']:.2f}x")
-    diff = max(abs(local_flips[k] - naive_flips[k]) for k in naive_flips)
+    diff = max(abs(flips["local"][k] - flips["naive"][k]) for k in flips["naive"])
     print(f"local vs naive top-k set flip rate on each router's own layer: max |difference| {diff:.2e} "
-          f"over {len(naive_flips)} configurations")
+          f"over {len(flips['naive'])} configurations")
 
 
 if __name__ == "__main__":

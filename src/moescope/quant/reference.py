@@ -31,6 +31,7 @@ from moescope.record.batches import Batch
 from moescope.record.hooks import RoutingRecorder
 
 LOCAL_CHUNK = 32768  # router-input rows per local forward call
+LSE_CHUNK = 1 << 18  # logits per logsumexp call in the NLL
 
 
 @dataclass
@@ -64,10 +65,13 @@ class Reference:
 
 def token_nll(logits: torch.Tensor, batch: Batch, seq_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL of each real token that has a real successor, and its sequence index."""
-    B, T, _ = logits.shape
-    view = logits[:, :-1] if logits.dtype == torch.float32 else logits[:, :-1].float()  # no copy of [B, T-1, V]
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V)
+    rows = max(1, LSE_CHUNK // V)  # row blocks that stay in cache: about twice as fast as one pass on CPU
+    lse = torch.cat([torch.logsumexp(flat[s : s + rows].float(), -1) for s in range(0, B * T, rows)]).view(B, T)
     target = batch.input_ids[:, 1:, None].to(logits.device)
-    nll = (torch.logsumexp(view, -1) - view.gather(-1, target).squeeze(-1)).cpu()  # [B, T-1]
+    picked = logits[:, :-1].gather(-1, target).squeeze(-1).float()  # [B, T-1]
+    nll = (lse[:, :-1] - picked).cpu()
     valid = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()  # [B, T-1]
     rows = (torch.arange(B) + seq_offset)[:, None].expand(B, T - 1)
     return nll[valid], rows[valid]
