@@ -156,3 +156,30 @@ def test_no_inputs_is_an_error_and_an_unreadable_folder_is_reported(tmp_path):
     page = write_report([junk], tmp_path / "r.html").read_text(encoding="utf-8")
     assert "not a moescope results folder" in page and "summary.json is unreadable" in page
     assert "no analysis results among the inputs" in page and "no quantization results among the inputs" in page
+
+
+def test_tables_this_version_cannot_read_are_reported_not_fatal(report_inputs, tmp_path):
+    import json
+    import shutil
+
+    import pandas as pd
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    summary = json.loads((report_inputs["full"] / "summary.json").read_text())
+    summary["analyses"] = {k: v for k, v in summary["analyses"].items() if k in ("load", "coactivation", "temporal_locality")}
+    (damaged / "summary.json").write_text(json.dumps(summary))
+    for table in report_inputs["full"].glob("*.parquet"):
+        shutil.copy(table, damaged)
+    pd.read_parquet(damaged / "load__per_expert.parquet").drop(columns="status").to_parquet(damaged / "load__per_expert.parquet")
+    (damaged / "coactivation__pairs.parquet").write_bytes(b"not parquet at all")
+    pd.read_parquet(damaged / "temporal_locality.parquet").drop(columns="overlap_chance").to_parquet(damaged / "temporal_locality.parquet")
+
+    with pytest.warns(UserWarning) as caught:
+        page = write_report([damaged], tmp_path / "r.html").read_text(encoding="utf-8")
+    sections = _sections(page)
+    assert "Expert load: the results could not be read (KeyError" in sections["r1-load"]
+    assert "Co-activation: the results could not be read (ArrowInvalid" in sections["r1-coactivation"]
+    assert "figure temporal_locality could not be drawn: KeyError" in sections["r1-locality"]
+    assert len(caught) == 3
+    assert "was not run" in sections["r1-cache"]  # the rest of the report is as usual

@@ -21,7 +21,7 @@ from moescope import __version__
 from moescope.errors import MoescopeError
 from moescope.report.document import Document, FigureBlock, Group
 from moescope.report.results import AnalysisResults, MissingResults, QuantResults, load_results
-from moescope.report.sections import analysis_group, headline, missing_group, quant_group
+from moescope.report.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group
 
 
 class ReportError(MoescopeError):
@@ -70,7 +70,8 @@ def write_report(
     result_dirs
         Folders written by `moescope analyze` (one section group each) and `moescope quant`. A folder that
         does not exist or is not a results folder gets a short "not available" group instead of an error,
-        so a pipeline that skipped a step still gets its report.
+        so a pipeline that skipped a step still gets its report; a table this version cannot read (renamed
+        column, damaged file) turns its section or figure into a note and a UserWarning.
     out_html
         The HTML file to write (its folder is created). The page makes no network requests: figures are
         embedded as SVG data URIs, CSS and the table-sorting script are inline.
@@ -107,7 +108,7 @@ def write_report(
         used.add(stem)
         try:
             fig = block.make()
-        except (ValueError, KeyError, IndexError, TypeError) as err:  # a table this version cannot read
+        except UNREADABLE as err:  # a table this version cannot read
             message = f"figure {block.name} could not be drawn: {type(err).__name__}: {err}"
             warnings.warn(message, stacklevel=2)
             return message

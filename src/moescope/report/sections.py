@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -28,6 +29,9 @@ from moescope.report.results import AnalysisResults, MissingResults, QuantResult
 
 TOKEN_ROWS = 200  # rows of the token routing table shown in the page (the CSV has all)
 TOKEN_LAYER_COLUMNS = 12  # layer combination columns shown in the page
+# What a results table this version cannot read raises (a renamed column, a damaged file): the section
+# or figure then says so instead of the whole report failing. pyarrow's errors are ValueErrors.
+UNREADABLE = (ValueError, KeyError, IndexError, TypeError, OSError)
 HINT_ROUTER_OUTPUT = "rerun `moescope capture` with `--save-logits` to record router outputs"
 HINT_LOOKAHEAD = "rerun `moescope capture` with `--predict-next-layer` (needs the model)"
 HINT_MODEL = "rerun `moescope analyze` where the model can be loaded (without `--no-model`, or with `--model PATH`)"
@@ -66,18 +70,22 @@ def _not_run(results: AnalysisResults, analysis: str, hint: str) -> list:
 
 # -- facts about the run -----------------------------------------------------------------------------
 def shape_of(results: AnalysisResults) -> dict:
-    """n_layers, n_experts, top_k and the MoE layer indices, from the load table/summary or the manifest."""
+    """n_experts, top_k and the MoE layer indices, from the load summary and the trace manifest."""
     load = results.headline("load")
     info = results.layers_info
     n_experts = load.get("n_experts") or (info[0].get("n_experts") if info else None)
     top_k = load.get("top_k") or (info[0].get("top_k") if info else None)
-    per_layer = results.table("load", "per_layer")
-    if per_layer is not None and len(per_layer):
-        layers = sorted(int(l) for l in per_layer["layer"] if l != OVERALL)
-    elif info:
+    if info:
         layers = sorted(int(l["moe_layer"]) for l in info)
-    else:
-        layers = list(range(int(results.trace.get("moe_layers") or 0)))
+    else:  # no manifest: the load table's layers, else 0..L-1
+        try:
+            per_layer = results.table("load", "per_layer")
+        except UNREADABLE:
+            per_layer = None
+        if per_layer is not None and "layer" in per_layer and len(per_layer):
+            layers = sorted(int(l) for l in per_layer["layer"] if l != OVERALL)
+        else:
+            layers = list(range(int(results.trace.get("moe_layers") or 0)))
     return {"n_experts": int(n_experts or 0), "top_k": int(top_k or 0), "layers": layers}
 
 
@@ -522,9 +530,19 @@ SECTION_BUILDERS: tuple[tuple[str, str, Callable], ...] = (
 )
 
 
+def _guarded(build: Callable[[], Section], sid: str, title: str) -> Section:
+    """build(), or a section saying why its results could not be read."""
+    try:
+        return build()
+    except UNREADABLE as err:
+        message = f"{title}: the results could not be read ({type(err).__name__}: {err}); rerun the step with this moescope version"
+        warnings.warn(message, stacklevel=3)
+        return Section(sid, title, (Notes((message,), "missing"),), ran=False)
+
+
 def analysis_group(r: AnalysisResults, gid: str, label: str) -> Group:
     shape = shape_of(r)
-    sections = tuple(builder(r, f"{gid}-{key}", shape) for key, _, builder in SECTION_BUILDERS)
+    sections = tuple(_guarded(partial(builder, r, f"{gid}-{key}", shape), f"{gid}-{key}", title) for key, title, builder in SECTION_BUILDERS)
     model = str(r.trace.get("model") or "unknown model")
     return Group(gid, label, f"{model} · {fmt(r.trace.get('tokens'), ',d')} tokens", header_facts(r), sections)
 
@@ -542,12 +560,12 @@ def quant_group(q: QuantResults, gid: str, label: str) -> Group:
     if options:
         header.append(("options", ", ".join(f"{k}={v}" for k, v in options.items())))
     header.append(("configurations", fmt(s.get("configs") if s.get("configs") is not None else (len(configs) if configs is not None else None), ",d")))
-    sections = [quant_answer_section(q, f"{gid}-answer")]
+    sections = [_guarded(partial(quant_answer_section, q, f"{gid}-answer"), f"{gid}-answer", "Does router quantization cost more?")]
     if configs is None or not len(configs):
         sections.append(Section(f"{gid}-figures", "Quantization figures", (Notes(("configs table missing: the sweep has not finished a configuration yet",), "missing"),), ran=False))
     else:
-        sections.append(quant_quality_section(q, f"{gid}-quality"))
-        sections.append(quant_routing_section(q, f"{gid}-routing"))
+        sections.append(_guarded(partial(quant_quality_section, q, f"{gid}-quality"), f"{gid}-quality", "Quality against bits"))
+        sections.append(_guarded(partial(quant_routing_section, q, f"{gid}-routing"), f"{gid}-routing", "Routing flips"))
     return Group(gid, label, "quantization sensitivity: routers, experts and attention", KeyValues(tuple(header)), tuple(sections))
 
 
