@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,19 @@ def test_probe_catches_errors_broken_figures_and_network_requests(browser, tmp_p
     assert "blocked by CSP: https://example.invalid/x.png" in text
     assert "console.error: boom" in text and "script error" in text
     assert sorted(out["broken"]) == ["broken", "remote"]
+
+
+@pytest.mark.slow
+def test_demo_report_in_chromium(browser, tmp_path):
+    """The demo end to end (shipped models: capture, analyze, quant, report), its page checked in Chromium."""
+    from moescope.pipeline.demo import run_demo
+
+    outputs = run_demo(tmp_path / "demo", max_tokens=3000, quant_tokens=512, progress=False)
+    page = Path(outputs["report"]).read_text(encoding="utf-8")
+    out = probe(browser, page, tmp_path, "--window-size=1280,2400", f"--screenshot={tmp_path / 'demo.png'}")
+    assert out["problems"] == [] and out["broken"] == [] and out["images"] == page.count("<img") > 40
+    assert "could not be drawn" not in page and "could not be read" not in page
+    for group in ("tiny-moe", "tiny-varmoe", "quant"):
+        assert f"<strong>{group}</strong>" in page
+    assert page.count('class="analysis off"') <= 2  # at most: tiny-moe has no variable-size experts
+    print(f"screenshot: {tmp_path / 'demo.png'}")
