@@ -36,6 +36,7 @@ class CaptureOptions:
     generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
     weights_dtype: str = "float16"
     shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
+    backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (record/vllm_backend.py)
 
 
 def _output_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-class _ShardBuffer:
+class ShardBuffer:
     """Collects TokenBlocks and their sequences until a shard's worth, then commits them."""
 
     def __init__(self, writer: TraceWriter, shard_tokens: int):
@@ -65,6 +66,11 @@ class _ShardBuffer:
             self.kind_votes.append(detect_router_output_kind(block.router_output))
         if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
             self.flush()
+
+    def router_output_kind(self, default: str | None) -> str | None:
+        """'logits' or 'probs' if every recorded block agreed, 'mixed' if not, `default` if none was recorded."""
+        votes = {v for v in self.kind_votes if v}
+        return votes.pop() if len(votes) == 1 else ("mixed" if votes else default)
 
     def flush(self) -> None:
         if not self.blocks:
@@ -120,7 +126,7 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
         done = writer.committed_seq_ids
         todo = (s for s in sequences if s.seq_id not in done)
         batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(todo, opts.batch_size))
-        buffer = _ShardBuffer(writer, opts.shard_tokens)
+        buffer = ShardBuffer(writer, opts.shard_tokens)
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)
         started = time.perf_counter()
         n_tokens = 0
@@ -130,8 +136,7 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
             bar.update(block.n_tokens)
         buffer.flush()
         bar.close()
-        votes = {v for v in buffer.kind_votes if v}
-        kind = votes.pop() if len(votes) == 1 else ("mixed" if votes else writer.manifest.get("router_output_kind"))
+        kind = buffer.router_output_kind(writer.manifest.get("router_output_kind"))
         seconds = time.perf_counter() - started
         writer.finish(router_output_kind=kind, stats={"tokens_this_run": n_tokens, "seconds_this_run": round(seconds, 3)})
     return Trace(out)
