@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--output-entropy", action="store_true", help="also store the entropy of the next-token distribution")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens per sequence and record them too")
     p.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--shard-tokens", type=positive_int, default=65536, metavar="N",
+                   help="tokens per committed shard (default 65536): bounds memory and the work an interruption loses")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
@@ -49,6 +51,7 @@ def run(args) -> int:
         trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits, predict_next_layer=args.predict_next_layer,
         output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
         router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,
+        shard_tokens=args.shard_tokens,
     )
     stats = trace.manifest.get("stats", {})
     rate = stats.get("tokens_this_run", 0) / max(stats.get("seconds_this_run", 0), 1e-9)
