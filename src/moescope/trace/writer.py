@@ -39,6 +39,11 @@ def _parquet_options(table: str) -> dict:
     return options
 
 
+def _is_manifest_tmp(name: str) -> bool:
+    """The temporary name `atomic_write_bytes` writes a manifest under before renaming it."""
+    return name.startswith(f".{MANIFEST}.tmp-")
+
+
 class TraceWriter:
     """Writes a trace folder; use as a context manager so the lock is always released."""
 
@@ -55,7 +60,8 @@ class TraceWriter:
             raise TraceError(f"--out {self.folder} is a file; give a folder path")
         ours = {MANIFEST, LOCK, *TABLES}
         if self.folder.is_dir() and not (self.folder / MANIFEST).exists():
-            if any(p.name not in ours for p in self.folder.iterdir()):
+            # a run killed while writing its first manifest leaves only ours and a manifest temp file
+            if any(p.name not in ours and not _is_manifest_tmp(p.name) for p in self.folder.iterdir()):
                 raise TraceError(f"{self.folder} is not empty and is not a moescope trace; choose another --out")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -78,6 +84,9 @@ class TraceWriter:
         self._lock_fd = fd
 
     def _start_or_resume(self, manifest: dict, overwrite: bool) -> dict:
+        for path in self.folder.iterdir():  # manifests half-written by a killed run (we hold the lock now)
+            if _is_manifest_tmp(path.name):
+                path.unlink()
         if (self.folder / MANIFEST).exists():
             old = read_manifest(self.folder)
             same = all(old.get(key) == manifest.get(key) for key in RESUME_KEYS)
