@@ -9,20 +9,25 @@
 
 A run killed at any moment (even SIGKILL) leaves at most a torn last line in results.jsonl; it is cut
 off on the next open and that configuration runs again. Tables and summary are written to a temporary
-name and renamed, so they are either the previous complete version or the new one.
+name and renamed, so they are either the previous complete version or the new one. A lock file (flock,
+released by the OS even on SIGKILL) keeps a second sweep out of a folder that one is writing.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 from moescope.quant.formats import QuantConfigError
 
 RESULTS = "results.jsonl"
 SWEEP = "sweep.json"
+LOCK = ".moescope-sweep.lock"
 
 
 def _jsonable(value):
@@ -60,23 +65,71 @@ def dumps(obj) -> str:
     return json.dumps(_jsonable(obj), indent=2, sort_keys=False)
 
 
+def _lock(out: Path) -> int:
+    """An exclusive flock on out/LOCK, or QuantConfigError when another sweep holds it."""
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise QuantConfigError(f"{out} is being written by another moescope quant sweep; "
+                                   "wait for it to finish or choose another --out") from None
+        raise
+    return fd
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        raise QuantConfigError(f"{path} is corrupt; pass --overwrite to start the sweep afresh") from None
+
+
+def _parse_line(line: bytes) -> dict | None:
+    """One results.jsonl record, or None if the line is not one."""
+    try:
+        record = _restore_floats(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("config"), dict) and isinstance(record["config"].get("config_id"), str)
+    return record if ok else None
+
+
 class ResultStore:
-    """Opens (or resumes) a sweep folder. `done` holds the ids of configurations already finished."""
+    """Opens (or resumes) a sweep folder and holds its lock until `close()` (or the end of a `with`).
+
+    `done` holds the ids of configurations already finished.
+    """
 
     def __init__(self, out: str | os.PathLike, sweep_info: dict, *, overwrite: bool = False):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise QuantConfigError(f"--out {self.out} is a file; give a folder path")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = _lock(self.out)
+        except OSError as err:
+            raise QuantConfigError(f"cannot write sweep folder {self.out}: {err.strerror}; choose a writable --out") from None
+        self._release = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the flock
+        try:
+            self._open(sweep_info, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, sweep_info: dict, overwrite: bool) -> None:
         self.log = self.out / RESULTS
         info_path = self.out / SWEEP
         if overwrite:
             for name in (RESULTS, SWEEP):
                 (self.out / name).unlink(missing_ok=True)
         if info_path.exists():
-            existing = json.loads(info_path.read_text())
-            if existing.get("fingerprint") != sweep_info["fingerprint"]:
+            existing = _read_json(info_path)
+            if not isinstance(existing, dict) or existing.get("fingerprint") != sweep_info["fingerprint"]:
                 raise QuantConfigError(
                     f"{self.out} holds a sweep of another model, corpus, batching or measurement mode "
-                    f"({existing.get('fingerprint')} != {sweep_info['fingerprint']}); "
+                    f"({existing.get('fingerprint') if isinstance(existing, dict) else '?'} != {sweep_info['fingerprint']}); "
                     "choose another out folder or pass overwrite=True (--overwrite) to start afresh"
                 )
         else:
@@ -90,15 +143,29 @@ class ResultStore:
         data = self.log.read_bytes()
         keep = data.rfind(b"\n") + 1  # a line without its newline was torn by a kill: drop it
         records = []
-        for line in data[:keep].splitlines():
+        for number, line in enumerate(data[:keep].splitlines(), 1):
             if line.strip():
-                records.append(_restore_floats(json.loads(line)))
+                record = _parse_line(line)
+                if record is None:
+                    raise QuantConfigError(f"{self.log}:{number} is not a finished configuration (corrupt); "
+                                           "delete that line to rerun it, or pass --overwrite to start afresh")
+                records.append(record)
         if keep != len(data):
             with open(self.log, "r+b") as fh:
                 fh.truncate(keep)
                 fh.flush()
                 os.fsync(fh.fileno())
         return records
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent)."""
+        self._release()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def append(self, record: dict) -> None:
         """Commit one finished configuration: a single write of one line, then fsync."""

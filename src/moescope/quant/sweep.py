@@ -267,7 +267,8 @@ def run_quant_sweep(
         A corpus spec (its `split` is used, e.g. ``"wiki"``) or the documents themselves.
     out : path
         Folder for results.jsonl, configs/per_layer (.parquet, .csv), summary.json. An existing sweep of
-        the same model, data and batching resumes at the first unfinished configuration.
+        the same model, data and batching resumes at the first unfinished configuration; a second sweep
+        into a folder that one is writing is refused (QuantConfigError).
     bits : ints or "2,3,4,8"
         Bit widths; nf4/fp4/nvfp4 run at 4 only.
     targets : names or "router,experts"
@@ -310,8 +311,6 @@ def run_quant_sweep(
     ...                       bits="2,3,4,8", targets="router,experts", dense_model="moescope:tiny-dense")
     >>> res.summary["router_vs_experts"][0]["statement"]  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     if isinstance(model, str):
         model_info = {"name": model, **(model_info or {})}
         custom_router = custom_router or default_router(model)
@@ -337,9 +336,18 @@ def run_quant_sweep(
     fingerprint = _fingerprint([m for m, _ in models], batches, measure="e2e" if end_to_end else "local")
     info = {"fingerprint": fingerprint, "options": options,
             "model_info": model_info or {}, "models": {kind: type(m).__name__ for m, kind in models}}
-    store = ResultStore(out, info, overwrite=overwrite)
-    skipped_before = len(store.done)
+    with ResultStore(out, info, overwrite=overwrite) as store:  # holds the folder's lock until done
+        return _run_plans(store, models, batches, bits=bits, targets=targets, schemes=schemes, granularity=granularity,
+                          per_layer=per_layer, end_to_end=end_to_end, reuse_prefix=reuse_prefix,
+                          custom_router=custom_router, progress=progress)
 
+
+def _run_plans(store: ResultStore, models, batches: list[Batch], *, bits, targets, schemes, granularity, per_layer: bool,
+               end_to_end: bool, reuse_prefix: bool, custom_router, progress: bool) -> SweepResult:
+    """Reference passes, then every planned configuration not yet in `store`, then the tables."""
+    from tqdm.auto import tqdm
+
+    skipped_before = len(store.done)
     evaluators, plans, notes = {}, [], []
     for m, kind in models:
         m.eval()
