@@ -60,3 +60,12 @@ def tiny_model_dir(tmp_path_factory):
     make_tiny_qwen3_moe().save_pretrained(folder)
     make_byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def warm_cli(tmp_path_factory):
+    """One warm helper interpreter that runs `moescope` commands in forked, killable children (tests/warm_cli.py)."""
+    from warm_cli import WarmCli
+
+    with WarmCli(log_dir=tmp_path_factory.mktemp("warm-cli-logs")) as cli:
+        yield cli
