@@ -3,7 +3,8 @@
 The first forward pass (prefill) covers the whole left-padded prompt [B, T0]; each later pass covers
 the newest position of every row ([B, 1] with a KV cache, or the full [B, T] without one, of which
 only the newest column is new). The last generated token is never fed back, so it has no routing.
-Rows that already produced EOS are fed padding afterwards: those positions are not recorded.
+A row ends at its first EOS: the EOS token and the padding fed after it are not recorded, since whether
+they are fed at all depends on the other rows of the batch (vLLM never feeds them).
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ def block_from_generate(batch: Batch, recorded: list[LayerChunks], sequences: to
     fed_tokens = sequences[:, :n_fed]  # [B, T_fed]
     generated = torch.zeros_like(fed_tokens, dtype=torch.bool)
     generated[:, prompt_len:] = True
-    # a generated position is real until (and including) the first EOS the row produced
+    # a generated position is real until the first EOS the row produced (the EOS itself is not)
     is_eos = torch.zeros_like(generated)
     for eos in eos_ids:
         is_eos |= fed_tokens == eos
-    after_eos = (is_eos & generated).cumsum(-1) - (is_eos & generated).long() > 0
+    after_eos = (is_eos & generated).cumsum(-1) > 0
     real = torch.cat([batch.attention_mask.bool(), ~after_eos[:, prompt_len:]], dim=1)  # [B, T_fed]
     pos = real.long().cumsum(-1) - 1
     keep = real.reshape(-1)
