@@ -32,6 +32,22 @@ def _documents(data, split: str):
     raise CorpusError("data must be a corpus name/path, a non-empty list of strings, or a list of Documents")
 
 
+def _check_backend(backend: str, model, *, tensor_parallel_size: int, **hf_only) -> None:
+    if backend not in ("hf", "vllm"):
+        raise MoescopeError(f"unknown backend {backend!r}; choose hf or vllm")
+    if tensor_parallel_size < 1:
+        raise MoescopeError("tensor_parallel_size must be 1 or more")
+    if backend == "hf":
+        if tensor_parallel_size != 1:
+            raise MoescopeError("tensor parallelism is a vLLM option: add --backend vllm (or use --device-map auto)")
+        return
+    if not isinstance(model, str):
+        raise MoescopeError("the vLLM backend loads the model itself: pass its name or folder, not a loaded module")
+    unsupported = [name for name, value in hf_only.items() if value]
+    if unsupported:
+        raise MoescopeError(f"{', '.join(unsupported)} is not available with the vLLM backend; use the default hf backend")
+
+
 def capture(
     model: str | nn.Module,
     data=None,
@@ -57,6 +73,8 @@ def capture(
     shard_tokens: int = 65536,
     overwrite: bool = False,
     progress: bool = True,
+    backend: str = "hf",
+    tensor_parallel_size: int = 1,
 ) -> Trace:
     """Record, for every token and MoE layer, the experts the model chose and their gate weights.
 
@@ -72,6 +90,9 @@ def capture(
         router-lookahead predictor of the cross-layer analysis).
     router : a ``CustomRouter`` for models moescope does not recognise.
     shard_tokens : tokens per committed shard; bounds memory (and the work lost to an interruption).
+    backend : ``"hf"`` (hooks on a transformers model, the default) or ``"vllm"`` (inside a vLLM engine, which
+        must be installed in this environment: ``scripts/setup-vllm.sh``); the trace is the same either way.
+    tensor_parallel_size : GPUs the vLLM engine shards the model over (``backend="vllm"`` only).
 
     Returns
     -------
@@ -89,10 +110,20 @@ def capture(
         raise MoescopeError("predict_next_layer is recorded for prompt tokens only; drop it or generate separately")
     if weights_dtype not in ("float16", "float32"):
         raise MoescopeError(f"weights_dtype must be float16 or float32, not {weights_dtype!r}")
+    _check_backend(backend, model, tensor_parallel_size=tensor_parallel_size, output_entropy=output_entropy,
+                   predict_next_layer=predict_next_layer, router=router, device_map=device_map)
     if data is not None:  # check the corpus before spending time on the model
         docs, corpus_info = _documents(data, split)
         corpus_info = {**corpus_info, "split": split}
-    if isinstance(model, str):
+    if backend == "vllm":
+        from moescope.record.vllm_backend import require_vllm
+
+        require_vllm()  # before the tokenizer: say at once what is missing
+        from moescope.record.loading import load_tokenizer, resolve_model_path
+
+        model_info, path = {"id": model}, resolve_model_path(model)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    elif isinstance(model, str):
         from moescope.record.loading import default_router
 
         router = router or default_router(model)
@@ -103,7 +134,7 @@ def capture(
         model.eval()
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
                           predict_next_layer=predict_next_layer, output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
-                          shard_tokens=shard_tokens)
+                          shard_tokens=shard_tokens, backend=backend)
     if input_ids is not None:
         if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise MoescopeError("input_ids must be [batch, seq] and attention_mask the same shape")
@@ -115,5 +146,11 @@ def capture(
             raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
         sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
         total = max_tokens
+    if backend == "vllm":
+        from moescope.record.vllm_backend import run_vllm_capture
+
+        return run_vllm_capture(path, sequences, out, opts=opts, model_info=model_info, corpus_info=corpus_info, dtype=dtype,
+                                tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
+                                overwrite=overwrite, progress=progress, total_tokens=total)
     return run_capture(model, tokenizer, sequences, out, opts=opts, model_info=model_info, corpus_info=corpus_info,
                        custom_router=router, overwrite=overwrite, progress=progress, total_tokens=total)

@@ -8,6 +8,7 @@ from moescope.cli.inspect import add_custom_router_args, custom_router_from_args
 EXAMPLES = """  moescope capture moescope:tiny-moe --data humaneval,gsm-symbolic,wiki --out traces/run1 --max-tokens 20000
   moescope capture ./Mixtral-8x7B --data code.jsonl:text --out traces/mixtral --device cuda --dtype bf16 --device-map auto
   moescope capture moescope:tiny-moe --data gsm-symbolic --out traces/gen --generate 32 --save-logits
+  .venv-vllm/bin/moescope capture ./Qwen1.5-MoE-A2.7B --backend vllm --tensor-parallel-size 2 --data wiki --out traces/vllm --generate 64
 (an interrupted capture resumes when the same command is run again)
 """
 
@@ -35,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="hf: transformers model (default); vllm: inside a vLLM engine (needs scripts/setup-vllm.sh)")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="T", help="GPUs per vLLM engine (--backend vllm)")
     add_custom_router_args(p)
     p.set_defaults(run=run)
 
@@ -51,6 +55,7 @@ def run(args) -> int:
         trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits, predict_next_layer=args.predict_next_layer,
         output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
         router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,
+        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
         shard_tokens=args.shard_tokens,
     )
     stats = trace.manifest.get("stats", {})

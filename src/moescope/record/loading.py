@@ -38,6 +38,28 @@ def default_router(name: str):
     return default_custom_router(name.split(":", 1)[1])
 
 
+def _checked_path(name: str) -> tuple[str, bool]:
+    """(path or hub id, whether it is a local folder); a local path must be a model folder."""
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    if local and not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; point at a Hugging Face model folder")
+    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"model folder {path} does not exist")
+    return path, local
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    """The tokenizer alone (the vLLM backend loads the model itself)."""
+    from transformers import AutoTokenizer
+
+    path, _ = _checked_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {str(err).strip().splitlines()[0]}") from None
+
+
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
                trust_remote_code: bool = False):
     """(model, tokenizer) ready for inference. Errors are one line that says what to do."""
@@ -48,12 +70,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    path = resolve_model_path(name)
-    local = Path(path).exists()
-    if local and not (Path(path) / "config.json").is_file():
-        raise ModelLoadError(f"{path} has no config.json; point at a Hugging Face model folder")
-    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ModelLoadError(f"model folder {path} does not exist")
+    path, local = _checked_path(name)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if device_map:
         kwargs["device_map"] = device_map
