@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (hypothesis): a quick run by default; HYPOTHESIS_PROFILE=thorough for the long one.
+# No example database: nothing is written into the work tree, and the default run is the same every time.
+_FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("default", max_examples=40, derandomize=True, **_FUZZ)
+settings.register_profile("thorough", max_examples=1000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def make_tiny_qwen3_moe(seed: int = 0, **overrides):

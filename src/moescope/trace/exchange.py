@@ -12,7 +12,6 @@ regular trace (token vocabulary ids are unknown there and stored as -1).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from moescope.trace.schema import SEQUENCES_SCHEMA
 from moescope.trace.writer import TraceWriter
 
 FORMATS = ("jsonl", "csv")
+FLOAT16_MAX = 65504.0  # imported weights are stored as float16: anything larger would become inf
 
 
 def export_trace(trace: Trace, path: str | os.PathLike, *, fmt: str) -> int:
@@ -69,9 +69,10 @@ def _check_row(row, line_no: int, source: str) -> tuple[int, int, int, list, lis
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**15 for i in ids):
         raise ImportFormatError(f"{where}: expert_ids must be a non-empty list of expert indices in [0, 32767]")
     if not isinstance(weights, list) or len(weights) != len(ids) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        isinstance(w, (int, float)) and not isinstance(w, bool) and abs(w) <= FLOAT16_MAX for w in weights  # NaN fails too
     ):
-        raise ImportFormatError(f"{where}: weights must be a list of finite numbers, one per expert id")
+        raise ImportFormatError(f"{where}: weights must be a list of finite numbers within ±{FLOAT16_MAX:g} "
+                                "(traces store float16), one per expert id")
     if len(set(ids)) != len(ids):
         raise ImportFormatError(f"{where}: expert_ids repeats an expert")
     return ints[0], ints[1], ints[2], ids, weights
@@ -88,8 +89,8 @@ def read_jsonl_rows(path: Path):
                     continue
                 try:
                     row = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    raise ImportFormatError(f"{path}:{line_no}: not valid JSON") from None
+                except (ValueError, RecursionError):  # JSONDecodeError, or an integer of over 4300 digits
+                    raise ImportFormatError(f"{path}:{line_no}: not valid JSON (or a number too long to read)") from None
                 seq, layer, pos, ids, weights = _check_row(row, line_no, str(path))
                 if top_k is None:
                     top_k = len(ids)
