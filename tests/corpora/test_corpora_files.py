@@ -65,7 +65,7 @@ def test_domain_prefix_labels_user_data(tmp_path: Path) -> None:
         (['{"text": "ok"}', '["a", "list"]'], r"data\.jsonl line 2 is a JSON list, not an object"),
         (
             ['{"text": "ok"}', "", '{"body": "x", "id": 3}'],
-            r"data\.jsonl line 3 has no field 'text' \(it has: body, id\)",
+            r"data\.jsonl line 3 has no field 'text' \(it has: 'body', 'id'\)",
         ),
         (['{"text": 7}'], r"data\.jsonl line 1: field 'text' is a int, not a string"),
     ],

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except MoescopeError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, even with a newline in a path
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)

@@ -8,7 +8,8 @@
   field FIELD (default ``text``); doc_id ``data.jsonl:N`` with N the 1-based line number. Lines whose
   text is empty are skipped; a line that is not an object, or lacks the field, is an error.
 
-Bytes that are not UTF-8 are decoded as U+FFFD rather than refused; CRLF line ends become LF. Text
+Bytes that are not UTF-8 (and lone surrogates spelled in JSON) become U+FFFD rather than being refused;
+CRLF line ends become LF; a byte-order mark is dropped at the start of a file only. Text
 and JSONL files are streamed line by line and directories file by file, so memory is bounded by the
 largest document, not the corpus.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +28,18 @@ from moescope.errors import CorpusError
 _BINARY_PROBE_BYTES = 8192
 
 
-def _decode(data: bytes) -> str:
-    # utf-8-sig drops a BOM; CRLF → LF so block splitting and texts do not depend on the platform.
-    return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
+def _decode(data: bytes, *, first: bool = True) -> str:
+    # utf-8-sig drops a BOM (only a file's first line can start with one); CRLF → LF so block splitting
+    # and texts do not depend on the platform.
+    return data.decode("utf-8-sig" if first else "utf-8", errors="replace").replace("\r\n", "\n")
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    """JSON can spell lone UTF-16 surrogates (``"\\ud800"``), which are not text: U+FFFD, like bad bytes."""
+    return _SURROGATES.sub("\ufffd", text)
 
 
 def read_text_blocks(path: Path, *, source: str, domain: str) -> Iterator[Item]:
@@ -36,8 +47,8 @@ def read_text_blocks(path: Path, *, source: str, domain: str) -> Iterator[Item]:
     block: list[str] = []
     k = 0
     with path.open("rb") as f:
-        for raw in f:
-            line = _decode(raw).rstrip("\r\n")
+        for lineno, raw in enumerate(f):
+            line = _decode(raw, first=lineno == 0).rstrip("\r\n")
             if line.strip():
                 block.append(line)
                 continue
@@ -80,7 +91,7 @@ def read_jsonl(path: Path, field: str, *, source: str, domain: str) -> Iterator[
     """One document per JSON object line, its text taken from `field`."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            line = _decode(raw).strip()
+            line = _decode(raw, first=lineno == 1).strip()
             if not line:
                 continue
             where = f"{path.name} line {lineno}"
@@ -88,10 +99,13 @@ def read_jsonl(path: Path, field: str, *, source: str, domain: str) -> Iterator[
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise CorpusError(f"{where} is not valid JSON ({err.msg}); fix or remove that line") from None
+            except (ValueError, RecursionError):  # a number of over 4300 digits; nesting deeper than Python's stack
+                raise CorpusError(f"{where} is JSON this reader cannot take (a huge number or deep nesting); "
+                                  "fix or remove that line") from None
             if not isinstance(obj, dict):
                 raise CorpusError(f"{where} is a JSON {type(obj).__name__}, not an object; each line must be {{...}}")
             if field not in obj:
-                fields = ", ".join(map(str, obj)) or "none"
+                fields = ", ".join(map(repr, obj)) or "none"  # repr: a key may hold a newline
                 raise CorpusError(
                     f"{where} has no field {field!r} (it has: {fields}); choose one with {path.name}:FIELD"
                 )
@@ -100,4 +114,4 @@ def read_jsonl(path: Path, field: str, *, source: str, domain: str) -> Iterator[
             if not obj[field].strip():
                 continue  # an empty text has no tokens to route
             doc_id = f"{path.name}:{lineno}"
-            yield doc_id, Document(doc_id, obj[field], source, domain)
+            yield doc_id, Document(doc_id, _without_surrogates(obj[field]), source, domain)
