@@ -19,7 +19,7 @@ import numpy as np
 
 from moescope.record.manifest_info import versions
 from moescope.record.rows import TokenBlock, routing_table, tokens_table
-from moescope.errors import ImportFormatError, MoescopeError
+from moescope.errors import ImportFormatError, MoescopeError, TraceError
 from moescope.trace.reader import Trace
 from moescope.trace.schema import SEQUENCES_SCHEMA
 from moescope.trace.writer import TraceWriter
@@ -45,11 +45,22 @@ def export_trace(trace: Trace, path: str | os.PathLike, *, fmt: str) -> int:
         query = ("SELECT r.seq_id, r.pos, t.token_id, r.layer, r.topk_ids AS expert_ids, r.topk_weights AS weights "
                  "FROM routing r JOIN tokens t USING (seq_id, pos) ORDER BY r.seq_id, r.pos, r.layer")
         options = "FORMAT CSV, HEADER"
+    import duckdb
+
+    for shard in trace.manifest["shards"]:  # a damaged part is named here, before DuckDB reads it
+        for name in shard["files"]:
+            trace._read(shard["files"][name], verify=True, columns=[])
     tmp = path.with_name(f".{path.name}.tmp")
-    con = trace.duckdb()
-    con.execute(f"COPY ({query}) TO '{tmp}' ({options})")
-    os.replace(tmp, path)
-    return int(con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0])
+    try:
+        con = trace.duckdb()
+        con.execute(f"COPY ({query}) TO '{tmp}' ({options})")
+        rows = int(con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0])
+        os.replace(tmp, path)
+    except duckdb.Error as err:
+        raise TraceError(f"{trace.folder}: export failed ({str(err).splitlines()[0]}); check it with `moescope verify`") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing is left there after a successful rename
+    return rows
 
 
 def _check_row(row, line_no: int, source: str) -> tuple[int, int, int, list, list]:

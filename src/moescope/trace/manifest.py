@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from moescope.errors import TraceError
-from moescope.trace.schema import SCHEMA_VERSION
+from moescope.trace.schema import SCHEMA_VERSION, TABLES
 
 MANIFEST = "manifest.json"
 
@@ -63,7 +63,68 @@ def read_manifest(folder: Path) -> dict:
         raise TraceError(f"{path}: not a moescope manifest (no schema_version)")
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise TraceError(
-            f"{path}: trace schema version {manifest['schema_version']} is not supported by this moescope "
+            f"{path}: trace schema version {manifest['schema_version']!r} is not supported by this moescope "
             f"(reads version {SCHEMA_VERSION}); use a matching moescope release or recapture"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise TraceError(f"{path}: manifest is damaged ({problem}); recapture the trace (or rerun the capture)")
     return manifest
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _part_problem(where: str, table: str, entry) -> str | None:
+    if not isinstance(entry, dict):
+        return f"{where} is not an object"
+    path = entry.get("path")
+    if not isinstance(path, str) or PurePosixPath(path).parent != PurePosixPath(table) or not path.endswith(".parquet") \
+            or PurePosixPath(path).name.startswith("."):
+        return f"{where}.path {path!r} is not a {table}/*.parquet part of this trace"
+    if not (_count(entry.get("rows")) and _count(entry.get("bytes"))):
+        return f"{where} rows/bytes are not non-negative integers"
+    sha = entry.get("sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return f"{where}.sha256 is not a SHA-256 hex digest"
+    return None
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is structurally wrong with a manifest that readers rely on, or None.
+
+    Checked: model.id, the layers (n_experts, top_k), every shard's index, sequence range and its three
+    part entries (a path inside the trace's own table folder, row and byte counts, a checksum).
+    """
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("id"), str):
+        return "model.id is missing"
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        return "layers is not a list"
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or not all(_count(layer.get(k)) and layer[k] > 0 for k in ("n_experts", "top_k")):
+            return f"layers[{i}] lacks positive n_experts/top_k"
+    if not isinstance(manifest.get("complete", False), bool):
+        return "complete is not true/false"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "shards is not a list"
+    paths = set()
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not _count(shard.get("index")):
+            return f"shards[{i}] has no shard index"
+        if not (_count(shard.get("seq_id_min")) and _count(shard.get("seq_id_max"))) or shard["seq_id_min"] > shard["seq_id_max"]:
+            return f"shards[{i}] has no valid seq_id_min..seq_id_max"
+        files = shard.get("files")
+        if not isinstance(files, dict) or set(files) != set(TABLES):
+            return f"shards[{i}].files does not list exactly {', '.join(TABLES)}"
+        for table in TABLES:
+            problem = _part_problem(f"shards[{i}].files.{table}", table, files[table])
+            if problem:
+                return problem
+            paths.add(files[table]["path"])
+    if len(paths) != len(shards) * len(TABLES):
+        return "two shards list the same part file"
+    return None

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
 from moescope.trace.manifest import read_manifest, sha256_file
-from moescope.trace.schema import TABLES
+from moescope.trace.schema import TABLES, schema_problem
 from moescope.trace.shard import ShardData
 
 
@@ -75,11 +75,27 @@ class Trace:
         path = self.check_part(entry, verify=verify)
         try:
             table = pq.read_table(path, columns=columns)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise TraceError(f"{path}: unreadable Parquet ({err}); recapture") from None
+            # names are decoded lazily: a damaged footer can fail here too (UnicodeDecodeError)
+            problem = schema_problem(entry["path"].split("/")[0], table.schema, some_columns=columns is not None)
+        except (pa.ArrowException, OSError, KeyError, ValueError) as err:  # ArrowException: every pyarrow error
+            raise TraceError(f"{path}: unreadable Parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                             "recapture") from None
         if table.num_rows != entry["rows"]:
             raise TraceError(f"{path}: {table.num_rows} rows but the manifest says {entry['rows']}; recapture")
+        if problem:
+            raise TraceError(f"{path}: {problem}; not a part this moescope wrote, recapture")
         return table
+
+    def check_schema(self, entry: dict) -> None:
+        """The part's columns and their types (from the footer alone) are those of its table."""
+        path = self.folder / entry["path"]
+        try:
+            problem = schema_problem(entry["path"].split("/")[0], pq.read_schema(path))
+        except (pa.ArrowException, OSError, KeyError, ValueError) as err:
+            raise TraceError(f"{path}: unreadable Parquet footer ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                             "recapture") from None
+        if problem:
+            raise TraceError(f"{path}: {problem}; not a part this moescope wrote, recapture")
 
     # -- tables --------------------------------------------------------------------------------
     def table(self, name: str, *, columns: list[str] | None = None) -> pa.Table:
@@ -110,9 +126,19 @@ class Trace:
             raise TraceError(f"{self.folder}: shard {shard['index']} has {routing.num_rows} routing rows, expected {n_tokens}x{n_layers}")
         k = routing.schema.field("topk_ids").type.list_size
         seq_id = tokens.column("seq_id").to_numpy()
+        pos = tokens.column("pos").to_numpy()
+        # rows are (layer, seq_id, pos)-ordered and every layer covers the shard's tokens: the dense [L, T, k] reshape needs it
+        if not (np.array_equal(routing.column("layer").to_numpy(), np.repeat(np.arange(n_layers), n_tokens))
+                and np.array_equal(routing.column("seq_id").to_numpy(), np.tile(seq_id, n_layers))
+                and np.array_equal(routing.column("pos").to_numpy(), np.tile(pos, n_layers))):
+            raise TraceError(f"{self.folder}: shard {shard['index']}'s routing rows are not one row per token and layer in "
+                             "(layer, seq_id, pos) order; recapture")
         domain_of_seq = dict(zip(sequences.column("seq_id").to_pylist(), sequences.column("domain").to_pylist()))
         names = self.domain_names
         seq_ids, inverse = np.unique(seq_id, return_inverse=True)
+        if not all(int(s) in domain_of_seq and domain_of_seq[int(s)] in names for s in seq_ids):
+            raise TraceError(f"{self.folder}: shard {shard['index']} has tokens of sequences its sequences part does not "
+                             "list; recapture")
         domain_codes = np.array([names.index(domain_of_seq[int(s)]) for s in seq_ids], dtype=np.int16)
         router_output = None
         if "router_output" in routing.column_names:
@@ -126,7 +152,7 @@ class Trace:
         return ShardData(
             layers=np.arange(n_layers, dtype=np.int16),
             seq_id=seq_id.astype(np.int32, copy=False),
-            pos=tokens.column("pos").to_numpy().astype(np.int32, copy=False),
+            pos=pos.astype(np.int32, copy=False),
             token_id=tokens.column("token_id").to_numpy().astype(np.int32, copy=False),
             generated=tokens.column("generated").to_numpy(zero_copy_only=False),
             domain=domain_codes[inverse],

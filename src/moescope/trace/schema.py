@@ -61,3 +61,33 @@ SEQUENCES_SCHEMA = pa.schema(
         pa.field("text_sha1", pa.string(), nullable=False),
     ]
 )
+
+
+OPTIONAL_COLUMNS = ("router_output", "next_layer_prediction")
+
+
+def schema_problem(table: str, schema: pa.Schema, *, some_columns: bool = False) -> str | None:
+    """Why `schema` (of a part, or of `some_columns` read from it) is not one of `table`'s, or None.
+
+    Every column present must have the type this version writes (routing's list columns fixed-size lists,
+    `topk_ids` and `topk_weights` of one size); unless `some_columns`, every required column must be there.
+    """
+    if table == "routing":
+        k = schema.field("topk_ids").type.list_size if "topk_ids" in schema.names and \
+            pa.types.is_fixed_size_list(schema.field("topk_ids").type) else 1
+        widths = {name: schema.field(name).type.list_size for name in ("router_output", "next_layer_prediction")
+                  if name in schema.names and pa.types.is_fixed_size_list(schema.field(name).type)}
+        expected = routing_schema(k, widths.get("router_output", 0), widths.get("next_layer_prediction", 0))
+    else:
+        expected = {"tokens": TOKENS_SCHEMA, "sequences": SEQUENCES_SCHEMA}.get(table)
+        if expected is None:
+            return f"unknown table {table!r}"
+    missing = [name for name in expected.names if name not in schema.names and name not in OPTIONAL_COLUMNS]
+    if missing and not some_columns:
+        return f"a {table} part without column(s) {', '.join(missing)}"
+    for field in schema:
+        if field.name not in expected.names:
+            return f"unexpected column {field.name!r} in a {table} part"
+        if not field.type.equals(expected.field(field.name).type):
+            return f"column {field.name!r} is {field.type}, expected {expected.field(field.name).type}"
+    return None
