@@ -1,6 +1,6 @@
 """Overhead of the vLLM backend on vLLM's generation throughput, both ways in one engine, interleaved.
 
-    .venv-vllm/bin/python bench/vllm.py [--model moescope:tiny-moe] [--prompts 64] [--prompt-len 128] [--generate 32] [--reps 5]
+    .venv-vllm/bin/python bench/vllm_capture.py [--model moescope:tiny-moe] [--prompts 64] [--prompt-len 128] [--generate 32] [--reps 5]
 
 Ways, on the same engine (eager, no prefix caching: what --backend vllm runs) and the same prompts:
   plain      LLM.generate only (the baseline)
@@ -61,9 +61,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp, TraceWriter(tmp, manifest) as writer:
             llm.collective_rpc(vllm_worker.install, args=([layer.decoder_layer for layer in layers], False))
             try:
-                buffer = ShardBuffer(writer, opts.shard_tokens)
-                buffer.add(capture_chunk(llm, seqs, params, opts), seqs)
-                buffer.flush()
+                with ShardBuffer(writer, opts.shard_tokens) as buffer:
+                    buffer.add(capture_chunk(llm, seqs, params, opts), seqs)
             finally:
                 llm.collective_rpc(vllm_worker.uninstall)
 

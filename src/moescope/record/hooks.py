@@ -159,6 +159,8 @@ class RoutingRecorder:
 
     def take(self) -> list[LayerChunks]:
         """Hand over everything recorded since the last call and start afresh."""
+        if torch.cuda.is_initialized():  # the hooks' device-to-host copies are asynchronous (pinned): let them land
+            torch.cuda.synchronize()
         taken = []
         for chunks in self._chunks:  # the hooks hold these objects: empty them, don't replace them
             taken.append(LayerChunks(chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from moescope.adapters.discover import CustomRouter, find_moe_layers
@@ -51,13 +54,21 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class ShardBuffer:
-    """Collects TokenBlocks and their sequences until a shard's worth, then commits them."""
+    """Collects TokenBlocks and their sequences until a shard's worth, then commits them.
+
+    A shard is encoded and written on a background thread, so Parquet compression overlaps the next batches'
+    forward passes (pyarrow releases the GIL); at most one shard is being written while the next one fills,
+    so memory stays bounded by two shards. Use as a context manager: leaving it waits for the last write
+    (and raises its error), so the trace folder's lock is never released while a shard is half written.
+    """
 
     def __init__(self, writer: TraceWriter, shard_tokens: int):
         self.writer, self.shard_tokens = writer, shard_tokens
         self.blocks: list[TokenBlock] = []
         self.sequences: list[Sequence] = []
         self.kind_votes: list[str | None] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-shard-writer")
+        self._pending: Future | None = None
 
     def add(self, block: TokenBlock, sequences: list[Sequence]) -> None:
         self.blocks.append(block)
@@ -73,19 +84,44 @@ class ShardBuffer:
         return votes.pop() if len(votes) == 1 else ("mixed" if votes else default)
 
     def flush(self) -> None:
+        """Hand what is buffered to the writer thread (after the previous shard is committed)."""
         if not self.blocks:
             return
-        block = concat_blocks(self.blocks)
-        seq_ids, counts = torch.unique(torch.from_numpy(block.seq_id), return_counts=True)
+        blocks, sequences = self.blocks, self.sequences
+        self.blocks, self.sequences = [], []
+        self.wait()
+        self._pending = self._pool.submit(self._commit, blocks, sequences)
+
+    def wait(self) -> None:
+        """Block until the shard being written is committed; raises the error of a failed write."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _commit(self, blocks: list[TokenBlock], sequences: list[Sequence]) -> None:
+        block = concat_blocks(blocks)
+        seq_ids, counts = np.unique(block.seq_id, return_counts=True)
         n_tokens = dict(zip(seq_ids.tolist(), counts.tolist()))
         tables = {
             "routing": routing_table(block),
             "tokens": tokens_table(block),
-            "sequences": sequences_table(self.sequences, n_tokens),
+            "sequences": sequences_table(sequences, n_tokens),
         }
-        ids = [s.seq_id for s in self.sequences]
+        ids = [s.seq_id for s in sequences]
         self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids))
-        self.blocks, self.sequences = [], []
+
+    def __enter__(self) -> "ShardBuffer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+                self.wait()
+            elif self._pending is not None:  # let the write end before the lock is released; report the loop's error
+                futures_wait([self._pending])
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
@@ -126,15 +162,14 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
         done = writer.committed_seq_ids
         todo = (s for s in sequences if s.seq_id not in done)
         batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(todo, opts.batch_size))
-        buffer = ShardBuffer(writer, opts.shard_tokens)
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)
         started = time.perf_counter()
         n_tokens = 0
-        for batch, block in _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer)):
-            buffer.add(block, batch.sequences)
-            n_tokens += block.n_tokens
-            bar.update(block.n_tokens)
-        buffer.flush()
+        with ShardBuffer(writer, opts.shard_tokens) as buffer:
+            for batch, block in _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer)):
+                buffer.add(block, batch.sequences)
+                n_tokens += block.n_tokens
+                bar.update(block.n_tokens)
         bar.close()
         kind = buffer.router_output_kind(writer.manifest.get("router_output_kind"))
         seconds = time.perf_counter() - started

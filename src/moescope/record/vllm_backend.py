@@ -172,17 +172,16 @@ def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.Pat
                            trust_remote_code=trust_remote_code)
         llm.collective_rpc(vllm_worker.install, args=([layer.decoder_layer for layer in layers], opts.save_router_output))
         params = sampling_params(opts)
-        buffer = ShardBuffer(writer, opts.shard_tokens)
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture (vLLM)", dynamic_ncols=True)
         started, n_tokens = time.perf_counter(), 0
+        done = writer.committed_seq_ids
         try:
-            done = writer.committed_seq_ids
-            for chunk in chunks((s for s in sequences if s.seq_id not in done), opts.shard_tokens):
-                block = capture_chunk(llm, chunk, params, opts)
-                buffer.add(block, chunk)
-                n_tokens += block.n_tokens
-                bar.update(block.n_tokens)
-            buffer.flush()
+            with ShardBuffer(writer, opts.shard_tokens) as buffer:
+                for chunk in chunks((s for s in sequences if s.seq_id not in done), opts.shard_tokens):
+                    block = capture_chunk(llm, chunk, params, opts)
+                    buffer.add(block, chunk)
+                    n_tokens += block.n_tokens
+                    bar.update(block.n_tokens)
         finally:
             llm.collective_rpc(vllm_worker.uninstall)
             bar.close()

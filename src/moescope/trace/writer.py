@@ -25,9 +25,12 @@ LOCK = ".moescope.lock"
 RESUME_KEYS = ("model", "corpus", "capture")
 
 
+ZSTD_LEVEL = 9  # level 15 is 10 % smaller but writes 0.65 M rows/s, slower than an H100 prefill (bench/gpu_capture.py)
+
+
 def _parquet_options(table: str) -> dict:
-    """zstd-15 with encodings picked per column (measured in bench/capture.py: ~0.5 B/row less than defaults)."""
-    options = dict(compression="zstd", compression_level=15, write_statistics=False)
+    """zstd with encodings picked per column (measured in bench/capture.py: ~0.5 B/row less than defaults)."""
+    options = dict(compression="zstd", compression_level=ZSTD_LEVEL, write_statistics=False)
     if table == "routing":
         # expert ids: few distinct values -> dictionary; gate weights: floats compress far better split
         # into byte planes (the exponent plane is nearly constant)
