@@ -157,9 +157,13 @@ class RoutingRecorder:
             handle.remove()
         self._handles.clear()
 
-    def take(self) -> list[LayerChunks]:
-        """Hand over everything recorded since the last call and start afresh."""
-        if torch.cuda.is_initialized():  # the hooks' device-to-host copies are asynchronous (pinned): let them land
+    def take(self, synchronize: bool = True) -> list[LayerChunks]:
+        """Hand over everything recorded since the last call and start afresh.
+
+        The hooks' device-to-host copies are asynchronous (PyTorch pins their destination): unless
+        `synchronize`, the caller must wait for the device (a CUDA event) before reading the tensors.
+        """
+        if synchronize and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         taken = []
         for chunks in self._chunks:  # the hooks hold these objects: empty them, don't replace them

@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -53,6 +53,21 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
+@dataclass
+class DeferredBlock:
+    """A batch's routing whose device-to-host copies may still be in flight; built on the writer thread,
+    so the capture loop never waits for the GPU (it queues the next batch while this one computes)."""
+
+    n_tokens: int
+    build: Callable[[], TokenBlock]
+    ready: list[torch.cuda.Event]  # one per GPU the model is on, recorded after the hooks' copies; none on the CPU
+
+    def resolve(self) -> TokenBlock:
+        for event in self.ready:
+            event.synchronize()
+        return self.build()
+
+
 class ShardBuffer:
     """Collects TokenBlocks and their sequences until a shard's worth, then commits them.
 
@@ -70,11 +85,9 @@ class ShardBuffer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-shard-writer")
         self._pending: Future | None = None
 
-    def add(self, block: TokenBlock, sequences: list[Sequence]) -> None:
+    def add(self, block: TokenBlock | DeferredBlock, sequences: list[Sequence]) -> None:
         self.blocks.append(block)
         self.sequences.extend(sequences)
-        if block.router_output is not None:
-            self.kind_votes.append(detect_router_output_kind(block.router_output))
         if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
             self.flush()
 
@@ -98,7 +111,9 @@ class ShardBuffer:
         if pending is not None:
             pending.result()
 
-    def _commit(self, blocks: list[TokenBlock], sequences: list[Sequence]) -> None:
+    def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> None:
+        blocks = [b.resolve() if isinstance(b, DeferredBlock) else b for b in blocks]
+        self.kind_votes += [detect_router_output_kind(b.router_output) for b in blocks if b.router_output is not None]
         block = concat_blocks(blocks)
         seq_ids, counts = np.unique(block.seq_id, return_counts=True)
         n_tokens = dict(zip(seq_ids.tolist(), counts.tolist()))
@@ -126,6 +141,7 @@ class ShardBuffer:
 
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
     device = next(model.parameters()).device
+    gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}  # several with --device-map
     weights_dtype = getattr(torch, opts.weights_dtype)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
                                predict_next_layer=opts.predict_next_layer, weights_dtype=weights_dtype)
@@ -140,7 +156,19 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
                 output = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 logits = getattr(output, "logits", None)  # None for a base model without an LM head
                 entropy = _output_entropy(logits).cpu() if opts.output_entropy and logits is not None else None
-                yield batch, block_from_forward(batch, rec.take(), entropy)
+                chunks, ready = rec.take(synchronize=False), _copies_done(gpus)
+                build = lambda batch=batch, chunks=chunks, entropy=entropy: block_from_forward(batch, chunks, entropy)
+                yield batch, DeferredBlock(int(batch.attention_mask.sum()), build, ready)
+
+
+def _copies_done(gpus: set[torch.device]) -> list[torch.cuda.Event]:
+    """Events that fire once everything queued so far on each GPU (the hooks' copies included) is done."""
+    events = []
+    for gpu in gpus:
+        with torch.cuda.device(gpu):
+            events.append(torch.cuda.Event())
+            events[-1].record()
+    return events
 
 
 def _pad_id(model) -> int:
