@@ -24,6 +24,10 @@ def run(args) -> int:
     from moescope.pipeline.analyze import analyze_trace
     from moescope.pipeline.summary import print_summary
 
+    from moescope.errors import MoescopeError
+
+    if args.model and args.no_model:
+        raise MoescopeError("--model and --no-model contradict each other; give one")
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     summary = analyze_trace(args.trace, args.out, only=only, model=args.model, use_model=not args.no_model)
     print_summary(summary)

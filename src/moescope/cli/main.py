@@ -9,8 +9,15 @@ import sys
 SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "quant", "report", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like moescope's own (exit status 2, as argparse's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moescope", description="See how Mixture-of-Experts models route their tokens.")
+    parser = _Parser(prog="moescope", description="See how Mixture-of-Experts models route their tokens.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:

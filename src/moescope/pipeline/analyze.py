@@ -20,6 +20,7 @@ from moescope.analysis.kernels import jsonable
 from moescope.analysis.router_structure import analyze_router_weights
 from moescope.analysis.runner import ANALYSES, run_analyses
 from moescope.errors import ModelLoadError, MoescopeError, NoRouterFoundError
+from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
 
@@ -91,10 +92,7 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
     unknown = [n for n in names if n not in ANALYSES and n != ROUTER_STRUCTURE]
     if unknown:
         raise MoescopeError(f"unknown analyses {', '.join(unknown)}; choose from {', '.join([*ANALYSES, ROUTER_STRUCTURE])}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MoescopeError(f"--out {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, markers=("summary.json",), what="analysis results")  # refused before the work
     loaded = tokenizer = None
     skipped_reason = "not requested (--no-model)"
     if use_model:
@@ -112,6 +110,7 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
         else:
             results[ROUTER_STRUCTURE] = analyze_router_weights(router_weights(loaded, trace))
             notes[ROUTER_STRUCTURE] = list(results[ROUTER_STRUCTURE].notes)
+    out = prepare_output_folder(out, markers=("summary.json",), what="analysis results")
     tables = {name: _write_tables(name, result.to_pandas(), out) for name, result in results.items()}
     summary = {
         "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,

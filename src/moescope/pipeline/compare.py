@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -15,10 +14,13 @@ from moescope.analysis.kernels import js_divergence, jsonable
 from moescope.analysis.runner import run_analyses
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context
+from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
 
 ROUTING_ONLY = ("load", "router_confidence", "temporal_locality", "cross_layer", "domain_specialisation")
+
+MARKERS = ("summary.json", "headline.csv")  # what a previous comparison left in its folder
 
 
 def _flatten(prefix: str, value, out: dict) -> None:
@@ -47,6 +49,7 @@ def _token_agreement(a: Trace, b: Trace) -> pd.DataFrame:
 
 def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: str | os.PathLike) -> dict:
     a, b = open_trace(path_a), open_trace(path_b)
+    check_output_folder(out, markers=MARKERS, what="comparison results")  # refused before the work, created after it
     results = {}
     for label, trace in (("a", a), ("b", b)):
         ctx = analysis_context(trace)
@@ -58,8 +61,7 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: st
     keys = sorted(set(flat["a"]) & set(flat["b"]))
     headline = pd.DataFrame({"metric": keys, "a": [flat["a"][k] for k in keys], "b": [flat["b"][k] for k in keys]})
     headline["b_minus_a"] = headline["b"] - headline["a"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(out, markers=MARKERS, what="comparison results")
     headline.to_csv(out / "headline.csv", index=False)
     headline.to_parquet(out / "headline.parquet", index=False)
     summary = {"a": str(path_a), "b": str(path_b), "tokens": {"a": a.n_tokens, "b": b.n_tokens}}

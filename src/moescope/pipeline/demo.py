@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from moescope.errors import MoescopeError, TraceError
+from moescope.pipeline.output import prepare_output_folder
 
 DEMO_CORPUS = "humaneval,gsm-symbolic,wiki"
 
@@ -43,10 +44,7 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
     from moescope.pipeline.analyze import analyze_trace
     from moescope.pipeline.summary import print_summary
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MoescopeError(f"--out {out} is a file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_folder(out, markers=("traces", "results", "quant", "report.html"), what="demo outputs")
     outputs: dict[str, str] = {}
     started = time.perf_counter()
     models = ("tiny-moe", "tiny-varmoe")

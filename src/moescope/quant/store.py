@@ -106,6 +106,8 @@ class ResultStore:
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise QuantConfigError(f"--out {self.out} is a file; give a folder path")
+        if self.out.is_dir() and any(self.out.iterdir()) and not any((self.out / n).exists() for n in (SWEEP, RESULTS, LOCK)):
+            raise QuantConfigError(f"--out {self.out} is not empty and holds no quantization sweep; choose a new or empty folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             fd = _lock(self.out)

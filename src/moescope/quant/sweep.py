@@ -319,10 +319,19 @@ def run_quant_sweep(
     if isinstance(dense_model, str):
         model_info = {**(model_info or {}), "dense_name": dense_model}
         dense_model, _ = load_model(dense_model, device=device, dtype=dtype)
-    bits = tuple(int(b) for b in _as_tuple(bits))
+    try:
+        bits = tuple(int(b) for b in _as_tuple(bits))
+    except ValueError:
+        raise QuantConfigError(f"bits must be whole numbers like 2,3,4,8, not {bits!r}") from None
     targets, schemes, granularity = _as_tuple(targets), _as_tuple(schemes), _as_tuple(granularity)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise QuantConfigError(f"unknown target(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(TARGETS)}")
     for scheme in schemes:
         make_format(scheme, 4, "auto")  # validates the name before any work
+    if not any(supports_bits(scheme, b) for scheme in schemes for b in bits):
+        raise QuantConfigError(f"no scheme of {', '.join(schemes)} runs at {', '.join(map(str, bits))} bits "
+                               "(nf4, fp4 and nvfp4 are 4-bit formats); nothing to sweep")
     for gran in granularity:
         if gran != "auto":
             make_format("rtn-sym", 4, gran)

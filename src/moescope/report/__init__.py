@@ -89,9 +89,16 @@ def write_report(
     from moescope.report.figures import render_png, render_svg
     from moescope.report.html import render_document
 
-    doc = build_document(result_dirs, title=title)
     out_html = Path(out_html)
     figures = Path(figures_dir) if figures_dir is not None else None
+    if out_html.is_dir():
+        raise ReportError(f"--out {out_html} is a folder; give the HTML file to write, e.g. {out_html / 'report.html'}")
+    if figures is not None and figures.exists() and not figures.is_dir():
+        raise ReportError(f"--figures {figures} is a file; give a folder")
+    if not any(_holds_results(Path(d)) for d in result_dirs):
+        raise ReportError(f"none of {', '.join(map(str, result_dirs))} holds results of `moescope analyze` or "
+                          "`moescope quant` (summary.json); pass their --out folders")
+    doc = build_document(result_dirs, title=title)
     for folder in (out_html.parent, figures):
         if folder is not None:
             try:
@@ -128,6 +135,10 @@ def write_report(
         tmp.unlink(missing_ok=True)
         raise ReportError(f"cannot write {out_html}: {err.strerror}; choose a writable --out") from None
     return out_html
+
+
+def _holds_results(folder: Path) -> bool:
+    return (folder / "summary.json").is_file() or (folder / "configs.parquet").is_file() or (folder / "configs.csv").is_file()
 
 
 __all__ = ["ReportError", "build_document", "load_results", "write_report"]
