@@ -25,9 +25,9 @@ def _reference_routing(model, ids, mask):
     for h in handles:
         h.remove()
     out_ids, out_w = [], []
-    keep = mask.reshape(-1).bool().numpy()
+    keep = mask.reshape(-1).bool().cpu().numpy()
     for x, router in zip(inputs, _router_modules(model)):
-        logits = x.double().numpy() @ router.weight.detach().double().numpy().T  # [N, E]
+        logits = x.double().cpu().numpy() @ router.weight.detach().double().cpu().numpy().T  # [N, E]
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         top = np.argsort(-probs, axis=-1, kind="stable")[:, :2]
@@ -51,6 +51,25 @@ def test_capture_matches_independent_routing_and_drops_padding(tiny_moe, padded_
     assert shard.seq_id.tolist() == [0] * 12 + [1] * 8 + [2] * 3
     assert shard.pos.tolist() == list(range(12)) + list(range(8)) + list(range(3))
     assert shard.token_id.tolist() == ids[mask.bool()].tolist()
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_capture_over_many_batches_and_shards_matches_independent_routing(tiny_moe, padded_batch, tmp_path, device):
+    """On a GPU the hooks' copies are asynchronous and blocks are built on the writer thread: same trace."""
+    import copy
+
+    ids, mask = padded_batch
+    model = copy.deepcopy(tiny_moe).to(device)
+    trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
+                             batch_size=1, shard_tokens=8, weights_dtype="float32")
+    shards = list(trace.shards())
+    assert len(shards) == 3  # one per sequence: 12, 8 and 3 tokens
+    got = np.concatenate([s.topk_ids for s in shards], axis=1)
+    ref_ids, _ = _reference_routing(model, ids.to(device), mask.to(device))
+    np.testing.assert_array_equal(np.sort(got, -1), np.sort(ref_ids, -1))
 
 
 def test_left_padding_gives_same_rows_as_right_padding(tiny_moe, padded_batch, tmp_path):
