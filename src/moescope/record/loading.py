@@ -60,6 +60,11 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
         raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {str(err).strip().splitlines()[0]}") from None
 
 
+# transformers reads a legacy pytorch_model.bin with torch.load(weights_only=True): a checkpoint that would
+# run code is refused with this (the pickle module's) error, which becomes a ModelLoadError here
+UNPICKLING_REFUSED = torch.serialization.pickle.UnpicklingError
+
+
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
                trust_remote_code: bool = False):
     """(model, tokenizer) ready for inference. Errors are one line that says what to do."""
@@ -77,7 +82,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, UNPICKLING_REFUSED) as err:  # a pickled checkpoint's code is refused, never run
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if local else " (is the id right, and is it in your Hugging Face cache or reachable online?)"
         raise ModelLoadError(f"cannot load model {name!r}{hint}: {first}") from None
