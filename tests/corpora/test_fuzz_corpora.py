@@ -24,24 +24,28 @@ json_values = st.recursive(
 )
 
 
-def _tokenizable(docs) -> None:
-    from conftest import make_byte_tokenizer
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
 
-    tokenizer = _tokenizable.tokenizer = getattr(_tokenizable, "tokenizer", None) or make_byte_tokenizer()
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _tokenizable(docs, tokenizer) -> None:
     for doc in docs:
         assert isinstance(doc.text, str) and doc.text.strip()
         doc.text.encode("utf-8")  # no lone surrogates: every later step (tokenizer, sha1, Parquet) needs UTF-8
         tokenizer(doc.text, add_special_tokens=False)
 
 
-def _load(spec: str):
+def _load(spec: str, tokenizer):
     """The documents, or None after one CorpusError (any other exception fails the test)."""
     try:
         docs = load_corpus(spec)
     except MoescopeError as err:
         assert isinstance(err, CorpusError) and str(err) and "\n" not in str(err), err
         return None
-    _tokenizable(docs)
+    _tokenizable(docs, tokenizer)
     return docs
 
 
@@ -85,10 +89,10 @@ def expected_jsonl(data: bytes, field: str) -> list[str] | None:
 
 
 @given(data=st.one_of(st.binary(max_size=400), edge_text.map(lambda t: t.encode("utf-8", "surrogatepass"))))
-def test_text_file_of_arbitrary_bytes(tmp_path_factory, data):
+def test_text_file_of_arbitrary_bytes(tmp_path_factory, tokenizer, data):
     path = _case(tmp_path_factory) / "notes.txt"
     path.write_bytes(data)
-    docs = _load(str(path))
+    docs = _load(str(path), tokenizer)
     expected = expected_blocks(data)
     assert (docs is None) == (expected == [])  # the only error: no documents at all
     assert docs is None or [d.text for d in docs] == expected
@@ -98,11 +102,11 @@ def test_text_file_of_arbitrary_bytes(tmp_path_factory, data):
                                 st.dictionaries(st.sampled_from(["text", "body"]), json_values, max_size=2)
                                 .map(lambda v: json.dumps(v, ensure_ascii=False))), max_size=6),
        field=st.sampled_from(["text", "body"]))
-def test_jsonl_file_of_odd_json(tmp_path_factory, lines, field):
+def test_jsonl_file_of_odd_json(tmp_path_factory, tokenizer, lines, field):
     path = _case(tmp_path_factory) / "data.jsonl"
     data = "\n".join(lines).encode("utf-8", "surrogatepass")
     path.write_bytes(data)
-    docs = _load(f"{path}:{field}")
+    docs = _load(f"{path}:{field}", tokenizer)
     expected = expected_jsonl(data, field)
     assert (docs is None) == (expected is None or expected == []), (docs, expected)
     assert docs is None or [d.text for d in docs] == expected
@@ -111,13 +115,13 @@ def test_jsonl_file_of_odd_json(tmp_path_factory, lines, field):
 @given(files=st.dictionaries(st.text(alphabet=st.characters(blacklist_characters="/\0", codec="utf-8"), min_size=1, max_size=8),
                              st.one_of(st.binary(max_size=100), edge_text.map(lambda t: t.encode("utf-8", "surrogatepass"))),
                              max_size=5))
-def test_directory_of_arbitrary_files(tmp_path_factory, files):
+def test_directory_of_arbitrary_files(tmp_path_factory, tokenizer, files):
     root = _case(tmp_path_factory) / "corpus"
     root.mkdir()
     files = {name: data for name, data in files.items() if name not in (".", "..")}
     for name, data in files.items():
         (root / name).write_bytes(data)
-    docs = _load(str(root))
+    docs = _load(str(root), tokenizer)
     expected = [(name, data.decode("utf-8", "replace").removeprefix("\ufeff").replace("\r\n", "\n"))
                 for name, data in sorted(files.items()) if not name.startswith(".") and b"\0" not in data]
     expected = [(name, text) for name, text in expected if text.strip()]
@@ -131,7 +135,7 @@ def test_directory_of_arbitrary_files(tmp_path_factory, files):
     ("bignum.jsonl", b'{"text": "a", "n": ' + b"1" * 5000 + b"}"), ("latin1.txt", "café".encode("latin-1")),
     ("crlf.txt", b"a\r\nb\r\n\r\nc"), ("nontext.jsonl", b'{"text": 3}'), ("list.jsonl", b"[1, 2]"),
 ])
-def test_edge_cases(tmp_path, name, data):
+def test_edge_cases(tmp_path, tokenizer, name, data):
     (tmp_path / name).write_bytes(data)
     spec = str(tmp_path / name)
-    _load(spec)
+    _load(spec, tokenizer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +104,8 @@ def write_report(
         if folder is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):  # writable? (before the figures are drawn; root ignores mode bits)
+                    pass
             except OSError as err:
                 raise ReportError(f"cannot create {folder}: {err.strerror}; choose a writable location") from None
     index = {g.id: n for n, g in enumerate(doc.groups, 1)}
