@@ -70,8 +70,9 @@ def kill_sweep(cli, argv, out, *, kills: int, seed: int) -> list[str]:
     history = []
     for attempt in range(kills):
         before = _finished(out)
+        target = before + rng.randint(0, 2)  # 0: killed before it finishes a configuration
         run = cli.start(argv)
-        if wait_until(lambda: _finished(out) >= before + rng.randint(0, 2), run):
+        if wait_until(lambda: _finished(out) >= target, run):
             run.finished(rng.uniform(0, 0.1))
             run.kill()
         status = run.wait()
@@ -92,7 +93,9 @@ def test_sweep_killed_resumes_at_the_next_configuration(warm_cli, tiny_model_dir
     assert status == 0, log
     history = kill_sweep(warm_cli, ["quant", tiny_model_dir, *corpus, *SWEEP_ARGS, "--out", tmp_path / "killed"],
                          tmp_path / "killed", kills=3, seed=8)
+    print("\n".join(history))  # pytest -s shows where each kill landed
     assert sum("exit -9" in h for h in history) >= 2, history
+    assert any(h.endswith("exit -9") and not h.split("->")[1].startswith("0,") for h in history), history  # mid-sweep
     # every configuration ran to its line exactly once, in the planned order: each rerun took up the next one
     assert _log_ids(tmp_path / "killed") == _log_ids(tmp_path / "reference"), history
     killed, reference = _results(tmp_path / "killed"), _results(tmp_path / "reference")
@@ -108,7 +111,9 @@ def test_shipped_model_sweep_survives_many_kills(warm_cli, tmp_path):
     assert status == 0, log
     history = kill_sweep(warm_cli, ["quant", "moescope:tiny-moe", *args, "--out", tmp_path / "killed"],
                          tmp_path / "killed", kills=10, seed=3)
+    print("\n".join(history))
     assert sum("exit -9" in h for h in history) >= 6, history
+    assert sum(h.endswith("exit -9") and not h.split("->")[1].startswith("0,") for h in history) >= 3, history
     assert _log_ids(tmp_path / "killed") == _log_ids(tmp_path / "reference"), history
     killed, reference = _results(tmp_path / "killed"), _results(tmp_path / "reference")
     pd.testing.assert_frame_equal(killed[0], reference[0])

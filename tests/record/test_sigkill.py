@@ -100,7 +100,9 @@ def test_capture_killed_three_times_resumes_to_the_uninterrupted_trace(warm_cli,
     assert len(moescope.open_trace(tmp_path / "reference").manifest["shards"]) >= 10  # room to kill between commits
     history = kill_loop(warm_cli, ["capture", tiny_model_dir, *args, "--out", tmp_path / "killed"], tmp_path / "killed",
                         kills=3, seed=8)
+    print("\n".join(history))  # pytest -s shows where each kill landed
     assert sum("exit -9" in h for h in history) >= 2, history  # the kills did land
+    assert any(h.endswith("exit -9") and not h.split("->")[1].startswith("0,") for h in history), history  # mid-capture
     check_same_trace(tmp_path / "reference", tmp_path / "killed", history)
 
 
@@ -113,5 +115,7 @@ def test_shipped_model_capture_survives_many_kills(warm_cli, tmp_path, seed):
     assert status == 0, log
     history = kill_loop(warm_cli, ["capture", "moescope:tiny-moe", *args, "--out", tmp_path / "killed"],
                         tmp_path / "killed", kills=12, seed=seed, max_extra_shards=2)
+    print("\n".join(history))
     assert sum("exit -9" in h for h in history) >= 8, history
+    assert sum(h.endswith("exit -9") and not h.split("->")[1].startswith("0,") for h in history) >= 4, history
     check_same_trace(tmp_path / "reference", tmp_path / "killed", history)
