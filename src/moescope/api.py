@@ -75,6 +75,8 @@ def capture(
     progress: bool = True,
     backend: str = "hf",
     tensor_parallel_size: int = 1,
+    ray: str | None = None,
+    workers: int | None = None,
 ) -> Trace:
     """Record, for every token and MoE layer, the experts the model chose and their gate weights.
 
@@ -93,6 +95,9 @@ def capture(
     backend : ``"hf"`` (hooks on a transformers model, the default) or ``"vllm"`` (inside a vLLM engine, which
         must be installed in this environment: ``scripts/setup-vllm.sh``); the trace is the same either way.
     tensor_parallel_size : GPUs the vLLM engine shards the model over (``backend="vllm"`` only).
+    ray : capture on a Ray cluster: its address, ``"auto"``, or ``"local"`` (start one here). The corpus is
+        split into shards, one worker per GPU (or CPU); the trace equals the in-process one.
+    workers : Ray workers to start (default: one per GPU, or per CPU of the cluster).
 
     Returns
     -------
@@ -115,7 +120,17 @@ def capture(
     if data is not None:  # check the corpus before spending time on the model
         docs, corpus_info = _documents(data, split)
         corpus_info = {**corpus_info, "split": split}
-    if backend == "vllm":
+    if ray is not None and (backend != "hf" or not isinstance(model, str) or input_ids is not None):
+        raise MoescopeError("--ray captures a model given by name with the hf backend from a corpus")
+    if ray is not None:
+        from moescope.distributed.cluster import require_ray
+        from moescope.record.loading import default_router, load_tokenizer
+
+        require_ray()
+        router = router or default_router(model)
+        model_info = {"id": model}
+        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    elif backend == "vllm":
         from moescope.record.vllm_backend import require_vllm
 
         require_vllm()  # before the tokenizer: say at once what is missing
@@ -146,6 +161,13 @@ def capture(
             raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
         sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
         total = max_tokens
+    if ray is not None:
+        from moescope.distributed.capture import run_ray_capture
+
+        load_kwargs = dict(device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        return run_ray_capture(model, sequences, out, opts=opts, model_info=model_info, corpus_info=corpus_info,
+                               load_kwargs=load_kwargs, router=router, address=None if ray == "local" else ray,
+                               workers=workers, overwrite=overwrite, progress=progress, total_tokens=total)
     if backend == "vllm":
         from moescope.record.vllm_backend import run_vllm_capture
 

@@ -58,12 +58,15 @@ def run_analyses(
     *,
     only: Iterable[str] | None = None,
     timings: dict[str, float] | None = None,
+    run_pass: Callable | None = None,
 ) -> dict[str, AnalysisResult]:
     """Run the named analyses (default: all of ANALYSES) over the shards; returns {name: result}.
 
     `timings`, when given, receives the CPU seconds (time.process_time) each analysis spent in
     accumulate/merge/finalize; CPU time stays meaningful on a machine shared with other work.
+    `run_pass` replaces the in-process pass (``moescope.distributed.analyze.ray_pass``: on a Ray cluster).
     """
+    run_pass = run_pass or _run_pass
     names = list(ANALYSES) if only is None else list(dict.fromkeys(only))
     unknown = [n for n in names if n not in ANALYSES]
     if unknown:
@@ -74,10 +77,10 @@ def run_analyses(
     if second_pass and "cross_layer" not in first:
         first.append("cross_layer")  # learns the prefetch table
     clock = timings if timings is not None else {}
-    results = _run_pass(_open(shards), first, ctx, clock)
+    results = run_pass(_open(shards), first, ctx, clock)
     if second_pass:
         learned = dataclasses.replace(ctx, prefetch_table=results["cross_layer"].prefetch_table())
-        results.update(_run_pass(_open(shards), ["expert_cache"], learned, clock))
+        results.update(run_pass(_open(shards), ["expert_cache"], learned, clock))
     return {n: results[n] for n in names}
 
 

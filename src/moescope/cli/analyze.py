@@ -7,6 +7,7 @@ from moescope.cli._common import add_command
 EXAMPLES = """  moescope analyze traces/run1 --out results/run1
   moescope analyze traces/run1 --out results/run1 --only load,cross_layer,expert_cache
   moescope analyze traces/imported --out results/imported --no-model     # routing-only analyses
+  moescope analyze traces/big --out results/big --ray auto                 # shards accumulated on a Ray cluster
 """
 
 
@@ -17,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--only", default=None, help="comma-separated analysis names")
     p.add_argument("--model", default=None, help="model to read router weights/tokenizer from (default: the trace's)")
     p.add_argument("--no-model", action="store_true", help="skip what needs the model")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="accumulate shards on a Ray cluster (an address, auto; alone: start one on this machine)")
     p.set_defaults(run=run)
 
 
@@ -29,7 +32,8 @@ def run(args) -> int:
     if args.model and args.no_model:
         raise MoescopeError("--model and --no-model contradict each other; give one")
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    summary = analyze_trace(args.trace, args.out, only=only, model=args.model, use_model=not args.no_model)
+    summary = analyze_trace(args.trace, args.out, only=only, model=args.model, use_model=not args.no_model,
+                           ray=args.ray)
     print_summary(summary)
     print(f"tables and summary.json in {args.out}")
     return 0

@@ -8,6 +8,7 @@ from moescope.cli.inspect import add_custom_router_args, custom_router_from_args
 EXAMPLES = """  moescope capture moescope:tiny-moe --data humaneval,gsm-symbolic,wiki --out traces/run1 --max-tokens 20000
   moescope capture ./Mixtral-8x7B --data code.jsonl:text --out traces/mixtral --device cuda --dtype bf16 --device-map auto
   moescope capture moescope:tiny-moe --data gsm-symbolic --out traces/gen --generate 32 --save-logits
+  moescope capture ./Mixtral-8x7B --data corpus/ --out /shared/traces/mixtral --ray auto   # one worker per GPU
   .venv-vllm/bin/moescope capture ./Qwen1.5-MoE-A2.7B --backend vllm --tensor-parallel-size 2 --data wiki --out traces/vllm --generate 64
 (an interrupted capture resumes when the same command is run again)
 """
@@ -38,6 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="hf: transformers model (default); vllm: inside a vLLM engine (needs scripts/setup-vllm.sh)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="capture on a Ray cluster (an address, auto; alone: start one on this machine)")
+    p.add_argument("--workers", type=positive_int, default=None, help="Ray workers (default: one per GPU, else per CPU)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="T", help="GPUs per vLLM engine (--backend vllm)")
     add_custom_router_args(p)
     p.set_defaults(run=run)
@@ -55,7 +59,7 @@ def run(args) -> int:
         trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits, predict_next_layer=args.predict_next_layer,
         output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
         router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,
-        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size,
+        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, ray=args.ray, workers=args.workers,
         shard_tokens=args.shard_tokens,
     )
     stats = trace.manifest.get("stats", {})

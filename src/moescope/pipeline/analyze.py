@@ -80,9 +80,10 @@ def _write_tables(name: str, tables, out: Path) -> list[str]:
 
 
 def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only: list[str] | None = None,
-                  model: str | None = None, use_model: bool = True) -> dict:
+                  model: str | None = None, use_model: bool = True, ray: str | None = None) -> dict:
     """Run the analyses on a trace and write their tables and `summary.json` into `out`.
 
+    `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards on Ray workers.
     Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}}.
     """
     trace = open_trace(trace_path)
@@ -102,7 +103,12 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
         overrides["token_text"] = lambda token_id: tokenizer.decode([int(token_id)])
         overrides["vocab_size"] = len(tokenizer)
     ctx = analysis_context(trace, **overrides)
-    results = run_analyses(trace.shards, ctx, only=[n for n in names if n in ANALYSES])
+    run_pass = None
+    if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
+        from moescope.distributed.analyze import ray_pass
+
+        run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)
+    results = run_analyses(trace.shards, ctx, only=[n for n in names if n in ANALYSES], run_pass=run_pass)
     notes = {name: list(result.notes) for name, result in results.items()}
     if ROUTER_STRUCTURE in names:
         if loaded is None:

@@ -80,3 +80,16 @@ def batched(sequences: Iterable[Sequence], batch_size: int) -> Iterator[list[Seq
             group = []
     if group:
         yield group
+
+
+def chunks(sequences: Iterable[Sequence], tokens: int) -> Iterator[list[Sequence]]:
+    """Groups of whole sequences holding about `tokens` prompt tokens (one shard's worth)."""
+    group, n = [], 0
+    for seq in sequences:
+        group.append(seq)
+        n += len(seq.token_ids)
+        if n >= tokens:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group

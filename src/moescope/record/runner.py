@@ -68,6 +68,17 @@ class DeferredBlock:
         return self.build()
 
 
+def shard_tables(blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> tuple[dict, list[str]]:
+    """({table name: Arrow table} of one shard, the router output kind each block's data shows)."""
+    blocks = [b.resolve() if isinstance(b, DeferredBlock) else b for b in blocks]
+    kinds = [detect_router_output_kind(b.router_output) for b in blocks if b.router_output is not None]
+    block = concat_blocks(blocks)
+    seq_ids, counts = np.unique(block.seq_id, return_counts=True)
+    n_tokens = dict(zip(seq_ids.tolist(), counts.tolist()))
+    tables = {"routing": routing_table(block), "tokens": tokens_table(block), "sequences": sequences_table(sequences, n_tokens)}
+    return tables, kinds
+
+
 class ShardBuffer:
     """Collects TokenBlocks and their sequences until a shard's worth, then commits them.
 
@@ -112,16 +123,8 @@ class ShardBuffer:
             pending.result()
 
     def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> None:
-        blocks = [b.resolve() if isinstance(b, DeferredBlock) else b for b in blocks]
-        self.kind_votes += [detect_router_output_kind(b.router_output) for b in blocks if b.router_output is not None]
-        block = concat_blocks(blocks)
-        seq_ids, counts = np.unique(block.seq_id, return_counts=True)
-        n_tokens = dict(zip(seq_ids.tolist(), counts.tolist()))
-        tables = {
-            "routing": routing_table(block),
-            "tokens": tokens_table(block),
-            "sequences": sequences_table(sequences, n_tokens),
-        }
+        tables, kinds = shard_tables(blocks, sequences)
+        self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
         self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids))
 
@@ -177,6 +180,13 @@ def _pad_id(model) -> int:
     return pad if pad is not None else 0
 
 
+def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable[Sequence], opts: CaptureOptions):
+    """(batch, block) for each padded batch of `sequences`: the capture loop without the writing."""
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
+    batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(sequences, opts.batch_size))
+    yield from _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer))
+
+
 def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
                 model_info: dict, corpus_info: dict, custom_router: CustomRouter | None = None,
                 overwrite: bool = False, progress: bool = True, total_tokens: int | None = None) -> Trace:
@@ -185,16 +195,14 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
 
     layers = find_moe_layers(model, custom_router)
     manifest = build_manifest(model, layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:
         done = writer.committed_seq_ids
         todo = (s for s in sequences if s.seq_id not in done)
-        batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(todo, opts.batch_size))
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)
         started = time.perf_counter()
         n_tokens = 0
         with ShardBuffer(writer, opts.shard_tokens) as buffer:
-            for batch, block in _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer)):
+            for batch, block in record_batches(model, tokenizer, layers, todo, opts):
                 buffer.add(block, batch.sequences)
                 n_tokens += block.n_tokens
                 bar.update(block.n_tokens)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 
 import numpy as np
 
 from moescope.errors import ModelLoadError, MoescopeError
-from moescope.record.batches import Sequence
+from moescope.record.batches import Sequence, chunks
 from moescope.record.manifest_info import build_manifest
 from moescope.record.rows import TokenBlock
 from moescope.record.runner import CaptureOptions, ShardBuffer
@@ -71,19 +71,6 @@ def start_engine(path: str, *, opts: CaptureOptions, dtype: str, tensor_parallel
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"vLLM cannot load {path!r}: {first}") from None
-
-
-def chunks(sequences: Iterable[Sequence], tokens: int) -> Iterator[list[Sequence]]:
-    """Groups of whole sequences holding about `tokens` prompt tokens (one shard's worth)."""
-    group, n = [], 0
-    for seq in sequences:
-        group.append(seq)
-        n += len(seq.token_ids)
-        if n >= tokens:
-            yield group
-            group, n = [], 0
-    if group:
-        yield group
 
 
 def _request_index(req_ids: list[str], outputs) -> np.ndarray:

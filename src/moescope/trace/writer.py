@@ -47,6 +47,27 @@ def _is_manifest_tmp(name: str) -> bool:
     return name.startswith(f".{MANIFEST}.tmp-")
 
 
+def write_parts(folder: Path, tables: dict[str, pa.Table], index: int) -> dict:
+    """Write shard `index`'s part files (temporary name, fsync, rename) and return their manifest entries.
+
+    Safe to repeat: a retried shard overwrites its own files. Not yet part of the trace until
+    `TraceWriter.commit_shard` lists them (an unlisted part is deleted when a writer next opens the folder).
+    """
+    files = {}
+    for name in TABLES:
+        rel = f"{name}/part-{index:05d}.parquet"
+        final = Path(folder) / rel
+        tmp = final.with_name(f".{final.name}.tmp")
+        pq.write_table(tables[name], tmp, **_parquet_options(name))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        files[name] = {"path": rel, "rows": tables[name].num_rows, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
+    for name in TABLES:
+        fsync_dir(Path(folder) / name)
+    return files
+
+
 class TraceWriter:
     """Writes a trace folder; use as a context manager so the lock is always released."""
 
@@ -122,22 +143,24 @@ class TraceWriter:
     def committed_seq_ids(self) -> set[int]:
         return {i for shard in self.manifest["shards"] for i in range(shard["seq_id_min"], shard["seq_id_max"] + 1)}
 
+    def next_index(self) -> int:
+        """A shard index no committed shard uses (part files are named by it)."""
+        return 1 + max((shard["index"] for shard in self.manifest["shards"]), default=-1)
+
     def write_shard(self, tables: dict[str, pa.Table], *, seq_id_min: int, seq_id_max: int) -> None:
         """Commit one shard made of one table per name in TABLES; all-or-nothing."""
-        index = len(self.manifest["shards"])
-        files = {}
-        for name in TABLES:
-            rel = f"{name}/part-{index:05d}.parquet"
-            final = self.folder / rel
-            tmp = final.with_name(f".{final.name}.tmp")
-            pq.write_table(tables[name], tmp, **_parquet_options(name))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            files[name] = {"path": rel, "rows": tables[name].num_rows, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
-        fsync_dir(self.folder / "routing")
+        index = self.next_index()
+        files = write_parts(self.folder, tables, index)
+        self.commit_shard(index, files, seq_id_min=seq_id_min, seq_id_max=seq_id_max)
+
+    def commit_shard(self, index: int, files: dict, *, seq_id_min: int, seq_id_max: int) -> None:
+        """List parts already written by `write_parts` (here or by a worker) in the manifest: the commit point.
+
+        Shards are kept in sequence order, whatever order they were finished in, so readers see the trace
+        an in-process capture would have written."""
         shard = {"index": index, "seq_id_min": seq_id_min, "seq_id_max": seq_id_max, "files": files}
-        self.manifest = {**self.manifest, "shards": [*self.manifest["shards"], shard]}
+        shards = sorted([*self.manifest["shards"], shard], key=lambda s: s["seq_id_min"])
+        self.manifest = {**self.manifest, "shards": shards}
         write_manifest(self.folder, self.manifest)
 
     def finish(self, **fields) -> dict:

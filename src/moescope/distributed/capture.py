@@ -1,0 +1,139 @@
+"""Capture on a Ray cluster: one worker per GPU (or CPU slot), each writing its own shards into one trace.
+
+    driver: sequences -> units of about one shard (whole sequences, in order) -> workers -> commit each
+    worker (actor, model loaded once): unit -> forward passes -> part files `part-<index>.parquet`
+
+The driver alone holds the trace folder's lock and writes the manifest; a unit's parts become part of the
+trace only when the driver lists them (TraceWriter.commit_shard), kept in sequence order, so the trace reads
+back as the in-process capture of the same corpus. A worker that dies mid-unit is restarted by Ray and the
+unit retried under the same shard index: its part files are overwritten, never duplicated. Rerunning the
+command resumes: committed sequences are skipped and unlisted part files deleted, as in-process.
+The trace folder must be reachable from every worker at the same path (one machine, or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+from moescope.errors import MoescopeError
+from moescope.record.batches import Sequence, chunks
+from moescope.record.runner import CaptureOptions, record_batches, shard_tables
+from moescope.trace.reader import Trace
+from moescope.trace.writer import TraceWriter, write_parts
+
+IN_FLIGHT_PER_WORKER = 2  # one unit running, one queued: a worker never waits for the driver
+
+
+class CaptureWorker:
+    """A Ray actor's state: the model, loaded once; `capture_unit` records one unit into part files."""
+
+    def __init__(self, model: str, load_kwargs: dict, router, threads: int):
+        import torch
+
+        from moescope.adapters.discover import find_moe_layers
+        from moescope.record.loading import default_router, load_model
+
+        torch.set_num_threads(threads)
+        self.model, self.tokenizer = load_model(model, **load_kwargs)
+        self.layers = find_moe_layers(self.model, router or default_router(model))
+
+    def manifest(self, opts: CaptureOptions, model_info: dict, corpus_info: dict) -> dict:
+        from moescope.record.manifest_info import build_manifest
+
+        return build_manifest(self.model, self.layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
+
+    def capture_unit(self, folder: str, index: int, sequences: list[Sequence], opts: CaptureOptions,
+                     die_once_marker: str | None = None) -> dict:
+        blocks = []
+        for _, block in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
+            blocks.append(block)
+            if die_once_marker and not os.path.exists(die_once_marker):  # fault injection (tests): die mid-unit, once
+                Path(die_once_marker).touch()
+                os._exit(1)
+        tables, kinds = shard_tables(blocks, sequences)
+        ids = [s.seq_id for s in sequences]
+        return {"index": index, "files": write_parts(Path(folder), tables, index), "seq_id_min": min(ids),
+                "seq_id_max": max(ids), "kinds": kinds, "tokens": tables["tokens"].num_rows}
+
+
+def _workers(ray, device: str, workers: int | None) -> tuple[int, dict]:
+    """(number of workers, Ray resources of each): one per GPU when the model goes on GPUs, else one per CPU."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if device.startswith("cuda") or (device == "auto" and gpus):
+        if not gpus:
+            raise MoescopeError("--device cuda with --ray, but the Ray cluster has no GPU")
+        return workers or gpus, {"num_gpus": 1}
+    return workers or max(cpus, 1), {"num_cpus": 1}
+
+
+def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
+                    model_info: dict, corpus_info: dict, load_kwargs: dict, router=None, address: str | None = None,
+                    workers: int | None = None, overwrite: bool = False, progress: bool = True,
+                    total_tokens: int | None = None, _die_once: tuple[int, str] | None = None) -> Trace:
+    """Capture `sequences` through `model` on the Ray cluster at `address` into the trace folder `out`.
+
+    `_die_once` = (unit number of this run, marker path) makes that unit's first attempt kill its worker
+    (tests of the retry path).
+    """
+    from tqdm.auto import tqdm
+
+    from moescope.distributed.cluster import connect
+
+    ray = connect(address)
+    n_workers, resources = _workers(ray, load_kwargs.get("device", "auto"), workers)
+    actor = ray.remote(max_restarts=3, max_task_retries=3, **resources)(CaptureWorker)
+    pool = [actor.remote(model, load_kwargs, router, 1) for _ in range(n_workers)]
+    try:
+        manifest = _get(ray, pool[0].manifest.remote(opts, model_info, corpus_info))
+        with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+            done = writer.committed_seq_ids
+            units = (u for u in ([s for s in unit if s.seq_id not in done] for unit in chunks(sequences, opts.shard_tokens)) if u)
+            bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc=f"capture (Ray, {n_workers} workers)")
+            started, stats = time.perf_counter(), {"tokens": 0, "kinds": []}
+
+            def commit(shard: dict) -> None:
+                writer.commit_shard(shard["index"], shard["files"], seq_id_min=shard["seq_id_min"], seq_id_max=shard["seq_id_max"])
+                stats["tokens"] += shard["tokens"]
+                stats["kinds"] += shard["kinds"]
+                bar.update(shard["tokens"])
+
+            pending, idle, first = {}, pool * IN_FLIGHT_PER_WORKER, writer.next_index()
+            for number, unit in enumerate(units):
+                if not idle:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    commit(_get(ray, ready[0]))
+                    idle.append(pending.pop(ready[0]))
+                worker = idle.pop()
+                marker = _die_once[1] if _die_once and _die_once[0] == number else None
+                pending[worker.capture_unit.remote(str(writer.folder), first + number, unit, opts, marker)] = worker
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                commit(_get(ray, ready[0]))
+                pending.pop(ready[0])
+            bar.close()
+            votes = set(stats["kinds"])
+            kind = votes.pop() if len(votes) == 1 else ("mixed" if votes else writer.manifest.get("router_output_kind"))
+            seconds = time.perf_counter() - started
+            writer.finish(router_output_kind=kind, stats={"tokens_this_run": stats["tokens"], "seconds_this_run": round(seconds, 3),
+                                                          "ray_workers": n_workers})
+    finally:
+        for worker in pool:
+            ray.kill(worker)
+    return Trace(out)
+
+
+def _get(ray, ref):
+    """ray.get, with a worker's failure (after Ray's retries) as one clear line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, MoescopeError):
+            raise cause from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoescopeError(f"a Ray capture worker failed (after retries): {first}") from None
