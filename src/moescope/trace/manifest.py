@@ -104,8 +104,8 @@ def manifest_problem(manifest: dict) -> str | None:
     if not isinstance(layers, list):
         return "layers is not a list"
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or not all(_count(layer.get(k)) and layer[k] > 0 for k in ("n_experts", "top_k")):
-            return f"layers[{i}] lacks positive n_experts/top_k"
+        if not isinstance(layer, dict) or not all(_count(layer.get(k)) for k in ("n_experts", "top_k")):
+            return f"layers[{i}] lacks n_experts/top_k counts"  # (top_k 0: a family whose k discovery cannot read)
     if not isinstance(manifest.get("complete", False), bool):
         return "complete is not true/false"
     shards = manifest.get("shards")
