@@ -21,7 +21,7 @@ from pathlib import Path
 
 from moescope.errors import MoescopeError
 from moescope.record.batches import Sequence, chunks
-from moescope.record.runner import CaptureOptions, record_batches, shard_tables
+from moescope.record.runner import CaptureOptions, finish_capture, record_batches, shard_tables
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter, write_parts
 
@@ -116,11 +116,7 @@ def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.Pat
                 commit(_get(ray, ready[0]))
                 pending.pop(ready[0])
             bar.close()
-            votes = set(stats["kinds"])
-            kind = votes.pop() if len(votes) == 1 else ("mixed" if votes else writer.manifest.get("router_output_kind"))
-            seconds = time.perf_counter() - started
-            writer.finish(router_output_kind=kind, stats={"tokens_this_run": stats["tokens"], "seconds_this_run": round(seconds, 3),
-                                                          "ray_workers": n_workers})
+            finish_capture(writer, stats["kinds"], stats["tokens"], started, ray_workers=n_workers)
     finally:
         for worker in pool:
             ray.kill(worker)

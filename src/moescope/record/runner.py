@@ -102,11 +102,6 @@ class ShardBuffer:
         if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
             self.flush()
 
-    def router_output_kind(self, default: str | None) -> str | None:
-        """'logits' or 'probs' if every recorded block agreed, 'mixed' if not, `default` if none was recorded."""
-        votes = {v for v in self.kind_votes if v}
-        return votes.pop() if len(votes) == 1 else ("mixed" if votes else default)
-
     def flush(self) -> None:
         """Hand what is buffered to the writer thread (after the previous shard is committed)."""
         if not self.blocks:
@@ -207,7 +202,14 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
                 n_tokens += block.n_tokens
                 bar.update(block.n_tokens)
         bar.close()
-        kind = buffer.router_output_kind(writer.manifest.get("router_output_kind"))
-        seconds = time.perf_counter() - started
-        writer.finish(router_output_kind=kind, stats={"tokens_this_run": n_tokens, "seconds_this_run": round(seconds, 3)})
+        finish_capture(writer, buffer.kind_votes, n_tokens, started)
     return Trace(out)
+
+
+def finish_capture(writer: TraceWriter, kind_votes: list[str], n_tokens: int, started: float, **stats) -> None:
+    """Mark the trace complete, with the router output kind the data showed ('logits'/'probs'; 'mixed' if the
+    blocks disagreed; unchanged if nothing was recorded) and this run's numbers."""
+    votes = set(kind_votes)
+    kind = votes.pop() if len(votes) == 1 else ("mixed" if votes else writer.manifest.get("router_output_kind"))
+    seconds = round(time.perf_counter() - started, 3)
+    writer.finish(router_output_kind=kind, stats={"tokens_this_run": n_tokens, "seconds_this_run": seconds, **stats})

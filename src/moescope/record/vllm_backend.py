@@ -24,7 +24,7 @@ from moescope.errors import ModelLoadError, MoescopeError
 from moescope.record.batches import Sequence, chunks
 from moescope.record.manifest_info import build_manifest
 from moescope.record.rows import TokenBlock
-from moescope.record.runner import CaptureOptions, ShardBuffer
+from moescope.record.runner import CaptureOptions, ShardBuffer, finish_capture
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -172,7 +172,5 @@ def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.Pat
         finally:
             llm.collective_rpc(vllm_worker.uninstall)
             bar.close()
-        kind = buffer.router_output_kind(writer.manifest.get("router_output_kind"))
-        seconds = time.perf_counter() - started
-        writer.finish(router_output_kind=kind, stats={"tokens_this_run": n_tokens, "seconds_this_run": round(seconds, 3)})
+        finish_capture(writer, buffer.kind_votes, n_tokens, started)
     return Trace(out)
