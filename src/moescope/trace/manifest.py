@@ -80,9 +80,10 @@ def _part_problem(where: str, table: str, entry) -> str | None:
     if not isinstance(entry, dict):
         return f"{where} is not an object"
     path = entry.get("path")
-    if not isinstance(path, str) or PurePosixPath(path).parent != PurePosixPath(table) or not path.endswith(".parquet") \
-            or PurePosixPath(path).name.startswith("."):
-        return f"{where}.path {path!r} is not a {table}/*.parquet part of this trace"
+    parts = PurePosixPath(path).parts if isinstance(path, str) else ()
+    if len(parts) < 2 or parts[0] != table or ".." in parts or "\\" in path or not path.endswith(".parquet") \
+            or parts[-1].startswith("."):
+        return f"{where}.path {path!r} is not a {table}/...parquet part inside this trace"
     if not (_count(entry.get("rows")) and _count(entry.get("bytes"))):
         return f"{where} rows/bytes are not non-negative integers"
     sha = entry.get("sha256")
