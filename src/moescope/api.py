@@ -122,6 +122,8 @@ def capture(
         corpus_info = {**corpus_info, "split": split}
     if ray is not None and (backend != "hf" or not isinstance(model, str) or input_ids is not None):
         raise MoescopeError("--ray captures a model given by name with the hf backend from a corpus")
+    if workers is not None and (ray is None or workers <= 0):
+        raise MoescopeError("--workers is the number of Ray capture workers: a positive number, with --ray")
     if ray is not None:
         from moescope.distributed.cluster import require_ray
         from moescope.record.loading import default_router, load_tokenizer
