@@ -63,12 +63,14 @@ class CaptureWorker:
 def _workers(ray, device: str, workers: int | None) -> tuple[int, dict]:
     """(number of workers, Ray resources of each): one per GPU when the model goes on GPUs, else one per CPU."""
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    if device.startswith("cuda") or (device == "auto" and gpus):
-        if not gpus:
-            raise MoescopeError("--device cuda with --ray, but the Ray cluster has no GPU")
-        return workers or gpus, {"num_gpus": 1}
-    return workers or max(cpus, 1), {"num_cpus": 1}
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    on_gpu = device.startswith("cuda") or (device == "auto" and gpus > 0)
+    slots, what = (gpus, "GPU") if on_gpu else (cpus, "CPU")
+    if not slots:
+        raise MoescopeError(f"--ray: the Ray cluster has no {what} for a capture worker")
+    if workers and workers > slots:  # an actor that cannot be placed would wait forever, and its units with it
+        raise MoescopeError(f"--workers {workers}, but the Ray cluster has {slots} {what} slot(s): one worker each")
+    return workers or slots, {"num_gpus": 1} if on_gpu else {"num_cpus": 1}
 
 
 def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
@@ -92,7 +94,7 @@ def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.Pat
         manifest = _get(ray, pool[0].manifest.remote(opts, model_info, corpus_info))
         with TraceWriter(out, manifest, overwrite=overwrite) as writer:
             done = writer.committed_seq_ids
-            units = (u for u in ([s for s in unit if s.seq_id not in done] for unit in chunks(sequences, opts.shard_tokens)) if u)
+            units = chunks((s for s in sequences if s.seq_id not in done), opts.shard_tokens)  # split at committed ones
             bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc=f"capture (Ray, {n_workers} workers)")
             started, stats = time.perf_counter(), {"tokens": 0, "kinds": []}
 

@@ -71,9 +71,19 @@ def make_batch(sequences: list[Sequence], pad_id: int, *, left_pad: bool = False
     return Batch(sequences, input_ids, mask, pos)
 
 
+def _follows(group: list[Sequence], seq: Sequence) -> bool:
+    """Whether `seq` continues `group`'s run of seq ids: a resumed capture skips committed sequences, and a
+    batch or shard never spans such a gap (a shard's seq ids stay one contiguous range)."""
+    return not group or seq.seq_id == group[-1].seq_id + 1
+
+
 def batched(sequences: Iterable[Sequence], batch_size: int) -> Iterator[list[Sequence]]:
+    """Groups of `batch_size` sequences (fewer at the end and before a gap in seq ids)."""
     group: list[Sequence] = []
     for seq in sequences:
+        if not _follows(group, seq):
+            yield group
+            group = []
         group.append(seq)
         if len(group) == batch_size:
             yield group
@@ -83,9 +93,12 @@ def batched(sequences: Iterable[Sequence], batch_size: int) -> Iterator[list[Seq
 
 
 def chunks(sequences: Iterable[Sequence], tokens: int) -> Iterator[list[Sequence]]:
-    """Groups of whole sequences holding about `tokens` prompt tokens (one shard's worth)."""
+    """Groups of whole sequences holding about `tokens` prompt tokens (one shard's worth; less before a gap in seq ids)."""
     group, n = [], 0
     for seq in sequences:
+        if not _follows(group, seq):
+            yield group
+            group, n = [], 0
         group.append(seq)
         n += len(seq.token_ids)
         if n >= tokens:

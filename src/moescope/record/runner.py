@@ -97,6 +97,8 @@ class ShardBuffer:
         self._pending: Future | None = None
 
     def add(self, block: TokenBlock | DeferredBlock, sequences: list[Sequence]) -> None:
+        if self.sequences and sequences and sequences[0].seq_id != self.sequences[-1].seq_id + 1:
+            self.flush()  # a shard holds one contiguous run of seq ids (TraceWriter.committed_seq_ids relies on it)
         self.blocks.append(block)
         self.sequences.extend(sequences)
         if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:

@@ -1,0 +1,22 @@
+"""Batches and shard-sized chunks never span a gap in seq ids (a resumed capture skips committed sequences),
+so every shard holds one contiguous run of seq ids, as TraceWriter.committed_seq_ids assumes."""
+
+from moescope.record.batches import Sequence, batched, chunks
+
+
+def _seqs(ids, n_tokens=3):
+    return [Sequence(i, [7] * n_tokens, "s", "d", str(i), "") for i in ids]
+
+
+def _ids(groups):
+    return [[s.seq_id for s in g] for g in groups]
+
+
+def test_batched_splits_at_gaps_and_at_batch_size():
+    assert _ids(batched(_seqs([0, 1, 2, 3, 4]), 2)) == [[0, 1], [2, 3], [4]]
+    assert _ids(batched(_seqs([0, 1, 5, 6, 7, 9]), 2)) == [[0, 1], [5, 6], [7], [9]]
+
+
+def test_chunks_split_at_gaps_and_at_the_token_budget():
+    assert _ids(chunks(_seqs(range(5)), 6)) == [[0, 1], [2, 3], [4]]
+    assert _ids(chunks(_seqs([0, 2, 3, 4, 8]), 6)) == [[0], [2, 3], [4], [8]]
