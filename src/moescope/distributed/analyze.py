@@ -43,7 +43,7 @@ def ray_pass(folder: str | os.PathLike, address: str | None):
         n_shards = len(Trace(folder).manifest["shards"])
         if not n_shards:
             raise MoescopeError("the trace has no shards: nothing to analyse")
-        light = dataclasses.replace(ctx, token_text=None)  # accumulate never needs token text; finalize does
+        light = ray.put(dataclasses.replace(ctx, token_text=None))  # once per pass; accumulate never needs token text
         refs = [accumulate.remote(folder, i, names, light) for i in range(n_shards)]
         while len(refs) > 1:
             pairs = [merge.remote(names, refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]

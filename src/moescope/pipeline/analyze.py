@@ -94,6 +94,11 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
     if unknown:
         raise MoescopeError(f"unknown analyses {', '.join(unknown)}; choose from {', '.join([*ANALYSES, ROUTER_STRUCTURE])}")
     check_output_folder(out, markers=("summary.json",), what="analysis results")  # refused before the work
+    run_pass = None
+    if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
+        from moescope.distributed.analyze import ray_pass
+
+        run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)  # connects: fails before the work
     loaded = tokenizer = None
     skipped_reason = "not requested (--no-model)"
     if use_model:
@@ -103,11 +108,6 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
         overrides["token_text"] = lambda token_id: tokenizer.decode([int(token_id)])
         overrides["vocab_size"] = len(tokenizer)
     ctx = analysis_context(trace, **overrides)
-    run_pass = None
-    if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
-        from moescope.distributed.analyze import ray_pass
-
-        run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)
     results = run_analyses(trace.shards, ctx, only=[n for n in names if n in ANALYSES], run_pass=run_pass)
     notes = {name: list(result.notes) for name, result in results.items()}
     if ROUTER_STRUCTURE in names:
