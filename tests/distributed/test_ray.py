@@ -1,6 +1,8 @@
 """Capture and analysis on a real local Ray cluster (loopback), against the in-process paths.
 
-The cluster is started once for the module (2 CPU slots, small object store) and shut down after.
+The in-process capture of the same corpus is the independent reference: Ray traces must export the same
+rows in the same order (expert ids and positions exactly, gate weights up to float rounding), list every
+part file once, and give the same analysis tables.
 """
 
 from __future__ import annotations
@@ -10,97 +12,117 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 
 import moescope
-from moescope.analysis import run_analyses
-from moescope.pipeline.analyze import analysis_context
+from moescope.cli.main import main
 from moescope.trace.manifest import MANIFEST
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'moescope[ray]')")
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'moescope[ray]')")
 pytestmark = pytest.mark.ray
 
-CORPUS = dict(data="humaneval,wiki", max_tokens=3000, seq_len=128, shard_tokens=700, dtype="float32", progress=False)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
+MODEL, DATA = "moescope:tiny-moe", "humaneval,wiki"
+CORPUS = dict(max_tokens=3000, seq_len=128, shard_tokens=700, dtype="float32")
+CLI_CORPUS = ["--data", DATA, "--max-tokens", "3000", "--seq-len", "128", "--shard-tokens", "700", "--dtype", "float32",
+              "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
-    return moescope.capture("moescope:tiny-moe", out=tmp_path_factory.mktemp("ip") / "t", **CORPUS)
+    return moescope.capture(MODEL, DATA, out=tmp_path_factory.mktemp("ip") / "t", progress=False, **CORPUS)
 
 
-def _rows(folder: Path) -> dict:
-    con = duckdb.connect()
-    routing = con.sql(f"select seq_id, pos, layer, topk_ids, topk_weights from read_parquet('{folder}/routing/*.parquet') "
-                      "order by layer, seq_id, pos").fetchnumpy()
-    tokens = con.sql(f"select * from read_parquet('{folder}/tokens/*.parquet') order by seq_id, pos").fetchall()
-    sequences = con.sql(f"select * from read_parquet('{folder}/sequences/*.parquet') order by seq_id").fetchall()
-    return {"routing": routing, "tokens": tokens, "sequences": sequences}
+def _export(folder: Path) -> list[dict]:
+    out = folder.parent / f"{folder.name}.jsonl"
+    assert main(["export", str(folder), "--format", "jsonl", "--out", str(out), "--overwrite"]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def _table(folder: Path, name: str, order: str) -> list[tuple]:
+    return duckdb.sql(f"select * from read_parquet('{folder}/{name}/*.parquet') order by {order}").fetchall()
 
 
 def assert_same_trace(got: Path, want: Path) -> None:
-    a, b = _rows(got), _rows(want)
-    assert a["tokens"] == b["tokens"] and a["sequences"] == b["sequences"]
-    for key in ("seq_id", "pos", "layer"):
-        np.testing.assert_array_equal(a["routing"][key], b["routing"][key])  # same rows, none lost or duplicated
-    np.testing.assert_array_equal(np.stack(a["routing"]["topk_ids"]), np.stack(b["routing"]["topk_ids"]))
-    np.testing.assert_allclose(np.stack(a["routing"]["topk_weights"]), np.stack(b["routing"]["topk_weights"]), atol=1e-3)
-    listed = {f["path"] for s in json.loads((got / MANIFEST).read_text())["shards"] for f in s["files"].values()}
-    on_disk = {str(p.relative_to(got)) for p in got.rglob("*.parquet")}
-    assert on_disk == listed  # no stray or temporary part files
+    """The trace at `got` is the one at `want`: rows, their reading order, tables, and a clean manifest."""
+    a, b = _export(got), _export(want)
+    assert len(a) == len(b)
+    key = lambda row: (row["problem_id"], row["token_id"], row["layer"], row["expert_ids"])  # noqa: E731
+    assert [key(r) for r in a] == [key(r) for r in b]  # same rows in the same order: none lost or duplicated
+    np.testing.assert_allclose([r["weights"] for r in a], [r["weights"] for r in b], rtol=0, atol=1e-3)
+    for name, order in (("tokens", "seq_id, pos"), ("sequences", "seq_id")):
+        assert _table(got, name, order) == _table(want, name, order), name
+    shards = json.loads((got / MANIFEST).read_text())["shards"]
+    ranges = [(s["seq_id_min"], s["seq_id_max"]) for s in shards]
+    assert all(lo <= hi < nxt for (lo, hi), (nxt, _) in zip(ranges, ranges[1:] + [(10**9, 0)]))  # ordered, disjoint
+    listed = {f["path"] for s in shards for f in s["files"].values()}
+    assert {str(p.relative_to(got)) for p in got.rglob("*.parquet")} == listed  # no stray or temporary parts
+    assert not [p for p in got.rglob(".*") if p.name != ".moescope.lock"]
 
 
-def test_ray_capture_with_two_workers_equals_in_process_capture(cluster, in_process, tmp_path):
-    trace = moescope.capture("moescope:tiny-moe", out=tmp_path / "t", ray="local", workers=2, **CORPUS)
+def test_cli_capture_with_two_ray_workers_equals_the_in_process_capture(ray_cluster, in_process, tmp_path):
+    assert main(["capture", MODEL, "--out", str(tmp_path / "t"), "--ray", "--workers", "2", *CLI_CORPUS]) == 0
+    trace = moescope.open_trace(tmp_path / "t")
     assert trace.complete and trace.manifest["stats"]["ray_workers"] == 2 and len(trace.manifest["shards"]) >= 4
     assert_same_trace(tmp_path / "t", in_process.folder)
-    assert trace.manifest["layers"] == in_process.manifest["layers"]
+    for key in ("model", "layers", "corpus", "capture"):
+        assert trace.manifest[key] == in_process.manifest[key], key
 
 
-def test_a_worker_killed_mid_shard_is_retried_and_nothing_is_duplicated(cluster, in_process, tmp_path):
+def test_a_worker_killed_mid_unit_is_retried_and_nothing_is_duplicated(ray_cluster, in_process, tmp_path):
+    from moescope.corpora import describe_corpus, iter_corpus
     from moescope.distributed.capture import run_ray_capture
     from moescope.record.batches import sequences_from_documents
     from moescope.record.loading import load_tokenizer
     from moescope.record.runner import CaptureOptions
-    from moescope.corpora import describe_corpus, iter_corpus
 
     marker = tmp_path / "killed-once"
-    opts = CaptureOptions(seq_len=128, shard_tokens=700)
-    seqs = sequences_from_documents(iter_corpus("humaneval,wiki"), load_tokenizer("moescope:tiny-moe"), seq_len=128, max_tokens=3000)
-    run_ray_capture("moescope:tiny-moe", seqs, tmp_path / "t", opts=opts, model_info={"id": "moescope:tiny-moe"},
-                    corpus_info={**describe_corpus("humaneval,wiki", split="all"), "split": "all"},
+    opts = CaptureOptions(seq_len=128, shard_tokens=700, max_tokens=3000)
+    seqs = sequences_from_documents(iter_corpus(DATA), load_tokenizer(MODEL), seq_len=128, max_tokens=3000)
+    run_ray_capture(MODEL, seqs, tmp_path / "t", opts=opts, model_info={"id": MODEL},
+                    corpus_info={**describe_corpus(DATA, split="all"), "split": "all"},
                     load_kwargs={"device": "cpu", "dtype": "float32"}, workers=2, progress=False, _die_once=(2, str(marker)))
-    assert marker.exists()  # the worker did die mid-unit
+    assert marker.exists()  # the worker process did die (os._exit) after its unit's first batch
     assert_same_trace(tmp_path / "t", in_process.folder)
 
 
-def test_rerun_after_an_interruption_resumes_and_completes_the_same_trace(cluster, in_process, tmp_path):
-    out = tmp_path / "t"
-    moescope.capture("moescope:tiny-moe", out=out, ray="local", workers=2, **CORPUS)
-    manifest = json.loads((out / MANIFEST).read_text())  # as if killed before the last two shards were committed
-    manifest.update(complete=False, shards=manifest["shards"][:-2])
+def _forget(out: Path, positions: list[int]) -> None:
+    """Rewrite the manifest as if the run had been killed before the shards at `positions` were committed."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest.update(complete=False, shards=[s for i, s in enumerate(manifest["shards"]) if i not in positions])
     (out / MANIFEST).write_text(json.dumps(manifest))
-    trace = moescope.capture("moescope:tiny-moe", out=out, ray="local", workers=2, **CORPUS)
-    assert trace.complete and trace.manifest["stats"]["tokens_this_run"] < 3000
+
+
+def test_reruns_resume_on_ray_and_in_process_after_out_of_order_commits(ray_cluster, in_process, tmp_path):
+    out = tmp_path / "t"
+    moescope.capture(MODEL, DATA, out=out, ray="local", workers=2, progress=False, **CORPUS)
+    _forget(out, [1, 4])  # workers finish out of order: a later unit can be committed before an earlier one
+    trace = moescope.capture(MODEL, DATA, out=out, ray="local", workers=2, progress=False, **CORPUS)
+    assert trace.complete and 0 < trace.manifest["stats"]["tokens_this_run"] < 3000
+    assert_same_trace(out, in_process.folder)
+    _forget(out, [1, 3])  # and an in-process rerun fills the gaps the same way (its batches and shards stop at them)
+    trace = moescope.capture(MODEL, DATA, out=out, progress=False, **CORPUS)
+    assert trace.complete and 0 < trace.manifest["stats"]["tokens_this_run"] < 3000
     assert_same_trace(out, in_process.folder)
 
 
-def test_ray_analysis_equals_in_process_analysis(cluster, in_process):
-    from moescope.distributed.analyze import ray_pass
+def test_more_workers_than_the_cluster_has_slots_is_one_line(ray_cluster, tmp_path, capsys):
+    assert main(["capture", MODEL, "--out", str(tmp_path / "t"), "--ray", "--workers", "3", *CLI_CORPUS]) == 2
+    assert capsys.readouterr().err.strip() == "error: --workers 3, but the Ray cluster has 2 CPU slot(s): one worker each"
+    assert not (tmp_path / "t").exists()
 
-    ctx = analysis_context(in_process)
-    local = run_analyses(in_process.shards, ctx)
-    remote = run_analyses(in_process.shards, ctx, run_pass=ray_pass(in_process.folder, None))
-    assert local.keys() == remote.keys() and len(in_process.manifest["shards"]) >= 3  # an odd tree: one state carried up
-    for name in local:
-        assert json.dumps(local[name].summary(), sort_keys=True, default=str) == \
-            json.dumps(remote[name].summary(), sort_keys=True, default=str), name
-        for table, frame in local[name].to_pandas().items():
-            frame.equals(remote[name].to_pandas()[table]) or pytest.fail(f"{name}.{table} differs")
+
+def _results(folder: Path) -> tuple[dict, dict]:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["trace"].pop("path")
+    return summary, {p.name: pd.read_parquet(p) for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_cli_analyze_on_ray_writes_the_in_process_results(ray_cluster, in_process, tmp_path):
+    assert main(["analyze", str(in_process.folder), "--out", str(tmp_path / "local")]) == 0
+    assert main(["analyze", str(in_process.folder), "--out", str(tmp_path / "ray"), "--ray"]) == 0
+    (summary, tables), (ray_summary, ray_tables) = _results(tmp_path / "local"), _results(tmp_path / "ray")
+    assert len(in_process.manifest["shards"]) == 3  # an odd merge tree: one state is carried up a level
+    assert summary == ray_summary and tables.keys() == ray_tables.keys() and len(tables) > 10
+    for name, frame in tables.items():
+        pd.testing.assert_frame_equal(frame, ray_tables[name], check_exact=True, obj=name)
