@@ -8,6 +8,7 @@ part file once, and give the same analysis tables.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -60,11 +61,17 @@ def assert_same_trace(got: Path, want: Path) -> None:
     assert not [p for p in got.rglob(".*") if p.name != ".moescope.lock"]
 
 
-def test_cli_capture_with_two_ray_workers_equals_the_in_process_capture(ray_cluster, in_process, tmp_path):
-    assert main(["capture", MODEL, "--out", str(tmp_path / "t"), "--ray", "--workers", "2", *CLI_CORPUS]) == 0
-    trace = moescope.open_trace(tmp_path / "t")
-    assert trace.complete and trace.manifest["stats"]["ray_workers"] == 2 and len(trace.manifest["shards"]) >= 4
-    assert_same_trace(tmp_path / "t", in_process.folder)
+@pytest.fixture(scope="module")
+def on_ray(ray_cluster, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ray") / "t"
+    assert main(["capture", MODEL, "--out", str(out), "--ray", "--workers", "2", *CLI_CORPUS]) == 0
+    return out
+
+
+def test_cli_capture_with_two_ray_workers_equals_the_in_process_capture(on_ray, in_process):
+    trace = moescope.open_trace(on_ray)
+    assert trace.complete and trace.manifest["stats"]["ray_workers"] == 2 and len(trace.manifest["shards"]) >= 5
+    assert_same_trace(on_ray, in_process.folder)
     for key in ("model", "layers", "corpus", "capture"):
         assert trace.manifest[key] == in_process.manifest[key], key
 
@@ -76,13 +83,14 @@ def test_a_worker_killed_mid_unit_is_retried_and_nothing_is_duplicated(ray_clust
     from moescope.record.loading import load_tokenizer
     from moescope.record.runner import CaptureOptions
 
-    marker = tmp_path / "killed-once"
+    forward, written = tmp_path / "killed-in-forward", tmp_path / "killed-after-writing"
     opts = CaptureOptions(seq_len=128, shard_tokens=700, max_tokens=3000)
     seqs = sequences_from_documents(iter_corpus(DATA), load_tokenizer(MODEL), seq_len=128, max_tokens=3000)
     run_ray_capture(MODEL, seqs, tmp_path / "t", opts=opts, model_info={"id": MODEL},
                     corpus_info={**describe_corpus(DATA, split="all"), "split": "all"},
-                    load_kwargs={"device": "cpu", "dtype": "float32"}, workers=2, progress=False, _die_once=(2, str(marker)))
-    assert marker.exists()  # the worker process did die (os._exit) after its unit's first batch
+                    load_kwargs={"device": "cpu", "dtype": "float32"}, workers=2, progress=False,
+                    _die_once={1: (str(written), "written"), 3: (str(forward), "forward")})
+    assert forward.exists() and written.exists()  # worker processes did die (os._exit) mid-unit, and with parts on disk
     assert_same_trace(tmp_path / "t", in_process.folder)
 
 
@@ -93,9 +101,9 @@ def _forget(out: Path, positions: list[int]) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_reruns_resume_on_ray_and_in_process_after_out_of_order_commits(ray_cluster, in_process, tmp_path):
+def test_reruns_resume_on_ray_and_in_process_after_out_of_order_commits(on_ray, in_process, tmp_path):
     out = tmp_path / "t"
-    moescope.capture(MODEL, DATA, out=out, ray="local", workers=2, progress=False, **CORPUS)
+    shutil.copytree(on_ray, out)
     _forget(out, [1, 4])  # workers finish out of order: a later unit can be committed before an earlier one
     trace = moescope.capture(MODEL, DATA, out=out, ray="local", workers=2, progress=False, **CORPUS)
     assert trace.complete and 0 < trace.manifest["stats"]["tokens_this_run"] < 3000

@@ -47,17 +47,26 @@ class CaptureWorker:
         return build_manifest(self.model, self.layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
 
     def capture_unit(self, folder: str, index: int, sequences: list[Sequence], opts: CaptureOptions,
-                     die_once_marker: str | None = None) -> dict:
+                     die_once: tuple[str, str] | None = None) -> dict:
         blocks = []
         for _, block in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
             blocks.append(block)
-            if die_once_marker and not os.path.exists(die_once_marker):  # fault injection (tests): die mid-unit, once
-                Path(die_once_marker).touch()
-                os._exit(1)
+            _maybe_die(die_once, "forward")
         tables, kinds = shard_tables(blocks, sequences)
         ids = [s.seq_id for s in sequences]
-        return {"index": index, "files": write_parts(Path(folder), tables, index), "seq_id_min": min(ids),
-                "seq_id_max": max(ids), "kinds": kinds, "tokens": tables["tokens"].num_rows}
+        files = write_parts(Path(folder), tables, index)
+        _maybe_die(die_once, "written")
+        return {"index": index, "files": files, "seq_id_min": min(ids), "seq_id_max": max(ids), "kinds": kinds,
+                "tokens": tables["tokens"].num_rows}
+
+
+def _maybe_die(die_once: tuple[str, str] | None, point: str) -> None:
+    """Fault injection for tests: die_once = (marker path, point) ends this worker process abruptly at `point`
+    ("forward": after the unit's first batch; "written": after its parts are on disk, before the driver hears of
+    them), once: the marker file records that it happened, so the retry runs through."""
+    if die_once and die_once[1] == point and not os.path.exists(die_once[0]):
+        Path(die_once[0]).touch()
+        os._exit(1)
 
 
 def _workers(ray, device: str, workers: int | None) -> tuple[int, dict]:
@@ -76,11 +85,11 @@ def _workers(ray, device: str, workers: int | None) -> tuple[int, dict]:
 def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
                     model_info: dict, corpus_info: dict, load_kwargs: dict, router=None, address: str | None = None,
                     workers: int | None = None, overwrite: bool = False, progress: bool = True,
-                    total_tokens: int | None = None, _die_once: tuple[int, str] | None = None) -> Trace:
+                    total_tokens: int | None = None, _die_once: dict[int, tuple[str, str]] | None = None) -> Trace:
     """Capture `sequences` through `model` on the Ray cluster at `address` into the trace folder `out`.
 
-    `_die_once` = (unit number of this run, marker path) makes that unit's first attempt kill its worker
-    (tests of the retry path).
+    `_die_once` = {unit number of this run: (marker path, point)} makes that unit's first attempt kill its
+    worker (tests of the retry path; see `_maybe_die`).
     """
     from tqdm.auto import tqdm
 
@@ -111,8 +120,8 @@ def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.Pat
                     commit(_get(ray, ready[0]))
                     idle.append(pending.pop(ready[0]))
                 worker = idle.pop()
-                marker = _die_once[1] if _die_once and _die_once[0] == number else None
-                pending[worker.capture_unit.remote(str(writer.folder), first + number, unit, opts, marker)] = worker
+                die = (_die_once or {}).get(number)
+                pending[worker.capture_unit.remote(str(writer.folder), first + number, unit, opts, die)] = worker
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 commit(_get(ray, ready[0]))
