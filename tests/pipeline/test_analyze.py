@@ -11,7 +11,14 @@ import moescope
 from moescope.pipeline.analyze import analyze_trace
 from moescope.pipeline.compare import compare_traces
 from moescope.trace.exchange import export_trace, import_jsonl
-from conftest import make_byte_tokenizer, make_tiny_qwen3_moe
+import importlib.util
+from pathlib import Path as _Path
+
+# the tests folder's own conftest, by path: `import conftest` finds whichever conftest pytest imported first
+_spec = importlib.util.spec_from_file_location("moescope_tests_conftest", _Path(__file__).parents[1] / "conftest.py")
+_root_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_root_conftest)
+make_byte_tokenizer, make_tiny_qwen3_moe = _root_conftest.make_byte_tokenizer, _root_conftest.make_tiny_qwen3_moe
 
 
 @pytest.fixture(scope="module")
