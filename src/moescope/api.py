@@ -109,6 +109,9 @@ def capture(
     """
     if (data is None) == (input_ids is None):
         raise MoescopeError("give exactly one of `data` (a corpus) or `input_ids`")
+    if "://" in str(out):  # Path() would quietly turn s3://b/t into a local folder "s3:/b/t"
+        raise MoescopeError(f"--out {out}: URLs are not supported; give a local path (with --ray, one every worker "
+                            "sees at the same path, e.g. a shared filesystem)")
     if seq_len <= 0 or batch_size <= 0 or (max_tokens is not None and max_tokens <= 0) or generate < 0:
         raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
     if generate and predict_next_layer:

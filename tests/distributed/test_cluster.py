@@ -63,3 +63,12 @@ def test_a_bad_ray_address_is_one_line(address, says, small_trace, tmp_path, cap
         assert err.startswith(f"error: ") and says in err and "\n" not in err, err
     assert not (tmp_path / "c").exists() and not (tmp_path / "a").exists()
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("ray", [[], ["--ray"]])
+@pytest.mark.parametrize("url", ["s3://bucket/traces/t", "file:///tmp/t"])
+def test_an_output_url_is_refused_not_made_into_a_local_folder(url, ray, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["capture", "moescope:tiny-moe", "--data", "wiki", "--max-tokens", "64", "--out", url, *ray]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: --out {url}: URLs are not supported")
+    assert list(tmp_path.iterdir()) == []
