@@ -28,7 +28,7 @@ from moescope.adapters.discover import find_moe_layers
 
 def make_model(name: str | None):
     if name:
-        from moescope.record.loading import load_model
+        from moescope.recording.loading import load_model
 
         model, tokenizer = load_model(name, device="cpu", dtype="float32")
         return model, tokenizer.vocab_size
@@ -51,7 +51,7 @@ def make_ids(model_name: str | None, vocab: int, n_batches: int, batch: int, seq
         from transformers import AutoTokenizer
 
         from moescope.corpora import load_corpus
-        from moescope.record.loading import resolve_model_path
+        from moescope.recording.loading import resolve_model_path
 
         tok = AutoTokenizer.from_pretrained(resolve_model_path(model_name))
         stream: list[int] = []

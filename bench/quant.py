@@ -30,7 +30,7 @@ from moescope.quant import make_format, quantized, run_quant_sweep
 from moescope.quant.reference import token_nll
 from moescope.quant.routing import RoutingDelta
 from moescope.quant.sweep import make_batches
-from moescope.record.hooks import RoutingRecorder
+from moescope.recording.hooks import RoutingRecorder
 
 BITS = (2, 3, 4, 8)
 SCHEME = "rtn-asym"
@@ -47,7 +47,7 @@ class ByteTokenizer:
 
 def make_model(name: str | None):
     if name:
-        from moescope.record.loading import load_model
+        from moescope.recording.loading import load_model
 
         return load_model(name, device="cpu", dtype="float32")
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig

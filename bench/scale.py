@@ -25,8 +25,8 @@ import numpy as np
 import moescope
 from moescope.analysis import run_analyses
 from moescope.analysis.synthetic import SyntheticSpec, synthetic_trace
-from moescope.record.batches import Sequence
-from moescope.record.rows import TokenBlock, routing_table, sequences_table, tokens_table
+from moescope.recording.batches import Sequence
+from moescope.recording.rows import TokenBlock, routing_table, sequences_table, tokens_table
 from moescope.trace.writer import TraceWriter
 
 

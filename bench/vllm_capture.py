@@ -17,12 +17,12 @@ import tempfile
 import time
 
 from moescope.adapters.discover import find_moe_layers
-from moescope.record import vllm_worker
-from moescope.record.batches import sequences_from_documents
-from moescope.record.loading import load_tokenizer, resolve_model_path
-from moescope.record.manifest_info import build_manifest
-from moescope.record.runner import CaptureOptions, ShardBuffer
-from moescope.record.vllm_backend import capture_chunk, model_skeleton, sampling_params, start_engine
+from moescope.recording import vllm_worker
+from moescope.recording.batches import sequences_from_documents
+from moescope.recording.loading import load_tokenizer, resolve_model_path
+from moescope.recording.manifest_info import build_manifest
+from moescope.recording.runner import CaptureOptions, ShardBuffer
+from moescope.recording.vllm_backend import capture_chunk, model_skeleton, sampling_params, start_engine
 from moescope.trace.writer import TraceWriter
 
 

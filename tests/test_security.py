@@ -1,6 +1,6 @@
 """Security properties, as tests: nothing on a load path unpickles, remote code runs only when asked for, and no
 code path touches the network unless the user named a hub model. (HTML escaping of model and user strings is
-tested in tests/report/test_report.py::test_user_and_model_text_is_escaped.)"""
+tested in tests/reporting/test_report.py::test_user_and_model_text_is_escaped.)"""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_pickled_checkpoint_never_executes(tmp_path, tiny_model_dir):
     marker = tmp_path / "pwned"
     torch.save({"model.embed_tokens.weight": _Payload(marker)}, folder / "pytorch_model.bin")
     with pytest.raises(MoescopeError):
-        from moescope.record.loading import load_model
+        from moescope.recording.loading import load_model
 
         load_model(str(folder), device="cpu")
     assert not marker.exists()

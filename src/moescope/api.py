@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import CustomRouter
-from moescope.record.batches import sequences_from_documents, sequences_from_ids
-from moescope.record.loading import load_model
-from moescope.record.runner import CaptureOptions, run_capture
+from moescope.recording.batches import sequences_from_documents, sequences_from_ids
+from moescope.recording.loading import load_model
+from moescope.recording.runner import CaptureOptions, run_capture
 from moescope.errors import CorpusError, MoescopeError
 from moescope.trace.reader import Trace, open_trace
 
@@ -129,22 +129,22 @@ def capture(
         raise MoescopeError("--workers is the number of Ray capture workers: a positive number, with --ray")
     if ray is not None:
         from moescope.distributed.cluster import require_ray
-        from moescope.record.loading import default_router, load_tokenizer
+        from moescope.recording.loading import default_router, load_tokenizer
 
         require_ray()
         router = router or default_router(model)
         model_info = {"id": model}
         tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     elif backend == "vllm":
-        from moescope.record.vllm_backend import require_vllm
+        from moescope.recording.vllm_backend import require_vllm
 
         require_vllm()  # before the tokenizer: say at once what is missing
-        from moescope.record.loading import load_tokenizer, resolve_model_path
+        from moescope.recording.loading import load_tokenizer, resolve_model_path
 
         model_info, path = {"id": model}, resolve_model_path(model)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     elif isinstance(model, str):
-        from moescope.record.loading import default_router
+        from moescope.recording.loading import default_router
 
         router = router or default_router(model)
         model_info = {"id": model}
@@ -174,7 +174,7 @@ def capture(
                                load_kwargs=load_kwargs, router=router, address=None if ray == "local" else ray,
                                workers=workers, overwrite=overwrite, progress=progress, total_tokens=total)
     if backend == "vllm":
-        from moescope.record.vllm_backend import run_vllm_capture
+        from moescope.recording.vllm_backend import run_vllm_capture
 
         return run_vllm_capture(path, sequences, out, opts=opts, model_info=model_info, corpus_info=corpus_info, dtype=dtype,
                                 tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,

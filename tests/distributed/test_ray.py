@@ -79,9 +79,9 @@ def test_cli_capture_with_two_ray_workers_equals_the_in_process_capture(on_ray, 
 def test_a_worker_killed_mid_unit_is_retried_and_nothing_is_duplicated(ray_cluster, in_process, tmp_path):
     from moescope.corpora import describe_corpus, iter_corpus
     from moescope.distributed.capture import run_ray_capture
-    from moescope.record.batches import sequences_from_documents
-    from moescope.record.loading import load_tokenizer
-    from moescope.record.runner import CaptureOptions
+    from moescope.recording.batches import sequences_from_documents
+    from moescope.recording.loading import load_tokenizer
+    from moescope.recording.runner import CaptureOptions
 
     forward, written = tmp_path / "killed-in-forward", tmp_path / "killed-after-writing"
     opts = CaptureOptions(seq_len=128, shard_tokens=700, max_tokens=3000)

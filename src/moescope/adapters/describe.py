@@ -6,7 +6,7 @@ from torch import nn
 
 from moescope.adapters.discover import CustomRouter, find_moe_layers
 from moescope.adapters.registry import lookup_family, unsupported_reason
-from moescope.record.manifest_info import layer_entry
+from moescope.recording.manifest_info import layer_entry
 from moescope.errors import NoRouterFoundError
 
 

@@ -45,7 +45,7 @@ def custom_router_from_args(args):
 
 def run(args) -> int:
     from moescope.adapters.describe import describe_model
-    from moescope.record.loading import default_router, load_model
+    from moescope.recording.loading import default_router, load_model
 
     model, _ = load_model(args.model, device="cpu", trust_remote_code=args.trust_remote_code)
     info = describe_model(model, custom_router_from_args(args) or default_router(args.model))

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.report import write_report
+    from moescope.reporting import write_report
 
     path = write_report(args.results, args.out, figures_dir=args.figures)
     print(f"wrote {path}")

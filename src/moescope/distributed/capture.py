@@ -20,8 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moescope.errors import MoescopeError
-from moescope.record.batches import Sequence, chunks
-from moescope.record.runner import CaptureOptions, finish_capture, record_batches, shard_tables
+from moescope.recording.batches import Sequence, chunks
+from moescope.recording.runner import CaptureOptions, finish_capture, record_batches, shard_tables
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter, write_parts
 
@@ -35,14 +35,14 @@ class CaptureWorker:
         import torch
 
         from moescope.adapters.discover import find_moe_layers
-        from moescope.record.loading import default_router, load_model
+        from moescope.recording.loading import default_router, load_model
 
         torch.set_num_threads(threads)
         self.model, self.tokenizer = load_model(model, **load_kwargs)
         self.layers = find_moe_layers(self.model, router or default_router(model))
 
     def manifest(self, opts: CaptureOptions, model_info: dict, corpus_info: dict) -> dict:
-        from moescope.record.manifest_info import build_manifest
+        from moescope.recording.manifest_info import build_manifest
 
         return build_manifest(self.model, self.layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
 

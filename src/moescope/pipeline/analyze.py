@@ -37,7 +37,7 @@ def analysis_context(trace: Trace, **overrides) -> AnalysisContext:
 
 def _load_model_for(trace: Trace, model: str | None):
     """(model, tokenizer) for the trace's model, or (None, None, reason) when it cannot be loaded here."""
-    from moescope.record.loading import load_model
+    from moescope.recording.loading import load_model
 
     name = model or trace.manifest["model"].get("id", "")
     if not name or name.startswith("imported:"):

@@ -68,7 +68,7 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
         print("[demo] quantization sensitivity: tiny-moe against its dense twin")
         outputs["quant"] = str(run_demo_quant(out / "quant", max_tokens=quant_tokens, progress=progress))
     if "report" in steps:
-        from moescope.report import write_report
+        from moescope.reporting import write_report
 
         report = write_report([out / "results" / name for name in models] + [out / "quant"], out / "report.html")
         outputs["report"] = str(report)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moescope.record.loading import default_router, load_model
+from moescope.recording.loading import default_router, load_model
 
 
 def quant_from_names(model: str, data, *, out, dense_model: str | None = None, device: str = "cpu", **options) -> dict:

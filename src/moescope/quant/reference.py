@@ -27,8 +27,8 @@ from moescope.adapters.spec import MoELayer
 from moescope.errors import MoescopeError
 from moescope.quant.routing import RoutingDelta, router_choice, router_log_probs, router_scores
 from moescope.quant.targets import decoder_layer_of, router_module
-from moescope.record.batches import Batch
-from moescope.record.hooks import RoutingRecorder
+from moescope.recording.batches import Batch
+from moescope.recording.hooks import RoutingRecorder
 
 LOCAL_CHUNK = 32768  # router-input rows per local forward call
 LSE_CHUNK = 1 << 18  # logits per logsumexp call in the NLL

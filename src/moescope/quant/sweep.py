@@ -31,8 +31,8 @@ from moescope.quant.reference import Reference, decoder_layer_list, end_to_end, 
 from moescope.quant.store import ResultStore
 from moescope.quant.summary import summarize
 from moescope.quant.targets import TARGETS, WeightRef, moe_layers_or_none, select_weights
-from moescope.record.batches import Batch, batched, make_batch, sequences_from_documents
-from moescope.record.loading import default_router, load_model
+from moescope.recording.batches import Batch, batched, make_batch, sequences_from_documents
+from moescope.recording.loading import default_router, load_model
 
 ROUTING_KEYS = ("flip_top1", "flip_topk_set", "jaccard", "kl", "entropy_delta")
 CONFIG_COLUMNS = (
@@ -261,7 +261,7 @@ def run_quant_sweep(
     Parameters
     ----------
     model, tokenizer
-        A loaded MoE causal LM and its tokenizer, or a name for `moescope.record.loading.load_model`
+        A loaded MoE causal LM and its tokenizer, or a name for `moescope.recording.loading.load_model`
         (``"moescope:tiny-moe"``, a folder, a hub id; tokenizer None: the model's own).
     data : str or iterable of Document or str
         A corpus spec (its `split` is used, e.g. ``"wiki"``) or the documents themselves.

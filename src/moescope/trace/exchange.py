@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moescope.record.manifest_info import versions
-from moescope.record.rows import TokenBlock, routing_table, tokens_table
+from moescope.recording.manifest_info import versions
+from moescope.recording.rows import TokenBlock, routing_table, tokens_table
 from moescope.errors import ImportFormatError, MoescopeError, TraceError
 from moescope.trace.reader import Trace
 from moescope.trace.schema import SEQUENCES_SCHEMA

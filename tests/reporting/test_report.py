@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from report_data import HOSTILE_DOMAIN, HOSTILE_FOLDER, HOSTILE_MODEL, HOSTILE_NOTE, PARTIAL_INPUTS, hostile_token
 
-from moescope.report import ReportError, build_document, write_report
-from moescope.report.document import FigureBlock
+from moescope.reporting import ReportError, build_document, write_report
+from moescope.reporting.document import FigureBlock
 
 IMG = re.compile(r'<img src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"')
 
@@ -126,7 +126,7 @@ def test_partial_results_say_what_was_not_run(partial_report, full_report):
 def test_same_inputs_give_byte_identical_outputs(partial_report, report_inputs, tmp_path):
     """Written again by another interpreter with another hash seed (so set or dict order cannot leak into
     the bytes unnoticed): the same page and the same figure files, byte for byte."""
-    code = "import sys; from moescope.report import write_report; write_report(sys.argv[3:], sys.argv[1], figures_dir=sys.argv[2])"
+    code = "import sys; from moescope.reporting import write_report; write_report(sys.argv[3:], sys.argv[1], figures_dir=sys.argv[2])"
     again, files = tmp_path / "again.html", tmp_path / "files"
     subprocess.run([sys.executable, "-c", code, str(again), str(files), *(str(report_inputs[k]) for k in PARTIAL_INPUTS)],
                    check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, timeout=600)

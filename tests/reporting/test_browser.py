@@ -128,7 +128,7 @@ def test_report_loads_cleanly_in_chromium(browser, full_report, tmp_path):
 
 def test_probe_catches_errors_broken_figures_and_network_requests(browser, tmp_path):
     """The same probe on a page with the report's CSP that breaks each rule: every breach is reported."""
-    from moescope.report.html import CSP
+    from moescope.reporting.html import CSP
 
     page = (f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{CSP}"></head><body>'
             '<img alt="remote" src="https://example.invalid/x.png"><img alt="broken" src="data:image/svg+xml;base64,AAAA">'

@@ -11,7 +11,7 @@
 No function here reads files or writes anything; `render_svg` / `render_png` turn a Figure into bytes.
 """
 
-from moescope.report.figures import domains, load, quant, router, routing, tokens
-from moescope.report.figures._base import facet_layers, render_png, render_svg, style
+from moescope.reporting.figures import domains, load, quant, router, routing, tokens
+from moescope.reporting.figures._base import facet_layers, render_png, render_svg, style
 
 __all__ = ["domains", "facet_layers", "load", "quant", "render_png", "render_svg", "router", "routing", "style", "tokens"]

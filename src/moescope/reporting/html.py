@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from moescope.report.document import Document, FigureBlock, Group, KeyValues, Notes, Section, TableBlock, Text
+from moescope.reporting.document import Document, FigureBlock, Group, KeyValues, Notes, Section, TableBlock, Text
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from moescope.report.figures._base import (
+from moescope.reporting.figures._base import (
     EXPECTED_COLOR,
     OVERALL,
     PALETTE,

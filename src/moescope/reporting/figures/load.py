@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from moescope.report.figures._base import (
+from moescope.reporting.figures._base import (
     EXPECTED_COLOR,
     PALETTE,
     STATUS_COLORS,

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from moescope.record.batches import Batch
-from moescope.record.hooks import LayerChunks
+from moescope.recording.batches import Batch
+from moescope.recording.hooks import LayerChunks
 from moescope.errors import MoescopeError
 from moescope.trace.schema import SEQUENCES_SCHEMA, TOKENS_SCHEMA, routing_schema
 

@@ -19,11 +19,11 @@ import torch
 
 from moescope.adapters.discover import CustomRouter, find_moe_layers
 from moescope.adapters.spec import MoELayer
-from moescope.record.batches import Batch, Sequence, batched, make_batch
-from moescope.record.generate import block_from_generate
-from moescope.record.hooks import RoutingRecorder
-from moescope.record.manifest_info import build_manifest, detect_router_output_kind
-from moescope.record.rows import TokenBlock, block_from_forward, concat_blocks, routing_table, sequences_table, tokens_table
+from moescope.recording.batches import Batch, Sequence, batched, make_batch
+from moescope.recording.generate import block_from_generate
+from moescope.recording.hooks import RoutingRecorder
+from moescope.recording.manifest_info import build_manifest, detect_router_output_kind
+from moescope.recording.rows import TokenBlock, block_from_forward, concat_blocks, routing_table, sequences_table, tokens_table
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -39,7 +39,7 @@ class CaptureOptions:
     generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
     weights_dtype: str = "float16"
     shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
-    backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (record/vllm_backend.py)
+    backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (recording/vllm_backend.py)
 
 
 def _output_entropy(logits: torch.Tensor) -> torch.Tensor:

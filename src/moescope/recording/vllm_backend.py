@@ -21,10 +21,10 @@ from dataclasses import asdict
 import numpy as np
 
 from moescope.errors import ModelLoadError, MoescopeError
-from moescope.record.batches import Sequence, chunks
-from moescope.record.manifest_info import build_manifest
-from moescope.record.rows import TokenBlock
-from moescope.record.runner import CaptureOptions, ShardBuffer, finish_capture
+from moescope.recording.batches import Sequence, chunks
+from moescope.recording.manifest_info import build_manifest
+from moescope.recording.rows import TokenBlock
+from moescope.recording.runner import CaptureOptions, ShardBuffer, finish_capture
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -133,7 +133,7 @@ def capture_chunk(llm, chunk: list[Sequence], params, opts: CaptureOptions) -> T
     """Run `chunk` through the engine (recorder installed) and return its routing in (seq_id, pos) order."""
     from vllm import TokensPrompt
 
-    from moescope.record import vllm_worker
+    from moescope.recording import vllm_worker
 
     outputs = llm.generate([TokensPrompt(prompt_token_ids=s.token_ids) for s in chunk], params, use_tqdm=False)
     return block_from_vllm(chunk, outputs, llm.collective_rpc(vllm_worker.take)[0], opts)
@@ -147,7 +147,7 @@ def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.Pat
     from tqdm.auto import tqdm
 
     from moescope.adapters.discover import find_moe_layers
-    from moescope.record import vllm_worker
+    from moescope.recording import vllm_worker
 
     vllm = require_vllm()
     skeleton = model_skeleton(path, trust_remote_code)

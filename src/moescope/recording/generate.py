@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moescope.record.batches import Batch
-from moescope.record.hooks import LayerChunks
-from moescope.record.rows import TokenBlock
+from moescope.recording.batches import Batch
+from moescope.recording.hooks import LayerChunks
+from moescope.recording.rows import TokenBlock
 from moescope.errors import MoescopeError
 
 

@@ -5,7 +5,7 @@
     figures/      pure functions DataFrame -> matplotlib Figure, rendered byte-stably
     html.py       the page: escaped text, inline CSS/JS, figures as data: URIs, no network requests
 
->>> from moescope.report import write_report                                    # doctest: +SKIP
+>>> from moescope.reporting import write_report                                    # doctest: +SKIP
 >>> write_report(["results/tiny-moe", "results/quant"], "report.html", figures_dir="figures")
 """
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from moescope import __version__
 from moescope.errors import MoescopeError
-from moescope.report.document import Document, FigureBlock, Group
-from moescope.report.results import AnalysisResults, MissingResults, QuantResults, load_results
-from moescope.report.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group
+from moescope.reporting.document import Document, FigureBlock, Group
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, load_results
+from moescope.reporting.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group
 
 
 class ReportError(MoescopeError):
@@ -87,8 +87,8 @@ def write_report(
     """
     if not result_dirs:
         raise ReportError("no results folders given; pass the --out folders of `moescope analyze` and/or `moescope quant`")
-    from moescope.report.figures import render_png, render_svg
-    from moescope.report.html import render_document
+    from moescope.reporting.figures import render_png, render_svg
+    from moescope.reporting.html import render_document
 
     out_html = Path(out_html)
     figures = Path(figures_dir) if figures_dir is not None else None

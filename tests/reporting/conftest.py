@@ -64,7 +64,7 @@ def write_partial_results(out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def full_report(report_inputs, tmp_path_factory) -> Path:
-    from moescope.report import write_report
+    from moescope.reporting import write_report
 
     out = tmp_path_factory.mktemp("report") / "report.html"
     return write_report([report_inputs[k] for k in FULL_INPUTS], out)
@@ -73,7 +73,7 @@ def full_report(report_inputs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def partial_report(report_inputs, tmp_path_factory) -> Path:
     """The routing-only folder and the quantization sweep, every figure also written to files/."""
-    from moescope.report import write_report
+    from moescope.reporting import write_report
 
     folder = tmp_path_factory.mktemp("partial-report")
     return write_report([report_inputs[k] for k in PARTIAL_INPUTS], folder / "report.html", figures_dir=folder / "files")

@@ -8,7 +8,7 @@ import torch
 
 import moescope
 from moescope.adapters.discover import find_moe_layers
-from moescope.record.hooks import RoutingRecorder
+from moescope.recording.hooks import RoutingRecorder
 
 
 def _router_modules(model):

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from moescope.report.figures._base import (
+from moescope.reporting.figures._base import (
     OVERALL,
     PALETTE,
     figure_function,

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moescope.report.figures import facet_layers, load, render_png, render_svg, router
-from moescope.report.figures._base import index_ticks, new_figure, tick_step
+from moescope.reporting.figures import facet_layers, load, render_png, render_svg, router
+from moescope.reporting.figures._base import index_ticks, new_figure, tick_step
 
 
 def _per_expert(n_layers: int, n_experts: int, seed: int = 0) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Batches and shard-sized chunks never span a gap in seq ids (a resumed capture skips committed sequences),
 so every shard holds one contiguous run of seq ids, as TraceWriter.committed_seq_ids assumes."""
 
-from moescope.record.batches import Sequence, batched, chunks
+from moescope.recording.batches import Sequence, batched, chunks
 
 
 def _seqs(ids, n_tokens=3):

@@ -21,9 +21,9 @@ import pytest
 
 import moescope
 from moescope.errors import MoescopeError
-from moescope.record.batches import Sequence, chunks
-from moescope.record.runner import CaptureOptions
-from moescope.record.vllm_backend import block_from_vllm
+from moescope.recording.batches import Sequence, chunks
+from moescope.recording.runner import CaptureOptions
+from moescope.recording.vllm_backend import block_from_vllm
 from moescope.trace.verify import verify_trace
 
 ROOT = Path(__file__).resolve().parents[2]

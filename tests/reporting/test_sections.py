@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moescope.report.results import AnalysisResults, MissingResults, QuantResults, load_results
-from moescope.report.sections import (
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, load_results
+from moescope.reporting.sections import (
     fmt,
     headline,
     quant_verdicts,
@@ -98,14 +98,14 @@ def test_headline_and_verdicts(report_inputs):
 
 
 def test_prose_shows_backticked_commands_as_code_and_escapes_everything():
-    from moescope.report.html import esc, prose
+    from moescope.reporting.html import esc, prose
 
     assert prose("run `moescope capture --x <y>` & go") == "run <code>moescope capture --x &lt;y&gt;</code> &amp; go"
     assert prose("`<script>`") == "<code>&lt;script&gt;</code>" and esc('"') == "&quot;"
 
 
 def test_corpus_line_keeps_what_a_reader_needs():
-    from moescope.report.sections import corpus_text
+    from moescope.reporting.sections import corpus_text
 
     corpus = {"spec": "humaneval,wiki", "split": "eval", "split_rule": "x" * 200, "docs": 433, "chars": 291428,
               "sources": [{"entry": "humaneval", "domain": "code", "docs": 21, "description": "long text"},

@@ -17,15 +17,15 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from moescope.report.document import FigureBlock, Group, Headline, KeyValues, Notes, Section, TableBlock, Text
-from moescope.report.figures import domains as domain_figs
-from moescope.report.figures import load as load_figs
-from moescope.report.figures import quant as quant_figs
-from moescope.report.figures import router as router_figs
-from moescope.report.figures import routing as routing_figs
-from moescope.report.figures import tokens as token_figs
-from moescope.report.figures._base import OVERALL, facet_layers
-from moescope.report.results import AnalysisResults, MissingResults, QuantResults
+from moescope.reporting.document import FigureBlock, Group, Headline, KeyValues, Notes, Section, TableBlock, Text
+from moescope.reporting.figures import domains as domain_figs
+from moescope.reporting.figures import load as load_figs
+from moescope.reporting.figures import quant as quant_figs
+from moescope.reporting.figures import router as router_figs
+from moescope.reporting.figures import routing as routing_figs
+from moescope.reporting.figures import tokens as token_figs
+from moescope.reporting.figures._base import OVERALL, facet_layers
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults
 
 TOKEN_ROWS = 200  # rows of the token routing table shown in the page (the CSV has all)
 TOKEN_LAYER_COLUMNS = 12  # layer combination columns shown in the page
