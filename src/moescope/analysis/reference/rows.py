@@ -20,6 +20,7 @@ class TokenRow:
     weights: list[list[float]]  # per layer
     router: list[list[float]] | None  # per layer, E router outputs
     predicted: list[list[int]] | None  # per layer, next-layer router prediction
+    generated: bool = False  # produced by --generate (a decode token)
 
 
 def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
@@ -42,6 +43,7 @@ def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
                 weights[t],
                 None if router is None else router[t],
                 None if predicted is None else predicted[t],
+                bool(shard.generated[t]),
             )
 
 

@@ -1,0 +1,236 @@
+"""Expert offloading: a cache of expert slots in fast memory, fed by a prefetch predictor, replayed on a trace.
+
+For every (prefetch, policy, capacity) the trace's lookups run through the cache (streams.py: cold at each
+sequence start, per layer or one budget over all layers) and are counted per phase (prefill: prompt tokens,
+decode: generated tokens) and layer: lookups, hits, prefetched experts and those that had to be fetched,
+and per expert how many times it crossed the link (demand misses and prefetch loads apart), from which
+cost.py makes bytes, stall time and a decode throughput bound. Counts add up over shards (merge).
+
+Policies (one file each): lru, lfu, arc, belady (offline optimal: the upper bound). Prefetch, for layer l
+of a token (layer 0 has no earlier layer and gets none):
+  none              demand fetching only;
+  same-index        the experts the token used at layer l-1;
+  transition        the k experts most often seen at l after its first choice at l-1 (cross_layer.py's
+                    table, learned on the other fold of sequences);
+  popularity        the k most loaded experts of layer l, estimated on the other fold;
+  router-lookahead  layer l's router applied to layer l-1's input (`capture --predict-next-layer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.context import OVERALL, AnalysisContext
+from moescope.analysis.cross_layer import CrossLayerResult, seq_parity
+from moescope.analysis.expert_cache import prefetch_sources
+from moescope.analysis.kernels import jsonable
+from moescope.analysis.shard_view import ShardView, predicted_next_ids_of
+from moescope.errors import MoescopeError
+from moescope.simulate import arc, belady, lfu, lru
+from moescope.simulate.cost import SWEEP_GBPS, LINKS, Link
+from moescope.simulate.streams import SCOPES, build_streams
+
+POLICIES = {"lru": lru.simulate, "lfu": lfu.simulate, "arc": arc.simulate, "belady": belady.simulate}
+PREFETCH = ("none", "same-index", "transition", "popularity", "router-lookahead")
+LEARNED = ("transition", "popularity")  # need a first pass over the trace
+PHASES = ("prefill", "decode")
+QUANTITIES = ("lookups", "hits", "prefetched", "prefetch_loads")
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    capacities: tuple[int, ...]
+    policies: tuple[str, ...] = tuple(POLICIES)
+    prefetch: tuple[str, ...] = ("none",)
+    scope: str = "layer"
+
+    def check(self, ctx: AnalysisContext, *, lookahead_width: int | None) -> None:
+        """Refuse what cannot be simulated, in one line (before anything is written)."""
+        unknown = [p for p in self.policies if p not in POLICIES] + [p for p in self.prefetch if p not in PREFETCH]
+        if unknown:
+            raise MoescopeError(f"unknown {', '.join(unknown)}; policies: {', '.join(POLICIES)}; prefetch: {', '.join(PREFETCH)}")
+        if self.scope not in SCOPES:
+            raise MoescopeError(f"unknown --scope {self.scope!r}; choose {' or '.join(SCOPES)}")
+        if not self.capacities or not self.policies or not self.prefetch:
+            raise MoescopeError("give at least one capacity, policy and prefetch")
+        if "router-lookahead" in self.prefetch and lookahead_width is None:
+            raise MoescopeError("--prefetch router-lookahead needs a trace captured with --predict-next-layer")
+        widest = max(ctx.top_k, lookahead_width or 0) if "router-lookahead" in self.prefetch else ctx.top_k
+        small = [c for c in self.capacities if c < widest]
+        if small:
+            raise MoescopeError(f"--capacity {small[0]} is below the {widest} experts one token needs at once "
+                                f"(top-k = {ctx.top_k}); give capacities of at least {widest}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.prefetch), len(self.policies), len(self.capacities)
+
+
+@dataclass(frozen=True)
+class PrefetchTables:
+    """What the learned predictors know, from cross_layer over the whole trace (first pass)."""
+
+    transition: object  # PrefetchTable
+    popular: np.ndarray  # intp [2, L, k]: the k most loaded experts per fold and layer
+
+    @classmethod
+    def from_cross_layer(cls, result: CrossLayerResult, k: int) -> PrefetchTables:
+        load = result.load_by_parity  # [2, L, E]
+        return cls(result.prefetch_table(), np.argsort(-load, axis=-1, kind="stable")[..., :k])
+
+
+@dataclass(frozen=True, eq=False)
+class OffloadState:
+    counts: np.ndarray  # int64 [F, P, C, 2, L, 4]: QUANTITIES per (prefetch, policy, capacity, phase, layer)
+    moved: np.ndarray  # int64 [F, P, C, 2, 2, L, E]: expert crossings per phase, (demand, prefetch), layer, expert
+    tokens: np.ndarray  # int64 [2] tokens per phase
+
+
+def prefetch_source(view: ShardView, ctx: AnalysisContext, name: str, tables: PrefetchTables | None):
+    """intp [L, T, kp] experts to prefetch into layer l's cache for each token (sentinel E: none), or None."""
+    if name == "none":
+        return None
+    if name == "popularity":
+        guess = tables.popular[1 - seq_parity(view.shard)]  # [T, L, k] from the other fold
+        guess = guess.transpose(1, 0, 2).astype(np.intp)
+        guess[0] = view.E  # layer 0: no earlier layer to prefetch during
+        return guess
+    learned = None if tables is None else tables.transition
+    sources = prefetch_sources(view, dataclasses.replace(ctx, prefetch_table=learned))
+    return sources[name.replace("-", "_")]
+
+
+def accumulate(view: ShardView, ctx: AnalysisContext, options: OffloadOptions,
+               tables: PrefetchTables | None = None) -> OffloadState:
+    F, P, C = options.shape
+    L, E = view.L, view.E
+    counts = np.zeros((F, P, C, 2, L, len(QUANTITIES)), np.int64)
+    moved = np.zeros((F, P, C, 2, 2, L, E), np.int64)
+    for f, name in enumerate(options.prefetch):
+        streams = build_streams(view, options.scope, prefetch_source(view, ctx, name, tables))
+        cell = streams.phase.astype(np.intp) * L + streams.layer  # [M] (phase, layer)
+        real = streams.lookups < streams.n_keys  # [M, k]
+        expert = streams.lookups % E if options.scope == "global" else streams.lookups
+        counts[f, :, :, :, :, 0] = _per_cell(cell, real.sum(axis=1), L)
+        if streams.prefetch is not None:
+            counts[f, :, :, :, :, 2] = _per_cell(cell, (streams.prefetch < streams.n_keys).sum(axis=1), L)
+            prefetched = streams.prefetch % E if options.scope == "global" else streams.prefetch
+        for p, policy in enumerate(options.policies):
+            for c, capacity in enumerate(options.capacities):
+                hit, loaded = POLICIES[policy](streams, capacity)
+                counts[f, p, c, :, :, 1] = _per_cell(cell, hit.sum(axis=1), L)
+                moved[f, p, c, :, 0] = _per_expert(cell, expert, real & ~hit, L, E)
+                if loaded is not None:
+                    counts[f, p, c, :, :, 3] = _per_cell(cell, loaded.sum(axis=1), L)
+                    moved[f, p, c, :, 1] = _per_expert(cell, prefetched, loaded, L, E)
+    tokens = np.bincount(view.shard.generated.astype(np.intp), minlength=2)
+    return OffloadState(counts, moved, tokens)
+
+
+def _per_cell(cell: np.ndarray, values: np.ndarray, L: int) -> np.ndarray:
+    """int64 [2, L]: values [M] summed per (phase, layer)."""
+    return np.bincount(cell, weights=values, minlength=2 * L).astype(np.int64).reshape(2, L)
+
+
+def _per_expert(cell: np.ndarray, expert: np.ndarray, mask: np.ndarray, L: int, E: int) -> np.ndarray:
+    """int64 [2, L, E]: masked (row, column) events counted per (phase, layer, expert)."""
+    key = (cell[:, None] * E + np.minimum(expert, E - 1))[mask]
+    return np.bincount(key, minlength=2 * L * E).reshape(2, L, E)
+
+
+def merge(a: OffloadState, b: OffloadState) -> OffloadState:
+    return OffloadState(a.counts + b.counts, a.moved + b.moved, a.tokens + b.tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class OffloadResult:
+    options: OffloadOptions
+    layers: tuple[int, ...]
+    top_k: int
+    n_experts: int
+    state: OffloadState
+    expert_bytes: np.ndarray  # float64 [L, E]
+    link: Link
+    phases: tuple[str, ...]  # the phases reported (decode only when the trace generated tokens)
+    notes: tuple[str, ...] = ()
+
+    def _rows(self):
+        """(prefetch, policy, capacity, phase index, phase) of every simulated configuration."""
+        for f, prefetch in enumerate(self.options.prefetch):
+            for p, policy in enumerate(self.options.policies):
+                for c, capacity in enumerate(self.options.capacities):
+                    for q, phase in enumerate(PHASES):
+                        if phase in self.phases:
+                            yield f, p, c, q, prefetch, policy, capacity, phase
+
+    def hit_rate(self) -> pd.DataFrame:
+        frames = []
+        per_expert_bytes = self.state.moved * self.expert_bytes  # [F, P, C, 2, 2, L, E]
+        for f, p, c, q, prefetch, policy, capacity, phase in self._rows():
+            counts = self.state.counts[f, p, c, q]  # [L, 4]
+            counts = np.vstack([counts, counts.sum(axis=0)])
+            moved = self.state.moved[f, p, c, q].sum(axis=(0, 2))  # [L]
+            moved_bytes = per_expert_bytes[f, p, c, q].sum(axis=(0, 2))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rate = counts[:, 1] / counts[:, 0]
+            frames.append(pd.DataFrame({
+                "scope": self.options.scope, "policy": policy, "prefetch": prefetch, "capacity": capacity,
+                "phase": phase, "layer": [*self.layers, OVERALL],
+                "lookups": counts[:, 0], "hits": counts[:, 1], "hit_rate": rate,
+                "prefetched": counts[:, 2], "prefetch_loads": counts[:, 3],
+                "experts_moved": np.append(moved, moved.sum()), "bytes_moved": np.append(moved_bytes, moved_bytes.sum()),
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+    def cost(self, links: list[Link] | None = None) -> pd.DataFrame:
+        """Per configuration and link: stall and link seconds per token, and the tokens/s the link allows."""
+        links = links or [self.link, *(Link.preset(n) for n in LINKS if n != self.link.name)]
+        bytes_ = (self.state.moved * self.expert_bytes).sum(axis=(-2, -1))  # [F, P, C, 2, 2]
+        transfers = self.state.moved.sum(axis=(-2, -1))
+        rows = []
+        for f, p, c, q, prefetch, policy, capacity, phase in self._rows():
+            tokens = max(int(self.state.tokens[q]), 1)
+            for link in links:
+                stall = link.seconds(transfers[f, p, c, q, 0], bytes_[f, p, c, q, 0]) / tokens
+                busy = link.seconds(transfers[f, p, c, q].sum(), bytes_[f, p, c, q].sum()) / tokens
+                rows.append((policy, prefetch, capacity, phase, link.name, link.bandwidth / 1e9, link.latency * 1e6,
+                             stall, busy, 1.0 / busy if busy > 0 else np.inf, bytes_[f, p, c, q].sum() / tokens))
+        return pd.DataFrame(rows, columns=["policy", "prefetch", "capacity", "phase", "link", "bandwidth_gbps", "latency_us",
+                                           "stall_s_per_token", "link_s_per_token", "tokens_per_s_bound", "bytes_per_token"])
+
+    def bandwidth_sweep(self) -> pd.DataFrame:
+        return self.cost([Link.custom(g, self.link.latency * 1e6) for g in SWEEP_GBPS])
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        return {"hit_rate": self.hit_rate(), "cost": self.cost(), "bandwidth_sweep": self.bandwidth_sweep()}
+
+    def headline_capacity(self) -> int:
+        """2k when simulated (near the sweet spot reported for many MoE models), else the smallest."""
+        caps = self.options.capacities
+        return 2 * self.top_k if 2 * self.top_k in caps and self.options.scope == "layer" else min(caps)
+
+    def summary(self) -> dict:
+        rates = self.hit_rate()
+        overall = rates[rates["layer"] == OVERALL]
+        cap = self.headline_capacity()
+        out: dict = {"scope": self.options.scope, "capacity": cap, "link": self.link.name,
+                     "expert_bytes": float(self.expert_bytes.max()), "phases": list(self.phases)}
+        at = overall[overall["capacity"] == cap]
+        for r in at.itertuples():
+            out[f"hit_rate_{r.phase}_{r.policy}_{r.prefetch}"] = r.hit_rate
+        cost = self.cost([self.link])
+        decode = cost[(cost["phase"] == "decode") & (cost["capacity"] == cap)]
+        for r in decode.itertuples():
+            out[f"decode_tokens_per_s_bound_{r.policy}_{r.prefetch}"] = r.tokens_per_s_bound
+            out[f"decode_stall_ms_per_token_{r.policy}_{r.prefetch}"] = r.stall_s_per_token * 1e3
+        out["notes"] = list(self.notes)
+        return jsonable(out)
+
+
+def lookahead_width(shard) -> int | None:
+    predicted = predicted_next_ids_of(shard)
+    return None if predicted is None else int(predicted.shape[2])
