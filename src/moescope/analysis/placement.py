@@ -1,12 +1,12 @@
 """Expert placement: the load matrix an EPLB balancer takes, and how static, greedy and EPLB placements serve it.
 
-accumulate keeps [L, E] token counts per block of tokens (neighbouring blocks summed as they accumulate,
-so memory stays bounded); finalize
-places the whole trace's load with `PlacementOptions.default_for(E)` (moescope/simulate/placement.py) and
-reports per-layer balancedness and imbalance of every policy (static is "before"), GPU loads, the mapping
-tables and staleness (window t's placement on window t + 1, eight windows of about equal tokens). `moescope placement` runs the same
-evaluation with the user's cluster, windows of exactly --window tokens, and all-to-all fan-out per token
-(`evaluate`, with a second pass over the trace).
+accumulate keeps [L, E] token counts per block of consecutive sequences (by seq_id, so the blocks are the
+same however the trace is sharded; their span doubles while there are more than MAX_BLOCKS, so memory stays
+bounded); finalize places the whole trace's load with `PlacementOptions.default_for(E)` (simulate/placement.py)
+and reports per-layer balancedness and imbalance of every policy (static is "before"), GPU loads, the
+mapping tables and staleness: window t's placement served on window t + 1, over eight windows of whole
+sequences of about equal tokens. `moescope placement` runs the same evaluation (`evaluate`) with the user's
+cluster, windows of exactly --window tokens, and all-to-all fan-out per token from a second pass.
 """
 
 from __future__ import annotations
@@ -29,23 +29,28 @@ from moescope.trace.shard import ShardData
 NAME = "placement"
 
 
-BLOCK_TOKENS = 256  # a shard's load is kept in blocks of this many tokens ...
-MAX_BLOCKS = 64  # ... and neighbouring blocks are summed pairwise while there are more than this many
+MAX_BLOCKS = 64  # blocks of consecutive sequences kept; their span doubles while there are more
 WINDOWS = 8  # staleness windows of about equal tokens (as `moescope placement` without --window)
 
 
 @dataclass(frozen=True, eq=False)
 class PlacementState:
     layers: tuple[int, ...]
-    tokens: np.ndarray  # int64 [B] tokens per block, in trace order
-    blocks: np.ndarray  # int64 [B, L, E] load per block
+    span: int  # sequences per block (a power of two)
+    block: np.ndarray  # int64 [B] block index = seq_id // span, ascending
+    tokens: np.ndarray  # int64 [B] tokens per block
+    loads: np.ndarray  # int64 [B, L, E] tokens routed to each expert per block
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> PlacementState:
     view = ShardView.of(shard, ctx)
-    block = np.arange(view.T) // BLOCK_TOKENS  # [T]
-    n = int(block[-1]) + 1 if view.T else 0
-    return _coalesce(PlacementState(view.layers, np.bincount(block, minlength=n), block_loads(view, block, n)))
+    seq = view.shard.seq_id.astype(np.int64)
+    return _coalesce(PlacementState(view.layers, 1, *_blocks(view, seq)))
+
+
+def _blocks(view: ShardView, block_of_token: np.ndarray):
+    block, which = np.unique(block_of_token, return_inverse=True)
+    return block, np.bincount(which, minlength=len(block)), block_loads(view, which, len(block))
 
 
 def block_loads(view: ShardView, block: np.ndarray, n_blocks: int) -> np.ndarray:
@@ -58,31 +63,40 @@ def block_loads(view: ShardView, block: np.ndarray, n_blocks: int) -> np.ndarray
 def merge(a: PlacementState, b: PlacementState) -> PlacementState:
     if a.layers != b.layers:
         raise MoescopeError(f"cannot merge placement states of different layers {a.layers} and {b.layers}")
-    return _coalesce(PlacementState(a.layers, np.concatenate([a.tokens, b.tokens]), np.concatenate([a.blocks, b.blocks])))
+    span = max(a.span, b.span)
+    a, b = _rebin(a, span), _rebin(b, span)
+    return _coalesce(_rebin(PlacementState(a.layers, span, np.concatenate([a.block, b.block]),
+                                           np.concatenate([a.tokens, b.tokens]), np.concatenate([a.loads, b.loads])), span))
+
+
+def _rebin(state: PlacementState, span: int) -> PlacementState:
+    """Blocks of `span` sequences (a multiple of the state's), equal blocks summed."""
+    block, which = np.unique(state.block // (span // state.span), return_inverse=True)
+    loads = np.zeros((len(block),) + state.loads.shape[1:], np.int64)
+    np.add.at(loads, which, state.loads)
+    return PlacementState(state.layers, span, block, np.bincount(which, weights=state.tokens, minlength=len(block)).astype(np.int64),
+                          loads)
 
 
 def _coalesce(state: PlacementState) -> PlacementState:
-    """Sum neighbouring blocks pairwise until at most MAX_BLOCKS remain (memory stays bounded)."""
-    tokens, blocks = state.tokens, state.blocks
-    while len(tokens) > MAX_BLOCKS:
-        pair = np.arange(len(tokens)) // 2
-        tokens = np.bincount(pair, weights=tokens).astype(np.int64)
-        blocks = np.add.reduceat(blocks, np.arange(0, len(pair), 2), axis=0)
-    return PlacementState(state.layers, tokens, blocks)
+    """Double the block span until at most MAX_BLOCKS remain (the same span whatever the merge order)."""
+    while len(state.block) > MAX_BLOCKS:
+        state = _rebin(state, 2 * state.span)
+    return state
 
 
 def finalize(state: PlacementState, ctx: AnalysisContext) -> PlacementResult:
     options = PlacementOptions.default_for(ctx.n_experts)
     n_tokens = int(state.tokens.sum())
-    start = np.cumsum(state.tokens) - state.tokens
+    start = np.cumsum(state.tokens) - state.tokens  # blocks in seq_id order
     window = start * WINDOWS // max(n_tokens, 1)  # [B] blocks grouped into about equal windows
     staleness = Staleness(options, POLICIES, state.layers)
     for w in np.unique(window):
-        staleness.push(state.blocks[window == w].sum(axis=0), int(state.tokens[window == w].sum()))
+        staleness.push(state.loads[window == w].sum(axis=0), int(state.tokens[window == w].sum()))
     notes = ("defaults: "
              f"{options.n_gpus} GPUs on {options.n_nodes} node(s), {options.n_redundant} redundant slots, "
              f"{WINDOWS} staleness windows; all-to-all fan-out per token needs `moescope placement`",)
-    return evaluate(state.blocks.sum(axis=0), options, state.layers, n_tokens, staleness, None, notes)
+    return evaluate(state.loads.sum(axis=0), options, state.layers, n_tokens, staleness, None, notes)
 
 
 @dataclass(frozen=True, eq=False)
