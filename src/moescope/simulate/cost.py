@@ -74,11 +74,6 @@ def expert_bytes(layers: list[dict], hidden_size: int | None, config: Mapping | 
     """float64 [L, E]: parameter bytes of every expert. `layers`: the manifest's per-layer entries."""
     config = config or {}
     hidden = hidden_size or _config_value(config, ("hidden_size",))
-    dtype = dtype or _config_value(config, ("dtype", "torch_dtype"))
-    if dtype is None:
-        raise MoescopeError("the model config gives no dtype for the expert weights; pass --dtype (e.g. bf16)")
-    if str(dtype) not in DTYPE_BYTES:
-        raise MoescopeError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     E = max(int(layer["n_experts"]) for layer in layers)
     fallback = _config_value(config, INTERMEDIATE_KEYS)
     sizes = np.zeros((len(layers), E))
@@ -88,4 +83,9 @@ def expert_bytes(layers: list[dict], hidden_size: int | None, config: Mapping | 
             raise MoescopeError("cannot tell the experts' size: the trace records no expert sizes and the model's "
                                 "config is not available here; pass --expert-bytes")
         sizes[i, : len(per_expert)] = per_expert
+    dtype = dtype or _config_value(config, ("dtype", "torch_dtype"))
+    if dtype is None:
+        raise MoescopeError("the model config gives no dtype for the expert weights; pass --dtype (e.g. bf16)")
+    if str(dtype) not in DTYPE_BYTES:
+        raise MoescopeError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     return matrices * float(hidden) * sizes * DTYPE_BYTES[str(dtype)]
