@@ -1,6 +1,6 @@
 """A second, independent implementation of the placements (plain Python loops over lists), written from the
 same published description as moescope/simulate/placement.py (DeepSeek EPLB's README) and sharing no code with
-it, plus per-token loops for GPU loads, fan-out and staleness windows."""
+it. (Per-token loops for what a placement does to a trace: moescope.simulate.reference.placement.)"""
 
 from __future__ import annotations
 
@@ -80,32 +80,3 @@ def greedy(load: list[list[float]], redundant: int, gpus: int) -> list[list[int]
 
 def static(n_layers: int, n_experts: int, n_slots: int) -> list[list[int]]:
     return [[s % n_experts for s in range(n_slots)] for _ in range(n_layers)]
-
-
-def gpu_loads(p2l: list[list[int]], load: list[list[float]], gpus: int) -> list[list[float]]:
-    out = []
-    for layout, w in zip(p2l, load):
-        per_gpu = len(layout) // gpus
-        row = [0.0] * gpus
-        for s, e in enumerate(layout):
-            row[s // per_gpu] += w[e] / layout.count(e)
-        out.append(row)
-    return out
-
-
-def fanout(p2l: list[list[int]], ids, n_experts: int, gpus: int, nodes: int, first_index: int = 0):
-    """Per layer, a list per token of (distinct GPUs, distinct nodes); ids [L][T][k]; token t uses replica
-    (first_index + t) mod replicas of each of its experts."""
-    out = []
-    for layout, tokens in zip(p2l, ids):
-        per_gpu = len(layout) // gpus
-        rows = []
-        for t, chosen in enumerate(tokens):
-            touched = set()
-            for e in chosen:
-                if 0 <= e < n_experts:
-                    replicas = [s for s, x in enumerate(layout) if x == e]
-                    touched.add(replicas[(first_index + t) % len(replicas)] // per_gpu)
-            rows.append((len(touched), len({g // (gpus // nodes) for g in touched})))
-        out.append(rows)
-    return out

@@ -8,22 +8,14 @@ import pytest
 from simulate_helpers import LAYOUTS, SPECS, generated_trace, lookahead_trace, shards_of, trace_shards  # noqa: F401
 
 from moescope.analysis import run_analyses
-from moescope.analysis.shard_view import ShardView
-from moescope.simulate.offload import PREFETCH, OffloadOptions, PrefetchTables, accumulate, merge
+from moescope.simulate.offload import PREFETCH, OffloadOptions, simulate_trace
 from moescope.simulate.reference import offload as reference
 
 POLICIES = ("lru", "lfu", "arc", "belady")
 
 
 def simulate(shards, ctx, options):
-    tables = None
-    if {"transition", "popularity"} & set(options.prefetch):
-        tables = PrefetchTables.from_cross_layer(run_analyses(shards, ctx, only=["cross_layer"])["cross_layer"], ctx.top_k)
-    state = None
-    for shard in shards:
-        part = accumulate(ShardView(shard, ctx), ctx, options, tables)
-        state = part if state is None else merge(state, part)
-    return state
+    return simulate_trace(lambda: shards, ctx, options)
 
 
 def prefetchers(spec):

@@ -8,6 +8,7 @@ from simulate_helpers import generated_trace, trace_shards  # noqa: F401 (fixtur
 
 from moescope.analysis import run_analyses
 from moescope.errors import MoescopeError
+from moescope.simulate.reference import placement as per_token
 from moescope.simulate.balance import balancedness, fanout, gpu_load, imbalance
 from moescope.simulate.placement import (
     PlacementOptions,
@@ -71,7 +72,7 @@ def test_placements_on_a_real_trace_equal_the_plain_loop_implementation(generate
         assert greedy.physical_to_logical.tolist() == ref.greedy(w, R, G)
         for p in (eplb, greedy, static):
             loads = gpu_load(p, load)
-            np.testing.assert_allclose(loads, ref.gpu_loads(p.physical_to_logical.tolist(), w, G), rtol=1e-12)
+            np.testing.assert_allclose(loads, per_token.gpu_loads(p.physical_to_logical.tolist(), w, G), rtol=1e-12)
             np.testing.assert_allclose(loads.sum(axis=1), load.sum(axis=1))  # replicas split their expert's tokens
             per_layer = [min(row) and sum(row) / len(row) / max(row) for row in loads.tolist()]
             np.testing.assert_allclose(balancedness(loads)[:-1], per_layer)
@@ -106,7 +107,7 @@ def test_fanout_equals_a_per_token_loop(n_tokens):
     for place in (eplb_placement, greedy_placement, static_placement):
         p = place(load, options)
         gpus, nodes = fanout(p, sentinel, 5 + np.arange(n_tokens))
-        expected = ref.fanout(p.physical_to_logical.tolist(), ids.tolist(), E, G, N, first_index=5)
+        expected = per_token.fanout(p.physical_to_logical.tolist(), ids.tolist(), E, G, N, first_index=5)
         assert gpus.tolist() == [[g for g, _ in layer] for layer in expected]
         assert nodes.tolist() == [[n for _, n in layer] for layer in expected]
 
@@ -122,3 +123,17 @@ def test_fanout_equals_a_per_token_loop(n_tokens):
 def test_impossible_clusters_are_refused(bad, message):
     with pytest.raises(MoescopeError, match=message):
         PlacementOptions(**bad)
+
+
+def test_analyze_defaults_and_windows(generated_trace):
+    assert [(o.n_gpus, o.n_nodes, o.n_redundant) for o in map(PlacementOptions.default_for, (8, 256, 6, 3))] == [
+        (4, 2, 4), (8, 2, 8), (2, 1, 2), (1, 1, 1)]
+    shards, ctx = trace_shards(generated_trace)
+    result = run_analyses(shards, ctx, only=["placement"])["placement"]
+    assert (result.options.n_gpus, result.options.n_nodes, result.options.n_redundant) == (4, 2, 4)
+    stale = result.staleness
+    assert sorted(stale["window"].unique()) == list(range(1, 8))  # eight windows: seven served by the one before
+    sequences = sum(len(np.unique(s.seq_id)) for s in shards)
+    assert stale.groupby("window")["tokens"].first().sum() < sum(s.n_tokens for s in shards) and sequences >= 8
+    load = sum(s.topk_ids.shape[1] for s in shards) * ctx.top_k * ctx.n_layers
+    assert result.load.sum() == load  # every slot of the trace is a real expert here

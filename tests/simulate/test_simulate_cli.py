@@ -15,6 +15,7 @@ from simulate_helpers import generated_trace, lookahead_trace, trace_shards  # n
 
 from moescope.cli.main import main
 from moescope.simulate.cost import LINKS
+from moescope.simulate.reference import placement as per_token
 from moescope.trace.exchange import import_jsonl
 from moescope.trace.reader import open_trace
 
@@ -36,43 +37,37 @@ def _tokens_in_order(folder):
 def test_placement_writes_eplb_inputs_and_what_each_placement_does(generated_trace, tmp_path, capsys):
     out = tmp_path / "placement"
     assert _main(["placement", generated_trace, "--gpus", 4, "--nodes", 2, "--window", 97, "--out", out]) == 0
-    ids, _, ctx = _tokens_in_order(generated_trace)
-    L, T, k = ids.shape
-    E = ctx.n_experts
-    load = [[sum(int(e == x) for t in range(T) for e in ids[l, t]) for x in range(E)] for l in range(L)]  # per-token loop
+    shards, ctx = trace_shards(generated_trace)
+    L, E, k = ctx.n_layers, ctx.n_experts, ctx.top_k
+    p2l = {policy: np.load(out / f"physical_to_logical_{policy}.npy").tolist() for policy in ("static", "greedy", "eplb")}
+    loops = per_token.compute(shards, ctx, p2l, 4, 2, 97)  # per-token loops over the trace
+    load = loops["load"]
     assert np.load(out / "load_matrix.npy").tolist() == load
     table = pd.read_parquet(out / "placement__load_matrix.parquet")
     assert table.pivot(index="layer", columns="expert", values="tokens").to_numpy().tolist() == load
     w = [[float(x) for x in row] for row in load]
-    expected = {"eplb": ref.eplb(w, E + 4, 2, 2, 4), "greedy": ref.greedy(w, 4, 4), "static": ref.static(L, E, E + 4)}
+    assert p2l == {"eplb": ref.eplb(w, E + 4, 2, 2, 4), "greedy": ref.greedy(w, 4, 4), "static": ref.static(L, E, E + 4)}
     mapping = pd.read_parquet(out / "placement__mapping.parquet")
     fanout = pd.read_parquet(out / "placement__fanout.parquet")
-    for policy, p2l in expected.items():
-        assert np.load(out / f"physical_to_logical_{policy}.npy").tolist() == p2l
+    for policy, layout in p2l.items():
         rows = mapping[mapping["policy"] == policy].sort_values(["layer", "gpu", "slot"])
-        assert rows["expert"].to_numpy().reshape(L, -1).tolist() == p2l  # (layer, gpu, slot, expert) in slot order
+        assert rows["expert"].to_numpy().reshape(L, -1).tolist() == layout  # (layer, gpu, slot, expert) in slot order
         l2p = np.load(out / f"logical_to_physical_{policy}.npy")
-        assert all(sorted(s for s in l2p[l, e] if s >= 0) == [s for s, x in enumerate(p2l[l]) if x == e]
+        assert all(sorted(s for s in l2p[l, e] if s >= 0) == [s for s, x in enumerate(layout[l]) if x == e]
                    for l in range(L) for e in range(E))
-        per_token = ref.fanout(p2l, ids.tolist(), E, 4, 2)
-        mine = fanout[fanout["policy"] == policy]
-        for l in range(L):
-            counts = mine[mine["layer"] == l].set_index("touched")
-            for level, column in ((0, "tokens_gpus"), (1, "tokens_nodes")):
-                hist = np.bincount([row[level] for row in per_token[l]], minlength=k + 1)
-                assert counts[column].tolist() == hist.tolist(), (policy, l, column)
-    # staleness over windows of exactly 97 tokens in trace order, by per-token loops
+        mine = fanout[fanout["policy"] == policy].sort_values(["layer", "touched"])
+        assert mine["tokens_gpus"].to_numpy().reshape(L, k + 1).tolist() == loops["fanout"][policy]
+        assert mine["tokens_nodes"].to_numpy().reshape(L, k + 1).tolist() == loops["fanout_nodes"][policy]
+    # staleness over windows of exactly 97 tokens in trace order
     stale = pd.read_parquet(out / "placement__staleness.parquet")
-    windows = [list(range(s, min(s + 97, T))) for s in range(0, T, 97)]
-    window_load = [[[float(sum(int(e == x) for t in win for e in ids[l, t])) for x in range(E)] for l in range(L)] for win in windows]
-    for policy in ("eplb", "greedy"):
-        place = (lambda w: ref.eplb(w, E + 4, 2, 2, 4)) if policy == "eplb" else (lambda w: ref.greedy(w, 4, 4))
+    windows = [[[float(x) for x in row] for row in window] for window in loops["windows"]]
+    for policy, place in (("eplb", lambda w: ref.eplb(w, E + 4, 2, 2, 4)), ("greedy", lambda w: ref.greedy(w, 4, 4))):
         rows = stale[(stale["policy"] == policy) & (stale["layer"] == 0)].sort_values("window")
         assert rows["window"].tolist() == list(range(1, len(windows)))
-        assert rows["tokens"].tolist() == [len(win) for win in windows[1:]]
-        for (_, row), before, now in zip(rows.iterrows(), window_load[:-1], window_load[1:]):
+        assert rows["tokens"].sum() == sum(s.n_tokens for s in shards) - 97 and (rows["tokens"].iloc[:-1] == 97).all()
+        for (_, row), before, now in zip(rows.iterrows(), windows[:-1], windows[1:]):
             for column, layout in (("balancedness_stale", place(before)), ("balancedness_fresh", place(now))):
-                loads = ref.gpu_loads(layout, now, 4)[0]
+                loads = per_token.gpu_loads(layout, now, 4)[0]
                 assert row[column] == pytest.approx(sum(loads) / 4 / max(loads)), (policy, column)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["options"]["window"] == 97 and "placement" in summary["analyses"]

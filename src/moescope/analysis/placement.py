@@ -11,6 +11,7 @@ cluster, windows of exactly --window tokens, and all-to-all fan-out per token fr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from moescope.analysis.kernels import jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
-from moescope.simulate.balance import balancedness, gpu_load, imbalance
+from moescope.simulate.balance import balancedness, fanout_histogram, gpu_load, imbalance
 from moescope.simulate.placement import POLICIES, Placement, PlacementOptions, place
 from moescope.simulate.staleness import Staleness
 from moescope.trace.shard import ShardData
@@ -171,6 +172,44 @@ class PlacementResult:
             out[f"fresh_balancedness_{policy}"] = mine["balancedness_fresh"].mean() if len(mine) else None
         out["notes"] = list(self.notes)
         return jsonable(out)
+
+
+def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext, options: PlacementOptions,
+                window: int) -> PlacementResult:
+    """`moescope placement`'s evaluation, in two passes over `shards()` (memory: one shard and one window):
+    1. loads per window of exactly `window` tokens in trace order (windows cross shard boundaries) -> the
+       staleness windows and the whole trace's load; 2. every policy's placement of that load -> fan-out
+    per token (a token's index in the trace picks the replica it reaches)."""
+    layers = tuple(range(ctx.n_layers))
+    staleness = Staleness(options, POLICIES, layers)
+    total = np.zeros((ctx.n_layers, ctx.n_experts), np.int64)
+    open_load, open_tokens, offset = np.zeros_like(total), 0, 0
+    for shard in shards():
+        view = ShardView(shard, ctx)
+        local = (offset % window + np.arange(view.T)) // window  # [T]; 0 continues the open window
+        loads = block_loads(view, local, int(local[-1]) + 1)  # [n, L, E]
+        counts = np.bincount(local)
+        loads[0] += open_load
+        counts[0] += open_tokens
+        total += view.load[:, : view.E]
+        offset += view.T
+        done = len(counts) if offset % window == 0 else len(counts) - 1
+        for w in range(done):  # the windows this shard completed
+            staleness.push(loads[w], int(counts[w]))
+        open_load, open_tokens = (loads[-1], int(counts[-1])) if done < len(counts) else (np.zeros_like(total), 0)
+    if open_tokens:
+        staleness.push(open_load, open_tokens)
+    placements = {policy: place(policy, total, options) for policy in POLICIES}
+    fanout = dict.fromkeys(POLICIES, 0)
+    offset = 0
+    for shard in shards():
+        view = ShardView(shard, ctx)
+        for policy, p in placements.items():
+            fanout[policy] = fanout[policy] + fanout_histogram(p, view.ids, offset + np.arange(view.T))
+        offset += view.T
+    notes = (f"staleness windows of {window:,} tokens; a replicated expert's tokens are split evenly over its "
+             "replicas for GPU loads and reach its replicas round robin (token index mod replicas) for fan-out",)
+    return evaluate(total, options, layers, offset, staleness, fanout, notes, placements)
 
 
 def evaluate(load: np.ndarray, options: PlacementOptions, layers: tuple[int, ...], n_tokens: int,

@@ -17,13 +17,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moescope.analysis.kernels import jsonable
-from moescope.analysis.runner import run_analyses
-from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import _write_tables, analysis_context
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.cost import Link, expert_bytes
-from moescope.simulate.offload import LEARNED, PHASES, OffloadOptions, OffloadResult, PrefetchTables, accumulate, merge
+from moescope.simulate.offload import PHASES, OffloadOptions, OffloadResult, simulate_trace
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
 
@@ -63,14 +61,7 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     sizes = _expert_bytes(trace, ctx, expert_bytes_each, dtype)
     check_output_folder(out, markers=("summary.json",), what="offload results")  # refused before the work
 
-    tables = None
-    if set(options.prefetch) & set(LEARNED):  # first pass: what the learned predictors know
-        cross = run_analyses(trace.shards, ctx, only=["cross_layer"])["cross_layer"]
-        tables = PrefetchTables.from_cross_layer(cross, ctx.top_k)
-    state = None
-    for shard in trace.shards():
-        part = accumulate(ShardView(shard, ctx), ctx, options, tables)
-        state = part if state is None else merge(state, part)
+    state = simulate_trace(trace.shards, ctx, options)
     notes = ("each sequence starts with empty caches; a token's experts are looked up together, after its prefetch; "
              "stall = experts fetched on demand, link time = every expert moved (compute time not included)",)
     if "decode" not in phases:

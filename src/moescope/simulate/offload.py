@@ -19,6 +19,7 @@ of a token (layer 0 has no earlier layer and gets none):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from moescope.errors import MoescopeError
 from moescope.simulate import arc, belady, lfu, lru
 from moescope.simulate.cost import SWEEP_GBPS, LINKS, Link
 from moescope.simulate.streams import SCOPES, build_streams
+from moescope.trace.shard import ShardData
 
 POLICIES = {"lru": lru.simulate, "lfu": lfu.simulate, "arc": arc.simulate, "belady": belady.simulate}
 PREFETCH = ("none", "same-index", "transition", "popularity", "router-lookahead")
@@ -144,6 +146,23 @@ def _per_expert(cell: np.ndarray, expert: np.ndarray, mask: np.ndarray, L: int, 
 
 def merge(a: OffloadState, b: OffloadState) -> OffloadState:
     return OffloadState(a.counts + b.counts, a.moved + b.moved, a.tokens + b.tokens)
+
+
+def simulate_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext, options: OffloadOptions) -> OffloadState:
+    """Every configuration over `shards()`, shard by shard (a first pass learns the transition and
+    popularity tables when they are asked for)."""
+    from moescope.analysis.runner import run_analyses
+
+    tables = None
+    if set(options.prefetch) & set(LEARNED):
+        tables = PrefetchTables.from_cross_layer(run_analyses(shards, ctx, only=["cross_layer"])["cross_layer"], ctx.top_k)
+    state = None
+    for shard in shards():
+        part = accumulate(ShardView(shard, ctx), ctx, options, tables)
+        state = part if state is None else merge(state, part)
+    if state is None:
+        raise MoescopeError("the trace has no shards: nothing to simulate")
+    return state
 
 
 @dataclass(frozen=True, eq=False)
