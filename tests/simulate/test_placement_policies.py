@@ -96,9 +96,11 @@ def test_every_placement_holds_every_expert_and_fills_every_slot():
 
 
 @pytest.mark.parametrize("n_tokens", [1, 7, 256])
-def test_fanout_equals_a_per_token_loop(n_tokens):
+@pytest.mark.parametrize("E, G, N, R", [(12, 4, 2, 4), (256, 128, 4, 128), (12, 2, 1, 10)],
+                         ids=["bitmask", "over-64-gpus", "long-replica-cycle"])
+def test_fanout_equals_a_per_token_loop(n_tokens, E, G, N, R):
     rng = np.random.default_rng(n_tokens)
-    E, G, N, R, k, L = 12, 4, 2, 4, 3, 2
+    k, L = 3, 2
     options = PlacementOptions(E, G, N, R, 2)
     ids = np.stack([[rng.permutation(E + 2)[:k] for _ in range(n_tokens)] for _ in range(L)])  # ids >= E: no expert
     ids[rng.random(ids.shape) < 0.1] = -1
@@ -137,3 +139,16 @@ def test_analyze_defaults_and_windows(generated_trace):
     assert stale.groupby("window")["tokens"].first().sum() < sum(s.n_tokens for s in shards) and sequences >= 8
     load = sum(s.topk_ids.shape[1] for s in shards) * ctx.top_k * ctx.n_layers
     assert result.load.sum() == load  # every slot of the trace is a real expert here
+
+
+def test_ids_that_are_not_experts_are_no_load():
+    """Dropped slots (-1) and zero-compute experts (ids >= E) count toward no expert and reach no GPU."""
+    from simulate_helpers import SPECS, shards_of
+
+    spec = SPECS["k3_invalid"]
+    shards = shards_of(spec, [40, 60], seed=2)
+    results = run_analyses(shards, spec.context(), only=["load", "placement"])
+    np.testing.assert_array_equal(results["placement"].load, results["load"].counts)
+    ids = np.concatenate([s.topk_ids for s in shards], axis=1)
+    assert ((ids < 0) | (ids >= spec.n_experts)).any()
+    assert results["placement"].load.sum() == ((ids >= 0) & (ids < spec.n_experts)).sum()

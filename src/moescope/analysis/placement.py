@@ -57,7 +57,8 @@ def _blocks(view: ShardView, block_of_token: np.ndarray):
 def block_loads(view: ShardView, block: np.ndarray, n_blocks: int) -> np.ndarray:
     """int64 [n_blocks, L, E]: tokens routed to each expert by the tokens of each block (block: intp [T])."""
     L, E = view.L, view.E
-    key = ((block[None, :, None] * L + np.arange(L)[:, None, None]) * (E + 1) + view.ids).ravel()  # [L*T*k]
+    base = (block[None, :] * L + np.arange(L)[:, None]) * (E + 1)  # [L, T]
+    key = (base[:, :, None] + view.ids).ravel()  # [L*T*k]
     return np.bincount(key, minlength=n_blocks * L * (E + 1)).reshape(n_blocks, L, E + 1)[:, :, :E]
 
 
@@ -189,9 +190,9 @@ def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext,
         local = (offset % window + np.arange(view.T)) // window  # [T]; 0 continues the open window
         loads = block_loads(view, local, int(local[-1]) + 1)  # [n, L, E]
         counts = np.bincount(local)
+        total += loads.sum(axis=0)
         loads[0] += open_load
         counts[0] += open_tokens
-        total += view.load[:, : view.E]
         offset += view.T
         done = len(counts) if offset % window == 0 else len(counts) - 1
         for w in range(done):  # the windows this shard completed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from moescope.cli._common import add_command
 
 EXAMPLES = """  moescope offload traces/run1 --capacity 2,4,6,8 --out results/offload
@@ -20,8 +22,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _capacities(text: str) -> tuple[int, ...]:
-    import argparse
-
     try:
         return tuple(int(c) for c in _names(text))
     except ValueError:

@@ -37,15 +37,15 @@ def simulate(streams: Streams, capacity: int) -> tuple[np.ndarray, np.ndarray | 
 
 class _Arc:
     """N streams. Cache slots 0..C-1 (T1/T2 entries), ghost slots C..2C-1 (B1/B2); slot_of[n, key] is the
-    key's slot or -1; per slot its key (K = free), list and stamp (time it became its list's MRU)."""
+    key's slot or -1; per slot its key (K = free) and tag = stamp << 3 | list, the stamp being the time the
+    entry became its list's MRU (so the smallest tag of a list is its LRU entry)."""
 
     def __init__(self, n_streams: int, n_keys: int, capacity: int):
         N, K, C = n_streams, n_keys, capacity
         self.K, self.C = K, C
         self.slot_of = np.full(N * (K + 1), -1, np.int32)  # flat [N, K + 1]
         self.key = np.full((N, 2 * C), K, np.int32)
-        self.list = np.zeros((N, 2 * C), np.int8)
-        self.stamp = np.zeros((N, 2 * C), np.int64)
+        self.tag = np.zeros((N, 2 * C), np.int64)  # list 0: free
         self.size = np.zeros((N, 5), np.int64)  # [N, list] entries per list (column 0 unused)
         self.p = np.zeros(N, np.float64)
         self.cell_base = np.arange(N, dtype=np.int64) * (K + 1)
@@ -81,82 +81,84 @@ class _Arc:
         """Cached keys of a batch ([n, w] mask and slots) become the MRU entries of `lst` (None: their own)."""
         r, c = np.nonzero(cached)
         s = slot[r, c]
+        old = self.tag[r, s] & 7
         if lst is not None:
-            moved = np.bincount(r[self.list[r, s] == T1], minlength=cached.shape[0])  # [n] T1 -> T2
+            moved = np.bincount(r[old == T1], minlength=cached.shape[0])  # [n] T1 -> T2
             self.size[: cached.shape[0], T1] -= moved
             self.size[: cached.shape[0], T2] += moved
-            self.list[r, s] = lst
-        self.stamp[r, s] = start + c
+            old = lst
+        self.tag[r, s] = (start + c) << 3 | old
 
     # -- one key per row -----------------------------------------------------------------------------
     def _miss(self, rows, x, batch_start: int, now: int, request: bool) -> None:
         """Handle key x [m] (not cached) of each row: the paper's cases II-IV, then insert it."""
         C, K = self.C, self.K
-        cells = self.cell_base[rows] + x
-        ghost = self.slot_of[cells]  # [m] ghost slot or -1
-        where = np.where(ghost >= 0, self.list[rows, np.maximum(ghost, 0)], 0)
+        ghost = self.slot_of[self.cell_base[rows] + x]  # [m] ghost slot or -1
+        where = np.where(ghost >= 0, self.tag[rows, np.maximum(ghost, 0)] & 7, 0)
         in_b1, in_b2 = (where == B1) & request, (where == B2) & request  # a prefetched key counts as new
         size = self.size[rows]  # [m, 5]
-        if request:  # cases II and III: adapt the target size of T1
+        if request and (in_b1 | in_b2).any():  # cases II and III: adapt the target size of T1
             b1, b2 = size[:, B1].astype(np.float64), size[:, B2].astype(np.float64)
             p = self.p[rows]
             with np.errstate(divide="ignore", invalid="ignore"):
                 p = np.where(in_b1, np.minimum(C, p + np.maximum(1.0, b2 / b1)), p)
                 p = np.where(in_b2, np.maximum(0.0, p - np.maximum(1.0, b1 / b2)), p)
             self.p[rows] = p
-        was_ghost = where > 0
-        g = np.flatnonzero(was_ghost)  # x leaves its ghost list
-        self._clear(rows[g], ghost[g], where[g])
-        size[g, where[g]] -= 1
+        g = np.flatnonzero(where)  # x leaves its ghost list
+        if g.size:
+            self._clear(rows[g], ghost[g], where[g])
+            size[g, where[g]] -= 1
         t1, t2, b1, b2 = size[:, T1], size[:, T2], size[:, B1], size[:, B2]
         new = ~(in_b1 | in_b2)
         case_a = new & (t1 + b1 >= C)  # case IV A: |T1| + |B1| = c
-        drop_b1 = case_a & (t1 < C)
         drop_t1 = case_a & (t1 >= C)  # out of the cache, no ghost
-        drop_b2 = new & ~case_a & (t1 + t2 + b1 + b2 >= 2 * C)  # case IV B with a full directory
+        for drop, lst in ((case_a & (t1 < C), B1), (new & ~case_a & (t1 + t2 + b1 + b2 >= 2 * C), B2)):
+            d = rows[drop]  # case IV A drops B1's LRU entry, case IV B with a full directory B2's
+            if d.size:
+                self._clear(d, C + _oldest(self.tag[d, C:], lst, LATEST), lst)  # ghosts are never protected
         replace = (t1 + t2 >= C) & ~drop_t1
-        for drop, lst in ((drop_b1, B1), (drop_b2, B2)):  # ghosts are never protected
-            d = rows[drop]
-            self._clear(d, C + _oldest(self.list[d, C:], self.stamp[d, C:], lst, LATEST), lst)
         out = np.flatnonzero(replace | drop_t1)  # rows whose cache gives up an entry
-        lists, stamps = self.list[rows[out], :C], self.stamp[rows[out], :C]  # [o, C]
-        t1o = t1[out]
-        want_t1 = drop_t1[out] | ((t1o >= 1) & ((t1o > self.p[rows[out]]) | (in_b2[out] & (t1o == self.p[rows[out]]))))
-        from_t1 = want_t1.copy()
-        victim = _oldest(lists, stamps, np.where(want_t1, T1, T2)[:, None], batch_start)
-        other = np.flatnonzero(victim < 0)  # the list REPLACE picked holds only this batch's keys: the other one
-        from_t1[other] = ~want_t1[other]
-        victim[other] = _oldest(lists[other], stamps[other], np.where(from_t1[other], T1, T2)[:, None], batch_start)
-        victim_key = self.key[rows[out], victim]
-        self._clear(rows[out], victim, np.where(from_t1, T1, T2))
-        keep = replace[out]
-        out, victim_key, from_t1 = out[keep], victim_key[keep], from_t1[keep]
-        ghost_slot = C + np.argmax(self.key[rows[out], C:] == K, axis=1)  # to the MRU end of its ghost list
-        self._put(rows[out], victim_key, ghost_slot, np.where(from_t1, B1, B2), now)
-        free = np.argmax(self.key[rows, :C] == K, axis=1)  # a free cache slot
+        free = np.full(len(rows), -1)
+        if out.size:
+            tags = self.tag[rows[out], :C]  # [o, C]
+            t1o, p = t1[out], self.p[rows[out]]
+            want_t1 = drop_t1[out] | ((t1o >= 1) & ((t1o > p) | (in_b2[out] & (t1o == p))))
+            from_t1 = want_t1.copy()
+            victim = _oldest(tags, np.where(want_t1, T1, T2)[:, None], batch_start)
+            other = np.flatnonzero(victim < 0)  # the list REPLACE picked holds only this batch's keys: the other one
+            if other.size:
+                from_t1[other] = ~want_t1[other]
+                victim[other] = _oldest(tags[other], np.where(from_t1[other], T1, T2)[:, None], batch_start)
+            victim_key = self.key[rows[out], victim]
+            self._clear(rows[out], victim, np.where(from_t1, T1, T2))
+            free[out] = victim
+            keep = replace[out]
+            moved, victim_key, from_t1 = rows[out[keep]], victim_key[keep], from_t1[keep]
+            ghost_slot = C + np.argmax(self.key[moved, C:] == K, axis=1)  # to the MRU end of its ghost list
+            self._put(moved, victim_key, ghost_slot, np.where(from_t1, B1, B2), now)
+        empty = np.flatnonzero(free < 0)  # the cache had room
+        if empty.size:
+            free[empty] = np.argmax(self.key[rows[empty], :C] == K, axis=1)
         self._put(rows, x, free, np.where(new, T1, T2), now)
 
     # -- slots ---------------------------------------------------------------------------------------
     def _clear(self, rows, slot, lst) -> None:
         """Empty `slot` of each row (its key leaves list `lst`)."""
-        if not rows.size:
-            return
         self.slot_of[self.cell_base[rows] + self.key[rows, slot]] = -1
         self.size[rows, lst] -= 1
         self.key[rows, slot] = self.K
-        self.list[rows, slot] = 0
+        self.tag[rows, slot] = 0
 
     def _put(self, rows, keys, slot, lst, now) -> None:
         self.key[rows, slot] = keys
-        self.list[rows, slot] = lst
-        self.stamp[rows, slot] = now
+        self.tag[rows, slot] = now << 3 | lst
         self.slot_of[self.cell_base[rows] + keys] = slot
         self.size[rows, lst] += 1
 
 
-def _oldest(lists, stamps, lst, before: int) -> np.ndarray:
+def _oldest(tags, lst, before: int) -> np.ndarray:
     """intp [m]: per row the slot of the oldest entry of list `lst` (an int or [m, 1]) stamped before `before`,
     or -1."""
-    ok = (lists == lst) & (stamps < before)
-    best = np.argmin(np.where(ok, stamps, LATEST), axis=1)
+    ok = ((tags & 7) == lst) & (tags < (before << 3 if before < LATEST >> 3 else LATEST))
+    best = np.argmin(np.where(ok, tags, LATEST), axis=1)
     return np.where(ok.any(axis=1), best, -1)

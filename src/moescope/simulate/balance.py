@@ -13,6 +13,8 @@ dispatch sends. A replicated expert is reached at replica (token index mod repli
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from moescope.simulate.placement import Placement
@@ -44,6 +46,32 @@ def fanout(placement: Placement, ids: np.ndarray, token_index: np.ndarray) -> tu
     ids: intp [L, T, k] expert ids, the sentinel E for slots that are no expert; token_index: int64 [T]
     (chooses the replica, round robin). A token with no real expert touches 0.
     """
+    L, T, k = ids.shape
+    E = placement.n_experts
+    count = placement.replica_count()  # [L, E]
+    period = math.lcm(*range(1, int(count.max()) + 1))  # replica choice repeats with this period of tokens
+    if placement.n_gpus > 64 or period > 64:
+        return _fanout_by_sorting(placement, ids, token_index)
+    # bits[l, e, j]: 1 << the GPU (node) of the replica token j (mod period) reaches; row E: no expert
+    replica = np.arange(period)[None, None, :] % count[:, :, None]  # [L, E, P]
+    gpu = np.take_along_axis(placement.logical_to_physical(), replica, axis=2) // placement.slots_per_gpu
+    words = []
+    for unit in (gpu, placement.node_of_gpu[gpu]):
+        bits = np.zeros((L, E + 1, period), np.uint64)
+        bits[:, :E] = np.left_shift(np.uint64(1), unit.astype(np.uint64))
+        words.append(bits.ravel())
+    base = (np.arange(L)[:, None] * (E + 1)) * period + (token_index % period)[None, :]  # [L, T]
+    touched = []
+    for bits in words:
+        mask = np.zeros((L, T), np.uint64)
+        for c in range(k):  # one gather per slot
+            mask |= bits[base + ids[:, :, c] * period]
+        touched.append(np.bitwise_count(mask).astype(np.int64))
+    return touched[0], touched[1]
+
+
+def _fanout_by_sorting(placement: Placement, ids: np.ndarray, token_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fanout() for more than 64 GPUs or long replica cycles: look up every slot's GPU, count distinct ones."""
     L, T, k = ids.shape
     E = placement.n_experts
     l2p = placement.logical_to_physical()  # [L, E, X]

@@ -13,7 +13,6 @@ from moescope.simulate import priority_cache
 from moescope.simulate.lru import stamps
 from moescope.simulate.streams import Streams
 
-COUNT = np.int64(1) << 40  # priority = uses * COUNT + time (times stay far below 2**40)
 
 
 def priorities(streams: Streams) -> tuple[np.ndarray, np.ndarray | None]:
@@ -30,8 +29,9 @@ def priorities(streams: Streams) -> tuple[np.ndarray, np.ndarray | None]:
         cells = base[:n] + streams.lookups[rows]
         uses[cells] += 1  # keys are distinct within a batch (the no-key column's count is never read)
         lookup[rows] = uses[cells]
-    lookup = lookup * COUNT + lookup_time
-    return lookup, None if prefetch is None else prefetch * COUNT + prefetch_time
+    count = np.int64(1) << int(lookup_time.max(initial=0)).bit_length()  # priority = uses * count + time
+    lookup = lookup * count + lookup_time
+    return lookup, None if prefetch is None else prefetch * count + prefetch_time
 
 
 def simulate(streams: Streams, capacity: int):

@@ -29,7 +29,7 @@ from moescope.analysis.context import OVERALL, AnalysisContext
 from moescope.analysis.cross_layer import CrossLayerResult, seq_parity
 from moescope.analysis.expert_cache import prefetch_sources
 from moescope.analysis.kernels import jsonable
-from moescope.analysis.shard_view import ShardView, predicted_next_ids_of
+from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.simulate import arc, belady, lfu, lru
 from moescope.simulate.cost import SWEEP_GBPS, LINKS, Link
@@ -249,7 +249,3 @@ class OffloadResult:
         out["notes"] = list(self.notes)
         return jsonable(out)
 
-
-def lookahead_width(shard) -> int | None:
-    predicted = predicted_next_ids_of(shard)
-    return None if predicted is None else int(predicted.shape[2])

@@ -68,26 +68,30 @@ def build_streams(view: ShardView, scope: str, prefetch: np.ndarray | None = Non
         width = L * running  # [P] streams per step
         step = np.broadcast_to(position, (L, T))
         stream = rank[run][None, :] * L + layer  # [L, T]
-        keys, offset_keys, n_streams, n_keys = view.ids, 0, len(starts) * L, E
+        offset_keys, n_streams, n_keys = 0, len(starts) * L, E
     elif scope == "global":  # stream = run, step = position * L + layer
         width = np.repeat(running, L)
         step = position[None, :] * L + layer
         stream = np.broadcast_to(rank[run], (L, T))
-        keys, offset_keys, n_streams, n_keys = view.ids, (np.arange(L) * E)[:, None, None], len(starts), L * E
+        offset_keys, n_streams, n_keys = (np.arange(L, dtype=np.int32) * E)[:, None, None], len(starts), L * E
     else:
         raise ValueError(f"unknown scope {scope!r}")
     offsets = np.concatenate([[0], np.cumsum(width)])
     row = (offsets[step] + stream).ravel()  # [L*T] flat row of each (layer, token)
     M = int(offsets[-1])
 
-    def lay_out(ids: np.ndarray) -> np.ndarray:  # [L, T, w] expert ids -> [M, w] keys
-        out = np.full((M, ids.shape[2]), n_keys, np.int32)
-        out[row] = np.where(ids < E, ids + offset_keys, n_keys).reshape(L * T, -1)
-        return drop_repeats(out, n_keys)
+    def lay_out(ids: np.ndarray) -> np.ndarray:  # [L, T, w] expert ids (E: none) -> [M, w] keys
+        small = np.where(ids < E, ids, E).astype(np.int16 if E < 2**15 else np.int32)
+        small = drop_repeats(small.reshape(L * T, -1), E).reshape(ids.shape)  # dedupe in the narrow type
+        out = np.empty((M, ids.shape[2]), np.int32)
+        out[row] = np.where(small < E, small + offset_keys, n_keys).reshape(L * T, -1)
+        return out
 
     phase = np.zeros(M, np.int8)
     phase[row] = np.broadcast_to(view.shard.generated, (L, T)).ravel()
     layers = np.zeros(M, np.int16)
     layers[row] = np.broadcast_to(layer, (L, T)).ravel()
-    return Streams(lay_out(keys), None if prefetch is None else lay_out(prefetch), phase, layers, offsets,
+    raw = view.shard.topk_ids
+    ids = np.where(raw >= 0, raw, E)  # [L, T, k]; ids >= E are no expert either
+    return Streams(lay_out(ids), None if prefetch is None else lay_out(prefetch), phase, layers, offsets,
                    n_streams, n_keys)
