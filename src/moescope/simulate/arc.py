@@ -18,6 +18,7 @@ from moescope.simulate.streams import Streams
 
 T1, T2, B1, B2 = 1, 2, 3, 4
 LATEST = np.iinfo(np.int64).max
+LIST = 58  # tag = list << LIST | stamp
 
 
 def simulate(streams: Streams, capacity: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -37,8 +38,9 @@ def simulate(streams: Streams, capacity: int) -> tuple[np.ndarray, np.ndarray | 
 
 class _Arc:
     """N streams. Cache slots 0..C-1 (T1/T2 entries), ghost slots C..2C-1 (B1/B2); slot_of[n, key] is the
-    key's slot or -1; per slot its key (K = free) and tag = stamp << 3 | list, the stamp being the time the
-    entry became its list's MRU (so the smallest tag of a list is its LRU entry)."""
+    key's slot or -1; per slot its key (K = free) and tag = list << 58 | stamp, the stamp being the time the
+    entry became its list's MRU: a list's entries are the tags in [list << 58, (list + 1) << 58), its LRU
+    entry the smallest (see _oldest)."""
 
     def __init__(self, n_streams: int, n_keys: int, capacity: int):
         N, K, C = n_streams, n_keys, capacity
@@ -81,20 +83,20 @@ class _Arc:
         """Cached keys of a batch ([n, w] mask and slots) become the MRU entries of `lst` (None: their own)."""
         r, c = np.nonzero(cached)
         s = slot[r, c]
-        old = self.tag[r, s] & 7
+        old = self.tag[r, s] >> LIST
         if lst is not None:
             moved = np.bincount(r[old == T1], minlength=cached.shape[0])  # [n] T1 -> T2
             self.size[: cached.shape[0], T1] -= moved
             self.size[: cached.shape[0], T2] += moved
             old = lst
-        self.tag[r, s] = (start + c) << 3 | old
+        self.tag[r, s] = old << LIST | (start + c)
 
     # -- one key per row -----------------------------------------------------------------------------
     def _miss(self, rows, x, batch_start: int, now: int, request: bool) -> None:
         """Handle key x [m] (not cached) of each row: the paper's cases II-IV, then insert it."""
         C, K = self.C, self.K
         ghost = self.slot_of[self.cell_base[rows] + x]  # [m] ghost slot or -1
-        where = np.where(ghost >= 0, self.tag[rows, np.maximum(ghost, 0)] & 7, 0)
+        where = np.where(ghost >= 0, self.tag[rows, np.maximum(ghost, 0)] >> LIST, 0)
         in_b1, in_b2 = (where == B1) & request, (where == B2) & request  # a prefetched key counts as new
         size = self.size[rows]  # [m, 5]
         if request and (in_b1 | in_b2).any():  # cases II and III: adapt the target size of T1
@@ -151,14 +153,15 @@ class _Arc:
 
     def _put(self, rows, keys, slot, lst, now) -> None:
         self.key[rows, slot] = keys
-        self.tag[rows, slot] = now << 3 | lst
+        self.tag[rows, slot] = np.left_shift(lst, LIST, dtype=np.int64) | now
         self.slot_of[self.cell_base[rows] + keys] = slot
         self.size[rows, lst] += 1
 
 
 def _oldest(tags, lst, before: int) -> np.ndarray:
     """intp [m]: per row the slot of the oldest entry of list `lst` (an int or [m, 1]) stamped before `before`,
-    or -1."""
-    ok = ((tags & 7) == lst) & (tags < (before << 3 if before < LATEST >> 3 else LATEST))
-    best = np.argmin(np.where(ok, tags, LATEST), axis=1)
-    return np.where(ok.any(axis=1), best, -1)
+    or -1. Subtracting lst << LIST maps that list's entries to their stamps and every other tag (free slots,
+    other lists) to a negative number or one of 2**LIST or more, which unsigned are all larger."""
+    offset = (tags - np.left_shift(lst, LIST, dtype=np.int64)).view(np.uint64)  # [m, C]
+    best = np.argmin(offset, axis=1)
+    return np.where(np.take_along_axis(offset, best[:, None], axis=1)[:, 0] < min(before, 1 << LIST), best, -1)
