@@ -193,6 +193,8 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
     layers = find_moe_layers(model, custom_router)
     manifest = build_manifest(model, layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+        if writer.already_complete:  # the same capture, finished before: nothing to do
+            return Trace(out)
         done = writer.committed_seq_ids
         todo = (s for s in sequences if s.seq_id not in done)
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)
