@@ -49,6 +49,15 @@ def layer_entry(layer: MoELayer) -> dict:
     }
 
 
+def capture_entry(opts: dict) -> dict:
+    """The manifest's `capture` settings: the options, and how each sequence starts (`bos`: whether the tokenizer's
+    default start, e.g. Llama's BOS, leads every sequence; None for pre-tokenised input, which is recorded as given)."""
+    start = opts.get("start_token_ids")
+    entry = {k: v for k, v in opts.items() if k not in ("shard_tokens", "start_token_ids")}
+    return {**entry, "bos": None if start is None else bool(start), "bos_token_id": start[0] if start else None,
+            "start_token_ids": None if start is None else list(start)}
+
+
 def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
     config = getattr(model, "config", None)
     n_decoder = getattr(config, "num_hidden_layers", None)
@@ -64,7 +73,7 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
             "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
         },
         "layers": [layer_entry(layer) for layer in layers],
-        "capture": {k: v for k, v in opts.items() if k != "shard_tokens"},
+        "capture": capture_entry(opts),
         "corpus": corpus_info,
         "weights_dtype": opts["weights_dtype"],
         "router_output_kind": None,

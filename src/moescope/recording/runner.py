@@ -40,6 +40,7 @@ class CaptureOptions:
     weights_dtype: str = "float16"
     shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
     backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (recording/vllm_backend.py)
+    start_token_ids: tuple[int, ...] | None = None  # what begins every sequence (BOS or nothing); None: input_ids as given
 
 
 def _output_entropy(logits: torch.Tensor) -> torch.Tensor:
