@@ -151,6 +151,8 @@ def capture(
         model, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     else:
         model_info = {"id": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__}
+        if generate and not callable(getattr(model, "generate", None)):
+            raise MoescopeError(f"generate needs a model with a transformers-style .generate(); {type(model).__name__} has none")
         model.eval()
     if input_ids is None and tokenizer is None:
         raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")

@@ -99,11 +99,12 @@ def _follows(group: list[Sequence], seq: Sequence) -> bool:
     return not group or seq.seq_id == group[-1].seq_id + 1
 
 
-def batched(sequences: Iterable[Sequence], batch_size: int) -> Iterator[list[Sequence]]:
-    """Groups of `batch_size` sequences (fewer at the end and before a gap in seq ids)."""
+def batched(sequences: Iterable[Sequence], batch_size: int, *, same_length: bool = False) -> Iterator[list[Sequence]]:
+    """Groups of `batch_size` sequences (fewer at the end and before a gap in seq ids; with `same_length`, also
+    before a sequence of another length, so that a batch needs no padding)."""
     group: list[Sequence] = []
     for seq in sequences:
-        if not _follows(group, seq):
+        if not _follows(group, seq) or (same_length and group and len(seq.token_ids) != len(group[0].token_ids)):
             yield group
             group = []
         group.append(seq)

@@ -58,8 +58,21 @@ def capture_entry(opts: dict) -> dict:
             "start_token_ids": None if start is None else list(start)}
 
 
+def _hidden_size(model, layers: list[MoELayer], config) -> int | None:
+    """The config's hidden size; for a plain module without one, the routers' input width when they agree."""
+    if config is not None:
+        return getattr(config, "hidden_size", None)
+    widths = set()
+    for layer in layers:
+        module = model.get_submodule(layer.block_path)
+        router = getattr(module, layer.spec.router_attr, None) if layer.spec.router_attr else module
+        weight = getattr(router, "weight", None)
+        widths.add(int(weight.shape[-1]) if weight is not None and weight.dim() == 2 else None)
+    return widths.pop() if len(widths) == 1 else None
+
+
 def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", None)  # None for a plain PyTorch module: its fields come from the module
     n_decoder = getattr(config, "num_hidden_layers", None)
     moe_decoder = {layer.decoder_layer for layer in layers}
     return {
@@ -68,7 +81,7 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
             **model_info,
             "model_type": getattr(config, "model_type", None),
             "class": type(model).__name__,
-            "hidden_size": getattr(config, "hidden_size", None),
+            "hidden_size": _hidden_size(model, layers, config),
             "num_decoder_layers": n_decoder,
             "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
         },
