@@ -47,6 +47,7 @@ def test_capture_uses_the_whole_user_file(capsys, tiny_model_dir, prompts, tmp_p
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert sum(s["files"]["sequences"]["rows"] for s in manifest["shards"]) == 20
+    assert [source["split"] for source in manifest["corpus"]["sources"]] == ["all"]  # recorded per source
 
 
 def test_builtin_corpora_keep_their_default_and_user_data_is_whole(prompts):
@@ -55,3 +56,10 @@ def test_builtin_corpora_keep_their_default_and_user_data_is_whole(prompts):
     assert [d.text for d in mixed if d.source != "humaneval"] == PROMPTS
     assert {d.doc_id for d in mixed if d.source == "humaneval"} == {d.doc_id for d in load_corpus("humaneval", split="eval")}
     assert len(list(iter_corpus(str(prompts), split="eval", builtin_split="all"))) == _in_eval()  # given: applies to all
+
+
+def test_quant_reads_builtin_corpora_from_their_eval_split():
+    from moescope.quant.sweep import _documents
+
+    got = [d.doc_id for d in _documents("humaneval", None)]
+    assert got == [d.doc_id for d in load_corpus("humaneval", split="eval")] and 0 < len(got) < 164
