@@ -35,7 +35,7 @@ def _token_agreement(a: Trace, b: Trace) -> pd.DataFrame:
     """Per MoE layer over tokens present in both traces: top-1 agreement and mean top-k Jaccard."""
     con = duckdb.connect()
     for name, trace in (("a", a), ("b", b)):
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({[str(p) for p in trace.part_paths('routing')]!r})")
+        con.execute(f"CREATE VIEW {name} AS {trace.table_sql('routing')}")  # slot 0 = first choice (trace/slots.py)
     return con.execute(
         """SELECT a.layer,
                   count(*) AS tokens,

@@ -76,7 +76,11 @@ class TraceWriter:
         self._lock_fd: int | None = None
         self._prepare_folder()
         self._lock()
-        self.manifest = self._start_or_resume(manifest, overwrite)
+        try:
+            self.manifest = self._start_or_resume(manifest, overwrite)
+        except BaseException:  # a refused resume must not leave the folder locked in this process
+            self.close()
+            raise
 
     # -- setup ---------------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
@@ -116,6 +120,9 @@ class TraceWriter:
             same = all(old.get(key) == manifest.get(key) for key in RESUME_KEYS)
             if overwrite:
                 self._delete_parts(keep=set())
+            elif old["schema_version"] != SCHEMA_VERSION and not old.get("complete"):  # shards of two layouts
+                raise TraceError(f"{self.folder} holds an unfinished capture of trace schema {old['schema_version']} "
+                                 f"(this moescope writes {SCHEMA_VERSION}); pass --overwrite to start it afresh")
             elif old.get("complete"):
                 raise TraceError(f"{self.folder} already holds a complete trace; pass --overwrite or choose another --out")
             elif not same:
