@@ -22,7 +22,7 @@ from moescope.errors import NoRouterFoundError
 _EXPERT_ARG_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
 _ROUTER_ATTRS = ("gate", "router")
 _SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
-_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k")
+_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k", "top_k_experts")  # Gemma-4: top_k_experts
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,15 @@ def _config_top_k(config) -> int | None:
             if isinstance(value, int) and value > 0:
                 return value
     return None
+
+
+def _top_k(router: nn.Module | None, config, path: str) -> int:
+    """Experts chosen per token: the router's own `top_k`, else the config's; never a guess."""
+    top_k = getattr(router, "top_k", None) or _config_top_k(config)
+    if not isinstance(top_k, int) or top_k <= 0:
+        raise NoRouterFoundError(f"cannot tell how many experts the router of {path!r} chooses per token (no top_k on "
+                                 f"it or its config); capture it with --router-pattern and --top-k")
+    return top_k
 
 
 def _n_experts(experts: nn.Module, router: nn.Module | None) -> int:
@@ -143,7 +152,7 @@ def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> lis
                 decoder_layer=_decoder_layer_index(path),
                 block_path=path,
                 n_experts=_n_experts(experts, router),
-                top_k=getattr(router, "top_k", None) or _config_top_k(config) or 0,
+                top_k=_top_k(router, config, path),
                 spec=spec,
                 n_shared_experts=n_shared,
             )
@@ -171,7 +180,7 @@ def _find_router_topk(model: nn.Module, spec: RouterSpec, config) -> list[MoELay
         router = getattr(block, spec.router_attr, None)
         if not isinstance(router, nn.Module):
             continue
-        top_k = getattr(router, "top_k", None) or _config_top_k(config) or 0
+        top_k = _top_k(router, config, path)
         n_experts = getattr(router, "num_experts", None) or _n_experts(router, router)
         shared_attr, n_shared = _n_shared(block, config)
         layers.append(MoELayer(index=len(layers), decoder_layer=_decoder_layer_index(path), block_path=path,
