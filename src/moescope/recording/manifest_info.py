@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import asdict
 
 import numpy as np
+from torch import nn
 
 import moescope
 from moescope.adapters.spec import MoELayer
@@ -40,7 +42,9 @@ def layer_entry(layer: MoELayer) -> dict:
         "moe_layer": layer.index,
         "decoder_layer": layer.decoder_layer,
         "module": layer.block_path,
-        "n_experts": layer.n_experts,
+        "n_experts": layer.n_experts,  # routed experts: ids 0 .. n_experts - 1
+        "non_compute_experts": {"ids": list(layer.non_compute_ids), "kind": str(layer.spec.non_compute.kind)}
+        if layer.non_compute_ids else None,  # router choices that are not experts (LongCat identity, ZAYA skip)
         "top_k": layer.top_k,
         "n_shared_experts": layer.n_shared_experts,
         "expert_sizes": list(layer.expert_sizes) if layer.expert_sizes else None,
@@ -49,9 +53,20 @@ def layer_entry(layer: MoELayer) -> dict:
     }
 
 
+def decoder_layer_count(model, layers: list[MoELayer]) -> int | None:
+    """Decoder layers of the model: the ModuleList holding the MoE blocks' decoder layers (LongCat's config
+    says num_hidden_layers = 2 x its decoder layers), else the config's num_hidden_layers."""
+    match = re.match(rf"^(.+?)\.{layers[0].decoder_layer}(?:\.|$)", layers[0].block_path) if layers else None
+    container = model.get_submodule(match.group(1)) if match else None  # e.g. "model.layers"
+    if isinstance(container, nn.ModuleList):
+        return len(container)
+    config = getattr(model, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
 def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
     config = getattr(model, "config", None)
-    n_decoder = getattr(config, "num_hidden_layers", None)
+    n_decoder = decoder_layer_count(model, layers)
     moe_decoder = {layer.decoder_layer for layer in layers}
     return {
         "schema_version": None,  # set by TraceWriter
@@ -67,6 +82,7 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
         "capture": {k: v for k, v in opts.items() if k != "shard_tokens"},
         "corpus": corpus_info,
         "weights_dtype": opts["weights_dtype"],
+        "router_output_dtype": opts["logits_dtype"] if opts["save_router_output"] else None,
         "router_output_kind": None,
         "versions": versions(),
         "shards": [],

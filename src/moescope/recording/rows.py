@@ -30,7 +30,7 @@ class TokenBlock:
     output_entropy: np.ndarray  # float32 [T] (NaN when not recorded)
     topk_ids: np.ndarray  # int16 [L, T, k]
     topk_weights: np.ndarray  # float16|float32 [L, T, k]
-    router_output: np.ndarray | None  # float16 [L, T, E]
+    router_output: np.ndarray | None  # float16|float32 [L, T, R] (R: routed experts + non-compute choices)
     predicted_next: np.ndarray | None = None  # int16 [L, T, k]: layer l+1's router on layer l's input; -1 on the last layer
 
     @property
@@ -122,7 +122,7 @@ def routing_table(block: TokenBlock) -> pa.Table:
         _fixed_list(topk_weights.astype(np.float32, copy=False), k, pa.float32()),
     ]
     if n_out:
-        columns.append(_fixed_list(block.router_output.astype(np.float16).astype(np.float32), n_out, pa.float32()))
+        columns.append(_fixed_list(block.router_output.astype(np.float32), n_out, pa.float32()))  # float16 values stay so
     if k_next:
         columns.append(_fixed_list(block.predicted_next.astype(np.int16, copy=False), k_next, pa.int16()))
     return pa.Table.from_arrays(columns, schema=schema)
