@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import moescope
+from moescope.adapters.describe import describe_model
 from moescope.analysis import ANALYSES, run_analyses
 from moescope.pipeline.analyze import analysis_context
 
@@ -140,6 +141,10 @@ def test_manifest_declares_what_the_config_says(runs, family):
         assert got == {"n_experts": want.n_experts, "top_k": want.top_k, "n_shared_experts": want.n_shared_experts,
                        "non_compute_experts": want.non_compute}, f"{family} layer {layer['moe_layer']}"
     assert trace.manifest["schema_version"] == 2
+    described = describe_model(run.model)  # what `moescope inspect` shows
+    assert {k: described[k] for k in ("num_decoder_layers", "dense_decoder_layers")} == \
+        {k: trace.manifest["model"][k] for k in ("num_decoder_layers", "dense_decoder_layers")}
+    assert described["layers"] == trace.layers
 
 
 @pytest.mark.parametrize("family", _params(TESTED))

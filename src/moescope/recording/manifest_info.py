@@ -64,10 +64,16 @@ def decoder_layer_count(model, layers: list[MoELayer]) -> int | None:
     return getattr(config, "num_hidden_layers", None)
 
 
-def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
-    config = getattr(model, "config", None)
+def decoder_layers(model, layers: list[MoELayer]) -> dict:
+    """num_decoder_layers and dense_decoder_layers (the decoder layers holding no MoE block)."""
     n_decoder = decoder_layer_count(model, layers)
     moe_decoder = {layer.decoder_layer for layer in layers}
+    dense = sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None
+    return {"num_decoder_layers": n_decoder, "dense_decoder_layers": dense}
+
+
+def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
+    config = getattr(model, "config", None)
     return {
         "schema_version": None,  # set by TraceWriter
         "model": {
@@ -75,8 +81,7 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
             "model_type": getattr(config, "model_type", None),
             "class": type(model).__name__,
             "hidden_size": getattr(config, "hidden_size", None),
-            "num_decoder_layers": n_decoder,
-            "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
+            **decoder_layers(model, layers),
         },
         "layers": [layer_entry(layer) for layer in layers],
         "capture": {k: v for k, v in opts.items() if k != "shard_tokens"},
