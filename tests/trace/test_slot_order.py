@@ -155,3 +155,13 @@ def test_next_layer_prediction_is_in_the_predicting_routers_order(tiny_moe, padd
         logits = (inputs[layer][keep] @ routers[layer + 1].weight.T).detach().double().numpy()
         preferred = np.argsort(-logits, axis=-1, kind="stable")[:, :2]  # most preferred first
         np.testing.assert_array_equal(shard.predicted_next_ids[layer], preferred)
+
+
+def test_compare_reads_the_first_choice_of_a_schema1_trace(captured, tiny_moe, padded_batch, tmp_path):
+    from moescope.pipeline.compare import compare_traces
+
+    ids, mask = padded_batch
+    old = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "v1", progress=False)
+    _rewrite_routing(old, [1, 0], schema_version=1)
+    summary = compare_traces(captured.folder, tmp_path / "v1", tmp_path / "cmp")
+    assert summary["mean_top1_agreement"] == 1.0 and summary["mean_topk_jaccard"] == 1.0
