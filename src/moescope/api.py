@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import CustomRouter
-from moescope.recording.batches import sequences_from_documents, sequences_from_ids, start_tokens
+from moescope.recording.batches import padding_side, sequences_from_documents, sequences_from_ids, start_tokens
 from moescope.recording.loading import load_model
 from moescope.recording.runner import CaptureOptions, run_capture
 from moescope.errors import CorpusError, MoescopeError
@@ -68,6 +68,7 @@ def capture(
     output_entropy: bool = False,
     generate: int = 0,
     weights_dtype: str = "float16",
+    logits_dtype: str = "float16",
     router: CustomRouter | None = None,
     split: str = "all",
     shard_tokens: int = 65536,
@@ -87,7 +88,10 @@ def capture(
         of strings, or a list of ``moescope.corpora.Document``. Not needed with ``input_ids``.
     out : the trace folder. An unfinished capture with the same settings is resumed.
     input_ids, attention_mask : pre-tokenised input [B, T]; sequence i is row i and positions are the
-        row's real-token positions.
+        row's real-token positions. A left-padded batch (padding before each row's tokens) is fed to the
+        model left-padded, as your own forward pass would be; otherwise rows are right-padded.
+    logits_dtype : precision of the stored router outputs (``save_router_output``): ``"float16"`` (compact;
+        close logits can round to exact ties) or ``"float32"`` (exactly what the router computed in float32).
     predict_next_layer : also record what layer N+1's router picks from layer N's router input (the
         router-lookahead predictor of the cross-layer analysis).
     router : a ``CustomRouter`` for models moescope does not recognise.
@@ -116,8 +120,9 @@ def capture(
         raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
     if generate and predict_next_layer:
         raise MoescopeError("predict_next_layer is recorded for prompt tokens only; drop it or generate separately")
-    if weights_dtype not in ("float16", "float32"):
-        raise MoescopeError(f"weights_dtype must be float16 or float32, not {weights_dtype!r}")
+    for name, value in (("weights_dtype", weights_dtype), ("logits_dtype", logits_dtype)):
+        if value not in ("float16", "float32"):
+            raise MoescopeError(f"{name} must be float16 or float32, not {value!r}")
     _check_backend(backend, model, tensor_parallel_size=tensor_parallel_size, output_entropy=output_entropy,
                    predict_next_layer=predict_next_layer, router=router, device_map=device_map)
     if data is not None:  # check the corpus before spending time on the model
@@ -159,6 +164,7 @@ def capture(
     start = None if input_ids is not None else tuple(start_tokens(tokenizer))  # BOS where tokenizer(text) adds one
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
                           predict_next_layer=predict_next_layer, output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
+                          logits_dtype=logits_dtype, padding_side=padding_side(attention_mask if input_ids is not None else None),
                           shard_tokens=shard_tokens, backend=backend, start_token_ids=start)
     if input_ids is not None:
         if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):

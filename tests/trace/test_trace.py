@@ -145,3 +145,13 @@ def test_malformed_jsonl_is_rejected_with_the_line(tmp_path, line, message):
     with pytest.raises(ImportFormatError, match=message):
         import_jsonl(path, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_manifest_layers_need_a_positive_top_k(tiny_moe, ids, tmp_path):
+    """A layer saying top_k 0 is a discovery bug, not a trace to analyse (issue 12, point 3)."""
+    trace = _capture(tiny_moe, ids, tmp_path / "t")
+    manifest = json.loads((trace.folder / "manifest.json").read_text())
+    manifest["layers"][1]["top_k"] = 0
+    (trace.folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match=r"layers\[1\] lacks positive n_experts/top_k"):
+        moescope.open_trace(trace.folder)

@@ -70,6 +70,16 @@ def sequences_from_documents(documents: Iterable, tokenizer, *, seq_len: int, ma
             total += len(start) + len(chunk)
 
 
+def padding_side(attention_mask: torch.Tensor | None) -> str:
+    """ "left" when every padded row of `attention_mask` [B, T] holds its padding before its tokens, else "right"."""
+    if attention_mask is None:
+        return "right"
+    mask = attention_mask.bool()
+    starts_padded = ~mask[:, 0] & mask.any(-1)
+    left_aligned = (mask.long().cummax(-1).values.bool() == mask).all()  # no padding after a row's first token
+    return "left" if bool(starts_padded.any()) and bool(left_aligned) else "right"
+
+
 def sequences_from_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Iterator[Sequence]:
     """Pre-tokenised rows: sequence i is row i (its real tokens, in order)."""
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import asdict
 
 import numpy as np
+from torch import nn
 
 import moescope
 from moescope.adapters.spec import MoELayer
@@ -40,7 +42,9 @@ def layer_entry(layer: MoELayer) -> dict:
         "moe_layer": layer.index,
         "decoder_layer": layer.decoder_layer,
         "module": layer.block_path,
-        "n_experts": layer.n_experts,
+        "n_experts": layer.n_experts,  # routed experts: ids 0 .. n_experts - 1
+        "non_compute_experts": {"ids": list(layer.non_compute_ids), "kind": str(layer.spec.non_compute.kind)}
+        if layer.non_compute_ids else None,  # router choices that are not experts (LongCat identity, ZAYA skip)
         "top_k": layer.top_k,
         "n_shared_experts": layer.n_shared_experts,
         "expert_sizes": list(layer.expert_sizes) if layer.expert_sizes else None,
@@ -71,10 +75,27 @@ def _hidden_size(model, layers: list[MoELayer], config) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
+def decoder_layer_count(model, layers: list[MoELayer]) -> int | None:
+    """Decoder layers of the model: the ModuleList holding the MoE blocks' decoder layers (LongCat's config
+    says num_hidden_layers = 2 x its decoder layers), else the config's num_hidden_layers."""
+    match = re.match(rf"^(.+?)\.{layers[0].decoder_layer}(?:\.|$)", layers[0].block_path) if layers else None
+    container = model.get_submodule(match.group(1)) if match else None  # e.g. "model.layers"
+    if isinstance(container, nn.ModuleList):
+        return len(container)
+    config = getattr(model, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
+def decoder_layers(model, layers: list[MoELayer]) -> dict:
+    """num_decoder_layers and dense_decoder_layers (the decoder layers holding no MoE block)."""
+    n_decoder = decoder_layer_count(model, layers)
+    moe_decoder = {layer.decoder_layer for layer in layers}
+    dense = sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None
+    return {"num_decoder_layers": n_decoder, "dense_decoder_layers": dense}
+
+
 def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
     config = getattr(model, "config", None)  # None for a plain PyTorch module: its fields come from the module
-    n_decoder = getattr(config, "num_hidden_layers", None)
-    moe_decoder = {layer.decoder_layer for layer in layers}
     return {
         "schema_version": None,  # set by TraceWriter
         "model": {
@@ -82,13 +103,13 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
             "model_type": getattr(config, "model_type", None),
             "class": type(model).__name__,
             "hidden_size": _hidden_size(model, layers, config),
-            "num_decoder_layers": n_decoder,
-            "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
+            **decoder_layers(model, layers),
         },
         "layers": [layer_entry(layer) for layer in layers],
         "capture": capture_entry(opts),
         "corpus": corpus_info,
         "weights_dtype": opts["weights_dtype"],
+        "router_output_dtype": opts["logits_dtype"] if opts["save_router_output"] else None,
         "router_output_kind": None,
         "versions": versions(),
         "shards": [],

@@ -39,6 +39,8 @@ class CaptureOptions:
     output_entropy: bool = False
     generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
     weights_dtype: str = "float16"
+    logits_dtype: str = "float16"  # precision of stored router outputs (--save-logits); float32 keeps them exactly
+    padding_side: str = "right"  # how a forward batch is padded; "left" when the caller's input_ids were (generate: always left)
     shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
     backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (recording/vllm_backend.py)
     start_token_ids: tuple[int, ...] | None = None  # what begins every sequence (BOS or nothing); None: input_ids as given
@@ -144,10 +146,10 @@ class ShardBuffer:
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
     device = next(model.parameters()).device
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}  # several with --device-map
-    weights_dtype = getattr(torch, opts.weights_dtype)
     forward = forward_call(model)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
-                               predict_next_layer=opts.predict_next_layer, weights_dtype=weights_dtype)
+                               predict_next_layer=opts.predict_next_layer, weights_dtype=getattr(torch, opts.weights_dtype),
+                               logits_dtype=getattr(torch, opts.logits_dtype))
     with recorder as rec, torch.inference_mode():
         for batch in batches:
             input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -208,7 +210,8 @@ def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
     same_length = "attention_mask" not in _optional_inputs(model)
     groups = batched(sequences, opts.batch_size, same_length=same_length)
-    batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in groups)
+    left = bool(opts.generate) or opts.padding_side == "left"
+    batches = (make_batch(group, pad_id, left_pad=left) for group in groups)
     yield from _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer))
 
 

@@ -119,7 +119,7 @@ def block_from_vllm(chunk: list[Sequence], outputs, rec: dict, opts: CaptureOpti
         output_entropy=np.full(len(rows), np.nan, np.float32),
         topk_ids=rec["topk_ids"][:, rows],
         topk_weights=weights,
-        router_output=None if router is None else router[:, rows].astype(np.float16),
+        router_output=None if router is None else router[:, rows].astype(opts.logits_dtype),
     )
 
 

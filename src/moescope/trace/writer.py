@@ -78,7 +78,11 @@ class TraceWriter:
         self._prepare_folder()
         self._lock()
         self.already_complete = False  # True: the folder holds this very trace, finished; nothing is written
-        self.manifest = self._start_or_resume(manifest, overwrite)
+        try:
+            self.manifest = self._start_or_resume(manifest, overwrite)
+        except BaseException:  # a refused resume must not leave the folder locked in this process
+            self.close()
+            raise
 
     # -- setup ---------------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
@@ -121,6 +125,9 @@ class TraceWriter:
             elif old.get("complete") and not differs:
                 self.already_complete = True
                 return old
+            elif old["schema_version"] != SCHEMA_VERSION and not old.get("complete"):  # shards of two layouts
+                raise TraceError(f"{self.folder} holds an unfinished capture of trace schema {old['schema_version']} "
+                                 f"(this moescope writes {SCHEMA_VERSION}); pass --overwrite to start it afresh")
             elif old.get("complete"):
                 raise TraceError(f"{self.folder} already holds a complete trace with different {'/'.join(differs)} "
                                  "settings; rerun with its options, pass --overwrite, or choose another --out")
