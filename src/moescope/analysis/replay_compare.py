@@ -6,8 +6,12 @@ Per (token, MoE layer) row, with the recorded row r (ids, weights) and the recom
   |dw|             over rows whose sets agree: |r's weight - c's weight| of each expert (NaN: none recorded)
 and rows whose set differs are flagged, in this order of precedence:
   zeros            every id is 0 (and, for k = 1, every weight 0 or absent): a kernel that never wrote the row
-  duplicated       ids and weights equal the previous token's recorded row: a stale buffer replayed
-  misaligned       the set equals the recomputed set of the previous or next token: routes shifted by a token
+  duplicated       the token's rows in every layer (ids and weights) equal the previous token's: a stale buffer
+  misaligned       the token's sets in every layer equal the recomputed sets of the previous token, or of the
+                   next one: routes shifted against their tokens
+Duplication and misalignment are judged on the whole token: its rows must match the neighbour's in every layer
+and differ from its own recomputed routes in most layers. A near tie flips one layer's set, often to one the
+neighbour routes to, and neighbours route alike; a stale or shifted route changes most layers at once.
 Counts add up over shards (`merge`), like the analyses'.
 """
 
@@ -71,10 +75,12 @@ def compare_routes(ids: np.ndarray, weights: np.ndarray, new_ids: np.ndarray, ne
     zero_weights = ~((weights != 0) & ~np.isnan(weights)).any(-1)
     zeros = set_differs & (ids == 0).all(-1) & (zero_weights | (k > 1))
     same_w = (weights == np.roll(weights, 1, axis=1)) | (np.isnan(weights) & np.isnan(np.roll(weights, 1, axis=1)))
-    repeats = (ids == np.roll(ids, 1, axis=1)).all(-1) & same_w.all(-1) & prev  # [L, T]
-    duplicated = set_differs & ~zeros & repeats
-    shifted = ((by_id == np.roll(new_by_id, 1, axis=1)).all(-1) & prev) | ((by_id == np.roll(new_by_id, -1, axis=1)).all(-1) & nxt)
-    misaligned = set_differs & ~zeros & ~duplicated & shifted
+    repeats = (ids == np.roll(ids, 1, axis=1)).all((0, 2)) & same_w.all((0, 2)) & prev  # [T]: every layer
+    most = set_differs.sum(0) * 2 > L  # [T]: the token's routes differ in most layers
+    duplicated = set_differs & ~zeros & (repeats & most)
+    as_prev = (by_id == np.roll(new_by_id, 1, axis=1)).all((0, 2)) & prev  # [T]
+    as_next = (by_id == np.roll(new_by_id, -1, axis=1)).all((0, 2)) & nxt
+    misaligned = set_differs & ~zeros & ~duplicated & ((as_prev | as_next) & most)
     flagged = {"zeros": zeros, "duplicated": duplicated, "misaligned": misaligned}
     check = RouteCheck(
         rows=np.full(L, T, np.int64), set_differs=set_differs.sum(1), first_differs=first_differs.sum(1),
