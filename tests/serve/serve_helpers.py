@@ -29,15 +29,17 @@ def vllm_python() -> Path:
     return python
 
 
-def start_server(log: Path, *, plugin: bool, env: dict[str, str] | None = None) -> VllmServer:
-    """A ready server of moescope:tiny-moe (float32, eager), with moescope's plugin on or off."""
+def start_server(log: Path, *, plugin: bool, env: dict[str, str] | None = None, eager: bool = True,
+                 wait: bool = True) -> VllmServer:
+    """A (ready, with `wait`) server of moescope:tiny-moe (float32, eager), with moescope's plugin on or off."""
     env = {"OMP_NUM_THREADS": "2", **(env or {})}
     if plugin:
         env["MOESCOPE_VLLM_METRICS"] = "1"
     else:
         env.pop("MOESCOPE_VLLM_METRICS", None)
-    server = VllmServer(vllm_python(), MODEL, name="tiny-moe", env=env, log=log)
-    server.wait_ready()
+    server = VllmServer(vllm_python(), MODEL, name="tiny-moe", env=env, log=log, eager=eager)
+    if wait:
+        server.wait_ready()
     return server
 
 

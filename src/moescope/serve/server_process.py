@@ -29,14 +29,14 @@ class VllmServer:
 
     def __init__(self, python: str | os.PathLike, model: str | os.PathLike, *, name: str = "model",
                  env: dict[str, str] | None = None, log: str | os.PathLike, dtype: str = "float32",
-                 extra_args: tuple[str, ...] = ()):
+                 eager: bool = True, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.log_path = Path(log)
         args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
-                "--dtype", dtype, "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
+                "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port),
+                *(["--enforce-eager"] if eager else []), "--dtype", dtype, "--max-model-len", "512", "--gpu-memory-utilization", "0.3",
                 "--no-enable-prefix-caching", *extra_args]
         environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
         self.log = open(self.log_path, "w")

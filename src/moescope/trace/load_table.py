@@ -99,3 +99,11 @@ def read_load_table(path: str | os.PathLike) -> LoadTable:
     tokens = np.zeros(len(windows) * L * E, np.int64)
     tokens[cell] = col["tokens"]
     return LoadTable(windows.astype(np.int32), tokens.reshape(len(windows), L, E))
+
+
+def is_load_table(path: str | os.PathLike) -> bool:
+    """A .parquet file, or a folder of them without a trace's manifest.json."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix == ".parquet"
+    return path.is_dir() and not (path / "manifest.json").exists() and any(path.glob("*.parquet"))
