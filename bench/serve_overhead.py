@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--vllm-env", default=str(ROOT / ".venv-vllm"))
+    parser.add_argument("--plugin-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="more environment for the plugin's server, e.g. MOESCOPE_VLLM_INTERVAL_S=10")
     args = parser.parse_args()
     python = Path(args.vllm_env) / "bin" / "python"
     if not python.exists():
@@ -67,7 +69,8 @@ def main() -> int:
     servers = {"plain": VllmServer(python, shipped_model_path("tiny-moe"), name="tiny-moe", env=env,
                                    log=logs / "plain.log"),
                "plugin": VllmServer(python, shipped_model_path("tiny-moe"), name="tiny-moe",
-                                    env={**env, "MOESCOPE_VLLM_METRICS": "1"}, log=logs / "plugin.log")}
+                                    env={**env, "MOESCOPE_VLLM_METRICS": "1", **dict(kv.split("=", 1) for kv in args.plugin_env)},
+                                    log=logs / "plugin.log")}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -89,6 +92,7 @@ def main() -> int:
     for name, label in (("plain", "plain"), ("plugin", "moescope plugin")):
         r = rates[name]
         print(f"{label:<18}{statistics.median(r):>16,.0f}  ({min(r):,.0f}-{max(r):,.0f})")
+    print("per rep, routed tokens/s plain | plugin: " + "  ".join(f"{a:,.0f} | {b:,.0f}" for a, b in zip(rates["plain"], rates["plugin"])))
     print(f"plugin overhead (time per burst, plugin / plain - 1): median {statistics.median(slowdown):+.1%}, "
           f"min {min(slowdown):+.1%}, max {max(slowdown):+.1%}")
     return 0

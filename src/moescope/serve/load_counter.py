@@ -89,7 +89,9 @@ class LoadCounter:
         self.tokens[layer] += take
 
     def snapshot(self) -> Snapshot:
-        copy = [t.to("cpu", copy=True).numpy() for t in (self.counts, self.entropy_sum, self.tokens)]
+        # a host tensor is copied by NumPy, so the publisher thread runs no torch kernel beside the model's
+        copy = [t.numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
+                for t in (self.counts, self.entropy_sum, self.tokens)]
         return Snapshot(time.monotonic(), *copy)
 
 

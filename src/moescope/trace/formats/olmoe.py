@@ -57,6 +57,8 @@ def read_olmoe(path: str | os.PathLike) -> Imported:
                 tokens.append(t), routes.append(ids)
     except FileNotFoundError:
         raise ImportFormatError(f"{path}: no such file") from None
+    except OSError as err:  # a folder, no permission
+        raise ImportFormatError(f"{path}: cannot read it ({err.strerror})") from None
     except UnicodeDecodeError:
         raise ImportFormatError(f"{path}: not UTF-8 text") from None
     if not tokens:

@@ -185,5 +185,5 @@ def read_replay_npz(path: Path) -> Imported:
 def read_vllm(path: str | os.PathLike) -> Imported:
     path = Path(path)
     if not path.is_file():
-        raise ImportFormatError(f"{path}: no such file")
+        raise ImportFormatError(f"{path}: " + ("a folder; give a .jsonl or .npz file" if path.is_dir() else "no such file"))
     return read_replay_npz(path) if path.suffix == ".npz" else read_http_jsonl(path)
