@@ -36,13 +36,11 @@ FIELDS = ("input_ids", "positions", "forward_mode", "topk_ids_of_layer")
 
 
 def load_dump(path: Path) -> dict:
-    import pickle
-
     import torch
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+    except (torch.serialization.pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ImportFormatError(f"{path}: not an SGLang dump that loads without unpickling objects ({reason[:200]})") from None
     if isinstance(data, dict) and "logical_count" in data:
