@@ -1,4 +1,4 @@
-"""Inside vLLM's engine core: count expert load at the selection point and publish it for /metrics.
+"""Where vLLM runs the model (engine core or worker): count expert load at the selection point, publish it.
 
     model pre-hook:   rows of this step = query_start_loc[R] (padding rows after them are never counted)
     _compute_routing: counts[layer, ids[:rows]] += 1; entropy_sum[layer] += sum H(softmax(logits[:rows]))

@@ -1,8 +1,8 @@
 """moescope's vLLM general plugin: live expert load on `vllm serve`'s Prometheus /metrics.
 
 Installed with moescope (entry point `vllm.general_plugins: moescope = moescope.serve.vllm_plugin:register`) and
-off unless the server starts with MOESCOPE_VLLM_METRICS=1: `register` then returns at once and nothing of
-moescope is imported or patched. Switched on:
+off unless the server starts with MOESCOPE_VLLM_METRICS=1: `register` then returns at once, importing and
+patching nothing. Switched on:
 
     MOESCOPE_VLLM_METRICS=1          count; serve the metrics of serve/metrics.py on /metrics
     MOESCOPE_VLLM_WINDOW_S=60        seconds the sliding-window gauges cover (and each load-table window)
@@ -16,8 +16,9 @@ through MOESCOPE_VLLM_METRICS_DIR. With several API servers vLLM itself sets PRO
 serves every file in it; the counters are then written there. In the process that loads the model (the
 engine core, or each worker) `register` wraps the worker's `load_model`: once the model is loaded the
 routers are counted (serve/load_counter.py), on the first tensor-parallel rank only (the ranks route the same
-tokens); data-parallel engines each count their own tokens and /metrics sums them. The counters need vLLM's eager mode (--enforce-eager): Python
-wrappers do not run inside CUDA graphs or compiled graphs, so the plugin refuses to start without it.
+tokens); data-parallel engines each count their own tokens and /metrics sums them (neither tested here: no
+GPUs). The counters need vLLM's eager mode (--enforce-eager): Python wrappers do not run inside CUDA graphs or
+compiled graphs, so the plugin refuses to start without it.
 """
 
 from __future__ import annotations
