@@ -2,9 +2,9 @@
 
 vLLM runs the model in its engine-core process (or a worker process under it) and serves /metrics from its
 API-server process. prometheus_client's multiprocess mode is made for that: each process writes its samples to
-`<dir>/<kind>_<pid>.db` (a memory-mapped file of (key, value, timestamp) records, `prometheus_client.mmap_dict.MmapedDict`) and the serving process's
-`MultiProcessCollector(registry, path=dir)` merges every file at scrape time (counters summed over processes,
-`mostrecent` gauges: the latest write). This writer fills those files directly, so moescope's counters live where
+`<dir>/<kind>_<pid>.db` (a memory-mapped file of (key, value, timestamp) records,
+`prometheus_client.mmap_dict.MmapedDict`) and the serving process's `MultiProcessCollector(registry, path=dir)`
+merges every file at scrape time (counters summed over processes, `mostrecent` gauges: the latest write). This writer fills those files directly, so moescope's counters live where
 the model runs without switching prometheus_client there into multiprocess mode for vLLM's own metrics.
 """
 

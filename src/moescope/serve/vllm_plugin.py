@@ -13,8 +13,8 @@ vLLM loads general plugins in every process it starts. In the first (the API ser
 folder the counters are written to and registers a prometheus_client `MultiProcessCollector` over it on the
 default registry, which a single API server's /metrics serves; processes started later inherit the folder
 through MOESCOPE_VLLM_METRICS_DIR. With several API servers vLLM itself sets PROMETHEUS_MULTIPROC_DIR and
-serves every file in it; the counters are then written there. In the process that loads the model (the
-engine core, or each worker) `register` wraps the worker's `load_model`: once the model is loaded the
+serves every file in it; the counters are then written there (not tested here). In the process that loads the
+model (the engine core, or each worker) `register` wraps the worker's `load_model`: once the model is loaded the
 routers are counted (serve/load_counter.py), on the first tensor-parallel rank only (the ranks route the same
 tokens); data-parallel engines each count their own tokens and /metrics sums them (neither tested here: no
 GPUs). The counters need vLLM's eager mode (--enforce-eager): Python wrappers do not run inside CUDA graphs or
