@@ -54,6 +54,7 @@ def make_shard(
     router_output=None,
     output_entropy=None,
     predicted_next_ids=None,
+    document=None,
 ) -> ShardData:
     """A shard from nested lists: ids [L][T][k]; by default one sequence, weights descending by column."""
     ids = np.asarray(ids, np.int16)
@@ -78,6 +79,7 @@ def make_shard(
         router_output=None if router_output is None else np.asarray(router_output, np.float32),
         output_entropy=None if output_entropy is None else np.asarray(output_entropy, np.float32),
         predicted_next_ids=None if predicted_next_ids is None else np.asarray(predicted_next_ids, np.int16),
+        document=None if document is None else np.asarray(document, np.int64),
     )
 
 
@@ -100,6 +102,7 @@ def _take(shard: ShardData, lo: int, hi: int) -> ShardData:
         router_output=cut(shard.router_output, 1),
         output_entropy=cut(shard.output_entropy, 0),
         predicted_next_ids=cut(shard.predicted_next_ids, 1),
+        document=cut(shard.document, 0),
     )
 
 
@@ -131,6 +134,7 @@ def concat(shards: list[ShardData]) -> ShardData:
         router_output=cat("router_output", 1),
         output_entropy=cat("output_entropy", 0),
         predicted_next_ids=cat("predicted_next_ids", 1),
+        document=cat("document", 0),
     )
 
 

@@ -92,3 +92,40 @@ def test_a_table_from_another_trace_can_feed_the_transition_predictor():
     shards = iter(synthetic_shards(spec, [20, 20], seed=2))  # one pass only: the table is given
     result = run_analyses(shards, ctx, only=["expert_cache"])["expert_cache"]
     assert "transition" in result.predictors
+
+
+def _document_in_fold(f: int) -> int:
+    from types import SimpleNamespace
+
+    from moescope.analysis.reference.cross_layer import fold
+
+    return next(d for d in range(1000) if fold(SimpleNamespace(seq_id=0, document=d)) == f)
+
+
+def test_popularity_prefetches_the_other_folds_popular_experts_at_every_layer():
+    # fold-0 document always uses expert 2, fold-1 document expert 3 (k = 1, one layer)
+    shard = make_shard([[[2]] * 4 + [[3]] * 4], seq_id=[0] * 4 + [1] * 4,
+                       document=[_document_in_fold(0)] * 4 + [_document_in_fold(1)] * 4)
+    result = run_analyses([shard], AnalysisContext(n_experts=4, top_k=1, n_layers=1), only=["expert_cache"])["expert_cache"]
+    assert result.predictors == ("lru", "same_index", "transition", "popularity")
+    hits = dict(zip(result.predictors, result.hits[:, 0]))  # [C] with C = 1..4
+    assert hits["lru"].tolist() == [6, 6, 6, 6]  # every token after the first of its sequence hits
+    # each token first prefetches the other fold's favourite: at C = 1 it evicts the token's own expert
+    assert hits["popularity"].tolist() == [0, 6, 6, 6]
+
+
+@pytest.mark.parametrize("documents", ["three_sequences_each", "none_in_the_shard"])
+def test_matches_the_reference_with_documents_of_several_sequences_and_without_documents(documents):
+    spec = dataclasses.replace(SPECS["base"], sequences_per_document=3)
+    shards = synthetic_shards(spec, SHARD_LAYOUTS["uneven"], seed=31)
+    if documents == "none_in_the_shard":
+        shards = [dataclasses.replace(s, document=None) for s in shards]
+    ctx = spec.context()
+    result = run_analyses(shards, ctx, only=["expert_cache"])["expert_cache"]
+    ref = reference.compute(shards, ctx)
+    assert list(result.predictors) == ref["predictors"] and "popularity" in result.predictors
+    for p, name in enumerate(result.predictors):
+        for l in range(ctx.n_layers):
+            assert result.lookups[p, l] == ref["lookups"][(name, l)]
+            for c, capacity in enumerate(result.capacities):
+                assert result.hits[p, l, c] == ref["hits"][(name, l, int(capacity))], (name, l, capacity)

@@ -63,6 +63,10 @@ def test_headline_comes_first_with_the_issue_numbers(full_report, report_inputs)
     assert f"{summary['router_confidence']['mean_router_entropy']:.3f} nats" in headline
     assert f"{summary['domain_specialisation']['js_divergence']['code|math']:.3f}" in headline
     assert "does router-only quantization cost more quality per parameter" in headline
+    gain = summary["cross_layer"]["best_minus_popularity_hop1"]
+    assert f"({gain:+.3f} vs popularity)" in headline
+    cross = _sections(page)["r1-cross-layer"]
+    assert all(html.escape(v) in cross for v in summary["cross_layer"]["versus_popularity"]) and "static baseline" in cross
 
 
 def test_each_analysis_gets_its_figures(full_report):

@@ -10,6 +10,9 @@ import pandas as pd
 
 @runtime_checkable
 class AnalysisResult(Protocol):
+    """A result may also carry `warnings: tuple[str, ...]`, problems a user must see (the CLI prints them on
+    stderr); each warning is also one of its notes."""
+
     notes: tuple[str, ...]  # why something was skipped or how to read it; empty when nothing to say
 
     def to_pandas(self) -> pd.DataFrame | dict[str, pd.DataFrame]: ...

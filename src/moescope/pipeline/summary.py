@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def _get(d: dict, *path, default=None):
     for key in path:
@@ -30,3 +32,9 @@ def print_summary(summary: dict, *, limit: int = 24) -> None:
     for name, notes in summary.get("notes", {}).items():
         for note in notes:
             print(f"  note [{name}]: {note}")
+
+
+def print_warnings(summary: dict) -> None:
+    """Each of the summary's warnings once, on stderr (they are also notes of the analyses that raised them)."""
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)

@@ -303,10 +303,13 @@ def cross_layer_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     h = r.headline("cross_layer")
     best = h.get("best_predictor_hop1")
     best_recall = h.get(f"recall_{best}_hop{0 if best == 'previous_token' else 1}") if best else None
+    versus = [str(v) for v in h.get("versus_popularity") or []]
     blocks: list = [Text(
         "How well one layer's routing predicts the next layers' (for speculative expert prefetching). "
         + (f"Best predictor for the next layer: {routing_figs.PREDICTOR_LABELS.get(best, best)} with recall {fmt(best_recall, '.1%')} "
-           f"(chance {fmt(shape['top_k'] / max(shape['n_experts'], 1), '.1%')})." if best else "")
+           f"(chance {fmt(shape['top_k'] / max(shape['n_experts'], 1), '.1%')}). " if best else "")
+        + ("Against the static baseline (the k most-loaded experts of the predicted layer, learned on the other fold of "
+           "documents): " + "; ".join(versus) + "." if versus else "")
     )]
     if len(shape["layers"]) < 2:
         blocks.append(Notes(("one MoE layer: no cross-layer transitions",), "missing"))
@@ -710,7 +713,9 @@ def _predictor_text(r: AnalysisResults) -> str:
     if best is None:
         return "—"
     recall = r.get("cross_layer", f"recall_{best}_hop{0 if best == 'previous_token' else 1}")
-    return f"{routing_figs.PREDICTOR_LABELS.get(best, best)}: {fmt(recall, '.1%')}"
+    text = f"{routing_figs.PREDICTOR_LABELS.get(best, best)}: {fmt(recall, '.1%')}"
+    gain = r.get("cross_layer", "best_minus_popularity_hop1")
+    return text + (f" ({fmt(gain, '+.3f')} vs popularity)" if gain is not None else "")
 
 
 def _code_math_text(r: AnalysisResults) -> str:
