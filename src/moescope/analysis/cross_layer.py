@@ -42,6 +42,7 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "cross_layer"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 PREDICTORS = ("same_index", "transition", "popularity", "previous_token", "router_lookahead")
 LEARNED = ("transition", "popularity")  # predictors learned on the other fold
 
@@ -94,12 +95,13 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayer
     fold = fold_of(view.shard)  # [T]
     transitions = np.zeros((K, L, E, E), np.int64)
     first_choice = np.zeros((2, K, L, E, E), np.int64)
-    # first choice tagged with its fold: source id (f * side + i) in a table of 2 * side rows
-    tagged = (fold[None, :] * side + view.first_choice)[None]  # [1, L, T]
     for d in range(1, min(K, L - 1) + 1):
         transitions[d - 1, : L - d] = pair_counts(ids[:, :-d], ids[:, d:], E)
-        both = pair_counts(tagged[:, :-d], ids[:, d:], 2 * side)  # [L-d, 2*side, 2*side]; only columns < E are ids
-        first_choice[:, d - 1, : L - d] = both[:, :, :E].reshape(L - d, 2, side, E)[:, :, :E].transpose(1, 0, 2, 3)
+        # one key per (fold, source layer, first choice, expert at l + d): a table of exactly [2, L-d, side, side]
+        source = ((fold[None, :] * (L - d) + np.arange(L - d)[:, None]) * side + view.first_choice[:-d]) * side  # [L-d, T]
+        keys = (source[None] + ids[:, d:]).ravel()  # [k, L-d, T]
+        counts = np.bincount(keys, minlength=2 * (L - d) * side * side).reshape(2, L - d, side, side)
+        first_choice[:, d - 1, : L - d] = counts[:, :, :E, :E]  # sentinel rows and columns dropped
     by_fold = (fold[None, :, None] * L + np.arange(L)[:, None, None]) * side + view.ids  # [L, T, k]
     load_by_fold = np.bincount(by_fold.ravel(), minlength=2 * L * side).reshape(2, L, side)[:, :, :E]
     starts = ~view.has_previous  # tokens without a previous token

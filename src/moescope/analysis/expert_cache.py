@@ -33,6 +33,7 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "expert_cache"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 
 
 @dataclass(frozen=True, eq=False)

@@ -189,19 +189,21 @@ def synthetic_trace(spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, se
 
 
 def write_synthetic_trace(folder, spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, seed: int = 0) -> None:
-    """`synthetic_trace` written as a trace folder (router outputs and predictions left out), one Parquet shard each."""
+    """`synthetic_trace` written as a trace folder, one Parquet shard each (router logits stored as float16, as a
+    capture stores them; probabilities and next-layer predictions left out)."""
     from moescope.recording.batches import Sequence
     from moescope.recording.rows import TokenBlock, routing_table, sequences_table, tokens_table
     from moescope.trace.writer import TraceWriter
 
     layers = [{"moe_layer": i, "decoder_layer": i, "n_experts": spec.n_experts, "top_k": spec.top_k} for i in range(spec.n_layers)]
     manifest = {"model": {"id": "synthetic"}, "layers": layers, "capture": {}, "corpus": {}, "weights_dtype": "float32",
-                "router_output_kind": None, "versions": {}, "shards": []}
+                "router_output_kind": "logits" if spec.router_output == "logits" else None, "versions": {}, "shards": []}
     with TraceWriter(folder, manifest, overwrite=True) as writer:
         for shard in synthetic_trace(spec, n_tokens, shard_tokens, seed=seed):
             block = TokenBlock(seq_id=shard.seq_id, pos=shard.pos, token_id=shard.token_id, generated=shard.generated,
                                output_entropy=np.full(shard.n_tokens, np.nan, np.float32), topk_ids=shard.topk_ids,
-                               topk_weights=shard.topk_weights, router_output=None)
+                               topk_weights=shard.topk_weights,
+                               router_output=None if spec.router_output != "logits" else shard.router_output.astype(np.float16))
             ids, first, counts = np.unique(shard.seq_id, return_index=True, return_counts=True)
             seqs = [Sequence(int(i), [], SOURCE, shard.domain_names[shard.domain[f]], str(int(i) // spec.sequences_per_document), "")
                     for i, f in zip(ids, first)]
