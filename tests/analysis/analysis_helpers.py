@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from moescope.analysis.runner import ANALYSES
@@ -40,6 +42,24 @@ SPECS = {
 
 def synthetic_shards(spec: SyntheticSpec, layout: list[int], seed: int = 0) -> list[ShardData]:
     return [synthetic_shard(spec, n, seed=seed, shard_index=i) for i, n in enumerate(layout)]
+
+
+DOCUMENT_LAYOUTS = ("three_sequences_each", "none_in_the_shard")  # documents of several sequences; no document keys
+
+
+def shards_with_documents(layout: str, seed: int) -> list[ShardData]:
+    """SPECS["base"] shards (uneven sizes) whose documents hold three sequences each, or no document keys at all."""
+    shards = synthetic_shards(dataclasses.replace(SPECS["base"], sequences_per_document=3), SHARD_LAYOUTS["uneven"], seed=seed)
+    return [dataclasses.replace(s, document=None) for s in shards] if layout == "none_in_the_shard" else shards
+
+
+def document_in_fold(f: int, start: int = 0) -> int:
+    """The smallest document key >= start in fold f (by the reference's own definition of the fold)."""
+    from types import SimpleNamespace
+
+    from moescope.analysis.reference.cross_layer import fold
+
+    return next(d for d in range(start, start + 1000) if fold(SimpleNamespace(seq_id=0, document=d)) == f)
 
 
 def make_shard(

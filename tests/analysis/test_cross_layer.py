@@ -1,20 +1,12 @@
-import dataclasses
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-from analysis_helpers import SHARD_LAYOUTS, SPECS, make_shard, run_one, synthetic_shards
+from analysis_helpers import DOCUMENT_LAYOUTS, SHARD_LAYOUTS, SPECS, document_in_fold, make_shard, run_one, shards_with_documents, synthetic_shards
 
 from moescope.analysis import AnalysisContext, Thresholds, run_analyses
 from moescope.analysis.reference import cross_layer as reference
 from moescope.analysis.synthetic import SyntheticSpec, synthetic_trace, write_synthetic_trace
 from moescope.trace.reader import open_trace
 from moescope.trace.shard import document_key
-
-
-def document_in_fold(f: int, start: int = 0) -> int:
-    """The smallest document key >= start in fold f (by the reference's own definition of the fold)."""
-    return next(d for d in range(start, start + 1000) if reference.fold(SimpleNamespace(seq_id=0, document=d)) == f)
 
 
 def _shifted_routing(shift_a: int, shift_b: int):
@@ -143,13 +135,10 @@ def test_one_document_leaves_the_learned_predictors_out_with_a_warning():
     assert "versus_popularity" in cross.summary() and cross.summary()["versus_popularity"] == []
 
 
-@pytest.mark.parametrize("documents", ["three_sequences_each", "none_in_the_shard"])
+@pytest.mark.parametrize("documents", DOCUMENT_LAYOUTS)
 def test_matches_the_reference_with_documents_of_several_sequences_and_without_documents(documents):
-    spec = dataclasses.replace(SPECS["base"], sequences_per_document=3)
-    shards = synthetic_shards(spec, SHARD_LAYOUTS["uneven"], seed=29)
-    if documents == "none_in_the_shard":
-        shards = [dataclasses.replace(s, document=None) for s in shards]
-    ctx = spec.context(thresholds=Thresholds(max_hop=2))
+    shards = shards_with_documents(documents, seed=29)
+    ctx = SPECS["base"].context(thresholds=Thresholds(max_hop=2))
     result = run_one("cross_layer", shards, ctx)
     ref = reference.compute(shards, ctx)
     got = {(r.predictor, r.hop, r.source_layer): [r.hits, r.targets] for r in result.recall.itertuples() if r.targets}

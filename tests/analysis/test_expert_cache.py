@@ -2,7 +2,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from analysis_helpers import SHARD_LAYOUTS, SPECS, make_shard, run_one, synthetic_shards
+from analysis_helpers import DOCUMENT_LAYOUTS, SHARD_LAYOUTS, SPECS, document_in_fold, make_shard, run_one, shards_with_documents, synthetic_shards
 
 from moescope.analysis import AnalysisContext, run_analyses
 from moescope.analysis.lru_kernel import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
@@ -94,18 +94,10 @@ def test_a_table_from_another_trace_can_feed_the_transition_predictor():
     assert "transition" in result.predictors
 
 
-def _document_in_fold(f: int) -> int:
-    from types import SimpleNamespace
-
-    from moescope.analysis.reference.cross_layer import fold
-
-    return next(d for d in range(1000) if fold(SimpleNamespace(seq_id=0, document=d)) == f)
-
-
 def test_popularity_prefetches_the_other_folds_popular_experts_at_every_layer():
     # fold-0 document always uses expert 2, fold-1 document expert 3 (k = 1, one layer)
     shard = make_shard([[[2]] * 4 + [[3]] * 4], seq_id=[0] * 4 + [1] * 4,
-                       document=[_document_in_fold(0)] * 4 + [_document_in_fold(1)] * 4)
+                       document=[document_in_fold(0)] * 4 + [document_in_fold(1)] * 4)
     result = run_analyses([shard], AnalysisContext(n_experts=4, top_k=1, n_layers=1), only=["expert_cache"])["expert_cache"]
     assert result.predictors == ("lru", "same_index", "transition", "popularity")
     hits = dict(zip(result.predictors, result.hits[:, 0]))  # [C] with C = 1..4
@@ -114,13 +106,10 @@ def test_popularity_prefetches_the_other_folds_popular_experts_at_every_layer():
     assert hits["popularity"].tolist() == [0, 6, 6, 6]
 
 
-@pytest.mark.parametrize("documents", ["three_sequences_each", "none_in_the_shard"])
+@pytest.mark.parametrize("documents", DOCUMENT_LAYOUTS)
 def test_matches_the_reference_with_documents_of_several_sequences_and_without_documents(documents):
-    spec = dataclasses.replace(SPECS["base"], sequences_per_document=3)
-    shards = synthetic_shards(spec, SHARD_LAYOUTS["uneven"], seed=31)
-    if documents == "none_in_the_shard":
-        shards = [dataclasses.replace(s, document=None) for s in shards]
-    ctx = spec.context()
+    shards = shards_with_documents(documents, seed=31)
+    ctx = SPECS["base"].context()
     result = run_analyses(shards, ctx, only=["expert_cache"])["expert_cache"]
     ref = reference.compute(shards, ctx)
     assert list(result.predictors) == ref["predictors"] and "popularity" in result.predictors
