@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import CustomRouter
-from moescope.recording.batches import sequences_from_documents, sequences_from_ids
+from moescope.recording.batches import sequences_from_documents, sequences_from_ids, start_tokens
 from moescope.recording.loading import load_model
 from moescope.recording.runner import CaptureOptions, run_capture
 from moescope.errors import CorpusError, MoescopeError
@@ -151,10 +151,15 @@ def capture(
         model, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     else:
         model_info = {"id": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__}
+        if generate and not callable(getattr(model, "generate", None)):
+            raise MoescopeError(f"generate needs a model with a transformers-style .generate(); {type(model).__name__} has none")
         model.eval()
+    if input_ids is None and tokenizer is None:
+        raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
+    start = None if input_ids is not None else tuple(start_tokens(tokenizer))  # BOS where tokenizer(text) adds one
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
                           predict_next_layer=predict_next_layer, output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
-                          shard_tokens=shard_tokens, backend=backend)
+                          shard_tokens=shard_tokens, backend=backend, start_token_ids=start)
     if input_ids is not None:
         if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise MoescopeError("input_ids must be [batch, seq] and attention_mask the same shape")
@@ -162,9 +167,7 @@ def capture(
         corpus_info = {"spec": "input_ids", "rows": int(input_ids.shape[0])}
         total = sum(len(s.token_ids) for s in sequences)
     else:
-        if tokenizer is None:
-            raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
-        sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+        sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens, start=list(start))
         total = max_tokens
     if ray is not None:
         from moescope.distributed.capture import run_ray_capture

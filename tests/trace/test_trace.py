@@ -83,8 +83,8 @@ def test_interrupted_capture_resumes_to_the_same_trace(tiny_moe, ids, tmp_path, 
 
 def test_complete_trace_is_not_overwritten(tiny_moe, ids, tmp_path):
     _capture(tiny_moe, ids, tmp_path / "t")
-    with pytest.raises(TraceError, match="already holds a complete trace"):
-        _capture(tiny_moe, ids, tmp_path / "t")
+    with pytest.raises(TraceError, match="already holds a complete trace with different capture settings"):
+        _capture(tiny_moe, ids, tmp_path / "t", seq_len=8)
     (tmp_path / "f").write_text("x")
     with pytest.raises(TraceError, match="is a file"):
         _capture(tiny_moe, ids, tmp_path / "f")

@@ -64,6 +64,7 @@ class AnalysisContext:
     token_text: Callable[[int], str] | Mapping[int, str] | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     prefetch_table: Any = None  # PrefetchTable | None (see cross_layer.py)
+    n_experts_inferred: bool = False  # imported without an expert count: n_experts is the largest id seen + 1
 
     def __post_init__(self) -> None:
         if self.n_experts < 1 or self.top_k < 1 or self.n_layers < 1:
@@ -116,7 +117,7 @@ class AnalysisContext:
     def from_manifest(cls, manifest: Mapping[str, Any], **overrides: Any) -> AnalysisContext:
         """Build a context from a trace manifest.
 
-        Reads `n_experts`, `top_k`, `router_output_kind`, `expert_sizes` either at the top level (an int,
+        Reads `n_experts`, `top_k`, `router_output_kind`, `expert_sizes`, `n_experts_inferred` either at the top level (an int,
         or a list with one entry per MoE layer) or from a `layers` list of per-layer dicts; `hidden_size`
         at the top level or under `model`.
         `overrides` (e.g. `token_text=`, `thresholds=`) are passed through.
@@ -156,6 +157,7 @@ class AnalysisContext:
         if len(set(ks)) > 1:
             raise TraceError(f"layers have different top_k {sorted(set(ks))}; analyses need one k per trace")
         es = n_experts if isinstance(n_experts, list) else [n_experts]
+        inferred = value("n_experts_inferred", False)
         kwargs: dict[str, Any] = dict(
             n_experts=int(max(es)),
             top_k=int(ks[0]),
@@ -164,6 +166,7 @@ class AnalysisContext:
             expert_sizes=None if sizes is None else np.asarray(sizes, dtype=np.int64),
             hidden_size=manifest.get("hidden_size") or (manifest.get("model") or {}).get("hidden_size"),
             vocab_size=manifest.get("vocab_size"),
+            n_experts_inferred=any(inferred) if isinstance(inferred, list) else bool(inferred),
         )
         kwargs.update(overrides)
         return cls(**kwargs)

@@ -129,6 +129,9 @@ def finalize(state: LoadState, ctx: AnalysisContext) -> LoadResult:
     notes = ()
     if state.invalid_slots.any():
         notes = (f"{int(state.invalid_slots.sum())} slots held ids outside [0, {E}) and are not counted as load",)
+    if ctx.n_experts_inferred:
+        notes += (f"expert count inferred: {E} experts is the largest expert id seen + 1, so experts never routed to "
+                  "are missing and dead experts may be undercounted (import with --n-experts)",)
     return LoadResult(
         state.layers, state.counts, state.invalid_slots, state.n_tokens, ctx.top_k, th, stats, status.astype(str), notes
     )

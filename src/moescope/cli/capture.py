@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moescope.cli._common import add_command, positive_int
+from moescope.cli._common import add_command, manifest_bytes, positive_int
 from moescope.cli.inspect import add_custom_router_args, custom_router_from_args
 
 EXAMPLES = """  moescope capture moescope:tiny-moe --data humaneval,gsm-symbolic,wiki --out traces/run1 --max-tokens 20000
@@ -10,7 +10,7 @@ EXAMPLES = """  moescope capture moescope:tiny-moe --data humaneval,gsm-symbolic
   moescope capture moescope:tiny-moe --data gsm-symbolic --out traces/gen --generate 32 --save-logits
   moescope capture ./Mixtral-8x7B --data corpus/ --out /shared/traces/mixtral --ray auto   # one worker per GPU
   .venv-vllm/bin/moescope capture ./Qwen1.5-MoE-A2.7B --backend vllm --tensor-parallel-size 2 --data wiki --out traces/vllm --generate 64
-(an interrupted capture resumes when the same command is run again)
+(an interrupted capture resumes when the same command is run again; on a finished one it writes nothing and exits 0)
 """
 
 
@@ -53,6 +53,7 @@ def run(args) -> int:
 
     if args.generate < 0:
         raise MoescopeError("--generate must be 0 or more")
+    before = manifest_bytes(args.out)
     trace = capture(
         args.model, args.data, out=args.out, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
@@ -62,8 +63,13 @@ def run(args) -> int:
         backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, ray=args.ray, workers=args.workers,
         shard_tokens=args.shard_tokens,
     )
+    if not args.overwrite and before is not None and trace.complete and manifest_bytes(args.out) == before:
+        print(f"{trace.folder} already complete with these options ({trace.n_tokens} tokens x {trace.n_layers} MoE layers): "
+              "nothing written")
+        return 0
     stats = trace.manifest.get("stats", {})
     rate = stats.get("tokens_this_run", 0) / max(stats.get("seconds_this_run", 0), 1e-9)
     print(f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} MoE layers in "
           f"{len(trace.manifest['shards'])} shard(s) ({rate:,.0f} tokens/s this run)")
     return 0
+

@@ -49,8 +49,30 @@ def layer_entry(layer: MoELayer) -> dict:
     }
 
 
+def capture_entry(opts: dict) -> dict:
+    """The manifest's `capture` settings: the options, and how each sequence starts (`bos`: whether the tokenizer's
+    default start, e.g. Llama's BOS, leads every sequence; None for pre-tokenised input, which is recorded as given)."""
+    start = opts.get("start_token_ids")
+    entry = {k: v for k, v in opts.items() if k not in ("shard_tokens", "start_token_ids")}
+    return {**entry, "bos": None if start is None else bool(start), "bos_token_id": start[0] if start else None,
+            "start_token_ids": None if start is None else list(start)}
+
+
+def _hidden_size(model, layers: list[MoELayer], config) -> int | None:
+    """The config's hidden size; for a plain module without one, the routers' input width when they agree."""
+    if config is not None:
+        return getattr(config, "hidden_size", None)
+    widths = set()
+    for layer in layers:
+        module = model.get_submodule(layer.block_path)
+        router = getattr(module, layer.spec.router_attr, None) if layer.spec.router_attr else module
+        weight = getattr(router, "weight", None)
+        widths.add(int(weight.shape[-1]) if weight is not None and weight.dim() == 2 else None)
+    return widths.pop() if len(widths) == 1 else None
+
+
 def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
-    config = getattr(model, "config", None)
+    config = getattr(model, "config", None)  # None for a plain PyTorch module: its fields come from the module
     n_decoder = getattr(config, "num_hidden_layers", None)
     moe_decoder = {layer.decoder_layer for layer in layers}
     return {
@@ -59,12 +81,12 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
             **model_info,
             "model_type": getattr(config, "model_type", None),
             "class": type(model).__name__,
-            "hidden_size": getattr(config, "hidden_size", None),
+            "hidden_size": _hidden_size(model, layers, config),
             "num_decoder_layers": n_decoder,
             "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
         },
         "layers": [layer_entry(layer) for layer in layers],
-        "capture": {k: v for k, v in opts.items() if k != "shard_tokens"},
+        "capture": capture_entry(opts),
         "corpus": corpus_info,
         "weights_dtype": opts["weights_dtype"],
         "router_output_kind": None,

@@ -7,6 +7,7 @@ Shards hold whole sequences; sequences already committed by an interrupted run a
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ class CaptureOptions:
     weights_dtype: str = "float16"
     shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
     backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (recording/vllm_backend.py)
+    start_token_ids: tuple[int, ...] | None = None  # what begins every sequence (BOS or nothing); None: input_ids as given
 
 
 def _output_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -143,6 +145,7 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
     device = next(model.parameters()).device
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}  # several with --device-map
     weights_dtype = getattr(torch, opts.weights_dtype)
+    forward = forward_call(model)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
                                predict_next_layer=opts.predict_next_layer, weights_dtype=weights_dtype)
     with recorder as rec, torch.inference_mode():
@@ -153,8 +156,8 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
                                      do_sample=False, pad_token_id=_pad_id(model))
                 yield batch, block_from_generate(batch, rec.take(), out.cpu(), eos)
             else:
-                output = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                logits = getattr(output, "logits", None)  # None for a base model without an LM head
+                output = forward(input_ids, mask)
+                logits = getattr(output, "logits", None)  # None for a base model without an LM head or a plain tensor
                 entropy = _output_entropy(logits).cpu() if opts.output_entropy and logits is not None else None
                 chunks, ready = rec.take(synchronize=False), _copies_done(gpus)
                 build = lambda batch=batch, chunks=chunks, entropy=entropy: block_from_forward(batch, chunks, entropy)
@@ -172,15 +175,40 @@ def _copies_done(gpus: set[torch.device]) -> list[torch.cuda.Event]:
 
 
 def _pad_id(model) -> int:
-    config = model.config
-    pad = getattr(config, "pad_token_id", None)
+    """Any id will do: padded positions are masked (attention_mask) and never recorded."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)  # a plain nn.Module has no config
     return pad if pad is not None else 0
 
 
+def _optional_inputs(model) -> set[str]:
+    """Which of attention_mask / use_cache `model.forward` takes (a transformers model: both)."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {"attention_mask", "use_cache"}
+    return {"attention_mask", "use_cache"} & set(params)
+
+
+def forward_call(model) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """(input_ids [B, T], attention_mask [B, T]) -> the model's output, passing only what its forward takes:
+    a plain PyTorch module's `forward(ids)` works as well as a transformers model's."""
+    takes = _optional_inputs(model)
+    by_name = "input_ids" in inspect.signature(model.forward).parameters
+
+    def call(input_ids: torch.Tensor, mask: torch.Tensor):
+        kwargs = {k: v for k, v in (("attention_mask", mask), ("use_cache", False)) if k in takes}
+        return model(input_ids=input_ids, **kwargs) if by_name else model(input_ids, **kwargs)
+
+    return call
+
+
 def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable[Sequence], opts: CaptureOptions):
-    """(batch, block) for each padded batch of `sequences`: the capture loop without the writing."""
+    """(batch, block) for each padded batch of `sequences`: the capture loop without the writing.
+
+    A model whose forward takes no attention_mask is never fed padding: its batches hold sequences of one length."""
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
-    batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(sequences, opts.batch_size))
+    same_length = "attention_mask" not in _optional_inputs(model)
+    groups = batched(sequences, opts.batch_size, same_length=same_length)
+    batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in groups)
     yield from _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer))
 
 
@@ -193,6 +221,8 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
     layers = find_moe_layers(model, custom_router)
     manifest = build_manifest(model, layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+        if writer.already_complete:  # the same capture, finished before: nothing to do
+            return Trace(out)
         done = writer.committed_seq_ids
         todo = (s for s in sequences if s.seq_id not in done)
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)
