@@ -157,3 +157,12 @@ def test_a_trace_on_disk_gets_its_folds_from_the_sequences_tables_documents(tmp_
         expected = [document_key("synthetic", str(s // 4)) for s in a.seq_id.tolist()]  # source, doc_id of each sequence
         assert a.document.tolist() == expected
     assert len(set(on_disk[0].document.tolist())) < len(set(on_disk[0].seq_id.tolist()))  # documents of several sequences
+
+
+def test_the_printed_summary_gives_the_verdict_against_popularity(capsys):
+    from moescope.pipeline.summary import print_summary
+
+    result = run_one("cross_layer", [_shifted_routing(1, 1)],
+                     AnalysisContext(n_experts=4, top_k=1, n_layers=2, thresholds=Thresholds(max_hop=1)))
+    print_summary({"trace": {}, "analyses": {"cross_layer": result.summary()}, "notes": {}}, limit=2)
+    assert "  cross_layer: hop 1: transition beats popularity by +0.750 recall (1.000 vs 0.250)" in capsys.readouterr().out

@@ -29,6 +29,8 @@ def print_summary(summary: dict, *, limit: int = 24) -> None:
     print(f"{trace.get('model')}: {trace.get('tokens')} tokens x {trace.get('moe_layers')} MoE layers")
     for key, value in list(headline_numbers(summary).items())[:limit]:
         print(f"  {key:<48} {value:.4g}" if isinstance(value, float) else f"  {key:<48} {value}")
+    for verdict in _get(summary, "analyses", "cross_layer", "versus_popularity", default=None) or []:
+        print(f"  cross_layer: {verdict}")
     for name, notes in summary.get("notes", {}).items():
         for note in notes:
             print(f"  note [{name}]: {note}")
