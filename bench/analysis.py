@@ -234,17 +234,17 @@ def main() -> None:
     )
 
     print("per analysis: the loop alone, as a notebook computing only that statistic runs it (reading rows included)")
-    print(f"{'analysis':24s} {'fast us/row':>22s} {'loop us/row':>22s} {'ratio (paired)':>20s}  agree")
+    print(f"{'analysis':24s} {'fast us/row':>22s} {'loop us/row':>24s} {'ratio (paired)':>20s}  agree")
     for name in ANALYSES:
         fast_per_row = [r[0].get(name, 0.0) / rows * 1e6 for r in fast_runs]
         loop_per_row = [r[0][name] / sub_rows * 1e6 for r in loop_runs]
         agree = "yes" if agrees[name] else "NO"
-        print(f"{name:24s} {Spread.of(fast_per_row).text('.3f'):>22s} {Spread.of(loop_per_row).text('.2f'):>22s} "
+        print(f"{name:24s} {Spread.of(fast_per_row).text('.3f'):>22s} {Spread.of(loop_per_row).text('.2f'):>24s} "
               f"{paired_ratios(loop_per_row, fast_per_row).text('.0f'):>19s}x  {agree}")
     ratio = paired_ratios([t / sub_rows for t in totals["loops"]], [t / rows for t in totals["fast"]])
     print(
         f"{'all, rows read once':24s} {Spread.of([t / rows * 1e6 for t in totals['fast']]).text('.3f'):>22s} "
-        f"{Spread.of([t / sub_rows * 1e6 for t in totals['loops']]).text('.2f'):>22s} {ratio.text('.0f'):>19s}x  "
+        f"{Spread.of([t / sub_rows * 1e6 for t in totals['loops']]).text('.2f'):>24s} {ratio.text('.0f'):>19s}x  "
         f"{'yes' if all(agrees.values()) else 'NO'}"
     )
     loop_hours = Spread.of([t / sub_rows * rows / 3600 for t in totals["loops"]])
@@ -257,7 +257,8 @@ def main() -> None:
         small_tokens = max(args.shard_tokens, n_tokens // 8)
         bounded = [name for name in ANALYSES if name != "token_specialisation"]
         print(
-            f"\nmemory, tracemalloc peak (one shard = {shard_bytes(one_shard) / 2**20:.1f} MiB; includes generating it):"
+            f"\nmemory, tracemalloc peak (one shard = {shard_bytes(one_shard) / 2**20:.1f} MiB; includes generating it; "
+            "one run each: the same seed allocates the same bytes):"
         )
         for label, only in (("all analyses", None), ("all but token_specialisation", bounded)):
             small = peak_memory(spec, small_tokens, args, only)
