@@ -136,7 +136,6 @@ def main() -> None:
     sweep_kw = dict(targets="router", bits=BITS, schemes=SCHEME, granularity="channel", per_layer=True,
                     max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, overwrite=True,
                     progress=False)
-    eval_pass(model, batches)  # warm-up
     flips: dict[str, dict] = {}
 
     def sweep(way: str, tmp: str) -> None:
@@ -152,7 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ways = {"eval pass": lambda: eval_pass(model, batches),
                 **{way: lambda way=way: sweep(way, tmp) for way in ("local", "naive", "full", "full/noreplay")}}
-        times = interleave(ways, args.reps, warmup=False)
+        times = interleave(ways, args.reps)  # a warm-up round first, unmeasured
 
     unit = times["eval pass"]
     print(f"\n{'way':<16}{'seconds':>26}{'x eval pass (paired)':>26}")

@@ -29,8 +29,9 @@ from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
 def report(times: dict[str, list[float]], work: float, unit: str, base: str = "in-process") -> None:
     for name, seconds in times.items():
         speedup = paired_ratios(times[base], seconds)
+        judged = "the base" if name == base else f"{speedup.text('.2f')}x {base} ({verdict(speedup, 'faster', 'slower')})"
         print(f"  {name:14s} {Spread.of(seconds).text('.2f')} s {Spread.of([work / s for s in seconds]).text(',.0f')} {unit}"
-              f"   {speedup.text('.2f')}x {base} ({verdict(speedup, 'faster', 'slower')})")
+              f"   {judged}")
 
 
 def bench_capture(args, work: Path) -> None:
@@ -43,7 +44,7 @@ def bench_capture(args, work: Path) -> None:
 
     ways = {"in-process": {}, "ray 1 worker": {"ray": "local", "workers": 1}, "ray 2 workers": {"ray": "local", "workers": 2}}
     times = interleave({name: lambda name=name, extra=extra: run(name.replace(" ", "-"), **extra) for name, extra in ways.items()},
-                       args.reps, warmup=False)
+                       args.reps)  # a warm-up round first: the first capture of a process pays one-time costs
     same = [moescope.open_trace(work / n.replace(" ", "-")).sql(
         "SELECT seq_id, pos, layer, topk_ids FROM routing ORDER BY ALL").equals(
         moescope.open_trace(work / "in-process").sql("SELECT seq_id, pos, layer, topk_ids FROM routing ORDER BY ALL"))
@@ -66,7 +67,7 @@ def bench_analysis(args, work: Path) -> None:
     results = {}
     ways = {"in-process": None, "ray": ray_pass(folder, None)}
     times = interleave({name: lambda runner=runner, name=name: results.__setitem__(
-        name, run_analyses(trace.shards, ctx, run_pass=runner)) for name, runner in ways.items()}, args.reps, warmup=False)
+        name, run_analyses(trace.shards, ctx, run_pass=runner)) for name, runner in ways.items()}, args.reps)
     same = all(json.dumps(results["in-process"][n].summary(), sort_keys=True, default=str)
                == json.dumps(results["ray"][n].summary(), sort_keys=True, default=str) for n in results["in-process"])
     print(f"analysis: all analyses, synthetic trace of {rows:,} rows ({trace.n_tokens:,} tokens x {trace.n_layers} layers, "
