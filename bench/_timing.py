@@ -83,8 +83,10 @@ def compare_line(name: str, values: Sequence[float], base: Sequence[float], *, w
                  work: float | None = None, unit: str = "tokens/s") -> str:
     """One line: the way's throughput (work / seconds, when `work` is given), its time over the base's
     (paired per repetition, as a percent overhead) and the verdict."""
-    ratio = paired_ratios(values, base)
     rate = "" if work is None else f"{Spread.of([work / v for v in values]).text(',.0f')} {unit}   "
+    if values is base:
+        return f"  {name:<{width}} {rate}the base"
+    ratio = paired_ratios(values, base)
     overhead = Spread(ratio.median - 1, ratio.lo - 1, ratio.hi - 1, ratio.n).text("+.1f", 100)
     return f"  {name:<{width}} {rate}{overhead} % vs base   {verdict(ratio)}"
 

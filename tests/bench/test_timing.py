@@ -31,6 +31,7 @@ def test_ratios_are_paired_by_repetition_and_claimed_only_beyond_their_range():
     assert timing.verdict(timing.paired_ratios([0.9, 1.8], [1.0, 2.0])) == "faster"
     line = timing.compare_line("moescope", slow, base, work=100.0)
     assert "+10.0 (+5.0–+10.0) % vs base" in line and line.endswith("slower") and "tokens/s" in line
+    assert timing.compare_line("plain", base, base).endswith("plain              the base")
 
 
 def test_spread_text_and_bad_reps():
