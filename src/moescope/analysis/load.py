@@ -8,6 +8,9 @@ when c > overloaded_factor * mean. The OVERALL row treats every (layer, expert) 
 experts of different layers are different experts, so their loads are not pooled.
 Only routed experts carry load: slots that went to non-compute choices (LongCat's identity experts, ZAYA's
 skip) are counted apart, as `non_compute_share` = those slots / all T*k slots of the layer.
+
+The summary leads with per-layer values (the worst layer and the mean over layers): a pooled number can
+look balanced while every layer is not. The pooled values follow, suffixed `_pooled`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import pandas as pd
 
 from moescope.analysis.context import AnalysisContext, Thresholds
 from moescope.analysis.kernels import entropy, jsonable
-from moescope.analysis.result import layer_labels
+from moescope.analysis.result import layer_labels, worst_and_mean
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "load"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,25 +102,24 @@ class LoadResult:
         return {"per_expert": per_expert, "per_layer": per_layer}
 
     def summary(self) -> dict:
+        """Per-layer values first (the worst layer, the mean over layers), then the pooled ones."""
         overall = {key: values[-1] for key, values in self.stats.items()}
-        per_layer = self.stats["max_over_mean"][:-1]
-        worst = int(np.nanargmax(per_layer)) if np.isfinite(per_layer).any() else None
         flagged = {
             status: [[int(self.layers[l]), int(e)] for l, e in zip(*np.nonzero(self.status == status))]
             for status in ("dead", "overloaded")
         }
         return jsonable(
             {
+                **worst_and_mean(self.stats["balance_score"][:-1], self.layers, "balance_score", worst=np.nanargmin),
+                **worst_and_mean(self.stats["max_over_mean"][:-1], self.layers, "max_over_mean", worst=np.nanargmax),
                 "n_tokens": self.n_tokens,
                 "n_layers": len(self.layers),
                 "n_experts": self.counts.shape[1],
                 "top_k": self.top_k,
-                "balance_score": overall["balance_score"],
-                "cv": overall["cv"],
-                "load_entropy_norm": overall["load_entropy_norm"],
-                "max_over_mean": overall["max_over_mean"],
-                "worst_layer": None if worst is None else self.layers[worst],
-                "worst_layer_max_over_mean": None if worst is None else per_layer[worst],
+                "balance_score_pooled": overall["balance_score"],
+                "cv_pooled": overall["cv"],
+                "load_entropy_norm_pooled": overall["load_entropy_norm"],
+                "max_over_mean_pooled": overall["max_over_mean"],
                 "n_dead": int(overall["n_dead"]),
                 "n_underused": int(overall["n_underused"]),
                 "n_overloaded": int(overall["n_overloaded"]),

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from moescope.pipeline.analyze import analyze_trace
-    from moescope.pipeline.summary import print_summary
+    from moescope.pipeline.summary import print_summary, print_warnings
 
     from moescope.errors import MoescopeError
 
@@ -46,5 +46,6 @@ def run(args) -> int:
     summary = analyze_trace(args.trace, args.out, only=only, model=args.model, use_model=not args.no_model,
                            ray=args.ray)
     print_summary(summary)
+    print_warnings(summary)
     print(f"tables and summary.json in {args.out}")
     return 0

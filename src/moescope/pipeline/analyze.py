@@ -84,7 +84,8 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
     """Run the analyses on a trace and write their tables and `summary.json` into `out`.
 
     `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards on Ray workers.
-    Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}}.
+    Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]},
+    "warnings": [...]} (each warning once, however many analyses raised it; the CLI prints them on stderr).
     """
     trace = open_trace(trace_path)
     if not trace.manifest["shards"]:
@@ -124,6 +125,7 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
         "analyses": {name: jsonable(result.summary()) for name, result in results.items()},
         "tables": tables,
         "notes": notes,
+        "warnings": list(dict.fromkeys(w for result in results.values() for w in getattr(result, "warnings", ()))),
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     return summary
@@ -140,7 +142,7 @@ def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
     counts = table.matrix  # [L, E]
     L, E = counts.shape
     ctx = AnalysisContext(n_experts=E, top_k=1, n_layers=L)  # slots are counted; tokens and k are unknown
-    result = load.finalize(load.LoadState(tuple(range(L)), counts, np.zeros(L, np.int64), 0), ctx)
+    result = load.finalize(load.LoadState(tuple(range(L)), counts, np.zeros(L, np.int64), 0, np.zeros(L, np.int64)), ctx)
     out = prepare_output_folder(out, markers=("summary.json",), what="analysis results")
     note = f"a load table of {len(table.windows)} windows: slot counts per expert; tokens and top-k are not known"
     summary = {

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from moescope.errors import TraceError
 from moescope.trace.manifest import read_manifest, sha256_file
 from moescope.trace.schema import TABLES, schema_problem
-from moescope.trace.shard import ShardData
+from moescope.trace.shard import ShardData, document_key
 from moescope.trace.slots import order_slots, v1_ordered_routing_sql
 
 
@@ -146,6 +146,9 @@ class Trace:
             raise TraceError(f"{self.folder}: shard {shard['index']} has tokens of sequences its sequences part does not "
                              "list; recapture")
         domain_codes = np.array([names.index(domain_of_seq[int(s)]) for s in seq_ids], dtype=np.int16)
+        document_of_seq = {int(s): document_key(src, doc) for s, src, doc in zip(
+            *(sequences.column(c).to_pylist() for c in ("seq_id", "source", "doc_id")))}
+        documents = np.array([document_of_seq[int(s)] for s in seq_ids], dtype=np.int64)  # one per sequence
         router_output = None
         if "router_output" in routing.column_names:
             width = routing.schema.field("router_output").type.list_size
@@ -172,6 +175,7 @@ class Trace:
             router_output=router_output,
             output_entropy=None if np.isnan(entropy).all() else entropy,
             predicted_next_ids=predicted,
+            document=documents[inverse],
         )
 
     # -- SQL -----------------------------------------------------------------------------------
