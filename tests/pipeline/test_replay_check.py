@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_trace, tmp_path, capsys):
     assert "is not empty" in _fails(["replay-check", trace, "--model", "moescope:tiny-moe", "--out", str(tmp_path / "mine")], capsys)
     jsonl = tmp_path / "r.jsonl"
     jsonl.write_text(json.dumps({"problem_id": 0, "layer": 0, "token_id": 0, "expert_ids": [1, 2], "weights": [0.6, 0.4]}))
-    assert main(["import", str(jsonl), "--out", str(tmp_path / "imported")]) == 0
+    assert main(["import", str(jsonl), "--out", str(tmp_path / "imported"), "--n-experts", "8"]) == 0
     assert "has no token ids" in _fails(["replay-check", str(tmp_path / "imported"), "--model", "moescope:tiny-moe",
                                          "--out", str(out)], capsys)
     assert not out.exists() and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
