@@ -27,3 +27,12 @@ class TraceError(MoescopeError):
 
 class ImportFormatError(MoescopeError):
     """A file to import (e.g. JSONL) is malformed."""
+
+
+class RoutingPolicyError(MoescopeError):
+    """A layer's routing cannot be re-derived as asked (from another input, or with experts dropped or forced)."""
+
+
+class InterventionError(MoescopeError):
+    """An intervention (drop / zero / force experts) names layers or experts the model does not have, or asks
+    for something the layer's routing cannot do."""

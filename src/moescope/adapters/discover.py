@@ -22,7 +22,7 @@ from moescope.errors import NoRouterFoundError
 _EXPERT_ARG_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
 _ROUTER_ATTRS = ("gate", "router")
 _SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
-_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k")
+_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k", "top_k_experts")
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _find_router_topk(model: nn.Module, spec: RouterSpec, config) -> list[MoELay
 def _find_custom(model: nn.Module, custom: CustomRouter) -> list[MoELayer]:
     spec = RouterSpec(
         family="custom",
-        scoring=Scoring.SOFTMAX if custom.output == RouterOutput.LOGITS else Scoring.CUSTOM,
+        scoring=Scoring.SOFTMAX,  # a probabilities output (router_output PROBS) has had its softmax already
         router_attr="",
         router_output_index=custom.output_index,
         router_output=custom.output,

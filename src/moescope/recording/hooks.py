@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import forward_param_index
-from moescope.adapters.spec import MoELayer, RouterOutput, Scoring, Selection
+from moescope.adapters.policy import PER_TOKEN_INPUTS, LayerPolicy, layer_policy
+from moescope.adapters.spec import MoELayer, Selection
+from moescope.errors import RoutingPolicyError
 
 
 @dataclass
@@ -24,23 +26,6 @@ class LayerChunks:
     weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
     router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
     predicted_next: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k]: layer N+1's router on this input
-
-
-def select_topk(scores: torch.Tensor, spec, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, ids) [N, k] from a router output [N, E], by the declared scoring rule."""
-    if spec.router_output == RouterOutput.PROBS:
-        weights, ids = scores.topk(k, dim=-1)
-    elif spec.scoring == Scoring.SIGMOID:  # Llama4: sigmoid of the top-k logits
-        top, ids = scores.topk(k, dim=-1)
-        weights = top.sigmoid()
-    elif spec.scoring == Scoring.SOFTMAX_TOPK:  # softmax over the k selected logits
-        top, ids = scores.topk(k, dim=-1)
-        return top.softmax(-1), ids
-    else:  # softmax over all experts, then top-k
-        weights, ids = scores.softmax(-1).topk(k, dim=-1)
-    if spec.renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights, ids
 
 
 def _router_tensor(output, index: int | None) -> torch.Tensor:
@@ -93,27 +78,28 @@ class RoutingRecorder:
 
         return hook
 
-    def _lookahead_hook(self, chunks: LayerChunks, next_router: nn.Module, next_layer: MoELayer):
-        """Apply layer N+1's router to layer N's router input: what a prefetcher could know one layer early."""
-        index = next_layer.spec.router_output_index
+    def _lookahead_hook(self, chunks: LayerChunks, router: nn.Module, next_policy: LayerPolicy):
+        """Layer N+1's selection policy on layer N's router input: what a prefetcher could know one layer early
+        (bias, groups and scoring included); per-token inputs the next router needs (input_ids) are handed on."""
+        handed = {name: forward_param_index(router, name) for name in next_policy.needs}
 
-        def hook(module, args):
-            scores = _router_tensor(next_router.forward(args[0]), index)  # forward(): bypasses hooks
-            chunks.predicted_next.append(scores.topk(next_layer.top_k, dim=-1).indices.to("cpu", torch.int16))
+        def hook(module, args, kwargs):
+            inputs = {name: kwargs[name] if name in kwargs else args[pos] for name, pos in handed.items()}
+            ids, _ = next_policy.route(args[0] if args else kwargs["hidden_states"], **inputs)  # no hooks run
+            chunks.predicted_next.append(ids.to("cpu", torch.int16))
 
         return hook
 
-    def _router_topk_hook(self, chunks: LayerChunks, layer: MoELayer):
-        """Routing read from the router's output (custom models, Llama4, JetMoE): select as declared."""
-        spec, k = layer.spec, layer.top_k
+    def _router_topk_hook(self, chunks: LayerChunks, policy: LayerPolicy):
+        """Routing read from the router's output (custom models, Llama4, JetMoE): selected by the declared policy."""
+        index = policy.spec.router_output_index
 
         def hook(module, args, output):
-            scores = _router_tensor(output, spec.router_output_index).detach().float()  # [N, E]
-            weights, ids = select_topk(scores, spec, k)  # [N, k] each
+            ids, weights = policy.select(output)  # [N, k] each
             chunks.ids.append(ids.to("cpu", torch.int16))
             chunks.weights.append(weights.to("cpu", self.weights_dtype))
             if self.save_router_output:
-                chunks.router_output.append(scores.to("cpu", torch.float16))
+                chunks.router_output.append(_router_tensor(output, index).detach().to("cpu", torch.float16))
 
         return hook
 
@@ -124,7 +110,8 @@ class RoutingRecorder:
                 block = self.model.get_submodule(layer.block_path)
                 if layer.spec.selection == Selection.ROUTER_TOPK:
                     router = self._router_module(layer)
-                    self._handles.append(router.register_forward_hook(self._router_topk_hook(chunks, layer)))
+                    hook = self._router_topk_hook(chunks, layer_policy(self.model, layer))
+                    self._handles.append(router.register_forward_hook(hook))
                     continue
                 experts = getattr(block, layer.spec.experts_attr)
                 ids_pos = forward_param_index(experts, layer.spec.ids_arg)
@@ -138,12 +125,26 @@ class RoutingRecorder:
             if self.predict_next_layer:
                 for layer, nxt, chunks in zip(self.layers, self.layers[1:], self._chunks):
                     router = self._router_module(layer)
-                    hook = self._lookahead_hook(chunks, self._router_module(nxt), nxt)
-                    self._handles.append(router.register_forward_pre_hook(hook))
+                    hook = self._lookahead_hook(chunks, router, self._lookahead_policy(router, nxt))
+                    self._handles.append(router.register_forward_pre_hook(hook, with_kwargs=True))
         except BaseException:
             self._remove()
             raise
         return self
+
+    def _lookahead_policy(self, router: nn.Module, nxt: MoELayer) -> LayerPolicy:
+        """Layer `nxt`'s policy, or one line saying why it cannot be applied to the previous router's input."""
+        try:
+            policy = layer_policy(self.model, nxt)
+        except RoutingPolicyError as err:
+            raise RoutingPolicyError(f"--predict-next-layer: {err}") from None
+        for name in policy.needs:
+            if name not in PER_TOKEN_INPUTS or forward_param_index(router, name) is None:
+                raise RoutingPolicyError(
+                    f"--predict-next-layer cannot predict MoE layer {nxt.index} ({nxt.spec.family}): its router also "
+                    f"takes {name}, which the previous layer's router input does not determine (only "
+                    f"{', '.join(PER_TOKEN_INPUTS)} can be handed on); capture without --predict-next-layer")
+        return policy
 
     def _router_module(self, layer: MoELayer) -> nn.Module:
         block = self.model.get_submodule(layer.block_path)
