@@ -36,3 +36,7 @@ class RoutingPolicyError(MoescopeError):
 class InterventionError(MoescopeError):
     """An intervention (drop / zero / force experts) names layers or experts the model does not have, or asks
     for something the layer's routing cannot do."""
+
+
+class ImportanceError(MoescopeError):
+    """An importance sweep cannot run as asked (no layer can drop experts; its folder holds another sweep)."""

@@ -185,8 +185,10 @@ def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer] | None, *,
-                   layer_list: nn.ModuleList | None, keep_outputs: bool, progress: bool = False) -> Reference:
-    """Run the unquantized model once over `batches` and cache everything the sweep reuses."""
+                   layer_list: nn.ModuleList | None, keep_outputs: bool, progress: bool = False,
+                   local: bool = True) -> Reference:
+    """Run the unquantized model once over `batches` and cache everything the sweep reuses (`local`: also
+    the router inputs and their local routing, which only router perturbations need)."""
     from tqdm.auto import tqdm
 
     layers = layers or []
@@ -195,7 +197,7 @@ def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer
     started = time.perf_counter()
     refs, xs, tokens, offset = [], [[] for _ in layers], [], 0
     recorder = RoutingRecorder(model, layers, weights_dtype=torch.float32)
-    with recorder as rec, Taps(routers, layers, inputs=True, decoder_layers=decoder_layers) as taps, torch.inference_mode():
+    with recorder as rec, Taps(routers, layers, inputs=local, decoder_layers=decoder_layers) as taps, torch.inference_mode():
         for batch in tqdm(batches, desc="reference pass", unit="batch", disable=not progress, leave=False):
             logits = _forward(model, batch)
             keep = batch.attention_mask.reshape(-1).bool()
@@ -208,13 +210,14 @@ def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer
                 ref.ids.append(_rows(chunks[i].ids, keep, "expert-id").long())
                 ref.weights.append(_rows(chunks[i].weights, keep, "gate-weight"))
                 ref.logp.append(router_log_probs(_rows([s.cpu() for s in scores[i]], keep, "router-score"), layer))
-                xs[i].append(_rows(x[i], keep, "router-input"))
+                if local:
+                    xs[i].append(_rows(x[i], keep, "router-input"))
             tokens.append(batch.input_ids.reshape(-1)[keep])
             refs.append(ref)
     seconds = time.perf_counter() - started
-    ref = Reference(refs, [torch.cat(chunks) for chunks in xs], [], [], seconds, token_ids=torch.cat(tokens).long(),
-                    x_rank=list(taps.rank))
-    for i, layer in enumerate(layers):
+    ref = Reference(refs, [torch.cat(chunks) for chunks in xs if chunks], [], [], seconds,
+                    token_ids=torch.cat(tokens).long(), x_rank=list(taps.rank))
+    for i, layer in enumerate(layers if local else []):
         policy = _local_policy(model, layer, ref)
         ref.local.append(None if policy is None else local_routing(policy, layer, ref.x[i], ref.token_ids, ref.x_rank[i]))
         recorded = torch.cat([r.ids[i] for r in refs])

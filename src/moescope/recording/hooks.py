@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import forward_param_index
-from moescope.adapters.policy import PER_TOKEN_INPUTS, LayerPolicy, layer_policy
+from moescope.adapters.policy import PER_TOKEN_INPUTS, LayerPolicy, layer_policy, router_tensor
 from moescope.adapters.spec import MoELayer, Selection
-from moescope.errors import RoutingPolicyError
+from moescope.errors import MoescopeError, RoutingPolicyError
 
 
 @dataclass
@@ -26,14 +26,42 @@ class LayerChunks:
     weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
     router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
     predicted_next: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k]: layer N+1's router on this input
+    expert_norms: list[torch.Tensor] = field(default_factory=list)  # float32 [N, k]: ||output|| of each chosen expert
 
 
-def _router_tensor(output, index: int | None) -> torch.Tensor:
-    tensor = output if index is None or isinstance(output, torch.Tensor) else output[index]
-    return tensor.reshape(-1, tensor.shape[-1])
+def with_expert_args(args: tuple, kwargs: dict, positions: tuple[int | None, int | None], spec, ids, weights):
+    """(args, kwargs) of an experts module's forward with its ids and weights arguments replaced."""
+    args, kwargs = list(args), dict(kwargs)
+    for name, pos, value in ((spec.ids_arg, positions[0], ids), (spec.weights_arg, positions[1], weights)):
+        if name in kwargs or pos is None or pos >= len(args):
+            kwargs[name] = value
+        else:
+            args[pos] = value
+    return tuple(args), kwargs
 
 
-class RoutingRecorder:
+def expert_args(args: tuple, kwargs: dict, positions: tuple[int | None, int | None], spec):
+    """(ids, weights) an experts module's forward was called with."""
+    ids = kwargs[spec.ids_arg] if spec.ids_arg in kwargs else args[positions[0]]
+    weights = kwargs[spec.weights_arg] if spec.weights_arg in kwargs else args[positions[1]]
+    return ids, weights
+
+
+class HookHandles:
+    """The handles a hook context added; `_remove()` (on exit, and by `__enter__` on a failure) removes exactly them."""
+
+    _handles: list
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class RoutingRecorder(HookHandles):
     """Context manager recording, per MoE layer, the expert ids and gate weights the experts received.
 
     >>> with RoutingRecorder(model, layers) as rec:   # doctest: +SKIP
@@ -48,12 +76,14 @@ class RoutingRecorder:
         *,
         save_router_output: bool = False,
         predict_next_layer: bool = False,
+        save_expert_norms: bool = False,
         weights_dtype: torch.dtype = torch.float16,
     ):
         self.model = model
         self.layers = layers
         self.save_router_output = save_router_output
         self.predict_next_layer = predict_next_layer
+        self.save_expert_norms = save_expert_norms
         self.weights_dtype = weights_dtype
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._chunks = [LayerChunks() for _ in layers]
@@ -74,7 +104,23 @@ class RoutingRecorder:
 
     def _router_output_hook(self, chunks: LayerChunks, index: int | None):
         def hook(module, args, output):
-            chunks.router_output.append(_router_tensor(output, index).detach().to("cpu", torch.float16))
+            chunks.router_output.append(router_tensor(output, index).detach().to("cpu", torch.float16))
+
+        return hook
+
+    def _expert_norms_hook(self, chunks: LayerChunks, positions: tuple[int | None, int | None], spec):
+        """||output|| of each chosen expert alone, per routing slot (for REAP scores): the experts module's own
+        forward (no hooks) run once per slot with that slot's id and weight 1; k extra expert passes."""
+
+        def hook(module, args, kwargs):
+            ids, weights = expert_args(args, kwargs, positions, spec)
+            norms = []
+            for slot in range(ids.shape[-1]):
+                one = with_expert_args(args, kwargs, positions, spec, ids[..., slot : slot + 1],
+                                       torch.ones_like(weights[..., slot : slot + 1]))
+                out = module.forward(*one[0], **one[1])
+                norms.append(out.detach().reshape(-1, out.shape[-1]).float().norm(dim=-1))  # [N]
+            chunks.expert_norms.append(torch.stack(norms, dim=-1).to("cpu", non_blocking=True))  # [N, k]
 
         return hook
 
@@ -99,7 +145,7 @@ class RoutingRecorder:
             chunks.ids.append(ids.to("cpu", torch.int16))
             chunks.weights.append(weights.to("cpu", self.weights_dtype))
             if self.save_router_output:
-                chunks.router_output.append(_router_tensor(output, index).detach().to("cpu", torch.float16))
+                chunks.router_output.append(router_tensor(output, index).detach().to("cpu", torch.float16))
 
         return hook
 
@@ -109,6 +155,10 @@ class RoutingRecorder:
             for layer, chunks in zip(self.layers, self._chunks):
                 block = self.model.get_submodule(layer.block_path)
                 if layer.spec.selection == Selection.ROUTER_TOPK:
+                    if self.save_expert_norms:
+                        raise MoescopeError(f"--save-expert-norms: the experts of MoE layer {layer.index} "
+                                            f"({layer.spec.family}) take no expert ids, so one expert's output "
+                                            "cannot be computed alone; capture without it")
                     router = self._router_module(layer)
                     hook = self._router_topk_hook(chunks, layer_policy(self.model, layer))
                     self._handles.append(router.register_forward_hook(hook))
@@ -118,6 +168,9 @@ class RoutingRecorder:
                 weights_pos = forward_param_index(experts, layer.spec.weights_arg)
                 hook = self._experts_input_hook(chunks, ids_pos, weights_pos, layer)
                 self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+                if self.save_expert_norms:
+                    hook = self._expert_norms_hook(chunks, (ids_pos, weights_pos), layer.spec)
+                    self._handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
                 if self.save_router_output:
                     router = getattr(block, layer.spec.router_attr)
                     hook = self._router_output_hook(chunks, layer.spec.router_output_index)
@@ -150,14 +203,6 @@ class RoutingRecorder:
         block = self.model.get_submodule(layer.block_path)
         return block.get_submodule(layer.spec.router_attr) if layer.spec.router_attr else block  # custom: the router itself
 
-    def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     def take(self, synchronize: bool = True) -> list[LayerChunks]:
         """Hand over everything recorded since the last call and start afresh.
 
@@ -168,6 +213,8 @@ class RoutingRecorder:
             torch.cuda.synchronize()
         taken = []
         for chunks in self._chunks:  # the hooks hold these objects: empty them, don't replace them
-            taken.append(LayerChunks(chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next))
+            taken.append(LayerChunks(chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next,
+                                     chunks.expert_norms))
             chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next = [], [], [], []
+            chunks.expert_norms = []
         return taken

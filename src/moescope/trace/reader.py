@@ -148,6 +148,10 @@ class Trace:
         if "next_layer_prediction" in routing.column_names:
             width = routing.schema.field("next_layer_prediction").type.list_size
             predicted = _fixed_list_to_numpy(routing.column("next_layer_prediction"), width, np.int16).reshape(n_layers, n_tokens, width)
+        norms = None
+        if "expert_norms" in routing.column_names:
+            width = routing.schema.field("expert_norms").type.list_size
+            norms = _fixed_list_to_numpy(routing.column("expert_norms"), width, np.float32).reshape(n_layers, n_tokens, width)
         entropy = tokens.column("output_entropy").to_numpy(zero_copy_only=False).astype(np.float32)
         return ShardData(
             layers=np.arange(n_layers, dtype=np.int16),
@@ -162,6 +166,7 @@ class Trace:
             router_output=router_output,
             output_entropy=None if np.isnan(entropy).all() else entropy,
             predicted_next_ids=predicted,
+            expert_norms=norms,
         )
 
     # -- SQL -----------------------------------------------------------------------------------

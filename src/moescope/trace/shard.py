@@ -25,6 +25,7 @@ class ShardData:
     router_output: np.ndarray | None = None  # float32 [L, T, E] logits or probs (manifest says which)
     output_entropy: np.ndarray | None = None  # float32 [T] entropy of next-token distribution, NaN if absent
     predicted_next_ids: np.ndarray | None = None  # int16 [L, T, k] layer l+1's router on layer l's input (-1: last layer)
+    expert_norms: np.ndarray | None = None  # float32 [L, T, k] ||output|| of each chosen expert alone (--save-expert-norms)
 
     @property
     def n_tokens(self) -> int:

@@ -6,7 +6,8 @@
 
 `exclude` / `force` are tuples of expert ids. Dropped experts leave softmax normalisation (their logits are
 -inf, so the others renormalise as if the router row were removed) and get selection score -inf before the
-group scores are taken and again after (a group fill of 0.0 cannot bring them back). Forced experts get
+group scores are taken and again after (a group fill of 0.0 cannot bring them back); a group's score is then
+that of its best two remaining experts (one if one is left), as in a model whose group had lost them. Forced experts get
 selection score +inf after the group limit, so they are chosen whatever their group.
 """
 
@@ -161,9 +162,10 @@ class LayerPolicy:
             ids = self.choose(scored.selection, exclude, force)
         return ids, self.weigh_scored(scored, ids)
 
-    def weigh(self, output, x, ids: torch.Tensor) -> torch.Tensor:
-        """Weights float32 [N, k] the block gives to `ids` [N, k] chosen some other way (a forced routing)."""
-        return self.weigh_scored(self.scored(output, x, None), ids.long())
+    def weigh(self, output, x, ids: torch.Tensor, *, exclude=None) -> torch.Tensor:
+        """Weights float32 [N, k] the block gives to `ids` [N, k] chosen some other way (a forced routing),
+        with the experts in `exclude` removed from the softmax as in `select`."""
+        return self.weigh_scored(self.scored(output, x, exclude), ids.long())
 
     def scored(self, output, x, exclude) -> Scored:
         logits = router_tensor(output, self.spec.router_output_index).float()
@@ -197,7 +199,7 @@ class LayerPolicy:
         if drop is not None:
             selection = selection.masked_fill(drop, NEG_INF)
         if self.groups is not None:
-            selection = self._group_limited(selection)
+            selection = self._group_limited(selection, dropped=drop is not None)
             if drop is not None:
                 selection = selection.masked_fill(drop, NEG_INF)
         forced = self._mask(force, selection.shape[-1], selection.device)
@@ -210,14 +212,18 @@ class LayerPolicy:
                 + (" within the groups the router keeps (n_group/topk_group)" if self.groups else ""))
         return ids
 
-    def _group_limited(self, selection: torch.Tensor) -> torch.Tensor:
+    def _group_limited(self, selection: torch.Tensor, dropped: bool = False) -> torch.Tensor:
         n_group, topk_group = self.groups
         n, e = selection.shape
         grouped = selection.view(n, n_group, e // n_group)  # [N, G, E/G]
         if self.spec.group_score == "max":
             group_scores = grouped.max(dim=-1).values
-        else:
+        elif not dropped:
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        else:  # a group's best two *remaining* experts (one, if one is left; -inf if none)
+            best = grouped.topk(2, dim=-1).values
+            left = torch.isfinite(best)
+            group_scores = torch.where(left, best, 0.0).sum(dim=-1).masked_fill(~left.any(-1), NEG_INF)
         kept = group_scores.topk(topk_group, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         keep = keep.repeat_interleave(e // n_group, dim=-1)  # [N, E]
