@@ -111,6 +111,8 @@ def test_pruning_curve_point_equals_naive_masked_forward_on_deepseek_v3(tmp_path
     assert pruning.loc[("none", 0), "nll"] == pytest.approx(float(plain.mean()), abs=1e-5)
     assert set(pruning.index.get_level_values(0)) == {"none", "delta_nll", "frequency", "mean_gate_weight", "reap", "random"}
     assert pruning.index.get_level_values(1).max() == 6  # down to top-k = 2 experts left
+    logged = [json.loads(line)["config"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {c["replayed_decoder_layers"] for c in logged} == {2}  # MoE layer 1 is decoder layer 2: 0-1 replayed
     from moescope.reporting import write_report
 
     write_report([tmp_path], tmp_path / "r.html", figures_dir=tmp_path / "f")

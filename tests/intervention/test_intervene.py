@@ -195,11 +195,20 @@ def test_bad_input_is_one_error_and_the_model_untouched(tiny_moe, kwargs, messag
     ("inkling_text", dict(drop={0: [1]}), "shared experts' gates"),
     ("llama4_text", dict(zero={0: [1]}), "take no expert ids"),
     ("phimoe", dict(force={0: [1]}), "sparsemixer"),
+    ("jetmoe", dict(drop={0: [1]}), "take no expert ids"),
+    ("custom", dict(zero={0: [1]}), "take no expert ids"),
 ])
 def test_layers_that_cannot_be_intervened_on_say_why(family, kwargs, message):
-    model = build_tiny_model(family)
+    if family == "custom":  # a plain PyTorch MoE captured through a CustomRouter
+        from tests.quant.quant_models import varmoe, varmoe_router
+
+        model = varmoe()
+        layers = find_moe_layers(model, varmoe_router())
+    else:
+        model = build_tiny_model(family)
+        layers = find_moe_layers(model)
     with pytest.raises(InterventionError, match=message):
-        with moescope.intervene(model, **kwargs):
+        with moescope.intervene(model, layers=layers, **kwargs):
             pass
     assert n_hooks(model) == 0
 
