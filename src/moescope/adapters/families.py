@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moescope.adapters.spec import RouterOutput, RouterSpec, Scoring, Selection, UnsupportedFamily
+from moescope.adapters.spec import (
+    NonComputeChoices,
+    NonComputeKind,
+    RouterOutput,
+    RouterSpec,
+    Scoring,
+    Selection,
+    UnsupportedFamily,
+)
 
 
 # --- shared routing policies ---------------------------------------------------------------------------
@@ -41,6 +49,7 @@ def _deepseek_v3(family: str, **kw) -> RouterSpec:
         "scaling_attr": "routed_scaling_factor",
         "grouped": True,
         "shared_experts_attr": "shared_experts",
+        "shared_experts_count": "n_shared_experts",  # one MLP of n_shared_experts * moe_intermediate_size
     }
     return RouterSpec(family=family, scoring=Scoring.SIGMOID, **{**fields, **kw})
 
@@ -96,6 +105,7 @@ _INKLING = RouterSpec(
     family="inkling_text",
     scoring=Scoring.CUSTOM,
     shared_experts_attr="shared_experts",
+    shared_experts_count="n_shared_experts",
     bias_attr="gate.e_score_correction_bias",
     scaling_attr="route_scale",
     selection_policy="inkling",
@@ -114,13 +124,15 @@ _ZAYA = RouterSpec(
     scoring=Scoring.CUSTOM,
     router_inputs=("router_states",),
     selection_policy="zaya",
+    non_compute=NonComputeChoices(NonComputeKind.SKIP, 1, received_as=0),
     notes=(
         "Router is an MLP: down_proj (with bias) to router_hidden_size, plus the previous layer's router state "
         "times router_states_scale (every layer but the first), RMSNorm, two GELU layers and out_proj to "
         "num_experts + 1 classes (the last is a no-compute 'skip' expert). softmax over the E+1 classes; top-k "
         "of probs + balancing_biases; weights are the unbiased probs (no renormalisation). A selected skip "
-        "expert reaches the experts as id 0 with weight 0.0 (the router masks it), so a recorded (0, 0.0) pair "
-        "means 'skip', not expert 0. Router output index 0 holds the E+1 logits. transformers only accepts "
+        "expert reaches the experts as id 0 with weight 0.0 (the router masks it after taking the weight), so the "
+        "pair (0, 0.0) the experts receive means 'skip' (a real expert 0 arrives with its softmax probability, > 0) "
+        "and is recorded as skip's own id num_experts. Router output index 0 holds the E+1 logits. transformers only accepts "
         "num_experts_per_tok = 1."
     ),
 )
@@ -133,10 +145,12 @@ FAMILIES: dict[str, RouterSpec] = {
         renormalize=True,
         scaling_attr="route_scale",
         shared_experts_attr="shared_experts",
+        shared_experts_count="num_shared_experts",
         notes="Correction bias lives on the block (`expert_bias`) and is passed to the router's forward; the "
         "router's logits come from its child Linear `router.gate`.",
     ),
-    "aria_text": _softmax_topk("aria_text", router_attr="router", shared_experts_attr="shared_experts"),
+    "aria_text": _softmax_topk("aria_text", router_attr="router", shared_experts_attr="shared_experts",
+                               shared_experts_count="moe_num_shared_experts"),
     "axk1": _deepseek_v3("axk1", notes="DeepSeek-V3 routing; the block adds a post-MLP RMSNorm."),
     "axk2": _deepseek_v3(
         "axk2",
@@ -158,6 +172,7 @@ FAMILIES: dict[str, RouterSpec] = {
         scoring_attr="expert_selection_fn",
         renormalize="norm_topk_prob",
         shared_experts_attr="shared_experts",
+        shared_experts_count="num_shared_experts",
         notes="Top-k of the logits; expert_selection_fn 'softmax' = softmax over the k, 'sigmoid' = sigmoid of "
         "the k (renormalised when norm_topk_prob). Shared experts only when num_shared_experts > 0; with "
         "shared_expert_combination_strategy 'average' the routed output is halved after the experts.",
@@ -180,6 +195,7 @@ FAMILIES: dict[str, RouterSpec] = {
         group_fill=0.0,
         group_when=("topk_method", "group_limited_greedy"),
         shared_experts_attr="shared_experts",
+        shared_experts_count="n_shared_experts",
         notes="softmax, top-k, never renormalised, times routed_scaling_factor. Group limiting only when "
         "topk_method == 'group_limited_greedy': group score = its best probability, experts of dropped groups "
         "set to 0.0.",
@@ -208,10 +224,11 @@ FAMILIES: dict[str, RouterSpec] = {
         True,
         bias_attr="gate.moe_statics.e_score_correction_bias",
         shared_experts_attr="shared_experts",
+        shared_experts_count="moe_num_shared_experts",
         notes="softmax probabilities; selection on probs + e_score_correction_bias ([1, E], in gate.moe_statics); "
         "weights = unbiased probs divided by max(sum, moe_norm_min).",
     ),
-    "exaone_moe": _deepseek_v3("exaone_moe"),
+    "exaone_moe": _deepseek_v3("exaone_moe", shared_experts_count="num_shared_experts"),
     "flex_olmo": _softmax("flex_olmo", "norm_topk_prob"),
     "flint": RouterSpec(
         family="flint",
@@ -251,6 +268,7 @@ FAMILIES: dict[str, RouterSpec] = {
         renormalize=True,
         scaling_attr="router_scaling_factor",
         shared_experts_attr="shared_experts",
+        shared_experts_count="num_shared_experts",
         notes="Correction bias lives on the block and is passed to the router's forward.",
     ),
     "hy_v4": _deepseek_v3("hy_v4"),
@@ -311,6 +329,7 @@ FAMILIES: dict[str, RouterSpec] = {
         router_attr="router",
         bias_attr="router.e_score_correction_bias",
         scaling_attr="routed_scaling_factor",
+        non_compute=NonComputeChoices(NonComputeKind.IDENTITY, "zero_expert_num"),
         notes="softmax over n_routed_experts + zero_expert_num classes; selection on probs + correction bias; "
         "weights = unbiased probs (not renormalised) times routed_scaling_factor. Ids >= n_routed_experts are "
         "zero-compute (identity) experts. Router linear is `router.classifier` (its bias, if any, is unused).",
@@ -334,7 +353,9 @@ FAMILIES: dict[str, RouterSpec] = {
     ),
     "mixtral": _softmax("mixtral", True),
     "nemotron_h": _deepseek_v3(
-        "nemotron_h", notes="DeepSeek-V3 routing in a hybrid Mamba model; experts may run in a latent projection."
+        "nemotron_h",
+        shared_experts_count=1,  # one MLP of moe_shared_expert_intermediate_size; n_shared_experts is unused
+        notes="DeepSeek-V3 routing in a hybrid Mamba model; experts may run in a latent projection.",
     ),
     "olmoe": _softmax("olmoe", "norm_topk_prob"),
     "phimoe": RouterSpec(
@@ -371,6 +392,7 @@ FAMILIES.update(
             "ernie4_5_vl_moe_text",
             True,
             bias_attr="gate.moe_statics.e_score_correction_bias",
+            shared_experts_count="moe_num_shared_experts",
             notes="Ernie-4.5 routing, with modality-isolated experts: each decoder MoE layer holds two blocks, "
             "`text_moe` and `vision_moe` (each a gate + experts), and a token runs through exactly one of them; "
             "text-only input never calls `vision_moe`. Shared experts sit on their parent.",
@@ -385,6 +407,7 @@ FAMILIES.update(
             grouped=True,
             group_fill=0.0,
             shared_experts_attr="shared_experts",
+            shared_experts_count="n_shared_experts",
             notes="softmax probabilities limited to the topk_group best of n_group groups (group score: sum of "
             "its two best probabilities; dropped experts set to 0.0), no correction bias; weights renormalised "
             "when norm_topk_prob, times routed_scaling_factor.",
@@ -397,6 +420,7 @@ FAMILIES.update(
             grouped=True,
             group_fill=0.0,
             shared_experts_attr="shared_experts",
+            shared_experts_count="n_shared_experts",
             notes="Mistral-4 routing with fp32 logits and renormalisation always on.",
         ),
         "muse_spark_text": _sigmoid_biased(

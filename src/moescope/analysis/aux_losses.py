@@ -6,7 +6,8 @@ Switch-Transformer load-balancing loss, as transformers' `load_balancing_loss_fu
 Per layer it is the loss of that layer alone; OVERALL pools every (layer, token) row exactly like
 transformers does when given the tuple of all layers' logits (so it is *not* the mean of per-layer
 losses). Perfect balance gives k. f uses the experts the model actually selected (captured ids), which is
-transformers' top-k of softmax(logits) for plain softmax routers.
+transformers' top-k of softmax(logits) for plain softmax routers. Both f and P cover the routed experts only
+(a router's non-compute classes, LongCat's identity experts or ZAYA's skip, are no expert's load).
 
 Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2. It needs logits; when the trace holds
 probabilities it is skipped with a note.
@@ -45,7 +46,7 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> AuxLossSta
         view.layers,
         view.load[:, : view.E].copy(),
         view.T,
-        None if probs is None else probs.sum(axis=2, dtype=np.float64).T,  # [E, L, T] -> [L, E]
+        None if probs is None else probs[: view.E].sum(axis=2, dtype=np.float64).T,  # [R, L, T] -> [L, E]: routed experts
         None if lse is None else np.square(lse).sum(axis=1),
     )
 

@@ -24,7 +24,7 @@ class LayerChunks:
 
     ids: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k] each
     weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
-    router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
+    router_output: list[torch.Tensor] = field(default_factory=list)  # float16|float32 [N, E] each (if recorded)
     predicted_next: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k]: layer N+1's router on this input
     expert_norms: list[torch.Tensor] = field(default_factory=list)  # float32 [N, k]: ||output|| of each chosen expert
 
@@ -78,6 +78,7 @@ class RoutingRecorder(HookHandles):
         predict_next_layer: bool = False,
         save_expert_norms: bool = False,
         weights_dtype: torch.dtype = torch.float16,
+        logits_dtype: torch.dtype = torch.float16,
     ):
         self.model = model
         self.layers = layers
@@ -85,16 +86,20 @@ class RoutingRecorder(HookHandles):
         self.predict_next_layer = predict_next_layer
         self.save_expert_norms = save_expert_norms
         self.weights_dtype = weights_dtype
+        self.logits_dtype = logits_dtype
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._chunks = [LayerChunks() for _ in layers]
 
     # -- hooks -------------------------------------------------------------------------------
     def _experts_input_hook(self, chunks: LayerChunks, ids_pos: int | None, weights_pos: int | None, layer: MoELayer):
         ids_arg, weights_arg = layer.spec.ids_arg, layer.spec.weights_arg
+        masked = layer.spec.non_compute.received_as if layer.spec.non_compute and layer.non_compute_ids else None
 
         def hook(module, args, kwargs):
             ids = kwargs[ids_arg] if ids_arg in kwargs else args[ids_pos]
             weights = kwargs[weights_arg] if weights_arg in kwargs else args[weights_pos]
+            if masked is not None:  # ZAYA: skip reaches the experts as (expert 0, weight 0.0); record skip's own id
+                ids = ids.masked_fill((ids == masked) & (weights == 0), layer.non_compute_ids[0])
             chunks.ids.append(ids.detach().reshape(-1, ids.shape[-1]).to("cpu", torch.int16, non_blocking=True))
             chunks.weights.append(
                 weights.detach().reshape(-1, weights.shape[-1]).to("cpu", self.weights_dtype, non_blocking=True)
@@ -104,7 +109,7 @@ class RoutingRecorder(HookHandles):
 
     def _router_output_hook(self, chunks: LayerChunks, index: int | None):
         def hook(module, args, output):
-            chunks.router_output.append(router_tensor(output, index).detach().to("cpu", torch.float16))
+            chunks.router_output.append(router_tensor(output, index).detach().to("cpu", self.logits_dtype))
 
         return hook
 
@@ -145,7 +150,7 @@ class RoutingRecorder(HookHandles):
             chunks.ids.append(ids.to("cpu", torch.int16))
             chunks.weights.append(weights.to("cpu", self.weights_dtype))
             if self.save_router_output:
-                chunks.router_output.append(router_tensor(output, index).detach().to("cpu", torch.float16))
+                chunks.router_output.append(router_tensor(output, index).detach().to("cpu", self.logits_dtype))
 
         return hook
 

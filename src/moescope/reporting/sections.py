@@ -155,6 +155,12 @@ def load_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
         f"busiest expert {fmt(h.get('max_over_mean'))}× the mean, {fmt(h.get('n_dead'), 'd')} dead, "
         f"{fmt(h.get('n_underused'), 'd')} under-used and {fmt(h.get('n_overloaded'), 'd')} overloaded (layer, expert) units."
     )]
+    if h.get("non_compute_share"):  # LongCat's identity experts, ZAYA's skip: router choices that are not experts
+        blocks.append(Text(
+            f"{fmt(h['non_compute_share'], '.1%')} of all routing slots went to non-compute choices "
+            f"({', '.join(h.get('non_compute_kinds') or ['non-compute'])}): they are no expert's load and are left out of "
+            "the shares and statistics here (per layer: column non_compute_share of the per-layer table)."
+        ))
     if per_expert is None or not len(per_expert):
         return Section(sid, "Expert load", tuple(blocks + [Notes(("load tables missing from the results folder",), "missing")]))
     facets = _worst_first(per_layer, facet_layers(shape["layers"], 4))

@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from moescope.errors import TraceError
-from moescope.trace.schema import SCHEMA_VERSION, TABLES
+from moescope.trace.schema import READABLE_VERSIONS, TABLES
 
 MANIFEST = "manifest.json"
 
@@ -61,10 +61,10 @@ def read_manifest(folder: Path) -> dict:
         raise TraceError(f"{path}: manifest is corrupt ({err.__class__.__name__}); recapture the trace") from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise TraceError(f"{path}: not a moescope manifest (no schema_version)")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if manifest["schema_version"] not in READABLE_VERSIONS or isinstance(manifest["schema_version"], bool):
         raise TraceError(
             f"{path}: trace schema version {manifest['schema_version']!r} is not supported by this moescope "
-            f"(reads version {SCHEMA_VERSION}); use a matching moescope release or recapture"
+            f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); use a matching moescope release or recapture"
         )
     problem = manifest_problem(manifest)
     if problem:
@@ -105,8 +105,8 @@ def manifest_problem(manifest: dict) -> str | None:
     if not isinstance(layers, list):
         return "layers is not a list"
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or not all(_count(layer.get(k)) for k in ("n_experts", "top_k")):
-            return f"layers[{i}] lacks n_experts/top_k counts"  # (top_k 0: a family whose k discovery cannot read)
+        if not isinstance(layer, dict) or not all(_count(layer.get(k)) and layer[k] > 0 for k in ("n_experts", "top_k")):
+            return f"layers[{i}] lacks positive n_experts/top_k"
     if not isinstance(manifest.get("complete", False), bool):
         return "complete is not true/false"
     shards = manifest.get("shards")

@@ -15,7 +15,8 @@ routing row: they would otherwise be repeated once per layer.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: slots in the order the experts received them, reordered when read
 TABLES = ("routing", "tokens", "sequences")
 
 

@@ -3,7 +3,8 @@
 Protocol for one shard: write each table's part to a hidden temporary file, fsync, rename to its final
 name, then rewrite the manifest (atomically) with the part's rows and checksum. Part files that the
 manifest does not list are leftovers of an interrupted run and are deleted when a writer opens the
-folder. A lock file (flock, released by the OS even on SIGKILL) keeps two captures out of one folder.
+folder. Opening a complete trace with the same settings writes nothing (`already_complete`): rerunning a
+finished job succeeds without redoing it. A lock file (flock, released by the OS even on SIGKILL) keeps two captures out of one folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from moescope.trace.manifest import MANIFEST, fsync_dir, read_manifest, sha256_f
 from moescope.trace.schema import SCHEMA_VERSION, TABLES
 
 LOCK = ".moescope.lock"
-# settings that must match for a capture to resume into an existing, incomplete trace
+# settings that must match for a capture to resume an incomplete trace (or to find a complete one already done)
 RESUME_KEYS = ("model", "corpus", "capture")
 
 
@@ -76,7 +77,12 @@ class TraceWriter:
         self._lock_fd: int | None = None
         self._prepare_folder()
         self._lock()
-        self.manifest = self._start_or_resume(manifest, overwrite)
+        self.already_complete = False  # True: the folder holds this very trace, finished; nothing is written
+        try:
+            self.manifest = self._start_or_resume(manifest, overwrite)
+        except BaseException:  # a refused resume must not leave the folder locked in this process
+            self.close()
+            raise
 
     # -- setup ---------------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
@@ -113,13 +119,19 @@ class TraceWriter:
                 path.unlink()
         if (self.folder / MANIFEST).exists():
             old = read_manifest(self.folder)
-            same = all(old.get(key) == manifest.get(key) for key in RESUME_KEYS)
+            differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
             if overwrite:
                 self._delete_parts(keep=set())
+            elif old.get("complete") and not differs:
+                self.already_complete = True
+                return old
+            elif old["schema_version"] != SCHEMA_VERSION and not old.get("complete"):  # shards of two layouts
+                raise TraceError(f"{self.folder} holds an unfinished capture of trace schema {old['schema_version']} "
+                                 f"(this moescope writes {SCHEMA_VERSION}); pass --overwrite to start it afresh")
             elif old.get("complete"):
-                raise TraceError(f"{self.folder} already holds a complete trace; pass --overwrite or choose another --out")
-            elif not same:
-                differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
+                raise TraceError(f"{self.folder} already holds a complete trace with different {'/'.join(differs)} "
+                                 "settings; rerun with its options, pass --overwrite, or choose another --out")
+            elif differs:
                 raise TraceError(
                     f"{self.folder} holds an unfinished capture with different {'/'.join(differs)} settings; "
                     "rerun with the same options to resume, or pass --overwrite"
