@@ -20,7 +20,10 @@ from moescope.trace.verify import verify_trace
 
 
 def _python_order(ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
-    """The contract for one row, as plain Python: weight descending (NaN last), then id ascending."""
+    """The contract for one row, as plain Python: weight descending (NaN last), then id ascending; a row with
+    no weight at all (ids by rank, as engines record them) as given."""
+    if all(w != w for w in weights):
+        return list(ids), list(weights)
     key = lambda slot: (-(slot[1] if slot[1] == slot[1] else -np.inf), slot[0])
     pairs = sorted(zip(ids, weights), key=key)
     return [i for i, _ in pairs], [w for _, w in pairs]
@@ -34,6 +37,7 @@ def test_order_slots_matches_a_python_sort_with_ties_and_nan(rows):
     k = 4
     ids = np.stack([rng.permutation(9)[:k] for _ in range(rows)]).astype(np.int16)
     weights = rng.choice(np.array([0.0, 0.25, 0.5, 0.5, 0.75, np.nan], np.float16), size=(rows, k))  # many ties
+    weights[::3] = np.nan  # rows of ids only (engine imports): their order is the engine's rank order
     got_ids, got_w = order_slots(ids, weights)
     for r in range(rows):
         want_ids, want_w = _python_order(ids[r].tolist(), weights[r].tolist())

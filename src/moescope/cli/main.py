@@ -7,7 +7,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "quant", "importance",
-               "report", "demo")
+               "report", "demo", "top", "replay_check")
 
 
 class _Parser(argparse.ArgumentParser):

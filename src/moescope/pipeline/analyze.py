@@ -127,3 +127,27 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     return summary
+
+
+def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """The load analysis of a load table (trace/load_table.py: token counts per window, layer and expert),
+    summed over its windows; the same tables and summary.json as `analyze_trace` writes for `load`."""
+    from moescope.analysis import load
+    from moescope.trace.load_table import read_load_table
+
+    table = read_load_table(path)
+    check_output_folder(out, markers=("summary.json",), what="analysis results")
+    counts = table.matrix  # [L, E]
+    L, E = counts.shape
+    ctx = AnalysisContext(n_experts=E, top_k=1, n_layers=L)  # slots are counted; tokens and k are unknown
+    result = load.finalize(load.LoadState(tuple(range(L)), counts, np.zeros(L, np.int64), 0, np.zeros(L, np.int64)), ctx)
+    out = prepare_output_folder(out, markers=("summary.json",), what="analysis results")
+    note = f"a load table of {len(table.windows)} windows: slot counts per expert; tokens and top-k are not known"
+    summary = {
+        "trace": {"path": str(path), "model": "load table", "tokens": None, "moe_layers": L, "windows": len(table.windows)},
+        "analyses": {"load": {**jsonable(result.summary()), "n_tokens": None, "top_k": None}},
+        "tables": {"load": _write_tables("load", result.to_pandas(), out)},
+        "notes": {"load": [note]},
+    }
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    return summary

@@ -6,7 +6,9 @@ choice everywhere: in `Trace.shards()`, in DuckDB, in JSONL/CSV exports and in i
 
 Ties are judged on the weights *as stored* (float16-rounded unless the capture kept float32): a reader
 holding only the trace can check the order exactly (`slot_order_problem`), and a second capture of the same
-weights orders them the same way. A NaN weight counts as -inf (last).
+weights orders them the same way. A NaN weight counts as -inf (last), except in a row whose weights are all
+NaN: engines that record expert ids only (vLLM's, SGLang's routed experts; trace/formats/) list them by rank,
+first choice first, and that given order is the only one there is, so such rows are kept as they are.
 
 Many routers select with `topk(sorted=False)` (DeepSeek-V3, GLM-4.5, LongCat, ...) or scale the chosen
 weights per expert after a sorted top-k (Gemma-4), so the order the experts received means nothing; the
@@ -29,7 +31,8 @@ def out_of_order(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     w = _key(weights)
     after, before = w[..., 1:], w[..., :-1]
     ok = (after < before) | ((after == before) & (ids[..., 1:] > ids[..., :-1]))
-    return ~ok.all(axis=-1)
+    ranked_only = np.isnan(weights).all(axis=-1)  # ids without weights: kept in the order given (by rank)
+    return ~ok.all(axis=-1) & ~ranked_only
 
 
 def order_slots(ids: np.ndarray, weights: np.ndarray, *per_slot: np.ndarray) -> tuple[np.ndarray, ...]:
