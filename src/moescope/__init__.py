@@ -13,4 +13,8 @@ def __getattr__(name):  # keep `import moescope` light: torch/transformers load 
         from moescope import api
 
         return getattr(api, name)
+    if name == "intervene":
+        from moescope.intervention import intervene
+
+        return intervene
     raise AttributeError(name)

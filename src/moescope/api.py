@@ -65,6 +65,7 @@ def capture(
     trust_remote_code: bool = False,
     save_router_output: bool = False,
     predict_next_layer: bool = False,
+    save_expert_norms: bool = False,
     output_entropy: bool = False,
     generate: int = 0,
     weights_dtype: str = "float16",
@@ -94,6 +95,8 @@ def capture(
         close logits can round to exact ties) or ``"float32"`` (exactly what the router computed in float32).
     predict_next_layer : also record what layer N+1's router picks from layer N's router input (the
         router-lookahead predictor of the cross-layer analysis).
+    save_expert_norms : also record, per routing slot, the L2 norm of the chosen expert's own output (the
+        REAP score's ingredient, see ``moescope importance``); costs one extra expert pass per slot.
     router : a ``CustomRouter`` for models moescope does not recognise.
     shard_tokens : tokens per committed shard; bounds memory (and the work lost to an interruption).
     backend : ``"hf"`` (hooks on a transformers model, the default) or ``"vllm"`` (inside a vLLM engine, which
@@ -118,13 +121,15 @@ def capture(
                             "sees at the same path, e.g. a shared filesystem)")
     if seq_len <= 0 or batch_size <= 0 or (max_tokens is not None and max_tokens <= 0) or generate < 0:
         raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
-    if generate and predict_next_layer:
-        raise MoescopeError("predict_next_layer is recorded for prompt tokens only; drop it or generate separately")
+    if generate and (predict_next_layer or save_expert_norms):
+        raise MoescopeError("predict_next_layer and save_expert_norms are recorded for prompt tokens only; drop them "
+                            "or generate separately")
     for name, value in (("weights_dtype", weights_dtype), ("logits_dtype", logits_dtype)):
         if value not in ("float16", "float32"):
             raise MoescopeError(f"{name} must be float16 or float32, not {value!r}")
     _check_backend(backend, model, tensor_parallel_size=tensor_parallel_size, output_entropy=output_entropy,
-                   predict_next_layer=predict_next_layer, router=router, device_map=device_map)
+                   predict_next_layer=predict_next_layer, save_expert_norms=save_expert_norms, router=router,
+                   device_map=device_map)
     if data is not None:  # check the corpus before spending time on the model
         docs, corpus_info = _documents(data, split)
         corpus_info = {**corpus_info, "split": split}
@@ -163,7 +168,8 @@ def capture(
         raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
     start = None if input_ids is not None else tuple(start_tokens(tokenizer))  # BOS where tokenizer(text) adds one
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
-                          predict_next_layer=predict_next_layer, output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
+                          predict_next_layer=predict_next_layer, save_expert_norms=save_expert_norms,
+                          output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
                           logits_dtype=logits_dtype, padding_side=padding_side(attention_mask if input_ids is not None else None),
                           shard_tokens=shard_tokens, backend=backend, start_token_ids=start)
     if input_ids is not None:

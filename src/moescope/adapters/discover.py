@@ -221,7 +221,7 @@ def _find_router_topk(model: nn.Module, spec: RouterSpec, config) -> list[MoELay
 def _find_custom(model: nn.Module, custom: CustomRouter) -> list[MoELayer]:
     spec = RouterSpec(
         family="custom",
-        scoring=Scoring.SOFTMAX if custom.output == RouterOutput.LOGITS else Scoring.CUSTOM,
+        scoring=Scoring.SOFTMAX,  # a probabilities output (router_output PROBS) has had its softmax already
         router_attr="",
         router_output_index=custom.output_index,
         router_output=custom.output,

@@ -71,6 +71,7 @@ _GEMMA4 = RouterSpec(
     router_output=RouterOutput.PROBS,
     renormalize=True,
     shared_experts_attr="mlp",
+    selection_policy="gemma4",
     notes=(
         "The MoE block is the decoder layer itself (router and experts are its children) and runs beside a dense "
         "MLP (`mlp`) on every token. Router: parameter-free RMSNorm, times `scale` and hidden**-0.5, linear "
@@ -88,6 +89,7 @@ _LLAMA4 = RouterSpec(
     router_output=RouterOutput.LOGITS,
     selection=Selection.ROUTER_TOPK,
     renormalize=False,
+    select_on="logits",
     shared_experts_attr="shared_expert",
     notes=(
         "Experts take no ids or weights: the router returns (scores [N,E], logits [N,E]) where scores are "
@@ -106,6 +108,7 @@ _INKLING = RouterSpec(
     shared_experts_count="n_shared_experts",
     bias_attr="gate.e_score_correction_bias",
     scaling_attr="route_scale",
+    selection_policy="inkling",
     notes=(
         "Router weight has n_routed + n_shared rows. Selection: top-k of sigmoid(routed logits) + "
         "e_score_correction_bias. Weights: the selected routed logits and all shared-expert logits are mapped "
@@ -119,6 +122,8 @@ _INKLING = RouterSpec(
 _ZAYA = RouterSpec(
     family="zaya",
     scoring=Scoring.CUSTOM,
+    router_inputs=("router_states",),
+    selection_policy="zaya",
     non_compute=NonComputeChoices(NonComputeKind.SKIP, 1, received_as=0),
     notes=(
         "Router is an MLP: down_proj (with bias) to router_hidden_size, plus the previous layer's router state "
@@ -149,6 +154,7 @@ FAMILIES: dict[str, RouterSpec] = {
     "axk1": _deepseek_v3("axk1", notes="DeepSeek-V3 routing; the block adds a post-MLP RMSNorm."),
     "axk2": _deepseek_v3(
         "axk2",
+        group_fill=0.0,
         notes="DeepSeek-V3 routing except: group limiting only when n_group is set (light checkpoints skip it), "
         "and experts of dropped groups get score 0.0 (not -inf), so they can still win over negative biased scores.",
     ),
@@ -185,6 +191,9 @@ FAMILIES: dict[str, RouterSpec] = {
         renormalize=False,
         scaling_attr="routed_scaling_factor",
         grouped=True,
+        group_score="max",
+        group_fill=0.0,
+        group_when=("topk_method", "group_limited_greedy"),
         shared_experts_attr="shared_experts",
         shared_experts_count="n_shared_experts",
         notes="softmax, top-k, never renormalised, times routed_scaling_factor. Group limiting only when "
@@ -201,6 +210,8 @@ FAMILIES: dict[str, RouterSpec] = {
         bias_attr="gate.e_score_correction_bias",
         scaling_attr="routed_scaling_factor",
         shared_experts_attr="shared_experts",
+        hash_table_attr="tid2eid",
+        router_inputs=("input_ids",),
         notes="scores = scoring_func(logits) (sqrt(softplus) by default); selection on scores + correction bias; "
         "weights = unbiased scores renormalised, times routed_scaling_factor. The first mlp_layer_types == "
         "'hash_moe' layers select by a frozen table, ids = gate.tid2eid[input_ids] (router forward gets input_ids), "
@@ -289,6 +300,7 @@ FAMILIES: dict[str, RouterSpec] = {
         "kolibri1",
         "gate.e_score_correction_bias",
         renormalize="norm_topk_prob",
+        select_on="logits",
         shared_experts_attr="shared_experts",
         notes="Selection on raw logits + correction bias (bias added before the sigmoid, unlike DeepSeek-V3); "
         "weights = sigmoid of the selected logits.",
@@ -393,6 +405,7 @@ FAMILIES.update(
             renormalize="norm_topk_prob",
             scaling_attr="routed_scaling_factor",
             grouped=True,
+            group_fill=0.0,
             shared_experts_attr="shared_experts",
             shared_experts_count="n_shared_experts",
             notes="softmax probabilities limited to the topk_group best of n_group groups (group score: sum of "
@@ -405,6 +418,7 @@ FAMILIES.update(
             renormalize=True,
             scaling_attr="routed_scaling_factor",
             grouped=True,
+            group_fill=0.0,
             shared_experts_attr="shared_experts",
             shared_experts_count="n_shared_experts",
             notes="Mistral-4 routing with fp32 logits and renormalisation always on.",

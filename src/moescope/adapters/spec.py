@@ -83,7 +83,16 @@ class RouterSpec:
     scoring_attr: str | None = None  # config attribute naming the score function at run time (overrides `scoring`)
     output_scale_attr: str | None = None  # config attribute scaling the routed experts' summed *output*: the
     #                                     weights the experts receive exclude it; effective gate = weight * scale
-    grouped: bool = False  # group-limited selection (n_group / topk_group)
+    grouped: bool = False  # group-limited selection (n_group / topk_group; none when the config's n_group is unset)
+    group_score: str = "top2_sum"  # a group's score: the sum of its two best selection scores, or its "max"
+    group_fill: float = float("-inf")  # selection score given to experts of the groups left out (0.0: they can still win)
+    group_when: tuple[str, object] | None = None  # group-limited only when config.<attr> == value (DeepSeek-V2 topk_method)
+    select_on: str = "scores"  # top-k (and the correction bias) over the scores, or over the raw "logits" (Kolibri, Llama4)
+    hash_table_attr: str | None = None  # router attribute of a frozen token-id -> expert-ids table; routers that have one
+    #                                     select by table lookup (DeepSeek-V4's first layers), not by score
+    router_inputs: tuple[str, ...] = ()  # router forward parameters that come from outside the MoE block (input_ids,
+    #                                       the previous layer's router state); other extra ones are block attributes
+    selection_policy: str | None = None  # CUSTOM scoring: the name of its policy in adapters/policy.py
     shared_experts_attr: str | None = None  # child of the MoE block with always-on shared experts
     shared_experts_count: str | int = 1  # config attribute (or constant): how many experts that module fuses
     non_compute: NonComputeChoices | None = None  # router choices that are not experts (identity, skip)

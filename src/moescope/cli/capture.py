@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--save-logits", action="store_true", help="also store the full router output per token")
     p.add_argument("--predict-next-layer", action="store_true",
                    help="also record layer N+1's router applied to layer N's input (prefetch predictor)")
+    p.add_argument("--save-expert-norms", action="store_true",
+                   help="also store ||output|| of each chosen expert alone, per slot (REAP scores; one extra expert pass per slot)")
     p.add_argument("--output-entropy", action="store_true", help="also store the entropy of the next-token distribution")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens per sequence and record them too")
     p.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16")
@@ -61,6 +63,7 @@ def run(args) -> int:
         args.model, args.data, out=args.out, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
         trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits, predict_next_layer=args.predict_next_layer,
+        save_expert_norms=args.save_expert_norms,
         output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
         logits_dtype=args.logits_dtype,
         router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,

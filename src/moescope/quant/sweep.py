@@ -104,7 +104,7 @@ def _model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(models: list[nn.Module], batches: list[Batch], measure: str) -> str:
+def sweep_fingerprint(models: list[nn.Module], batches: list[Batch], measure: str) -> str:
     """Identifies what finished results depend on: the models' weights, the token batches, what is measured."""
     h = hashlib.blake2b(digest_size=8)
     h.update(measure.encode())
@@ -346,7 +346,7 @@ def run_quant_sweep(
     models = [(model, "moe")] + ([(dense_model, "dense")] if dense_model is not None else [])
     options = dict(bits=bits, targets=targets, schemes=schemes, granularity=granularity, per_layer=per_layer,
                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, end_to_end=end_to_end)
-    fingerprint = _fingerprint([m for m, _ in models], batches, measure="e2e" if end_to_end else "local")
+    fingerprint = sweep_fingerprint([m for m, _ in models], batches, measure="e2e" if end_to_end else "local")
     info = {"fingerprint": fingerprint, "options": options,
             "model_info": model_info or {}, "models": {kind: type(m).__name__ for m, kind in models}}
     with ResultStore(out, info, overwrite=overwrite) as store:  # holds the folder's lock until done
@@ -396,5 +396,5 @@ def _finish(store: ResultStore, planned: list[str], evaluators: dict, notes: lis
     per_layer = pd.DataFrame([row for r in ordered for row in r["per_layer"]], columns=list(PER_LAYER_COLUMNS))
     reference = {kind: _reference_info(ev) for kind, ev in evaluators.items()}
     summary = summarize(configs, reference=reference, notes=notes)
-    store.write_tables(configs, per_layer, summary)
+    store.write_tables({"configs": configs, "per_layer": per_layer}, summary)
     return SweepResult(store.out, configs, per_layer, summary, ran, skipped)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import platform
 import re
 from dataclasses import asdict
@@ -49,8 +51,19 @@ def layer_entry(layer: MoELayer) -> dict:
         "n_shared_experts": layer.n_shared_experts,
         "expert_sizes": list(layer.expert_sizes) if layer.expert_sizes else None,
         "scoring": str(layer.spec.scoring),
-        "spec": {k: (str(v) if hasattr(v, "value") else v) for k, v in spec.items()},
+        "spec": {k: _json_value(v) for k, v in spec.items()},
     }
+
+
+def _json_value(value):
+    """A spec field as plain JSON: enums by value, tuples as lists, -inf (a group fill) as the string "-inf"."""
+    if hasattr(value, "value"):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def capture_entry(opts: dict) -> dict:

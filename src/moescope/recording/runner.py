@@ -36,6 +36,7 @@ class CaptureOptions:
     max_tokens: int | None = None
     save_router_output: bool = False
     predict_next_layer: bool = False  # also record layer l+1's router applied to layer l's input (prefetch predictor)
+    save_expert_norms: bool = False  # also record ||output|| of each chosen expert alone (REAP scores; k extra expert passes)
     output_entropy: bool = False
     generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
     weights_dtype: str = "float16"
@@ -148,8 +149,8 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}  # several with --device-map
     forward = forward_call(model)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
-                               predict_next_layer=opts.predict_next_layer, weights_dtype=getattr(torch, opts.weights_dtype),
-                               logits_dtype=getattr(torch, opts.logits_dtype))
+                               predict_next_layer=opts.predict_next_layer, save_expert_norms=opts.save_expert_norms,
+                               weights_dtype=getattr(torch, opts.weights_dtype), logits_dtype=getattr(torch, opts.logits_dtype))
     with recorder as rec, torch.inference_mode():
         for batch in batches:
             input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)

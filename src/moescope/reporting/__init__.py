@@ -21,7 +21,7 @@ from pathlib import Path
 from moescope import __version__
 from moescope.errors import MoescopeError
 from moescope.reporting.document import Document, FigureBlock, Group
-from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, load_results
+from moescope.reporting.results import AnalysisResults, ImportanceResults, MissingResults, QuantResults, load_results
 from moescope.reporting.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group
 
 
@@ -44,7 +44,8 @@ def build_document(result_dirs: Sequence[str | os.PathLike], *, title: str = "mo
     paths = [Path(p) for p in result_dirs]
     loaded = [load_results(p) for p in paths]
     labels = _labels(paths)
-    order = sorted(range(len(paths)), key=lambda i: (isinstance(loaded[i], MissingResults), isinstance(loaded[i], QuantResults), i))
+    order = sorted(range(len(paths)), key=lambda i: (isinstance(loaded[i], MissingResults),
+                                                     isinstance(loaded[i], (QuantResults, ImportanceResults)), i))
     groups = []
     for n, i in enumerate(order, 1):
         results, gid = loaded[i], f"r{n}"
@@ -52,6 +53,10 @@ def build_document(result_dirs: Sequence[str | os.PathLike], *, title: str = "mo
             groups.append(analysis_group(results, gid, labels[i]))
         elif isinstance(results, QuantResults):
             groups.append(quant_group(results, gid, labels[i]))
+        elif isinstance(results, ImportanceResults):
+            from moescope.reporting.importance_sections import importance_group
+
+            groups.append(importance_group(results, gid, labels[i]))
         else:
             groups.append(missing_group(results, gid, labels[i]))
     return Document(title, tuple(str(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)

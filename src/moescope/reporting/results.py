@@ -133,13 +133,22 @@ class QuantResults:
     per_layer: pd.DataFrame | None
 
 
+@dataclass(frozen=True, eq=False)
+class ImportanceResults:
+    """One `moescope importance` output folder: its summary and tables (None where missing)."""
+
+    path: Path
+    summary: dict
+    tables: dict  # experts, correlations, pruning, specialisation -> DataFrame or None
+
+
 @dataclass(frozen=True)
 class MissingResults:
     path: Path
     reason: str
 
 
-Results = AnalysisResults | QuantResults | MissingResults
+Results = AnalysisResults | QuantResults | ImportanceResults | MissingResults
 
 
 def _trace_manifest(summary: dict, folder: Path) -> tuple[dict | None, str | None]:
@@ -169,6 +178,9 @@ def load_results(path: str | os.PathLike) -> Results:
     if "analyses" in summary:
         manifest, note = _trace_manifest(summary, folder)
         return AnalysisResults(folder, summary, manifest, note)
+    if "importance" in summary:
+        tables = {name: _read_table(folder, name) for name in ("experts", "correlations", "pruning", "specialisation")}
+        return ImportanceResults(folder, summary, tables)
     if "router_vs_experts" in summary or has_configs:
         sweep, _ = _read_json(folder / "sweep.json")
         return QuantResults(folder, summary, sweep or {}, _read_table(folder, "configs"), _read_table(folder, "per_layer"))

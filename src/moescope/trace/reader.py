@@ -157,6 +157,10 @@ class Trace:
         if "next_layer_prediction" in routing.column_names:
             width = routing.schema.field("next_layer_prediction").type.list_size
             predicted = fixed_list_to_numpy(routing.column("next_layer_prediction"), width, np.int16).reshape(n_layers, n_tokens, width)
+        norms = None
+        if "expert_norms" in routing.column_names:
+            width = routing.schema.field("expert_norms").type.list_size
+            norms = fixed_list_to_numpy(routing.column("expert_norms"), width, np.float32).reshape(n_layers, n_tokens, width)
         entropy = tokens.column("output_entropy").to_numpy(zero_copy_only=False).astype(np.float32)
         topk_ids = fixed_list_to_numpy(routing.column("topk_ids"), k, np.int16).reshape(n_layers, n_tokens, k)
         topk_weights = fixed_list_to_numpy(routing.column("topk_weights"), k, np.float32).reshape(n_layers, n_tokens, k)
@@ -176,6 +180,7 @@ class Trace:
             output_entropy=None if np.isnan(entropy).all() else entropy,
             predicted_next_ids=predicted,
             document=documents[inverse],
+            expert_norms=norms,
         )
 
     # -- SQL -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class ShardData:
     output_entropy: np.ndarray | None = None  # float32 [T] entropy of next-token distribution, NaN if absent
     predicted_next_ids: np.ndarray | None = None  # int16 [L, T, k] layer l+1's router on layer l's input (-1: last layer)
     document: np.ndarray | None = None  # int64 [T] the token's source document: document_key(source, doc_id); None: each sequence its own
+    expert_norms: np.ndarray | None = None  # float32 [L, T, k] ||output|| of each chosen expert alone (--save-expert-norms)
 
     @property
     def n_tokens(self) -> int:

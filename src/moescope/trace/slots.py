@@ -35,21 +35,23 @@ def out_of_order(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return ~ok.all(axis=-1) & ~ranked_only
 
 
-def order_slots(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, weights) [..., k] with each row's slots in contract order; rows already in order are untouched.
+def order_slots(ids: np.ndarray, weights: np.ndarray, *per_slot: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(ids, weights, *per_slot) [..., k] with each row's slots in contract order; rows already in order are
+    untouched. `per_slot` arrays (e.g. expert output norms) move with their slots.
 
     Only rows out of order are sorted (one lexsort over them): families that already select with a sorted
     top-k cost one comparison pass.
     """
     bad = out_of_order(ids, weights)
     if not bad.any():
-        return ids, weights
-    ids, weights = ids.copy(), weights.copy()
-    rows_ids, rows_w = ids[bad], weights[bad]  # [n, k]
-    order = np.lexsort((rows_ids, -_key(rows_w)), axis=-1)
-    ids[bad] = np.take_along_axis(rows_ids, order, axis=-1)
-    weights[bad] = np.take_along_axis(rows_w, order, axis=-1)
-    return ids, weights
+        return (ids, weights, *per_slot)
+    order = np.lexsort((ids[bad], -_key(weights[bad])), axis=-1)  # [n, k]
+    moved = []
+    for values in (ids, weights, *per_slot):
+        values = values.copy()
+        values[bad] = np.take_along_axis(values[bad], order, axis=-1)
+        moved.append(values)
+    return tuple(moved)
 
 
 def slot_order_problem(ids: np.ndarray, weights: np.ndarray) -> str | None:
