@@ -8,6 +8,7 @@ Nothing is converted to Python objects or looped over per token here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -24,6 +25,14 @@ class LayerChunks:
     weights: list[torch.Tensor] = field(default_factory=list)  # float [N, k] each
     router_output: list[torch.Tensor] = field(default_factory=list)  # float16 [N, E] each (if recorded)
     predicted_next: list[torch.Tensor] = field(default_factory=list)  # int16 [N, k]: layer N+1's router on this input
+
+
+class CallObserver(Protocol):
+    """Told about every call of the whole model (`moescope.record`: which sequences and positions a call feeds)."""
+
+    def before(self, args: tuple, kwargs: dict) -> None: ...
+
+    def after(self, output) -> None: ...
 
 
 def select_topk(scores: torch.Tensor, spec, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +73,11 @@ class RoutingRecorder:
         save_router_output: bool = False,
         predict_next_layer: bool = False,
         weights_dtype: torch.dtype = torch.float16,
+        calls: CallObserver | None = None,
     ):
         self.model = model
+        self.calls = calls
+        self.enabled = True  # False: the layer hooks record nothing (sampling); the call hooks still run
         self.layers = layers
         self.save_router_output = save_router_output
         self.predict_next_layer = predict_next_layer
@@ -78,6 +90,8 @@ class RoutingRecorder:
         ids_arg, weights_arg = layer.spec.ids_arg, layer.spec.weights_arg
 
         def hook(module, args, kwargs):
+            if not self.enabled:
+                return
             ids = kwargs[ids_arg] if ids_arg in kwargs else args[ids_pos]
             weights = kwargs[weights_arg] if weights_arg in kwargs else args[weights_pos]
             chunks.ids.append(ids.detach().reshape(-1, ids.shape[-1]).to("cpu", torch.int16, non_blocking=True))
@@ -89,6 +103,8 @@ class RoutingRecorder:
 
     def _router_output_hook(self, chunks: LayerChunks, index: int | None):
         def hook(module, args, output):
+            if not self.enabled:
+                return
             chunks.router_output.append(_router_tensor(output, index).detach().to("cpu", torch.float16))
 
         return hook
@@ -98,6 +114,8 @@ class RoutingRecorder:
         index = next_layer.spec.router_output_index
 
         def hook(module, args):
+            if not self.enabled:
+                return
             scores = _router_tensor(next_router.forward(args[0]), index)  # forward(): bypasses hooks
             chunks.predicted_next.append(scores.topk(next_layer.top_k, dim=-1).indices.to("cpu", torch.int16))
 
@@ -108,6 +126,8 @@ class RoutingRecorder:
         spec, k = layer.spec, layer.top_k
 
         def hook(module, args, output):
+            if not self.enabled:
+                return
             scores = _router_tensor(output, spec.router_output_index).detach().float()  # [N, E]
             weights, ids = select_topk(scores, spec, k)  # [N, k] each
             chunks.ids.append(ids.to("cpu", torch.int16))
@@ -140,6 +160,11 @@ class RoutingRecorder:
                     router = self._router_module(layer)
                     hook = self._lookahead_hook(chunks, self._router_module(nxt), nxt)
                     self._handles.append(router.register_forward_pre_hook(hook))
+            if self.calls is not None:  # outermost: its pre-hook runs before, its hook after every layer's
+                calls = self.calls
+                self._handles.append(self.model.register_forward_pre_hook(lambda m, args, kwargs: calls.before(args, kwargs),
+                                                                          with_kwargs=True))
+                self._handles.append(self.model.register_forward_hook(lambda m, args, output: calls.after(output)))
         except BaseException:
             self._remove()
             raise
