@@ -75,6 +75,16 @@ class _Call:
     sampled: bool
 
 
+def _cached_tokens(cache, mask: torch.Tensor | None, width: int) -> int:
+    """Tokens the KV cache holds before this call: the cache says (attention layers), else the mask does."""
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except (ValueError, AttributeError, TypeError):  # e.g. a cache of linear-attention layers only tracks no length
+        return max(mask.shape[1] - width, 0) if mask is not None else 0
+
+
 def _first_tensor(args: tuple, kwargs: dict, name: str):
     value = kwargs.get(name)
     if value is None and name == "input_ids" and args and isinstance(args[0], torch.Tensor):
@@ -162,11 +172,12 @@ class Recording:
             return
         mask = _first_tensor((), kwargs, "attention_mask")
         cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        mask = mask if mask is not None and mask.dim() == 2 else None
+        past = _cached_tokens(cache, mask, shape[1])
         sampled = self.calls % self.sample_every == 0
         self.calls += 1
         self._recorder.enabled = sampled
-        self._pending = _Call(ids, shape, mask if mask is not None and mask.dim() == 2 else None, cache, past, sampled)
+        self._pending = _Call(ids, shape, mask, cache, past, sampled)
 
     def after(self, output) -> None:
         call, self._pending = self._pending, None
