@@ -65,15 +65,22 @@ def _read_table(folder: Path, stem: str, where: dict[str, tuple] | None = None) 
     return None
 
 
+def _filtered(frame: pd.DataFrame | None, where: dict[str, tuple] | None) -> pd.DataFrame | None:
+    for column, values in (where or {}).items():
+        frame = frame[frame[column].isin(values)].reset_index(drop=True) if frame is not None else None
+    return frame
+
+
 @dataclass(frozen=True, eq=False)
 class AnalysisResults:
-    """One `moescope analyze` output folder."""
+    """One `moescope analyze` output folder (or, with `frames`, the same results held in memory)."""
 
-    path: Path
+    path: Path | None
     summary: dict
     manifest: dict | None  # the trace's manifest.json when it can still be read
     manifest_note: str | None  # why the manifest is absent
     _tables: dict = field(default_factory=dict, repr=False)
+    frames: dict[str, pd.DataFrame] | None = field(default=None, repr=False)  # {file stem: table}: no folder
 
     @property
     def trace(self) -> dict:
@@ -97,7 +104,7 @@ class AnalysisResults:
         stem = f"{analysis}__{name}" if name else analysis
         key = (stem, tuple(sorted((c, tuple(v)) for c, v in (where or {}).items())))
         if key not in self._tables:
-            self._tables[key] = _read_table(self.path, stem, where)
+            self._tables[key] = _read_table(self.path, stem, where) if self.frames is None else _filtered(self.frames.get(stem), where)
         return self._tables[key]
 
     def get(self, analysis: str, *keys: str, default: Any = None) -> Any:
@@ -126,7 +133,7 @@ class AnalysisResults:
 class QuantResults:
     """One `moescope quant` output folder."""
 
-    path: Path
+    path: Path | None
     summary: dict
     sweep: dict  # sweep.json (options, models); {} when absent
     configs: pd.DataFrame | None
