@@ -21,8 +21,8 @@ from pathlib import Path
 from moescope import __version__
 from moescope.errors import MoescopeError
 from moescope.reporting.document import Document, FigureBlock, Group
-from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, load_results
-from moescope.reporting.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, SaturationResults, load_results
+from moescope.reporting.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group, saturation_group
 
 
 class ReportError(MoescopeError):
@@ -47,7 +47,7 @@ def _memory_label(results) -> str:
 
 def _loaded(item) -> AnalysisResults | QuantResults | MissingResults:
     """A results folder, read; or results already in memory (`moescope.analyze(...)`), as they are."""
-    return item if isinstance(item, (AnalysisResults, QuantResults)) else load_results(Path(item))
+    return item if isinstance(item, (AnalysisResults, QuantResults, SaturationResults)) else load_results(Path(item))
 
 
 def build_document(result_dirs: Sequence, *, title: str = "moescope report") -> Document:
@@ -63,6 +63,8 @@ def build_document(result_dirs: Sequence, *, title: str = "moescope report") -> 
             groups.append(analysis_group(results, gid, labels[i]))
         elif isinstance(results, QuantResults):
             groups.append(quant_group(results, gid, labels[i]))
+        elif isinstance(results, SaturationResults):
+            groups.append(saturation_group(results, gid, labels[i]))
         else:
             groups.append(missing_group(results, gid, labels[i]))
     return Document(title, tuple(str(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)

@@ -1,9 +1,10 @@
 """Results folders as the report reads them: what ran, its tables, its notes, and the trace it came from.
 
-Two kinds of folder, told apart by their files:
+Three kinds of folder, told apart by their files:
 
-    analysis   summary.json with "analyses" + <analysis>__<table>.parquet (written by `moescope analyze`)
-    quant      summary.json with "router_vs_experts" and/or configs.parquet (written by `moescope quant`)
+    analysis    summary.json with "analyses" + <analysis>__<table>.parquet (written by `moescope analyze`)
+    quant       summary.json with "router_vs_experts" and/or configs.parquet (written by `moescope quant`)
+    saturation  summary.json with "saturation" + saturation__per_layer.parquet (`moescope saturation`)
 
 Anything else (a missing folder, an unreadable summary) becomes `MissingResults`, which the report shows as
 a plain sentence instead of failing, so a demo that skipped a step still gets its report.
@@ -140,13 +141,22 @@ class QuantResults:
     per_layer: pd.DataFrame | None
 
 
+@dataclass(frozen=True, eq=False)
+class SaturationResults:
+    """One `moescope saturation` output folder."""
+
+    path: Path | None
+    summary: dict
+    per_layer: pd.DataFrame | None
+
+
 @dataclass(frozen=True)
 class MissingResults:
     path: Path
     reason: str
 
 
-Results = AnalysisResults | QuantResults | MissingResults
+Results = AnalysisResults | QuantResults | SaturationResults | MissingResults
 
 
 def _trace_manifest(summary: dict, folder: Path) -> tuple[dict | None, str | None]:
@@ -176,6 +186,8 @@ def load_results(path: str | os.PathLike) -> Results:
     if "analyses" in summary:
         manifest, note = _trace_manifest(summary, folder)
         return AnalysisResults(folder, summary, manifest, note)
+    if "saturation" in summary:
+        return SaturationResults(folder, summary, _read_table(folder, "saturation__per_layer"))
     if "router_vs_experts" in summary or has_configs:
         sweep, _ = _read_json(folder / "sweep.json")
         return QuantResults(folder, summary, sweep or {}, _read_table(folder, "configs"), _read_table(folder, "per_layer"))
