@@ -9,44 +9,51 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
+from moescope.analysis.result import layer_labels
 from moescope.analysis.runner import run_analyses
 from moescope.trace.shard import ShardData
 
 ANALYSES = ("load", "aux_losses", "router_confidence")
-# (analysis, table column) -> metric name
-PER_LAYER = {
-    ("load", "load_entropy_norm"): "load_entropy_norm",
-    ("load", "balance_score"): "balance_score",
-    ("load", "max_over_mean"): "max_load_over_mean",
-    ("load", "n_dead"): "n_unused",
-    ("aux_losses", "load_balancing_loss"): "aux_loss",
-    ("aux_losses", "z_loss"): "z_loss",
-    ("router_confidence", "mean_router_entropy"): "router_entropy",
-    ("router_confidence", "mean_top1_weight"): "top1_weight_mean",
-    ("router_confidence", "std_top1_weight"): "top1_weight_std",
-    ("router_confidence", "mean_top2_weight"): "top2_weight_mean",
-    ("router_confidence", "mean_margin"): "top1_margin_mean",
-}
+
+
+def _per_layer(results: dict) -> dict[str, np.ndarray]:
+    """{metric: float64 [L + 1]} (per layer, then all layers), read from the analyses' result objects (their
+    tables would cost more to build than the statistics: histograms, what-if tables)."""
+    load, aux, confidence = (results[name] for name in ANALYSES)
+    return {
+        "load_entropy_norm": load.stats["load_entropy_norm"],
+        "balance_score": load.stats["balance_score"],
+        "max_load_over_mean": load.stats["max_over_mean"],
+        "n_unused": load.stats["n_dead"],
+        "aux_loss": aux.load_balancing_loss,
+        "z_loss": aux.z_loss,
+        "router_entropy": confidence.mean("router_entropy"),
+        "top1_weight_mean": confidence.mean("top1_weight"),
+        "top1_weight_std": confidence.moments["top1_weight"].std_x(),
+        "top2_weight_mean": confidence.mean("top2_weight"),
+        "top1_margin_mean": confidence.mean("margin"),
+    }
 
 
 def step_metrics(shard: ShardData, ctx: AnalysisContext, step: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows [step, layer, metric, value], per-expert shares [layer, expert, share]) of one recorded step."""
     results = run_analyses([shard], ctx, only=list(ANALYSES))
-    frames = []
-    for (analysis, column), metric in PER_LAYER.items():
-        table = results[analysis].to_pandas()["per_layer"]
-        if column in table and table[column].notna().any():
-            frames.append(pd.DataFrame({"layer": table["layer"], "metric": metric, "value": table[column].astype(float)}))
-    per_layer = pd.concat(frames, ignore_index=True)
-    entropy = per_layer[per_layer["metric"] == "router_entropy"]
-    if len(entropy):  # relative to its maximum, log E
-        frames.append(entropy.assign(metric="router_entropy_norm", value=entropy["value"] / math.log(ctx.n_experts)))
-    experts = results["load"].to_pandas()["per_expert"][["layer", "expert", "share"]]
-    shares = pd.DataFrame({"layer": experts["layer"], "metric": "load_share/" + experts["expert"].astype(str),
-                           "value": experts["share"].astype(float)})
-    rows = pd.concat([*frames, shares], ignore_index=True)
-    rows.insert(0, "step", step)
+    metrics = _per_layer(results)
+    metrics["router_entropy_norm"] = metrics["router_entropy"] / math.log(ctx.n_experts)  # relative to its maximum
+    labels = np.array(layer_labels(results["load"].layers), dtype=np.int64)  # [L + 1]: ..., -1
+    share = results["load"].share  # [L, E]
+    L, E = share.shape
+    names = [name for name, values in metrics.items() if np.isfinite(values).any()]
+    rows = pd.DataFrame({
+        "step": step,
+        "layer": np.concatenate([np.tile(labels, len(names)), np.repeat(labels[:L], E)]),
+        "metric": np.concatenate([np.repeat(np.array(names, dtype=object), len(labels)),
+                                  np.array([f"load_share/{e}" for e in range(E)] * L, dtype=object)]),
+        "value": np.concatenate([*(np.asarray(metrics[n], dtype=np.float64) for n in names), share.ravel()]),
+    })
+    experts = pd.DataFrame({"layer": np.repeat(labels[:L], E), "expert": np.tile(np.arange(E), L), "share": share.ravel()})
     return rows, experts
