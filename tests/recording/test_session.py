@@ -217,3 +217,16 @@ def test_custom_router_model_generate(tmp_path):
     forced = next(moescope.capture(model, input_ids=fed[None], out=tmp_path / "f", progress=False, router=router).shards())
     assert shard.token_id.tolist() == fed.tolist() and shard.generated.sum() == fed.shape[0] - ids.shape[1]
     np.testing.assert_array_equal(np.sort(shard.topk_ids, -1), np.sort(forced.topk_ids, -1))
+
+
+def test_a_cache_filled_before_the_block_gives_positions_after_it(tiny_moe):
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        out = tiny_moe(input_ids=prompt)  # not recorded
+        with moescope.record(tiny_moe) as rec:
+            step = tiny_moe(input_ids=torch.tensor([[10]]), past_key_values=out.past_key_values)
+            tiny_moe(input_ids=torch.tensor([[11]]), past_key_values=step.past_key_values)
+            del step
+    shard = next(rec.trace.shards())
+    assert shard.pos.tolist() == [5, 6] and shard.token_id.tolist() == [10, 11] and shard.seq_id.tolist() == [0, 0]
+    assert shard.generated.tolist() == [False, True]  # the first call starts the sequence; the second decodes it

@@ -75,13 +75,16 @@ class _Call:
     sampled: bool
 
 
-def _cached_tokens(cache, mask: torch.Tensor | None, width: int) -> int:
-    """Tokens the KV cache holds before this call: the cache says (attention layers), else the mask does."""
+def _cached_tokens(cache, mask: torch.Tensor | None, width: int, cache_position: torch.Tensor | None) -> int:
+    """Tokens the KV cache holds before this call: the cache says (attention layers), else the call's
+    `cache_position` (remote-code models get one from generate), else the mask."""
     if cache is None:
         return 0
     try:
         return int(cache.get_seq_length())
     except (ValueError, AttributeError, TypeError):  # e.g. a cache of linear-attention layers only tracks no length
+        if cache_position is not None and cache_position.numel():
+            return int(cache_position.reshape(-1)[0])
         return max(mask.shape[1] - width, 0) if mask is not None else 0
 
 
@@ -119,6 +122,7 @@ class Recording:
         self._next_provisional = 0
         self._next_seq_id = 0
         self._memory: list[dict] | None = None  # committed shard tables while in memory
+        self._manifest_template: dict | None = None
         self._writer: TraceWriter | None = None
         self._folder: Path | None = None
         self._kind_votes: list[str] = []
@@ -173,7 +177,7 @@ class Recording:
         mask = _first_tensor((), kwargs, "attention_mask")
         cache = kwargs.get("past_key_values")
         mask = mask if mask is not None and mask.dim() == 2 else None
-        past = _cached_tokens(cache, mask, shape[1])
+        past = _cached_tokens(cache, mask, shape[1], _first_tensor((), kwargs, "cache_position"))
         sampled = self.calls % self.sample_every == 0
         self.calls += 1
         self._recorder.enabled = sampled
