@@ -44,3 +44,20 @@ def test_parts_are_fsynced_before_the_manifest_lists_them(tiny_moe, tmp_path, mo
     assert events[commits[0] + 1] != ("fsync", str(out))  # the first manifest commits nothing: no folder fsync
     manifest_tmp = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and ".manifest.json.tmp-" in path]
     assert len(manifest_tmp) == 3 and all(i + 1 in commits for i in manifest_tmp)  # each manifest's data before its rename
+
+
+def test_a_forked_child_can_commit_after_its_parent_did(tmp_path):
+    """The warm CLI forks its commands from one process: fsyncs must not wait on threads only the parent has."""
+    from moescope.trace.manifest import fsync_all
+
+    (tmp_path / "a").write_text("x")
+    fsync_all([tmp_path / "a", tmp_path])  # the parent's fsync threads exist now
+    pid = os.fork()
+    if pid == 0:
+        import signal
+
+        signal.alarm(20)  # a hang ends the child with SIGALRM, not the test run
+        fsync_all([tmp_path / "a", tmp_path])
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

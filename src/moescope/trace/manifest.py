@@ -53,13 +53,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-_SYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moescope-fsync")
+_SYNC_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: a forked child must not inherit the parent's threads
 
 
 def fsync_all(paths: list[Path]) -> None:
     """fsync files and folders concurrently: the filesystem commits them together (ext4 here: 3 parts and their
-    3 folders in about one fsync's time instead of six, bench/capture.py), and each is durable on return."""
-    for done in [_SYNC_POOL.submit(fsync_path, p) for p in paths]:
+    3 folders in about one fsync's time instead of six), and each is durable on return."""
+    pool = _SYNC_POOLS.get(os.getpid())
+    if pool is None:
+        pool = _SYNC_POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moescope-fsync")
+    for done in [pool.submit(fsync_path, p) for p in paths]:
         done.result()
 
 
