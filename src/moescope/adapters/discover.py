@@ -8,6 +8,7 @@ scaling). Discovery finds those modules and attaches the family's declared Route
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 import re
 from dataclasses import dataclass, replace
@@ -45,14 +46,20 @@ class CustomRouter:
     expert_sizes: tuple[int, ...] | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """forward's parameter names (self excluded); inspect.signature is slow and a class's forward is fixed."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
 def forward_param_index(module: nn.Module, name: str) -> int | None:
     """Position of `name` among forward's positional parameters (self excluded), or None."""
-    params = list(inspect.signature(type(module).forward).parameters)[1:]
+    params = _forward_params(type(module))
     return params.index(name) if name in params else None
 
 
 def _experts_arg_names(experts: nn.Module) -> tuple[str, str] | None:
-    params = set(list(inspect.signature(type(experts).forward).parameters)[1:])
+    params = set(_forward_params(type(experts)))
     for ids_arg, weights_arg in _EXPERT_ARG_NAMES:
         if ids_arg in params and weights_arg in params:
             return ids_arg, weights_arg

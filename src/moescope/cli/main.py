@@ -7,7 +7,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "quant", "importance",
-               "report", "demo", "top", "replay_check")
+               "report", "demo", "top", "replay_check", "saturation")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ Nothing is converted to Python objects or looped over per token here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -38,6 +39,14 @@ def with_expert_args(args: tuple, kwargs: dict, positions: tuple[int | None, int
         else:
             args[pos] = value
     return tuple(args), kwargs
+
+
+class CallObserver(Protocol):
+    """Told about every call of the whole model (`moescope.record`: which sequences and positions a call feeds)."""
+
+    def before(self, args: tuple, kwargs: dict) -> None: ...
+
+    def after(self, output) -> None: ...
 
 
 def expert_args(args: tuple, kwargs: dict, positions: tuple[int | None, int | None], spec):
@@ -79,8 +88,11 @@ class RoutingRecorder(HookHandles):
         save_expert_norms: bool = False,
         weights_dtype: torch.dtype = torch.float16,
         logits_dtype: torch.dtype = torch.float16,
+        calls: CallObserver | None = None,
     ):
         self.model = model
+        self.calls = calls
+        self.enabled = True  # False: the layer hooks record nothing (sampling); the call hooks still run
         self.layers = layers
         self.save_router_output = save_router_output
         self.predict_next_layer = predict_next_layer
@@ -96,6 +108,8 @@ class RoutingRecorder(HookHandles):
         masked = layer.spec.non_compute.received_as if layer.spec.non_compute and layer.non_compute_ids else None
 
         def hook(module, args, kwargs):
+            if not self.enabled:
+                return
             ids = kwargs[ids_arg] if ids_arg in kwargs else args[ids_pos]
             weights = kwargs[weights_arg] if weights_arg in kwargs else args[weights_pos]
             if masked is not None:  # ZAYA: skip reaches the experts as (expert 0, weight 0.0); record skip's own id
@@ -109,6 +123,8 @@ class RoutingRecorder(HookHandles):
 
     def _router_output_hook(self, chunks: LayerChunks, index: int | None):
         def hook(module, args, output):
+            if not self.enabled:
+                return
             chunks.router_output.append(router_tensor(output, index).detach().to("cpu", self.logits_dtype))
 
         return hook
@@ -118,6 +134,8 @@ class RoutingRecorder(HookHandles):
         forward (no hooks) run once per slot with that slot's id and weight 1; k extra expert passes."""
 
         def hook(module, args, kwargs):
+            if not self.enabled:
+                return
             ids, weights = expert_args(args, kwargs, positions, spec)
             norms = []
             for slot in range(ids.shape[-1]):
@@ -135,6 +153,8 @@ class RoutingRecorder(HookHandles):
         handed = {name: forward_param_index(router, name) for name in next_policy.needs}
 
         def hook(module, args, kwargs):
+            if not self.enabled:
+                return
             inputs = {name: kwargs[name] if name in kwargs else args[pos] for name, pos in handed.items()}
             ids, _ = next_policy.route(args[0] if args else kwargs["hidden_states"], **inputs)  # no hooks run
             chunks.predicted_next.append(ids.to("cpu", torch.int16))
@@ -146,6 +166,8 @@ class RoutingRecorder(HookHandles):
         index = policy.spec.router_output_index
 
         def hook(module, args, output):
+            if not self.enabled:
+                return
             ids, weights = policy.select(output)  # [N, k] each
             chunks.ids.append(ids.to("cpu", torch.int16))
             chunks.weights.append(weights.to("cpu", self.weights_dtype))
@@ -185,6 +207,11 @@ class RoutingRecorder(HookHandles):
                     router = self._router_module(layer)
                     hook = self._lookahead_hook(chunks, router, self._lookahead_policy(router, nxt))
                     self._handles.append(router.register_forward_pre_hook(hook, with_kwargs=True))
+            if self.calls is not None:  # outermost: its pre-hook runs before, its hook after every layer's
+                calls = self.calls
+                self._handles.append(self.model.register_forward_pre_hook(lambda m, args, kwargs: calls.before(args, kwargs),
+                                                                          with_kwargs=True))
+                self._handles.append(self.model.register_forward_hook(lambda m, args, output: calls.after(output)))
         except BaseException:
             self._remove()
             raise

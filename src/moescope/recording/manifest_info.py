@@ -122,7 +122,7 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
         "capture": capture_entry(opts),
         "corpus": corpus_info,
         "weights_dtype": opts["weights_dtype"],
-        "router_output_dtype": opts["logits_dtype"] if opts["save_router_output"] else None,
+        "router_output_dtype": opts.get("logits_dtype", "float16") if opts.get("save_router_output") else None,
         "router_output_kind": None,
         "versions": versions(),
         "shards": [],

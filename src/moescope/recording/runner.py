@@ -109,14 +109,15 @@ class ShardBuffer:
         if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
             self.flush()
 
-    def flush(self) -> None:
-        """Hand what is buffered to the writer thread (after the previous shard is committed)."""
+    def flush(self, last: bool = False) -> None:
+        """Hand what is buffered to the writer thread (after the previous shard is committed). The `last` shard is
+        committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
         if not self.blocks:
             return
         blocks, sequences = self.blocks, self.sequences
         self.blocks, self.sequences = [], []
         self.wait()
-        self._pending = self._pool.submit(self._commit, blocks, sequences)
+        self._pending = self._pool.submit(self._commit, blocks, sequences, last)
 
     def wait(self) -> None:
         """Block until the shard being written is committed; raises the error of a failed write."""
@@ -124,11 +125,11 @@ class ShardBuffer:
         if pending is not None:
             pending.result()
 
-    def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> None:
+    def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence], last: bool = False) -> None:
         tables, kinds = shard_tables(blocks, sequences)
         self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
-        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids))
+        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last)
 
     def __enter__(self) -> "ShardBuffer":
         return self
@@ -136,7 +137,7 @@ class ShardBuffer:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self.flush()
+                self.flush(last=True)
                 self.wait()
             elif self._pending is not None:  # let the write end before the lock is released; report the loop's error
                 futures_wait([self._pending])

@@ -23,9 +23,10 @@ from moescope.reporting.figures import load as load_figs
 from moescope.reporting.figures import quant as quant_figs
 from moescope.reporting.figures import router as router_figs
 from moescope.reporting.figures import routing as routing_figs
+from moescope.reporting.figures import saturation as saturation_figs
 from moescope.reporting.figures import tokens as token_figs
 from moescope.reporting.figures._base import OVERALL, facet_layers
-from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, SaturationResults
 
 TOKEN_ROWS = 200  # rows of the token routing table shown in the page (the CSV has all)
 TOKEN_LAYER_COLUMNS = 12  # layer combination columns shown in the page
@@ -655,6 +656,36 @@ def quant_routing_section(q: QuantResults, sid: str) -> Section:
     else:
         blocks.append(Notes((f"Only {', '.join(sorted(modes))} routing was measured; local vs end-to-end needs both (end_to_end=True).",), "missing"))
     return Section(sid, "Routing flips", tuple(blocks))
+
+
+# -- router saturation across checkpoints ----------------------------------------------------------------
+def saturation_group(r: SaturationResults, gid: str, label: str) -> Group:
+    s = r.summary.get("saturation") or {}
+    header = KeyValues((("final checkpoint", str(s.get("final"))), ("checkpoints", fmt(len(s.get("checkpoints") or {}), "d")),
+                        ("tokens", fmt(s.get("tokens"), ",d")), ("MoE layers, top-k", f"{s.get('moe_layers')}, top-{s.get('top_k')}")))
+    return Group(gid, label, "router saturation across checkpoints", header,
+                 (_guarded(partial(saturation_section, r, f"{gid}-saturation"), f"{gid}-saturation", "Router saturation"),))
+
+
+def saturation_section(r: SaturationResults, sid: str) -> Section:
+    title = "Router saturation"
+    per_layer = r.per_layer
+    if per_layer is None or not len(per_layer):
+        return Section(sid, title, (Notes(("saturation table missing from the results folder",), "missing"),), ran=False)
+    s = r.summary.get("saturation") or {}
+    pooled = per_layer[per_layer["layer"] == -1].sort_values("order")
+    first = pooled.iloc[0]
+    blocks: list = [Text(
+        f"How much of each checkpoint's routing is already the final checkpoint's, on the same {fmt(s.get('tokens'), ',d')} tokens "
+        f"(as OLMoE measured it): top-1 agreement (same first choice) and top-k overlap (|∩|/k). The earliest checkpoint, "
+        f"{first['checkpoint']}, agrees on {fmt(first['top1_agreement'], '.1%')} of first choices and shares "
+        f"{fmt(first['topk_overlap'], '.1%')} of its top-{s.get('top_k')} experts with the final one (all layers).")]
+    blocks.append(FigureBlock("saturation", partial(saturation_figs.saturation_curves, per_layer, str(s.get("x") or "checkpoint")),
+                              "Agreement with the final checkpoint per checkpoint; one line per MoE layer, thick: all layers pooled."))
+    table = per_layer[per_layer["layer"] == -1][["checkpoint", "step", "tokens", "top1_agreement", "topk_overlap"]]
+    blocks.append(TableBlock(table.reset_index(drop=True), "All layers pooled, per checkpoint.",
+                             formats={"tokens": ",d", "top1_agreement": ".1%", "topk_overlap": ".1%"}))
+    return Section(sid, title, tuple(blocks))
 
 
 # -- headline ------------------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ class Trace:
             f"moe_layers={self.n_layers}, shards={len(self.manifest['shards'])}, complete={self.complete})"
         )
 
+    def _repr_html_(self) -> str:  # a notebook cell
+        from moescope.display import trace_html
+
+        return trace_html(self)
+
     # -- integrity -----------------------------------------------------------------------------
     def part_paths(self, table: str) -> list[Path]:
         return [self.folder / shard["files"][table]["path"] for shard in self.manifest["shards"]]
