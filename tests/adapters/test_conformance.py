@@ -31,11 +31,10 @@ from moescope.pipeline.analyze import analysis_context
 from .family_facts import NON_COMPUTE, facts
 from .reference_routing import Routing, as_experts_receive, config_top_k, reference_routing, router_inputs_and_expert_args
 from .test_reference_routing import TESTED, assert_same_routing, padded_batch
-from .tiny_configs import build_tiny_model
+from .tiny_configs import NOT_CAPTURED, build_tiny_model
 
 # Known limitation, reported by `capture` with a one-line error: each Ernie-4.5-VL decoder layer has a
 # text and a vision expert block, and text input never reaches the vision block.
-NOT_CAPTURED = {"ernie4_5_vl_moe_text": "vision expert blocks never run on text input"}
 # --predict-next-layer is refused in one line (a MoescopeError) where the next router reads more than the previous
 # router's input: ZAYA's router also takes the previous layer's router state.
 LOOKAHEAD_REFUSED = {"zaya": "its router reads the previous layer's router state"}

@@ -1,6 +1,6 @@
 """moescope.record around a plain forward pass gives, for every declared family, the trace capture gives.
 
-Capture itself is checked against the independent NumPy reference (test_capture_families.py); here the
+Capture itself is checked against the independent NumPy reference (test_conformance.py); here the
 recorder's own bookkeeping (call hooks, positions from the mask, padding dropped) is checked per family,
 row by row against capture of the same batch.
 """
@@ -12,12 +12,11 @@ import torch
 
 import moescope
 
-from .test_capture_families import NOT_YET
 from .test_reference_routing import TESTED, padded_batch
-from .tiny_configs import build_tiny_model
+from .tiny_configs import NOT_CAPTURED, build_tiny_model
 
 
-@pytest.mark.parametrize("family", [f for f in TESTED if f not in NOT_YET])
+@pytest.mark.parametrize("family", [f for f in TESTED if f not in NOT_CAPTURED])
 def test_record_equals_capture(family, tmp_path):
     model = build_tiny_model(family)
     input_ids, mask = padded_batch()
@@ -56,7 +55,7 @@ def _generate_param(family: str):
     return family if family in GENERATE_DEFAULT else pytest.param(family, marks=pytest.mark.slow)
 
 
-@pytest.mark.parametrize("family", [_generate_param(f) for f in TESTED if f not in NOT_YET])
+@pytest.mark.parametrize("family", [_generate_param(f) for f in TESTED if f not in NOT_CAPTURED])
 def test_record_generate_equals_teacher_forced_capture(family, tmp_path):
     """Prefill + decoding steps with the family's own KV cache, left-padded, against capture of the fed tokens."""
     model = build_tiny_model(family)
