@@ -8,6 +8,7 @@ import pytest
 from simulate_helpers import LAYOUTS, SPECS, generated_trace, lookahead_trace, shards_of, trace_shards  # noqa: F401
 
 from moescope.analysis import run_analyses
+from moescope.errors import MoescopeError
 from moescope.simulate.offload import PREFETCH, OffloadOptions, simulate_trace
 from moescope.simulate.reference import offload as reference
 
@@ -18,8 +19,24 @@ def simulate(shards, ctx, options):
     return simulate_trace(lambda: shards, ctx, options)
 
 
-def prefetchers(spec):
-    return PREFETCH if spec.predicted_next_ids else tuple(p for p in PREFETCH if p != "router-lookahead")
+def prefetchers(spec, shards=None):
+    """The predictors the shards allow: router-lookahead needs predictions, the learned ones two folds."""
+    names = PREFETCH if spec.predicted_next_ids else tuple(p for p in PREFETCH if p != "router-lookahead")
+    if shards is not None and _one_fold(shards, spec.context()):
+        names = tuple(p for p in names if p not in ("transition", "popularity"))
+    return names
+
+
+def _one_fold(shards, ctx):
+    return run_analyses(shards, ctx, only=["cross_layer"])["cross_layer"].prefetch_table().empty_fold_warning() is not None
+
+
+def test_learned_predictors_on_a_trace_of_one_fold_are_refused():
+    spec = SPECS["k2"]
+    shards = shards_of(spec, [1])
+    assert _one_fold(shards, spec.context())
+    with pytest.raises(MoescopeError, match="--prefetch transition: every routed slot falls in one of the two"):
+        simulate(shards, spec.context(), OffloadOptions((2,), ("lru",), ("none", "transition"), "layer"))
 
 
 # every shape and layout with a cache per layer; one global budget on two shapes (the reference is slow there)
@@ -34,7 +51,7 @@ def test_every_policy_equals_the_per_event_reference(spec_name, layout, scope):
     shards = shards_of(spec, LAYOUTS[layout], seed=len(layout))
     k, E, L = spec.top_k, spec.n_experts, spec.n_layers
     capacities = (k, 2 * k + 1) if scope == "layer" else (k + 1, L * k + 3)
-    options = OffloadOptions(capacities, POLICIES, prefetchers(spec), scope)
+    options = OffloadOptions(capacities, POLICIES, prefetchers(spec, shards), scope)
     state = simulate(shards, ctx, options)
     for (f, prefetch), (p, policy), (c, capacity) in itertools.product(
         enumerate(options.prefetch), enumerate(POLICIES), enumerate(capacities)
@@ -68,7 +85,7 @@ def _random_traces_bound(scope, seeds, spec_names, multiples, prefetch=PREFETCH)
         shards = shards_of(spec, [300, 200], seed=seed)
         base = spec.top_k if scope == "layer" else spec.top_k * spec.n_layers
         capacities = tuple(sorted({spec.top_k, *(max(spec.top_k, base * m // 4) for m in multiples)}))
-        options = OffloadOptions(capacities, POLICIES, tuple(p for p in prefetchers(spec) if p in prefetch), scope)
+        options = OffloadOptions(capacities, POLICIES, tuple(p for p in prefetchers(spec, shards) if p in prefetch), scope)
         _bound_holds(simulate(shards, ctx, options), options, scope)
 
 
@@ -96,13 +113,14 @@ def test_belady_bounds_every_policy_on_real_traces(generated_trace, lookahead_tr
 
 def test_lru_equals_the_expert_cache_analysis(generated_trace, lookahead_trace):
     """Today's expert_cache analysis (its vectorised LRU kernel) and the simulator's LRU: the same hits at
-    every capacity, for plain LRU and for each predictor both know."""
-    same = {"none": "lru", "same-index": "same_index", "transition": "transition", "router-lookahead": "router_lookahead"}
+    every capacity, for plain LRU and for each of the four predictors."""
+    same = {"none": "lru", "same-index": "same_index", "transition": "transition", "popularity": "popularity",
+            "router-lookahead": "router_lookahead"}
     for folder in (generated_trace, lookahead_trace):
         shards, ctx = trace_shards(folder)
         cache = run_analyses(shards, ctx, only=["expert_cache"])["expert_cache"]
         prefetch = tuple(p for p, name in same.items() if name in cache.predictors)
-        assert "transition" in prefetch and (folder != lookahead_trace or "router-lookahead" in prefetch)
+        assert {"transition", "popularity"} <= set(prefetch) and (folder != lookahead_trace or "router-lookahead" in prefetch)
         capacities = tuple(int(c) for c in cache.capacities)
         state = simulate(shards, ctx, OffloadOptions(capacities, ("lru",), prefetch, "layer"))
         for f, name in enumerate(prefetch):

@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 
 from moescope.analysis.kernels import jsonable
 from moescope.errors import MoescopeError
-from moescope.pipeline.analyze import _write_tables, analysis_context
+from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.cost import Link, expert_bytes
 from moescope.simulate.offload import PHASES, OffloadOptions, OffloadResult, simulate_trace
-from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
 
 NAME = "offload"
@@ -129,7 +128,7 @@ def model_config(trace: Trace) -> dict | None:
 
 def write_offload(result: OffloadResult, trace_path, trace: Trace, out) -> dict:
     out = prepare_output_folder(out, markers=("summary.json",), what="offload results")
-    tables = _write_tables(NAME, result.to_pandas(), out)
+    tables = {NAME: result_tables(NAME, result)}
     o = result.options
     summary = {
         "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
@@ -138,8 +137,8 @@ def write_offload(result: OffloadResult, trace_path, trace: Trace, out) -> dict:
                     "scope": o.scope, "phases": list(result.phases), "link": result.link.name,
                     "bandwidth_gbps": result.link.bandwidth / 1e9, "latency_us": result.link.latency * 1e6},
         "analyses": {NAME: result.summary()},
-        "tables": {NAME: tables},
+        "tables": {NAME: list(tables[NAME])},
         "notes": {NAME: list(result.notes)},
     }
-    atomic_write_bytes(Path(out) / "summary.json", (json.dumps(jsonable(summary), indent=1) + "\n").encode())
+    write_results(out, tables, jsonable(summary))  # summary.json last: a folder with one is complete
     return summary

@@ -6,19 +6,16 @@ matrix and each placement's maps as `.npy` in EPLB's layout, and summary.json, w
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from moescope.analysis.kernels import jsonable
 from moescope.analysis.placement import NAME, WINDOWS, PlacementResult, place_trace
 from moescope.errors import MoescopeError
-from moescope.pipeline.analyze import _write_tables, analysis_context
+from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.placement import PlacementOptions
-from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import open_trace
 
 
@@ -44,7 +41,7 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
 
 def write_placement(result: PlacementResult, trace_path, trace, out, window: int) -> dict:
     out = prepare_output_folder(out, markers=("summary.json",), what="placement results")
-    tables = _write_tables(NAME, result.to_pandas(), out)
+    tables = {NAME: result_tables(NAME, result)}
     np.save(out / "load_matrix.npy", result.load)
     for policy, p in result.placements.items():
         np.save(out / f"physical_to_logical_{policy}.npy", p.physical_to_logical)
@@ -55,8 +52,8 @@ def write_placement(result: PlacementResult, trace_path, trace, out, window: int
                   "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
         "options": {"gpus": o.n_gpus, "nodes": o.n_nodes, "redundant": o.n_redundant, "groups": o.groups, "window": window},
         "analyses": {NAME: result.summary()},
-        "tables": {NAME: tables},
+        "tables": {NAME: list(tables[NAME])},
         "notes": {NAME: list(result.notes)},
     }
-    atomic_write_bytes(Path(out) / "summary.json", (json.dumps(jsonable(summary), indent=1) + "\n").encode())
+    write_results(out, tables, jsonable(summary))  # summary.json last: a folder with one is complete
     return summary

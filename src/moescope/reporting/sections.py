@@ -23,10 +23,11 @@ from moescope.reporting.figures import load as load_figs
 from moescope.reporting.figures import quant as quant_figs
 from moescope.reporting.figures import router as router_figs
 from moescope.reporting.figures import routing as routing_figs
+from moescope.reporting.figures import saturation as saturation_figs
 from moescope.reporting.figures import simulate as simulate_figs
 from moescope.reporting.figures import tokens as token_figs
 from moescope.reporting.figures._base import OVERALL, facet_layers
-from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, SaturationResults
 
 TOKEN_ROWS = 200  # rows of the token routing table shown in the page (the CSV has all)
 TOKEN_LAYER_COLUMNS = 12  # layer combination columns shown in the page
@@ -153,11 +154,20 @@ def load_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     per_expert, per_layer = r.table("load", "per_expert"), r.table("load", "per_layer")
     h = r.headline("load")
     blocks: list = [Text(
-        f"Share of each layer's routing slots per expert against the balanced share 1/E. Balance score "
-        f"{fmt(h.get('balance_score'))} (1 − coefficient of variation over all layer × expert units; 1 is perfectly even), "
-        f"busiest expert {fmt(h.get('max_over_mean'))}× the mean, {fmt(h.get('n_dead'), 'd')} dead, "
-        f"{fmt(h.get('n_underused'), 'd')} under-used and {fmt(h.get('n_overloaded'), 'd')} overloaded (layer, expert) units."
+        f"Share of each layer's routing slots per expert against the balanced share 1/E. Per layer, the balance score "
+        f"(1 − coefficient of variation of the layer's expert loads; 1 is perfectly even) is {fmt(h.get('balance_score_worst'))} "
+        f"in the worst layer ({fmt(h.get('balance_score_worst_layer'), 'd')}) and {fmt(h.get('balance_score_layer_mean'))} on average "
+        f"over layers; the busiest expert takes {fmt(h.get('max_over_mean_worst'))}× its layer's mean load (layer "
+        f"{fmt(h.get('max_over_mean_worst_layer'), 'd')}). Pooled over all layer × expert units the balance score is "
+        f"{fmt(h.get('balance_score_pooled'))}. {fmt(h.get('n_dead'), 'd')} dead, {fmt(h.get('n_underused'), 'd')} under-used "
+        f"and {fmt(h.get('n_overloaded'), 'd')} overloaded (layer, expert) units."
     )]
+    if h.get("non_compute_share"):  # LongCat's identity experts, ZAYA's skip: router choices that are not experts
+        blocks.append(Text(
+            f"{fmt(h['non_compute_share'], '.1%')} of all routing slots went to non-compute choices "
+            f"({', '.join(h.get('non_compute_kinds') or ['non-compute'])}): they are no expert's load and are left out of "
+            "the shares and statistics here (per layer: column non_compute_share of the per-layer table)."
+        ))
     if per_expert is None or not len(per_expert):
         return Section(sid, "Expert load", tuple(blocks + [Notes(("load tables missing from the results folder",), "missing")]))
     facets = _worst_first(per_layer, facet_layers(shape["layers"], 4))
@@ -201,8 +211,12 @@ def aux_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     if per_layer is None or not per_layer[["load_balancing_loss", "z_loss"]].notna().any().any():
         return Section(sid, title, (Notes((*r.notes("aux_losses"), HINT_ROUTER_OUTPUT), "missing"),), ran=False)
     blocks: list = [Text(
-        f"Switch-Transformer load-balancing loss E·Σ f_i·P_i = {fmt(h.get('load_balancing_loss'), '.4g')} over all layers "
-        f"(perfectly balanced = k = {fmt(h.get('load_balancing_loss_balanced'), 'g')}); router z-loss {fmt(h.get('z_loss'), '.4g')}."
+        f"Switch-Transformer load-balancing loss E·Σ f_i·P_i per layer (perfectly balanced = k = "
+        f"{fmt(h.get('load_balancing_loss_balanced'), 'g')}): {fmt(h.get('load_balancing_loss_worst'), '.4g')} in the worst layer "
+        f"({fmt(h.get('load_balancing_loss_worst_layer'), 'd')}), {fmt(h.get('load_balancing_loss_layer_mean'), '.4g')} on average "
+        f"over layers. Pooled over all layers, as transformers' load_balancing_loss_func computes it from every layer's "
+        f"logits at once: {fmt(h.get('load_balancing_loss_pooled_transformers'), '.4g')} (pooling averages away layers that "
+        f"prefer different experts). Router z-loss {fmt(h.get('z_loss'), '.4g')}."
     )]
     blocks.append(FigureBlock("aux_losses_per_layer", partial(load_figs.aux_losses_per_layer, per_layer, shape["top_k"]), "Auxiliary losses per layer."))
     return Section(sid, title, tuple(blocks + _notes_block(r, "aux_losses")))
@@ -299,10 +313,13 @@ def cross_layer_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     h = r.headline("cross_layer")
     best = h.get("best_predictor_hop1")
     best_recall = h.get(f"recall_{best}_hop{0 if best == 'previous_token' else 1}") if best else None
+    versus = [str(v) for v in h.get("versus_popularity") or []]
     blocks: list = [Text(
         "How well one layer's routing predicts the next layers' (for speculative expert prefetching). "
         + (f"Best predictor for the next layer: {routing_figs.PREDICTOR_LABELS.get(best, best)} with recall {fmt(best_recall, '.1%')} "
-           f"(chance {fmt(shape['top_k'] / max(shape['n_experts'], 1), '.1%')})." if best else "")
+           f"(chance {fmt(shape['top_k'] / max(shape['n_experts'], 1), '.1%')}). " if best else "")
+        + ("Against the static baseline (the k most-loaded experts of the predicted layer, learned on the other fold of "
+           "documents): " + "; ".join(versus) + "." if versus else "")
     )]
     if len(shape["layers"]) < 2:
         blocks.append(Notes(("one MoE layer: no cross-layer transitions",), "missing"))
@@ -719,19 +736,48 @@ def quant_routing_section(q: QuantResults, sid: str) -> Section:
     return Section(sid, "Routing flips", tuple(blocks))
 
 
+# -- router saturation across checkpoints ----------------------------------------------------------------
+def saturation_group(r: SaturationResults, gid: str, label: str) -> Group:
+    s = r.summary.get("saturation") or {}
+    header = KeyValues((("final checkpoint", str(s.get("final"))), ("checkpoints", fmt(len(s.get("checkpoints") or {}), "d")),
+                        ("tokens", fmt(s.get("tokens"), ",d")), ("MoE layers, top-k", f"{s.get('moe_layers')}, top-{s.get('top_k')}")))
+    return Group(gid, label, "router saturation across checkpoints", header,
+                 (_guarded(partial(saturation_section, r, f"{gid}-saturation"), f"{gid}-saturation", "Router saturation"),))
+
+
+def saturation_section(r: SaturationResults, sid: str) -> Section:
+    title = "Router saturation"
+    per_layer = r.per_layer
+    if per_layer is None or not len(per_layer):
+        return Section(sid, title, (Notes(("saturation table missing from the results folder",), "missing"),), ran=False)
+    s = r.summary.get("saturation") or {}
+    pooled = per_layer[per_layer["layer"] == -1].sort_values("order")
+    first = pooled.iloc[0]
+    blocks: list = [Text(
+        f"How much of each checkpoint's routing is already the final checkpoint's, on the same {fmt(s.get('tokens'), ',d')} tokens "
+        f"(as OLMoE measured it): top-1 agreement (same first choice) and top-k overlap (|∩|/k). The earliest checkpoint, "
+        f"{first['checkpoint']}, agrees on {fmt(first['top1_agreement'], '.1%')} of first choices and shares "
+        f"{fmt(first['topk_overlap'], '.1%')} of its top-{s.get('top_k')} experts with the final one (all layers).")]
+    blocks.append(FigureBlock("saturation", partial(saturation_figs.saturation_curves, per_layer, str(s.get("x") or "checkpoint")),
+                              "Agreement with the final checkpoint per checkpoint; one line per MoE layer, thick: all layers pooled."))
+    table = per_layer[per_layer["layer"] == -1][["checkpoint", "step", "tokens", "top1_agreement", "topk_overlap"]]
+    blocks.append(TableBlock(table.reset_index(drop=True), "All layers pooled, per checkpoint.",
+                             formats={"tokens": ",d", "top1_agreement": ".1%", "topk_overlap": ".1%"}))
+    return Section(sid, title, tuple(blocks))
+
+
 # -- headline ------------------------------------------------------------------------------------------
 def headline(results: list[tuple[str, AnalysisResults | QuantResults | MissingResults]]) -> Headline:
     analyses = [(label, r) for label, r in results if isinstance(r, AnalysisResults)]
     quants = [(label, r) for label, r in results if isinstance(r, QuantResults)]
     quantities = (
         ("tokens × MoE layers × experts", _shape_text),
-        ("balance score (1 = even)", lambda r: fmt(r.get("load", "balance_score"), ".3f")),
+        ("balance score, worst layer / layer mean (1 = even)", _balance_text),
         ("dead experts", _dead_text),
         ("mean routing entropy", _entropy_text),
         ("best next-layer predictor (recall)", _predictor_text),
         ("code vs math divergence (JS, bits)", _code_math_text),
-        ("load-balancing loss (balanced = k)", lambda r: f"{fmt(r.get('aux_losses', 'load_balancing_loss'), '.4g')} (k = {fmt(r.get('load', 'top_k'), 'd')})"
-         if r.get("aux_losses", "load_balancing_loss") is not None else "— (no router outputs)"),
+        ("load-balancing loss, worst layer / layer mean (balanced = k)", _aux_loss_text),
         ("expert FLOPs per token vs dense", lambda r: fmt(r.get("token_cost", "fraction_of_dense"), ".1%") if r.get("token_cost", "fraction_of_dense") is not None
          else "— (uniform experts)"),
     )
@@ -743,6 +789,22 @@ def headline(results: list[tuple[str, AnalysisResults | QuantResults | MissingRe
 def _shape_text(r: AnalysisResults) -> str:
     shape = shape_of(r)
     return f"{fmt(r.trace.get('tokens'), ',d')} × {len(shape['layers'])} × {shape['n_experts']} (top-{shape['top_k']})"
+
+
+def _balance_text(r: AnalysisResults) -> str:
+    if r.get("load", "balance_score_worst") is None:
+        return "— (load not run)"
+    return (f"{fmt(r.get('load', 'balance_score_worst'), '.3f')} (layer {fmt(r.get('load', 'balance_score_worst_layer'), 'd')}) / "
+            f"{fmt(r.get('load', 'balance_score_layer_mean'), '.3f')}; pooled {fmt(r.get('load', 'balance_score_pooled'), '.3f')}")
+
+
+def _aux_loss_text(r: AnalysisResults) -> str:
+    if r.get("aux_losses", "load_balancing_loss_worst") is None:
+        return "— (no router outputs)"
+    return (f"{fmt(r.get('aux_losses', 'load_balancing_loss_worst'), '.4g')} (layer "
+            f"{fmt(r.get('aux_losses', 'load_balancing_loss_worst_layer'), 'd')}) / "
+            f"{fmt(r.get('aux_losses', 'load_balancing_loss_layer_mean'), '.4g')} (k = {fmt(r.get('load', 'top_k'), 'd')}); "
+            f"pooled as transformers computes it: {fmt(r.get('aux_losses', 'load_balancing_loss_pooled_transformers'), '.4g')}")
 
 
 def _dead_text(r: AnalysisResults) -> str:
@@ -766,7 +828,9 @@ def _predictor_text(r: AnalysisResults) -> str:
     if best is None:
         return "—"
     recall = r.get("cross_layer", f"recall_{best}_hop{0 if best == 'previous_token' else 1}")
-    return f"{routing_figs.PREDICTOR_LABELS.get(best, best)}: {fmt(recall, '.1%')}"
+    text = f"{routing_figs.PREDICTOR_LABELS.get(best, best)}: {fmt(recall, '.1%')}"
+    gain = r.get("cross_layer", "best_minus_popularity_hop1")
+    return text + (f" ({fmt(gain, '+.3f')} vs popularity)" if gain is not None else "")
 
 
 def _code_math_text(r: AnalysisResults) -> str:

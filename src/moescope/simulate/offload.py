@@ -7,13 +7,13 @@ and per expert how many times it crossed the link (demand misses and prefetch lo
 cost.py makes bytes, stall time and a decode throughput bound. Counts add up over shards (merge).
 
 Policies (one file each): lru, lfu, arc, belady (offline optimal: the upper bound). Prefetch, for layer l
-of a token (layer 0 has no earlier layer and gets none):
+of a token, as analysis/expert_cache.py's predictors (`prefetch_sources`, one definition of each):
   none              demand fetching only;
-  same-index        the experts the token used at layer l-1;
+  same-index        the experts the token used at layer l-1 (layer 0: none);
   transition        the k experts most often seen at l after its first choice at l-1 (cross_layer.py's
-                    table, learned on the other fold of sequences);
-  popularity        the k most loaded experts of layer l, estimated on the other fold;
-  router-lookahead  layer l's router applied to layer l-1's input (`capture --predict-next-layer`).
+                    table, learned on the other fold of documents; layer 0: none);
+  popularity        the k most loaded experts of layer l in the other fold, at every layer;
+  router-lookahead  layer l's router applied to layer l-1's input (`capture --predict-next-layer`; layer 0: none).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.cross_layer import CrossLayerResult, seq_parity
 from moescope.analysis.expert_cache import prefetch_sources
 from moescope.analysis.kernels import jsonable
 from moescope.analysis.shard_view import ShardView
@@ -72,19 +71,6 @@ class OffloadOptions:
         return len(self.prefetch), len(self.policies), len(self.capacities)
 
 
-@dataclass(frozen=True)
-class PrefetchTables:
-    """What the learned predictors know, from cross_layer over the whole trace (first pass)."""
-
-    transition: object  # PrefetchTable
-    popular: np.ndarray  # intp [2, L, k]: the k most loaded experts per fold and layer
-
-    @classmethod
-    def from_cross_layer(cls, result: CrossLayerResult, k: int) -> PrefetchTables:
-        load = result.load_by_parity  # [2, L, E]
-        return cls(result.prefetch_table(), np.argsort(-load, axis=-1, kind="stable")[..., :k])
-
-
 @dataclass(frozen=True, eq=False)
 class OffloadState:
     counts: np.ndarray  # int64 [F, P, C, 2, L, 4]: QUANTITIES per (prefetch, policy, capacity, phase, layer)
@@ -92,28 +78,21 @@ class OffloadState:
     tokens: np.ndarray  # int64 [2] tokens per phase
 
 
-def prefetch_source(view: ShardView, ctx: AnalysisContext, name: str, tables: PrefetchTables | None):
-    """intp [L, T, kp] experts to prefetch into layer l's cache for each token (sentinel E: none), or None."""
+def prefetch_source(view: ShardView, ctx: AnalysisContext, name: str) -> np.ndarray | None:
+    """intp [L, T, kp] experts to prefetch into layer l's cache for each token (sentinel E: none), or None.
+    The learned predictors need `ctx.prefetch_table` (simulate_trace learns it)."""
     if name == "none":
         return None
-    if name == "popularity":
-        guess = tables.popular[1 - seq_parity(view.shard)]  # [T, L, k] from the other fold
-        guess = guess.transpose(1, 0, 2).astype(np.intp)
-        guess[0] = view.E  # layer 0: no earlier layer to prefetch during
-        return guess
-    learned = None if tables is None else tables.transition
-    sources = prefetch_sources(view, dataclasses.replace(ctx, prefetch_table=learned))
-    return sources[name.replace("-", "_")]
+    return prefetch_sources(view, ctx)[name.replace("-", "_")]
 
 
-def accumulate(view: ShardView, ctx: AnalysisContext, options: OffloadOptions,
-               tables: PrefetchTables | None = None) -> OffloadState:
+def accumulate(view: ShardView, ctx: AnalysisContext, options: OffloadOptions) -> OffloadState:
     F, P, C = options.shape
     L, E = view.L, view.E
     counts = np.zeros((F, P, C, 2, L, len(QUANTITIES)), np.int64)
     moved = np.zeros((F, P, C, 2, 2, L, E), np.int64)
     for f, name in enumerate(options.prefetch):
-        streams = build_streams(view, options.scope, prefetch_source(view, ctx, name, tables))
+        streams = build_streams(view, options.scope, prefetch_source(view, ctx, name))
         cell = streams.phase.astype(np.intp) * L + streams.layer  # [M] (phase, layer)
         real = streams.lookups < streams.n_keys  # [M, k]
         expert = streams.lookups % E if options.scope == "global" else streams.lookups
@@ -149,16 +128,19 @@ def merge(a: OffloadState, b: OffloadState) -> OffloadState:
 
 
 def simulate_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext, options: OffloadOptions) -> OffloadState:
-    """Every configuration over `shards()`, shard by shard (a first pass learns the transition and
-    popularity tables when they are asked for)."""
+    """Every configuration over `shards()`, shard by shard (a first pass learns cross_layer's prefetch table
+    when transition or popularity is asked for and `ctx` has none)."""
     from moescope.analysis.runner import run_analyses
 
-    tables = None
-    if set(options.prefetch) & set(LEARNED):
-        tables = PrefetchTables.from_cross_layer(run_analyses(shards, ctx, only=["cross_layer"])["cross_layer"], ctx.top_k)
+    if set(options.prefetch) & set(LEARNED) and ctx.prefetch_table is None:
+        table = run_analyses(shards, ctx, only=["cross_layer"])["cross_layer"].prefetch_table()
+        if table.empty_fold_warning() is not None:
+            raise MoescopeError(f"--prefetch {', '.join(p for p in options.prefetch if p in LEARNED)}: "
+                                f"{table.empty_fold_warning()}")
+        ctx = dataclasses.replace(ctx, prefetch_table=table)
     state = None
     for shard in shards():
-        part = accumulate(ShardView(shard, ctx), ctx, options, tables)
+        part = accumulate(ShardView(shard, ctx), ctx, options)
         state = part if state is None else merge(state, part)
     if state is None:
         raise MoescopeError("the trace has no shards: nothing to simulate")

@@ -6,13 +6,16 @@ JSONL rows follow the format routing profilers around vLLM write, one line per t
 
 where `problem_id` is the sequence and `token_id` the *position* in it (not the vocabulary id).
 Export runs in DuckDB straight from the Parquet parts; import validates every line and writes a
-regular trace (token vocabulary ids are unknown there and stored as -1).
+regular trace (token vocabulary ids are unknown there and stored as -1). The rows cannot show experts
+that were never chosen, so the expert count is given (`n_experts`, one value for every layer) or
+inferred as the largest id seen + 1, which the manifest records per layer (`n_experts_inferred`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ import numpy as np
 from moescope.recording.manifest_info import versions
 from moescope.recording.rows import TokenBlock, routing_table, tokens_table
 from moescope.errors import ImportFormatError, MoescopeError, TraceError
+from moescope.trace.manifest import sha256_file
 from moescope.trace.reader import Trace
 from moescope.trace.schema import SEQUENCES_SCHEMA
 from moescope.trace.writer import TraceWriter
@@ -118,8 +122,25 @@ def read_jsonl_rows(path: Path):
             np.array(all_ids, np.int16), np.array(all_weights, np.float32))
 
 
-def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, shard_tokens: int = 65536) -> Trace:
+def _expert_count(path: Path, ids: np.ndarray, n_experts: int | None) -> tuple[int, bool]:
+    """(experts per layer, whether the count was inferred from the ids seen)."""
+    seen = int(ids.max()) + 1
+    if n_experts is None:
+        return seen, True
+    if n_experts < seen:
+        raise ImportFormatError(f"{path}: expert id {seen - 1} is out of range for --n-experts {n_experts}")
+    return n_experts, False
+
+
+def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, n_experts: int | None = None,
+                 overwrite: bool = False, shard_tokens: int = 65536) -> Trace:
+    """Write the routing JSONL at `path` as a trace in `out`; `n_experts`: experts per MoE layer (inferred if None).
+
+    Importing the same file with the same options into a complete trace writes nothing and returns it.
+    """
     path = Path(path)
+    if n_experts is not None and not 0 < n_experts <= 2**15:
+        raise ImportFormatError(f"--n-experts must be between 1 and {2**15}, not {n_experts}")
     seq, layer, pos, ids, weights = read_jsonl_rows(path)
     layer_values = np.unique(layer)
     n_layers = len(layer_values)
@@ -136,12 +157,13 @@ def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
     k = ids.shape[1]
     dense_ids = ids[order].reshape(n_layers, len(tokens), k)
     dense_weights = weights[order].reshape(n_layers, len(tokens), k).astype(np.float16)
-    n_experts = int(ids.max()) + 1
+    n_experts, inferred = _expert_count(path, ids, n_experts)
     manifest = {
         "model": {"id": f"imported:{path.name}", "model_type": None, "class": None, "hidden_size": None},
-        "layers": [{"moe_layer": i, "decoder_layer": None, "module": None, "n_experts": n_experts, "top_k": k,
-                    "n_shared_experts": 0, "expert_sizes": None, "scoring": "unknown", "spec": None} for i in range(n_layers)],
-        "capture": {"imported_from": str(path)},
+        "layers": [{"moe_layer": i, "decoder_layer": None, "module": None, "n_experts": n_experts,
+                    "n_experts_inferred": inferred, "top_k": k, "n_shared_experts": 0, "expert_sizes": None,
+                    "scoring": "unknown", "spec": None} for i in range(n_layers)],
+        "capture": {"imported_from": str(path), "sha256": sha256_file(path), "n_experts": None if inferred else n_experts},
         "corpus": {"spec": f"jsonl:{path.name}"},
         "weights_dtype": "float16",
         "router_output_kind": None,
@@ -155,6 +177,11 @@ def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
         if boundary - cuts[-1] >= shard_tokens or boundary == len(tokens):
             cuts.append(int(boundary))
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+        if writer.already_complete:  # this file, imported before with the same options
+            return Trace(out)
+        if inferred:  # said once the import is going ahead, so that an error stays the only line
+            print(f"{path}: {n_experts} experts inferred from the largest expert id seen; experts never routed to "
+                  "are missing from the count (give --n-experts)", file=sys.stderr)
         for lo, hi in zip(cuts[:-1], cuts[1:]):
             part = slice(lo, hi)
             block = TokenBlock(

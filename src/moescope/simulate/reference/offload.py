@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
-from moescope.analysis.reference.cross_layer import learn, predict
+from moescope.analysis.reference.cross_layer import fold, learn, popular, predict
 from moescope.analysis.reference.rows import first_choice, is_next_position, real, token_rows
 
 NEVER = float("inf")
@@ -178,20 +178,21 @@ def _distinct(batch):
 
 def _prefetch(row, layer, prefetch, tables, ctx):
     E, k = ctx.n_experts, ctx.top_k
-    if prefetch == "none" or layer == 0:
+    if prefetch == "none":
+        return []
+    other = 1 - fold(row)
+    if prefetch == "popularity":  # at every layer
+        return popular(tables[1], other, layer, k, E)
+    if layer == 0:
         return []
     if prefetch == "same-index":
         return real(row.experts[layer - 1], E)
     if prefetch == "router-lookahead":
         return real(row.predicted[layer - 1], E)
-    other = 1 - (row.seq_id & 1)
     if prefetch == "transition":
         counts, load = tables
         fc = first_choice(row.experts[layer - 1], row.weights[layer - 1], E)
         return [] if fc is None else predict(counts, load, other, 1, layer - 1, fc, k, E)
-    if prefetch == "popularity":
-        _, load = tables
-        return sorted(range(E), key=lambda e: (-load[other][layer][e], e))[:k]
     raise ValueError(prefetch)
 
 
