@@ -95,19 +95,19 @@ def accumulate(view: ShardView, ctx: AnalysisContext, options: OffloadOptions) -
         streams = build_streams(view, options.scope, prefetch_source(view, ctx, name))
         cell = streams.phase.astype(np.intp) * L + streams.layer  # [M] (phase, layer)
         real = streams.lookups < streams.n_keys  # [M, k]
-        expert = streams.lookups % E if options.scope == "global" else streams.lookups
+        looked_up = _expert_cells(cell, streams.lookups, options.scope, L, E)  # [M, k] (phase, layer, expert)
         counts[f, :, :, :, :, 0] = _per_cell(cell, real.sum(axis=1), L)
         if streams.prefetch is not None:
             counts[f, :, :, :, :, 2] = _per_cell(cell, (streams.prefetch < streams.n_keys).sum(axis=1), L)
-            prefetched = streams.prefetch % E if options.scope == "global" else streams.prefetch
+            prefetched = _expert_cells(cell, streams.prefetch, options.scope, L, E)
         for p, policy in enumerate(options.policies):
             for c, capacity in enumerate(options.capacities):
                 hit, loaded = POLICIES[policy](streams, capacity)
                 counts[f, p, c, :, :, 1] = _per_cell(cell, hit.sum(axis=1), L)
-                moved[f, p, c, :, 0] = _per_expert(cell, expert, real & ~hit, L, E)
+                moved[f, p, c, :, 0] = _per_expert(looked_up, real & ~hit, L, E)
                 if loaded is not None:
                     counts[f, p, c, :, :, 3] = _per_cell(cell, loaded.sum(axis=1), L)
-                    moved[f, p, c, :, 1] = _per_expert(cell, prefetched, loaded, L, E)
+                    moved[f, p, c, :, 1] = _per_expert(prefetched, loaded, L, E)
     tokens = np.bincount(view.shard.generated.astype(np.intp), minlength=2)
     return OffloadState(counts, moved, tokens)
 
@@ -117,10 +117,15 @@ def _per_cell(cell: np.ndarray, values: np.ndarray, L: int) -> np.ndarray:
     return np.bincount(cell, weights=values, minlength=2 * L).astype(np.int64).reshape(2, L)
 
 
-def _per_expert(cell: np.ndarray, expert: np.ndarray, mask: np.ndarray, L: int, E: int) -> np.ndarray:
-    """int64 [2, L, E]: masked (row, column) events counted per (phase, layer, expert)."""
-    key = (cell[:, None] * E + np.minimum(expert, E - 1))[mask]
-    return np.bincount(key, minlength=2 * L * E).reshape(2, L, E)
+def _expert_cells(cell: np.ndarray, keys: np.ndarray, scope: str, L: int, E: int) -> np.ndarray:
+    """int32 [M, w]: the (phase, layer, expert) cell of every key of a stream layout (no key: any cell)."""
+    expert = keys % E if scope == "global" else np.minimum(keys, E - 1)
+    return (cell[:, None] * E + expert).astype(np.int32)
+
+
+def _per_expert(cells: np.ndarray, mask: np.ndarray, L: int, E: int) -> np.ndarray:
+    """int64 [2, L, E]: masked events of `cells` [M, w] counted per (phase, layer, expert)."""
+    return np.bincount(cells[mask], minlength=2 * L * E).reshape(2, L, E)
 
 
 def merge(a: OffloadState, b: OffloadState) -> OffloadState:
