@@ -45,8 +45,9 @@ class CacheState:
     n_tokens: int
 
 
-def _prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndarray | None]:
-    """predictor -> intp [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel)."""
+def prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndarray | None]:
+    """predictor -> intp [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel); also
+    what simulate/offload.py prefetches."""
     E, ids = view.E, view.ids
     empty = np.full((1, view.T, view.k), E, np.intp)
     sources: dict[str, np.ndarray | None] = {"lru": None, "same_index": np.concatenate([empty, ids[:-1]])}
@@ -70,7 +71,7 @@ def _prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.nda
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CacheState:
     view = ShardView.of(shard, ctx)
-    sources = _prefetch_sources(view, ctx)
+    sources = prefetch_sources(view, ctx)
     L, T, E = view.L, view.T, view.E
     counts = np.zeros((len(sources), L, E + 1), np.int64)
     # the L caches run as one stream laid end to end, in groups of layers to bound memory

@@ -29,6 +29,7 @@ from moescope.analysis import (
     domain_specialisation,
     expert_cache,
     load,
+    placement,
     router_confidence,
     temporal_locality,
     token_cost,
@@ -54,6 +55,7 @@ ANALYSES: dict[str, ModuleType] = {
         domain_specialisation,
         token_specialisation,
         token_cost,
+        placement,
     )
 }
 

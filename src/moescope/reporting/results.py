@@ -33,6 +33,8 @@ ANALYSIS_ORDER = (
     "domain_specialisation",
     "token_specialisation",
     "token_cost",
+    "placement",
+    "offload",  # written by `moescope offload` (and `moescope placement` writes placement's tables)
 )
 
 

@@ -21,6 +21,7 @@ class TokenRow:
     router: list[list[float]] | None  # per layer, E router outputs
     predicted: list[list[int]] | None  # per layer, next-layer router prediction
     document: int | None  # the document key (ShardData.document), None when the shard has none
+    generated: bool = False  # produced by --generate (a decode token)
 
 
 def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
@@ -45,6 +46,7 @@ def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
                 None if router is None else router[t],
                 None if predicted is None else predicted[t],
                 None if document is None else document[t],
+                bool(shard.generated[t]),
             )
 
 
