@@ -1,4 +1,5 @@
-"""Routing read from an engine's own files -> a regular trace (the writer every reader in formats/ ends in).
+"""Routing read from foreign files -> a regular trace: the one import writer (every reader in formats/, and the
+JSONL import of trace/exchange.py, ends in `write_imported`).
 
 A reader turns its layout into `Imported`: one TokenBlock of every token (ordered by sequence, then position)
 and what is known about the engine's run. Engines that record expert ids only (vLLM, SGLang, TensorRT-LLM,
@@ -29,7 +30,7 @@ from moescope.trace.writer import TraceWriter
 class Imported:
     block: TokenBlock  # every token of every sequence, ordered by (seq_id, pos); weights NaN when unknown
     source: str  # the file or folder read
-    format: str  # "vllm" | "sglang" | "trtllm" | "olmoe"
+    format: str  # "jsonl" | "vllm" | "sglang" | "trtllm" | "olmoe"
     doc_ids: dict[int, str] = field(default_factory=dict)  # seq_id -> the engine's request id, where known
     n_experts: int | None = None  # routed experts per layer, where the engine says; else max id + 1
     gate_weights: bool = False
@@ -67,12 +68,12 @@ def _expert_count(imported: Imported, given: int | None) -> tuple[int, bool]:
     if given is not None and imported.n_experts is not None and given != imported.n_experts:
         raise ImportFormatError(f"{imported.source}: --n-experts {given} but the engine's files declare "
                                 f"{imported.n_experts} experts")
+    if given is not None and seen > given:
+        raise ImportFormatError(f"{imported.source}: expert id {seen - 1} is out of range for --n-experts {given}")
+    if imported.n_experts is not None and seen > imported.n_experts:
+        raise ImportFormatError(f"{imported.source}: expert id {seen - 1} but the engine declares {imported.n_experts} experts")
     n_experts = given if given is not None else imported.n_experts
-    if n_experts is None:
-        return seen, True
-    if seen > n_experts:
-        raise ImportFormatError(f"{imported.source}: expert id {seen - 1} is out of range for {n_experts} experts")
-    return n_experts, False
+    return (seen, True) if n_experts is None else (n_experts, False)
 
 
 def write_imported(imported: Imported, out: str | os.PathLike, *, n_experts: int | None = None,
@@ -99,6 +100,7 @@ def write_imported(imported: Imported, out: str | os.PathLike, *, n_experts: int
                     "scoring": "unknown", "spec": None} for i in range(L)],
         "capture": {"imported_from": str(imported.source), "format": imported.format,
                     "sha256": sha256_file(source) if source.is_file() else None,
+                    "n_experts": None if inferred else n_experts,  # a rerun with another count is not this import
                     "gate_weights": imported.gate_weights, **imported.notes},
         "corpus": {"spec": f"{imported.format}:{name}"},
         "weights_dtype": "float16",
