@@ -63,3 +63,15 @@ def test_quant_reads_builtin_corpora_from_their_eval_split():
 
     got = [d.doc_id for d in _documents("humaneval", None)]
     assert got == [d.doc_id for d in load_corpus("humaneval", split="eval")] and 0 < len(got) < 164
+
+
+def _importance(model_dir, data, out, *extra):
+    argv = ["importance", str(model_dir), "--data", str(data), "--out", str(out), "--layers", "0", "--no-prune",
+            "--max-tokens", "100000", "--seq-len", "128", "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "summary.json").read_text())["reference"]
+
+
+def test_importance_uses_the_whole_user_file_unless_split_is_given(capsys, tiny_model_dir, prompts, tmp_path):
+    assert _importance(tiny_model_dir, prompts, tmp_path / "i")["sequences"] == 20
+    assert _importance(tiny_model_dir, prompts, tmp_path / "i-eval", "--split", "eval")["sequences"] == _in_eval()

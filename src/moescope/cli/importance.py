@@ -15,10 +15,11 @@ def add_parser(sub) -> None:
     p = add_command(sub, "importance", help="ΔNLL of every expert when dropped, routing statistics and REAP against it, "
                     "pruning curves, specialisation by domain", examples=EXAMPLES)
     p.add_argument("model", help="Hugging Face id, local folder or moescope:NAME")
-    p.add_argument("--data", required=True, help="corpus spec; a mixture (humaneval,wiki) adds the per-domain answers")
+    p.add_argument("--data", required=True, help="corpus spec: built-in corpora give their eval split, your own data is used whole; a mixture (humaneval,wiki) adds the per-domain answers")
     p.add_argument("--out", required=True, help="folder for the trace, tables and summary.json")
     p.add_argument("--layers", default=None, help="MoE-layer indices to sweep, comma-separated (default: all)")
-    p.add_argument("--split", choices=("all", "train", "eval"), default="eval", help="corpus split (default eval)")
+    p.add_argument("--split", choices=("all", "train", "eval"), default=None,
+                   help="read this split of every source instead (default: eval for built-in corpora, all of your own data)")
     p.add_argument("--max-tokens", type=positive_int, default=8192)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)

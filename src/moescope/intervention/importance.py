@@ -100,7 +100,7 @@ def swept_layers(model: nn.Module, layers: list[MoELayer], wanted=None) -> tuple
 
 
 def run_importance(model, tokenizer, data, *, out, layers=None, max_tokens: int | None = 8192, seq_len: int = 256,
-                   batch_size: int = 8, split: str = "eval", prune: bool = True, reuse_prefix: bool = True,
+                   batch_size: int = 8, split: str | None = None, prune: bool = True, reuse_prefix: bool = True,
                    device: str = "auto", dtype: str = "float32", overwrite: bool = False, progress: bool = True,
                    model_info: dict | None = None) -> ImportanceResult:
     """ΔNLL of every expert when dropped, routing statistics, their rank correlation, pruning curves and
@@ -109,8 +109,9 @@ def run_importance(model, tokenizer, data, *, out, layers=None, max_tokens: int 
     Parameters
     ----------
     model, tokenizer : a loaded MoE causal LM and its tokenizer, or a name (``"moescope:tiny-moe"``, a folder).
-    data : a corpus spec (its `split`) or the documents themselves; a mixture (``"humaneval,wiki"``) gives the
-        per-domain answers.
+    data : a corpus spec or the documents themselves; a mixture (``"humaneval,wiki"``) gives the per-domain answers.
+    split : corpus split for every source of a spec. None (default): built-in corpora give their eval split (the
+        shipped models were not trained on it), the user's own files, folders, JSONL and hf: whole (as `moescope quant`).
     out : folder for the trace (``out/trace``), results.jsonl, the tables and summary.json. Rerunning resumes at
         the first unfinished configuration; a second sweep into a folder one is writing is refused.
     layers : MoE-layer indices to sweep (default: every layer that can drop experts).
