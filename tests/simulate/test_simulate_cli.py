@@ -191,3 +191,38 @@ def test_bad_command_line(world, capsys, case):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
     assert _snapshot(world) == before  # nothing written, nothing of the user's touched
+
+
+def test_placement_of_a_load_table_equals_placement_of_the_trace_it_counts(generated_trace, tmp_path):
+    """A load table (what the vLLM plugin and TensorRT-LLM's import write) is placed like the trace whose
+    windows it counts: the per-token loops' window loads, written as a load table, give the trace's placements."""
+    from moescope.trace.load_table import write_load_table
+
+    shards, ctx = trace_shards(generated_trace)
+    E = ctx.n_experts
+    p2l_any = {p: None for p in ("static", "greedy", "eplb")}
+    loops = per_token.compute(shards, ctx, {p: [list(range(E)) + [0, 1, 2, 3]] * ctx.n_layers for p in p2l_any}, 4, 2, 97)
+    windows = np.array(loops["windows"], np.int64)  # [W, L, E], windows of 97 tokens counted by the loops
+    (tmp_path / "table").mkdir()
+    write_load_table(tmp_path / "table" / "load-000000.parquet", np.arange(len(windows) // 2), windows[: len(windows) // 2])
+    write_load_table(tmp_path / "table" / "load-000001.parquet", np.arange(len(windows) // 2, len(windows)),
+                     windows[len(windows) // 2:])  # a folder of window files, as the plugin writes
+    from_table, from_trace = tmp_path / "from-table", tmp_path / "from-trace"
+    assert _main(["placement", tmp_path / "table", "--gpus", 4, "--nodes", 2, "--out", from_table]) == 0
+    assert _main(["placement", generated_trace, "--gpus", 4, "--nodes", 2, "--window", 97, "--out", from_trace]) == 0
+    assert np.load(from_table / "load_matrix.npy").tolist() == loops["load"]
+    w = [[float(x) for x in row] for row in loops["load"]]
+    assert np.load(from_table / "physical_to_logical_eplb.npy").tolist() == ref.eplb(w, E + 4, 2, 2, 4)
+    for table in ("per_layer", "staleness", "mapping", "gpu_load"):
+        mine, theirs = (pd.read_parquet(f / f"placement__{table}.parquet") for f in (from_table, from_trace))
+        columns = [c for c in theirs.columns if c not in ("tokens", "mean_gpus_per_token", "mean_nodes_per_token")]
+        pd.testing.assert_frame_equal(mine[columns], theirs[columns])
+    assert pd.read_parquet(from_table / "placement__per_layer.parquet")["mean_gpus_per_token"].isna().all()
+    assert not (from_table / "placement__fanout.parquet").exists()  # fan-out needs each token's experts
+    summary = json.loads((from_table / "summary.json").read_text())
+    assert summary["trace"]["windows"] == len(windows) and summary["trace"]["tokens"] is None
+    assert any("load table" in note for note in summary["notes"]["placement"])
+    assert _main(["report", from_table, "--out", tmp_path / "r.html"]) == 0
+    assert "Expert placement" in (tmp_path / "r.html").read_text()
+    code = _main(["placement", tmp_path / "table", "--gpus", 4, "--window", 50, "--out", tmp_path / "w"])
+    assert code == 2 and not (tmp_path / "w").exists()  # the table's windows are its own

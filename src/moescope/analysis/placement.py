@@ -106,7 +106,7 @@ class PlacementResult:
     layers: tuple[int, ...]
     options: PlacementOptions
     load: np.ndarray  # int64 [L, E] tokens routed to each expert
-    n_tokens: int
+    n_tokens: int | None  # None: a load table (slots counted, tokens unknown)
     placements: dict[str, Placement]
     gpu_loads: dict[str, np.ndarray]  # policy -> float64 [L, G]
     staleness: pd.DataFrame  # policy, window, layer, tokens, balancedness_fresh, balancedness_stale
@@ -213,7 +213,19 @@ def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext,
     return evaluate(total, options, layers, offset, staleness, fanout, notes, placements)
 
 
-def evaluate(load: np.ndarray, options: PlacementOptions, layers: tuple[int, ...], n_tokens: int,
+def place_load_table(tokens: np.ndarray, options: PlacementOptions) -> PlacementResult:
+    """`moescope placement` of a load table's windows, tokens int64 [W, L, E] (trace/load_table.py): its windows
+    are the staleness windows; fan-out needs each token's experts, which a table of counts does not hold."""
+    layers = tuple(range(tokens.shape[1]))
+    staleness = Staleness(options, POLICIES, layers)
+    for window in tokens:
+        staleness.push(window, int(window[0].sum()))
+    notes = (f"a load table of {len(tokens)} windows, its staleness windows; their 'tokens' count layer 0's routed "
+             "slots (tokens x top-k: a load table does not say k); all-to-all fan-out needs a trace",)
+    return evaluate(tokens.sum(axis=0), options, layers, None, staleness, None, notes)
+
+
+def evaluate(load: np.ndarray, options: PlacementOptions, layers: tuple[int, ...], n_tokens: int | None,
              staleness: Staleness, fanout: dict[str, np.ndarray] | None, notes: tuple[str, ...] = (),
              placements: dict[str, Placement] | None = None) -> PlacementResult:
     """Place the whole trace's `load` int64 [L, E] with every policy (unless `placements` are given) and

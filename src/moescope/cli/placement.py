@@ -7,6 +7,7 @@ from moescope.cli._common import add_command, positive_int
 EXAMPLES = """  moescope placement traces/run1 --gpus 4 --out results/placement
   moescope placement traces/run1 --gpus 8 --nodes 2 --redundant 8 --out results/placement-2x4
   moescope placement traces/run1 --gpus 4 --redundant 0 --window 2048 --out results/placement-w2k
+  moescope placement served-load/ --gpus 8 --out results/placement-served   # a load table (vLLM plugin, trtllm import)
   moescope report results/placement --out placement.html
 (writes the load matrix as EPLB takes it, load_matrix.npy [layers, experts], and each policy's
 physical_to_logical_<policy>.npy [layers, slots] / logical_to_physical_<policy>.npy [layers, experts, X])
@@ -16,7 +17,7 @@ physical_to_logical_<policy>.npy [layers, slots] / logical_to_physical_<policy>.
 def add_parser(sub) -> None:
     p = add_command(sub, "placement", help="place experts on GPUs (static, greedy, DeepSeek EPLB) and compare balance, "
                     "staleness and all-to-all fan-out", examples=EXAMPLES)
-    p.add_argument("trace")
+    p.add_argument("trace", help="a trace folder, or a load table (a .parquet file or folder of them: its windows are kept)")
     p.add_argument("--gpus", type=positive_int, required=True, help="GPUs holding the experts (expert-parallel size)")
     p.add_argument("--nodes", type=positive_int, default=1, help="nodes the GPUs are spread over (default 1)")
     p.add_argument("--redundant", type=int, default=None, metavar="R",

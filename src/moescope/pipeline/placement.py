@@ -1,4 +1,5 @@
-"""`moescope placement`: a trace -> load matrix, placements, balancedness, staleness and fan-out, as files.
+"""`moescope placement`: a trace (or a load table) -> load matrix, placements, balancedness, staleness and
+fan-out, as files.
 
 The work is analysis/placement.py's `place_trace` (two passes over the shards). Writes `placement__<table>.{parquet,csv}` (the `placement` analysis's tables plus `fanout`), the load
 matrix and each placement's maps as `.npy` in EPLB's layout, and summary.json, which `moescope report` reads.
@@ -11,11 +12,12 @@ import os
 import numpy as np
 
 from moescope.analysis.kernels import jsonable
-from moescope.analysis.placement import NAME, WINDOWS, PlacementResult, place_trace
+from moescope.analysis.placement import NAME, WINDOWS, PlacementResult, place_load_table, place_trace
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.placement import PlacementOptions
+from moescope.trace.load_table import is_load_table, read_load_table
 from moescope.trace.reader import open_trace
 
 
@@ -24,8 +26,10 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
     """Place the trace's load on `gpus` GPUs and write the results into `out`; returns the summary.
 
     `redundant` defaults to one slot per GPU (DeepSeek-V3's prefill layout hosts one redundant expert per
-    GPU); `window` (tokens) to a WINDOWS-th of the trace.
+    GPU); `window` (tokens) to a WINDOWS-th of the trace. A load table's windows are its own.
     """
+    if is_load_table(trace_path):
+        return _place_load_table(trace_path, out, gpus, nodes, redundant, groups, window)
     trace = open_trace(trace_path)
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_path} has no committed shards; nothing to place")
@@ -36,10 +40,24 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
     window = window or max(1, -(-trace.n_tokens // WINDOWS))
     check_output_folder(out, markers=("summary.json",), what="placement results")  # refused before the work
     result = place_trace(trace.shards, ctx, options, window)
-    return write_placement(result, trace_path, trace, out, window)
+    source = {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
+              "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")}
+    return write_placement(result, source, out, window)
 
 
-def write_placement(result: PlacementResult, trace_path, trace, out, window: int) -> dict:
+def _place_load_table(path, out, gpus: int, nodes: int, redundant: int | None, groups: int | None,
+                      window: int | None) -> dict:
+    if window is not None:
+        raise MoescopeError(f"{path} is a load table: its windows are its own (no --window)")
+    table = read_load_table(path)
+    W, L, E = table.tokens.shape
+    options = PlacementOptions(E, gpus, nodes, gpus if redundant is None else redundant, groups)
+    check_output_folder(out, markers=("summary.json",), what="placement results")
+    source = {"path": str(path), "model": "load table", "tokens": None, "moe_layers": L, "windows": W}
+    return write_placement(place_load_table(table.tokens, options), source, out, None)
+
+
+def write_placement(result: PlacementResult, source: dict, out, window: int | None) -> dict:
     out = prepare_output_folder(out, markers=("summary.json",), what="placement results")
     tables = {NAME: result_tables(NAME, result)}
     np.save(out / "load_matrix.npy", result.load)
@@ -48,8 +66,7 @@ def write_placement(result: PlacementResult, trace_path, trace, out, window: int
         np.save(out / f"logical_to_physical_{policy}.npy", p.logical_to_physical())
     o = result.options
     summary = {
-        "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
-                  "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
+        "trace": source,
         "options": {"gpus": o.n_gpus, "nodes": o.n_nodes, "redundant": o.n_redundant, "groups": o.groups, "window": window},
         "analyses": {NAME: result.summary()},
         "tables": {NAME: list(tables[NAME])},

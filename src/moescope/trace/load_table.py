@@ -10,7 +10,8 @@ One Parquet table (a file, or a folder of `*.parquet` files read together), one 
 A (window, layer, expert) that is absent counted 0 tokens. Summed over windows it is the [layers, experts]
 load matrix DeepSeek's EPLB, vLLM's `--enable-eplb` and SGLang take. `moescope serve`'s vLLM plugin writes one
 file per window (`load-000123.parquet`); `moescope import --format trtllm` writes one from TensorRT-LLM's
-expert statistics; `moescope analyze LOAD_TABLE` runs the load analysis on it.
+expert statistics; `moescope analyze LOAD_TABLE` runs the load analysis on it, and `moescope placement
+LOAD_TABLE` places it (its windows are the staleness windows).
 """
 
 from __future__ import annotations
