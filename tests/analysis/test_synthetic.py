@@ -29,3 +29,12 @@ def test_routing_has_the_structure_the_analyses_look_for():
     load = np.bincount(s.topk_ids[0, :, 0], minlength=8)
     assert load.max() > 2 * load.min()  # skewed
     assert synthetic_shard(spec, 1, seed=0).n_tokens == 1
+
+
+def test_invalid_slots_with_output_entropy_count_only_routed_experts():
+    """Dropped (-1) and zero-compute (E) slots are not experts: the entropy's large-expert share skips them."""
+    spec = SyntheticSpec(n_layers=2, n_experts=6, top_k=2, invalid_fraction=0.3, output_entropy=True,
+                         expert_sizes=(10, 10, 10, 1, 1, 1))
+    s = synthetic_shard(spec, 300, seed=1)
+    assert ((s.topk_ids == -1) | (s.topk_ids == 6)).any() and s.output_entropy.shape == (300,)
+    assert np.isfinite(s.output_entropy).mean() > 0.9  # 5 % of positions carry no entropy by design

@@ -143,7 +143,9 @@ def synthetic_shard(spec: SyntheticSpec, n_tokens: int, *, seed: int = 0, shard_
         router_output = (e / e.sum(axis=2, keepdims=True)).astype(np.float32)
     entropy = None
     if spec.output_entropy:
-        large = (spec.sizes()[ids] > spec.sizes().mean()).mean(axis=(0, 2))  # [T] share of large experts
+        is_large = spec.sizes() > spec.sizes().mean()  # [E]
+        routed = (ids >= 0) & (ids < E)  # dropped (-1) and zero-compute (E) slots are no expert
+        large = (routed & is_large[np.clip(ids, 0, E - 1)]).sum(axis=(0, 2)) / np.maximum(routed.sum(axis=(0, 2)), 1)  # [T]
         entropy = (2.0 + 1.5 * large + 0.5 * rng.standard_normal(T)).astype(np.float32)
         entropy[rng.random(T) < 0.05] = np.nan  # some positions without a recorded entropy
     seq_id = (first_seq + seq_index).astype(np.int32)
