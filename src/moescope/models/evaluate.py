@@ -40,13 +40,13 @@ import io
 import json
 import math
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from moescope.models import SHIPPED_MODELS, shipped_model_path
+from moescope.models.router_tap import n_routed_experts, tap_routers
 
 HELD_OUT_SPEC = {"code": "humaneval,python-stdlib", "math": "gsm-symbolic:4000", "prose": "wiki"}
 SEQ_LEN = 256
@@ -101,35 +101,12 @@ def token_bytes(tokenizer) -> torch.Tensor:
     return lengths
 
 
-@contextlib.contextmanager
-def record_routing(model) -> Iterator[list[list[torch.Tensor]]]:
-    """Yield per-layer lists of chosen expert ids (N, k) for every forward inside the block."""
-    top_k = getattr(model.config, "num_experts_per_tok", None)
-    routers = [(n, m) for n, m in model.named_modules() if n.endswith(".mlp.gate") or n.endswith(".moe.router")]
-    recorded: list[list[torch.Tensor]] = [[] for _ in routers]
-
-    def hook_for(layer: int):
-        def hook(module, args, output):
-            if isinstance(output, tuple):  # Qwen3-MoE router: (logits, top-k weights, top-k ids)
-                recorded[layer].append(output[2].detach())
-            else:  # plain linear router: logits -> softmax -> top-k, as the model does
-                recorded[layer].append(torch.topk(output.detach().float().softmax(-1), top_k, dim=-1).indices)
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(i)) for i, (_, m) in enumerate(routers)]
-    try:
-        yield recorded
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.inference_mode()
 def measure(model, wins: list[torch.Tensor], nbytes: torch.Tensor) -> tuple[dict, list[torch.Tensor] | None]:
     """Perplexity and bits/byte of `wins`; per-layer (n_windows, E) expert slot counts for MoE models."""
-    n_experts = getattr(model.config, "num_experts", None)
+    n_experts = n_routed_experts(model.config)
     total_nll, total_tokens, total_bytes, counts = 0.0, 0, 0, []
-    with record_routing(model) as recorded:
+    with tap_routers(model) as recorded:
         for start in range(0, len(wins), BATCH):
             group = wins[start : start + BATCH]
             for batch in _same_length(group):  # (b, t+1); only the last window may be shorter
@@ -140,7 +117,7 @@ def measure(model, wins: list[torch.Tensor], nbytes: torch.Tensor) -> tuple[dict
                 total_bytes += int(nbytes[targets].sum())
                 if n_experts:
                     b, t = targets.shape  # ids of each layer: (b * t, k) -> (b, E) counts per window
-                    per_layer = [torch.cat(r).view(b, t * r[0].shape[-1]) for r in recorded]
+                    per_layer = [torch.cat(r.ids).view(b, t * r.ids[0].shape[-1]) for r in recorded]
                     counts.append(torch.stack([F.one_hot(ids, n_experts).sum(1) for ids in per_layer]))
                 for r in recorded:
                     r.clear()
