@@ -24,7 +24,13 @@ the total-variation distance between the code, math and prose load vectors, next
 distance between the even and odd windows of one domain); and for tiny-varmoe the share of slots sent
 to the large experts and the mean active intermediate size per token.
 
-Results go into ``weights/<name>/metrics.json`` (keys ``eval`` and ``routing``) and a printed table.
+Routing targets (MoE models only; `moescope.models.targets`): busiest expert over its fair share, dead
+experts and code-vs-prose total-variation distance per layer, measured with moescope's own capture and
+``analyze`` on the eval split.
+
+Results go into ``weights/<name>/metrics.json`` (keys ``eval``, ``routing``, ``targets``) and a printed
+table. ``eval.check`` is the perplexity of the first CHECK_WINDOWS windows per held-out domain, which the
+tests re-measure.
 
 Examples
 --------
@@ -45,13 +51,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moescope.models import SHIPPED_MODELS, shipped_model_path
+from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, shipped_model_path
 from moescope.models.router_tap import n_routed_experts, tap_routers
 
 HELD_OUT_SPEC = {"code": "humaneval,python-stdlib", "math": "gsm-symbolic:4000", "prose": "wiki"}
 SEQ_LEN = 256
 MAX_TOKENS = 65_536  # per set: 256 windows
 BATCH = 16
+CHECK_WINDOWS = 8  # per held-out domain: the perplexity the default test run re-measures
 
 
 # ---------------------------------------------------------------- text sets
@@ -188,11 +195,17 @@ def evaluate(name: str, folder: Path, sets: dict[str, dict[str, list[str]]]) -> 
             results[kind][set_name], set_counts = measure(model, windows(tokenizer, texts), nbytes)
             if kind == "held_out" and set_counts is not None:
                 counts[set_name] = set_counts
+    check = {set_name: measure(model, windows(tokenizer, texts)[:CHECK_WINDOWS], nbytes)[0]
+             for set_name, texts in sets["held_out"].items()}
     out = {"eval": {"seq_len": SEQ_LEN, "max_tokens_per_set": MAX_TOKENS, "dtype": "float32 (from bf16 weights)",
-                    **results}}
+                    **results, "check": {"windows": CHECK_WINDOWS, **check}}}
     if counts:
+        from moescope.models.targets import measure_targets
+
         sizes = getattr(model.config, "expert_sizes", None)
         out["routing"] = routing_summary(counts, model.config.num_experts_per_tok, sizes)
+        shipped = folder.resolve() == (WEIGHTS_DIR / name).resolve()  # else a folder, e.g. fresh from training
+        out["targets"] = measure_targets(name if shipped else str(folder), name)
     return out
 
 
@@ -200,7 +213,7 @@ def print_table(all_metrics: dict[str, dict]) -> None:
     names = list(all_metrics)
     print(f"{'set':<22}" + "".join(f"{n + ' ppl':>16}{'bpb':>7}" for n in names))
     for kind in all_metrics[names[0]]["eval"]:
-        if not isinstance(all_metrics[names[0]]["eval"][kind], dict):
+        if not isinstance(all_metrics[names[0]]["eval"][kind], dict) or kind == "check":
             continue
         print(f"-- {kind}")
         for set_name in all_metrics[names[0]]["eval"][kind]:
@@ -210,7 +223,8 @@ def print_table(all_metrics: dict[str, dict]) -> None:
     for name, metrics in all_metrics.items():
         if "routing" not in metrics:
             continue
-        print(f"\nrouting of {name} (held-out sets; uniform busiest share = 0.125)")
+        n_experts = len(next(iter(metrics["routing"]["layers"][0]["load"].values())))
+        print(f"\nrouting of {name} (held-out sets; uniform busiest share = {1 / n_experts:.4f})")
         for i, row in enumerate(metrics["routing"]["layers"]):
             busiest = " ".join(f"{d}={v:.3f}" for d, v in row["busiest_share"].items())
             tv = " ".join(f"{k}={v:.3f}" for k, v in row["tv_distance"].items())
@@ -220,6 +234,12 @@ def print_table(all_metrics: dict[str, dict]) -> None:
                 line += " | large share " + " ".join(f"{d}={v:.3f}" for d, v in row["large_expert_share"].items())
                 line += " | active I " + " ".join(f"{d}={v:.0f}" for d, v in row["mean_active_intermediate"].items())
             print(line)
+        full = metrics["targets"]["full"]
+        print(f"targets of {name} (moescope capture + analyze, {full['split']} split, {full['max_tokens']} tokens): "
+              + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in full["met"].items()))
+        for row in full["layers"]:
+            print(f"  MoE layer {row['layer']}: busiest/fair {row['busiest_over_fair']:.2f}, dead {row['dead']}, "
+                  f"TV code-prose {row['tv_code_prose']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
