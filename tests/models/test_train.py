@@ -16,7 +16,7 @@ from moescope.models.router_tap import router_modules, tap_routers
 
 
 def _np_switch(logits: np.ndarray, k: int) -> float:
-    """E * sum_e f_e P_e with a per-token loop: f = share of top-k slots, P = mean softmax probability."""
+    """E * sum_e f_e P_e with a per-token loop: f = top-k slots per token, P = mean softmax probability."""
     n, e = logits.shape
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
@@ -24,7 +24,7 @@ def _np_switch(logits: np.ndarray, k: int) -> float:
     for row in probs:
         for expert in np.argsort(-row, kind="stable")[:k]:
             slots[expert] += 1
-    return float(e * ((slots / (n * k)) * probs.mean(0)).sum())
+    return float(e * ((slots / n) * probs.mean(0)).sum())
 
 
 @pytest.mark.parametrize("n_tokens", [1, 7, 256])
@@ -35,9 +35,9 @@ def test_switch_loss_matches_a_numpy_reference(n_tokens):
     assert train.switch_loss(logits, ids).item() == pytest.approx(_np_switch(logits.numpy(), 2), rel=1e-6)
 
 
-def test_switch_loss_is_one_when_uniform():
+def test_switch_loss_is_top_k_when_uniform_as_in_transformers():
     ids = torch.arange(16).view(8, 2) % 8  # every expert gets 2 of 16 slots
-    assert train.switch_loss(torch.zeros(8, 8), ids).item() == pytest.approx(1.0)
+    assert train.switch_loss(torch.zeros(8, 8), ids).item() == pytest.approx(2.0)
 
 
 def test_per_layer_balance_sees_imbalance_that_pooling_all_layers_hides():
@@ -47,11 +47,11 @@ def test_per_layer_balance_sees_imbalance_that_pooling_all_layers_hides():
     n, e, k = 64, 4, 2
     layer_a = torch.tensor([[4.0, 4.0, -4.0, -4.0]]).expand(n, e)  # experts 0, 1
     layer_b = torch.tensor([[-4.0, -4.0, 4.0, 4.0]]).expand(n, e)  # experts 2, 3
-    pooled = load_balancing_loss_func((layer_a, layer_b), num_experts=e, top_k=k).item() / k  # 1.0 = balanced
+    pooled = load_balancing_loss_func((layer_a, layer_b), num_experts=e, top_k=k).item()  # k = balanced
     ids = [torch.topk(lg.softmax(-1), k, dim=-1).indices for lg in (layer_a, layer_b)]
     per_layer = torch.stack([train.switch_loss(lg, i) for lg, i in zip((layer_a, layer_b), ids)]).mean().item()
-    assert pooled == pytest.approx(1.0, abs=0.01)  # transformers' loss: nothing to fix
-    assert per_layer == pytest.approx(2.0, abs=0.01)  # ours: each layer uses half its experts
+    assert pooled == pytest.approx(k, abs=0.02)  # transformers' loss: nothing to fix
+    assert per_layer == pytest.approx(2 * k, abs=0.02)  # ours: each layer uses half its experts
 
 
 @pytest.mark.parametrize("n_tokens", [1, 7, 256])
@@ -194,3 +194,12 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert train.main(["--checkpoint-every", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --steps must be positive, not 0", "error: --checkpoint-every and --resume need --checkpoint-dir"]
+
+
+def test_one_layer_switch_loss_is_transformers_load_balancing_loss():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    logits = torch.randn(37, 8, generator=torch.Generator().manual_seed(5))
+    ids = torch.topk(logits.softmax(-1), 2, dim=-1).indices
+    expected = load_balancing_loss_func((logits,), num_experts=8, top_k=2).item()
+    assert train.switch_loss(logits, ids).item() == pytest.approx(expected, rel=1e-6)

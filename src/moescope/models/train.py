@@ -20,9 +20,10 @@ Every model sees the same batches: each step draws BATCH_MIX windows of 257 toke
 offsets from a seeded generator. Loss = next-token cross-entropy plus, for the softmax routers
 (tiny-moe, tiny-varmoe):
 
-- a Switch load-balancing loss computed PER LAYER, ``E * sum_e f_e * P_e`` (f: share of the layer's
-  top-k slots, P: mean router probability; 1.0 when uniform), averaged over layers, coefficient
-  LOAD_BALANCE_COEF. Not transformers' `load_balancing_loss_func` (``out.aux_loss``): that one pools
+- a Switch load-balancing loss computed PER LAYER, ``E * sum_e f_e * P_e`` (f: the layer's top-k slots
+  per token that went to e, P: mean router probability; top_k when uniform, the scale of transformers'
+  `load_balancing_loss_func`, so LOAD_BALANCE_COEF means what ``router_aux_loss_coef`` means in a
+  transformers config), averaged over layers. Not `load_balancing_loss_func` itself (``out.aux_loss``): that one pools
   the router logits of all layers before computing f and P, so overall balance satisfies it while
   single layers stay imbalanced — which is how the previous tiny-moe collapsed at coefficient 0.01;
 - a router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2`` per layer, averaged, Z_LOSS_COEF.
@@ -77,7 +78,7 @@ BATCH_MIX = {"code": 5, "math": 3, "prose": 3, "docs": 5}  # windows per step; 1
 DEFAULT_STEPS = 2448  # x 16 x 256 = 10.03 M tokens
 PEAK_LR, MIN_LR_FRACTION, WARMUP_STEPS = 3e-3, 0.1, 100
 WEIGHT_DECAY, GRAD_CLIP, BETAS = 0.1, 1.0, (0.9, 0.95)
-LOAD_BALANCE_COEF = AUX_LOSS_COEF  # 0.01, Switch Transformer's value
+LOAD_BALANCE_COEF = AUX_LOSS_COEF  # 0.01 (OLMoE's router_aux_loss_coef; Mixtral 0.02, Qwen3-MoE 0.001)
 Z_LOSS_COEF = 1e-3  # ST-MoE's value
 BIAS_UPDATE_RATE = 2e-3  # DeepSeek-V3 used 1e-3 over ~1 M steps; this run has ~2.5 k
 SEQ_AUX_COEF = 1e-4  # DeepSeek-V3's alpha
@@ -193,9 +194,9 @@ def slot_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def switch_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """One layer's Switch balance loss E * sum_e f_e * P_e (1.0 when uniform); logits (N, E), ids (N, k)."""
+    """One layer's Switch balance loss E * sum_e f_e * P_e (top_k when uniform); logits (N, E), ids (N, k)."""
     n_experts = logits.shape[-1]
-    f = slot_counts(ids, n_experts) / ids.numel()  # (E,) share of slots, no gradient
+    f = slot_counts(ids, n_experts) / ids.shape[0]  # (E,) slots per token, sums to k; no gradient
     p = logits.float().softmax(-1).mean(0)  # (E,)
     return n_experts * (f * p).sum()
 
