@@ -24,7 +24,7 @@ TOP_K = 2
 MOE_INTERMEDIATE = 256
 DENSE_INTERMEDIATE = TOP_K * MOE_INTERMEDIATE  # same active MLP parameters per token as tiny-moe
 VAR_EXPERT_SIZES = (448, 448, 448, 448, 64, 64, 64, 64)  # sums to N_EXPERTS * MOE_INTERMEDIATE
-AUX_LOSS_COEF = 0.01
+AUX_LOSS_COEF = 0.02  # Mixtral's router_aux_loss_coef (transformers scale: top_k when uniform)
 DSV3_EXPERTS, DSV3_TOP_K, DSV3_INTERMEDIATE = 16, 3, 128  # 16 x 128 = N_EXPERTS * MOE_INTERMEDIATE
 DSV3_GROUPS, DSV3_TOPK_GROUPS, DSV3_SHARED = 4, 2, 1  # group-limited: top-3 among the best 2 of 4 groups
 MAX_POSITIONS = 2048

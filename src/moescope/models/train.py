@@ -78,7 +78,7 @@ BATCH_MIX = {"code": 5, "math": 3, "prose": 3, "docs": 5}  # windows per step; 1
 DEFAULT_STEPS = 2448  # x 16 x 256 = 10.03 M tokens
 PEAK_LR, MIN_LR_FRACTION, WARMUP_STEPS = 3e-3, 0.1, 100
 WEIGHT_DECAY, GRAD_CLIP, BETAS = 0.1, 1.0, (0.9, 0.95)
-LOAD_BALANCE_COEF = AUX_LOSS_COEF  # 0.01 (OLMoE's router_aux_loss_coef; Mixtral 0.02, Qwen3-MoE 0.001)
+LOAD_BALANCE_COEF = AUX_LOSS_COEF  # 0.02 = Mixtral; OLMoE 0.01, Qwen3-MoE 0.001 (same scale)
 Z_LOSS_COEF = 1e-3  # ST-MoE's value
 BIAS_UPDATE_RATE = 2e-3  # DeepSeek-V3 used 1e-3 over ~1 M steps; this run has ~2.5 k
 SEQ_AUX_COEF = 1e-4  # DeepSeek-V3's alpha
