@@ -1,17 +1,24 @@
 """The routing targets of the shipped MoEs, measured with moescope itself: capture, then `moescope analyze`.
 
-Targets (issue 17), on the EVAL split of the built-in corpora (code, math, prose):
+Targets (issue 17), on the EVAL split of the held-out domains of `models/evaluate.py` (code, math, prose):
 - in every MoE layer the busiest expert takes at most BUSIEST_MAX x its fair share (``load`` analysis,
   ``max_over_mean``), and no expert is dead (``n_dead``);
 - routing is domain-specific: in at least one layer the total-variation distance between the code and
   prose expert distributions (``domain_specialisation`` distributions) exceeds TV_MIN.
 
-`measure_routing` runs the real CLI (`moescope capture`, `moescope analyze --only load,domain_specialisation`)
-into a scratch folder and reads the tables it wrote, so the numbers are what a user would get.
+The text: the eval-split documents of each domain, cut at line ends into pieces of at most PIECE_CHARS
+characters, written to ``code=``/``math=``/``prose=`` JSONL files. moescope interleaves sources
+fewest-characters-first, so every prefix of the capture holds the three domains in equal measure (the
+built-in spec itself would not: one standard-library file of the eval split is 23 k tokens, 70 % of a
+32 k-token capture).
+
+`measure_routing` runs the real CLI (`moescope capture --split all` on those files, `moescope analyze
+--only load,domain_specialisation`) into a scratch folder and reads the tables it wrote, so the numbers
+are what a user gets.
 
 Examples
 --------
-    python -m moescope.models.targets moescope:tiny-moe   # prints the per-layer table
+    python -m moescope.models.targets moescope:tiny-moe   # prints the measurement as JSON
 """
 
 from __future__ import annotations
@@ -25,14 +32,41 @@ from pathlib import Path
 
 import pandas as pd
 
-DATA = "humaneval,python-stdlib,gsm-symbolic:4000,wiki"  # the held-out domains of models/evaluate.py
-SPLIT = "eval"
+PIECE_CHARS = 1_000
 FULL_TOKENS = 32_768  # what metrics.json and the README report
-# What the default test run re-measures (it must equal the recorded value): short documents only, so that
-# a small capture holds every domain (a standard-library file alone fills thousands of tokens).
-CHECK_DATA, CHECK_TOKENS = "humaneval,gsm-symbolic:4000,wiki", 2_048
+CHECK_TOKENS = 2_048  # what the default test run re-measures (it must equal the recorded value)
 BUSIEST_MAX = 2.0
 TV_MIN = 0.1
+
+
+def pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` cut at line ends into pieces of at most `limit` characters (a longer line is a piece alone).
+
+    Examples
+    --------
+    >>> pieces("aa\\nbb\\ncc\\n", limit=6)
+    ['aa\\nbb\\n', 'cc\\n']
+    """
+    out, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line) > limit:
+            out.append(current)
+            current = ""
+        current += line
+    return [*out, current] if current.strip() else out
+
+
+def write_eval_corpus(folder: Path) -> str:
+    """Write the eval-split pieces of each domain to ``folder/<domain>.jsonl``; returns the ``--data`` spec."""
+    from moescope.models.evaluate import held_out_texts
+
+    entries = []
+    for domain, texts in held_out_texts("eval").items():
+        path = folder / f"{domain}.jsonl"
+        rows = (json.dumps({"text": p}) for t in texts for p in pieces(t) if p.strip())
+        path.write_text("\n".join(rows) + "\n")
+        entries.append(f"{domain}={path}:text")
+    return ",".join(entries)
 
 
 def _run(argv: list[str]) -> None:
@@ -55,23 +89,28 @@ def model_arguments(model: str, name: str) -> list[str]:
             "--top-k", str(router.top_k)]
 
 
-def measure_routing(model: str, max_tokens: int, name: str | None = None, data: str = DATA) -> dict:
+def measure_routing(model: str, max_tokens: int, name: str | None = None) -> dict:
     """Per-layer busiest/fair share, dead experts and code-vs-prose TV of `model` (``moescope:NAME`` or a folder)."""
     name = name or model.removeprefix("moescope:")
     with tempfile.TemporaryDirectory() as scratch:
-        trace, tables = Path(scratch) / "trace", Path(scratch) / "tables"
-        _run(["capture", *model_arguments(model, name), "--data", data, "--split", SPLIT,
+        scratch = Path(scratch)
+        data = write_eval_corpus(scratch)
+        trace, tables = scratch / "trace", scratch / "tables"
+        _run(["capture", *model_arguments(model, name), "--data", data, "--split", "all",
               "--max-tokens", str(max_tokens), "--out", str(trace), "--no-progress"])
         _run(["analyze", str(trace), "--out", str(tables), "--only", "load,domain_specialisation", "--no-model"])
         load = pd.read_csv(tables / "load__per_layer.csv")
         dist = pd.read_csv(tables / "domain_specialisation__distributions.csv")
+        tokens = json.loads((tables / "summary.json").read_text())["analyses"]["domain_specialisation"]
     load = load[load["layer"] >= 0]  # -1 is all layers pooled
     share = dist.pivot_table(index=["layer", "expert"], columns="domain", values="share", fill_value=0.0)
     tv = (0.5 * (share["code"] - share["prose"]).abs()).groupby(level="layer").sum()  # [L]
     layers = [{"layer": int(row.layer), "busiest_over_fair": round(float(row.max_over_mean), 4),
                "dead": int(row.n_dead), "tv_code_prose": round(float(tv[row.layer]), 4)}
               for row in load.itertuples()]
-    return {"data": data, "split": SPLIT, "max_tokens": max_tokens, "layers": layers, "met": targets_met(layers)}
+    return {"corpus": f"eval split of {', '.join(sorted(tokens['tokens_per_domain']))}, pieces of <= {PIECE_CHARS} "
+                      "characters", "tokens_per_domain": tokens["tokens_per_domain"], "max_tokens": max_tokens,
+            "layers": layers, "met": targets_met(layers)}
 
 
 def targets_met(layers: list[dict]) -> dict[str, bool]:
@@ -85,8 +124,7 @@ def targets_met(layers: list[dict]) -> dict[str, bool]:
 def measure_targets(model: str, name: str) -> dict:
     """The full measurement and the small one the tests repeat; `model` is a shipped name or a folder."""
     model = model if Path(model).is_dir() else "moescope:" + model.removeprefix("moescope:")
-    return {"full": measure_routing(model, FULL_TOKENS, name),
-            "check": measure_routing(model, CHECK_TOKENS, name, CHECK_DATA)}
+    return {"full": measure_routing(model, FULL_TOKENS, name), "check": measure_routing(model, CHECK_TOKENS, name)}
 
 
 if __name__ == "__main__":
