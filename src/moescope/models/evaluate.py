@@ -235,7 +235,7 @@ def print_table(all_metrics: dict[str, dict]) -> None:
                 line += " | active I " + " ".join(f"{d}={v:.0f}" for d, v in row["mean_active_intermediate"].items())
             print(line)
         full = metrics["targets"]["full"]
-        print(f"targets of {name} (moescope capture + analyze, {full['split']} split, {full['max_tokens']} tokens): "
+        print(f"targets of {name} (moescope capture + analyze, {full['corpus']}, {full['max_tokens']} tokens): "
               + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in full["met"].items()))
         for row in full["layers"]:
             print(f"  MoE layer {row['layer']}: busiest/fair {row['busiest_over_fair']:.2f}, dead {row['dead']}, "
