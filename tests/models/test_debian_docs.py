@@ -66,3 +66,12 @@ def test_installed_man_page_has_no_troff_left():
     text = debian_docs.troff_to_text(gzip.decompress(page.read_bytes()).decode())
     assert text.startswith("NAME\n\nopen, openat, creat - open and possibly create a file")
     assert "\\f" not in text and "\n.SH" not in text and "O_CREAT" in text
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from moescope.models import targets
+
+    for module in (debian_docs, targets):
+        assert doctest.testmod(module).failed == 0
