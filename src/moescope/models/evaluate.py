@@ -242,6 +242,40 @@ def print_table(all_metrics: dict[str, dict]) -> None:
                   f"TV code-prose {row['tv_code_prose']:.3f}")
 
 
+# Held-out perplexity of the release before issue 17 (~1 M training tokens, same tokenizer and windows);
+# tiny-varmoe re-measured with its RoPE frequencies initialised (issue 12.6; the README had 260.3 / 147.1 / 578.1).
+# tiny-dsv3 is new: it is set against tiny-moe's (same hidden size, depth, vocabulary and expert parameters).
+PREVIOUS_HELD_OUT_PPL = {"tiny-moe": {"code": 170.7, "math": 107.7, "prose": 450.0},
+                         "tiny-dense": {"code": 181.4, "math": 113.1, "prose": 467.9},
+                         "tiny-varmoe": {"code": 181.98, "math": 104.92, "prose": 469.98}}
+PREVIOUS_HELD_OUT_PPL["tiny-dsv3"] = PREVIOUS_HELD_OUT_PPL["tiny-moe"]
+README_WHAT = {"tiny-moe": "Qwen3-MoE, 8 experts × 256, top-2",
+               "tiny-dense": "Qwen3 dense twin, MLP 512 (same active params per token)",
+               "tiny-varmoe": "custom PyTorch MoE, experts 4 × 448 + 4 × 64, top-2",
+               "tiny-dsv3": "DeepSeek-V3: MLA, dense layer 0, 16 experts × 128, top-3 of 2 of 4 groups, 1 shared"}
+
+
+def readme_tables(all_metrics: dict[str, dict]) -> str:
+    """The README's two shipped-model tables (perplexity now (before); routing targets), from metrics.json."""
+    lines = ["| model | what | params | code | math | prose | news (unseen) | click sources (unseen) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in all_metrics.items():
+        held, unseen, before = m["eval"]["held_out"], m["eval"]["out_of_corpus"], PREVIOUS_HELD_OUT_PPL[name]
+        cells = [f"{held[d]['ppl']:.1f} ({before[d]:.1f})" for d in ("code", "math", "prose")]
+        cells += [f"{unseen[d]['ppl']:.1f}" for d in ("news", "click-source")]
+        lines.append(f"| `{name}` | {README_WHAT[name]} | {m['parameters'] / 1e6:.1f} M | " + " | ".join(cells) + " |")
+    lines += ["", "| model | MoE layers | busiest expert / fair share, per layer | dead experts | "
+              "TV code vs prose, per layer |", "|---|---|---|---|---|"]
+    for name, m in all_metrics.items():
+        if "targets" not in m:
+            continue
+        rows = m["targets"]["full"]["layers"]
+        per_layer = lambda key, fmt: ", ".join(format(r[key], fmt) for r in rows)  # noqa: E731
+        lines.append(f"| `{name}` | {len(rows)} | {per_layer('busiest_over_fair', '.2f')} | "
+                     f"{sum(r['dead'] for r in rows)} | {per_layer('tv_code_prose', '.2f')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m moescope.models.evaluate",
@@ -268,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(metrics, indent=1) + "\n")
         all_metrics[name] = metrics
     print_table(all_metrics)
+    if args.model == "all":
+        print("\nREADME tables:\n" + readme_tables(all_metrics))
 
 
 if __name__ == "__main__":
