@@ -1,13 +1,19 @@
 """The routing targets of the shipped MoEs, measured with moescope itself: capture, then `moescope analyze`.
 
-Targets (issue 17), on the EVAL split of the held-out domains of `models/evaluate.py` (code, math, prose):
+Targets (issue 17), on the EVAL split of the training domains (models/train.py): code, math and prose,
+where prose is Wikipedia and Debian documentation in the proportion the training batches hold them:
 - in every MoE layer the busiest expert takes at most BUSIEST_MAX x its fair share (``load`` analysis,
   ``max_over_mean``), and no expert is dead (``n_dead``);
 - routing is domain-specific: in at least one layer the total-variation distance between the code and
   prose expert distributions (``domain_specialisation`` distributions) exceeds TV_MIN.
 
-The text: the eval-split documents of each domain, cut at line ends into pieces of at most PIECE_CHARS
-characters, written to ``code=``/``math=``/``prose=`` JSONL files. moescope interleaves sources
+Balance learnt on one mix of domains is measured on another when the two differ: an expert that takes half
+of Wikipedia's slots and a quarter of the documentation's is overloaded on a prose side of Wikipedia alone
+(1.9x fair share where the training batches had 1.4x; measured on a tiny-moe checkpoint). The text: the
+eval-split documents of each domain, cut at line ends into pieces of at most PIECE_CHARS characters,
+documentation pieces added to Wikipedia's up to BATCH_MIX's docs : prose ratio in characters, shuffled
+by a hash of their text (so that a capture's first tokens sample every document, not
+the first few files), written to ``code=``/``math=``/``prose=`` JSONL files. moescope interleaves sources
 fewest-characters-first, so every prefix of the capture holds the three domains in equal measure (the
 built-in spec itself would not: one standard-library file of the eval split is 23 k tokens, 70 % of a
 32 k-token capture).
@@ -23,8 +29,11 @@ Examples
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import hashlib
 import io
+import itertools
 import json
 import sys
 import tempfile
@@ -56,15 +65,31 @@ def pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
     return [*out, current] if current.strip() else out
 
 
+def _text_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def eval_pieces() -> dict[str, list[str]]:
+    """Domain -> eval-split pieces; prose = Wikipedia + documentation in the training batches' proportion."""
+    from moescope.models.debian_docs import debian_docs_texts
+    from moescope.models.evaluate import held_out_texts
+    from moescope.models.train import BATCH_MIX
+
+    cut = {d: [p for t in texts for p in pieces(t) if p.strip()] for d, texts in held_out_texts("eval").items()}
+    budget = sum(map(len, cut["prose"])) * BATCH_MIX["docs"] / BATCH_MIX["prose"]  # characters of docs
+    docs = sorted((p for t in debian_docs_texts("eval") for p in pieces(t) if p.strip()), key=_text_hash)
+    n_docs = bisect.bisect_right(list(itertools.accumulate(map(len, docs))), budget)
+    cut["prose"] += docs[:n_docs]
+    return cut
+
+
 def write_eval_corpus(folder: Path) -> str:
     """Write the eval-split pieces of each domain to ``folder/<domain>.jsonl``; returns the ``--data`` spec."""
-    from moescope.models.evaluate import held_out_texts
-
     entries = []
-    for domain, texts in held_out_texts("eval").items():
+    for domain, texts in eval_pieces().items():
         path = folder / f"{domain}.jsonl"
-        rows = (json.dumps({"text": p}) for t in texts for p in pieces(t) if p.strip())
-        path.write_text("\n".join(rows) + "\n")
+        cut = sorted(texts, key=_text_hash)
+        path.write_text("\n".join(json.dumps({"text": p}) for p in cut) + "\n")
         entries.append(f"{domain}={path}:text")
     return ",".join(entries)
 
@@ -108,8 +133,8 @@ def measure_routing(model: str, max_tokens: int, name: str | None = None) -> dic
     layers = [{"layer": int(row.layer), "busiest_over_fair": round(float(row.max_over_mean), 4),
                "dead": int(row.n_dead), "tv_code_prose": round(float(tv[row.layer]), 4)}
               for row in load.itertuples()]
-    return {"corpus": f"eval split of {', '.join(sorted(tokens['tokens_per_domain']))}, pieces of <= {PIECE_CHARS} "
-                      "characters", "tokens_per_domain": tokens["tokens_per_domain"], "max_tokens": max_tokens,
+    return {"corpus": f"eval split of {', '.join(sorted(tokens['tokens_per_domain']))} (Wikipedia + Debian "
+                      f"documentation), pieces of <= {PIECE_CHARS} characters", "tokens_per_domain": tokens["tokens_per_domain"], "max_tokens": max_tokens,
             "layers": layers, "met": targets_met(layers)}
 
 
