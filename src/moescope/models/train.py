@@ -75,7 +75,7 @@ SPECIAL = "<|endoftext|>"
 SEED = 0
 SEQ_LEN = 256
 # Windows per step, 16 in all: about the token shares of the targets' eval text (models/targets.py: code 28 %,
-# math 39 %, prose 33 %), since balance learnt on one domain mix is measured on another (docs count as prose).
+# math 36 %, prose 35 %), since balance is learnt on one mix of domains and measured on another.
 BATCH_MIX = {"code": 5, "math": 6, "prose": 3, "docs": 2}
 DEFAULT_STEPS = 2448  # x 16 x 256 = 10.03 M tokens
 PEAK_LR, MIN_LR_FRACTION, WARMUP_STEPS = 3e-3, 0.1, 100
