@@ -37,7 +37,7 @@ def router_modules(model) -> list[tuple[str, torch.nn.Module]]:
 @contextlib.contextmanager
 def tap_routers(model) -> Iterator[list[RouterCall]]:
     """Yield one RouterCall per MoE layer, filled by every forward inside the block."""
-    top_k = model.config.num_experts_per_tok
+    top_k = getattr(model.config, "num_experts_per_tok", None)  # None: a dense model, no routers
     calls = [RouterCall() for _ in router_modules(model)]
 
     def hook_for(call: RouterCall):
