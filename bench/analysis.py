@@ -11,9 +11,10 @@ What it does, in one run:
      analyses; generating the shards is timed separately and not counted.
   2. Times the per-token loop implementations (moescope.analysis.reference, written the way the research
      notebooks write them) on a --loop-tokens subset of the same trace (the loops would take hours on the
-     whole trace), and extrapolates per row; the fastest of --loop-repeats runs counts (the fast suite is
-     timed once, so the ratio errs low). Each reference loop re-reads the rows; the row-conversion cost is
-     measured and counted once, as a single notebook loop computing everything would pay it once.
+     whole trace), and extrapolates per row. Each reference loop re-reads the rows; the row-conversion cost
+     is measured and counted once, as a single notebook loop computing everything would pay it once.
+     Steps 1 and 2 alternate for --reps repetitions (bench/_timing.py); every figure is the median
+     (min–max) over them, the loop/fast ratio paired within a repetition.
   3. Checks that the fast suite and the loops agree on that subset.
   4. Measures peak traced memory (tracemalloc) for a small and the full trace with the same shard size:
      bounded memory means the two peaks are about equal and a small multiple of one shard's bytes. Token
@@ -30,6 +31,7 @@ import time
 import tracemalloc
 
 import numpy as np
+from _timing import Spread, interleave, paired_ratios
 
 from moescope.analysis import ANALYSES, run_analyses
 from moescope.analysis.reference import REFERENCES
@@ -46,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--shard-tokens", type=int, default=10_000)
     p.add_argument("--loop-tokens", type=int, default=1000, help="tokens of the subset the loops run on")
-    p.add_argument("--loop-repeats", type=int, default=3, help="time the loops this often, keep the fastest")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the fast suite and the loops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-memory", action="store_true", help="skip the two tracemalloc runs")
     return p.parse_args()
@@ -122,20 +124,17 @@ def _cut(shard: ShardData, lo: int, hi: int) -> ShardData:
     return ShardData(**fields)
 
 
-def time_loops(subset, ctx, repeats: int) -> tuple[dict[str, float], dict[str, dict], float]:
-    """(CPU seconds per reference loop, their outputs, CPU seconds of converting rows once); best of `repeats`."""
-    conversion = math.inf
-    seconds = dict.fromkeys(REFERENCES, math.inf)
-    outputs = {}
-    for _ in range(repeats):  # the minimum filters out moments when other work shares the cores
+def time_loops(subset, ctx) -> tuple[dict[str, float], dict[str, dict], float]:
+    """(CPU seconds per reference loop, their outputs, CPU seconds of converting rows once)."""
+    start = time.process_time()
+    for _ in token_rows(subset):
+        pass
+    conversion = time.process_time() - start
+    seconds, outputs = {}, {}
+    for name, module in REFERENCES.items():
         start = time.process_time()
-        for _ in token_rows(subset):
-            pass
-        conversion = min(conversion, time.process_time() - start)
-        for name, module in REFERENCES.items():
-            start = time.process_time()
-            outputs[name] = module.compute(subset, ctx)
-            seconds[name] = min(seconds[name], time.process_time() - start)
+        outputs[name] = module.compute(subset, ctx)
+        seconds[name] = time.process_time() - start
     return seconds, outputs, conversion
 
 
@@ -205,49 +204,61 @@ def main() -> None:
         " (router logits, weights, ids, predictions, entropy)\n"
     )
 
-    timings, generation_cpu, wall = time_fast(spec, n_tokens, args)
-    fast_total = sum(timings.values())
-    print(
-        f"fast suite: {fast_total:.1f} CPU s for all analyses = {rows / fast_total / 1e6:.2f} M rows/s"
-        f"   (+ {generation_cpu:.1f} CPU s generating shards, not counted; wall {wall:.1f} s for both)"
-    )
-
     subset = loop_subset(spec, args)
     ctx = spec.context()
     sub_rows = sum(s.n_tokens for s in subset) * args.layers
-    loop_seconds, loop_outputs, conversion = time_loops(subset, ctx, args.loop_repeats)
-    fast_subset = run_analyses(subset, ctx)
-    agrees = agreement(fast_subset, loop_outputs, ctx)
-    loop_single_pass = sum(loop_seconds.values()) - (len(loop_seconds) - 1) * conversion
+    fast_runs, loop_runs = [], []  # per repetition: (timings, generation CPU, wall) and (seconds, outputs, conversion)
+
+    def fast() -> float:
+        fast_runs.append(time_fast(spec, n_tokens, args))
+        return sum(fast_runs[-1][0].values())
+
+    def loops() -> float:
+        loop_runs.append(time_loops(subset, ctx))
+        seconds, _, conversion = loop_runs[-1]
+        return sum(seconds.values()) - (len(seconds) - 1) * conversion  # rows read once
+
+    totals = interleave({"fast": fast, "loops": loops}, args.reps, measure=lambda way: way(), warmup=False)
+    fast_total = Spread.of(totals["fast"])
     print(
-        f"loops: on a {sub_rows:,}-row subset ({sum(s.n_tokens for s in subset)} tokens, {len(subset)} shards), "
-        f"fastest of {args.loop_repeats} runs; reading rows costs {conversion / sub_rows * 1e6:.1f} us/row, counted once\n"
+        f"fast suite: {fast_total.text('.1f')} CPU s for all analyses = {Spread.of([rows / t / 1e6 for t in totals['fast']]).text('.2f')} M rows/s"
+        f"   (+ {Spread.of([r[1] for r in fast_runs]).text('.1f')} CPU s generating shards, not counted; wall "
+        f"{Spread.of([r[2] for r in fast_runs]).text('.1f')} s for both); median (min–max) of {args.reps} interleaved repetitions"
+    )
+    fast_subset = run_analyses(subset, ctx)
+    agrees = agreement(fast_subset, loop_runs[-1][1], ctx)
+    conversion = Spread.of([r[2] / sub_rows * 1e6 for r in loop_runs])
+    print(
+        f"loops: on a {sub_rows:,}-row subset ({sum(s.n_tokens for s in subset)} tokens, {len(subset)} shards); "
+        f"reading rows costs {conversion.text('.1f')} us/row, counted once\n"
     )
 
     print("per analysis: the loop alone, as a notebook computing only that statistic runs it (reading rows included)")
-    print(f"{'analysis':24s} {'fast us/row':>12s} {'loop us/row':>12s} {'ratio':>9s}  agree")
+    print(f"{'analysis':24s} {'fast us/row':>22s} {'loop us/row':>24s} {'ratio (paired)':>20s}  agree")
     for name in ANALYSES:
-        fast_per_row = timings.get(name, 0.0) / rows * 1e6
-        loop_per_row = loop_seconds[name] / sub_rows * 1e6
+        fast_per_row = [r[0].get(name, 0.0) / rows * 1e6 for r in fast_runs]
+        loop_per_row = [r[0][name] / sub_rows * 1e6 for r in loop_runs]
         agree = "yes" if agrees[name] else "NO"
-        print(f"{name:24s} {fast_per_row:12.3f} {loop_per_row:12.2f} {loop_per_row / fast_per_row:8.0f}x  {agree}")
-    loop_per_row = loop_single_pass / sub_rows * 1e6
-    fast_per_row = fast_total / rows * 1e6
+        print(f"{name:24s} {Spread.of(fast_per_row).text('.3f'):>22s} {Spread.of(loop_per_row).text('.2f'):>24s} "
+              f"{paired_ratios(loop_per_row, fast_per_row).text('.0f'):>19s}x  {agree}")
+    ratio = paired_ratios([t / sub_rows for t in totals["loops"]], [t / rows for t in totals["fast"]])
     print(
-        f"{'all, rows read once':24s} {fast_per_row:12.3f} {loop_per_row:12.2f} {loop_per_row / fast_per_row:8.0f}x  "
+        f"{'all, rows read once':24s} {Spread.of([t / rows * 1e6 for t in totals['fast']]).text('.3f'):>22s} "
+        f"{Spread.of([t / sub_rows * 1e6 for t in totals['loops']]).text('.2f'):>24s} {ratio.text('.0f'):>19s}x  "
         f"{'yes' if all(agrees.values()) else 'NO'}"
     )
+    loop_hours = Spread.of([t / sub_rows * rows / 3600 for t in totals["loops"]])
     print(
-        f"\nspeed: fast {rows / fast_total / 1e6:.2f} M rows/s vs loop {1 / loop_per_row:.4f} M rows/s"
-        f" -> the loop would need {loop_per_row * rows / 1e6 / 3600:.2f} h for this trace, the suite took {fast_total:.0f} s;"
-        f" ratio {loop_per_row / fast_per_row:.0f}x (target >= 100x)"
+        f"\nspeed: the loop would need {loop_hours.text('.2f')} h for this trace, the suite took {fast_total.text('.0f')} s;"
+        f" ratio {ratio.text('.0f')}x (target >= 100x: {'met over the whole range' if ratio.lo >= 100 else 'NOT met over the whole range'})"
     )
 
     if not args.skip_memory:
         small_tokens = max(args.shard_tokens, n_tokens // 8)
         bounded = [name for name in ANALYSES if name != "token_specialisation"]
         print(
-            f"\nmemory, tracemalloc peak (one shard = {shard_bytes(one_shard) / 2**20:.1f} MiB; includes generating it):"
+            f"\nmemory, tracemalloc peak (one shard = {shard_bytes(one_shard) / 2**20:.1f} MiB; includes generating it; "
+            "one run each: the same seed allocates the same bytes):"
         )
         for label, only in (("all analyses", None), ("all but token_specialisation", bounded)):
             small = peak_memory(spec, small_tokens, args, only)

@@ -2,25 +2,27 @@
 
     python bench/capture.py [--model moescope:tiny-moe] [--batches 16] [--reps 5]
 
-Ways, interleaved rep by rep so machine noise hits each alike:
-  plain      model forward pass only (the baseline)
-  moescope   moescope.capture: hooks + trace written to Parquet (included in the time)
-  router     forward with output_router_logits=True, top-k taken from the logits (no writing)
-  nnsight    nnsight tracing of every router's output (if nnsight is installed)
-Prints tokens/s, overhead over plain (median of reps), and bytes per (token, MoE layer) of the trace
-against the same routing exported as JSONL.
+Two cases, each with its ways interleaved rep by rep so machine noise hits each alike:
+  large (--batches batches of --batch-size x --seq-len):
+    plain      model forward pass only (the baseline)
+    moescope   moescope.capture: hooks + trace written to Parquet (included in the time)
+    router     forward with output_router_logits=True, top-k taken from the logits (no writing)
+    nnsight    nnsight tracing of every router's output (if nnsight is installed)
+  small (one batch of --batch-size x --seq-len): plain forward against a whole moescope.capture of it,
+    where the fixed cost (trace folder, fsyncs, three Parquet tables, manifest) is not spread over many batches.
+Prints tokens/s and overhead over plain, each as median (min–max) over the reps (overheads paired per rep),
+and bytes per (token, MoE layer) of the trace against the same routing exported as JSONL.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _timing import compare_line, header, interleave
 
 import moescope
 from moescope.adapters.discover import find_moe_layers
@@ -105,6 +107,11 @@ def run_moescope(model, ids, batch, out: Path):
     return moescope.capture(model, input_ids=ids, out=out, batch_size=batch, progress=False)
 
 
+def _print_table(times: dict[str, list[float]], n_tokens: int) -> None:
+    for name, ts in times.items():
+        print(compare_line(name, ts, times["plain"], work=n_tokens))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: a Qwen3-MoE built from a config (5 M params)")
@@ -112,6 +119,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--small-reps", type=int, default=15, help="reps of the one-batch case (cheap, and noisier)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,22 +136,17 @@ def main() -> None:
         ways["nnsight"] = lambda: run_nnsight(model, ids, args.batch_size)
     except ImportError:
         print("nnsight not installed: skipped (pip install nnsight)")
-    for fn in ways.values():  # warm-up
-        fn()
-    times = {name: [] for name in ways}
-    for _ in range(args.reps):
-        for name, fn in ways.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleave(ways, args.reps)
     model_name = args.model or "Qwen3-MoE from config (hidden 128, 4 layers, 8 experts, top-2)"
-    print(f"model: {model_name}; {n_tokens} tokens per run ({args.batches} batches of {args.batch_size}x{args.seq_len}), "
-          f"{args.reps} interleaved reps, {args.threads} threads")
-    base = statistics.median(times["plain"])
-    print(f"{'way':<14} {'tokens/s':>10} {'overhead vs plain':>18}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<14} {n_tokens / med:>10,.0f} {100 * (med / base - 1):>+17.1f}%")
+    print(f"model: {model_name}; {args.threads} threads; {header(args.reps)}")
+    print(f"large: {n_tokens} tokens per run ({args.batches} batches of {args.batch_size}x{args.seq_len})")
+    _print_table(times, n_tokens)
+    one = ids[: args.batch_size]
+    small = interleave({"plain": lambda: run_plain(model, one, args.batch_size),
+                         "moescope": lambda: run_moescope(model, one, args.batch_size, work / "small")}, args.small_reps)
+    print(f"small: one batch of {args.batch_size}x{args.seq_len} ({one.numel()} tokens), a whole capture per run, "
+          f"{args.small_reps} reps")
+    _print_table(small, one.numel())
     trace = moescope.open_trace(work / "trace")
     cells = trace.n_tokens * trace.n_layers
     trace_bytes = sum(p.stat().st_size for p in (work / "trace").rglob("*.parquet"))

@@ -9,19 +9,19 @@ Ways, interleaved rep by rep, on the same prompts:
   prefill: plain forward passes over all batches  vs  moescope.capture (hooks + Parquet trace written, all timed;
            shards are written on a background thread while the next batches run)
   generate: plain model.generate(greedy) on 2 batches  vs  moescope.capture(generate=N) of them
-Prints tokens/s of each and the overhead of capture (median of reps).
+Prints tokens/s of each and the overhead of capture, as median (min–max) over interleaved reps with the
+overhead paired within each rep (bench/_timing.py; each way's time ends with a device synchronisation).
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _timing import compare_line, header, interleave, wall_seconds
 
 import moescope
 
@@ -52,11 +52,9 @@ def writer_level() -> int:
 
 
 def timed(fn) -> float:
+    """Wall seconds of fn, from an idle device to an idle device."""
     torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return wall_seconds(lambda: (fn(), torch.cuda.synchronize()))
 
 
 def main() -> None:
@@ -98,25 +96,16 @@ def main() -> None:
                 model.generate(input_ids=batch.cuda(), attention_mask=torch.ones_like(batch).cuda(),
                                max_new_tokens=args.generate, do_sample=False, pad_token_id=0)
 
-    ways = {
-        "prefill plain": (plain_forward, ids.numel()),
-        "prefill moescope": (lambda: capture(ids, 0), ids.numel()),
-        "generate plain": (plain_generate, len(gen_ids) * (args.prompt_len + args.generate)),
-        "generate moescope": (lambda: capture(gen_ids, args.generate), len(gen_ids) * (args.prompt_len + args.generate)),
-    }
-    for fn, _ in ways.values():  # warm-up
-        fn()
-    times = {name: [] for name in ways}
-    for _ in range(args.reps):
-        for name, (fn, _) in ways.items():
-            times[name].append(timed(fn))
+    ways = {"prefill plain": plain_forward, "prefill moescope": lambda: capture(ids, 0),
+            "generate plain": plain_generate, "generate moescope": lambda: capture(gen_ids, args.generate)}
+    tokens = {"prefill": ids.numel(), "generate": len(gen_ids) * (args.prompt_len + args.generate)}
+    times = interleave(ways, args.reps, measure=timed)
     print(f"{args.config} (random weights, bf16, {n_params / 1e9:.1f} B parameters) on {torch.cuda.get_device_name()}: "
           f"{args.batches} batches of {args.batch} x {args.prompt_len} prompt tokens (generate: 2 batches, {args.generate} new "
-          f"tokens); shards of {args.shard_tokens} tokens, zstd level {writer_level()}; median of {args.reps}")
-    for name, (_, n_tokens) in ways.items():
-        med = statistics.median(times[name])
-        base = statistics.median(times[name.split()[0] + " plain"])
-        print(f"  {name:18s} {n_tokens / med:10,.0f} tokens/s   {100 * (med / base - 1):+6.1f}% vs plain")
+          f"tokens); shards of {args.shard_tokens} tokens, zstd level {writer_level()}; {header(args.reps)}")
+    for name, ts in times.items():
+        kind = name.split()[0]
+        print(compare_line(name, ts, times[f"{kind} plain"], work=tokens[kind]))
     trace = moescope.open_trace(work / "t")
     print(f"  trace of the last capture: {trace.n_tokens} tokens x {trace.n_layers} layers, "
           f"{sum(f.stat().st_size for f in (work / 't').rglob('*.parquet')) / trace.n_tokens / trace.n_layers:.2f} B/(token, layer)")

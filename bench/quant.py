@@ -12,18 +12,18 @@ Configurations: every MoE layer's router alone, plus all routers together, x bit
   full         run_quant_sweep(end_to_end=True): local + NLL + end-to-end routing, unquantized prefix
                layers replayed from the reference
   full/noreplay  the same without prefix replay
-Prints wall time as multiples of the eval pass (median of reps), the speedups, and checks that local and
-naive agree on each router's own layer (its input is unchanged there, so they must).
+Prints wall time as multiples of the eval pass and the speedups, each as median (min–max) over the reps with
+ratios paired within a repetition (bench/_timing.py), and checks that local and naive agree on each router's
+own layer (its input is unchanged there, so they must).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
+from _timing import Spread, interleave, paired_ratios, verdict
 
 from moescope.adapters.discover import find_moe_layers
 from moescope.quant import make_format, quantized, run_quant_sweep
@@ -136,40 +136,36 @@ def main() -> None:
     sweep_kw = dict(targets="router", bits=BITS, schemes=SCHEME, granularity="channel", per_layer=True,
                     max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, overwrite=True,
                     progress=False)
-    times: dict[str, list[float]] = {k: [] for k in ("eval pass", "local", "naive", "full", "full/noreplay")}
-    eval_pass(model, batches)  # warm-up
     flips: dict[str, dict] = {}
 
-    def timed(way: str, tmp: str) -> None:
-        t = time.perf_counter()
-        if way == "eval pass":
-            eval_pass(model, batches)
-        elif way == "naive":
+    def sweep(way: str, tmp: str) -> None:
+        if way == "naive":
             flips["naive"] = naive_sweep(model, batches)
-        else:
-            res = run_quant_sweep(model, tokenizer, docs, out=f"{tmp}/{way.replace('/', '-')}", end_to_end=way != "local",
-                                  reuse_prefix=way == "full", **sweep_kw)
-            if way == "local":
-                pl = res.per_layer[(res.per_layer["mode"] == "local") & (res.per_layer["layer"] >= 0)]
-                flips["local"] = {(int(r.bits), int(r.layer)): float(r.flip_topk_set) for r in pl.itertuples()}
-        times[way].append(time.perf_counter() - t)
+            return
+        res = run_quant_sweep(model, tokenizer, docs, out=f"{tmp}/{way.replace('/', '-')}", end_to_end=way != "local",
+                              reuse_prefix=way == "full", **sweep_kw)
+        if way == "local":
+            pl = res.per_layer[(res.per_layer["mode"] == "local") & (res.per_layer["layer"] >= 0)]
+            flips["local"] = {(int(r.bits), int(r.layer)): float(r.flip_topk_set) for r in pl.itertuples()}
 
-    ways = list(times)
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.reps):
-            for way in ways[rep % len(ways):] + ways[: rep % len(ways)]:  # rotate: no way always runs first or last
-                timed(way, tmp)
+        ways = {"eval pass": lambda: eval_pass(model, batches),
+                **{way: lambda way=way: sweep(way, tmp) for way in ("local", "naive", "full", "full/noreplay")}}
+        times = interleave(ways, args.reps)  # a warm-up round first, unmeasured
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    unit = med["eval pass"]
-    print(f"\n{'way':<16}{'seconds':>10}{'x eval pass':>14}")
-    for way, seconds in med.items():
-        print(f"{way:<16}{seconds:>10.3f}{seconds / unit:>14.2f}")
-    print(f"\nrouter-only per-layer sweep, routing only: local {med['local'] / unit:.2f}x vs naive "
-          f"{med['naive'] / unit:.2f}x one eval pass -> speedup {med['naive'] / med['local']:.1f}x")
-    print(f"with quality (NLL) and end-to-end routing: full {med['full'] / unit:.2f}x "
-          f"(no replay {med['full/noreplay'] / unit:.2f}x) vs naive {med['naive'] / unit:.2f}x -> "
-          f"speedup {med['naive'] / med['full']:.2f}x")
+    unit = times["eval pass"]
+    print(f"\n{'way':<16}{'seconds':>26}{'x eval pass (paired)':>26}")
+    for way, seconds in times.items():
+        print(f"{way:<16}{Spread.of(seconds).text('.3f'):>26}{paired_ratios(seconds, unit).text('.2f'):>26}")
+    speedup = paired_ratios(times["naive"], times["local"])
+    print(f"\nrouter-only per-layer sweep, routing only: local {paired_ratios(times['local'], unit).text('.2f')}x vs naive "
+          f"{paired_ratios(times['naive'], unit).text('.2f')}x one eval pass -> speedup {speedup.text('.1f')}x "
+          f"({verdict(speedup, 'local faster', 'local slower')})")
+    speedup = paired_ratios(times["naive"], times["full"])
+    print(f"with quality (NLL) and end-to-end routing: full {paired_ratios(times['full'], unit).text('.2f')}x "
+          f"(no replay {paired_ratios(times['full/noreplay'], unit).text('.2f')}x) vs naive -> speedup {speedup.text('.2f')}x "
+          f"({verdict(speedup, 'full faster', 'full slower')}); prefix replay: "
+          f"{verdict(paired_ratios(times['full/noreplay'], times['full']), 'faster', 'slower')}")
     diff = max(abs(flips["local"][k] - flips["naive"][k]) for k in flips["naive"])
     print(f"local vs naive top-k set flip rate on each router's own layer: max |difference| {diff:.2e} "
           f"over {len(flips['naive'])} configurations")

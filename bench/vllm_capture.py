@@ -6,15 +6,16 @@ Ways, on the same engine (eager, no prefix caching: what --backend vllm runs) an
   plain      LLM.generate only (the baseline)
   moescope   the recorder installed at vLLM's expert-selection point; after generate, rows are fetched from
              the worker, put in (sequence, position) order and written as a Parquet shard (all of it timed)
-Prints tokens/s (prompt + generated tokens processed) and the overhead of moescope over plain (median of reps).
+Prints tokens/s (prompt + generated tokens processed) and the overhead of moescope over plain, as median
+(min–max) over interleaved reps with the overhead paired within each rep (bench/_timing.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
+
+from _timing import compare_line, header, interleave
 
 from moescope.adapters.discover import find_moe_layers
 from moescope.recording import vllm_worker
@@ -66,20 +67,10 @@ def main() -> None:
             finally:
                 llm.collective_rpc(vllm_worker.uninstall)
 
-    ways = {"plain": plain, "moescope": moescope}
-    plain(), moescope()  # warm-up
-    times = {name: [] for name in ways}
-    for _ in range(args.reps):
-        for name, fn in ways.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    base = statistics.median(times["plain"])
-    print(f"{args.model}: {len(seqs)} prompts x ({args.prompt_len} prompt + {args.generate} generated) tokens, "
-          f"{args.reps} reps, median")
+    times = interleave({"plain": plain, "moescope": moescope}, args.reps)
+    print(f"{args.model}: {len(seqs)} prompts x ({args.prompt_len} prompt + {args.generate} generated) tokens; {header(args.reps)}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {name:9s} {n_tokens / med:10,.0f} tokens/s   {100 * (med / base - 1):+6.1f}% vs plain")
+        print(compare_line(name, ts, times["plain"], width=9, work=n_tokens))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,39 @@
 
 >>> import moescope                                                          # doctest: +SKIP
 >>> trace = moescope.capture("moescope:tiny-moe", "humaneval", out="traces/run1")
->>> trace.sql("SELECT layer, count(*) FROM routing GROUP BY layer")
+>>> with moescope.record(model) as rec:                                      # your own calls
+...     model.generate(**inputs, max_new_tokens=32)
+>>> results = moescope.analyze(rec.trace)                                    # tables as DataFrames, figures
+>>> moescope.report(results, "report.html")
+
+No subpackage is named like a public function (`record`, `report`, `analyze`, `capture`, `quant_sweep`), so
+these names are the functions whatever was imported before.
 """
 
 __version__ = "0.1.0"
 
+_PUBLIC = {
+    "capture": "moescope.api",
+    "open_trace": "moescope.api",
+    "CustomRouter": "moescope.api",
+    "CaptureOptions": "moescope.api",
+    "record": "moescope.recording.session",
+    "analyze": "moescope.notebook",
+    "report": "moescope.notebook",
+    "quant_sweep": "moescope.notebook",
+    "Results": "moescope.notebook",
+    "RoutingMonitor": "moescope.monitor",
+    "intervene": "moescope.intervention",
+}
+
 
 def __getattr__(name):  # keep `import moescope` light: torch/transformers load on first use
-    if name in ("capture", "open_trace", "CustomRouter", "CaptureOptions"):
-        from moescope import api
+    if name in _PUBLIC:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(name)
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

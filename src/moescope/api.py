@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import CustomRouter
-from moescope.recording.batches import sequences_from_documents, sequences_from_ids
+from moescope.recording.batches import padding_side, sequences_from_documents, sequences_from_ids, start_tokens
 from moescope.recording.loading import load_model
 from moescope.recording.runner import CaptureOptions, run_capture
 from moescope.errors import CorpusError, MoescopeError
@@ -65,9 +65,11 @@ def capture(
     trust_remote_code: bool = False,
     save_router_output: bool = False,
     predict_next_layer: bool = False,
+    save_expert_norms: bool = False,
     output_entropy: bool = False,
     generate: int = 0,
     weights_dtype: str = "float16",
+    logits_dtype: str = "float16",
     router: CustomRouter | None = None,
     split: str = "all",
     shard_tokens: int = 65536,
@@ -87,9 +89,14 @@ def capture(
         of strings, or a list of ``moescope.corpora.Document``. Not needed with ``input_ids``.
     out : the trace folder. An unfinished capture with the same settings is resumed.
     input_ids, attention_mask : pre-tokenised input [B, T]; sequence i is row i and positions are the
-        row's real-token positions.
+        row's real-token positions. A left-padded batch (padding before each row's tokens) is fed to the
+        model left-padded, as your own forward pass would be; otherwise rows are right-padded.
+    logits_dtype : precision of the stored router outputs (``save_router_output``): ``"float16"`` (compact;
+        close logits can round to exact ties) or ``"float32"`` (exactly what the router computed in float32).
     predict_next_layer : also record what layer N+1's router picks from layer N's router input (the
         router-lookahead predictor of the cross-layer analysis).
+    save_expert_norms : also record, per routing slot, the L2 norm of the chosen expert's own output (the
+        REAP score's ingredient, see ``moescope importance``); costs one extra expert pass per slot.
     router : a ``CustomRouter`` for models moescope does not recognise.
     shard_tokens : tokens per committed shard; bounds memory (and the work lost to an interruption).
     backend : ``"hf"`` (hooks on a transformers model, the default) or ``"vllm"`` (inside a vLLM engine, which
@@ -114,12 +121,15 @@ def capture(
                             "sees at the same path, e.g. a shared filesystem)")
     if seq_len <= 0 or batch_size <= 0 or (max_tokens is not None and max_tokens <= 0) or generate < 0:
         raise MoescopeError("seq_len, batch_size and max_tokens must be positive, generate non-negative")
-    if generate and predict_next_layer:
-        raise MoescopeError("predict_next_layer is recorded for prompt tokens only; drop it or generate separately")
-    if weights_dtype not in ("float16", "float32"):
-        raise MoescopeError(f"weights_dtype must be float16 or float32, not {weights_dtype!r}")
+    if generate and (predict_next_layer or save_expert_norms):
+        raise MoescopeError("predict_next_layer and save_expert_norms are recorded for prompt tokens only; drop them "
+                            "or generate separately")
+    for name, value in (("weights_dtype", weights_dtype), ("logits_dtype", logits_dtype)):
+        if value not in ("float16", "float32"):
+            raise MoescopeError(f"{name} must be float16 or float32, not {value!r}")
     _check_backend(backend, model, tensor_parallel_size=tensor_parallel_size, output_entropy=output_entropy,
-                   predict_next_layer=predict_next_layer, router=router, device_map=device_map)
+                   predict_next_layer=predict_next_layer, save_expert_norms=save_expert_norms, router=router,
+                   device_map=device_map)
     if data is not None:  # check the corpus before spending time on the model
         docs, corpus_info = _documents(data, split)
         corpus_info = {**corpus_info, "split": split}
@@ -151,10 +161,17 @@ def capture(
         model, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     else:
         model_info = {"id": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__}
+        if generate and not callable(getattr(model, "generate", None)):
+            raise MoescopeError(f"generate needs a model with a transformers-style .generate(); {type(model).__name__} has none")
         model.eval()
+    if input_ids is None and tokenizer is None:
+        raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
+    start = None if input_ids is not None else tuple(start_tokens(tokenizer))  # BOS where tokenizer(text) adds one
     opts = CaptureOptions(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, save_router_output=save_router_output,
-                          predict_next_layer=predict_next_layer, output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
-                          shard_tokens=shard_tokens, backend=backend)
+                          predict_next_layer=predict_next_layer, save_expert_norms=save_expert_norms,
+                          output_entropy=output_entropy, generate=generate, weights_dtype=weights_dtype,
+                          logits_dtype=logits_dtype, padding_side=padding_side(attention_mask if input_ids is not None else None),
+                          shard_tokens=shard_tokens, backend=backend, start_token_ids=start)
     if input_ids is not None:
         if input_ids.dim() != 2 or (attention_mask is not None and attention_mask.shape != input_ids.shape):
             raise MoescopeError("input_ids must be [batch, seq] and attention_mask the same shape")
@@ -162,9 +179,7 @@ def capture(
         corpus_info = {"spec": "input_ids", "rows": int(input_ids.shape[0])}
         total = sum(len(s.token_ids) for s in sequences)
     else:
-        if tokenizer is None:
-            raise MoescopeError("capturing from a corpus needs a tokenizer: pass tokenizer=... with a loaded model")
-        sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+        sequences = sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens, start=list(start))
         total = max_tokens
     if ray is not None:
         from moescope.distributed.capture import run_ray_capture

@@ -27,3 +27,16 @@ class TraceError(MoescopeError):
 
 class ImportFormatError(MoescopeError):
     """A file to import (e.g. JSONL) is malformed."""
+
+
+class RoutingPolicyError(MoescopeError):
+    """A layer's routing cannot be re-derived as asked (from another input, or with experts dropped or forced)."""
+
+
+class InterventionError(MoescopeError):
+    """An intervention (drop / zero / force experts) names layers or experts the model does not have, or asks
+    for something the layer's routing cannot do."""
+
+
+class ImportanceError(MoescopeError):
+    """An importance sweep cannot run as asked (no layer can drop experts; its folder holds another sweep)."""

@@ -1,10 +1,12 @@
-"""Every declared family routes exactly as its RouterSpec says, and every MoE family is declared.
+"""Every family routes as the reference says, its RouterSpec says the same, and every MoE family is declared.
 
 For each family: build a tiny random model (routers randomised), run one padded batch, and compare the
-ids and weights each experts module actually received (for ROUTER_TOPK families: the routing the block
-applied, decoded from the router's return value) with the independent NumPy reference computed from the
-router's input and weights. Also check that the router output is what the spec says it is (logits, or
-probabilities whose rows sum to 1) and sits at the declared index.
+ids and weights each experts module actually received (for Llama4/JetMoE: the routing the block applied,
+decoded from the router's return value) with the independent NumPy reference (reference_routing.py, its
+policy table keyed by model_type) computed from the router's input and weights. Also check that the router
+output is what the reference says it is (logits, or probabilities whose rows sum to 1) and sits at its
+index. Then the two declarations — moescope's families.py and the reference's table — must agree on every
+field they share, so a wrong RouterSpec shows.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING, model_ty
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from moescope.adapters.families import FAMILIES, UNSUPPORTED
-from moescope.adapters.spec import RouterOutput
+from moescope.adapters.spec import RouterOutput, Scoring, Selection
 
 from .reference_routing import (
+    as_experts_receive,
     config_top_k,
     is_probability_rows,
+    policy_of,
     reference_routing,
     router_inputs_and_expert_args,
 )
@@ -108,25 +112,23 @@ TESTED = sorted(f for f in CAUSAL_MOE_FAMILIES + MULTIMODAL_TEXT_FAMILIES if f i
 
 @pytest.mark.parametrize("family", TESTED)
 def test_reference_matches_model(family):
-    spec = FAMILIES[family]
+    policy = policy_of(family)
     model = build_tiny_model(family)
     input_ids, mask = padded_batch()
-    records = router_inputs_and_expert_args(model, spec, input_ids, mask)
+    records = router_inputs_and_expert_args(model, input_ids, mask)
     assert records, f"{family}: no MoE block found"
     k = config_top_k(model.config)
     n_tokens = input_ids.numel()
     for record in records:
         where = f"{family} {record.block_path}"
         assert record.ids.shape == (n_tokens, k), where
-        ref = reference_routing(
-            spec, model.config, record.router_input, record.params, top_k=k, extra_inputs=record.extra_inputs
-        )
-        assert_same_routing(record.ids, record.weights, ref, k, where)
+        ref = reference_routing(model.config, record.router_input, record.params, top_k=k, extra_inputs=record.extra_inputs)
+        assert_same_routing(record.ids, record.weights, as_experts_receive(ref, model.config), k, where)
 
         out = record.router_output
         assert out.shape == ref.router_output.shape, where
         np.testing.assert_allclose(out, ref.router_output, rtol=1e-4, atol=1e-4, err_msg=f"{where}: router output")
-        if spec.router_output == RouterOutput.PROBS:
+        if policy.output_is_probs:
             assert is_probability_rows(out), f"{where}: declared probs, rows do not sum to 1"
         else:
             assert not is_probability_rows(out), f"{where}: declared logits, router returns probabilities"
@@ -138,13 +140,43 @@ def test_reference_matches_model(family):
 
 def test_collection_hooks_are_removed_after_success_and_after_an_exception():
     model = build_tiny_model("mixtral")
-    spec = FAMILIES["mixtral"]
 
     def n_hooks():
         return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
-    router_inputs_and_expert_args(model, spec, *padded_batch())
+    router_inputs_and_expert_args(model, *padded_batch())
     assert n_hooks() == 0
     with pytest.raises(IndexError):
-        router_inputs_and_expert_args(model, spec, torch.full((1, 3), 10_000))  # id beyond the vocabulary
+        router_inputs_and_expert_args(model, torch.full((1, 3), 10_000))  # id beyond the vocabulary
     assert n_hooks() == 0
+
+
+_CUSTOM_POLICIES = {"gemma4", "inkling", "zaya"}  # RouterSpec says Scoring.CUSTOM for these
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_declared_spec_agrees_with_the_reference_table(family):
+    """families.py and the reference's own table are two declarations of each family's routing; a field
+    they disagree on is a bug in one of them."""
+    spec, policy = FAMILIES[family], policy_of(family)
+    declared = {
+        "scoring": "custom" if policy.scoring in _CUSTOM_POLICIES else policy.scoring,
+        "router_attr": policy.router,
+        "router_output_index": policy.output_index,
+        "router_output": RouterOutput.PROBS if policy.output_is_probs else RouterOutput.LOGITS,
+        "experts_attr": policy.experts,
+        "selection": Selection.ROUTER_TOPK if policy.from_router_output else Selection.EXPERTS_INPUT,
+        "renormalize": policy.renormalize,
+        "bias_attr": policy.bias,
+        "scaling_attr": policy.scale,
+        "output_scale_attr": policy.output_scale,
+        "scoring_attr": policy.scoring_attr,
+        "grouped": policy.grouped,
+        "shared_experts_attr": policy.shared,
+        "non_compute": policy.non_compute,
+    }
+    got = {name: getattr(spec, name) for name in declared}
+    got["scoring"] = str(spec.scoring)
+    got["non_compute"] = None if spec.non_compute is None else (str(spec.non_compute.kind), spec.non_compute.count)
+    assert got == declared
+    assert (spec.scoring == Scoring.CUSTOM) == (policy.scoring in _CUSTOM_POLICIES)

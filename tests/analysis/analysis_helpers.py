@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from moescope.analysis.runner import ANALYSES
@@ -42,6 +44,24 @@ def synthetic_shards(spec: SyntheticSpec, layout: list[int], seed: int = 0) -> l
     return [synthetic_shard(spec, n, seed=seed, shard_index=i) for i, n in enumerate(layout)]
 
 
+DOCUMENT_LAYOUTS = ("three_sequences_each", "none_in_the_shard")  # documents of several sequences; no document keys
+
+
+def shards_with_documents(layout: str, seed: int) -> list[ShardData]:
+    """SPECS["base"] shards (uneven sizes) whose documents hold three sequences each, or no document keys at all."""
+    shards = synthetic_shards(dataclasses.replace(SPECS["base"], sequences_per_document=3), SHARD_LAYOUTS["uneven"], seed=seed)
+    return [dataclasses.replace(s, document=None) for s in shards] if layout == "none_in_the_shard" else shards
+
+
+def document_in_fold(f: int, start: int = 0) -> int:
+    """The smallest document key >= start in fold f (by the reference's own definition of the fold)."""
+    from types import SimpleNamespace
+
+    from moescope.analysis.reference.cross_layer import fold
+
+    return next(d for d in range(start, start + 1000) if fold(SimpleNamespace(seq_id=0, document=d)) == f)
+
+
 def make_shard(
     ids,
     weights=None,
@@ -54,6 +74,7 @@ def make_shard(
     router_output=None,
     output_entropy=None,
     predicted_next_ids=None,
+    document=None,
 ) -> ShardData:
     """A shard from nested lists: ids [L][T][k]; by default one sequence, weights descending by column."""
     ids = np.asarray(ids, np.int16)
@@ -78,6 +99,7 @@ def make_shard(
         router_output=None if router_output is None else np.asarray(router_output, np.float32),
         output_entropy=None if output_entropy is None else np.asarray(output_entropy, np.float32),
         predicted_next_ids=None if predicted_next_ids is None else np.asarray(predicted_next_ids, np.int16),
+        document=None if document is None else np.asarray(document, np.int64),
     )
 
 
@@ -100,6 +122,7 @@ def _take(shard: ShardData, lo: int, hi: int) -> ShardData:
         router_output=cut(shard.router_output, 1),
         output_entropy=cut(shard.output_entropy, 0),
         predicted_next_ids=cut(shard.predicted_next_ids, 1),
+        document=cut(shard.document, 0),
     )
 
 
@@ -131,6 +154,7 @@ def concat(shards: list[ShardData]) -> ShardData:
         router_output=cat("router_output", 1),
         output_entropy=cat("output_entropy", 0),
         predicted_next_ids=cat("predicted_next_ids", 1),
+        document=cat("document", 0),
     )
 
 

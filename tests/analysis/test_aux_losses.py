@@ -61,7 +61,8 @@ def test_probabilities_skip_z_loss_with_a_note():
 def test_no_router_outputs_is_a_note_not_an_error():
     result = run_one("aux_losses", [make_shard([[[0], [1]]])], AnalysisContext(n_experts=2, top_k=1, n_layers=1))
     assert np.isnan(result.load_balancing_loss).all()
-    assert result.notes and result.summary()["load_balancing_loss"] is None
+    assert result.notes and result.summary()["load_balancing_loss_pooled_transformers"] is None
+    assert result.summary()["load_balancing_loss_worst"] is None
 
 
 @pytest.mark.parametrize("layout", SHARD_LAYOUTS.values(), ids=SHARD_LAYOUTS.keys())
@@ -75,3 +76,44 @@ def test_matches_per_token_reference(spec_name, layout):
     np.testing.assert_allclose(result.load_balancing_loss, ref["load_balancing_loss"], rtol=1e-5)
     if ctx.router_output_kind == "logits":
         np.testing.assert_allclose(result.z_loss, ref["z_loss"], rtol=1e-5)
+
+
+def _opposite_layers(n_tokens: int = 64):
+    """Two layers, 4 experts, top-2: layer 0 routes to experts 0/1, layer 1 to 2/3 (logits [L, T, E])."""
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, n_tokens, 4)).astype(np.float32) * 0.3
+    logits[0, :, :2] += 4.0
+    logits[1, :, 2:] += 4.0
+    return logits
+
+
+def test_summary_leads_with_per_layer_losses_and_labels_the_pooled_one():
+    logits = _opposite_layers()
+    shard = _shard_routed_like_transformers(logits, 2, seq_len=8)
+    ctx = AnalysisContext(n_experts=4, top_k=2, n_layers=2, router_output_kind="logits")
+    summary = run_one("aux_losses", [shard], ctx).summary()
+    per_layer = [load_balancing_loss_func((torch.from_numpy(logits[l]),), 4, 2).item() for l in range(2)]
+    pooled = load_balancing_loss_func(tuple(torch.from_numpy(x) for x in logits), 4, 2).item()
+    assert min(per_layer) > 3.5 and pooled < 2.1  # each layer far from k = 2, the pooled value near it
+    assert summary["load_balancing_loss_worst"] == pytest.approx(max(per_layer), rel=1e-5)
+    assert summary["load_balancing_loss_worst_layer"] == int(np.argmax(per_layer))
+    assert summary["load_balancing_loss_layer_mean"] == pytest.approx(np.mean(per_layer), rel=1e-5)
+    assert summary["load_balancing_loss_pooled_transformers"] == pytest.approx(pooled, rel=1e-5)
+    keys = list(summary)
+    assert keys[0] == "load_balancing_loss_worst" and "load_balancing_loss" not in summary
+    assert keys.index("load_balancing_loss_pooled_transformers") > keys.index("load_balancing_loss_layer_mean")
+
+
+def test_printed_summary_shows_per_layer_values_before_pooled_ones(capsys):
+    from moescope.analysis import run_analyses
+    from moescope.pipeline.summary import print_summary
+
+    shard = _shard_routed_like_transformers(_opposite_layers(), 2, seq_len=8)
+    ctx = AnalysisContext(n_experts=4, top_k=2, n_layers=2, router_output_kind="logits")
+    results = run_analyses([shard], ctx, only=["load", "aux_losses"])
+    print_summary({"trace": {"model": "m", "tokens": 64, "moe_layers": 2},
+                   "analyses": {name: r.summary() for name, r in results.items()}, "notes": {}})
+    lines = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert lines[:3] == ["load.balance_score_worst", "load.balance_score_worst_layer", "load.balance_score_layer_mean"]
+    assert lines.index("aux_losses.load_balancing_loss_worst") < lines.index("aux_losses.load_balancing_loss_pooled_transformers")
+    assert lines.index("load.balance_score_layer_mean") < lines.index("load.balance_score_pooled")

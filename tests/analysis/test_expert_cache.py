@@ -2,7 +2,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from analysis_helpers import SHARD_LAYOUTS, SPECS, make_shard, run_one, synthetic_shards
+from analysis_helpers import DOCUMENT_LAYOUTS, SHARD_LAYOUTS, SPECS, document_in_fold, make_shard, run_one, shards_with_documents, synthetic_shards
 
 from moescope.analysis import AnalysisContext, run_analyses
 from moescope.analysis.lru_kernel import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
@@ -92,3 +92,29 @@ def test_a_table_from_another_trace_can_feed_the_transition_predictor():
     shards = iter(synthetic_shards(spec, [20, 20], seed=2))  # one pass only: the table is given
     result = run_analyses(shards, ctx, only=["expert_cache"])["expert_cache"]
     assert "transition" in result.predictors
+
+
+def test_popularity_prefetches_the_other_folds_popular_experts_at_every_layer():
+    # fold-0 document always uses expert 2, fold-1 document expert 3 (k = 1, one layer)
+    shard = make_shard([[[2]] * 4 + [[3]] * 4], seq_id=[0] * 4 + [1] * 4,
+                       document=[document_in_fold(0)] * 4 + [document_in_fold(1)] * 4)
+    result = run_analyses([shard], AnalysisContext(n_experts=4, top_k=1, n_layers=1), only=["expert_cache"])["expert_cache"]
+    assert result.predictors == ("lru", "same_index", "transition", "popularity")
+    hits = dict(zip(result.predictors, result.hits[:, 0]))  # [C] with C = 1..4
+    assert hits["lru"].tolist() == [6, 6, 6, 6]  # every token after the first of its sequence hits
+    # each token first prefetches the other fold's favourite: at C = 1 it evicts the token's own expert
+    assert hits["popularity"].tolist() == [0, 6, 6, 6]
+
+
+@pytest.mark.parametrize("documents", DOCUMENT_LAYOUTS)
+def test_matches_the_reference_with_documents_of_several_sequences_and_without_documents(documents):
+    shards = shards_with_documents(documents, seed=31)
+    ctx = SPECS["base"].context()
+    result = run_analyses(shards, ctx, only=["expert_cache"])["expert_cache"]
+    ref = reference.compute(shards, ctx)
+    assert list(result.predictors) == ref["predictors"] and "popularity" in result.predictors
+    for p, name in enumerate(result.predictors):
+        for l in range(ctx.n_layers):
+            assert result.lookups[p, l] == ref["lookups"][(name, l)]
+            for c, capacity in enumerate(result.capacities):
+                assert result.hits[p, l, c] == ref["hits"][(name, l, int(capacity))], (name, l, capacity)

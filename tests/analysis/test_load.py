@@ -64,4 +64,25 @@ def test_matches_per_token_reference(spec_name, layout):
 def test_a_layer_without_real_experts_still_summarises():
     shard = make_shard([[[-1], [-1]]])
     summary = run_one("load", [shard], AnalysisContext(n_experts=2, top_k=1, n_layers=1)).summary()
-    assert summary["worst_layer"] is None and summary["invalid_slots"] == 2
+    assert summary["balance_score_worst_layer"] is None and summary["max_over_mean_worst_layer"] is None
+    assert summary["invalid_slots"] == 2
+
+
+def test_summary_leads_with_the_worst_and_mean_layer_and_keeps_the_pooled_score():
+    # layer 0 even, layer 1 on one expert: pooled over layer x expert units the imbalance is averaged away
+    even = [[[0, 1], [2, 3], [1, 0], [3, 2]]]
+    skewed = [[[0, 1], [0, 1], [0, 2], [0, 3]]]
+    shard = make_shard(even + skewed)
+    summary = run_one("load", [shard], AnalysisContext(n_experts=4, top_k=2, n_layers=2)).summary()
+    counts = np.array([[2, 2, 2, 2], [4, 2, 1, 1]], float)  # independent: slots per expert, counted by hand
+    per_layer = 1 - counts.std(axis=1) / counts.mean(axis=1)
+    assert summary["balance_score_worst"] == pytest.approx(per_layer.min())
+    assert summary["balance_score_worst_layer"] == 1
+    assert summary["balance_score_layer_mean"] == pytest.approx(per_layer.mean())
+    assert summary["balance_score_pooled"] == pytest.approx(1 - counts.std() / counts.mean())
+    ratio = counts.max(axis=1) / counts.mean(axis=1)
+    assert summary["max_over_mean_worst"] == pytest.approx(ratio.max()) and summary["max_over_mean_worst_layer"] == 1
+    keys = list(summary)
+    assert keys[:3] == ["balance_score_worst", "balance_score_worst_layer", "balance_score_layer_mean"]
+    assert keys.index("balance_score_pooled") > keys.index("max_over_mean_layer_mean")
+    assert "balance_score" not in summary  # no unlabelled pooled number

@@ -47,6 +47,39 @@ def test_mismatch_between_captured_and_router_top_k_is_counted():
     assert result.topk_match_rate[0] == 0.0
 
 
+def test_a_captured_set_tied_with_the_router_top_k_is_a_match():
+    """float16 logits tie exactly: the router may take either tied expert (issue 12, point 12)."""
+    logits = np.array([[[2.0, 1.0, 1.0, 0.0], [2.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 3.0]]])  # [L=1, T=3, E=4]
+    shard = make_shard([[[0, 2], [1, 0], [3, 2]]], router_output=logits)
+    result = run_one(
+        "router_confidence", [shard], AnalysisContext(n_experts=4, top_k=2, n_layers=1, router_output_kind="logits")
+    )
+    assert result.topk_match_rate[0] == 1.0
+    shard = make_shard([[[0, 3]]], router_output=logits[:, :1])  # expert 3 is below the tie: not a top-2
+    result = run_one(
+        "router_confidence", [shard], AnalysisContext(n_experts=4, top_k=2, n_layers=1, router_output_kind="logits")
+    )
+    assert result.topk_match_rate[0] == 0.0
+
+
+def test_router_outputs_wider_than_the_routed_experts():
+    """LongCat/ZAYA: router classes = routed experts + non-compute choices. Confidence is over all classes;
+    what-if top-m counts the load of routed experts only."""
+    probs = np.array([[[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]])  # [L=1, T=2, R=3]: experts 0, 1 and a skip class 2
+    shard = make_shard([[[0], [2]]], weights=[[[0.5], [0.0]]], router_output=probs)
+    ctx = AnalysisContext(n_experts=2, top_k=1, n_layers=1, router_output_kind="probs", non_compute_ids=(2,),
+                          non_compute_kinds=("skip",), thresholds=Thresholds(what_if_top_k=(1, 2)))
+    result = run_one("router_confidence", [shard], ctx)
+    assert result.topk_match_rate[0] == 1.0
+    assert result.mean("margin")[0] == pytest.approx(((0.5 - 0.4) + (0.5 - 0.3)) / 2)
+    h = -sum(p * math.log(p) for p in (0.5, 0.1, 0.4)) - sum(p * math.log(p) for p in (0.2, 0.3, 0.5))
+    assert result.mean("router_entropy")[0] == pytest.approx(h / 2)
+    assert result.what_if_load[0].tolist() == [[1, 0]]  # top-1: expert 0, then the skip class (no load)
+    assert result.what_if_load[1].tolist() == [[1, 1]]  # top-2: {0, skip}, {skip, 1}
+    load = run_one("load", [shard], ctx)
+    assert load.counts.tolist() == [[1, 0]] and load.summary()["non_compute_share"] == 0.5
+
+
 @pytest.mark.parametrize("layout", SHARD_LAYOUTS.values(), ids=SHARD_LAYOUTS.keys())
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_matches_per_token_reference(spec_name, layout):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from analysis_helpers import SPECS, concat, split_at_sequences, synthetic_shards
 
 from moescope.analysis import ANALYSES, AnalysisContext, run_analyses
-from moescope.analysis.synthetic import SyntheticSpec
+from moescope.analysis.synthetic import SyntheticSpec, synthetic_shard
 from moescope.errors import MoescopeError
 
 
@@ -92,3 +93,85 @@ def test_shard_shape_must_match_the_context():
         run_analyses(synthetic_shards(spec, [5]), AnalysisContext(n_experts=6, top_k=3, n_layers=3))
     with pytest.raises(MoescopeError, match="MoE layers"):
         run_analyses(synthetic_shards(spec, [5]), AnalysisContext(n_experts=6, top_k=2, n_layers=4))
+
+
+def _peak_bytes(shards, ctx, only) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run_analyses(shards, ctx, only=only)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_peak_memory_of_fixed_size_states_is_flat_in_the_number_of_shards():
+    # 128 experts, 8 layers: one cross_layer state is 9.4 MiB, far more than a shard of 40 tokens
+    spec = SyntheticSpec(n_layers=8, n_experts=128, top_k=4, seq_len=(4, 20), router_output="logits", vocab_size=64)
+    ctx = spec.context()
+    only = ["cross_layer", "coactivation", "aux_losses"]
+    few, many = ([synthetic_shard(spec, 40, seed=5, shard_index=i) for i in range(n)] for n in (4, 16))
+    state_bytes = ANALYSES["cross_layer"].accumulate(few[0], ctx).first_choice_transitions.nbytes
+    peaks = {n: _peak_bytes(shards, ctx, only) for n, shards in ((4, few), (16, many))}
+    # a merge tree holds log2(shards) states: 2 at 4 shards, 4 at 16; one running state holds 1
+    assert peaks[16] < peaks[4] + state_bytes / 2, peaks
+
+
+def test_summed_states_fold_in_shard_order_exactly_like_a_left_fold_of_merge():
+    from analysis_helpers import run_one
+
+    from moescope.analysis.runner import folds_in_place
+
+    spec = SPECS["base"]
+    shards = synthetic_shards(spec, [30, 1, 17, 8, 40], seed=41)
+    ctx = spec.context()
+    folded = [name for name in ANALYSES if folds_in_place(ANALYSES[name])]
+    assert {"load", "aux_losses", "coactivation", "cross_layer", "expert_cache", "temporal_locality",
+            "domain_specialisation"} == set(folded)
+    results = run_analyses(shards, ctx, only=folded)
+    for name in folded:
+        ctx_name = ctx if name != "expert_cache" else dataclasses.replace(ctx, prefetch_table=results["cross_layer"].prefetch_table())
+        left = run_one(name, shards, ctx_name)  # merge(merge(merge(s0, s1), s2), ...): the same float additions
+        for table, frame in _tables(left).items():
+            pd.testing.assert_frame_equal(frame, _tables(results[name])[table], check_exact=True, obj=f"{name}/{table}")
+        assert json.dumps(left.summary()) == json.dumps(results[name].summary()), name
+
+
+def test_adding_in_place_equals_merge_and_leaves_the_added_state_alone():
+    from moescope.analysis.kernels import add_into, copy_state
+    from moescope.analysis.runner import folds_in_place
+
+    spec = SPECS["base"]
+    a, b = synthetic_shards(spec, [20, 9], seed=43)
+    ctx = spec.context()
+    for name, module in ANALYSES.items():
+        if not folds_in_place(module):
+            continue
+        ctx_name = ctx
+        if name == "expert_cache":
+            learned = run_analyses([a, b], ctx, only=["cross_layer"])["cross_layer"].prefetch_table()
+            ctx_name = dataclasses.replace(ctx, prefetch_table=learned)
+        sa, sb = module.accumulate(a, ctx_name), module.accumulate(b, ctx_name)
+        before = copy_state(sb)
+        merged = module.merge(sa, sb)
+        running = add_into(copy_state(sa), sb)
+        for field in dataclasses.fields(merged):
+            x, y = getattr(merged, field.name), getattr(running, field.name)
+            if isinstance(x, np.ndarray):
+                np.testing.assert_array_equal(x, y, err_msg=f"{name}.{field.name}")
+                np.testing.assert_array_equal(getattr(sb, field.name), getattr(before, field.name))
+            else:
+                assert x == y, f"{name}.{field.name}"
+
+
+def test_states_of_different_shapes_are_refused_when_folded():
+    spec = SPECS["base"]
+    other = dataclasses.replace(spec, n_experts=7)
+    shards = synthetic_shards(spec, [10])
+    from moescope.analysis.kernels import add_into
+
+    a = ANALYSES["coactivation"].accumulate(shards[0], spec.context())
+    b = ANALYSES["coactivation"].accumulate(synthetic_shards(other, [10])[0], other.context())
+    with pytest.raises(MoescopeError, match="cannot merge"):
+        add_into(a, b)

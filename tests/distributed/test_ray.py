@@ -134,3 +134,26 @@ def test_cli_analyze_on_ray_writes_the_in_process_results(ray_cluster, in_proces
     assert summary == ray_summary and tables.keys() == ray_tables.keys() and len(tables) > 10
     for name, frame in tables.items():
         pd.testing.assert_frame_equal(frame, ray_tables[name], check_exact=True, obj=name)
+
+
+def test_ray_pass_reduces_like_in_process_to_the_bit_over_many_shards_with_float_sums(ray_cluster, tmp_path):
+    from moescope.analysis import ANALYSES, run_analyses
+    from moescope.analysis.runner import folds_in_place
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+    from moescope.distributed.analyze import ray_pass
+    from moescope.pipeline.analyze import analysis_context
+
+    spec = SyntheticSpec(n_layers=3, n_experts=16, top_k=2, seq_len=(4, 30), sequences_per_document=2, vocab_size=64)
+    write_synthetic_trace(tmp_path / "t", spec, 1400, 200, seed=8)  # 7 shards: an odd tree, float router sums
+    trace = moescope.open_trace(tmp_path / "t")
+    ctx = analysis_context(trace)
+    local = run_analyses(trace.shards, ctx)
+    remote = run_analyses(trace.shards, ctx, run_pass=ray_pass(trace.folder, None))
+    assert len(trace.manifest["shards"]) == 7 and {n for n in ANALYSES if folds_in_place(ANALYSES[n])} and ctx.router_output_kind == "logits"
+    for name in ANALYSES:
+        frames, ray_frames = local[name].to_pandas(), remote[name].to_pandas()
+        frames, ray_frames = (f if isinstance(f, dict) else {"": f} for f in (frames, ray_frames))
+        for table, frame in frames.items():
+            pd.testing.assert_frame_equal(frame, ray_frames[table], check_exact=True, obj=f"{name}/{table}")
+        assert json.dumps(local[name].summary()) == json.dumps(remote[name].summary()), name
+    assert np.isfinite(local["aux_losses"].load_balancing_loss).all()

@@ -64,3 +64,19 @@ def test_compare_same_tokens_gives_agreement(traces):
     assert same["mean_load_js_divergence"] == pytest.approx(0.0, abs=1e-12)
     diff = compare_traces(a.folder, b.folder, root / "cmp-diff")
     assert diff["shared_tokens"] == a.n_tokens and diff["mean_top1_agreement"] < 0.9
+
+
+def test_an_empty_fold_is_warned_once_on_stderr_and_in_the_summary(tmp_path, capsys):
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+    from moescope.cli.main import main
+
+    spec = SyntheticSpec(n_layers=3, n_experts=6, top_k=2, seq_len=(4, 20), sequences_per_document=10**6,
+                         router_output=None, output_entropy=False)  # every sequence cut from one document
+    write_synthetic_trace(tmp_path / "t", spec, 400, 100)
+    assert main(["analyze", str(tmp_path / "t"), "--out", str(tmp_path / "res"), "--no-model",
+                 "--only", "cross_layer,expert_cache"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: every routed slot falls in one of the two cross-fitting folds")
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["warnings"] == [err[0].removeprefix("warning: ")]
+    assert summary["warnings"][0] in summary["notes"]["cross_layer"] and summary["warnings"][0] in summary["notes"]["expert_cache"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moescope.adapters.spec import MoELayer, RouterOutput, RouterSpec, Scoring
-from moescope.quant.routing import RoutingDelta, router_choice, router_log_probs
+from moescope.quant.routing import RoutingDelta, router_log_probs
 from moescope.quant.sweep import paired_delta
 
 
@@ -37,15 +37,9 @@ def test_flips_jaccard_kl_entropy_by_hand():
     assert r["entropy_delta"] == pytest.approx((h([0.25, 0.75]) - h([0.5, 0.5])) / 2, rel=1e-6)
 
 
-def test_router_choice_reads_the_routers_own_ids():
+def test_router_log_probs_of_logits_probabilities_and_sigmoid_scores():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-    layer = _layer()
-    logp = router_log_probs(logits, layer)
-    # a router that selected (bias-corrected) experts 3 and 2: those ids are kept, not re-derived
-    ids, w = router_choice((logits, torch.tensor([[0.7, 0.3]]), torch.tensor([[3, 2]])), layer, logp)
-    assert ids.tolist() == [[3, 2]] and w.tolist() == [[pytest.approx(0.7), pytest.approx(0.3)]]
-    ids, w = router_choice(logits, layer, logp)  # plain logits: top-k of the softmax
-    assert ids.tolist() == [[0, 1]] and torch.allclose(w, logits.softmax(-1)[:, :2])
+    assert torch.allclose(router_log_probs(logits, _layer()).exp(), logits.softmax(-1), atol=1e-6)
     probs = logits.softmax(-1)
     assert torch.allclose(router_log_probs(probs, _layer(router_output=RouterOutput.PROBS)), probs.log(), atol=1e-6)
     sig = router_log_probs(logits, _layer(scoring=Scoring.SIGMOID)).exp()

@@ -161,5 +161,5 @@ def write_quant_results(out: Path, *, bits=(2, 3, 4, 8), n_layers: int = 3, seed
                  for kind in ("moe", "dense")}
     store = ResultStore(out, {"fingerprint": "synthetic", "options": {"bits": list(bits), "per_layer": True},
                               "models": {"moe": "SyntheticMoe", "dense": "SyntheticDense"}})
-    store.write_tables(configs, per_layer, summarize(configs, reference=reference, notes=["synthetic numbers for the report tests"]))
+    store.write_tables({"configs": configs, "per_layer": per_layer}, summarize(configs, reference=reference, notes=["synthetic numbers for the report tests"]))
     return out

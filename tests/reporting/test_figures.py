@@ -107,3 +107,26 @@ def test_index_ticks_label_positions_with_given_labels():
     fig, axes = new_figure()
     index_ticks(axes[0, 0], "y", [10, 11, 12, 13], max_ticks=2)
     assert [t.get_text() for t in axes[0, 0].get_yticklabels()] == ["10", "12"]
+
+
+def test_prefetch_figures_draw_the_popularity_baseline():
+    from moescope.analysis import run_analyses
+    from moescope.analysis.synthetic import SyntheticSpec, synthetic_trace
+    from moescope.reporting.figures import routing
+
+    spec = SyntheticSpec(n_layers=4, n_experts=8, top_k=2, seq_len=(8, 40))
+    results = run_analyses(list(synthetic_trace(spec, 1500, 500, seed=2)), spec.context(), only=["cross_layer", "expert_cache"])
+    tables = results["cross_layer"].to_pandas()
+    overall, cache = tables["recall_overall"], results["expert_cache"].to_pandas()
+    label = routing.PREDICTOR_LABELS["popularity"]
+
+    def line(fig, name):
+        (found,) = [l for l in fig.axes[0].get_lines() if l.get_label() == name]
+        return found
+
+    hops = overall[(overall.predictor == "popularity") & (overall.hop >= 1)].sort_values("hop")
+    np.testing.assert_allclose(line(routing.recall_vs_hop(overall, 2, 8), label).get_ydata(), hops.recall)
+    per_layer = tables["recall"].query("predictor == 'popularity' and hop == 1").sort_values("target_layer")
+    np.testing.assert_allclose(line(routing.recall_per_layer(tables["recall"], 2), label).get_ydata(), per_layer.recall)
+    rates = cache.query("predictor == 'popularity' and layer == -1").sort_values("capacity")
+    np.testing.assert_allclose(line(routing.cache_hit_rate(cache, 8, 2), label).get_ydata(), rates.hit_rate)

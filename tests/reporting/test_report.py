@@ -58,10 +58,15 @@ def test_headline_comes_first_with_the_issue_numbers(full_report, report_inputs)
     summary = json.loads((report_inputs["full"] / "summary.json").read_text())["analyses"]
     for quantity in ("balance score", "dead experts", "mean routing entropy", "best next-layer predictor", "code vs math divergence"):
         assert quantity in headline
-    assert f"{summary['load']['balance_score']:.3f}" in headline
+    assert f"{summary['load']['balance_score_worst']:.3f} (layer {summary['load']['balance_score_worst_layer']})" in headline
+    assert f"pooled as transformers computes it: {summary['aux_losses']['load_balancing_loss_pooled_transformers']:.4g}" in headline
     assert f"{summary['router_confidence']['mean_router_entropy']:.3f} nats" in headline
     assert f"{summary['domain_specialisation']['js_divergence']['code|math']:.3f}" in headline
     assert "does router-only quantization cost more quality per parameter" in headline
+    gain = summary["cross_layer"]["best_minus_popularity_hop1"]
+    assert f"({gain:+.3f} vs popularity)" in headline
+    cross = _sections(page)["r1-cross-layer"]
+    assert all(html.escape(v) in cross for v in summary["cross_layer"]["versus_popularity"]) and "static baseline" in cross
 
 
 def test_each_analysis_gets_its_figures(full_report):

@@ -86,7 +86,13 @@ def test_headline_and_verdicts(report_inputs):
     h = headline([("a", full), ("q", quant), ("m", load_results(report_inputs["missing"]))])
     assert h.columns == ("a",)
     values = dict(h.rows)
-    assert values["balance score (1 = even)"] == (f"{full.get('load', 'balance_score'):.3f}",)
+    balance = values["balance score, worst layer / layer mean (1 = even)"][0]
+    assert balance.startswith(f"{full.get('load', 'balance_score_worst'):.3f} (layer {full.get('load', 'balance_score_worst_layer')}) / "
+                              f"{full.get('load', 'balance_score_layer_mean'):.3f}")
+    assert balance.endswith(f"pooled {full.get('load', 'balance_score_pooled'):.3f}")
+    loss = values["load-balancing loss, worst layer / layer mean (balanced = k)"][0]
+    assert loss.startswith(f"{full.get('aux_losses', 'load_balancing_loss_worst'):.4g} (layer ")
+    assert loss.endswith(f"pooled as transformers computes it: {full.get('aux_losses', 'load_balancing_loss_pooled_transformers'):.4g}")
     assert values["dead experts"][0].startswith(f"{full.get('load', 'n_dead')} of 32")
     answers = {a["bits"]: a["router_costs_more_per_param"] for a in quant.summary["router_vs_experts"]}
     (verdict,) = quant_verdicts(quant, "")

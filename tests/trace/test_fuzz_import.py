@@ -77,10 +77,12 @@ def _import(tmp_path, data: bytes):
 
 
 def _expected(rows) -> dict:
-    """(seq, pos, layer) -> (ids, float16 weights), if the rows are a valid table; else None."""
+    """(seq, pos, layer) -> (ids, float16 weights), if the rows are a valid table; else None. Slots in schema-2
+    order: float16 weight descending, equal weights by expert id ascending."""
     table = {}
     for row in rows:
-        table[(row["problem_id"], row["token_id"], row["layer"])] = (list(row["expert_ids"]), np.float16(row["weights"]))
+        slots = sorted(zip(row["expert_ids"], np.float16(row["weights"]).tolist()), key=lambda s: (-s[1], s[0]))
+        table[(row["problem_id"], row["token_id"], row["layer"])] = ([i for i, _ in slots], np.float16([w for _, w in slots]))
     return table
 
 

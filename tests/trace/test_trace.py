@@ -83,8 +83,8 @@ def test_interrupted_capture_resumes_to_the_same_trace(tiny_moe, ids, tmp_path, 
 
 def test_complete_trace_is_not_overwritten(tiny_moe, ids, tmp_path):
     _capture(tiny_moe, ids, tmp_path / "t")
-    with pytest.raises(TraceError, match="already holds a complete trace"):
-        _capture(tiny_moe, ids, tmp_path / "t")
+    with pytest.raises(TraceError, match="already holds a complete trace with different capture settings"):
+        _capture(tiny_moe, ids, tmp_path / "t", seq_len=8)
     (tmp_path / "f").write_text("x")
     with pytest.raises(TraceError, match="is a file"):
         _capture(tiny_moe, ids, tmp_path / "f")
@@ -145,3 +145,13 @@ def test_malformed_jsonl_is_rejected_with_the_line(tmp_path, line, message):
     with pytest.raises(ImportFormatError, match=message):
         import_jsonl(path, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_manifest_layers_need_a_positive_top_k(tiny_moe, ids, tmp_path):
+    """A layer saying top_k 0 is a discovery bug, not a trace to analyse (issue 12, point 3)."""
+    trace = _capture(tiny_moe, ids, tmp_path / "t")
+    manifest = json.loads((trace.folder / "manifest.json").read_text())
+    manifest["layers"][1]["top_k"] = 0
+    (trace.folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TraceError, match=r"layers\[1\] lacks positive n_experts/top_k"):
+        moescope.open_trace(trace.folder)

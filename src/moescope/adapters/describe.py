@@ -6,7 +6,7 @@ from torch import nn
 
 from moescope.adapters.discover import CustomRouter, find_moe_layers
 from moescope.adapters.registry import lookup_family, unsupported_reason
-from moescope.recording.manifest_info import layer_entry
+from moescope.recording.manifest_info import decoder_layers, layer_entry
 from moescope.errors import NoRouterFoundError
 
 
@@ -23,22 +23,19 @@ def describe_model(model: nn.Module, custom: CustomRouter | None = None) -> dict
     else:
         status = "not declared (found by structure)"
     if unsupported is not None and custom is None:
-        layers = []
+        found = []
     else:
         try:
-            layers = [layer_entry(layer) for layer in find_moe_layers(model, custom)]
+            found = find_moe_layers(model, custom)
         except NoRouterFoundError:
             if unsupported is None:
                 raise
-            layers = []
-    n_decoder = getattr(config, "num_hidden_layers", None)
-    moe_decoder = {entry["decoder_layer"] for entry in layers}
+            found = []
     return {
         "class": type(model).__name__,
         "model_type": model_type,
         "family_status": status,
         "unsupported_reason": unsupported.reason if unsupported else None,
-        "num_decoder_layers": n_decoder,
-        "dense_decoder_layers": sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None,
-        "layers": layers,
+        **decoder_layers(model, found),
+        "layers": [layer_entry(layer) for layer in found],
     }

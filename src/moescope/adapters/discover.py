@@ -8,6 +8,7 @@ scaling). Discovery finds those modules and attaches the family's declared Route
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 import re
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ from moescope.errors import NoRouterFoundError
 _EXPERT_ARG_NAMES = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
 _ROUTER_ATTRS = ("gate", "router")
 _SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
-_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k")
+_TOP_K_CONFIG_ATTRS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "moe_k", "top_k_experts")  # Gemma-4: top_k_experts
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,20 @@ class CustomRouter:
     expert_sizes: tuple[int, ...] | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> tuple[str, ...]:
+    """forward's parameter names (self excluded); inspect.signature is slow and a class's forward is fixed."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
 def forward_param_index(module: nn.Module, name: str) -> int | None:
     """Position of `name` among forward's positional parameters (self excluded), or None."""
-    params = list(inspect.signature(type(module).forward).parameters)[1:]
+    params = _forward_params(type(module))
     return params.index(name) if name in params else None
 
 
 def _experts_arg_names(experts: nn.Module) -> tuple[str, str] | None:
-    params = set(list(inspect.signature(type(experts).forward).parameters)[1:])
+    params = set(_forward_params(type(experts)))
     for ids_arg, weights_arg in _EXPERT_ARG_NAMES:
         if ids_arg in params and weights_arg in params:
             return ids_arg, weights_arg
@@ -73,10 +80,20 @@ def _config_top_k(config) -> int | None:
     return None
 
 
+def _top_k(router: nn.Module | None, config, path: str) -> int:
+    """Experts chosen per token: the router's own `top_k`, else the config's; never a guess."""
+    top_k = getattr(router, "top_k", None) or _config_top_k(config)
+    if not isinstance(top_k, int) or top_k <= 0:
+        raise NoRouterFoundError(f"cannot tell how many experts the router of {path!r} chooses per token (no top_k on "
+                                 f"it or its config); capture it with --router-pattern and --top-k")
+    return top_k
+
+
 def _n_experts(experts: nn.Module, router: nn.Module | None) -> int:
-    """Experts a layer can route to (zero-compute experts included: LongCat ids go up to total - 1)."""
+    """Routed experts of a layer (ids 0..n-1): the experts module's count first, since a router's can include
+    non-compute choices (LongCat's router counts its zero-compute experts in n_routed_experts)."""
     for obj in (experts, router):
-        for attr in ("total_experts", "num_experts", "n_routed_experts", "num_local_experts", "num_routed_experts"):
+        for attr in ("num_routed_experts", "num_experts", "n_routed_experts", "num_local_experts"):
             value = getattr(obj, attr, None) if obj is not None else None
             if isinstance(value, int) and value > 0:
                 return value
@@ -93,11 +110,26 @@ def _n_experts(experts: nn.Module, router: nn.Module | None) -> int:
     raise NoRouterFoundError(f"cannot tell how many experts {type(experts).__name__} has")
 
 
-def _n_shared(block: nn.Module, config) -> tuple[str | None, int]:
-    for attr in _SHARED_ATTRS:
-        if isinstance(getattr(block, attr, None), nn.Module):
-            n = getattr(config, "n_shared_experts", None) or getattr(config, "num_shared_experts", None) or 1
-            return attr, int(n)
+def _text_config(config):
+    """The config the MoE blocks were built from (a multimodal model's text config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _n_shared(model: nn.Module, path: str, spec: RouterSpec | None, config) -> tuple[str | None, int]:
+    """(attribute, count) of the always-on shared experts beside MoE block `path`: the spec's attribute or a usual
+    name, on the block or on the decoder layer holding it (Granite's `shared_mlp`); the count as the spec
+    declares it (a config attribute: DeepSeek fuses n_shared_experts into one MLP), else 1."""
+    block = model.get_submodule(path)
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
+    declared = (spec.shared_experts_attr,) if spec is not None and spec.shared_experts_attr else ()
+    for holder in (block, parent):
+        for attr in (*declared, *_SHARED_ATTRS):
+            shared = getattr(holder, attr, None) if holder is not None else None
+            if isinstance(shared, nn.Module) and shared is not block:
+                count = spec.shared_experts_count if spec is not None else 1
+                if isinstance(count, str):
+                    count = getattr(_text_config(config), count, None)
+                return attr, 1 if count is None else int(count)
     return None, 0
 
 
@@ -135,17 +167,19 @@ def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> lis
         router_attr = next((a for a in _ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
         spec = declared or _generic_spec(model_type, router_attr, arg_names)
         router = getattr(block, spec.router_attr, None) if spec.router_attr else None
-        shared_attr, n_shared = _n_shared(block, config)
+        shared_attr, n_shared = _n_shared(model, path, spec, config)
         spec = replace(spec, shared_experts_attr=spec.shared_experts_attr or shared_attr)
+        n_experts = _n_experts(experts, router)
         layers.append(
             MoELayer(
                 index=len(layers),
                 decoder_layer=_decoder_layer_index(path),
                 block_path=path,
-                n_experts=_n_experts(experts, router),
-                top_k=getattr(router, "top_k", None) or _config_top_k(config) or 0,
+                n_experts=n_experts,
+                top_k=_top_k(router, config, path),
                 spec=spec,
                 n_shared_experts=n_shared,
+                non_compute_ids=_non_compute_ids(spec, config, n_experts),
             )
         )
     if not layers:
@@ -155,6 +189,16 @@ def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> lis
             "for a custom MoE pass --router-pattern 'path.*.router' --top-k K (see README: custom models)"
         )
     return layers
+
+
+def _non_compute_ids(spec: RouterSpec, config, n_experts: int) -> tuple[int, ...]:
+    """Ids n_experts .. n_experts + count - 1 of the spec's non-compute choices (none when it declares none)."""
+    if spec.non_compute is None:
+        return ()
+    count = spec.non_compute.count
+    if isinstance(count, str):  # a config attribute, on the config the MoE blocks were built from
+        count = getattr(_text_config(config), count, None) or 0
+    return tuple(range(n_experts, n_experts + int(count)))
 
 
 def _config_flag(config, value) -> bool:
@@ -171,9 +215,9 @@ def _find_router_topk(model: nn.Module, spec: RouterSpec, config) -> list[MoELay
         router = getattr(block, spec.router_attr, None)
         if not isinstance(router, nn.Module):
             continue
-        top_k = getattr(router, "top_k", None) or _config_top_k(config) or 0
+        top_k = _top_k(router, config, path)
         n_experts = getattr(router, "num_experts", None) or _n_experts(router, router)
-        shared_attr, n_shared = _n_shared(block, config)
+        shared_attr, n_shared = _n_shared(model, path, spec, config)
         layers.append(MoELayer(index=len(layers), decoder_layer=_decoder_layer_index(path), block_path=path,
                                n_experts=int(n_experts), top_k=int(top_k), spec=spec, n_shared_experts=n_shared))
     if not layers:
@@ -184,7 +228,7 @@ def _find_router_topk(model: nn.Module, spec: RouterSpec, config) -> list[MoELay
 def _find_custom(model: nn.Module, custom: CustomRouter) -> list[MoELayer]:
     spec = RouterSpec(
         family="custom",
-        scoring=Scoring.SOFTMAX if custom.output == RouterOutput.LOGITS else Scoring.CUSTOM,
+        scoring=Scoring.SOFTMAX,  # a probabilities output (router_output PROBS) has had its softmax already
         router_attr="",
         router_output_index=custom.output_index,
         router_output=custom.output,

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from moescope.adapters.spec import RouterOutput, RouterSpec, Scoring, Selection, UnsupportedFamily
+from moescope.adapters.spec import (
+    NonComputeChoices,
+    NonComputeKind,
+    RouterOutput,
+    RouterSpec,
+    Scoring,
+    Selection,
+    UnsupportedFamily,
+)
 
 
 # --- shared routing policies ---------------------------------------------------------------------------
@@ -41,6 +49,7 @@ def _deepseek_v3(family: str, **kw) -> RouterSpec:
         "scaling_attr": "routed_scaling_factor",
         "grouped": True,
         "shared_experts_attr": "shared_experts",
+        "shared_experts_count": "n_shared_experts",  # one MLP of n_shared_experts * moe_intermediate_size
     }
     return RouterSpec(family=family, scoring=Scoring.SIGMOID, **{**fields, **kw})
 
@@ -62,6 +71,7 @@ _GEMMA4 = RouterSpec(
     router_output=RouterOutput.PROBS,
     renormalize=True,
     shared_experts_attr="mlp",
+    selection_policy="gemma4",
     notes=(
         "The MoE block is the decoder layer itself (router and experts are its children) and runs beside a dense "
         "MLP (`mlp`) on every token. Router: parameter-free RMSNorm, times `scale` and hidden**-0.5, linear "
@@ -79,6 +89,7 @@ _LLAMA4 = RouterSpec(
     router_output=RouterOutput.LOGITS,
     selection=Selection.ROUTER_TOPK,
     renormalize=False,
+    select_on="logits",
     shared_experts_attr="shared_expert",
     notes=(
         "Experts take no ids or weights: the router returns (scores [N,E], logits [N,E]) where scores are "
@@ -94,8 +105,10 @@ _INKLING = RouterSpec(
     family="inkling_text",
     scoring=Scoring.CUSTOM,
     shared_experts_attr="shared_experts",
+    shared_experts_count="n_shared_experts",
     bias_attr="gate.e_score_correction_bias",
     scaling_attr="route_scale",
+    selection_policy="inkling",
     notes=(
         "Router weight has n_routed + n_shared rows. Selection: top-k of sigmoid(routed logits) + "
         "e_score_correction_bias. Weights: the selected routed logits and all shared-expert logits are mapped "
@@ -109,13 +122,17 @@ _INKLING = RouterSpec(
 _ZAYA = RouterSpec(
     family="zaya",
     scoring=Scoring.CUSTOM,
+    router_inputs=("router_states",),
+    selection_policy="zaya",
+    non_compute=NonComputeChoices(NonComputeKind.SKIP, 1, received_as=0),
     notes=(
         "Router is an MLP: down_proj (with bias) to router_hidden_size, plus the previous layer's router state "
         "times router_states_scale (every layer but the first), RMSNorm, two GELU layers and out_proj to "
         "num_experts + 1 classes (the last is a no-compute 'skip' expert). softmax over the E+1 classes; top-k "
         "of probs + balancing_biases; weights are the unbiased probs (no renormalisation). A selected skip "
-        "expert reaches the experts as id 0 with weight 0.0 (the router masks it), so a recorded (0, 0.0) pair "
-        "means 'skip', not expert 0. Router output index 0 holds the E+1 logits. transformers only accepts "
+        "expert reaches the experts as id 0 with weight 0.0 (the router masks it after taking the weight), so the "
+        "pair (0, 0.0) the experts receive means 'skip' (a real expert 0 arrives with its softmax probability, > 0) "
+        "and is recorded as skip's own id num_experts. Router output index 0 holds the E+1 logits. transformers only accepts "
         "num_experts_per_tok = 1."
     ),
 )
@@ -128,13 +145,16 @@ FAMILIES: dict[str, RouterSpec] = {
         renormalize=True,
         scaling_attr="route_scale",
         shared_experts_attr="shared_experts",
+        shared_experts_count="num_shared_experts",
         notes="Correction bias lives on the block (`expert_bias`) and is passed to the router's forward; the "
         "router's logits come from its child Linear `router.gate`.",
     ),
-    "aria_text": _softmax_topk("aria_text", router_attr="router", shared_experts_attr="shared_experts"),
+    "aria_text": _softmax_topk("aria_text", router_attr="router", shared_experts_attr="shared_experts",
+                               shared_experts_count="moe_num_shared_experts"),
     "axk1": _deepseek_v3("axk1", notes="DeepSeek-V3 routing; the block adds a post-MLP RMSNorm."),
     "axk2": _deepseek_v3(
         "axk2",
+        group_fill=0.0,
         notes="DeepSeek-V3 routing except: group limiting only when n_group is set (light checkpoints skip it), "
         "and experts of dropped groups get score 0.0 (not -inf), so they can still win over negative biased scores.",
     ),
@@ -152,6 +172,7 @@ FAMILIES: dict[str, RouterSpec] = {
         scoring_attr="expert_selection_fn",
         renormalize="norm_topk_prob",
         shared_experts_attr="shared_experts",
+        shared_experts_count="num_shared_experts",
         notes="Top-k of the logits; expert_selection_fn 'softmax' = softmax over the k, 'sigmoid' = sigmoid of "
         "the k (renormalised when norm_topk_prob). Shared experts only when num_shared_experts > 0; with "
         "shared_expert_combination_strategy 'average' the routed output is halved after the experts.",
@@ -170,7 +191,11 @@ FAMILIES: dict[str, RouterSpec] = {
         renormalize=False,
         scaling_attr="routed_scaling_factor",
         grouped=True,
+        group_score="max",
+        group_fill=0.0,
+        group_when=("topk_method", "group_limited_greedy"),
         shared_experts_attr="shared_experts",
+        shared_experts_count="n_shared_experts",
         notes="softmax, top-k, never renormalised, times routed_scaling_factor. Group limiting only when "
         "topk_method == 'group_limited_greedy': group score = its best probability, experts of dropped groups "
         "set to 0.0.",
@@ -185,6 +210,8 @@ FAMILIES: dict[str, RouterSpec] = {
         bias_attr="gate.e_score_correction_bias",
         scaling_attr="routed_scaling_factor",
         shared_experts_attr="shared_experts",
+        hash_table_attr="tid2eid",
+        router_inputs=("input_ids",),
         notes="scores = scoring_func(logits) (sqrt(softplus) by default); selection on scores + correction bias; "
         "weights = unbiased scores renormalised, times routed_scaling_factor. The first mlp_layer_types == "
         "'hash_moe' layers select by a frozen table, ids = gate.tid2eid[input_ids] (router forward gets input_ids), "
@@ -197,10 +224,11 @@ FAMILIES: dict[str, RouterSpec] = {
         True,
         bias_attr="gate.moe_statics.e_score_correction_bias",
         shared_experts_attr="shared_experts",
+        shared_experts_count="moe_num_shared_experts",
         notes="softmax probabilities; selection on probs + e_score_correction_bias ([1, E], in gate.moe_statics); "
         "weights = unbiased probs divided by max(sum, moe_norm_min).",
     ),
-    "exaone_moe": _deepseek_v3("exaone_moe"),
+    "exaone_moe": _deepseek_v3("exaone_moe", shared_experts_count="num_shared_experts"),
     "flex_olmo": _softmax("flex_olmo", "norm_topk_prob"),
     "flint": RouterSpec(
         family="flint",
@@ -240,6 +268,7 @@ FAMILIES: dict[str, RouterSpec] = {
         renormalize=True,
         scaling_attr="router_scaling_factor",
         shared_experts_attr="shared_experts",
+        shared_experts_count="num_shared_experts",
         notes="Correction bias lives on the block and is passed to the router's forward.",
     ),
     "hy_v4": _deepseek_v3("hy_v4"),
@@ -271,6 +300,7 @@ FAMILIES: dict[str, RouterSpec] = {
         "kolibri1",
         "gate.e_score_correction_bias",
         renormalize="norm_topk_prob",
+        select_on="logits",
         shared_experts_attr="shared_experts",
         notes="Selection on raw logits + correction bias (bias added before the sigmoid, unlike DeepSeek-V3); "
         "weights = sigmoid of the selected logits.",
@@ -299,6 +329,7 @@ FAMILIES: dict[str, RouterSpec] = {
         router_attr="router",
         bias_attr="router.e_score_correction_bias",
         scaling_attr="routed_scaling_factor",
+        non_compute=NonComputeChoices(NonComputeKind.IDENTITY, "zero_expert_num"),
         notes="softmax over n_routed_experts + zero_expert_num classes; selection on probs + correction bias; "
         "weights = unbiased probs (not renormalised) times routed_scaling_factor. Ids >= n_routed_experts are "
         "zero-compute (identity) experts. Router linear is `router.classifier` (its bias, if any, is unused).",
@@ -322,7 +353,9 @@ FAMILIES: dict[str, RouterSpec] = {
     ),
     "mixtral": _softmax("mixtral", True),
     "nemotron_h": _deepseek_v3(
-        "nemotron_h", notes="DeepSeek-V3 routing in a hybrid Mamba model; experts may run in a latent projection."
+        "nemotron_h",
+        shared_experts_count=1,  # one MLP of moe_shared_expert_intermediate_size; n_shared_experts is unused
+        notes="DeepSeek-V3 routing in a hybrid Mamba model; experts may run in a latent projection.",
     ),
     "olmoe": _softmax("olmoe", "norm_topk_prob"),
     "phimoe": RouterSpec(
@@ -359,6 +392,7 @@ FAMILIES.update(
             "ernie4_5_vl_moe_text",
             True,
             bias_attr="gate.moe_statics.e_score_correction_bias",
+            shared_experts_count="moe_num_shared_experts",
             notes="Ernie-4.5 routing, with modality-isolated experts: each decoder MoE layer holds two blocks, "
             "`text_moe` and `vision_moe` (each a gate + experts), and a token runs through exactly one of them; "
             "text-only input never calls `vision_moe`. Shared experts sit on their parent.",
@@ -371,7 +405,9 @@ FAMILIES.update(
             renormalize="norm_topk_prob",
             scaling_attr="routed_scaling_factor",
             grouped=True,
+            group_fill=0.0,
             shared_experts_attr="shared_experts",
+            shared_experts_count="n_shared_experts",
             notes="softmax probabilities limited to the topk_group best of n_group groups (group score: sum of "
             "its two best probabilities; dropped experts set to 0.0), no correction bias; weights renormalised "
             "when norm_topk_prob, times routed_scaling_factor.",
@@ -382,7 +418,9 @@ FAMILIES.update(
             renormalize=True,
             scaling_attr="routed_scaling_factor",
             grouped=True,
+            group_fill=0.0,
             shared_experts_attr="shared_experts",
+            shared_experts_count="n_shared_experts",
             notes="Mistral-4 routing with fp32 logits and renormalisation always on.",
         ),
         "muse_spark_text": _sigmoid_biased(

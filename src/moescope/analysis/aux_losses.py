@@ -5,8 +5,12 @@ Switch-Transformer load-balancing loss, as transformers' `load_balancing_loss_fu
                                  P_i = mean router probability of expert i.
 Per layer it is the loss of that layer alone; OVERALL pools every (layer, token) row exactly like
 transformers does when given the tuple of all layers' logits (so it is *not* the mean of per-layer
-losses). Perfect balance gives k. f uses the experts the model actually selected (captured ids), which is
-transformers' top-k of softmax(logits) for plain softmax routers.
+losses). Perfect balance gives k. Pooling hides imbalance: layers that prefer different experts average
+out in f and P, so the pooled loss can sit at k while every layer is far above it. The summary therefore
+leads with the worst layer and the mean over layers, and names the pooled value
+`load_balancing_loss_pooled_transformers`. f uses the experts the model actually selected (captured ids), which is
+transformers' top-k of softmax(logits) for plain softmax routers. Both f and P cover the routed experts only
+(a router's non-compute classes, LongCat's identity experts or ZAYA's skip, are no expert's load).
 
 Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2. It needs logits; when the trace holds
 probabilities it is skipped with a note.
@@ -21,12 +25,13 @@ import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.kernels import jsonable, merge_arrays
-from moescope.analysis.result import layer_labels
+from moescope.analysis.result import layer_labels, worst_and_mean
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "aux_losses"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,7 +50,7 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> AuxLossSta
         view.layers,
         view.load[:, : view.E].copy(),
         view.T,
-        None if probs is None else probs.sum(axis=2, dtype=np.float64).T,  # [E, L, T] -> [L, E]
+        None if probs is None else probs[: view.E].sum(axis=2, dtype=np.float64).T,  # [R, L, T] -> [L, E]: routed experts
         None if lse is None else np.square(lse).sum(axis=1),
     )
 
@@ -91,13 +96,12 @@ class AuxLossResult:
         return {"per_layer": per_layer, "per_expert": per_expert}
 
     def summary(self) -> dict:
+        """Per-layer losses first (worst layer, mean over layers), then the pooled one transformers computes."""
         return jsonable(
             {
-                "load_balancing_loss": self.load_balancing_loss[-1],
+                **worst_and_mean(self.load_balancing_loss[:-1], self.layers, "load_balancing_loss", worst=np.nanargmax),
                 "load_balancing_loss_balanced": float(self.top_k),
-                "load_balancing_loss_max_layer": np.nanmax(self.load_balancing_loss[:-1])
-                if np.isfinite(self.load_balancing_loss[:-1]).any()
-                else None,
+                "load_balancing_loss_pooled_transformers": self.load_balancing_loss[-1],
                 "z_loss": self.z_loss[-1],
                 "notes": list(self.notes),
             }

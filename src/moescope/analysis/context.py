@@ -50,6 +50,9 @@ class AnalysisContext:
     array is broadcast to every layer. `hidden_size` and `expert_sizes` enable the cost analyses.
     `prefetch_table` (from `CrossLayerResult.prefetch_table()`) feeds the transition predictor of the
     expert-cache simulation; `run_analyses` fills it in itself when it can read the shards twice.
+    `n_experts` counts routed experts (ids 0..n_experts-1); `non_compute_ids` are the router's other
+    choices (LongCat's identity experts, ZAYA's skip; ids >= n_experts, of `non_compute_kinds`), which count
+    toward no expert's load but are columns of the router output: it has `router_width` columns.
     """
 
     n_experts: int
@@ -64,12 +67,18 @@ class AnalysisContext:
     token_text: Callable[[int], str] | Mapping[int, str] | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     prefetch_table: Any = None  # PrefetchTable | None (see cross_layer.py)
+    n_experts_inferred: bool = False  # imported without an expert count: n_experts is the largest id seen + 1
+    non_compute_ids: tuple[int, ...] = ()  # router choices that are not experts: n_experts, n_experts + 1, ...
+    non_compute_kinds: tuple[str, ...] = ()  # what they are: "identity", "skip"
 
     def __post_init__(self) -> None:
         if self.n_experts < 1 or self.top_k < 1 or self.n_layers < 1:
             raise MoescopeError(
                 f"n_experts, top_k and n_layers must be positive, got {self.n_experts}, {self.top_k}, {self.n_layers}"
             )
+        if tuple(self.non_compute_ids) != tuple(range(self.n_experts, self.n_experts + len(self.non_compute_ids))):
+            raise MoescopeError(f"non-compute choices must have the ids right after the {self.n_experts} routed experts, "
+                                f"got {list(self.non_compute_ids)}")
         if self.router_output_kind not in (None, "mixed", *ROUTER_OUTPUT_KINDS):
             raise MoescopeError(
                 f"router_output_kind must be one of {ROUTER_OUTPUT_KINDS} or None, got {self.router_output_kind!r}"
@@ -84,6 +93,11 @@ class AnalysisContext:
                     f"got {sizes.shape}"
                 )
             object.__setattr__(self, "expert_sizes", np.ascontiguousarray(sizes))
+
+    @property
+    def router_width(self) -> int:
+        """Columns of a router output: the routed experts, then the non-compute choices."""
+        return self.n_experts + len(self.non_compute_ids)
 
     @property
     def has_costs(self) -> bool:
@@ -116,7 +130,7 @@ class AnalysisContext:
     def from_manifest(cls, manifest: Mapping[str, Any], **overrides: Any) -> AnalysisContext:
         """Build a context from a trace manifest.
 
-        Reads `n_experts`, `top_k`, `router_output_kind`, `expert_sizes` either at the top level (an int,
+        Reads `n_experts`, `top_k`, `router_output_kind`, `expert_sizes`, `n_experts_inferred` either at the top level (an int,
         or a list with one entry per MoE layer) or from a `layers` list of per-layer dicts; `hidden_size`
         at the top level or under `model`.
         `overrides` (e.g. `token_text=`, `thresholds=`) are passed through.
@@ -156,7 +170,13 @@ class AnalysisContext:
         if len(set(ks)) > 1:
             raise TraceError(f"layers have different top_k {sorted(set(ks))}; analyses need one k per trace")
         es = n_experts if isinstance(n_experts, list) else [n_experts]
+        inferred = value("n_experts_inferred", False)
+        non_compute = [layer.get("non_compute_experts") for layer in per_layer if isinstance(layer, Mapping)] \
+            if isinstance(per_layer, list) else []
+        non_compute = [entry for entry in non_compute if isinstance(entry, Mapping)]
         kwargs: dict[str, Any] = dict(
+            non_compute_ids=tuple(sorted({int(i) for entry in non_compute for i in entry.get("ids", ())})),
+            non_compute_kinds=tuple(sorted({str(entry.get("kind")) for entry in non_compute})),
             n_experts=int(max(es)),
             top_k=int(ks[0]),
             n_layers=int(n_layers),
@@ -164,6 +184,7 @@ class AnalysisContext:
             expert_sizes=None if sizes is None else np.asarray(sizes, dtype=np.int64),
             hidden_size=manifest.get("hidden_size") or (manifest.get("model") or {}).get("hidden_size"),
             vocab_size=manifest.get("vocab_size"),
+            n_experts_inferred=any(inferred) if isinstance(inferred, list) else bool(inferred),
         )
         kwargs.update(overrides)
         return cls(**kwargs)

@@ -7,14 +7,24 @@ Each predictor names k experts for the target layer; recall = |predicted ∩ S(t
 summed over tokens ("recall@k"):
   same_index        S(l) itself, for target l+d (hop d).
   transition        the k experts most often seen at l+d after the token's first-choice expert at l
-                    (largest gate weight), learned on the other half of the trace: sequences with even
-                    seq_id are predicted from a table learned on odd ones and vice versa (two-fold
-                    cross-fitting). Ties go to the expert with more load at l+d in the learning half,
-                    then to the lower index. Conditioning on the first choice (not the whole set) keeps
-                    the sufficient statistics an E x E table per (parity, hop, layer), so it streams.
+                    (largest gate weight), learned on the other fold of the trace (two-fold cross-fitting,
+                    see `fold_of`). Ties go to the expert with more load at l+d in the learning fold, then
+                    to the lower index. Conditioning on the first choice (not the whole set) keeps the
+                    sufficient statistics an E x E table per (fold, hop, layer), so it streams.
+  popularity        the static baseline: the k most-loaded experts of the target layer in the other fold
+                    (ties to the lower index), whatever the token. Reported for hops 0..max_hop (its
+                    recall depends only on the target layer; hop 0 is previous_token's target, the same
+                    layer). A predictor that does not beat it has learned nothing a fixed pin would not.
   previous_token    S(target) of the previous token of the same sequence (hop reported as 0).
   router_lookahead  layer l+1's router applied to layer l's router input, computed during capture and
                     carried as ShardData.predicted_next_ids (hop 1 only).
+
+Folds are by document, not by sequence: sequences cut from one document route alike, so a table learned
+on one of them and tested on its neighbour would flatter the learned predictors. A token's fold is one bit
+of a fixed 64-bit mix of its document key (`ShardData.document`, a hash of the sequences table's source
+and doc_id; each sequence is its own document when a shard has no document keys), so both folds are
+filled whichever sequences a trace holds. When one fold has no routed slots (a trace of one document),
+the learned predictors (transition, popularity) cannot be cross-fitted: they are left out, with a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "cross_layer"
-PREDICTORS = ("same_index", "transition", "previous_token", "router_lookahead")
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
+PREDICTORS = ("same_index", "transition", "popularity", "previous_token", "router_lookahead")
+LEARNED = ("transition", "popularity")  # predictors learned on the other fold
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,33 +52,58 @@ class CrossLayerState:
     layers: tuple[int, ...]
     n_tokens: int
     transitions: np.ndarray  # int64 [K, L, E, E] (zero where l + d >= L)
-    first_choice_transitions: np.ndarray  # int64 [2, K, L, E, E] by seq_id parity
-    load_by_parity: np.ndarray  # int64 [2, L, E]
+    first_choice_transitions: np.ndarray  # int64 [2, K, L, E, E] by fold
+    load_by_fold: np.ndarray  # int64 [2, L, E]
     previous_overlap: np.ndarray  # int64 [L] sum over tokens with a previous token of |S_t ∩ S_t-1|
     previous_targets: np.ndarray  # int64 [L] real experts in S_t over those tokens
     lookahead_overlap: np.ndarray | None  # int64 [L] |P(l) ∩ S(l+1)| at source l (last entry 0)
 
 
-def seq_parity(shard: ShardData) -> np.ndarray:
-    """intp [T]: 0 for tokens of even seq_id, 1 for odd (the two halves of the cross-fitted split)."""
-    return (shard.seq_id & 1).astype(np.intp)
+def fold_of(shard: ShardData) -> np.ndarray:
+    """intp [T]: each token's cross-fitting fold, 0 or 1: the top bit of splitmix64 of its document key.
+
+    The key is `shard.document` (see trace/shard.py `document_key`), or the seq_id when the shard has no
+    document keys (every sequence its own document). Mixing first means consecutive ids do not alternate.
+    """
+    key = shard.seq_id if shard.document is None else shard.document
+    return (_splitmix64(np.asarray(key, np.int64).astype(np.uint64)) >> np.uint64(63)).astype(np.intp)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """uint64 [...]: the splitmix64 finaliser (Steele, Lea and Flood 2014), wrapping arithmetic."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def empty_fold_warning(fold_slots: np.ndarray) -> str | None:
+    """The warning for a trace whose documents all fall in one fold (fold_slots: int64 [2]), else None."""
+    if (fold_slots > 0).all():
+        return None
+    return (f"every routed slot falls in one of the two cross-fitting folds ({int(fold_slots.sum())} slots in one, 0 in "
+            "the other: the trace holds one document, or documents that all hash alike): the transition and "
+            "popularity predictors, learned on the other fold, cannot be evaluated and are left out; "
+            "capture more documents to get them")
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
     view = ShardView.of(shard, ctx)
     L, T, E, K = view.L, view.T, view.E, ctx.thresholds.max_hop
     ids, side = view.ids_by_slot, E + 1  # [k, L, T]
-    parity = seq_parity(view.shard)
+    fold = fold_of(view.shard)  # [T]
     transitions = np.zeros((K, L, E, E), np.int64)
     first_choice = np.zeros((2, K, L, E, E), np.int64)
-    # first choice tagged with parity: source id (p * side + i) in a table of 2 * side rows
-    tagged = (parity[None, :] * side + view.first_choice)[None]  # [1, L, T]
     for d in range(1, min(K, L - 1) + 1):
         transitions[d - 1, : L - d] = pair_counts(ids[:, :-d], ids[:, d:], E)
-        both = pair_counts(tagged[:, :-d], ids[:, d:], 2 * side)  # [L-d, 2*side, 2*side]; only columns < E are ids
-        first_choice[:, d - 1, : L - d] = both[:, :, :E].reshape(L - d, 2, side, E)[:, :, :E].transpose(1, 0, 2, 3)
-    by_parity = (parity[None, :, None] * L + np.arange(L)[:, None, None]) * side + view.ids  # [L, T, k]
-    load_by_parity = np.bincount(by_parity.ravel(), minlength=2 * L * side).reshape(2, L, side)[:, :, :E]
+        # one key per (fold, source layer, first choice, expert at l + d): a table of exactly [2, L-d, side, side]
+        source = ((fold[None, :] * (L - d) + np.arange(L - d)[:, None]) * side + view.first_choice[:-d]) * side  # [L-d, T]
+        keys = (source[None] + ids[:, d:]).ravel()  # [k, L-d, T]
+        counts = np.bincount(keys, minlength=2 * (L - d) * side * side).reshape(2, L - d, side, side)
+        first_choice[:, d - 1, : L - d] = counts[:, :, :E, :E]  # sentinel rows and columns dropped
+    by_fold = (fold[None, :, None] * L + np.arange(L)[:, None, None]) * side + view.ids  # [L, T, k]
+    load_by_fold = np.bincount(by_fold.ravel(), minlength=2 * L * side).reshape(2, L, side)[:, :, :E]
     starts = ~view.has_previous  # tokens without a previous token
     predicted = predicted_next_ids_of(view.shard)
     lookahead = None
@@ -80,7 +117,7 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayer
         T,
         transitions,
         first_choice,
-        load_by_parity,
+        load_by_fold,
         view.previous_overlap.sum(axis=1),
         view.valid_slots - (view.ids[:, starts] < E).sum(axis=(1, 2)),
         lookahead,
@@ -105,7 +142,7 @@ def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
         a.n_tokens + b.n_tokens,
         a.transitions + b.transitions,
         a.first_choice_transitions + b.first_choice_transitions,
-        a.load_by_parity + b.load_by_parity,
+        a.load_by_fold + b.load_by_fold,
         a.previous_overlap + b.previous_overlap,
         a.previous_targets + b.previous_targets,
         merge_arrays(a.lookahead_overlap, b.lookahead_overlap),
@@ -121,23 +158,35 @@ def top_predictions(counts: np.ndarray, target_load: np.ndarray, k: int) -> np.n
     return np.argsort(-score, axis=-1, kind="stable")[..., :k]
 
 
+def popular_experts(load: np.ndarray, k: int) -> np.ndarray:
+    """int64 [..., k]: the k most-loaded experts of each load row [..., E], ties to the lower index."""
+    return np.argsort(-load, axis=-1, kind="stable")[..., :k]
+
+
 @dataclass(frozen=True, eq=False)
 class PrefetchTable:
-    """What the transition predictor learned, per half of the trace (index = seq_id parity).
+    """What the learned predictors learned, per fold of the trace (index = fold, see `fold_of`).
 
-    counts[q, l, i, j]: tokens of parity q with first choice i at layer l and j in S(l+1);
-    target_load[q, l, j]: slots of expert j at layer l among tokens of parity q.
+    counts[f, l, i, j]: tokens of fold f with first choice i at layer l and j in S(l+1);
+    target_load[f, l, j]: slots of expert j at layer l among tokens of fold f.
     """
 
     counts: np.ndarray  # int64 [2, L - 1, E, E]
     target_load: np.ndarray  # int64 [2, L, E]
 
     def predictions(self, k: int) -> np.ndarray:
-        """int64 [2, L - 1, E, k]: predictions[q, l, i] learned on parity q, for layer l + 1."""
+        """int64 [2, L - 1, E, k]: predictions[f, l, i] learned on fold f, for layer l + 1."""
         return top_predictions(self.counts, self.target_load[:, 1:], k)
 
+    def popular(self, k: int) -> np.ndarray:
+        """int64 [2, L, k]: popular[f, l], the k most-loaded experts of layer l in fold f."""
+        return popular_experts(self.target_load, k)
+
+    def empty_fold_warning(self) -> str | None:
+        return empty_fold_warning(self.target_load.sum(axis=(1, 2)))
+
     def pooled(self) -> PrefetchTable:
-        """Both halves together: use a table learned on another trace as-is for every token."""
+        """Both folds together: use a table learned on another trace as-is for every token."""
         counts = self.counts.sum(axis=0, keepdims=True)
         load = self.target_load.sum(axis=0, keepdims=True)
         return PrefetchTable(np.concatenate([counts, counts]), np.concatenate([load, load]))
@@ -151,9 +200,10 @@ class CrossLayerResult:
     transitions: np.ndarray  # int64 [K, L, E, E]
     load: np.ndarray  # int64 [L, E]
     first_choice_transitions: np.ndarray  # int64 [2, K, L, E, E]
-    load_by_parity: np.ndarray  # int64 [2, L, E]
+    load_by_fold: np.ndarray  # int64 [2, L, E]
     recall: pd.DataFrame  # predictor, hop, source_layer, target_layer, hits, targets, recall
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what a user must see (the CLI prints it on stderr): an empty fold
 
     def conditional(self) -> np.ndarray:
         """float64 [K, L, E, E]: P(j at l+d | i at l) (NaN where expert i is never selected at l)."""
@@ -161,7 +211,7 @@ class CrossLayerResult:
             return self.transitions / self.load[None, :, :, None]
 
     def prefetch_table(self) -> PrefetchTable:
-        return PrefetchTable(self.first_choice_transitions[:, 0, :-1], self.load_by_parity)
+        return PrefetchTable(self.first_choice_transitions[:, 0, :-1], self.load_by_fold)
 
     def recall_overall(self) -> pd.DataFrame:
         """Pooled recall per (predictor, hop)."""
@@ -190,17 +240,50 @@ class CrossLayerResult:
     def summary(self) -> dict:
         overall = self.recall_overall()
         out = {f"recall_{r.predictor}_hop{r.hop}": r.recall for r in overall.itertuples()}
-        hop1 = overall[overall.hop.isin([0, 1])]
-        if len(hop1) and hop1.recall.notna().any():
-            out["best_predictor_hop1"] = hop1.loc[hop1.recall.idxmax(), "predictor"]
+        recall = {(r.predictor, r.hop): r.recall for r in overall.itertuples() if np.isfinite(r.recall)}
+        hop1 = _competing(recall, 1)
+        if hop1:
+            best = max(hop1, key=hop1.get)
+            out["best_predictor_hop1"] = best
+            baseline = recall.get(("popularity", _target_hop(best, 1)))
+            if baseline is not None:
+                out["best_minus_popularity_hop1"] = hop1[best] - baseline
+        verdicts = (_versus_popularity(recall, d) for d in range(1, self.transitions.shape[0] + 1))
+        out["versus_popularity"] = [v for v in verdicts if v]
+        out["fold_slots"] = self.load_by_fold.sum(axis=(1, 2))
         out["notes"] = list(self.notes)
         return jsonable(out)
+
+
+def _target_hop(predictor: str, hop: int) -> int:
+    """The hop of the layer a predictor names when it competes at `hop`: previous_token names the same layer (0)."""
+    return 0 if predictor == "previous_token" else hop
+
+
+def _competing(recall: dict[tuple[str, int], float], hop: int) -> dict[str, float]:
+    """{predictor: recall} of the predictors competing at `hop` (previous_token competes at hop 1)."""
+    return {p: v for (p, h), v in recall.items() if p != "popularity" and h == _target_hop(p, hop) and (h == hop or hop == 1)}
+
+
+def _versus_popularity(recall: dict[tuple[str, int], float], hop: int) -> str | None:
+    """One sentence judging the best predictor at `hop` against the popularity baseline on the same targets."""
+    competing = _competing(recall, hop)
+    if not competing:
+        return None
+    best = max(competing, key=competing.get)
+    base = recall.get(("popularity", _target_hop(best, hop)))
+    if base is None:
+        return None
+    diff = competing[best] - base
+    if diff > 0:
+        return f"hop {hop}: {best} beats popularity by {diff:+.3f} recall ({competing[best]:.3f} vs {base:.3f})"
+    return f"hop {hop}: no predictor beats popularity ({base:.3f}); the best, {best}, reaches {competing[best]:.3f} ({diff:+.3f})"
 
 
 def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
     K, L, E, _ = state.transitions.shape
     k = ctx.top_k
-    load = state.load_by_parity.sum(axis=0)  # [L, E]
+    load = state.load_by_fold.sum(axis=0)  # [L, E]
     slots = load.sum(axis=1)  # [L] real experts selected per layer
     layers = np.asarray(state.layers)
     frames = []
@@ -211,13 +294,20 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
     same_index = np.trace(state.transitions, axis1=2, axis2=3)  # [K, L]
     frames.append(_recall_rows("same_index", hop, src, target, same_index, slots[target], valid, layers))
 
-    target_load = state.load_by_parity[:, target]  # [2, K, L, E] load of the target layer per parity
-    learned = top_predictions(state.first_choice_transitions, target_load, k)  # [2, K, L, E, k] per learning half
-    chosen = np.zeros(state.first_choice_transitions.shape, bool)
-    np.put_along_axis(chosen, learned, True, axis=-1)
-    # tokens of parity p are predicted with the table learned on parity 1 - p
-    hits = (state.first_choice_transitions * chosen[::-1]).sum(axis=(0, 3, 4))  # [K, L]
-    frames.append(_recall_rows("transition", hop, src, target, hits, slots[target], valid, layers))
+    warning = empty_fold_warning(state.load_by_fold.sum(axis=(1, 2)))
+    if warning is None:
+        target_load = state.load_by_fold[:, target]  # [2, K, L, E] load of the target layer per fold
+        learned = top_predictions(state.first_choice_transitions, target_load, k)  # [2, K, L, E, k] per learning fold
+        chosen = np.zeros(state.first_choice_transitions.shape, bool)
+        np.put_along_axis(chosen, learned, True, axis=-1)
+        # tokens of fold f are predicted with the table learned on fold 1 - f
+        hits = (state.first_choice_transitions * chosen[::-1]).sum(axis=(0, 3, 4))  # [K, L]
+        frames.append(_recall_rows("transition", hop, src, target, hits, slots[target], valid, layers))
+        popular = popular_experts(state.load_by_fold, k)[::-1]  # [2, L, k]: what tokens of fold f are given
+        popular_hits = np.take_along_axis(state.load_by_fold, popular, axis=-1).sum(axis=(0, 2))  # [L] per target
+        hops = np.arange(K + 1)[:, None]  # hop 0: the same layer, previous_token's target
+        targets = np.minimum(src + hops, L - 1)
+        frames.append(_recall_rows("popularity", hops, src, targets, popular_hits[targets], slots[targets], src + hops < L, layers))
 
     frames.append(
         _recall_rows(
@@ -231,7 +321,7 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
             layers,
         )
     )
-    notes = []
+    notes = [] if warning is None else [warning]
     if state.lookahead_overlap is not None:
         frames.append(
             _recall_rows(
@@ -257,9 +347,10 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
         state.transitions,
         load,
         state.first_choice_transitions,
-        state.load_by_parity,
+        state.load_by_fold,
         recall,
         tuple(notes),
+        () if warning is None else (warning,),
     )
 
 

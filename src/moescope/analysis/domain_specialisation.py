@@ -23,6 +23,7 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "domain_specialisation"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,11 +5,15 @@ prefetch batch inserted before its experts are looked up. Predictors (for layer 
   lru               no prefetch.
   same_index        prefetch S(l-1), the experts the token used one layer earlier.
   transition        prefetch the transition predictor's k experts for the first choice at l-1 (see
-                    cross_layer.py; cross-fitted by seq_id parity). Needs `ctx.prefetch_table`, which
+                    cross_layer.py; cross-fitted by document fold). Needs `ctx.prefetch_table`, which
                     run_analyses learns in a first pass when it can read the shards twice.
+  popularity        the static baseline: prefetch layer l's k most-loaded experts in the other fold (from
+                    the same table) before every token, at every layer: the popular experts stay pinned
+                    as the most recent entries, and the rest of the cache is LRU.
   router_lookahead  prefetch predicted_next_ids[l-1] (layer l's router on layer l-1's input).
-Layer 0 has no earlier layer, so every predictor equals LRU there. The previous-token predictor is not
-simulated: its experts are already the most recent entries of an LRU cache, so it equals LRU.
+Layer 0 has no earlier layer, so every predictor but popularity equals LRU there. The previous-token
+predictor is not simulated: its experts are already the most recent entries of an LRU cache, so it
+equals LRU. When one fold of the table is empty, transition and popularity are left out with a warning.
 hit_rate(C) = hits / lookups over real experts, for every C from the largest batch to E.
 """
 
@@ -21,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.cross_layer import seq_parity
+from moescope.analysis.cross_layer import fold_of
 from moescope.analysis.kernels import jsonable
 from moescope.analysis.lru_kernel import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
 from moescope.analysis.shard_view import ShardView, predicted_next_ids_of
@@ -29,6 +33,7 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "expert_cache"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,20 +45,23 @@ class CacheState:
     n_tokens: int
 
 
-def _prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndarray | None]:
-    """predictor -> intp [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel)."""
+def prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndarray | None]:
+    """predictor -> intp [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel); also
+    what simulate/offload.py prefetches."""
     E, ids = view.E, view.ids
     empty = np.full((1, view.T, view.k), E, np.intp)
     sources: dict[str, np.ndarray | None] = {"lru": None, "same_index": np.concatenate([empty, ids[:-1]])}
-    if ctx.prefetch_table is not None:
-        pred = ctx.prefetch_table.predictions(view.k)  # [2, L-1, E, k] learned per parity
+    table = ctx.prefetch_table
+    if table is not None and table.empty_fold_warning() is None:
+        pred = table.predictions(view.k)  # [2, L-1, E, k] learned per fold
         if pred.shape[1] != view.L - 1:
             raise MoescopeError(f"prefetch table covers {pred.shape[1] + 1} layers, the shard {view.L}")
         pred = np.concatenate([pred, np.full(pred.shape[:2] + (1, view.k), E)], axis=2)  # row E: no first choice
-        learned_on = 1 - seq_parity(view.shard)  # [T] tokens use the other half's table
-        layer = np.arange(view.L - 1)[:, None]
-        guess = pred[learned_on[None, :], layer, view.first_choice[:-1]]  # [L-1, T, k]
+        learned_on = 1 - fold_of(view.shard)  # [T] tokens use the other fold's table
+        layer = np.arange(view.L)[:, None]  # [L, 1]
+        guess = pred[learned_on[None, :], layer[:-1], view.first_choice[:-1]]  # [L-1, T, k]
         sources["transition"] = np.concatenate([empty, guess.astype(np.intp)])
+        sources["popularity"] = table.popular(view.k)[learned_on[None, :], layer].astype(np.intp)  # [L, T, k]
     predicted = predicted_next_ids_of(view.shard)
     if predicted is not None:
         pred = np.where((predicted >= 0) & (predicted < E), predicted, E).astype(np.intp)
@@ -63,7 +71,7 @@ def _prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.nda
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CacheState:
     view = ShardView.of(shard, ctx)
-    sources = _prefetch_sources(view, ctx)
+    sources = prefetch_sources(view, ctx)
     L, T, E = view.L, view.T, view.E
     counts = np.zeros((len(sources), L, E + 1), np.int64)
     # the L caches run as one stream laid end to end, in groups of layers to bound memory
@@ -102,6 +110,7 @@ class CacheResult:
     hits: np.ndarray  # int64 [P, L, C] (-1 where C is below the predictor's batch size)
     lookups: np.ndarray  # int64 [P, L]
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what a user must see (the CLI prints it on stderr): an empty fold
 
     def hit_rate(self) -> np.ndarray:
         """float64 [P, L + 1, C]: per layer, then OVERALL (NaN where not valid)."""
@@ -148,8 +157,13 @@ def finalize(state: CacheState, ctx: AnalysisContext) -> CacheResult:
     for p, batch in enumerate(state.batch_size):
         hits[p, :, capacities < batch] = -1
     notes = []
-    if "transition" not in state.predictors:
-        notes.append("transition predictor skipped: it needs a prefetch table learned in a first pass over the trace")
+    warning = None if ctx.prefetch_table is None else ctx.prefetch_table.empty_fold_warning()
+    if warning is not None:
+        notes.append(warning)
+    elif "transition" not in state.predictors:
+        notes.append("transition and popularity predictors skipped: they need a prefetch table learned in a first "
+                     "pass over the trace")
     if "router_lookahead" not in state.predictors:
         notes.append("router_lookahead skipped: the trace has no predicted_next_ids (needs the model during capture)")
-    return CacheResult(state.layers, state.predictors, capacities, hits, state.rank_counts.sum(axis=-1), tuple(notes))
+    return CacheResult(state.layers, state.predictors, capacities, hits, state.rank_counts.sum(axis=-1), tuple(notes),
+                       () if warning is None else (warning,))

@@ -1,14 +1,18 @@
 """Small vectorised building blocks shared by the analyses: mergeable histograms, moments, sparse counts.
 
 Everything here adds up: a state built from two shards equals the merge of the states of each.
+`add_into` is that merge done in place, for states that are plain sums of fixed-shape arrays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from moescope.errors import MoescopeError
 
 
 def fixed_histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
@@ -231,6 +235,35 @@ def merge_arrays(a, b):
     if b is None:
         return a
     return a + b
+
+
+def add_into(running, new):
+    """Add state `new` into state `running` in place, field by field, and return `running`.
+
+    For the states of analyses whose merge is the elementwise sum of fixed-shape arrays (MERGE_ADDS):
+    arrays are added with np.add(out=), integers summed, None must meet None, and every other field (layers,
+    predictor names) must be equal. `running` must own its arrays (see `copy_state`); `new` is only read.
+    """
+    if type(running) is not type(new):
+        raise MoescopeError(f"cannot merge a {type(running).__name__} with a {type(new).__name__}")
+    sums = {}
+    for field in dataclasses.fields(running):
+        a, b = getattr(running, field.name), getattr(new, field.name)
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype:
+            np.add(a, b, out=a)
+        elif isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)) and not isinstance(a, bool):
+            sums[field.name] = a + b
+        elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or a != b:
+            raise MoescopeError(f"cannot merge {type(running).__name__} states whose {field.name} differ "
+                                "(shards of different traces or settings?)")
+    return dataclasses.replace(running, **sums) if sums else running
+
+
+def copy_state(state):
+    """A copy of a dataclass state whose arrays are its own (writable), for `add_into` to add into."""
+    arrays = {f.name: np.array(getattr(state, f.name)) for f in dataclasses.fields(state)
+              if isinstance(getattr(state, f.name), np.ndarray)}
+    return dataclasses.replace(state, **arrays)
 
 
 def jsonable(value):

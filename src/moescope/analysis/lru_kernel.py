@@ -47,8 +47,8 @@ def lru_ranks(
     kp = 0 if prefetch is None else prefetch.shape[1]
     kk = max(k, kp)  # columns per batch
     per_token = 1 if prefetch is None else 2  # batches per token
-    lookups = _drop_repeats(lookups, E)
-    prefetch = None if prefetch is None else _drop_repeats(prefetch, E)
+    lookups = drop_repeats(lookups, E)
+    prefetch = None if prefetch is None else drop_repeats(prefetch, E)
     dtype = np.int32 if N * per_token * kk < 2**31 else np.int64
     token = np.arange(N, dtype=dtype)
 
@@ -117,7 +117,7 @@ def _rank_by_range_or(events, prev, seen, own_batch, kk, E) -> np.ndarray:
     )
 
 
-def _drop_repeats(events: np.ndarray, sentinel: int) -> np.ndarray:
+def drop_repeats(events: np.ndarray, sentinel: int) -> np.ndarray:
     """Replace an id that already occurs in an earlier column of the same batch by the sentinel."""
     out = events.copy()
     for c in range(1, events.shape[1]):  # kk x kk column comparisons (kk is small)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import pandas as pd
 
 
 @runtime_checkable
 class AnalysisResult(Protocol):
+    """A result may also carry `warnings: tuple[str, ...]`, problems a user must see (the CLI prints them on
+    stderr); each warning is also one of its notes."""
+
     notes: tuple[str, ...]  # why something was skipped or how to read it; empty when nothing to say
 
     def to_pandas(self) -> pd.DataFrame | dict[str, pd.DataFrame]: ...
@@ -23,3 +27,17 @@ def layer_labels(layers: tuple[int, ...], overall: bool = True) -> list[int]:
     from moescope.analysis.context import OVERALL
 
     return [*layers, OVERALL] if overall else list(layers)
+
+
+def worst_and_mean(per_layer: np.ndarray, layers: tuple[int, ...], name: str, *, worst) -> dict:
+    """{name_worst, name_worst_layer, name_layer_mean} of one statistic's per-layer values [L] (NaN skipped).
+
+    `worst` is np.nanargmin or np.nanargmax: which end of the range is the bad one for this statistic.
+    """
+    finite = np.isfinite(per_layer)
+    at = int(worst(np.where(finite, per_layer, np.nan))) if finite.any() else None
+    return {
+        f"{name}_worst": None if at is None else per_layer[at],
+        f"{name}_worst_layer": None if at is None else layers[at],
+        f"{name}_layer_mean": per_layer[finite].mean() if finite.any() else None,
+    }

@@ -4,12 +4,15 @@ From the captured gate weights (always available), per token with weights sorted
   top-1 / top-2 weight after renormalising the k weights to sum 1 (so scaled routers compare),
   their ratio w1 / w2 (log-binned over [1, ratio_max]; w2 = 0 lands in the overflow bin and is left out
   of the mean), and the entropy of the renormalised selected weights.
-From router outputs (when captured), p = router probabilities (softmax of logits):
-  routing entropy H(p) in nats (histogram over [0, ln E]); margin p_(k) - p_(k+1) between the last
-  selected and the first rejected expert; the share of tokens whose captured top-k set is the top-k of p
-  (below 1 for bias-corrected or group-limited routers); and what top-m routing of p would do for each m in
-  `what_if_top_k`: the load it puts on each expert, how many experts it uses and the first expert's weight
-  p_(1) / sum of the m largest p.
+From router outputs (when captured), p = router probabilities (softmax of logits) over all R router classes
+(the E routed experts, then any non-compute choices: LongCat's identity experts, ZAYA's skip), since the
+router chooses among all of them:
+  routing entropy H(p) in nats (histogram over [0, ln R]); margin p_(k) - p_(k+1) between the last
+  selected and the first rejected class; the share of tokens whose captured top-k set is *a* top-k of p —
+  every captured class at least as probable as every other one, so exact ties (common in float16 logits)
+  match whichever tied class the router took; below 1 for bias-corrected or group-limited routers — and what
+  top-m routing of p would do for each m in `what_if_top_k`: the load it puts on each routed expert (a pick of
+  a non-compute choice loads none), how many experts it uses and the first weight p_(1) / sum of the m largest p.
 Histograms have `hist_bins` equal bins plus an underflow and an overflow bin.
 """
 
@@ -24,7 +27,6 @@ import pandas as pd
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.kernels import CoMoments, fixed_histogram, histogram_edges, jsonable
 from moescope.analysis.result import layer_labels
-from moescope.analysis.rowwise import sort_ascending
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -79,28 +81,48 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> Confidence
         )
         mom["selected_entropy"] = CoMoments.of(h_sel, axis=1, mask=np.isfinite(h_sel))
 
-    what_if_k = tuple(m for m in th.what_if_top_k if m <= E)
+    R = view.R  # router classes: E routed experts, then the non-compute choices
+    what_if_k = tuple(m for m in th.what_if_top_k if m <= R)
     what_if_load = matches = None
     if view.router_probs is not None:
         h = view.router_entropy  # [L, T]
         hist["router_entropy"] = Histogram(
-            histogram_edges(0, math.log(E), bins), fixed_histogram(h, 0, math.log(E), bins)
+            histogram_edges(0, math.log(R), bins), fixed_histogram(h, 0, math.log(R), bins)
         )
         mom["router_entropy"] = CoMoments.of(h, axis=1)
         top_ids, top_p = view.router_top  # [m, L, T] descending
-        if E > k:
+        if R > k:
             margin = top_p[k - 1].astype(np.float64) - top_p[k]  # [L, T]
             hist["margin"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(margin, 0, 1, bins))
             mom["margin"] = CoMoments.of(margin, axis=1)
-        matches = (view.sorted_ids == sort_ascending(top_ids[:k])).all(axis=0).sum(axis=1)  # [L]
-        offsets = (np.arange(view.L, dtype=np.intp) * E)[None, :, None]
+        matches = _is_a_router_top_k(view, top_ids, top_p).sum(axis=1)  # [L]
+        offsets = (np.arange(view.L, dtype=np.intp) * (E + 1))[None, :, None]
         loads = []
         for m in what_if_k:  # a handful of alternative k values, each vectorised over the shard
-            loads.append(np.bincount((top_ids[:m] + offsets).ravel(), minlength=view.L * E).reshape(view.L, E))
+            routed = np.where(top_ids[:m] < E, top_ids[:m], E)  # non-compute picks -> the sentinel column E
+            counts = np.bincount((routed + offsets).ravel(), minlength=view.L * (E + 1)).reshape(view.L, E + 1)
+            loads.append(counts[:, :E])
             first = top_p[0] / top_p[:m].sum(axis=0, dtype=np.float64)
             mom[f"what_if_top{m}_first_weight"] = CoMoments.of(first, axis=1)
         what_if_load = np.stack(loads)
     return ConfidenceState(view.layers, view.T, hist, mom, what_if_k, what_if_load, matches)
+
+
+def _is_a_router_top_k(view: ShardView, top_ids: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """bool [L, T]: every captured class is at least as probable as every class not captured.
+
+    top_ids/top_p [m, L, T] (m >= k + 1) are the most probable classes, descending: the most probable class
+    not captured is among the first k + 1 of them, so k*(k+1) whole-array comparisons decide the match.
+    """
+    raw = view.shard.topk_ids.transpose(2, 0, 1)  # [k, L, T] captured class ids
+    inside = (raw >= 0) & (raw < view.R)
+    p = np.take_along_axis(view.router_probs, np.where(inside, raw, 0).astype(np.intp), axis=0)  # [k, L, T]
+    lowest_captured = np.where(inside, p, -np.inf).min(axis=0)  # [L, T]
+    best_rejected = np.full(lowest_captured.shape, -np.inf, np.float32)
+    for j in range(min(view.k + 1, top_ids.shape[0])):  # the k+1 most probable classes
+        captured = (top_ids[j][None] == raw).any(axis=0)
+        best_rejected = np.where(captured, best_rejected, np.maximum(best_rejected, top_p[j]))
+    return inside.all(axis=0) & (lowest_captured >= best_rejected)
 
 
 def merge(a: ConfidenceState, b: ConfidenceState) -> ConfidenceState:
@@ -195,7 +217,7 @@ def finalize(state: ConfidenceState, ctx: AnalysisContext) -> ConfidenceResult:
     notes = []
     if state.what_if_load is None:
         notes.append(ctx.missing_router_output("routing entropy, margins and what-if top-k"))
-    elif ctx.top_k >= ctx.n_experts:
+    elif ctx.top_k >= ctx.router_width:
         notes.append("k = E: there is no (k+1)-th expert, so no margin")
     rate = None
     if state.topk_matches is not None:

@@ -1,11 +1,18 @@
 """Stream shards once through every analysis's accumulate, merge as we go, finalize at the end.
 
-Merging is a tree reduce (pairs of equal rank, like a binary counter), the same shape a cluster would
-use. Memory is one shard (plus its derived arrays) and at most log2(shards) partial states, which do not
-grow with the trace (token specialisation grows with the number of distinct tokens). The expert-cache transition predictor
-needs a table learned over the whole trace before it can be evaluated, so when `shards` can be read twice
+States of fixed size whose merge is a plain sum (modules with MERGE_ADDS = True: load, aux_losses,
+coactivation, cross_layer, expert_cache, temporal_locality, domain_specialisation) are added into one
+running state as shards come, in shard order (`_Fold`): memory is that state plus the newest shard's, however
+many shards there are (a DeepSeek-V3-sized cross_layer state is 261 MiB). The other states (which grow,
+or merge by more than a sum) are merged in a tree (pairs of equal rank, like a binary counter: each state
+takes part in O(log n) merges), holding at most log2(shards) partial states. Integer sums do not depend on
+the order; the float sums (aux_losses' router probabilities) are added in shard order both here and on Ray
+(distributed/analyze.py folds on the driver in the same order), so results are equal to the bit.
+
+The expert-cache transition and popularity predictors need a table learned over the whole trace before they
+can be evaluated, so when `shards` can be read twice
 (a list, a tuple, or a zero-argument callable returning an iterable) and no `ctx.prefetch_table` is given,
-the cache runs in a second pass; with a one-shot iterator it runs in the first pass without that predictor.
+the cache runs in a second pass; with a one-shot iterator it runs in the first pass without those predictors.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from moescope.analysis import (
     domain_specialisation,
     expert_cache,
     load,
+    placement,
     router_confidence,
     temporal_locality,
     token_cost,
     token_specialisation,
 )
 from moescope.analysis.context import AnalysisContext
+from moescope.analysis.kernels import add_into, copy_state
 from moescope.analysis.result import AnalysisResult
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -46,6 +55,7 @@ ANALYSES: dict[str, ModuleType] = {
         domain_specialisation,
         token_specialisation,
         token_cost,
+        placement,
     )
 }
 
@@ -91,7 +101,7 @@ def _open(shards: ShardSource) -> Iterable[ShardData]:
 def _run_pass(
     shards: Iterable[ShardData], names: list[str], ctx: AnalysisContext, clock: dict[str, float]
 ) -> dict[str, AnalysisResult]:
-    reducers = {name: _TreeReduce(ANALYSES[name].merge) for name in names}
+    reducers = {name: reducer_for(ANALYSES[name]) for name in names}
     for shard in shards:
         view = ShardView(shard, ctx)  # derived arrays shared by the analyses of this shard
         for name in names:
@@ -110,12 +120,39 @@ def _run_pass(
     return results
 
 
+def folds_in_place(module: ModuleType) -> bool:
+    """Whether the analysis's states are fixed-shape arrays whose merge is their sum (added in place)."""
+    return getattr(module, "MERGE_ADDS", False)
+
+
+def reducer_for(module: ModuleType, merge: Callable | None = None):
+    """A running state for summed states, else a merge tree using `merge` (default: the module's merge)."""
+    return _Fold() if folds_in_place(module) else _TreeReduce(merge or module.merge)
+
+
+class _Fold:
+    """One running state: each new state is added into it in place (kernels.add_into), in arrival order.
+
+    The first state is copied so the running state owns its arrays (a state may share arrays with the
+    shard's view, or be a read-only array fetched from Ray's object store).
+    """
+
+    def __init__(self):
+        self.state = None
+
+    def push(self, state) -> None:
+        self.state = copy_state(state) if self.state is None else add_into(self.state, state)
+
+    def result(self):
+        return self.state
+
+
 class _TreeReduce:
     """Merge states pairwise like a binary counter: each state takes part in O(log n) merges.
 
     Folding left to right would merge every shard into an ever larger state (quadratic work for states
     that grow, such as per-token tables); merges are associative, so the order does not change results.
-    Holds at most log2(n) partial states.
+    Holds at most log2(n) partial states. `merge` may also return a future (Ray merges refs this way).
     """
 
     def __init__(self, merge):

@@ -3,8 +3,10 @@
 The runner wraps every shard in a view so that, e.g., router probabilities or expert loads are computed
 once per shard however many analyses read them. Each analysis also accepts a bare ShardData.
 
-Expert ids outside [0, E) (dropped tokens marked -1, zero-compute experts with ids >= E) are not experts:
-they are mapped to the sentinel id E, which every count then drops.
+Expert ids outside [0, E) (dropped tokens marked -1, non-compute choices with ids >= E: LongCat's identity
+experts, ZAYA's skip) are not experts: they are mapped to the sentinel id E, which every count then drops.
+Router outputs have R = ctx.router_width columns (the E routed experts, then the non-compute choices): the
+router's distribution is over all R of them.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ class ShardView:
             raise MoescopeError(f"shard has top-{k} routing but the analysis context says top-{ctx.top_k}")
         if shard.topk_weights.shape != (L, T, k):
             raise MoescopeError(f"topk_weights shape {shard.topk_weights.shape} != topk_ids shape {(L, T, k)}")
-        if shard.router_output is not None and shard.router_output.shape != (L, T, ctx.n_experts):
+        if shard.router_output is not None and shard.router_output.shape != (L, T, ctx.router_width):
             raise MoescopeError(
-                f"router_output shape {shard.router_output.shape} != [L, T, n_experts] = {(L, T, ctx.n_experts)}"
+                f"router_output shape {shard.router_output.shape} != [L, T, routed experts + non-compute choices] = "
+                f"{(L, T, ctx.router_width)}"
             )
         self.shard, self.ctx = shard, ctx
-        self.L, self.T, self.k, self.E = L, T, k, ctx.n_experts
+        self.L, self.T, self.k, self.E, self.R = L, T, k, ctx.n_experts, ctx.router_width
 
     @classmethod
     def of(cls, shard: ShardData | ShardView, ctx: AnalysisContext) -> ShardView:
@@ -69,6 +72,12 @@ class ShardView:
         return np.bincount((self.ids + offsets).ravel(), minlength=self.L * (self.E + 1)).reshape(self.L, self.E + 1)
 
     @cached_property
+    def non_compute_slots(self) -> np.ndarray:
+        """int64 [L]: slots that went to a non-compute choice (ids E .. R-1)."""
+        raw = self.shard.topk_ids
+        return ((raw >= self.E) & (raw < self.R)).sum(axis=(1, 2), dtype=np.int64)
+
+    @cached_property
     def valid_slots(self) -> np.ndarray:
         """int64 [L]: slots that hold a real expert."""
         return self.load[:, : self.E].sum(axis=1)
@@ -90,7 +99,8 @@ class ShardView:
 
     @cached_property
     def first_choice(self) -> np.ndarray:
-        """intp [L, T]: the expert with the largest gate weight (first such column on ties)."""
+        """intp [L, T]: the expert with the largest gate weight (first such column on ties): slot 0 of a trace,
+        whose slots are in gate-weight order (trace/slots.py), and of any hand-built shard alike."""
         w, ids = self.weights_by_slot, self.ids_by_slot
         best, choice = w[0], ids[0]
         for c in range(1, self.k):  # k slots, each a whole-shard operation
@@ -120,7 +130,7 @@ class ShardView:
 
     @cached_property
     def _router(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | None:
-        """(probs float32 [E, L, T] expert-major, logsumexp float64 [L, T] or None, entropy float64 [L, T])."""
+        """(probs float32 [R, L, T] expert-major, logsumexp float64 [L, T] or None, entropy float64 [L, T])."""
         out = self.shard.router_output
         if out is None or self.ctx.router_output_kind not in ("logits", "probs"):
             return None
@@ -139,7 +149,7 @@ class ShardView:
 
     @property
     def router_probs(self) -> np.ndarray | None:
-        """float32 [E, L, T] router probabilities, expert-major (softmax of logits when logits were captured)."""
+        """float32 [R, L, T] router probabilities, expert-major (softmax of logits when logits were captured)."""
         return None if self._router is None else self._router[0]
 
     @property
@@ -154,12 +164,12 @@ class ShardView:
 
     @cached_property
     def router_top(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(intp [m, L, T] expert ids, float32 [m, L, T] probabilities) of the m most probable experts,
-        descending, ties to the lower id; m = min(E, max(k + 1, largest what-if k))."""
+        """(intp [m, L, T] router class ids, float32 [m, L, T] probabilities) of the m most probable of the R
+        classes, descending, ties to the lower id; m = min(R, max(k + 1, largest what-if k))."""
         probs = self.router_probs
         if probs is None:
             return None
-        return top_m(probs, min(self.E, max(self.k + 1, *self.ctx.thresholds.what_if_top_k)))
+        return top_m(probs, min(self.R, max(self.k + 1, *self.ctx.thresholds.what_if_top_k)))
 
     @cached_property
     def multiset_rank(self) -> np.ndarray | None:

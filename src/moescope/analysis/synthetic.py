@@ -8,6 +8,9 @@ are correlated through a permutation (so "same index" predicts poorly but transi
 tokens of one sequence share an offset (temporal locality). Selection is top-k of the logits with
 softmax-over-top-k weights (Mixtral style). Every shard is generated independently from (seed, shard
 index), vectorised, so a trace can be regenerated shard by shard without holding it in memory.
+Sequence s belongs to document s // sequences_per_document of source "synthetic" (ShardData.document
+holds its key, as a trace read from disk would); `write_synthetic_trace` writes the shards as a trace
+folder that the CLI, the reader and Ray workers read like any capture.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from functools import lru_cache
 import numpy as np
 
 from moescope.analysis.context import AnalysisContext
-from moescope.trace.shard import ShardData
+from moescope.trace.shard import ShardData, document_key
+
+SOURCE = "synthetic"  # the corpus name of every synthetic sequence
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class SyntheticSpec:
     hidden_size: int = 640
     generated_fraction: float = 0.0
     invalid_fraction: float = 0.0  # slots replaced by -1 (dropped) or E (zero-compute expert)
+    sequences_per_document: int = 1  # consecutive seq ids cut from one document
     world_seed: int = 1234  # fixes the "model" (biases, permutations); shards vary with the trace seed
 
     def sizes(self) -> np.ndarray:
@@ -140,9 +146,12 @@ def synthetic_shard(spec: SyntheticSpec, n_tokens: int, *, seed: int = 0, shard_
         large = (spec.sizes()[ids] > spec.sizes().mean()).mean(axis=(0, 2))  # [T] share of large experts
         entropy = (2.0 + 1.5 * large + 0.5 * rng.standard_normal(T)).astype(np.float32)
         entropy[rng.random(T) < 0.05] = np.nan  # some positions without a recorded entropy
+    seq_id = (first_seq + seq_index).astype(np.int32)
+    documents, inverse = np.unique(seq_id // spec.sequences_per_document, return_inverse=True)
+    keys = np.array([document_key(SOURCE, str(d)) for d in documents.tolist()], np.int64)  # one per document
     fields = dict(
         layers=np.arange(L, dtype=np.int16),
-        seq_id=(first_seq + seq_index).astype(np.int32),
+        seq_id=seq_id,
         pos=pos.astype(np.int32),
         token_id=token.astype(np.int32),
         generated=rng.random(T) < spec.generated_fraction,
@@ -152,6 +161,7 @@ def synthetic_shard(spec: SyntheticSpec, n_tokens: int, *, seed: int = 0, shard_
         topk_weights=weights,
         router_output=router_output,
         output_entropy=entropy,
+        document=keys[inverse],
     )
     if spec.predicted_next_ids:
         noisy = logits[1:] + spec.lookahead_noise * rng.standard_normal(logits[1:].shape, dtype=np.float32)
@@ -176,3 +186,28 @@ def synthetic_trace(spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, se
     n_shards = max(1, -(-n_tokens // shard_tokens))
     for i in range(n_shards):
         yield synthetic_shard(spec, min(shard_tokens, n_tokens - i * shard_tokens), seed=seed, shard_index=i)
+
+
+def write_synthetic_trace(folder, spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, seed: int = 0) -> None:
+    """`synthetic_trace` written as a trace folder, one Parquet shard each (router logits stored as float16, as a
+    capture stores them; probabilities and next-layer predictions left out)."""
+    from moescope.recording.batches import Sequence
+    from moescope.recording.rows import TokenBlock, routing_table, sequences_table, tokens_table
+    from moescope.trace.writer import TraceWriter
+
+    layers = [{"moe_layer": i, "decoder_layer": i, "n_experts": spec.n_experts, "top_k": spec.top_k} for i in range(spec.n_layers)]
+    manifest = {"model": {"id": "synthetic"}, "layers": layers, "capture": {}, "corpus": {}, "weights_dtype": "float32",
+                "router_output_kind": "logits" if spec.router_output == "logits" else None, "versions": {}, "shards": []}
+    with TraceWriter(folder, manifest, overwrite=True) as writer:
+        for shard in synthetic_trace(spec, n_tokens, shard_tokens, seed=seed):
+            block = TokenBlock(seq_id=shard.seq_id, pos=shard.pos, token_id=shard.token_id, generated=shard.generated,
+                               output_entropy=np.full(shard.n_tokens, np.nan, np.float32), topk_ids=shard.topk_ids,
+                               topk_weights=shard.topk_weights,
+                               router_output=None if spec.router_output != "logits" else shard.router_output.astype(np.float16))
+            ids, first, counts = np.unique(shard.seq_id, return_index=True, return_counts=True)
+            seqs = [Sequence(int(i), [], SOURCE, shard.domain_names[shard.domain[f]], str(int(i) // spec.sequences_per_document), "")
+                    for i, f in zip(ids, first)]
+            tables = {"routing": routing_table(block), "tokens": tokens_table(block),
+                      "sequences": sequences_table(seqs, dict(zip(ids.tolist(), counts.tolist())))}
+            writer.write_shard(tables, seq_id_min=int(ids.min()), seq_id_max=int(ids.max()))
+        writer.finish()

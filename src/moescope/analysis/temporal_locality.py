@@ -26,6 +26,7 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "temporal_locality"
+MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
 
 
 @dataclass(frozen=True, eq=False)

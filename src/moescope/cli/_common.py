@@ -1,8 +1,9 @@
-"""Helpers shared by subcommands: examples in help text, reading a trace argument."""
+"""Helpers shared by subcommands: examples in help text, number arguments, telling a rerun that wrote nothing."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_command(sub, name: str, *, help: str, examples: str) -> argparse.ArgumentParser:
@@ -25,3 +26,9 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     value = positive_int(text) if text.strip() != "0" else 0
     return value
+
+
+def manifest_bytes(folder: str) -> bytes | None:
+    """A trace folder's manifest as it is now (None without one): the same bytes after a run mean it wrote nothing."""
+    path = Path(folder) / "manifest.json"
+    return path.read_bytes() if path.is_file() else None

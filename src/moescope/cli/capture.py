@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from moescope.cli._common import add_command, positive_int
+from moescope.cli._common import add_command, manifest_bytes, positive_int
 from moescope.cli.inspect import add_custom_router_args, custom_router_from_args
 
 EXAMPLES = """  moescope capture moescope:tiny-moe --data humaneval,gsm-symbolic,wiki --out traces/run1 --max-tokens 20000
   moescope capture ./Mixtral-8x7B --data code.jsonl:text --out traces/mixtral --device cuda --dtype bf16 --device-map auto
   moescope capture moescope:tiny-moe --data gsm-symbolic --out traces/gen --generate 32 --save-logits
+  moescope capture moescope:tiny-moe --data wiki --out traces/exact --save-logits --logits-dtype float32
   moescope capture ./Mixtral-8x7B --data corpus/ --out /shared/traces/mixtral --ray auto   # one worker per GPU
   .venv-vllm/bin/moescope capture ./Qwen1.5-MoE-A2.7B --backend vllm --tensor-parallel-size 2 --data wiki --out traces/vllm --generate 64
-(an interrupted capture resumes when the same command is run again)
+(an interrupted capture resumes when the same command is run again; on a finished one it writes nothing and exits 0)
 """
 
 
@@ -29,9 +30,13 @@ def add_parser(sub) -> None:
     p.add_argument("--save-logits", action="store_true", help="also store the full router output per token")
     p.add_argument("--predict-next-layer", action="store_true",
                    help="also record layer N+1's router applied to layer N's input (prefetch predictor)")
+    p.add_argument("--save-expert-norms", action="store_true",
+                   help="also store ||output|| of each chosen expert alone, per slot (REAP scores; one extra expert pass per slot)")
     p.add_argument("--output-entropy", action="store_true", help="also store the entropy of the next-token distribution")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens per sequence and record them too")
     p.add_argument("--weights-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--logits-dtype", choices=("float16", "float32"), default="float16",
+                   help="precision of the router outputs --save-logits stores (float32: exact, twice the size)")
     p.add_argument("--shard-tokens", type=positive_int, default=65536, metavar="N",
                    help="tokens per committed shard (default 65536): bounds memory and the work an interruption loses")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
@@ -53,17 +58,25 @@ def run(args) -> int:
 
     if args.generate < 0:
         raise MoescopeError("--generate must be 0 or more")
+    before = manifest_bytes(args.out)
     trace = capture(
         args.model, args.data, out=args.out, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
         trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits, predict_next_layer=args.predict_next_layer,
+        save_expert_norms=args.save_expert_norms,
         output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
+        logits_dtype=args.logits_dtype,
         router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,
         backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, ray=args.ray, workers=args.workers,
         shard_tokens=args.shard_tokens,
     )
+    if not args.overwrite and before is not None and trace.complete and manifest_bytes(args.out) == before:
+        print(f"{trace.folder} already complete with these options ({trace.n_tokens} tokens x {trace.n_layers} MoE layers): "
+              "nothing written")
+        return 0
     stats = trace.manifest.get("stats", {})
     rate = stats.get("tokens_this_run", 0) / max(stats.get("seconds_this_run", 0), 1e-9)
     print(f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} MoE layers in "
           f"{len(trace.manifest['shards'])} shard(s) ({rate:,.0f} tokens/s this run)")
     return 0
+

@@ -5,7 +5,8 @@ from __future__ import annotations
 from moescope.cli._common import add_command
 
 EXAMPLES = """  moescope compare traces/code traces/math --out results/code-vs-math
-  moescope compare traces/fp traces/int4 --out results/fp-vs-int4     # same tokens: per-token agreement too
+  moescope compare traces/fp traces/int4 --out results/fp-vs-int4     # same texts: per-token agreement too
+(per-token agreement covers the tokens both traces hold: sequences of the same text, up to their first differing token)
 """
 
 
@@ -21,7 +22,8 @@ def run(args) -> int:
     from moescope.pipeline.compare import compare_traces
 
     summary = compare_traces(args.a, args.b, args.out)
-    for key in ("mean_load_js_divergence", "mean_top1_agreement", "mean_topk_jaccard", "shared_tokens", "note"):
+    print(summary["per_token"])
+    for key in ("mean_load_js_divergence", "mean_top1_agreement", "mean_topk_jaccard", "note"):
         if key in summary:
             print(f"{key}: {summary[key]}")
     print(f"side-by-side tables in {args.out}")

@@ -1,4 +1,4 @@
-"""`moescope export TRACE --format jsonl|csv --out FILE`."""
+"""`moescope export TRACE --format jsonl|csv|replay --out FILE`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from moescope.cli._common import add_command
 
 EXAMPLES = """  moescope export traces/run1 --format jsonl --out run1.jsonl
   moescope export traces/run1 --format csv --out run1.csv
+  moescope export traces/rollouts --format replay --out routes.npz   # per request int16 [tokens, MoE layers, k]
 """
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "export", help="write a trace's routing as JSONL (one line per token and layer) or CSV", examples=EXAMPLES)
+    p = add_command(sub, "export", help="write a trace's routing as JSONL (one line per token and layer), CSV, or the routing-replay "
+                                        "layout RL frameworks consume (.npz, per request [tokens, MoE layers, k])", examples=EXAMPLES)
     p.add_argument("trace")
-    p.add_argument("--format", choices=("jsonl", "csv"), required=True)
+    p.add_argument("--format", choices=("jsonl", "csv", "replay"), required=True)
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run)
@@ -27,6 +29,12 @@ def run(args) -> int:
 
     if Path(args.out).exists() and not args.overwrite:
         raise MoescopeError(f"{args.out} exists; pass --overwrite or choose another --out")
+    if args.format == "replay":
+        from moescope.trace.formats.replay import export_replay
+
+        n = export_replay(open_trace(args.trace), args.out)
+        print(f"wrote {n} sequences to {args.out}")
+        return 0
     rows = export_trace(open_trace(args.trace), args.out, fmt=args.format)
     print(f"wrote {rows} rows to {args.out}")
     return 0

@@ -1,25 +1,49 @@
-"""`moescope import FILE.jsonl --out TRACE`: turn routing JSONL into a trace."""
+"""`moescope import FILE --out TRACE [--format ...]`: turn routing JSONL, or an engine's own routing files, into a trace."""
 
 from __future__ import annotations
 
-from moescope.cli._common import add_command
+from moescope.cli._common import add_command, manifest_bytes, positive_int
 
-EXAMPLES = """  moescope import routing.jsonl --out traces/imported
+EXAMPLES = """  moescope import routing.jsonl --out traces/imported --n-experts 64
+  moescope import routing.jsonl --out traces/imported       # expert count inferred from the largest id (said on stderr)
+  moescope import responses.jsonl --format vllm --out traces/vllm-rollouts --n-experts 64  # HTTP responses, return_token_ids
+  moescope import routes.npz --format vllm --out traces/replayed                  # the replay layout (export --format replay)
+  moescope import expert_distribution_recorder_1700000000.0_0.pt --format sglang --out traces/sglang
+  moescope import expert_statistic/ --format trtllm --out load.parquet           # counts -> a load table
+  moescope import c4_results.jsonl --format olmoe --out traces/olmoe
   moescope analyze traces/imported --out results/imported
 """
 
+FORMATS = ("jsonl", "vllm", "sglang", "trtllm", "olmoe")
+
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "import", help="import routing JSONL ({problem_id, layer, token_id, expert_ids, weights})", examples=EXAMPLES)
-    p.add_argument("file", help="JSONL file")
-    p.add_argument("--out", required=True, help="trace folder to write")
+    p = add_command(sub, "import", help="import routing JSONL ({problem_id, layer, token_id, expert_ids, weights}) "
+                                        "or an engine's own files (--format)", examples=EXAMPLES)
+    p.add_argument("file", help="file (or folder, for sglang/trtllm) to read")
+    p.add_argument("--out", required=True, help="trace folder to write (a .parquet load table for trtllm counts)")
+    p.add_argument("--format", choices=FORMATS, default="jsonl",
+                   help="jsonl (default), vllm, sglang, trtllm or olmoe: see moescope/trace/formats/")
+    p.add_argument("--n-experts", type=positive_int, default=None, metavar="E",
+                   help="routed experts per MoE layer (one value for every layer); without it the count is what the "
+                        "files declare or else inferred from the largest expert id seen, so experts never routed to are missing")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from moescope.trace.exchange import import_jsonl
+    before = manifest_bytes(args.out)
+    if args.format != "jsonl":
+        from moescope.trace.formats import import_foreign
 
-    trace = import_jsonl(args.file, args.out, overwrite=args.overwrite)
-    print(f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} layers")
+        written = import_foreign(args.format, args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite)
+    else:
+        from moescope.trace.exchange import import_jsonl
+
+        trace = import_jsonl(args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite)
+        written = f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} layers"
+    if not args.overwrite and before is not None and manifest_bytes(args.out) == before:
+        print(f"{args.out} already holds this import: nothing written")
+        return 0
+    print(written)
     return 0

@@ -62,4 +62,7 @@ def run(args) -> int:
     for layer in info["layers"]:
         print(f"{layer['moe_layer']:>4} {layer['decoder_layer']:>7}  {layer['n_experts']:>7} {layer['top_k']:>5} "
               f"{layer['n_shared_experts']:>6}  {layer['scoring']:<13} {layer['module']}")
+    non_compute = next((layer["non_compute_experts"] for layer in info["layers"] if layer["non_compute_experts"]), None)
+    if non_compute:
+        print(f"non-compute router choices (no expert, no load): ids {non_compute['ids']} ({non_compute['kind']})")
     return 0

@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "quant", "report", "demo")
+SUBCOMMANDS = ("inspect", "capture", "sql", "export", "import_", "verify", "analyze", "compare", "placement", "offload",
+               "quant", "importance", "report", "demo", "top", "replay_check", "saturation")
 
 
 class _Parser(argparse.ArgumentParser):

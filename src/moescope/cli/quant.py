@@ -6,6 +6,7 @@ from moescope.cli._common import add_command, positive_int
 
 EXAMPLES = """  moescope quant moescope:tiny-moe --data wiki --bits 2,3,4,8 --targets router,experts --dense-model moescope:tiny-dense --out results/quant
   moescope quant ./Qwen1.5-MoE-A2.7B --data wiki --bits 4 --targets router --scheme rtn-sym,nf4 --per-layer --out results/q
+  moescope quant moescope:tiny-moe --data prompts.jsonl:text --bits 4 --targets router --out results/mine   # the whole file
 (a sweep interrupted at any point resumes at the next configuration when rerun)
 """
 
@@ -13,7 +14,9 @@ EXAMPLES = """  moescope quant moescope:tiny-moe --data wiki --bits 2,3,4,8 --ta
 def add_parser(sub) -> None:
     p = add_command(sub, "quant", help="quantization sensitivity of routers, experts and attention", examples=EXAMPLES)
     p.add_argument("model")
-    p.add_argument("--data", required=True, help="corpus spec; its eval split is used")
+    p.add_argument("--data", required=True, help="corpus spec: built-in corpora give their eval split, your own data is used whole")
+    p.add_argument("--split", choices=("all", "train", "eval"), default=None,
+                   help="read this split of every source instead (default: eval for built-in corpora, all of your own data)")
     p.add_argument("--out", required=True)
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--targets", default="router,experts,shared,attention,all")
@@ -37,7 +40,7 @@ def run(args) -> int:
         args.model, args.data, out=args.out, bits=args.bits, targets=args.targets, schemes=args.scheme,
         granularity=args.granularity, per_layer=args.per_layer, dense_model=args.dense_model,
         max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
     )
     for line in summary.get("verdict_lines", []):
         print(line)

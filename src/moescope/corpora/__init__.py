@@ -38,6 +38,14 @@ __all__ = [
 ]
 
 
+def source_split(source: Source, split: str | None, builtin_split: str) -> str:
+    """The split read from `source`: `split` when given, else a built-in corpus's `builtin_split` and all of
+    the user's own data (files, folders, JSONL, hf:): nobody's data is silently cut to a tenth."""
+    if split is not None:
+        return split
+    return builtin_split if source.kind == "builtin" else "all"
+
+
 def _split_stream(source: Source, split: str) -> Iterator[Document]:
     """The documents of one source that fall in `split`; an empty result is an error, not silence."""
     seen = kept = 0
@@ -55,7 +63,8 @@ def _split_stream(source: Source, split: str) -> Iterator[Document]:
         )
 
 
-def iter_corpus(spec: str, *, split: str = "all", max_docs: int | None = None) -> Iterator[Document]:
+def iter_corpus(spec: str, *, split: str | None = "all", builtin_split: str = "all",
+                max_docs: int | None = None) -> Iterator[Document]:
     """Stream the documents of a corpus spec.
 
     The spec is parsed (and every file, package and argument checked) before this returns; text is
@@ -66,8 +75,11 @@ def iter_corpus(spec: str, *, split: str = "all", max_docs: int | None = None) -
     spec : str
         Comma-separated entries: built-in names (see `BUILTIN_CORPORA`), ``PATH.txt``, ``DIR``,
         ``PATH.jsonl[:FIELD]``, ``hf:NAME[:CONFIG]:SPLIT:FIELD``, each optionally ``DOMAIN=``-prefixed.
-    split : {"all", "train", "eval"}
-        Which side of the fixed hash split to keep (10% of split groups are eval).
+    split : {"all", "train", "eval"} or None
+        Which side of the fixed hash split to keep (10% of split groups are eval), for every source.
+        None: built-in corpora give `builtin_split`, the user's own data is read whole.
+    builtin_split : {"all", "train", "eval"}
+        The split of built-in corpora when `split` is None (a subcommand's documented default).
     max_docs : int, optional
         Stop after this many documents of the mixture.
 
@@ -82,27 +94,31 @@ def iter_corpus(spec: str, *, split: str = "all", max_docs: int | None = None) -
         Unknown name, missing file or package, malformed JSONL (on the line it is read), or a source
         with no documents in `split` (when that source is exhausted).
     """
-    check_split(split)
+    if split is not None:
+        check_split(split)
+    check_split(builtin_split)
     if max_docs is not None and max_docs < 1:
         raise CorpusError(f"max_docs must be a positive integer or None, not {max_docs!r}")
-    streams = [_split_stream(source, split) for source in parse_spec(spec)]
+    streams = [_split_stream(source, source_split(source, split, builtin_split)) for source in parse_spec(spec)]
     return islice(interleave(streams), max_docs)
 
 
-def load_corpus(spec: str, *, split: str = "all", max_docs: int | None = None) -> list[Document]:
+def load_corpus(spec: str, *, split: str | None = "all", builtin_split: str = "all",
+                max_docs: int | None = None) -> list[Document]:
     """`iter_corpus` as a list; see there for parameters."""
-    return list(iter_corpus(spec, split=split, max_docs=max_docs))
+    return list(iter_corpus(spec, split=split, builtin_split=builtin_split, max_docs=max_docs))
 
 
 def describe_corpus(
-    spec: str, *, split: str = "all", max_docs: int | None = None, documents: Iterable[Document] | None = None
+    spec: str, *, split: str | None = "all", builtin_split: str = "all", max_docs: int | None = None,
+    documents: Iterable[Document] | None = None,
 ) -> dict[str, Any]:
     """JSON-serialisable description of a corpus spec, with document and character counts.
 
     Parameters
     ----------
-    spec, split, max_docs
-        As for `iter_corpus`.
+    spec, split, builtin_split, max_docs
+        As for `iter_corpus`; each source records the split it was read with.
     documents : iterable of Document, optional
         What was loaded with these arguments, to count instead of reading the corpus again. Without
         it the corpus is read once more (bounded memory); the counts are what `iter_corpus` yields.
@@ -116,7 +132,7 @@ def describe_corpus(
     sources = parse_spec(spec)
     counts = {source.name: [0, 0] for source in sources}  # name -> [docs, characters]
     if documents is None:
-        documents = iter_corpus(spec, split=split, max_docs=max_docs)
+        documents = iter_corpus(spec, split=split, builtin_split=builtin_split, max_docs=max_docs)
     for doc in documents:
         if doc.source not in counts:
             raise CorpusError(f"document {doc.doc_id!r} comes from {doc.source!r}, which {spec!r} does not name")
@@ -131,6 +147,7 @@ def describe_corpus(
             "description": source.description,
             "version": source.version,
             "split_namespace": source.split_namespace,
+            "split": source_split(source, split, builtin_split),
             "docs": counts[source.name][0],
             "chars": counts[source.name][1],
         }

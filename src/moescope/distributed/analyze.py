@@ -1,32 +1,39 @@
-"""Analyses on a Ray cluster: one accumulate task per shard, a tree of merge tasks, finalize on the driver.
+"""Analyses on a Ray cluster: one accumulate task per shard, reduced exactly as in process, finalized on the driver.
 
-The merge tree pairs neighbours level by level, which is the tree `analysis.runner._TreeReduce` builds in
-process (a binary counter), so results are the same to the bit. Workers read shards from the trace folder,
-which must be reachable at the same path from every worker.
+Each shard's accumulate task returns one state per analysis (one object each). States that are sums of
+fixed-size arrays (MERGE_ADDS) are fetched by the driver in shard order and added into one running state,
+`analysis.runner._Fold`; the others are merged by tasks in `analysis.runner._TreeReduce`'s binary-counter
+tree, built on the driver from object refs. Both are the in-process reducers, in the same order, so results
+are the same to the bit. At most `window` accumulate tasks run ahead of the driver, so finished states do
+not pile up in the object store. Workers read shards from the trace folder, which must be reachable at the
+same path from every worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections import deque
 
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.result import AnalysisResult
-from moescope.analysis.runner import ANALYSES
+from moescope.analysis.runner import ANALYSES, folds_in_place, reducer_for
 from moescope.errors import MoescopeError
 
 
-def accumulate_shard(folder: str, position: int, names: list[str], ctx: AnalysisContext) -> dict:
+def accumulate_shard(folder: str, position: int, names: list[str], ctx: AnalysisContext) -> tuple:
+    """One state per name, in order (a Ray task with num_returns=len(names) stores each as its own object)."""
     from moescope.analysis.shard_view import ShardView
     from moescope.trace.reader import Trace
 
     trace = Trace(folder)
     view = ShardView(trace.read_shard(trace.manifest["shards"][position]), ctx)
-    return {name: ANALYSES[name].accumulate(view, ctx) for name in names}
+    states = tuple(ANALYSES[name].accumulate(view, ctx) for name in names)
+    return states if len(states) > 1 else states[0]
 
 
-def merge_states(names: list[str], older: dict, newer: dict) -> dict:
-    return {name: ANALYSES[name].merge(older[name], newer[name]) for name in names}
+def merge_states(name: str, older, newer):
+    return ANALYSES[name].merge(older, newer)
 
 
 def ray_pass(folder: str | os.PathLike, address: str | None):
@@ -44,12 +51,25 @@ def ray_pass(folder: str | os.PathLike, address: str | None):
         if not n_shards:
             raise MoescopeError("the trace has no shards: nothing to analyse")
         light = ray.put(dataclasses.replace(ctx, token_text=None))  # once per pass; accumulate never needs token text
-        refs = [accumulate.remote(folder, i, names, light) for i in range(n_shards)]
-        while len(refs) > 1:
-            pairs = [merge.remote(names, refs[i], refs[i + 1]) for i in range(0, len(refs) - 1, 2)]
-            refs = pairs + refs[len(pairs) * 2:]
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        reducers = {name: reducer_for(ANALYSES[name], lambda a, b, name=name: merge.remote(name, a, b)) for name in names}
+        task = accumulate.options(num_returns=len(names))
+        pending: deque[list] = deque()  # per submitted shard, in shard order: one ref per analysis
+
+        def reduce_oldest() -> None:
+            for name, ref in zip(names, pending.popleft()):
+                reducers[name].push(ray.get(ref) if folds_in_place(ANALYSES[name]) else ref)
+
         try:
-            states = ray.get(refs[0])
+            for position in range(n_shards):
+                refs = task.remote(folder, position, names, light)
+                pending.append(refs if len(names) > 1 else [refs])
+                if len(pending) == window:
+                    reduce_oldest()
+            while pending:
+                reduce_oldest()
+            states = {name: reducers[name].result() for name in names}
+            states = {name: s if folds_in_place(ANALYSES[name]) else ray.get(s) for name, s in states.items()}
         except ray.exceptions.RayError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, MoescopeError):

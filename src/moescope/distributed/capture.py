@@ -102,6 +102,8 @@ def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.Pat
     try:
         manifest = _get(ray, pool[0].manifest.remote(opts, model_info, corpus_info))
         with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+            if writer.already_complete:  # the same capture, finished before: nothing to do
+                return Trace(out)
             done = writer.committed_seq_ids
             units = chunks((s for s in sequences if s.seq_id not in done), opts.shard_tokens)  # split at committed ones
             bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc=f"capture (Ray, {n_workers} workers)")

@@ -65,44 +65,36 @@ def router_weights(model, trace: Trace) -> dict[int, np.ndarray]:
     return weights
 
 
-def _write_tables(name: str, tables, out: Path) -> list[str]:
+def result_tables(name: str, result) -> dict[str, pd.DataFrame]:
+    """{file stem: table} of one analysis result, as `analyze` writes them (`<name>` or `<name>__<table>`)."""
+    tables = result.to_pandas()
     frames = tables if isinstance(tables, dict) else {"": tables}
-    written = []
-    for table, frame in frames.items():
-        if not isinstance(frame, pd.DataFrame):
-            continue
-        stem = f"{name}__{table}" if table else name
-        frame = frame.reset_index(drop=True)
-        frame.to_parquet(out / f"{stem}.parquet", index=False)
-        frame.to_csv(out / f"{stem}.csv", index=False)
-        written.append(stem)
-    return written
+    return {(f"{name}__{table}" if table else name): frame.reset_index(drop=True)
+            for table, frame in frames.items() if isinstance(frame, pd.DataFrame)}
 
 
-def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only: list[str] | None = None,
-                  model: str | None = None, use_model: bool = True, ray: str | None = None) -> dict:
-    """Run the analyses on a trace and write their tables and `summary.json` into `out`.
+def write_results(out: Path, tables: dict[str, dict[str, pd.DataFrame]], summary: dict) -> None:
+    """The results folder: every table as Parquet and CSV, then summary.json (written last, atomically)."""
+    for frames in tables.values():
+        for stem, frame in frames.items():
+            frame.to_parquet(out / f"{stem}.parquet", index=False)
+            frame.to_csv(out / f"{stem}.csv", index=False)
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
 
-    `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards on Ray workers.
-    Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}}.
-    """
-    trace = open_trace(trace_path)
-    if not trace.manifest["shards"]:
-        raise MoescopeError(f"{trace_path} has no committed shards; nothing to analyse")
+
+def check_analyses(only: list[str] | None) -> list[str]:
     names = list(ANALYSES) + [ROUTER_STRUCTURE] if only is None else list(only)
     unknown = [n for n in names if n not in ANALYSES and n != ROUTER_STRUCTURE]
     if unknown:
         raise MoescopeError(f"unknown analyses {', '.join(unknown)}; choose from {', '.join([*ANALYSES, ROUTER_STRUCTURE])}")
-    check_output_folder(out, markers=("summary.json",), what="analysis results")  # refused before the work
-    run_pass = None
-    if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
-        from moescope.distributed.analyze import ray_pass
+    return names
 
-        run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)  # connects: fails before the work
-    loaded = tokenizer = None
-    skipped_reason = "not requested (--no-model)"
-    if use_model:
-        loaded, tokenizer, skipped_reason = _load_model_for(trace, model)
+
+def run_trace_analyses(trace: Trace, names: list[str], *, trace_label: str, loaded=None, tokenizer=None,
+                       skipped_reason: str = "not requested (--no-model)", run_pass=None) -> tuple[dict, dict, dict]:
+    """(results {name: result}, summary dict, tables {name: {stem: DataFrame}}): everything `analyze` writes, in memory."""
+    if not trace.manifest["shards"]:
+        raise MoescopeError(f"{trace_label} has no committed shards; nothing to analyse")
     overrides = {}
     if tokenizer is not None:
         overrides["token_text"] = lambda token_id: tokenizer.decode([int(token_id)])
@@ -116,14 +108,65 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
         else:
             results[ROUTER_STRUCTURE] = analyze_router_weights(router_weights(loaded, trace))
             notes[ROUTER_STRUCTURE] = list(results[ROUTER_STRUCTURE].notes)
-    out = prepare_output_folder(out, markers=("summary.json",), what="analysis results")
-    tables = {name: _write_tables(name, result.to_pandas(), out) for name, result in results.items()}
+    tables = {name: result_tables(name, result) for name, result in results.items()}
     summary = {
-        "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
+        "trace": {"path": trace_label, "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
                   "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
         "analyses": {name: jsonable(result.summary()) for name, result in results.items()},
-        "tables": tables,
+        "tables": {name: list(frames) for name, frames in tables.items()},
         "notes": notes,
+        "warnings": list(dict.fromkeys(w for result in results.values() for w in getattr(result, "warnings", ()))),
     }
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    return results, summary, tables
+
+
+def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only: list[str] | None = None,
+                  model: str | None = None, use_model: bool = True, ray: str | None = None) -> dict:
+    """Run the analyses on a trace and write their tables and `summary.json` into `out`.
+
+    `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards on Ray workers.
+    Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]},
+    "warnings": [...]} (each warning once, however many analyses raised it; the CLI prints them on stderr).
+    """
+    trace = open_trace(trace_path)
+    if not trace.manifest["shards"]:
+        raise MoescopeError(f"{trace_path} has no committed shards; nothing to analyse")
+    names = check_analyses(only)
+    check_output_folder(out, markers=("summary.json",), what="analysis results")  # refused before the work
+    run_pass = None
+    if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
+        from moescope.distributed.analyze import ray_pass
+
+        run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)  # connects: fails before the work
+    loaded = tokenizer = None
+    skipped_reason = "not requested (--no-model)"
+    if use_model:
+        loaded, tokenizer, skipped_reason = _load_model_for(trace, model)
+    _, summary, tables = run_trace_analyses(trace, names, trace_label=str(trace_path), loaded=loaded, tokenizer=tokenizer,
+                                            skipped_reason=skipped_reason, run_pass=run_pass)
+    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results"), tables, summary)
+    return summary
+
+
+def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """The load analysis of a load table (trace/load_table.py: token counts per window, layer and expert),
+    summed over its windows; the same tables and summary.json as `analyze_trace` writes for `load`."""
+    from moescope.analysis import load
+    from moescope.trace.load_table import read_load_table
+
+    table = read_load_table(path)
+    check_output_folder(out, markers=("summary.json",), what="analysis results")
+    counts = table.matrix  # [L, E]
+    L, E = counts.shape
+    ctx = AnalysisContext(n_experts=E, top_k=1, n_layers=L)  # slots are counted; tokens and k are unknown
+    result = load.finalize(load.LoadState(tuple(range(L)), counts, np.zeros(L, np.int64), 0, np.zeros(L, np.int64)), ctx)
+    tables = result_tables("load", result)
+    note = f"a load table of {len(table.windows)} windows: slot counts per expert; tokens and top-k are not known"
+    summary = {
+        "trace": {"path": str(path), "model": "load table", "tokens": None, "moe_layers": L, "windows": len(table.windows)},
+        "analyses": {"load": {**jsonable(result.summary()), "n_tokens": None, "top_k": None}},
+        "tables": {"load": list(tables)},
+        "notes": {"load": [note]},
+    }
+    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results"), {"load": tables}, summary)
     return summary

@@ -1,5 +1,10 @@
-"""Two traces side by side: headline numbers, per-layer load divergence, and — when both traces
-route the same tokens (a model and its quantized copy, two checkpoints) — per-token agreement."""
+"""Two traces side by side: headline numbers, per-layer load divergence, and — on the tokens both traces
+hold (a model and its quantized copy, two checkpoints, on the same text) — per-token agreement.
+
+Which tokens both traces hold is decided from the data, never from seq_id alone (see SHARED_TOKENS): two
+captures of the same texts in another order still compare, and traces of different texts get the
+distribution-level comparison only, said in `per_token`. Top-1 agreement reads slot 0, the first choice.
+"""
 
 from __future__ import annotations
 
@@ -31,20 +36,60 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = float(value)
 
 
-def _token_agreement(a: Trace, b: Trace) -> pd.DataFrame:
-    """Per MoE layer over tokens present in both traces: top-1 agreement and mean top-k Jaccard."""
+def _views(con, name: str, trace: Trace) -> None:
+    for table in ("routing", "tokens", "sequences"):  # routing: slot 0 = first choice, schema 1 too (trace/slots.py)
+        con.execute(f"CREATE VIEW {name}_{table} AS {trace.table_sql(table)}")
+
+
+# Sequences match when their text is the same (the k-th sequence of a text in `a` with the k-th in `b`, in
+# seq_id order, so a text cut into several sequences or listed twice pairs up in order). Within a pair, tokens
+# are compared from position 0 up to the first position whose token ids differ (or that one trace lacks): a
+# token's routing depends on every token before it. Unknown texts ('') and unknown token ids (< 0) never match.
+SHARED_TOKENS = """
+WITH seq_a AS (SELECT seq_id, text_sha1, n_tokens,
+                      row_number() OVER (PARTITION BY text_sha1 ORDER BY seq_id) AS occurrence
+               FROM a_sequences WHERE text_sha1 <> ''),
+     seq_b AS (SELECT seq_id, text_sha1, n_tokens,
+                      row_number() OVER (PARTITION BY text_sha1 ORDER BY seq_id) AS occurrence
+               FROM b_sequences WHERE text_sha1 <> ''),
+     pairs AS (SELECT seq_a.seq_id AS seq_a, seq_b.seq_id AS seq_b, least(seq_a.n_tokens, seq_b.n_tokens) AS n
+               FROM seq_a JOIN seq_b USING (text_sha1, occurrence)),
+     differ AS (SELECT p.seq_a, min(ta.pos) AS first
+                FROM pairs p JOIN a_tokens ta ON ta.seq_id = p.seq_a JOIN b_tokens tb ON tb.seq_id = p.seq_b AND tb.pos = ta.pos
+                WHERE ta.token_id <> tb.token_id OR ta.token_id < 0
+                GROUP BY p.seq_a)
+SELECT p.seq_a, p.seq_b, least(p.n, coalesce(d.first, p.n)) AS prefix
+FROM pairs p LEFT JOIN differ d USING (seq_a)
+"""
+
+
+def _token_agreement(a: Trace, b: Trace) -> tuple[pd.DataFrame, int]:
+    """(per MoE layer over the tokens both traces hold: top-1 agreement and mean top-k Jaccard, sequences shared)."""
     con = duckdb.connect()
-    for name, trace in (("a", a), ("b", b)):
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({[str(p) for p in trace.part_paths('routing')]!r})")
-    return con.execute(
-        """SELECT a.layer,
+    _views(con, "a", a)
+    _views(con, "b", b)
+    con.execute(f"CREATE TEMP TABLE shared AS SELECT * FROM ({SHARED_TOKENS}) WHERE prefix > 0")
+    n_sequences = int(con.execute("SELECT count(*) FROM shared").fetchone()[0])
+    frame = con.execute(
+        """SELECT ra.layer,
                   count(*) AS tokens,
-                  avg(CASE WHEN a.topk_ids[1] = b.topk_ids[1] THEN 1.0 ELSE 0.0 END) AS top1_agreement,
-                  avg(len(list_intersect(a.topk_ids, b.topk_ids))
-                      / len(list_distinct(list_concat(a.topk_ids, b.topk_ids)))) AS topk_jaccard
-           FROM a JOIN b USING (seq_id, pos, layer)
-           GROUP BY a.layer ORDER BY a.layer"""
+                  avg(CASE WHEN ra.topk_ids[1] = rb.topk_ids[1] THEN 1.0 ELSE 0.0 END) AS top1_agreement,
+                  avg(len(list_intersect(ra.topk_ids, rb.topk_ids))
+                      / len(list_distinct(list_concat(ra.topk_ids, rb.topk_ids)))) AS topk_jaccard
+           FROM shared s
+           JOIN a_routing ra ON ra.seq_id = s.seq_a AND ra.pos < s.prefix
+           JOIN b_routing rb ON rb.seq_id = s.seq_b AND rb.pos = ra.pos AND rb.layer = ra.layer
+           GROUP BY ra.layer ORDER BY ra.layer"""
     ).fetchdf()
+    return frame, n_sequences
+
+
+def _per_token_line(shared: int, n_sequences: int, a: Trace, b: Trace) -> str:
+    if not shared:
+        return ("no token is in both traces (no sequence has the same text and token ids in both): "
+                "only the distributions are compared")
+    return (f"per-token agreement over the {shared} tokens in both traces ({n_sequences} sequences; "
+            f"{shared / max(a.n_tokens, 1):.1%} of a's tokens, {shared / max(b.n_tokens, 1):.1%} of b's)")
 
 
 def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: str | os.PathLike) -> dict:
@@ -74,14 +119,16 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: st
         summary["mean_load_js_divergence"] = float(jsd.mean())
     else:
         summary["note"] = f"different shapes (layers x experts {load_a.shape} vs {load_b.shape}): load not compared"
-    if a.n_layers == b.n_layers:
-        agreement = _token_agreement(a, b)
-        if len(agreement):
-            agreement.to_csv(out / "token_agreement.csv", index=False)
-            agreement.to_parquet(out / "token_agreement.parquet", index=False)
-            summary["shared_tokens"] = int(agreement["tokens"].iloc[0])
-            summary["mean_top1_agreement"] = float(agreement["top1_agreement"].mean())
-            summary["mean_topk_jaccard"] = float(agreement["topk_jaccard"].mean())
+    agreement, n_sequences = _token_agreement(a, b) if a.n_layers == b.n_layers else (pd.DataFrame(), 0)
+    shared = int(agreement["tokens"].iloc[0]) if len(agreement) else 0
+    summary.update(shared_tokens=shared, shared_sequences=n_sequences, per_token=_per_token_line(shared, n_sequences, a, b))
+    if a.n_layers != b.n_layers:
+        summary["per_token"] = f"different numbers of MoE layers ({a.n_layers} vs {b.n_layers}): only the distributions are compared"
+    if shared:
+        agreement.to_csv(out / "token_agreement.csv", index=False)
+        agreement.to_parquet(out / "token_agreement.parquet", index=False)
+        summary["mean_top1_agreement"] = float(agreement["top1_agreement"].mean())
+        summary["mean_topk_jaccard"] = float(agreement["topk_jaccard"].mean())
     summary["headline"] = jsonable(dict(zip(headline["metric"], zip(headline["a"], headline["b"]))))
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     if not len(headline):

@@ -43,7 +43,7 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
              progress: bool = True, steps: tuple[str, ...] = ("capture", "analyze", "quant", "report")) -> dict:
     """Run the demo into `out`; returns {step: output path}."""
     from moescope.pipeline.analyze import analyze_trace
-    from moescope.pipeline.summary import print_summary
+    from moescope.pipeline.summary import print_summary, print_warnings
 
     out = prepare_output_folder(out, markers=("traces", "results", "quant", "report.html"), what="demo outputs")
     outputs: dict[str, str] = {}
@@ -62,6 +62,7 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
                 shutil.rmtree(results)  # derived data: always recomputed from the trace
             summary = analyze_trace(out / "traces" / name, results)
             print_summary(summary, limit=12)
+            print_warnings(summary)
             outputs[f"results:{name}"] = str(results)
     if "quant" in steps:
         from moescope.pipeline.quant import run_demo_quant

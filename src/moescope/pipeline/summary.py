@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def _get(d: dict, *path, default=None):
     for key in path:
@@ -27,6 +29,14 @@ def print_summary(summary: dict, *, limit: int = 24) -> None:
     print(f"{trace.get('model')}: {trace.get('tokens')} tokens x {trace.get('moe_layers')} MoE layers")
     for key, value in list(headline_numbers(summary).items())[:limit]:
         print(f"  {key:<48} {value:.4g}" if isinstance(value, float) else f"  {key:<48} {value}")
+    for verdict in _get(summary, "analyses", "cross_layer", "versus_popularity", default=None) or []:
+        print(f"  cross_layer: {verdict}")
     for name, notes in summary.get("notes", {}).items():
         for note in notes:
             print(f"  note [{name}]: {note}")
+
+
+def print_warnings(summary: dict) -> None:
+    """Each of the summary's warnings once, on stderr (they are also notes of the analyses that raised them)."""
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)

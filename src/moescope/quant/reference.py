@@ -7,8 +7,9 @@ One forward pass per evaluation batch records, for the real (non-padding) tokens
     x            per MoE layer: the router's input (pre-hook)                 [n, H]
     outputs      per decoder layer: what the layer returned (for prefix replay)
 
-Local routing re-applies each router module's own forward to the cached x, so a router-only
-configuration costs one small matmul per layer instead of a forward pass. End-to-end evaluation
+Local routing re-applies each router module's own forward to the cached x and selects by the family's
+declared policy (adapters/policy: bias, groups, scoring, scaling), so a router-only configuration costs
+one small matmul per layer instead of a forward pass. End-to-end evaluation
 runs the model; when a configuration touches one decoder layer l only, layers 0..l-1 are replaced by
 stubs returning their cached reference outputs, so only layers l.. run.
 """
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moescope.adapters.policy import LayerPolicy, layer_policy, router_tensor
 from moescope.adapters.spec import MoELayer
-from moescope.errors import MoescopeError
-from moescope.quant.routing import RoutingDelta, router_choice, router_log_probs, router_scores
+from moescope.errors import MoescopeError, RoutingPolicyError
+from moescope.quant.routing import RoutingDelta, router_log_probs
 from moescope.quant.targets import decoder_layer_of, router_module
 from moescope.recording.batches import Batch
 from moescope.recording.hooks import RoutingRecorder
@@ -50,9 +52,12 @@ class BatchReference:
 class Reference:
     batches: list[BatchReference]
     x: list[torch.Tensor]  # per MoE layer: router inputs of all real tokens [N, H]
-    local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per MoE layer: router forward on x (ids, w, logp)
+    local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]  # per MoE layer: policy on x (ids, w, logp)
     local_agreement: list[float]  # per MoE layer: fraction of tokens whose local top-k set equals the recorded one
     seconds: float
+    token_ids: torch.Tensor | None = None  # int64 [N]: the real tokens (hash-routed layers select by them)
+    x_rank: list[int] = field(default_factory=list)  # per MoE layer: 2 or 3, the rank of the router's input
+    local_skipped: dict[int, str] = field(default_factory=dict)  # MoE layer -> why it has no local routing
 
     @property
     def nll(self) -> torch.Tensor:
@@ -95,6 +100,7 @@ class Taps:
                  decoder_layers: list[nn.Module] = ()):
         self.routers, self.layers, self.inputs, self.decoder_layers = routers, layers, inputs, list(decoder_layers)
         self.x = [[] for _ in routers]
+        self.rank = [2 for _ in routers]  # of each router's input: 3 when the block hands it [B, T, H]
         self.scores = [[] for _ in routers]
         self.outputs = [[] for _ in self.decoder_layers]
         self._handles = []
@@ -104,16 +110,19 @@ class Taps:
             for i, (router, layer) in enumerate(zip(self.routers, self.layers)):
                 index = layer.spec.router_output_index
                 self._handles.append(router.register_forward_hook(
-                    lambda m, a, out, i=i, index=index: self.scores[i].append(router_scores(out, index).detach().float())))
+                    lambda m, a, out, i=i, index=index: self.scores[i].append(router_tensor(out, index).detach().float())))
                 if self.inputs:
-                    self._handles.append(router.register_forward_pre_hook(
-                        lambda m, a, i=i: self.x[i].append(a[0].detach().reshape(-1, a[0].shape[-1]))))
+                    self._handles.append(router.register_forward_pre_hook(lambda m, a, i=i: self._input(i, a[0])))
             for i, module in enumerate(self.decoder_layers):  # copied: a later layer may work in place
                 self._handles.append(module.register_forward_hook(lambda m, a, out, i=i: self.outputs[i].append(_clone(out))))
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _input(self, i: int, x: torch.Tensor) -> None:
+        self.rank[i] = x.dim()
+        self.x[i].append(x.detach().reshape(-1, x.shape[-1]))
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -176,17 +185,19 @@ def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer] | None, *,
-                   layer_list: nn.ModuleList | None, keep_outputs: bool, progress: bool = False) -> Reference:
-    """Run the unquantized model once over `batches` and cache everything the sweep reuses."""
+                   layer_list: nn.ModuleList | None, keep_outputs: bool, progress: bool = False,
+                   local: bool = True) -> Reference:
+    """Run the unquantized model once over `batches` and cache everything the sweep reuses (`local`: also
+    the router inputs and their local routing, which only router perturbations need)."""
     from tqdm.auto import tqdm
 
     layers = layers or []
     routers = [router_module(model, layer) for layer in layers]
     decoder_layers = list(layer_list)[:-1] if keep_outputs and layer_list is not None else []
     started = time.perf_counter()
-    refs, xs, offset = [], [[] for _ in layers], 0
+    refs, xs, tokens, offset = [], [[] for _ in layers], [], 0
     recorder = RoutingRecorder(model, layers, weights_dtype=torch.float32)
-    with recorder as rec, Taps(routers, layers, inputs=True, decoder_layers=decoder_layers) as taps, torch.inference_mode():
+    with recorder as rec, Taps(routers, layers, inputs=local, decoder_layers=decoder_layers) as taps, torch.inference_mode():
         for batch in tqdm(batches, desc="reference pass", unit="batch", disable=not progress, leave=False):
             logits = _forward(model, batch)
             keep = batch.attention_mask.reshape(-1).bool()
@@ -199,13 +210,34 @@ def reference_pass(model: nn.Module, batches: list[Batch], layers: list[MoELayer
                 ref.ids.append(_rows(chunks[i].ids, keep, "expert-id").long())
                 ref.weights.append(_rows(chunks[i].weights, keep, "gate-weight"))
                 ref.logp.append(router_log_probs(_rows([s.cpu() for s in scores[i]], keep, "router-score"), layer))
-                xs[i].append(_rows(x[i], keep, "router-input"))
+                if local:
+                    xs[i].append(_rows(x[i], keep, "router-input"))
+            tokens.append(batch.input_ids.reshape(-1)[keep])
             refs.append(ref)
     seconds = time.perf_counter() - started
-    x_all = [torch.cat(chunks) for chunks in xs]
-    local = [local_routing(router, layer, x) for router, layer, x in zip(routers, layers, x_all)]
-    agreement = [_agreement(torch.cat([r.ids[i] for r in refs]), local[i][0]) for i in range(len(layers))]
-    return Reference(refs, x_all, local, agreement, seconds)
+    ref = Reference(refs, [torch.cat(chunks) for chunks in xs if chunks], [], [], seconds,
+                    token_ids=torch.cat(tokens).long(), x_rank=list(taps.rank))
+    for i, layer in enumerate(layers if local else []):
+        policy = _local_policy(model, layer, ref)
+        ref.local.append(None if policy is None else local_routing(policy, layer, ref.x[i], ref.token_ids, ref.x_rank[i]))
+        recorded = torch.cat([r.ids[i] for r in refs])
+        ref.local_agreement.append(float("nan") if policy is None else _agreement(recorded, ref.local[i][0]))
+    return ref
+
+
+def _local_policy(model: nn.Module, layer: MoELayer, ref: Reference) -> LayerPolicy | None:
+    """The layer's selection policy, or None (and the reason in ref.local_skipped) when its router cannot be
+    re-run on its cached input alone (e.g. ZAYA's router also reads the previous layer's router state)."""
+    try:
+        policy = layer_policy(model, layer)
+    except RoutingPolicyError as err:
+        ref.local_skipped[layer.index] = str(err)
+        return None
+    missing = [n for n in policy.needs if n != "input_ids"]
+    if missing:
+        ref.local_skipped[layer.index] = f"MoE layer {layer.index}: its router also takes {', '.join(missing)}"
+        return None
+    return policy
 
 
 def _agreement(recorded: torch.Tensor, local_ids: torch.Tensor) -> float:
@@ -215,15 +247,22 @@ def _agreement(recorded: torch.Tensor, local_ids: torch.Tensor) -> float:
     return float(same.float().mean()) if len(same) else float("nan")
 
 
-def local_routing(router: nn.Module, layer: MoELayer, x: torch.Tensor):
-    """(ids, weights, logp) of `router`'s own forward on cached inputs x [N, H], in row chunks, no hooks."""
+def local_routing(policy: LayerPolicy, layer: MoELayer, x: torch.Tensor, token_ids: torch.Tensor | None = None,
+                  rank: int = 2):
+    """(ids, weights, logp) of the router's own forward on cached inputs x [N, H], selected by the layer's
+    policy, in row chunks, no hooks. `rank` 3: the router takes [1, N, H] as its block hands it."""
     ids, weights, logps = [], [], []
     with torch.inference_mode():
         for start in range(0, max(len(x), 1), LOCAL_CHUNK):
             rows = x[start : start + LOCAL_CHUNK]
-            out = router.forward(rows)
-            logp = router_log_probs(router_scores(out, layer.spec.router_output_index), layer)
-            i, w = router_choice(out, layer, logp)
+            rows = rows[None] if rank == 3 else rows
+            inputs = {}
+            if "input_ids" in policy.needs:
+                tokens = token_ids[start : start + LOCAL_CHUNK]
+                inputs["input_ids"] = tokens[None] if rank == 3 else tokens
+            out = policy.router_output(rows, **inputs)
+            logp = router_log_probs(router_tensor(out, layer.spec.router_output_index), layer)
+            i, w = policy.select(out, rows, input_ids=inputs.get("input_ids"))
             ids.append(i.cpu())
             weights.append(w.cpu())
             logps.append(logp.cpu())
@@ -231,14 +270,13 @@ def local_routing(router: nn.Module, layer: MoELayer, x: torch.Tensor):
 
 
 def local_deltas(model: nn.Module, layers: list[MoELayer], ref: Reference, changed: set[int]) -> dict[int, dict]:
-    """Per MoE layer whose router weight is in `changed` (ids of parameters): local routing change."""
+    """Per MoE layer with a router parameter in `changed` (ids of parameters): local routing change."""
     results = {}
     for i, layer in enumerate(layers):
         router = router_module(model, layer)
-        weight = getattr(router, "weight", None)
-        if weight is None or id(weight) not in changed:
+        if ref.local[i] is None or not any(id(p) in changed for p in router.parameters()):
             continue
-        ids, w, logp = local_routing(router, layer, ref.x[i])
+        ids, w, logp = local_routing(layer_policy(model, layer), layer, ref.x[i], ref.token_ids, ref.x_rank[i])
         delta = RoutingDelta()
         delta.add(*ref.local[i][:2], ids, w, ref.local[i][2], logp)
         results[i] = delta.result()

@@ -18,12 +18,6 @@ import torch
 from moescope.adapters.spec import MoELayer, RouterOutput, Scoring
 
 
-def router_scores(output, index: int | None) -> torch.Tensor:
-    """The logits/probabilities tensor of a router's output, as [N, E]."""
-    tensor = output if index is None or isinstance(output, torch.Tensor) else output[index]
-    return tensor.reshape(-1, tensor.shape[-1])
-
-
 def router_log_probs(scores: torch.Tensor, layer: MoELayer) -> torch.Tensor:
     """Log of the router's distribution over experts, float32 [N, E].
 
@@ -36,25 +30,6 @@ def router_log_probs(scores: torch.Tensor, layer: MoELayer) -> torch.Tensor:
         logp = torch.nn.functional.logsigmoid(scores)
         return logp - torch.logsumexp(logp, -1, keepdim=True)
     return torch.log_softmax(scores, dim=-1)
-
-
-def router_choice(output, layer: MoELayer, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, k], weights [N, k]) the router module itself returned, else top-k of its distribution.
-
-    Routers of transformers v5 return (scores, topk_weights, topk_ids): those ids are what the model
-    selected (bias-corrected, group-limited). Plain-tensor routers leave selection to the block; for
-    them, top-k of the distribution is what softmax-top-k blocks compute.
-    """
-    if isinstance(output, (tuple, list)):
-        ids = [t for t in output if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() >= 2]
-        if ids and ids[-1].shape[-1] == layer.top_k:
-            chosen = ids[-1].reshape(-1, layer.top_k)
-            weights = [t for t in output if isinstance(t, torch.Tensor) and t.is_floating_point()
-                       and t.shape == ids[-1].shape]
-            gate = weights[-1].reshape(-1, layer.top_k) if weights else logp.gather(-1, chosen.long()).exp()
-            return chosen.long(), gate.float()
-    weights, ids = logp.exp().topk(layer.top_k, dim=-1)
-    return ids, weights
 
 
 def top1(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

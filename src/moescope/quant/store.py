@@ -1,11 +1,12 @@
-"""The sweep's out folder: an append-only log of finished configurations, then tables and a summary.
+"""A sweep's out folder: an append-only log of finished configurations, then tables and a summary.
+
+Shared by the quantization sweep (`moescope quant`) and the importance sweep (`moescope importance`):
 
     out/
       sweep.json        what is being swept (model, data and option fingerprint); checked on resume
       results.jsonl     one line per finished configuration, appended and fsync'ed as it finishes
-      configs.parquet / configs.csv       one row per configuration
-      per_layer.parquet / per_layer.csv   one row per configuration x MoE layer x mode (local / e2e)
-      summary.json      the router-vs-experts answer per bit width, and the dense control
+      NAME.parquet / NAME.csv             the sweep's tables (quant: configs, per_layer)
+      summary.json      what the sweep found (quant: the router-vs-experts answer per bit width)
 
 A run killed at any moment (even SIGKILL) leaves at most a torn last line in results.jsonl; it is cut
 off on the next open and that configuration runs again. Tables and summary are written to a temporary
@@ -65,25 +66,25 @@ def dumps(obj) -> str:
     return json.dumps(_jsonable(obj), indent=2, sort_keys=False)
 
 
-def _lock(out: Path) -> int:
-    """An exclusive flock on out/LOCK, or QuantConfigError when another sweep holds it."""
+def _lock(out: Path, command: str, error: type[Exception]) -> int:
+    """An exclusive flock on out/LOCK, or `error` when another sweep holds it."""
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         os.close(fd)
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise QuantConfigError(f"{out} is being written by another moescope quant sweep; "
-                                   "wait for it to finish or choose another --out") from None
+            raise error(f"{out} is being written by another {command} sweep; "
+                        "wait for it to finish or choose another --out") from None
         raise
     return fd
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, error: type[Exception]):
     try:
         return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
-        raise QuantConfigError(f"{path} is corrupt; pass --overwrite to start the sweep afresh") from None
+        raise error(f"{path} is corrupt; pass --overwrite to start the sweep afresh") from None
 
 
 def _parse_line(line: bytes) -> dict | None:
@@ -99,20 +100,23 @@ def _parse_line(line: bytes) -> dict | None:
 class ResultStore:
     """Opens (or resumes) a sweep folder and holds its lock until `close()` (or the end of a `with`).
 
-    `done` holds the ids of configurations already finished.
+    `done` holds the ids of configurations already finished. `command` and `what` name the sweep in messages
+    ("moescope quant", "quantization sweep"); `error` is the MoescopeError subclass they are raised as.
     """
 
-    def __init__(self, out: str | os.PathLike, sweep_info: dict, *, overwrite: bool = False):
-        self.out = Path(out)
+    def __init__(self, out: str | os.PathLike, sweep_info: dict, *, overwrite: bool = False,
+                 command: str = "moescope quant", what: str = "quantization sweep",
+                 error: type[Exception] = QuantConfigError):
+        self.out, self.error = Path(out), error
         if self.out.exists() and not self.out.is_dir():
-            raise QuantConfigError(f"--out {self.out} is a file; give a folder path")
+            raise error(f"--out {self.out} is a file; give a folder path")
         if self.out.is_dir() and any(self.out.iterdir()) and not any((self.out / n).exists() for n in (SWEEP, RESULTS, LOCK)):
-            raise QuantConfigError(f"--out {self.out} is not empty and holds no quantization sweep; choose a new or empty folder")
+            raise error(f"--out {self.out} is not empty and holds no {what}; choose a new or empty folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            fd = _lock(self.out)
+            fd = _lock(self.out, command, error)
         except OSError as err:
-            raise QuantConfigError(f"cannot write sweep folder {self.out}: {err.strerror}; choose a writable --out") from None
+            raise error(f"cannot write sweep folder {self.out}: {err.strerror}; choose a writable --out") from None
         self._release = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the flock
         try:
             self._open(sweep_info, overwrite)
@@ -127,9 +131,9 @@ class ResultStore:
             for name in (RESULTS, SWEEP):
                 (self.out / name).unlink(missing_ok=True)
         if info_path.exists():
-            existing = _read_json(info_path)
+            existing = _read_json(info_path, self.error)
             if not isinstance(existing, dict) or existing.get("fingerprint") != sweep_info["fingerprint"]:
-                raise QuantConfigError(
+                raise self.error(
                     f"{self.out} holds a sweep of another model, corpus, batching or measurement mode "
                     f"({existing.get('fingerprint') if isinstance(existing, dict) else '?'} != {sweep_info['fingerprint']}); "
                     "choose another out folder or pass overwrite=True (--overwrite) to start afresh"
@@ -149,7 +153,7 @@ class ResultStore:
             if line.strip():
                 record = _parse_line(line)
                 if record is None:
-                    raise QuantConfigError(f"{self.log}:{number} is not a finished configuration (corrupt); "
+                    raise self.error(f"{self.log}:{number} is not a finished configuration (corrupt); "
                                            "delete that line to rerun it, or pass --overwrite to start afresh")
                 records.append(record)
         if keep != len(data):
@@ -181,11 +185,11 @@ class ResultStore:
         self.records.append(record)
         self.done.add(record["config"]["config_id"])
 
-    def write_tables(self, configs, per_layer, summary: dict) -> None:
-        """configs / per_layer: pandas DataFrames."""
+    def write_tables(self, tables: dict, summary: dict) -> None:
+        """tables: {name: pandas DataFrame}, each written as NAME.parquet and NAME.csv; then summary.json."""
         import io
 
-        for name, frame in (("configs", configs), ("per_layer", per_layer)):
+        for name, frame in tables.items():
             buf = io.BytesIO()
             frame.to_parquet(buf, index=False)
             atomic_write_bytes(self.out / f"{name}.parquet", buf.getvalue())

@@ -72,9 +72,12 @@ class SweepResult:
 
 
 # -- inputs --------------------------------------------------------------------------------------
-def _documents(data, split: str) -> list[Document]:
+BUILTIN_SPLIT = "eval"  # built-in corpora: the side the shipped models never trained on; the user's own data: whole
+
+
+def _documents(data, split: str | None) -> list[Document]:
     if isinstance(data, str):
-        return load_corpus(data, split=split)
+        return load_corpus(data, split=split, builtin_split=BUILTIN_SPLIT)
     docs = [d if isinstance(d, Document) else Document(str(i), str(d), "user", "user") for i, d in enumerate(data)]
     if not docs:
         raise CorpusError("no evaluation documents given")
@@ -82,7 +85,7 @@ def _documents(data, split: str) -> list[Document]:
 
 
 def make_batches(tokenizer, data, *, seq_len: int, max_tokens: int | None, batch_size: int,
-                 split: str = "eval") -> list[Batch]:
+                 split: str | None = None) -> list[Batch]:
     """The fixed evaluation batches: documents cut into sequences of <= seq_len tokens, right-padded."""
     sequences = [s for s in sequences_from_documents(_documents(data, split), tokenizer, seq_len=seq_len, max_tokens=max_tokens)
                  if len(s.token_ids) >= 2]  # a sequence of one token predicts nothing
@@ -101,7 +104,7 @@ def _model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(models: list[nn.Module], batches: list[Batch], measure: str) -> str:
+def sweep_fingerprint(models: list[nn.Module], batches: list[Batch], measure: str) -> str:
     """Identifies what finished results depend on: the models' weights, the token batches, what is measured."""
     h = hashlib.blake2b(digest_size=8)
     h.update(measure.encode())
@@ -249,7 +252,7 @@ def run_quant_sweep(
     end_to_end: bool = True,
     reuse_prefix: bool = True,
     custom_router: CustomRouter | None = None,
-    split: str = "eval",
+    split: str | None = None,
     device: str = "auto",
     dtype: str = "float32",
     overwrite: bool = False,
@@ -264,7 +267,7 @@ def run_quant_sweep(
         A loaded MoE causal LM and its tokenizer, or a name for `moescope.recording.loading.load_model`
         (``"moescope:tiny-moe"``, a folder, a hub id; tokenizer None: the model's own).
     data : str or iterable of Document or str
-        A corpus spec (its `split` is used, e.g. ``"wiki"``) or the documents themselves.
+        A corpus spec (``"wiki"``, a file; see `split`) or the documents themselves.
     out : path
         Folder for results.jsonl, configs/per_layer (.parquet, .csv), summary.json. An existing sweep of
         the same model, data and batching resumes at the first unfinished configuration; a second sweep
@@ -291,8 +294,9 @@ def run_quant_sweep(
         (costs memory for every decoder layer's output on the evaluation set).
     custom_router : CustomRouter, optional
         For MoE models discovery does not recognise (a shipped custom model's is found from its name).
-    split : str
-        Corpus split when `data` is a spec ("eval" by default: the models were not trained on it).
+    split : str, optional
+        Corpus split when `data` is a spec, for every source. None (default): built-in corpora give their eval
+        split (the shipped models were not trained on it), the user's own files, folders, JSONL and hf: whole.
     device, dtype
         Used only when a model is given by name.
     overwrite : bool
@@ -342,7 +346,7 @@ def run_quant_sweep(
     models = [(model, "moe")] + ([(dense_model, "dense")] if dense_model is not None else [])
     options = dict(bits=bits, targets=targets, schemes=schemes, granularity=granularity, per_layer=per_layer,
                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, end_to_end=end_to_end)
-    fingerprint = _fingerprint([m for m, _ in models], batches, measure="e2e" if end_to_end else "local")
+    fingerprint = sweep_fingerprint([m for m, _ in models], batches, measure="e2e" if end_to_end else "local")
     info = {"fingerprint": fingerprint, "options": options,
             "model_info": model_info or {}, "models": {kind: type(m).__name__ for m, kind in models}}
     with ResultStore(out, info, overwrite=overwrite) as store:  # holds the folder's lock until done
@@ -392,5 +396,5 @@ def _finish(store: ResultStore, planned: list[str], evaluators: dict, notes: lis
     per_layer = pd.DataFrame([row for r in ordered for row in r["per_layer"]], columns=list(PER_LAYER_COLUMNS))
     reference = {kind: _reference_info(ev) for kind, ev in evaluators.items()}
     summary = summarize(configs, reference=reference, notes=notes)
-    store.write_tables(configs, per_layer, summary)
+    store.write_tables({"configs": configs, "per_layer": per_layer}, summary)
     return SweepResult(store.out, configs, per_layer, summary, ran, skipped)

@@ -1,6 +1,7 @@
 """Which weights a quantization target names: router, experts, shared, attention, all.
 
-    router     each MoE layer's router weight matrix ([E, H]); its bias and any correction bias stay exact
+    router     each MoE layer's router weight matrices ([E, H], also when the router wraps its Linear, and every
+               matrix of an MLP router); its biases and any correction bias stay exact
     experts    routed experts: fused 3-D tensors (gate_up_proj [E, 2I, H], down_proj [E, H, I]; transposed
                layouts such as gpt-oss' are recognised by the experts module's `is_transposed`) or the
                Linear weights of per-expert modules. In a dense model: the decoder layers' MLPs.
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from moescope.adapters.discover import find_moe_layers
-from moescope.adapters.spec import MoELayer, Selection
+from moescope.adapters.policy import router_module
+from moescope.adapters.spec import MoELayer
 from moescope.errors import NoRouterFoundError
 from moescope.quant.formats import QuantConfigError
 
@@ -54,13 +56,6 @@ def moe_layers_or_none(model: nn.Module, custom_router=None) -> list[MoELayer] |
         return find_moe_layers(model, custom_router)
     except NoRouterFoundError:
         return None
-
-
-def router_module(model: nn.Module, layer: MoELayer) -> nn.Module:
-    block = model.get_submodule(layer.block_path)
-    if layer.spec.selection == Selection.ROUTER_TOPK or not layer.spec.router_attr:
-        return block  # custom routers: the declared module is the router itself
-    return getattr(block, layer.spec.router_attr)
 
 
 def experts_module(model: nn.Module, layer: MoELayer) -> nn.Module | None:
@@ -96,10 +91,8 @@ def _by_target(model: nn.Module, moe: list[MoELayer] | None) -> dict[str, list[t
     param_names = {id(p): name for name, p in model.named_parameters()}
     module_paths = {id(m): path for path, m in model.named_modules()}
     for layer in moe or []:
-        router = router_module(model, layer)
-        weight = getattr(router, "weight", None)
-        if isinstance(weight, nn.Parameter) and weight.dim() == 2:
-            found["router"].append((param_names[id(weight)], weight, False))
+        router = router_module(model, layer)  # its matrices: a Linear's weight, or a wrapped one (router.gate.weight)
+        found["router"].extend((param_names[id(w)], w, False) for w in router.parameters() if w.dim() == 2)
         experts = experts_module(model, layer)
         if experts is not None:
             found["experts"].extend(_matrices(experts, module_paths[id(experts)]))

@@ -16,6 +16,7 @@ from moescope.recording.batches import Batch
 from moescope.recording.hooks import LayerChunks
 from moescope.errors import MoescopeError
 from moescope.trace.schema import SEQUENCES_SCHEMA, TOKENS_SCHEMA, routing_schema
+from moescope.trace.slots import order_slots
 
 
 @dataclass
@@ -29,8 +30,9 @@ class TokenBlock:
     output_entropy: np.ndarray  # float32 [T] (NaN when not recorded)
     topk_ids: np.ndarray  # int16 [L, T, k]
     topk_weights: np.ndarray  # float16|float32 [L, T, k]
-    router_output: np.ndarray | None  # float16 [L, T, E]
+    router_output: np.ndarray | None  # float16|float32 [L, T, R] (R: routed experts + non-compute choices)
     predicted_next: np.ndarray | None = None  # int16 [L, T, k]: layer l+1's router on layer l's input; -1 on the last layer
+    expert_norms: np.ndarray | None = None  # float32 [L, T, k]: ||output|| of each chosen expert alone
 
     @property
     def n_tokens(self) -> int:
@@ -79,6 +81,7 @@ def block_from_forward(batch: Batch, recorded: list[LayerChunks], output_entropy
         topk_weights=_layers(recorded, "weights", rows, keep),
         router_output=_layers(recorded, "router_output", rows, keep) if has("router_output") else None,
         predicted_next=predicted,
+        expert_norms=_layers(recorded, "expert_norms", rows, keep) if has("expert_norms") else None,
     )
 
 
@@ -94,6 +97,7 @@ def concat_blocks(blocks: list[TokenBlock]) -> TokenBlock:
         topk_weights=np.concatenate([b.topk_weights for b in blocks], axis=1),
         router_output=router,
         predicted_next=None if blocks[0].predicted_next is None else np.concatenate([b.predicted_next for b in blocks], axis=1),
+        expert_norms=None if blocks[0].expert_norms is None else np.concatenate([b.expert_norms for b in blocks], axis=1),
     )
 
 
@@ -103,22 +107,31 @@ def _fixed_list(values: np.ndarray, width: int, arrow_type: pa.DataType) -> pa.A
 
 
 def routing_table(block: TokenBlock) -> pa.Table:
-    """Rows ordered by (layer, seq_id, pos): layer-major, so each column compresses well."""
+    """Rows ordered by (layer, seq_id, pos): layer-major, so each column compresses well.
+
+    Every capture path and the importer build their routing parts here, so this is where each row's slots
+    are put in gate-weight order (trace/slots.py), judged on the weights at their stored precision.
+    """
     n_layers, n_tokens, k = block.topk_ids.shape
+    norms = () if block.expert_norms is None else (block.expert_norms,)
+    topk_ids, topk_weights, *norms = order_slots(block.topk_ids, block.topk_weights, *norms)  # [L, T, k] each
     n_out = 0 if block.router_output is None else block.router_output.shape[2]
     k_next = 0 if block.predicted_next is None else block.predicted_next.shape[2]
-    schema = routing_schema(k, n_out, k_next)
+    k_norms = 0 if block.expert_norms is None else block.expert_norms.shape[2]
+    schema = routing_schema(k, n_out, k_next, k_norms)
     columns = [
         pa.array(np.tile(block.seq_id, n_layers), pa.int32()),
         pa.array(np.tile(block.pos, n_layers), pa.int32()),
         pa.array(np.repeat(np.arange(n_layers, dtype=np.int16), n_tokens), pa.int16()),
-        _fixed_list(block.topk_ids.astype(np.int16, copy=False), k, pa.int16()),
-        _fixed_list(block.topk_weights.astype(np.float32, copy=False), k, pa.float32()),
+        _fixed_list(topk_ids.astype(np.int16, copy=False), k, pa.int16()),
+        _fixed_list(topk_weights.astype(np.float32, copy=False), k, pa.float32()),
     ]
     if n_out:
-        columns.append(_fixed_list(block.router_output.astype(np.float16).astype(np.float32), n_out, pa.float32()))
+        columns.append(_fixed_list(block.router_output.astype(np.float32), n_out, pa.float32()))  # float16 values stay so
     if k_next:
         columns.append(_fixed_list(block.predicted_next.astype(np.int16, copy=False), k_next, pa.int16()))
+    if k_norms:
+        columns.append(_fixed_list(norms[0].astype(np.float32, copy=False), k_norms, pa.float32()))  # moved with their slots
     return pa.Table.from_arrays(columns, schema=schema)
 
 

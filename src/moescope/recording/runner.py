@@ -7,6 +7,7 @@ Shards hold whole sequences; sequences already committed by an interrupted run a
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,11 +36,15 @@ class CaptureOptions:
     max_tokens: int | None = None
     save_router_output: bool = False
     predict_next_layer: bool = False  # also record layer l+1's router applied to layer l's input (prefetch predictor)
+    save_expert_norms: bool = False  # also record ||output|| of each chosen expert alone (REAP scores; k extra expert passes)
     output_entropy: bool = False
     generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
     weights_dtype: str = "float16"
+    logits_dtype: str = "float16"  # precision of stored router outputs (--save-logits); float32 keeps them exactly
+    padding_side: str = "right"  # how a forward batch is padded; "left" when the caller's input_ids were (generate: always left)
     shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
     backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (recording/vllm_backend.py)
+    start_token_ids: tuple[int, ...] | None = None  # what begins every sequence (BOS or nothing); None: input_ids as given
 
 
 def _output_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -104,14 +109,15 @@ class ShardBuffer:
         if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
             self.flush()
 
-    def flush(self) -> None:
-        """Hand what is buffered to the writer thread (after the previous shard is committed)."""
+    def flush(self, last: bool = False) -> None:
+        """Hand what is buffered to the writer thread (after the previous shard is committed). The `last` shard is
+        committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
         if not self.blocks:
             return
         blocks, sequences = self.blocks, self.sequences
         self.blocks, self.sequences = [], []
         self.wait()
-        self._pending = self._pool.submit(self._commit, blocks, sequences)
+        self._pending = self._pool.submit(self._commit, blocks, sequences, last)
 
     def wait(self) -> None:
         """Block until the shard being written is committed; raises the error of a failed write."""
@@ -119,11 +125,11 @@ class ShardBuffer:
         if pending is not None:
             pending.result()
 
-    def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> None:
+    def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence], last: bool = False) -> None:
         tables, kinds = shard_tables(blocks, sequences)
         self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
-        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids))
+        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last)
 
     def __enter__(self) -> "ShardBuffer":
         return self
@@ -131,7 +137,7 @@ class ShardBuffer:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                self.flush()
+                self.flush(last=True)
                 self.wait()
             elif self._pending is not None:  # let the write end before the lock is released; report the loop's error
                 futures_wait([self._pending])
@@ -142,9 +148,10 @@ class ShardBuffer:
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
     device = next(model.parameters()).device
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}  # several with --device-map
-    weights_dtype = getattr(torch, opts.weights_dtype)
+    forward = forward_call(model)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
-                               predict_next_layer=opts.predict_next_layer, weights_dtype=weights_dtype)
+                               predict_next_layer=opts.predict_next_layer, save_expert_norms=opts.save_expert_norms,
+                               weights_dtype=getattr(torch, opts.weights_dtype), logits_dtype=getattr(torch, opts.logits_dtype))
     with recorder as rec, torch.inference_mode():
         for batch in batches:
             input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
@@ -153,8 +160,8 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
                                      do_sample=False, pad_token_id=_pad_id(model))
                 yield batch, block_from_generate(batch, rec.take(), out.cpu(), eos)
             else:
-                output = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                logits = getattr(output, "logits", None)  # None for a base model without an LM head
+                output = forward(input_ids, mask)
+                logits = getattr(output, "logits", None)  # None for a base model without an LM head or a plain tensor
                 entropy = _output_entropy(logits).cpu() if opts.output_entropy and logits is not None else None
                 chunks, ready = rec.take(synchronize=False), _copies_done(gpus)
                 build = lambda batch=batch, chunks=chunks, entropy=entropy: block_from_forward(batch, chunks, entropy)
@@ -172,15 +179,41 @@ def _copies_done(gpus: set[torch.device]) -> list[torch.cuda.Event]:
 
 
 def _pad_id(model) -> int:
-    config = model.config
-    pad = getattr(config, "pad_token_id", None)
+    """Any id will do: padded positions are masked (attention_mask) and never recorded."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)  # a plain nn.Module has no config
     return pad if pad is not None else 0
 
 
+def _optional_inputs(model) -> set[str]:
+    """Which of attention_mask / use_cache `model.forward` takes (a transformers model: both)."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {"attention_mask", "use_cache"}
+    return {"attention_mask", "use_cache"} & set(params)
+
+
+def forward_call(model) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """(input_ids [B, T], attention_mask [B, T]) -> the model's output, passing only what its forward takes:
+    a plain PyTorch module's `forward(ids)` works as well as a transformers model's."""
+    takes = _optional_inputs(model)
+    by_name = "input_ids" in inspect.signature(model.forward).parameters
+
+    def call(input_ids: torch.Tensor, mask: torch.Tensor):
+        kwargs = {k: v for k, v in (("attention_mask", mask), ("use_cache", False)) if k in takes}
+        return model(input_ids=input_ids, **kwargs) if by_name else model(input_ids, **kwargs)
+
+    return call
+
+
 def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable[Sequence], opts: CaptureOptions):
-    """(batch, block) for each padded batch of `sequences`: the capture loop without the writing."""
+    """(batch, block) for each padded batch of `sequences`: the capture loop without the writing.
+
+    A model whose forward takes no attention_mask is never fed padding: its batches hold sequences of one length."""
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
-    batches = (make_batch(group, pad_id, left_pad=bool(opts.generate)) for group in batched(sequences, opts.batch_size))
+    same_length = "attention_mask" not in _optional_inputs(model)
+    groups = batched(sequences, opts.batch_size, same_length=same_length)
+    left = bool(opts.generate) or opts.padding_side == "left"
+    batches = (make_batch(group, pad_id, left_pad=left) for group in groups)
     yield from _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer))
 
 
@@ -193,6 +226,8 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
     layers = find_moe_layers(model, custom_router)
     manifest = build_manifest(model, layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:
+        if writer.already_complete:  # the same capture, finished before: nothing to do
+            return Trace(out)
         done = writer.committed_seq_ids
         todo = (s for s in sequences if s.seq_id not in done)
         bar = tqdm(total=total_tokens, unit="tok", disable=not progress, desc="capture", dynamic_ncols=True)

@@ -119,7 +119,7 @@ def block_from_vllm(chunk: list[Sequence], outputs, rec: dict, opts: CaptureOpti
         output_entropy=np.full(len(rows), np.nan, np.float32),
         topk_ids=rec["topk_ids"][:, rows],
         topk_weights=weights,
-        router_output=None if router is None else router[:, rows].astype(np.float16),
+        router_output=None if router is None else router[:, rows].astype(opts.logits_dtype),
     )
 
 
@@ -155,6 +155,8 @@ def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.Pat
     manifest = build_manifest(skeleton, layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
     manifest["versions"]["vllm"] = vllm.__version__
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:  # checks --out before the engine starts
+        if writer.already_complete:  # the same capture, finished before: nothing to do
+            return Trace(out)
         llm = start_engine(path, opts=opts, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                            trust_remote_code=trust_remote_code)
         llm.collective_rpc(vllm_worker.install, args=([layer.decoder_layer for layer in layers], opts.save_router_output))

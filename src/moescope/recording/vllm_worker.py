@@ -31,43 +31,18 @@ class StepRecorder:
 
     # -- capture points ------------------------------------------------------------------------
     def install(self) -> None:
-        from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-        found = set()
-        for name, module in self.runner.model.named_modules():
-            router = getattr(module, "router", None)
-            layer_id = getattr(module, "layer_id", None)
-            if not isinstance(router, BaseRouter) or layer_id not in self.layers:
-                continue
-            quant = getattr(module, "_quant_method", None)
-            if getattr(quant, "is_monolithic", False):
-                raise RuntimeError(f"{name}: this vLLM MoE kernel routes inside the kernel; moescope cannot read it")
-            self._wrap(router, self.layers[layer_id])
-            found.add(layer_id)
-        missing = sorted(set(self.layers) - found)
-        if missing:
-            raise RuntimeError(f"no vLLM router found for decoder layer(s) {missing}")
+        self.restore += wrap_routers(find_routers(self.runner.model, self.layers), self._record_routing)
         handle = self.runner.model.register_forward_pre_hook(self._new_step, with_kwargs=True)
         self.restore.append(handle.remove)
 
-    def _wrap(self, router, moe_layer: int) -> None:
-        original = router._compute_routing  # bound method; the instance attribute shadows it until restored
-
-        def compute_routing(hidden_states, router_logits, indices_type, **kwargs):
-            weights, ids = original(hidden_states, router_logits, indices_type, **kwargs)
-            step = self.steps[-1]
-            logits = router_logits.detach().clone() if self.save_router_output else None
-            step["layers"].setdefault(moe_layer, []).append((weights.detach().clone(), ids.detach().clone(), logits))
-            return weights, ids
-
-        router._compute_routing = compute_routing
-        self.restore.append(lambda: router.__dict__.pop("_compute_routing", None))
+    def _record_routing(self, moe_layer: int, router_logits, weights, ids) -> None:
+        logits = router_logits.detach().clone() if self.save_router_output else None
+        self.steps[-1]["layers"].setdefault(moe_layer, []).append((weights.detach().clone(), ids.detach().clone(), logits))
 
     def _new_step(self, module, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        req_ids = list(self.runner.input_batch.req_ids)
-        starts = self.runner.query_start_loc.np[: len(req_ids) + 1].copy()  # [R + 1]
+        req_ids, starts = step_requests(self.runner)
         self.steps.append({"req_ids": req_ids, "starts": starts, "input_ids": input_ids.detach().clone(),
                            "positions": positions.detach().clone(), "layers": {}})
 
@@ -116,6 +91,56 @@ class StepRecorder:
         if merged[1].shape[0] < n:
             raise RuntimeError(f"MoE layer {layer} routed {merged[1].shape[0]} rows for a step of {n} tokens")
         return tuple(None if t is None else t[:n] for t in merged)
+
+
+# -- the capture points, shared by the recorder above and the live counters (moescope.serve) --------------
+def find_routers(model, layers: dict[int, int] | None = None) -> dict:
+    """{MoE-layer index: vLLM router} of the model's fused-MoE layers.
+
+    `layers` maps vLLM's decoder `layer_id` to the MoE-layer index; None numbers the model's MoE layers
+    0..L-1 in decoder order (what `find_moe_layers` does on the Hugging Face model).
+    """
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    found = {}
+    for name, module in model.named_modules():
+        router = getattr(module, "router", None)
+        layer_id = getattr(module, "layer_id", None)
+        if not isinstance(router, BaseRouter) or layer_id is None or (layers is not None and layer_id not in layers):
+            continue
+        if getattr(getattr(module, "_quant_method", None), "is_monolithic", False):
+            raise RuntimeError(f"{name}: this vLLM MoE kernel routes inside the kernel; moescope cannot read it")
+        found[layer_id] = router
+    if layers is None:
+        layers = {layer_id: i for i, layer_id in enumerate(sorted(found))}
+    missing = sorted(set(layers) - set(found))
+    if missing:
+        raise RuntimeError(f"no vLLM router found for decoder layer(s) {missing}")
+    return {layers[layer_id]: found[layer_id] for layer_id in sorted(found)}
+
+
+def wrap_routers(routers: dict, on_routing) -> list:
+    """Wrap each router's `_compute_routing` so that `on_routing(moe_layer, router_logits, weights, ids)` sees
+    every call's result (`routers` as `find_routers` returns them); returns the callables that undo it."""
+    return [_wrap(router, moe_layer, on_routing) for moe_layer, router in routers.items()]
+
+
+def _wrap(router, moe_layer: int, on_routing):
+    original = router._compute_routing  # bound method; the instance attribute shadows it until restored
+
+    def compute_routing(hidden_states, router_logits, indices_type, **kwargs):
+        weights, ids = original(hidden_states, router_logits, indices_type, **kwargs)
+        on_routing(moe_layer, router_logits, weights, ids)
+        return weights, ids
+
+    router._compute_routing = compute_routing
+    return lambda: router.__dict__.pop("_compute_routing", None)
+
+
+def step_requests(runner) -> tuple[list[str], np.ndarray]:
+    """The running requests' ids [R] and their row offsets [R + 1] in this step (rows past the last are padding)."""
+    req_ids = list(runner.input_batch.req_ids)
+    return req_ids, runner.query_start_loc.np[: len(req_ids) + 1].copy()
 
 
 # -- collective_rpc entry points: `worker` is vLLM's worker object ---------------------------------

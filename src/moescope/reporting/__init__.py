@@ -21,8 +21,9 @@ from pathlib import Path
 from moescope import __version__
 from moescope.errors import MoescopeError
 from moescope.reporting.document import Document, FigureBlock, Group
-from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, load_results
-from moescope.reporting.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group
+from moescope.reporting.results import (AnalysisResults, ImportanceResults, MissingResults, QuantResults,
+                                       SaturationResults, load_results)
+from moescope.reporting.sections import UNREADABLE, analysis_group, headline, missing_group, quant_group, saturation_group
 
 
 class ReportError(MoescopeError):
@@ -39,12 +40,24 @@ def _stem(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "results"
 
 
-def build_document(result_dirs: Sequence[str | os.PathLike], *, title: str = "moescope report") -> Document:
-    """The report as data (see document.py): one group per results folder, quantization folders last."""
-    paths = [Path(p) for p in result_dirs]
-    loaded = [load_results(p) for p in paths]
+def _memory_label(results) -> str:
+    if isinstance(results, QuantResults):
+        return "quantization"
+    return _stem(str((results.summary.get("trace") or {}).get("model") or "results"))
+
+
+def _loaded(item) -> AnalysisResults | QuantResults | MissingResults:
+    """A results folder, read; or results already in memory (`moescope.analyze(...)`), as they are."""
+    return item if isinstance(item, (AnalysisResults, QuantResults, SaturationResults)) else load_results(Path(item))
+
+
+def build_document(result_dirs: Sequence, *, title: str = "moescope report") -> Document:
+    """The report as data (see document.py): one group per results folder (or in-memory results), quantization last."""
+    loaded = [_loaded(p) for p in result_dirs]
+    paths = [Path(r.path) if r.path is not None else Path(_memory_label(r)) for r in loaded]
     labels = _labels(paths)
-    order = sorted(range(len(paths)), key=lambda i: (isinstance(loaded[i], MissingResults), isinstance(loaded[i], QuantResults), i))
+    order = sorted(range(len(paths)), key=lambda i: (isinstance(loaded[i], MissingResults),
+                                                     isinstance(loaded[i], (QuantResults, ImportanceResults)), i))
     groups = []
     for n, i in enumerate(order, 1):
         results, gid = loaded[i], f"r{n}"
@@ -52,6 +65,12 @@ def build_document(result_dirs: Sequence[str | os.PathLike], *, title: str = "mo
             groups.append(analysis_group(results, gid, labels[i]))
         elif isinstance(results, QuantResults):
             groups.append(quant_group(results, gid, labels[i]))
+        elif isinstance(results, ImportanceResults):
+            from moescope.reporting.importance_sections import importance_group
+
+            groups.append(importance_group(results, gid, labels[i]))
+        elif isinstance(results, SaturationResults):
+            groups.append(saturation_group(results, gid, labels[i]))
         else:
             groups.append(missing_group(results, gid, labels[i]))
     return Document(title, tuple(str(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)
@@ -96,7 +115,7 @@ def write_report(
         raise ReportError(f"--out {out_html} is a folder; give the HTML file to write, e.g. {out_html / 'report.html'}")
     if figures is not None and figures.exists() and not figures.is_dir():
         raise ReportError(f"--figures {figures} is a file; give a folder")
-    if not any(_holds_results(Path(d)) for d in result_dirs):
+    if not any(isinstance(d, (AnalysisResults, QuantResults)) or _holds_results(Path(d)) for d in result_dirs):
         raise ReportError(f"none of {', '.join(map(str, result_dirs))} holds results of `moescope analyze` or "
                           "`moescope quant` (summary.json); pass their --out folders")
     doc = build_document(result_dirs, title=title)

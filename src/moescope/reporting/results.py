@@ -1,9 +1,10 @@
 """Results folders as the report reads them: what ran, its tables, its notes, and the trace it came from.
 
-Two kinds of folder, told apart by their files:
+Three kinds of folder, told apart by their files:
 
-    analysis   summary.json with "analyses" + <analysis>__<table>.parquet (written by `moescope analyze`)
-    quant      summary.json with "router_vs_experts" and/or configs.parquet (written by `moescope quant`)
+    analysis    summary.json with "analyses" + <analysis>__<table>.parquet (written by `moescope analyze`)
+    quant       summary.json with "router_vs_experts" and/or configs.parquet (written by `moescope quant`)
+    saturation  summary.json with "saturation" + saturation__per_layer.parquet (`moescope saturation`)
 
 Anything else (a missing folder, an unreadable summary) becomes `MissingResults`, which the report shows as
 a plain sentence instead of failing, so a demo that skipped a step still gets its report.
@@ -32,6 +33,8 @@ ANALYSIS_ORDER = (
     "domain_specialisation",
     "token_specialisation",
     "token_cost",
+    "placement",
+    "offload",  # written by `moescope offload` (and `moescope placement` writes placement's tables)
 )
 
 
@@ -65,15 +68,22 @@ def _read_table(folder: Path, stem: str, where: dict[str, tuple] | None = None) 
     return None
 
 
+def _filtered(frame: pd.DataFrame | None, where: dict[str, tuple] | None) -> pd.DataFrame | None:
+    for column, values in (where or {}).items():
+        frame = frame[frame[column].isin(values)].reset_index(drop=True) if frame is not None else None
+    return frame
+
+
 @dataclass(frozen=True, eq=False)
 class AnalysisResults:
-    """One `moescope analyze` output folder."""
+    """One `moescope analyze` output folder (or, with `frames`, the same results held in memory)."""
 
-    path: Path
+    path: Path | None
     summary: dict
     manifest: dict | None  # the trace's manifest.json when it can still be read
     manifest_note: str | None  # why the manifest is absent
     _tables: dict = field(default_factory=dict, repr=False)
+    frames: dict[str, pd.DataFrame] | None = field(default=None, repr=False)  # {file stem: table}: no folder
 
     @property
     def trace(self) -> dict:
@@ -97,7 +107,7 @@ class AnalysisResults:
         stem = f"{analysis}__{name}" if name else analysis
         key = (stem, tuple(sorted((c, tuple(v)) for c, v in (where or {}).items())))
         if key not in self._tables:
-            self._tables[key] = _read_table(self.path, stem, where)
+            self._tables[key] = _read_table(self.path, stem, where) if self.frames is None else _filtered(self.frames.get(stem), where)
         return self._tables[key]
 
     def get(self, analysis: str, *keys: str, default: Any = None) -> Any:
@@ -126,10 +136,28 @@ class AnalysisResults:
 class QuantResults:
     """One `moescope quant` output folder."""
 
-    path: Path
+    path: Path | None
     summary: dict
     sweep: dict  # sweep.json (options, models); {} when absent
     configs: pd.DataFrame | None
+    per_layer: pd.DataFrame | None
+
+
+@dataclass(frozen=True, eq=False)
+class ImportanceResults:
+    """One `moescope importance` output folder: its summary and tables (None where missing)."""
+
+    path: Path
+    summary: dict
+    tables: dict  # experts, correlations, pruning, specialisation -> DataFrame or None
+
+
+@dataclass(frozen=True, eq=False)
+class SaturationResults:
+    """One `moescope saturation` output folder."""
+
+    path: Path | None
+    summary: dict
     per_layer: pd.DataFrame | None
 
 
@@ -139,7 +167,7 @@ class MissingResults:
     reason: str
 
 
-Results = AnalysisResults | QuantResults | MissingResults
+Results = AnalysisResults | QuantResults | ImportanceResults | SaturationResults | MissingResults
 
 
 def _trace_manifest(summary: dict, folder: Path) -> tuple[dict | None, str | None]:
@@ -169,6 +197,11 @@ def load_results(path: str | os.PathLike) -> Results:
     if "analyses" in summary:
         manifest, note = _trace_manifest(summary, folder)
         return AnalysisResults(folder, summary, manifest, note)
+    if "importance" in summary:
+        tables = {name: _read_table(folder, name) for name in ("experts", "correlations", "pruning", "specialisation")}
+        return ImportanceResults(folder, summary, tables)
+    if "saturation" in summary:
+        return SaturationResults(folder, summary, _read_table(folder, "saturation__per_layer"))
     if "router_vs_experts" in summary or has_configs:
         sweep, _ = _read_json(folder / "sweep.json")
         return QuantResults(folder, summary, sweep or {}, _read_table(folder, "configs"), _read_table(folder, "per_layer"))

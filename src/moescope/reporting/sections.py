@@ -23,9 +23,11 @@ from moescope.reporting.figures import load as load_figs
 from moescope.reporting.figures import quant as quant_figs
 from moescope.reporting.figures import router as router_figs
 from moescope.reporting.figures import routing as routing_figs
+from moescope.reporting.figures import saturation as saturation_figs
+from moescope.reporting.figures import simulate as simulate_figs
 from moescope.reporting.figures import tokens as token_figs
 from moescope.reporting.figures._base import OVERALL, facet_layers
-from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults
+from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, SaturationResults
 
 TOKEN_ROWS = 200  # rows of the token routing table shown in the page (the CSV has all)
 TOKEN_LAYER_COLUMNS = 12  # layer combination columns shown in the page
@@ -36,6 +38,8 @@ HINT_ROUTER_OUTPUT = "rerun `moescope capture` with `--save-logits` to record ro
 HINT_LOOKAHEAD = "rerun `moescope capture` with `--predict-next-layer` (needs the model)"
 HINT_MODEL = "rerun `moescope analyze` where the model can be loaded (without `--no-model`, or with `--model PATH`)"
 HINT_ONLY = "rerun `moescope analyze` without `--only` (or name it there)"
+HINT_OFFLOAD = "run `moescope offload TRACE --capacity C --out DIR` and pass DIR to `moescope report`"
+SIMULATIONS = ("placement", "offload")  # a folder of `moescope placement` / `moescope offload` holds only these
 
 
 # -- formatting ------------------------------------------------------------------------------------
@@ -150,11 +154,20 @@ def load_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     per_expert, per_layer = r.table("load", "per_expert"), r.table("load", "per_layer")
     h = r.headline("load")
     blocks: list = [Text(
-        f"Share of each layer's routing slots per expert against the balanced share 1/E. Balance score "
-        f"{fmt(h.get('balance_score'))} (1 − coefficient of variation over all layer × expert units; 1 is perfectly even), "
-        f"busiest expert {fmt(h.get('max_over_mean'))}× the mean, {fmt(h.get('n_dead'), 'd')} dead, "
-        f"{fmt(h.get('n_underused'), 'd')} under-used and {fmt(h.get('n_overloaded'), 'd')} overloaded (layer, expert) units."
+        f"Share of each layer's routing slots per expert against the balanced share 1/E. Per layer, the balance score "
+        f"(1 − coefficient of variation of the layer's expert loads; 1 is perfectly even) is {fmt(h.get('balance_score_worst'))} "
+        f"in the worst layer ({fmt(h.get('balance_score_worst_layer'), 'd')}) and {fmt(h.get('balance_score_layer_mean'))} on average "
+        f"over layers; the busiest expert takes {fmt(h.get('max_over_mean_worst'))}× its layer's mean load (layer "
+        f"{fmt(h.get('max_over_mean_worst_layer'), 'd')}). Pooled over all layer × expert units the balance score is "
+        f"{fmt(h.get('balance_score_pooled'))}. {fmt(h.get('n_dead'), 'd')} dead, {fmt(h.get('n_underused'), 'd')} under-used "
+        f"and {fmt(h.get('n_overloaded'), 'd')} overloaded (layer, expert) units."
     )]
+    if h.get("non_compute_share"):  # LongCat's identity experts, ZAYA's skip: router choices that are not experts
+        blocks.append(Text(
+            f"{fmt(h['non_compute_share'], '.1%')} of all routing slots went to non-compute choices "
+            f"({', '.join(h.get('non_compute_kinds') or ['non-compute'])}): they are no expert's load and are left out of "
+            "the shares and statistics here (per layer: column non_compute_share of the per-layer table)."
+        ))
     if per_expert is None or not len(per_expert):
         return Section(sid, "Expert load", tuple(blocks + [Notes(("load tables missing from the results folder",), "missing")]))
     facets = _worst_first(per_layer, facet_layers(shape["layers"], 4))
@@ -198,8 +211,12 @@ def aux_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     if per_layer is None or not per_layer[["load_balancing_loss", "z_loss"]].notna().any().any():
         return Section(sid, title, (Notes((*r.notes("aux_losses"), HINT_ROUTER_OUTPUT), "missing"),), ran=False)
     blocks: list = [Text(
-        f"Switch-Transformer load-balancing loss E·Σ f_i·P_i = {fmt(h.get('load_balancing_loss'), '.4g')} over all layers "
-        f"(perfectly balanced = k = {fmt(h.get('load_balancing_loss_balanced'), 'g')}); router z-loss {fmt(h.get('z_loss'), '.4g')}."
+        f"Switch-Transformer load-balancing loss E·Σ f_i·P_i per layer (perfectly balanced = k = "
+        f"{fmt(h.get('load_balancing_loss_balanced'), 'g')}): {fmt(h.get('load_balancing_loss_worst'), '.4g')} in the worst layer "
+        f"({fmt(h.get('load_balancing_loss_worst_layer'), 'd')}), {fmt(h.get('load_balancing_loss_layer_mean'), '.4g')} on average "
+        f"over layers. Pooled over all layers, as transformers' load_balancing_loss_func computes it from every layer's "
+        f"logits at once: {fmt(h.get('load_balancing_loss_pooled_transformers'), '.4g')} (pooling averages away layers that "
+        f"prefer different experts). Router z-loss {fmt(h.get('z_loss'), '.4g')}."
     )]
     blocks.append(FigureBlock("aux_losses_per_layer", partial(load_figs.aux_losses_per_layer, per_layer, shape["top_k"]), "Auxiliary losses per layer."))
     return Section(sid, title, tuple(blocks + _notes_block(r, "aux_losses")))
@@ -296,10 +313,13 @@ def cross_layer_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     h = r.headline("cross_layer")
     best = h.get("best_predictor_hop1")
     best_recall = h.get(f"recall_{best}_hop{0 if best == 'previous_token' else 1}") if best else None
+    versus = [str(v) for v in h.get("versus_popularity") or []]
     blocks: list = [Text(
         "How well one layer's routing predicts the next layers' (for speculative expert prefetching). "
         + (f"Best predictor for the next layer: {routing_figs.PREDICTOR_LABELS.get(best, best)} with recall {fmt(best_recall, '.1%')} "
-           f"(chance {fmt(shape['top_k'] / max(shape['n_experts'], 1), '.1%')})." if best else "")
+           f"(chance {fmt(shape['top_k'] / max(shape['n_experts'], 1), '.1%')}). " if best else "")
+        + ("Against the static baseline (the k most-loaded experts of the predicted layer, learned on the other fold of "
+           "documents): " + "; ".join(versus) + "." if versus else "")
     )]
     if len(shape["layers"]) < 2:
         blocks.append(Notes(("one MoE layer: no cross-layer transitions",), "missing"))
@@ -491,6 +511,75 @@ def size_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
     return Section(sid, title, tuple(blocks + _notes_block(r, "token_cost")))
 
 
+def placement_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
+    title = "Expert placement"
+    if not r.ran("placement"):
+        return Section(sid, title, tuple(_not_run(r, "placement", HINT_ONLY)), ran=False)
+    h = r.headline("placement")
+    per_layer, gpu_load, stale = (r.table("placement", t) for t in ("per_layer", "gpu_load", "staleness"))
+    policy = "hierarchical" if h.get("eplb_policy") == "hierarchical" else "global"
+    blocks: list = [Text(
+        f"The trace's load placed on {fmt(h.get('gpus'), 'd')} GPUs ({fmt(h.get('nodes'), 'd')} node(s), "
+        f"{fmt(h.get('redundant'), 'd')} redundant slots per layer; DeepSeek EPLB's {policy} policy with "
+        f"{fmt(h.get('groups'), 'd')} expert groups). Balancedness (mean / max GPU load, all layers): before, static sharding "
+        f"{fmt(h.get('balancedness_static'), '.3f')}; after, greedy {fmt(h.get('balancedness_greedy'), '.3f')} and EPLB "
+        f"{fmt(h.get('balancedness_eplb'), '.3f')} (imbalance max / mean − 1: {fmt(h.get('imbalance_static'), '.3f')} → "
+        f"{fmt(h.get('imbalance_greedy'), '.3f')}, {fmt(h.get('imbalance_eplb'), '.3f')})."
+    )]
+    if per_layer is not None and len(per_layer):
+        blocks.append(FigureBlock("placement_balancedness", partial(simulate_figs.placement_balancedness, per_layer),
+                                  "Balancedness per layer of each placement (dashed: static sharding, before rebalancing)."))
+    if gpu_load is not None and len(gpu_load):
+        blocks.append(FigureBlock("placement_gpu_load", partial(simulate_figs.gpu_load_heatmaps, gpu_load),
+                                  "Tokens each GPU serves per layer, relative to the layer's mean (red: busier; a replicated "
+                                  "expert's tokens are split evenly over its replicas)."))
+    if stale is not None and len(stale):
+        blocks.append(FigureBlock("placement_staleness", partial(simulate_figs.staleness, stale),
+                                  "Balancedness when each window is served by the placement of the window before it."))
+    if per_layer is not None and len(per_layer):
+        pooled = per_layer[per_layer["layer"] == OVERALL]
+        columns = ["policy", "balancedness", "imbalance", "mean_gpus_per_token", "mean_nodes_per_token"]
+        blocks.append(TableBlock(pooled[columns].reset_index(drop=True), "All layers: balance and all-to-all fan-out "
+                                 "(distinct GPUs and nodes a token's experts are on; from `moescope placement`).",
+                                 formats={"balancedness": ".3f", "imbalance": ".3f", "mean_gpus_per_token": ".2f",
+                                          "mean_nodes_per_token": ".2f"}))
+    return Section(sid, title, tuple(blocks + _notes_block(r, "placement")))
+
+
+def offload_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
+    title = "Expert offloading"
+    if not r.ran("offload"):
+        return Section(sid, title, (Notes(("Expert offloading was not simulated for this trace.", HINT_OFFLOAD), "missing"),), ran=False)
+    h = r.headline("offload")
+    hit_rate, sweep, cost = (r.table("offload", t) for t in ("hit_rate", "bandwidth_sweep", "cost"))
+    capacity, phases = h.get("capacity"), h.get("phases") or ["prefill"]
+    rates = [(k.removeprefix("hit_rate_"), v) for k, v in h.items() if k.startswith("hit_rate_") and v is not None]
+    bounds = [(k.removeprefix("decode_tokens_per_s_bound_"), v) for k, v in h.items() if k.startswith("decode_tokens_per_s_bound_")]
+    blocks: list = [Text(
+        f"A cache of expert slots ({h.get('scope')} scope) replayed on the trace, cold at each sequence start; experts of "
+        f"{fmt(h.get('expert_bytes'), ',.0f')} bytes over {h.get('link')}. Hit rate at {fmt(capacity, 'd')} slots: "
+        + "; ".join(f"{name.replace('_', ' ')} {fmt(v, '.1%')}" for name, v in rates[:8])
+        + ("." if not bounds else ". Decode tokens/s the link allows: " + "; ".join(f"{n.replace('_', ' ')} {fmt(v, ',.0f')}" for n, v in bounds[:4]) + ".")
+    )]
+    if hit_rate is not None and len(hit_rate):
+        for phase in phases:
+            blocks.append(FigureBlock(f"offload_hit_rate_{slug(phase)}", partial(simulate_figs.hit_rate_vs_capacity, hit_rate, phase),
+                                      f"Hit rate against cache size, {phase} tokens, all layers (dashed: Belady, the offline optimum)."))
+    if sweep is not None and len(sweep) and capacity is not None:
+        phase = "decode" if "decode" in phases else phases[0]
+        latency = float(sweep["latency_us"].iloc[0])
+        blocks.append(FigureBlock("offload_stall_bandwidth", partial(simulate_figs.stall_vs_bandwidth, sweep, int(capacity), phase, latency),
+                                  f"Stall per {phase} token against link bandwidth at {capacity} slots."))
+    if cost is not None and len(cost):
+        chosen = cost[(cost["link"] == h.get("link")) & (cost["capacity"] == capacity)]
+        columns = ["policy", "prefetch", "phase", "stall_s_per_token", "link_s_per_token", "tokens_per_s_bound", "bytes_per_token"]
+        blocks.append(TableBlock(chosen[columns].reset_index(drop=True), f"Cost per token on {h.get('link')} at {capacity} slots "
+                                 "(stall: experts fetched on demand; link: all moved, prefetches included; the bound excludes compute).",
+                                 formats={"stall_s_per_token": ".3g", "link_s_per_token": ".3g", "tokens_per_s_bound": ",.0f",
+                                          "bytes_per_token": ",.0f"}))
+    return Section(sid, title, tuple(blocks + _notes_block(r, "offload")))
+
+
 def sizes_from_combinations(tokens: pd.DataFrame | None) -> dict[int, list[int]] | None:
     """{layer: sizes seen} parsed from the routing table's '(3(2432),7(128))' cells (when the manifest is gone)."""
     if tokens is None:
@@ -527,6 +616,8 @@ SECTION_BUILDERS: tuple[tuple[str, str, Callable], ...] = (
     ("domains", "Domain specialisation", domain_section),
     ("tokens", "Token routing", token_section),
     ("sizes", "Variable-size experts", size_section),
+    ("placement", "Expert placement", placement_section),
+    ("offload", "Expert offloading", offload_section),
 )
 
 
@@ -542,7 +633,11 @@ def _guarded(build: Callable[[], Section], sid: str, title: str) -> Section:
 
 def analysis_group(r: AnalysisResults, gid: str, label: str) -> Group:
     shape = shape_of(r)
-    sections = tuple(_guarded(partial(builder, r, f"{gid}-{key}", shape), f"{gid}-{key}", title) for key, title, builder in SECTION_BUILDERS)
+    ran = set((r.summary.get("analyses") or {}))
+    simulation_only = bool(ran) and ran <= set(SIMULATIONS)  # a `moescope placement` / `offload` folder: its sections only
+    builders = [(key, title, builder) for key, title, builder in SECTION_BUILDERS
+                if not simulation_only or key in SIMULATIONS and key in ran]
+    sections = tuple(_guarded(partial(builder, r, f"{gid}-{key}", shape), f"{gid}-{key}", title) for key, title, builder in builders)
     model = str(r.trace.get("model") or "unknown model")
     return Group(gid, label, f"{model} · {fmt(r.trace.get('tokens'), ',d')} tokens", header_facts(r), sections)
 
@@ -641,19 +736,48 @@ def quant_routing_section(q: QuantResults, sid: str) -> Section:
     return Section(sid, "Routing flips", tuple(blocks))
 
 
+# -- router saturation across checkpoints ----------------------------------------------------------------
+def saturation_group(r: SaturationResults, gid: str, label: str) -> Group:
+    s = r.summary.get("saturation") or {}
+    header = KeyValues((("final checkpoint", str(s.get("final"))), ("checkpoints", fmt(len(s.get("checkpoints") or {}), "d")),
+                        ("tokens", fmt(s.get("tokens"), ",d")), ("MoE layers, top-k", f"{s.get('moe_layers')}, top-{s.get('top_k')}")))
+    return Group(gid, label, "router saturation across checkpoints", header,
+                 (_guarded(partial(saturation_section, r, f"{gid}-saturation"), f"{gid}-saturation", "Router saturation"),))
+
+
+def saturation_section(r: SaturationResults, sid: str) -> Section:
+    title = "Router saturation"
+    per_layer = r.per_layer
+    if per_layer is None or not len(per_layer):
+        return Section(sid, title, (Notes(("saturation table missing from the results folder",), "missing"),), ran=False)
+    s = r.summary.get("saturation") or {}
+    pooled = per_layer[per_layer["layer"] == -1].sort_values("order")
+    first = pooled.iloc[0]
+    blocks: list = [Text(
+        f"How much of each checkpoint's routing is already the final checkpoint's, on the same {fmt(s.get('tokens'), ',d')} tokens "
+        f"(as OLMoE measured it): top-1 agreement (same first choice) and top-k overlap (|∩|/k). The earliest checkpoint, "
+        f"{first['checkpoint']}, agrees on {fmt(first['top1_agreement'], '.1%')} of first choices and shares "
+        f"{fmt(first['topk_overlap'], '.1%')} of its top-{s.get('top_k')} experts with the final one (all layers).")]
+    blocks.append(FigureBlock("saturation", partial(saturation_figs.saturation_curves, per_layer, str(s.get("x") or "checkpoint")),
+                              "Agreement with the final checkpoint per checkpoint; one line per MoE layer, thick: all layers pooled."))
+    table = per_layer[per_layer["layer"] == -1][["checkpoint", "step", "tokens", "top1_agreement", "topk_overlap"]]
+    blocks.append(TableBlock(table.reset_index(drop=True), "All layers pooled, per checkpoint.",
+                             formats={"tokens": ",d", "top1_agreement": ".1%", "topk_overlap": ".1%"}))
+    return Section(sid, title, tuple(blocks))
+
+
 # -- headline ------------------------------------------------------------------------------------------
 def headline(results: list[tuple[str, AnalysisResults | QuantResults | MissingResults]]) -> Headline:
     analyses = [(label, r) for label, r in results if isinstance(r, AnalysisResults)]
     quants = [(label, r) for label, r in results if isinstance(r, QuantResults)]
     quantities = (
         ("tokens × MoE layers × experts", _shape_text),
-        ("balance score (1 = even)", lambda r: fmt(r.get("load", "balance_score"), ".3f")),
+        ("balance score, worst layer / layer mean (1 = even)", _balance_text),
         ("dead experts", _dead_text),
         ("mean routing entropy", _entropy_text),
         ("best next-layer predictor (recall)", _predictor_text),
         ("code vs math divergence (JS, bits)", _code_math_text),
-        ("load-balancing loss (balanced = k)", lambda r: f"{fmt(r.get('aux_losses', 'load_balancing_loss'), '.4g')} (k = {fmt(r.get('load', 'top_k'), 'd')})"
-         if r.get("aux_losses", "load_balancing_loss") is not None else "— (no router outputs)"),
+        ("load-balancing loss, worst layer / layer mean (balanced = k)", _aux_loss_text),
         ("expert FLOPs per token vs dense", lambda r: fmt(r.get("token_cost", "fraction_of_dense"), ".1%") if r.get("token_cost", "fraction_of_dense") is not None
          else "— (uniform experts)"),
     )
@@ -665,6 +789,22 @@ def headline(results: list[tuple[str, AnalysisResults | QuantResults | MissingRe
 def _shape_text(r: AnalysisResults) -> str:
     shape = shape_of(r)
     return f"{fmt(r.trace.get('tokens'), ',d')} × {len(shape['layers'])} × {shape['n_experts']} (top-{shape['top_k']})"
+
+
+def _balance_text(r: AnalysisResults) -> str:
+    if r.get("load", "balance_score_worst") is None:
+        return "— (load not run)"
+    return (f"{fmt(r.get('load', 'balance_score_worst'), '.3f')} (layer {fmt(r.get('load', 'balance_score_worst_layer'), 'd')}) / "
+            f"{fmt(r.get('load', 'balance_score_layer_mean'), '.3f')}; pooled {fmt(r.get('load', 'balance_score_pooled'), '.3f')}")
+
+
+def _aux_loss_text(r: AnalysisResults) -> str:
+    if r.get("aux_losses", "load_balancing_loss_worst") is None:
+        return "— (no router outputs)"
+    return (f"{fmt(r.get('aux_losses', 'load_balancing_loss_worst'), '.4g')} (layer "
+            f"{fmt(r.get('aux_losses', 'load_balancing_loss_worst_layer'), 'd')}) / "
+            f"{fmt(r.get('aux_losses', 'load_balancing_loss_layer_mean'), '.4g')} (k = {fmt(r.get('load', 'top_k'), 'd')}); "
+            f"pooled as transformers computes it: {fmt(r.get('aux_losses', 'load_balancing_loss_pooled_transformers'), '.4g')}")
 
 
 def _dead_text(r: AnalysisResults) -> str:
@@ -688,7 +828,9 @@ def _predictor_text(r: AnalysisResults) -> str:
     if best is None:
         return "—"
     recall = r.get("cross_layer", f"recall_{best}_hop{0 if best == 'previous_token' else 1}")
-    return f"{routing_figs.PREDICTOR_LABELS.get(best, best)}: {fmt(recall, '.1%')}"
+    text = f"{routing_figs.PREDICTOR_LABELS.get(best, best)}: {fmt(recall, '.1%')}"
+    gain = r.get("cross_layer", "best_minus_popularity_hop1")
+    return text + (f" ({fmt(gain, '+.3f')} vs popularity)" if gain is not None else "")
 
 
 def _code_math_text(r: AnalysisResults) -> str:

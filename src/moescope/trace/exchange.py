@@ -6,7 +6,9 @@ JSONL rows follow the format routing profilers around vLLM write, one line per t
 
 where `problem_id` is the sequence and `token_id` the *position* in it (not the vocabulary id).
 Export runs in DuckDB straight from the Parquet parts; import validates every line and writes a
-regular trace (token vocabulary ids are unknown there and stored as -1).
+regular trace (token vocabulary ids are unknown there and stored as -1). The rows cannot show experts
+that were never chosen, so the expert count is given (`n_experts`, one value for every layer) or
+inferred as the largest id seen + 1, which the manifest records per layer (`n_experts_inferred`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moescope.recording.manifest_info import versions
-from moescope.recording.rows import TokenBlock, routing_table, tokens_table
 from moescope.errors import ImportFormatError, MoescopeError, TraceError
 from moescope.trace.reader import Trace
-from moescope.trace.schema import SEQUENCES_SCHEMA
-from moescope.trace.writer import TraceWriter
 
 FORMATS = ("jsonl", "csv")
 FLOAT16_MAX = 65504.0  # imported weights are stored as float16: anything larger would become inf
@@ -118,8 +116,17 @@ def read_jsonl_rows(path: Path):
             np.array(all_ids, np.int16), np.array(all_weights, np.float32))
 
 
-def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, shard_tokens: int = 65536) -> Trace:
+def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, n_experts: int | None = None,
+                 overwrite: bool = False, shard_tokens: int = 65536) -> Trace:
+    """Write the routing JSONL at `path` as a trace in `out`; `n_experts`: experts per MoE layer (inferred if None).
+
+    Importing the same file with the same options into a complete trace writes nothing and returns it.
+    """
+    from moescope.trace.formats.dense import Imported, token_block, write_imported
+
     path = Path(path)
+    if n_experts is not None and not 0 < n_experts <= 2**15:
+        raise ImportFormatError(f"--n-experts must be between 1 and {2**15}, not {n_experts}")
     seq, layer, pos, ids, weights = read_jsonl_rows(path)
     layer_values = np.unique(layer)
     n_layers = len(layer_values)
@@ -134,40 +141,8 @@ def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: 
         raise ImportFormatError(f"{path}: every (problem_id, token_id) needs a line for each of the {n_layers} layers")
     order = np.argsort(layer * len(tokens) + token_index, kind="stable")  # -> (layer, seq, pos)
     k = ids.shape[1]
-    dense_ids = ids[order].reshape(n_layers, len(tokens), k)
-    dense_weights = weights[order].reshape(n_layers, len(tokens), k).astype(np.float16)
-    n_experts = int(ids.max()) + 1
-    manifest = {
-        "model": {"id": f"imported:{path.name}", "model_type": None, "class": None, "hidden_size": None},
-        "layers": [{"moe_layer": i, "decoder_layer": None, "module": None, "n_experts": n_experts, "top_k": k,
-                    "n_shared_experts": 0, "expert_sizes": None, "scoring": "unknown", "spec": None} for i in range(n_layers)],
-        "capture": {"imported_from": str(path)},
-        "corpus": {"spec": f"jsonl:{path.name}"},
-        "weights_dtype": "float16",
-        "router_output_kind": None,
-        "versions": versions(),
-    }
-    import pyarrow as pa
-
-    seq_starts = np.flatnonzero(np.diff(tokens[:, 0], prepend=-1))  # first token of each sequence
-    cuts = [0]  # shard boundaries fall between whole sequences
-    for boundary in [*seq_starts[1:], len(tokens)]:
-        if boundary - cuts[-1] >= shard_tokens or boundary == len(tokens):
-            cuts.append(int(boundary))
-    with TraceWriter(out, manifest, overwrite=overwrite) as writer:
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            part = slice(lo, hi)
-            block = TokenBlock(
-                seq_id=tokens[part, 0].astype(np.int32), pos=tokens[part, 1].astype(np.int32),
-                token_id=np.full(hi - lo, -1, np.int32), generated=np.zeros(hi - lo, bool),
-                output_entropy=np.full(hi - lo, np.nan, np.float32),
-                topk_ids=dense_ids[:, part], topk_weights=dense_weights[:, part], router_output=None,
-            )
-            uniq, counts = np.unique(block.seq_id, return_counts=True)
-            sequences = pa.Table.from_pylist(
-                [dict(seq_id=int(s), source=path.name, domain="unknown", doc_id=str(s), n_tokens=int(c), text_sha1="")
-                 for s, c in zip(uniq, counts)], schema=SEQUENCES_SCHEMA)
-            writer.write_shard({"routing": routing_table(block), "tokens": tokens_table(block), "sequences": sequences},
-                               seq_id_min=int(uniq.min()), seq_id_max=int(uniq.max()))
-        writer.finish()
-    return Trace(out)
+    T = len(tokens)
+    block = token_block(tokens[:, 0], tokens[:, 1], np.full(T, -1), np.zeros(T, bool),
+                        ids[order].reshape(n_layers, T, k), weights[order].reshape(n_layers, T, k).astype(np.float16))
+    imported = Imported(block, str(path), "jsonl", gate_weights=True)
+    return write_imported(imported, out, n_experts=n_experts, overwrite=overwrite, shard_tokens=shard_tokens)

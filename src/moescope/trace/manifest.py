@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from moescope.errors import TraceError
-from moescope.trace.schema import SCHEMA_VERSION, TABLES
+from moescope.trace.schema import READABLE_VERSIONS, TABLES
 
 MANIFEST = "manifest.json"
 
@@ -26,18 +27,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to `path` so that `path` is either the old file or the complete new one, even after a crash
+    (the data is fsynced before the rename). `durable`: also fsync the folder, so the rename itself survives
+    a crash; without it a crash may leave the old file (or none), never a damaged one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
+    fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,8 +53,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
-    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode())
+_SYNC_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: a forked child must not inherit the parent's threads
+
+
+def fsync_all(paths: list[Path]) -> None:
+    """fsync files and folders concurrently: the filesystem commits them together (ext4 here: 3 parts and their
+    3 folders in about one fsync's time instead of six), and each is durable on return."""
+    pool = _SYNC_POOLS.get(os.getpid())
+    if pool is None:
+        pool = _SYNC_POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moescope-fsync")
+    for done in [pool.submit(fsync_path, p) for p in paths]:
+        done.result()
+
+
+def manifest_text(manifest: dict) -> str:
+    """The manifest as JSON, one top-level key per line and one layer or shard per line: readable, and written by
+    the C encoder (`indent=` makes json use its pure-Python encoder, 3-4 ms per write of a small manifest)."""
+    lines = []
+    for key, value in manifest.items():
+        if isinstance(value, list) and value:
+            items = ",\n  ".join(json.dumps(item) for item in value)
+            lines.append(f"{json.dumps(key)}: [\n  {items}\n ]")
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
+def write_manifest(folder: Path, manifest: dict, *, durable: bool = True) -> None:
+    atomic_write_bytes(folder / MANIFEST, manifest_text(manifest).encode(), durable=durable)
 
 
 def read_manifest(folder: Path) -> dict:
@@ -61,10 +95,10 @@ def read_manifest(folder: Path) -> dict:
         raise TraceError(f"{path}: manifest is corrupt ({err.__class__.__name__}); recapture the trace") from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise TraceError(f"{path}: not a moescope manifest (no schema_version)")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if manifest["schema_version"] not in READABLE_VERSIONS or isinstance(manifest["schema_version"], bool):
         raise TraceError(
             f"{path}: trace schema version {manifest['schema_version']!r} is not supported by this moescope "
-            f"(reads version {SCHEMA_VERSION}); use a matching moescope release or recapture"
+            f"(reads versions {', '.join(map(str, READABLE_VERSIONS))}); use a matching moescope release or recapture"
         )
     problem = manifest_problem(manifest)
     if problem:
@@ -105,8 +139,8 @@ def manifest_problem(manifest: dict) -> str | None:
     if not isinstance(layers, list):
         return "layers is not a list"
     for i, layer in enumerate(layers):
-        if not isinstance(layer, dict) or not all(_count(layer.get(k)) for k in ("n_experts", "top_k")):
-            return f"layers[{i}] lacks n_experts/top_k counts"  # (top_k 0: a family whose k discovery cannot read)
+        if not isinstance(layer, dict) or not all(_count(layer.get(k)) and layer[k] > 0 for k in ("n_experts", "top_k")):
+            return f"layers[{i}] lacks positive n_experts/top_k"
     if not isinstance(manifest.get("complete", False), bool):
         return "complete is not true/false"
     shards = manifest.get("shards")

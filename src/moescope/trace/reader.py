@@ -2,7 +2,8 @@
 
 Every part file is checked against the manifest (existence, size, row count; the SHA-256 with
 `verify=True`) before it is used, so a truncated or swapped file is reported by name instead of being
-read as data. Memory is bounded by one shard.
+read as data. Memory is bounded by one shard. Schema-1 traces are read with each row's slots put in
+gate-weight order (trace/slots.py), in `shards()` and in the DuckDB views alike.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pyarrow.parquet as pq
 from moescope.errors import TraceError
 from moescope.trace.manifest import read_manifest, sha256_file
 from moescope.trace.schema import TABLES, schema_problem
-from moescope.trace.shard import ShardData
+from moescope.trace.shard import ShardData, document_key
+from moescope.trace.slots import order_slots, v1_ordered_routing_sql
 
 
-def _fixed_list_to_numpy(column: pa.ChunkedArray, width: int, dtype) -> np.ndarray:
+def fixed_list_to_numpy(column: pa.ChunkedArray, width: int, dtype) -> np.ndarray:
     values = pa.concat_arrays([chunk.flatten() for chunk in column.chunks]) if column.num_chunks else pa.array([])
     return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
 
@@ -51,11 +53,20 @@ class Trace:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def schema_version(self) -> int:
+        return int(self.manifest["schema_version"])
+
     def __repr__(self) -> str:
         return (
             f"Trace({str(self.folder)!r}, model={self.manifest['model']['id']!r}, tokens={self.n_tokens}, "
             f"moe_layers={self.n_layers}, shards={len(self.manifest['shards'])}, complete={self.complete})"
         )
+
+    def _repr_html_(self) -> str:  # a notebook cell
+        from moescope.display import trace_html
+
+        return trace_html(self)
 
     # -- integrity -----------------------------------------------------------------------------
     def part_paths(self, table: str) -> list[Path]:
@@ -140,15 +151,26 @@ class Trace:
             raise TraceError(f"{self.folder}: shard {shard['index']} has tokens of sequences its sequences part does not "
                              "list; recapture")
         domain_codes = np.array([names.index(domain_of_seq[int(s)]) for s in seq_ids], dtype=np.int16)
+        document_of_seq = {int(s): document_key(src, doc) for s, src, doc in zip(
+            *(sequences.column(c).to_pylist() for c in ("seq_id", "source", "doc_id")))}
+        documents = np.array([document_of_seq[int(s)] for s in seq_ids], dtype=np.int64)  # one per sequence
         router_output = None
         if "router_output" in routing.column_names:
             width = routing.schema.field("router_output").type.list_size
-            router_output = _fixed_list_to_numpy(routing.column("router_output"), width, np.float32).reshape(n_layers, n_tokens, width)
+            router_output = fixed_list_to_numpy(routing.column("router_output"), width, np.float32).reshape(n_layers, n_tokens, width)
         predicted = None
         if "next_layer_prediction" in routing.column_names:
             width = routing.schema.field("next_layer_prediction").type.list_size
-            predicted = _fixed_list_to_numpy(routing.column("next_layer_prediction"), width, np.int16).reshape(n_layers, n_tokens, width)
+            predicted = fixed_list_to_numpy(routing.column("next_layer_prediction"), width, np.int16).reshape(n_layers, n_tokens, width)
+        norms = None
+        if "expert_norms" in routing.column_names:
+            width = routing.schema.field("expert_norms").type.list_size
+            norms = fixed_list_to_numpy(routing.column("expert_norms"), width, np.float32).reshape(n_layers, n_tokens, width)
         entropy = tokens.column("output_entropy").to_numpy(zero_copy_only=False).astype(np.float32)
+        topk_ids = fixed_list_to_numpy(routing.column("topk_ids"), k, np.int16).reshape(n_layers, n_tokens, k)
+        topk_weights = fixed_list_to_numpy(routing.column("topk_weights"), k, np.float32).reshape(n_layers, n_tokens, k)
+        if self.schema_version == 1:  # stored in the experts' order
+            topk_ids, topk_weights = order_slots(topk_ids, topk_weights)
         return ShardData(
             layers=np.arange(n_layers, dtype=np.int16),
             seq_id=seq_id.astype(np.int32, copy=False),
@@ -157,11 +179,13 @@ class Trace:
             generated=tokens.column("generated").to_numpy(zero_copy_only=False),
             domain=domain_codes[inverse],
             domain_names=names,
-            topk_ids=_fixed_list_to_numpy(routing.column("topk_ids"), k, np.int16).reshape(n_layers, n_tokens, k),
-            topk_weights=_fixed_list_to_numpy(routing.column("topk_weights"), k, np.float32).reshape(n_layers, n_tokens, k),
+            topk_ids=topk_ids,
+            topk_weights=topk_weights,
             router_output=router_output,
             output_entropy=None if np.isnan(entropy).all() else entropy,
             predicted_next_ids=predicted,
+            document=documents[inverse],
+            expert_norms=norms,
         )
 
     # -- SQL -----------------------------------------------------------------------------------
@@ -171,10 +195,22 @@ class Trace:
 
         con = duckdb.connect()
         for name in TABLES:
-            paths = [str(p) for p in self.part_paths(name)]
-            if paths:
-                con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({paths!r})")
+            source = self.table_sql(name)
+            if source:
+                con.execute(f"CREATE VIEW {name} AS {source}")
         return con
+
+    def table_sql(self, name: str) -> str | None:
+        """A DuckDB SELECT over the committed parts of table `name` (None when there are none); for a
+        schema-1 routing table, with each row's slots in gate-weight order."""
+        paths = [str(p) for p in self.part_paths(name)]
+        if not paths:
+            return None
+        source = f"read_parquet({paths!r})"
+        if name == "routing" and self.schema_version == 1:
+            schema = pq.read_schema(paths[0])
+            return v1_ordered_routing_sql(source, schema.names, schema.field("topk_ids").type.list_size)
+        return f"SELECT * FROM {source}"
 
     def sql(self, query: str):
         """Run `query` against the trace's tables; returns a pandas DataFrame."""

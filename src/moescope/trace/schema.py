@@ -15,13 +15,15 @@ routing row: they would otherwise be repeated once per layer.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: slots in the order the experts received them, reordered when read
 TABLES = ("routing", "tokens", "sequences")
 
 
-def routing_schema(top_k: int, n_router_outputs: int = 0, lookahead_k: int = 0) -> pa.Schema:
-    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row, and
-    `lookahead_k` > 0 the experts layer l+1's router picks from layer l's router input (-1 on the last layer).
+def routing_schema(top_k: int, n_router_outputs: int = 0, lookahead_k: int = 0, expert_norms_k: int = 0) -> pa.Schema:
+    """Schema of routing parts; `n_router_outputs` > 0 adds the full router output per row,
+    `lookahead_k` > 0 the experts layer l+1's router picks from layer l's router input (-1 on the last layer),
+    and `expert_norms_k` > 0 the L2 norm of each chosen expert's own output, per slot (for REAP scores).
 
     Floats are stored as float32 (which every Parquet reader, DuckDB included, understands) holding
     values rounded to the capture's precision (float16 by default, see manifest `weights_dtype`): the
@@ -38,6 +40,8 @@ def routing_schema(top_k: int, n_router_outputs: int = 0, lookahead_k: int = 0) 
         fields.append(pa.field("router_output", pa.list_(pa.float32(), n_router_outputs), nullable=False))
     if lookahead_k:
         fields.append(pa.field("next_layer_prediction", pa.list_(pa.int16(), lookahead_k), nullable=False))
+    if expert_norms_k:
+        fields.append(pa.field("expert_norms", pa.list_(pa.float32(), expert_norms_k), nullable=False))
     return pa.schema(fields)
 
 
@@ -63,7 +67,7 @@ SEQUENCES_SCHEMA = pa.schema(
 )
 
 
-OPTIONAL_COLUMNS = ("router_output", "next_layer_prediction")
+OPTIONAL_COLUMNS = ("router_output", "next_layer_prediction", "expert_norms")
 
 
 def schema_problem(table: str, schema: pa.Schema, *, some_columns: bool = False) -> str | None:
@@ -75,9 +79,10 @@ def schema_problem(table: str, schema: pa.Schema, *, some_columns: bool = False)
     if table == "routing":
         k = schema.field("topk_ids").type.list_size if "topk_ids" in schema.names and \
             pa.types.is_fixed_size_list(schema.field("topk_ids").type) else 1
-        widths = {name: schema.field(name).type.list_size for name in ("router_output", "next_layer_prediction")
+        widths = {name: schema.field(name).type.list_size for name in OPTIONAL_COLUMNS
                   if name in schema.names and pa.types.is_fixed_size_list(schema.field(name).type)}
-        expected = routing_schema(k, widths.get("router_output", 0), widths.get("next_layer_prediction", 0))
+        expected = routing_schema(k, widths.get("router_output", 0), widths.get("next_layer_prediction", 0),
+                                  widths.get("expert_norms", 0))
     else:
         expected = {"tokens": TOKENS_SCHEMA, "sequences": SEQUENCES_SCHEMA}.get(table)
         if expected is None:

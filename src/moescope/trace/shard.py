@@ -6,6 +6,7 @@ A shard holds whole sequences and every MoE layer covers the same T tokens, so r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ class ShardData:
     router_output: np.ndarray | None = None  # float32 [L, T, E] logits or probs (manifest says which)
     output_entropy: np.ndarray | None = None  # float32 [T] entropy of next-token distribution, NaN if absent
     predicted_next_ids: np.ndarray | None = None  # int16 [L, T, k] layer l+1's router on layer l's input (-1: last layer)
+    document: np.ndarray | None = None  # int64 [T] the token's source document: document_key(source, doc_id); None: each sequence its own
+    expert_norms: np.ndarray | None = None  # float32 [L, T, k] ||output|| of each chosen expert alone (--save-expert-norms)
 
     @property
     def n_tokens(self) -> int:
@@ -43,3 +46,9 @@ class ShardData:
         same = np.zeros(self.n_tokens, dtype=bool)
         same[1:] = (self.seq_id[1:] == self.seq_id[:-1]) & (self.pos[1:] == self.pos[:-1] + 1)
         return same
+
+
+def document_key(source: str, doc_id: str) -> int:
+    """A stable non-negative 63-bit id of one document (BLAKE2b of its source and doc_id), the same in every process."""
+    digest = hashlib.blake2b(f"{source}\0{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

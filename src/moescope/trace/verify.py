@@ -1,6 +1,6 @@
 """Health check of a trace without loading it: every listed part exists, has its size and checksum,
-and its Parquet footer agrees with the manifest's row count and the table's column types. Reads one file at a
-time, in chunks."""
+its Parquet footer agrees with the manifest's row count and the table's column types, and (schema 2) every
+routing row's slots are in gate-weight order (trace/slots.py). Reads one file at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass, field
 
 from moescope.errors import TraceError
-from moescope.trace.reader import Trace
+from moescope.trace.reader import Trace, fixed_list_to_numpy
+from moescope.trace.slots import slot_order_problem
 
 
 @dataclass
@@ -38,6 +39,17 @@ def verify_trace(folder: str | os.PathLike) -> VerifyReport:
             try:  # size and checksum, then the footer's row count and the columns' types (no column data read)
                 trace._read(entry, verify=True, columns=[])
                 trace.check_schema(entry)
+                if entry is shard["files"]["routing"] and trace.schema_version >= 2:
+                    problem = _slot_order(trace, entry)
+                    if problem:
+                        report.problems.append(f"{trace.folder / entry['path']}: {problem}")
             except TraceError as err:
                 report.problems.append(str(err))
     return report
+
+
+def _slot_order(trace: Trace, entry: dict) -> str | None:
+    routing = trace._read(entry, columns=["topk_ids", "topk_weights"])
+    k = routing.schema.field("topk_ids").type.list_size
+    ids = fixed_list_to_numpy(routing.column("topk_ids"), k, "int16")  # [R, k]
+    return slot_order_problem(ids, fixed_list_to_numpy(routing.column("topk_weights"), k, "float32"))

@@ -1,9 +1,20 @@
 """TraceWriter: commits shards atomically and lets an interrupted capture resume.
 
-Protocol for one shard: write each table's part to a hidden temporary file, fsync, rename to its final
-name, then rewrite the manifest (atomically) with the part's rows and checksum. Part files that the
-manifest does not list are leftovers of an interrupted run and are deleted when a writer opens the
-folder. A lock file (flock, released by the OS even on SIGKILL) keeps two captures out of one folder.
+Protocol for one shard: write each table's part to a hidden temporary file and rename it to its final name,
+fsync the parts and their folders (together: one round), then rewrite the manifest (atomically, durably)
+with the parts' rows and checksums: the commit point. Part files that the manifest does not list are
+leftovers of an interrupted run and are deleted when a writer opens the folder, so a part is never read
+before it is durable. A lock file (flock, released by the OS even on SIGKILL) keeps two captures out of one
+folder.
+
+Which fsyncs are needed: a listed part must be on disk before the manifest that lists it is (parts and
+folders, fsynced before the manifest is renamed), and a commit must survive a crash once made (the
+manifest's folder, fsynced after the rename). Not needed: the first manifest's rename (lost in a crash,
+the folder holds no manifest and the rerun starts afresh: nothing was committed), and a separate commit
+of the last shard when `finish` follows at once (`write_shard(..., commit=False)`: the finishing manifest
+commits it, in one durable write instead of two).
+Opening a complete trace with the same settings writes nothing (`already_complete`): rerunning a finished job
+succeeds without redoing it.
 """
 
 from __future__ import annotations
@@ -17,11 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
-from moescope.trace.manifest import MANIFEST, fsync_dir, read_manifest, sha256_file, write_manifest
+from moescope.trace.manifest import MANIFEST, fsync_all, read_manifest, sha256_file, write_manifest
 from moescope.trace.schema import SCHEMA_VERSION, TABLES
 
 LOCK = ".moescope.lock"
-# settings that must match for a capture to resume into an existing, incomplete trace
+# settings that must match for a capture to resume an incomplete trace (or to find a complete one already done)
 RESUME_KEYS = ("model", "corpus", "capture")
 
 
@@ -48,23 +59,22 @@ def _is_manifest_tmp(name: str) -> bool:
 
 
 def write_parts(folder: Path, tables: dict[str, pa.Table], index: int) -> dict:
-    """Write shard `index`'s part files (temporary name, fsync, rename) and return their manifest entries.
+    """Write shard `index`'s part files (temporary name, rename; then the parts and their folders fsynced
+    together) and return their manifest entries: on disk, durably, when this returns.
 
     Safe to repeat: a retried shard overwrites its own files. Not yet part of the trace until
     `TraceWriter.commit_shard` lists them (an unlisted part is deleted when a writer next opens the folder).
     """
-    files = {}
+    files, written = {}, []
     for name in TABLES:
         rel = f"{name}/part-{index:05d}.parquet"
         final = Path(folder) / rel
         tmp = final.with_name(f".{final.name}.tmp")
         pq.write_table(tables[name], tmp, **_parquet_options(name))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, final)
         files[name] = {"path": rel, "rows": tables[name].num_rows, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
-    for name in TABLES:
-        fsync_dir(Path(folder) / name)
+        written.append(final)
+    fsync_all([*written, *(Path(folder) / name for name in TABLES)])
     return files
 
 
@@ -74,9 +84,15 @@ class TraceWriter:
     def __init__(self, folder: str | os.PathLike, manifest: dict, *, overwrite: bool = False):
         self.folder = Path(folder)
         self._lock_fd: int | None = None
+        self._unwritten = False  # a shard is listed in self.manifest but not yet on disk
         self._prepare_folder()
         self._lock()
-        self.manifest = self._start_or_resume(manifest, overwrite)
+        self.already_complete = False  # True: the folder holds this very trace, finished; nothing is written
+        try:
+            self.manifest = self._start_or_resume(manifest, overwrite)
+        except BaseException:  # a refused resume must not leave the folder locked in this process
+            self.close()
+            raise
 
     # -- setup ---------------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
@@ -113,13 +129,19 @@ class TraceWriter:
                 path.unlink()
         if (self.folder / MANIFEST).exists():
             old = read_manifest(self.folder)
-            same = all(old.get(key) == manifest.get(key) for key in RESUME_KEYS)
+            differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
             if overwrite:
                 self._delete_parts(keep=set())
+            elif old.get("complete") and not differs:
+                self.already_complete = True
+                return old
+            elif old["schema_version"] != SCHEMA_VERSION and not old.get("complete"):  # shards of two layouts
+                raise TraceError(f"{self.folder} holds an unfinished capture of trace schema {old['schema_version']} "
+                                 f"(this moescope writes {SCHEMA_VERSION}); pass --overwrite to start it afresh")
             elif old.get("complete"):
-                raise TraceError(f"{self.folder} already holds a complete trace; pass --overwrite or choose another --out")
-            elif not same:
-                differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
+                raise TraceError(f"{self.folder} already holds a complete trace with different {'/'.join(differs)} "
+                                 "settings; rerun with its options, pass --overwrite, or choose another --out")
+            elif differs:
                 raise TraceError(
                     f"{self.folder} holds an unfinished capture with different {'/'.join(differs)} settings; "
                     "rerun with the same options to resume, or pass --overwrite"
@@ -129,7 +151,7 @@ class TraceWriter:
         manifest = {**manifest, "schema_version": SCHEMA_VERSION, "complete": False}
         manifest.setdefault("shards", [])
         self._delete_parts(keep={f["path"] for s in manifest["shards"] for f in s["files"].values()})
-        write_manifest(self.folder, manifest)
+        write_manifest(self.folder, manifest, durable=False)  # no commit in it yet (see the module docstring)
         return manifest
 
     def _delete_parts(self, keep: set[str]) -> None:
@@ -147,13 +169,16 @@ class TraceWriter:
         """A shard index no committed shard uses (part files are named by it)."""
         return 1 + max((shard["index"] for shard in self.manifest["shards"]), default=-1)
 
-    def write_shard(self, tables: dict[str, pa.Table], *, seq_id_min: int, seq_id_max: int) -> None:
-        """Commit one shard made of one table per name in TABLES; all-or-nothing."""
+    def write_shard(self, tables: dict[str, pa.Table], *, seq_id_min: int, seq_id_max: int, commit: bool = True) -> None:
+        """Commit one shard made of one table per name in TABLES; all-or-nothing.
+
+        `commit=False`: the parts are written and listed, but the manifest is written by the next `finish`
+        (or `update`, or `close`): for the last shard of a capture, which `finish` follows at once."""
         index = self.next_index()
         files = write_parts(self.folder, tables, index)
-        self.commit_shard(index, files, seq_id_min=seq_id_min, seq_id_max=seq_id_max)
+        self.commit_shard(index, files, seq_id_min=seq_id_min, seq_id_max=seq_id_max, write=commit)
 
-    def commit_shard(self, index: int, files: dict, *, seq_id_min: int, seq_id_max: int) -> None:
+    def commit_shard(self, index: int, files: dict, *, seq_id_min: int, seq_id_max: int, write: bool = True) -> None:
         """List parts already written by `write_parts` (here or by a worker) in the manifest: the commit point.
 
         Shards are kept in sequence order, whatever order they were finished in, so readers see the trace
@@ -161,19 +186,23 @@ class TraceWriter:
         shard = {"index": index, "seq_id_min": seq_id_min, "seq_id_max": seq_id_max, "files": files}
         shards = sorted([*self.manifest["shards"], shard], key=lambda s: s["seq_id_min"])
         self.manifest = {**self.manifest, "shards": shards}
-        write_manifest(self.folder, self.manifest)
+        self._unwritten = not write
+        if write:
+            write_manifest(self.folder, self.manifest)
 
     def finish(self, **fields) -> dict:
         """Mark the trace complete; `fields` (e.g. detected router output kind) are added to the manifest."""
-        self.manifest = {**self.manifest, **fields, "complete": True}
-        write_manifest(self.folder, self.manifest)
+        self.update(**fields, complete=True)
         return self.manifest
 
     def update(self, **fields) -> None:
         self.manifest = {**self.manifest, **fields}
         write_manifest(self.folder, self.manifest)
+        self._unwritten = False
 
     def close(self) -> None:
+        if self._unwritten and self._lock_fd is not None:  # a shard listed for `finish`, which never came
+            self.update()
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from moescope.analysis.reference.cross_layer import learn, predict
+from moescope.analysis.reference.cross_layer import both_folds_learned, fold, learn, popular, predict
 from moescope.analysis.reference.rows import first_choice, is_next_position, real, token_rows
 
 
@@ -29,7 +29,8 @@ def compute(shards, ctx, capacities: list[int] | None = None) -> dict:
     capacities = capacities or list(range(k, E + 1))
     rows = list(token_rows(shards))
     counts, load = learn(rows, ctx, 1)
-    predictors = ["lru", "same_index", "transition"] + (
+    learned = both_folds_learned(load)
+    predictors = ["lru", "same_index"] + (["transition", "popularity"] if learned else []) + (
         ["router_lookahead"] if rows and rows[0].predicted is not None else []
     )
     caches = {}
@@ -39,14 +40,14 @@ def compute(shards, ctx, capacities: list[int] | None = None) -> dict:
     for row in rows:
         if not is_next_position(prev, row):
             caches = {(p, l, c): LRUCache(c) for p in predictors for l in range(L) for c in capacities}
-        parity = row.seq_id & 1
+        other = 1 - fold(row)
         for layer in range(L):
             used = real(row.experts[layer], E)
-            prefetch = {"lru": []}
+            prefetch = {"lru": [], "popularity": popular(load, other, layer, k, E)}
             if layer:
                 prefetch["same_index"] = real(row.experts[layer - 1], E)
                 fc = first_choice(row.experts[layer - 1], row.weights[layer - 1], E)
-                prefetch["transition"] = [] if fc is None else predict(counts, load, 1 - parity, 1, layer - 1, fc, k, E)
+                prefetch["transition"] = [] if fc is None else predict(counts, load, other, 1, layer - 1, fc, k, E)
                 if row.predicted is not None:
                     prefetch["router_lookahead"] = real(row.predicted[layer - 1], E)
             for p in predictors:

@@ -21,7 +21,7 @@ def compute(shards, ctx) -> dict:
     E, L, k = ctx.n_experts, ctx.n_layers, ctx.top_k
     B = ctx.thresholds.hist_bins
     log_max = math.log10(ctx.thresholds.ratio_max)
-    what_if = [m for m in ctx.thresholds.what_if_top_k if m <= E]
+    what_if = [m for m in ctx.thresholds.what_if_top_k if m <= ctx.router_width]
     hist = {
         q: [[0] * (B + 2) for _ in range(L)]
         for q in ("top1_weight", "top2_weight", "weight_ratio", "selected_entropy", "router_entropy", "margin")
@@ -56,21 +56,25 @@ def compute(shards, ctx) -> dict:
                 values["selected_entropy"][layer].append(h_sel)
             if row.router is None:
                 continue
-            out = row.router[layer]
+            out = row.router[layer]  # R classes: the E experts, then non-compute choices
+            R = len(out)
             p = softmax(out) if ctx.router_output_kind == "logits" else out
             h = -sum(x * math.log(x) for x in p if x > 0)
-            hist["router_entropy"][layer][bin_of(h, 0, math.log(E), B)] += 1
+            hist["router_entropy"][layer][bin_of(h, 0, math.log(R), B)] += 1
             values["router_entropy"][layer].append(h)
-            order = sorted(range(E), key=lambda e: (-p[e], e))
-            if E > k:
+            order = sorted(range(R), key=lambda e: (-p[e], e))
+            if R > k:
                 margin = p[order[k - 1]] - p[order[k]]
                 hist["margin"][layer][bin_of(margin, 0, 1, B)] += 1
                 values["margin"][layer].append(margin)
-            captured = sorted(e if 0 <= e < E else E for e in row.experts[layer])
-            matches[layer] += captured == sorted(order[:k])
+            captured = row.experts[layer]
+            if all(0 <= e < R for e in captured):  # a top-k of p: no class left out is more probable
+                rejected = [p[e] for e in range(R) if e not in captured]
+                matches[layer] += not rejected or min(p[e] for e in captured) >= max(rejected)
             for m in what_if:
                 for e in order[:m]:
-                    what_if_load[m][layer][e] += 1
+                    if e < E:  # a non-compute choice loads no expert
+                        what_if_load[m][layer][e] += 1
                 what_if_first[m][layer].append(p[order[0]] / sum(p[e] for e in order[:m]))
     means = {q: [sum(v) / len(v) if v else math.nan for v in per_layer] for q, per_layer in values.items()}
     return {

@@ -20,6 +20,8 @@ class TokenRow:
     weights: list[list[float]]  # per layer
     router: list[list[float]] | None  # per layer, E router outputs
     predicted: list[list[int]] | None  # per layer, next-layer router prediction
+    document: int | None  # the document key (ShardData.document), None when the shard has none
+    generated: bool = False  # produced by --generate (a decode token)
 
 
 def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
@@ -31,6 +33,7 @@ def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
         predicted = getattr(shard, "predicted_next_ids", None)
         predicted = None if predicted is None else predicted.transpose(1, 0, 2).tolist()
         entropy = [math.nan] * shard.n_tokens if shard.output_entropy is None else shard.output_entropy.tolist()
+        document = None if shard.document is None else shard.document.tolist()
         for t in range(shard.n_tokens):
             yield TokenRow(
                 int(shard.seq_id[t]),
@@ -42,6 +45,8 @@ def token_rows(shards: Iterable[ShardData]) -> Iterator[TokenRow]:
                 weights[t],
                 None if router is None else router[t],
                 None if predicted is None else predicted[t],
+                None if document is None else document[t],
+                bool(shard.generated[t]),
             )
 
 

@@ -127,7 +127,7 @@ def load_histogram(per_expert: pd.DataFrame) -> Figure:
 
 @figure_function
 def layer_balance(per_layer: pd.DataFrame) -> Figure:
-    """Balance score, max/mean load and normalised load entropy per layer (dashed: all layers pooled)."""
+    """Balance score, max/mean load and normalised load entropy per layer (dashed: pooled over layer x expert units)."""
     rows, overall = split_overall(per_layer)
     panels = (
         ("balance_score", "balance score (1 - CV)", 1.0),
@@ -138,7 +138,7 @@ def layer_balance(per_layer: pd.DataFrame) -> Figure:
     for ax, (column, label, ideal) in zip(axes[0], panels):
         ax.plot(rows["layer"], rows[column], marker="o" if len(rows) <= 40 else None, markersize=3, color=PALETTE[0])
         if overall is not None and np.isfinite(overall[column]):
-            ax.axhline(overall[column], color=PALETTE[1], linestyle="--", linewidth=1, label=f"all layers: {overall[column]:.3g}")
+            ax.axhline(overall[column], color=PALETTE[1], linestyle="--", linewidth=1, label=f"pooled over layer × expert: {overall[column]:.3g}")
         ax.axhline(ideal, color="#888888", linestyle=":", linewidth=1, label="perfect balance")
         ax.set_title(label, loc="left")
         layer_axis(ax, rows["layer"].tolist())
@@ -156,7 +156,8 @@ def aux_losses_per_layer(per_layer: pd.DataFrame, top_k: int | None) -> Figure:
     for ax, column in zip(axes[0], columns):
         ax.plot(rows["layer"], rows[column], marker="o" if len(rows) <= 40 else None, markersize=3, color=PALETTE[0])
         if overall is not None and np.isfinite(overall[column]):
-            ax.axhline(overall[column], color=PALETTE[1], linestyle="--", linewidth=1, label=f"all layers pooled: {overall[column]:.4g}")
+            pooled = "pooled as transformers computes it" if column == "load_balancing_loss" else "all layers pooled"
+            ax.axhline(overall[column], color=PALETTE[1], linestyle="--", linewidth=1, label=f"{pooled}: {overall[column]:.4g}")
         if column == "load_balancing_loss" and top_k:
             ax.axhline(top_k, color="#888888", linestyle=":", linewidth=1, label=f"perfectly balanced (= k = {top_k})")
         ax.set_title(titles[column], loc="left")

@@ -35,6 +35,7 @@ PREDICTOR_LABELS = {
     "transition": "most frequent transition",
     "previous_token": "previous token's experts",
     "router_lookahead": "next layer's router on this input",
+    "popularity": "k most-loaded experts (static baseline)",
     "lru": "LRU cache only",
 }
 PREDICTOR_COLORS = {
@@ -42,6 +43,7 @@ PREDICTOR_COLORS = {
     "transition": PALETTE[1],
     "previous_token": PALETTE[2],
     "router_lookahead": PALETTE[3],
+    "popularity": PALETTE[4],
     "lru": "#555555",
 }
 
@@ -110,14 +112,16 @@ def transition_heatmaps(transitions: pd.DataFrame, sources: Sequence[int], n_exp
 
 @figure_function
 def recall_vs_hop(recall_overall: pd.DataFrame, top_k: int, n_experts: int) -> Figure:
-    """Share of layer N+hop's top-k set each predictor names, all layers pooled; dotted: k random experts."""
+    """Share of layer N+hop's top-k set each predictor names, all layers pooled; dash-dotted: the static
+    popularity baseline (the other fold's k most-loaded experts); dotted: k random experts."""
     fig, axes = new_figure(1, 1, height=3.1)
     ax = axes[0, 0]
     max_hop = int(recall_overall["hop"].max()) if len(recall_overall) else 1
-    for predictor in ("same_index", "transition", "router_lookahead"):
+    for predictor in ("same_index", "transition", "router_lookahead", "popularity"):
         rows = recall_overall[(recall_overall["predictor"] == predictor) & (recall_overall["hop"] >= 1)].sort_values("hop")
         if len(rows) and rows["recall"].notna().any():
-            ax.plot(rows["hop"], rows["recall"], marker="o", color=PREDICTOR_COLORS[predictor], label=PREDICTOR_LABELS[predictor])
+            ax.plot(rows["hop"], rows["recall"], marker="o", color=PREDICTOR_COLORS[predictor], label=PREDICTOR_LABELS[predictor],
+                    linestyle="-." if predictor == "popularity" else "-")
     prev = recall_overall[recall_overall["predictor"] == "previous_token"]
     if len(prev) and prev["recall"].notna().any():
         ax.axhline(float(prev["recall"].iloc[0]), color=PREDICTOR_COLORS["previous_token"], linestyle="--",
@@ -140,12 +144,13 @@ def recall_per_layer(recall: pd.DataFrame, top_k: int) -> Figure:
     fig, axes = new_figure(1, 1, height=2.9)
     ax = axes[0, 0]
     targets = []
-    for predictor in ("same_index", "transition", "router_lookahead", "previous_token"):
+    for predictor in ("same_index", "transition", "router_lookahead", "previous_token", "popularity"):
         hop = 0 if predictor == "previous_token" else 1
         rows = recall[(recall["predictor"] == predictor) & (recall["hop"] == hop)].sort_values("target_layer")
         if len(rows) and rows["recall"].notna().any():
             ax.plot(rows["target_layer"], rows["recall"], marker="o" if len(rows) <= 40 else None, markersize=3,
-                    color=PREDICTOR_COLORS[predictor], label=PREDICTOR_LABELS[predictor])
+                    color=PREDICTOR_COLORS[predictor], label=PREDICTOR_LABELS[predictor],
+                    linestyle="-." if predictor == "popularity" else "-")
             targets.extend(rows["target_layer"].tolist())
     ax.set_ylim(0, 1)
     percent_axis(ax)
@@ -163,7 +168,7 @@ def cache_hit_rate(cache: pd.DataFrame, n_experts: int, top_k: int) -> Figure:
     fig, axes = new_figure(1, 1, height=3.2)
     ax = axes[0, 0]
     valid = cache[(cache["hits"] >= 0) & cache["hit_rate"].notna()]
-    for predictor in ("lru", "same_index", "transition", "previous_token", "router_lookahead"):
+    for predictor in ("lru", "popularity", "same_index", "transition", "previous_token", "router_lookahead"):
         rows = valid[valid["predictor"] == predictor]
         if not len(rows):
             continue
@@ -173,7 +178,7 @@ def cache_hit_rate(cache: pd.DataFrame, n_experts: int, top_k: int) -> Figure:
         if len(per_layer) and per_layer["max"].gt(per_layer["min"]).any():
             ax.fill_between(per_layer.index, per_layer["min"], per_layer["max"], color=color, alpha=0.12, linewidth=0)
         ax.plot(overall["capacity"], overall["hit_rate"], color=color, marker="o" if len(overall) <= 24 else None,
-                markersize=3, linestyle="--" if predictor == "lru" else "-", label=PREDICTOR_LABELS.get(predictor, predictor))
+                markersize=3, linestyle={"lru": "--", "popularity": "-."}.get(predictor, "-"), label=PREDICTOR_LABELS.get(predictor, predictor))
     ax.set_xlim(top_k - 0.3, n_experts + 0.3)
     ax.set_ylim(0, 1.02)
     percent_axis(ax)

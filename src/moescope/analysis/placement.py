@@ -1,0 +1,244 @@
+"""Expert placement: the load matrix an EPLB balancer takes, and how static, greedy and EPLB placements serve it.
+
+accumulate keeps [L, E] token counts per block of consecutive sequences (by seq_id, so the blocks are the
+same however the trace is sharded; their span doubles while there are more than MAX_BLOCKS, so memory stays
+bounded); finalize places the whole trace's load with `PlacementOptions.default_for(E)` (simulate/placement.py)
+and reports per-layer balancedness and imbalance of every policy (static is "before"), GPU loads, the
+mapping tables and staleness: window t's placement served on window t + 1, over eight windows of whole
+sequences of about equal tokens. `moescope placement` runs the same evaluation (`evaluate`) with the user's
+cluster, windows of exactly --window tokens, and all-to-all fan-out per token from a second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moescope.analysis.context import OVERALL, AnalysisContext
+from moescope.analysis.kernels import jsonable
+from moescope.analysis.result import layer_labels
+from moescope.analysis.shard_view import ShardView
+from moescope.errors import MoescopeError
+from moescope.simulate.balance import balancedness, fanout_histogram, gpu_load, imbalance
+from moescope.simulate.placement import POLICIES, Placement, PlacementOptions, place
+from moescope.simulate.staleness import Staleness
+from moescope.trace.shard import ShardData
+
+NAME = "placement"
+
+
+MAX_BLOCKS = 64  # blocks of consecutive sequences kept; their span doubles while there are more
+WINDOWS = 8  # staleness windows of about equal tokens (as `moescope placement` without --window)
+
+
+@dataclass(frozen=True, eq=False)
+class PlacementState:
+    layers: tuple[int, ...]
+    span: int  # sequences per block (a power of two)
+    block: np.ndarray  # int64 [B] block index = seq_id // span, ascending
+    tokens: np.ndarray  # int64 [B] tokens per block
+    loads: np.ndarray  # int64 [B, L, E] tokens routed to each expert per block
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> PlacementState:
+    view = ShardView.of(shard, ctx)
+    seq = view.shard.seq_id.astype(np.int64)
+    return _coalesce(PlacementState(view.layers, 1, *_blocks(view, seq)))
+
+
+def _blocks(view: ShardView, block_of_token: np.ndarray):
+    block, which = np.unique(block_of_token, return_inverse=True)
+    return block, np.bincount(which, minlength=len(block)), block_loads(view, which, len(block))
+
+
+def block_loads(view: ShardView, block: np.ndarray, n_blocks: int) -> np.ndarray:
+    """int64 [n_blocks, L, E]: tokens routed to each expert by the tokens of each block (block: intp [T])."""
+    L, E = view.L, view.E
+    base = (block[None, :] * L + np.arange(L)[:, None]) * (E + 1)  # [L, T]
+    key = (base[:, :, None] + view.ids).ravel()  # [L*T*k]
+    return np.bincount(key, minlength=n_blocks * L * (E + 1)).reshape(n_blocks, L, E + 1)[:, :, :E]
+
+
+def merge(a: PlacementState, b: PlacementState) -> PlacementState:
+    if a.layers != b.layers:
+        raise MoescopeError(f"cannot merge placement states of different layers {a.layers} and {b.layers}")
+    span = max(a.span, b.span)
+    a, b = _rebin(a, span), _rebin(b, span)
+    return _coalesce(_rebin(PlacementState(a.layers, span, np.concatenate([a.block, b.block]),
+                                           np.concatenate([a.tokens, b.tokens]), np.concatenate([a.loads, b.loads])), span))
+
+
+def _rebin(state: PlacementState, span: int) -> PlacementState:
+    """Blocks of `span` sequences (a multiple of the state's), equal blocks summed."""
+    block, which = np.unique(state.block // (span // state.span), return_inverse=True)
+    loads = np.zeros((len(block),) + state.loads.shape[1:], np.int64)
+    np.add.at(loads, which, state.loads)
+    return PlacementState(state.layers, span, block, np.bincount(which, weights=state.tokens, minlength=len(block)).astype(np.int64),
+                          loads)
+
+
+def _coalesce(state: PlacementState) -> PlacementState:
+    """Double the block span until at most MAX_BLOCKS remain (the same span whatever the merge order)."""
+    while len(state.block) > MAX_BLOCKS:
+        state = _rebin(state, 2 * state.span)
+    return state
+
+
+def finalize(state: PlacementState, ctx: AnalysisContext) -> PlacementResult:
+    options = PlacementOptions.default_for(ctx.n_experts)
+    n_tokens = int(state.tokens.sum())
+    start = np.cumsum(state.tokens) - state.tokens  # blocks in seq_id order
+    window = start * WINDOWS // max(n_tokens, 1)  # [B] blocks grouped into about equal windows
+    staleness = Staleness(options, POLICIES, state.layers)
+    for w in np.unique(window):
+        staleness.push(state.loads[window == w].sum(axis=0), int(state.tokens[window == w].sum()))
+    notes = ("defaults: "
+             f"{options.n_gpus} GPUs on {options.n_nodes} node(s), {options.n_redundant} redundant slots, "
+             f"{WINDOWS} staleness windows; all-to-all fan-out per token needs `moescope placement`",)
+    return evaluate(state.loads.sum(axis=0), options, state.layers, n_tokens, staleness, None, notes)
+
+
+@dataclass(frozen=True, eq=False)
+class PlacementResult:
+    layers: tuple[int, ...]
+    options: PlacementOptions
+    load: np.ndarray  # int64 [L, E] tokens routed to each expert
+    n_tokens: int
+    placements: dict[str, Placement]
+    gpu_loads: dict[str, np.ndarray]  # policy -> float64 [L, G]
+    staleness: pd.DataFrame  # policy, window, layer, tokens, balancedness_fresh, balancedness_stale
+    fanout: dict[str, np.ndarray] | None  # policy -> int64 [2, L, k + 1] tokens touching 0..k GPUs / nodes
+    notes: tuple[str, ...] = ()
+
+    def per_layer(self) -> pd.DataFrame:
+        frames = []
+        for policy, loads in self.gpu_loads.items():
+            mean = np.append(loads.mean(axis=1), loads.mean(axis=1).mean())
+            frames.append(pd.DataFrame({
+                "policy": policy,
+                "layer": layer_labels(self.layers),
+                "balancedness": balancedness(loads),
+                "imbalance": imbalance(loads),
+                "max_gpu_load": np.append(loads.max(axis=1), loads.max(axis=1).mean()),
+                "mean_gpu_load": mean,
+                "mean_gpus_per_token": self._mean_fanout(policy, 0),
+                "mean_nodes_per_token": self._mean_fanout(policy, 1),
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+    def _mean_fanout(self, policy: str, level: int) -> np.ndarray:
+        """float64 [L + 1]: mean distinct GPUs (level 0) or nodes (1) per token, per layer then pooled."""
+        if self.fanout is None:
+            return np.full(len(self.layers) + 1, np.nan)
+        hist = self.fanout[policy][level]  # [L, k + 1]
+        hist = np.vstack([hist, hist.sum(axis=0)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (hist * np.arange(hist.shape[1])).sum(axis=1) / hist.sum(axis=1)
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        L, E = self.load.shape
+        tables = {
+            "load_matrix": pd.DataFrame({"layer": np.repeat(self.layers, E), "expert": np.tile(np.arange(E), L),
+                                         "tokens": self.load.ravel()}),
+            "per_layer": self.per_layer(),
+            "mapping": pd.concat([_mapping(p, self.layers) for p in self.placements.values()], ignore_index=True),
+            "gpu_load": pd.concat([_gpu_frame(policy, loads, self.placements[policy], self.layers)
+                                   for policy, loads in self.gpu_loads.items()], ignore_index=True),
+            "staleness": self.staleness,
+        }
+        if self.fanout is not None:
+            tables["fanout"] = pd.concat([_fanout_frame(policy, hist, self.layers) for policy, hist in self.fanout.items()],
+                                         ignore_index=True)
+        return tables
+
+    def summary(self) -> dict:
+        o = self.options
+        out: dict = {"n_tokens": self.n_tokens, "gpus": o.n_gpus, "nodes": o.n_nodes, "redundant": o.n_redundant,
+                     "groups": o.groups, "eplb_policy": "hierarchical" if o.hierarchical else "global"}
+        per_layer = self.per_layer()
+        stale = self.staleness[self.staleness["layer"] == OVERALL] if len(self.staleness) else self.staleness
+        for policy in self.gpu_loads:
+            rows = per_layer[per_layer["policy"] == policy]
+            overall, layers = rows[rows["layer"] == OVERALL].iloc[0], rows[rows["layer"] != OVERALL]
+            out[f"balancedness_{policy}"] = overall["balancedness"]
+            out[f"imbalance_{policy}"] = overall["imbalance"]
+            out[f"worst_layer_balancedness_{policy}"] = layers["balancedness"].min()
+            out[f"mean_gpus_per_token_{policy}"] = overall["mean_gpus_per_token"]
+            out[f"mean_nodes_per_token_{policy}"] = overall["mean_nodes_per_token"]
+            mine = stale[stale["policy"] == policy] if len(stale) else stale
+            out[f"stale_balancedness_{policy}"] = mine["balancedness_stale"].mean() if len(mine) else None
+            out[f"fresh_balancedness_{policy}"] = mine["balancedness_fresh"].mean() if len(mine) else None
+        out["notes"] = list(self.notes)
+        return jsonable(out)
+
+
+def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext, options: PlacementOptions,
+                window: int) -> PlacementResult:
+    """`moescope placement`'s evaluation, in two passes over `shards()` (memory: one shard and one window):
+    1. loads per window of exactly `window` tokens in trace order (windows cross shard boundaries) -> the
+       staleness windows and the whole trace's load; 2. every policy's placement of that load -> fan-out
+    per token (a token's index in the trace picks the replica it reaches)."""
+    layers = tuple(range(ctx.n_layers))
+    staleness = Staleness(options, POLICIES, layers)
+    total = np.zeros((ctx.n_layers, ctx.n_experts), np.int64)
+    open_load, open_tokens, offset = np.zeros_like(total), 0, 0
+    for shard in shards():
+        view = ShardView(shard, ctx)
+        local = (offset % window + np.arange(view.T)) // window  # [T]; 0 continues the open window
+        loads = block_loads(view, local, int(local[-1]) + 1)  # [n, L, E]
+        counts = np.bincount(local)
+        total += loads.sum(axis=0)
+        loads[0] += open_load
+        counts[0] += open_tokens
+        offset += view.T
+        done = len(counts) if offset % window == 0 else len(counts) - 1
+        for w in range(done):  # the windows this shard completed
+            staleness.push(loads[w], int(counts[w]))
+        open_load, open_tokens = (loads[-1], int(counts[-1])) if done < len(counts) else (np.zeros_like(total), 0)
+    if open_tokens:
+        staleness.push(open_load, open_tokens)
+    placements = {policy: place(policy, total, options) for policy in POLICIES}
+    fanout = dict.fromkeys(POLICIES, 0)
+    offset = 0
+    for shard in shards():
+        view = ShardView(shard, ctx)
+        for policy, p in placements.items():
+            fanout[policy] = fanout[policy] + fanout_histogram(p, view.ids, offset + np.arange(view.T))
+        offset += view.T
+    notes = (f"staleness windows of {window:,} tokens; a replicated expert's tokens are split evenly over its "
+             "replicas for GPU loads and reach its replicas round robin (token index mod replicas) for fan-out",)
+    return evaluate(total, options, layers, offset, staleness, fanout, notes, placements)
+
+
+def evaluate(load: np.ndarray, options: PlacementOptions, layers: tuple[int, ...], n_tokens: int,
+             staleness: Staleness, fanout: dict[str, np.ndarray] | None, notes: tuple[str, ...] = (),
+             placements: dict[str, Placement] | None = None) -> PlacementResult:
+    """Place the whole trace's `load` int64 [L, E] with every policy (unless `placements` are given) and
+    collect what the staleness windows and the fan-out pass measured."""
+    placements = placements or {policy: place(policy, load, options) for policy in POLICIES}
+    loads = {policy: gpu_load(p, load) for policy, p in placements.items()}
+    if staleness.window < 2:
+        notes = (*notes, f"staleness needs two windows, the trace gave {staleness.window}")
+    return PlacementResult(layers, options, np.asarray(load, np.int64), n_tokens, placements, loads,
+                           staleness.frame(), fanout, tuple(notes))
+
+
+def _mapping(p: Placement, layers: tuple[int, ...]) -> pd.DataFrame:
+    L, S = p.physical_to_logical.shape
+    return pd.DataFrame({"policy": p.policy, "layer": np.repeat(layers, S), "gpu": np.tile(p.gpu_of_slot, L),
+                         "slot": np.tile(np.arange(S) % p.slots_per_gpu, L), "expert": p.physical_to_logical.ravel()})
+
+
+def _gpu_frame(policy: str, loads: np.ndarray, p: Placement, layers: tuple[int, ...]) -> pd.DataFrame:
+    L, G = loads.shape
+    return pd.DataFrame({"policy": policy, "layer": np.repeat(layers, G), "gpu": np.tile(np.arange(G), L),
+                         "node": np.tile(p.node_of_gpu, L), "tokens": loads.ravel()})
+
+
+def _fanout_frame(policy: str, hist: np.ndarray, layers: tuple[int, ...]) -> pd.DataFrame:
+    _, L, width = hist.shape
+    return pd.DataFrame({"policy": policy, "layer": np.repeat(layers, width), "touched": np.tile(np.arange(width), L),
+                         "tokens_gpus": hist[0].ravel(), "tokens_nodes": hist[1].ravel()})

@@ -1,0 +1,61 @@
+"""`moescope offload TRACE --capacity C[,C...] --out DIR`: expert caches and prefetchers replayed on a trace."""
+
+from __future__ import annotations
+
+import argparse
+
+from moescope.cli._common import add_command
+
+EXAMPLES = """  moescope offload traces/run1 --capacity 2,4,6,8 --out results/offload
+  moescope offload traces/gen --capacity 4 --policy lru,belady --prefetch none,same-index,popularity --out results/offload-gen
+  moescope offload traces/pred --capacity 4 --prefetch router-lookahead --link nvlink4 --out results/offload-nvlink
+  moescope offload traces/run1 --capacity 16,32 --scope global --bandwidth 25 --latency-us 15 --out results/offload-global
+  moescope offload traces/gen --capacity 4 --phase decode --dtype bf16 --out results/offload-decode
+  moescope report results/offload --out offload.html
+(policies: lru, lfu, arc, belady; prefetch: none, same-index, transition, popularity, router-lookahead;
+links: pcie3x16, pcie4x16, pcie5x16, nvlink3, nvlink4)
+"""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _capacities(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "offload", help="simulate expert caches (lru, lfu, arc, belady) and prefetchers on a trace: "
+                    "hit rate, bytes moved, stall time, decode tokens/s bound", examples=EXAMPLES)
+    p.add_argument("trace")
+    p.add_argument("--capacity", type=_capacities, default=None, metavar="C[,C...]",
+                   help="expert slots per layer (--scope layer) or in all (global); default k, 2k, 4k, ... and E")
+    p.add_argument("--policy", type=_names, default=("lru", "lfu", "arc", "belady"), help="comma-separated (default all four)")
+    p.add_argument("--prefetch", type=_names, default=("none",), help="comma-separated predictors (default none)")
+    p.add_argument("--scope", choices=("layer", "global"), default="layer",
+                   help="a cache per MoE layer (default) or one budget over all layers")
+    p.add_argument("--phase", type=_names, default=None,
+                   help="prefill, decode or both (default: both when the trace has generated tokens)")
+    p.add_argument("--link", default="pcie4x16", help="link preset (default pcie4x16)")
+    p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS", help="link bandwidth in GB/s (overrides the preset's)")
+    p.add_argument("--latency-us", type=float, default=None, help="latency per expert transfer in microseconds")
+    p.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert's weights (default: from the model config)")
+    p.add_argument("--dtype", default=None, help="dtype of the expert weights (default: the model config's), e.g. bf16, fp8")
+    p.add_argument("--out", required=True, help="folder for the tables and summary.json")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from moescope.pipeline.offload import run_offload
+    from moescope.pipeline.summary import print_summary
+
+    summary = run_offload(args.trace, args.out, capacities=args.capacity, policies=args.policy, prefetch=args.prefetch,
+                          scope=args.scope, phases=args.phase, link=args.link, bandwidth_gbps=args.bandwidth,
+                          latency_us=args.latency_us, expert_bytes_each=args.expert_bytes, dtype=args.dtype)
+    print_summary(summary)
+    print(f"tables and summary.json in {args.out}")
+    return 0

@@ -1,0 +1,244 @@
+"""The notebook API: analyses, figures and the report from Python, in memory, no files needed.
+
+    results = moescope.analyze(trace)        # Results: the tables `moescope analyze` writes, as DataFrames
+    results.load.per_expert                  # = load__per_expert.parquet of the CLI
+    results.summary                          # = its summary.json
+    results.load.plot()                      # the report's figures of the load section (matplotlib Figures)
+    results.save("results/run1")             # writes exactly what `moescope analyze` writes
+    moescope.report(results, "report.html")
+    sweep = moescope.quant_sweep(model, "wiki", tokenizer=tok, bits=(2, 4), targets="router,experts")
+
+Tables, summary and files come from the same functions the CLI uses (pipeline/analyze.py), and figures from
+the report's own sections (reporting/sections.py), so a notebook and the CLI cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from moescope.display import analysis_html, figures_html, quant_html, results_html
+from moescope.errors import MoescopeError
+from moescope.reporting import results as report_results
+from moescope.reporting import sections
+from moescope.reporting.document import FigureBlock
+
+# the report section of each analysis (reporting/sections.py builds them from results folders or frames)
+SECTIONS = {
+    "load": sections.load_section,
+    "aux_losses": sections.aux_section,
+    "router_structure": sections.router_structure_section,
+    "router_confidence": sections.confidence_section,
+    "coactivation": sections.coactivation_section,
+    "cross_layer": sections.cross_layer_section,
+    "expert_cache": sections.cache_section,
+    "temporal_locality": sections.locality_section,
+    "domain_specialisation": sections.domain_section,
+    "token_specialisation": sections.token_section,
+    "token_cost": sections.size_section,
+}
+
+
+class Figures(list):
+    """A list of matplotlib Figures that a notebook cell shows as images."""
+
+    def _repr_html_(self) -> str:
+        return figures_html(self)
+
+
+def _figures(blocks) -> Figures:
+    return Figures(block.make() for block in blocks if isinstance(block, FigureBlock))
+
+
+class Analysis:
+    """One analysis of `Results`: its tables as attributes (`results.load.per_expert`), summary, notes, figures."""
+
+    def __init__(self, owner: "Results", name: str):
+        self._owner, self.name = owner, name
+        stems = owner.tables.get(name, {})
+        self.tables = {stem.split("__", 1)[1] if "__" in stem else name: frame for stem, frame in stems.items()}
+        self.summary = (owner.summary["analyses"] or {}).get(name, {})
+        self.notes = list((owner.summary["notes"] or {}).get(name, []))
+
+    def __getattr__(self, table: str) -> pd.DataFrame:
+        tables = self.__dict__.get("tables", {})
+        if table in tables:
+            return tables[table]
+        raise AttributeError(f"{self.__dict__.get('name')} has no table {table!r}; it has {', '.join(tables) or 'none'}")
+
+    def __dir__(self):
+        return sorted([*super().__dir__(), *self.tables])
+
+    def plot(self) -> Figures:
+        """The report's figures for this analysis (an empty list where the report draws none)."""
+        return self._owner.plot(self.name)
+
+    def _repr_html_(self) -> str:
+        return analysis_html(self)
+
+
+class Results:
+    """What `moescope.analyze(...)` returns: every table `moescope analyze` writes, as pandas DataFrames."""
+
+    def __init__(self, results: dict, summary: dict, tables: dict[str, dict[str, pd.DataFrame]], manifest: dict):
+        self.results = results  # {name: the analysis's result object}
+        self.summary = summary  # what summary.json holds
+        self.tables = tables  # {analysis: {file stem: DataFrame}}
+        self.manifest = manifest  # the trace's
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.summary["analyses"])
+
+    def __getattr__(self, name: str) -> Analysis:
+        if name in SECTIONS and name in self.__dict__.get("summary", {}).get("analyses", {}):
+            return Analysis(self, name)
+        if name in SECTIONS:
+            raise AttributeError(f"{name} was not run; run moescope.analyze(trace, only=[..., {name!r}])")
+        raise AttributeError(name)
+
+    def __getitem__(self, name: str) -> Analysis:
+        try:
+            return getattr(self, name)
+        except AttributeError as err:
+            raise KeyError(str(err)) from None
+
+    def __dir__(self):
+        return sorted([*super().__dir__(), *self.names])
+
+    def for_report(self) -> report_results.AnalysisResults:
+        """These results as the report reads a results folder (tables from memory)."""
+        frames = {stem: frame for stems in self.tables.values() for stem, frame in stems.items()}
+        return report_results.AnalysisResults(None, self.summary, self.manifest, None, frames=frames)
+
+    def plot(self, name: str) -> Figures:
+        """The report's figures of analysis `name` (e.g. "load"), as matplotlib Figures."""
+        if name not in SECTIONS:
+            raise MoescopeError(f"unknown analysis {name!r}; choose from {', '.join(SECTIONS)}")
+        r = self.for_report()
+        section = SECTIONS[name](r, name, sections.shape_of(r))
+        return _figures(section.blocks)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the tables and summary.json into `folder`, byte for byte what `moescope analyze` writes."""
+        from moescope.pipeline.analyze import write_results
+        from moescope.pipeline.output import check_output_folder, prepare_output_folder
+
+        check_output_folder(folder, markers=("summary.json",), what="analysis results")
+        out = prepare_output_folder(folder, markers=("summary.json",), what="analysis results")
+        write_results(out, self.tables, self.summary)
+        return out
+
+    def _repr_html_(self) -> str:
+        return results_html(self)
+
+    def __repr__(self) -> str:
+        trace = self.summary["trace"]
+        return f"Results(model={trace.get('model')!r}, tokens={trace.get('tokens')}, analyses={self.names})"
+
+
+def analyze(trace, only=None, model=None, *, tokenizer=None) -> Results:
+    """Run the analyses on a trace in memory and return their tables as DataFrames (no files written).
+
+    Parameters
+    ----------
+    trace : a ``Trace`` (``moescope.capture``, ``moescope.open_trace``, ``rec.trace`` of ``moescope.record``)
+        or a trace folder.
+    only : analysis names (default: all, as ``moescope analyze``).
+    model : a loaded model, or a name to load, for what needs it (router weight structure); by default the
+        trace's model is loaded when it can be (as the CLI does), else those analyses are skipped with a note.
+    tokenizer : the model's tokenizer, for token text in the token tables (loaded with a model given by name).
+
+    Examples
+    --------
+    >>> results = moescope.analyze(rec.trace, model=model, tokenizer=tokenizer)     # doctest: +SKIP
+    >>> results.load.per_layer                                                       # doctest: +SKIP
+    """
+    from torch import nn
+
+    from moescope.pipeline.analyze import _load_model_for, check_analyses, run_trace_analyses
+    from moescope.trace.reader import Trace, open_trace
+
+    if not isinstance(trace, Trace):
+        trace = open_trace(trace)
+    names = check_analyses(list(only) if only is not None else None)
+    label = str(trace.folder) if trace.folder is not None else "in memory"
+    loaded, reason = None, "no model given"
+    if isinstance(model, nn.Module):
+        loaded = model
+    else:
+        loaded, loaded_tokenizer, reason = _load_model_for(trace, model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    results, summary, tables = run_trace_analyses(trace, names, trace_label=label, loaded=loaded, tokenizer=tokenizer,
+                                                  skipped_reason=reason or "")
+    return Results(results, summary, tables, trace.manifest)
+
+
+class QuantSweep:
+    """What `moescope.quant_sweep(...)` returns: the sweep's tables as DataFrames, its summary and figures."""
+
+    def __init__(self, summary: dict, sweep: dict, configs: pd.DataFrame | None, per_layer: pd.DataFrame | None, files: dict):
+        self.summary, self.sweep, self.configs, self.per_layer = summary, sweep, configs, per_layer
+        self._files = files  # {file name: bytes}: what the sweep wrote, for save()
+
+    def for_report(self) -> report_results.QuantResults:
+        return report_results.QuantResults(None, self.summary, self.sweep, self.configs, self.per_layer)
+
+    def plot(self) -> Figures:
+        """The report's quantization figures (quality against bits, routing flips)."""
+        q = self.for_report()
+        blocks = [b for build in (sections.quant_quality_section, sections.quant_routing_section)
+                  for b in build(q, "quant").blocks] if self.configs is not None and len(self.configs) else []
+        return _figures(blocks)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write what `moescope quant` writes into a new folder."""
+        from moescope.pipeline.output import check_output_folder, prepare_output_folder
+
+        check_output_folder(folder, markers=("summary.json",), what="quantization results")
+        out = prepare_output_folder(folder, markers=("summary.json",), what="quantization results")
+        for name, data in self._files.items():
+            (out / name).write_bytes(data)
+        return out
+
+    def _repr_html_(self) -> str:
+        return quant_html(self)
+
+
+def quant_sweep(model, data, *, tokenizer=None, out: str | os.PathLike | None = None, **options) -> QuantSweep:
+    """A quantization sensitivity sweep (``moescope quant``) returned in memory.
+
+    `model`, `tokenizer`, `data` and `options` are those of ``moescope.quant.run_quant_sweep`` (bits, targets,
+    schemes, granularity, per_layer, dense_model, max_tokens, seq_len, ...). With `out` the sweep is written
+    (and resumed) there as the CLI does; without it, it runs in a temporary folder that is removed afterwards.
+    """
+    from moescope.quant.sweep import run_quant_sweep
+
+    options.setdefault("progress", False)
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="moescope-quant-"))
+    try:
+        run_quant_sweep(model, tokenizer, data, out=folder, **options)
+        loaded = report_results.load_results(folder)
+        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    finally:
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if not isinstance(loaded, report_results.QuantResults):
+        raise MoescopeError(f"the quantization sweep wrote no results ({getattr(loaded, 'reason', '')})")
+    return QuantSweep(loaded.summary, loaded.sweep, loaded.configs, loaded.per_layer, files)
+
+
+def report(results, path: str | os.PathLike, *, figures: str | os.PathLike | None = None, title: str = "moescope report") -> Path:
+    """Write the HTML report of in-memory results (``analyze``, ``quant_sweep``) and/or results folders.
+
+    `results`: one of them or a list. Returns the report's path.
+    """
+    from moescope.reporting import write_report
+
+    items = results if isinstance(results, (list, tuple)) else [results]
+    inputs = [r.for_report() if isinstance(r, (Results, QuantSweep)) else r for r in items]
+    return write_report(inputs, path, figures_dir=figures, title=title)

@@ -1,0 +1,144 @@
+"""`moescope offload`: a trace -> expert-cache hit rates, bytes moved, stall time and a decode bound, as files.
+
+Everything that can be refused is refused before the output folder is touched: unknown policies or
+predictors, capacities below what one token needs at once, router-lookahead without predictions, decode
+figures from a trace without generated tokens, expert sizes nobody recorded. The learned predictors
+(transition, popularity) read the trace once more first (cross_layer's tables). Writes
+`offload__<table>.{parquet,csv}` and summary.json, which `moescope report` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from moescope.analysis.kernels import jsonable
+from moescope.errors import MoescopeError
+from moescope.pipeline.analyze import analysis_context, result_tables, write_results
+from moescope.pipeline.output import check_output_folder, prepare_output_folder
+from moescope.simulate.cost import Link, expert_bytes
+from moescope.simulate.offload import PHASES, OffloadOptions, OffloadResult, simulate_trace
+from moescope.trace.reader import Trace, open_trace
+
+NAME = "offload"
+
+
+def default_capacities(top_k: int, n_experts: int, scope: str, n_layers: int) -> tuple[int, ...]:
+    """k, 2k, 4k, ... below E, then E (per layer); the same times the layer count for one global budget."""
+    caps, c = [], top_k
+    while c < n_experts:
+        caps.append(c)
+        c *= 2
+    caps.append(n_experts)
+    return tuple(c * (n_layers if scope == "global" else 1) for c in caps)
+
+
+def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capacities: tuple[int, ...] | None = None,
+                policies: tuple[str, ...] = ("lru", "lfu", "arc", "belady"), prefetch: tuple[str, ...] = ("none",),
+                scope: str = "layer", phases: tuple[str, ...] | None = None, link: str = "pcie4x16",
+                bandwidth_gbps: float | None = None, latency_us: float | None = None, expert_bytes_each: float | None = None,
+                dtype: str | None = None) -> dict:
+    """Simulate the expert caches and write their tables into `out`; returns the summary.
+
+    `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
+    without generated tokens is refused.
+    """
+    trace = open_trace(trace_path)
+    if not trace.manifest["shards"]:
+        raise MoescopeError(f"{trace_path} has no committed shards; nothing to simulate")
+    ctx = analysis_context(trace)
+    options = OffloadOptions(capacities or default_capacities(ctx.top_k, ctx.n_experts, scope, ctx.n_layers),
+                             tuple(policies), tuple(prefetch), scope)
+    options.check(ctx, lookahead_width=_lookahead_width(trace))
+    generated = int(np.asarray(trace.table("tokens", columns=["generated"]).column("generated")).sum())
+    phases = _phases(phases, generated)
+    chosen = _link(link, bandwidth_gbps, latency_us)
+    sizes = _expert_bytes(trace, ctx, expert_bytes_each, dtype)
+    check_output_folder(out, markers=("summary.json",), what="offload results")  # refused before the work
+
+    state = simulate_trace(trace.shards, ctx, options)
+    notes = ("each sequence starts with empty caches; a token's experts are looked up together, after its prefetch; "
+             "stall = experts fetched on demand, link time = every expert moved (compute time not included)",)
+    if "decode" not in phases:
+        notes += ("no generated tokens in the trace: prefill only (capture with --generate N for decode figures)",)
+    result = OffloadResult(options, tuple(range(ctx.n_layers)), ctx.top_k, ctx.n_experts, state, sizes, chosen, phases, notes)
+    return write_offload(result, trace_path, trace, out)
+
+
+def _lookahead_width(trace: Trace) -> int | None:
+    schema = pq.read_schema(trace.check_part(trace.manifest["shards"][0]["files"]["routing"]))
+    return schema.field("next_layer_prediction").type.list_size if "next_layer_prediction" in schema.names else None
+
+
+def _phases(phases: tuple[str, ...] | None, generated: int) -> tuple[str, ...]:
+    if phases is None:
+        return PHASES if generated else ("prefill",)
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        raise MoescopeError(f"unknown --phase {', '.join(unknown) or '(none)'}; choose from {', '.join(PHASES)}")
+    if "decode" in phases and not generated:
+        raise MoescopeError("--phase decode needs generated tokens, and this trace has none; "
+                            "capture with --generate N (or ask for --phase prefill)")
+    return tuple(p for p in PHASES if p in phases)
+
+
+def _link(name: str, gbps: float | None, latency_us: float | None) -> Link:
+    if gbps is None and latency_us is None:
+        return Link.preset(name)
+    preset = Link.preset(name)
+    return Link.custom(gbps if gbps is not None else preset.bandwidth / 1e9,
+                       latency_us if latency_us is not None else preset.latency * 1e6)
+
+
+def _expert_bytes(trace: Trace, ctx, each: float | None, dtype: str | None) -> np.ndarray:
+    """float64 [L, E]: from --expert-bytes, else the manifest's expert sizes or the model's config."""
+    if each is not None:
+        if not each > 0:
+            raise MoescopeError(f"--expert-bytes must be positive, got {each}")
+        return np.full((ctx.n_layers, ctx.n_experts), float(each))
+    return expert_bytes(trace.layers, trace.manifest["model"].get("hidden_size"), model_config(trace), dtype=dtype,
+                        matrices=ctx.expert_matrices)
+
+
+def model_config(trace: Trace) -> dict | None:
+    """The trace's model config.json as a dict when it is on this machine (a folder, a shipped model or the
+    Hugging Face cache), else None. Never downloads."""
+    from moescope.recording.loading import resolve_model_path
+
+    name = trace.manifest["model"].get("id") or ""
+    if not name or name.startswith("imported:"):
+        return None
+    path = Path(resolve_model_path(name)) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MoescopeError(f"cannot read the model config {path}: {err}; pass --expert-bytes") from None
+
+
+def write_offload(result: OffloadResult, trace_path, trace: Trace, out) -> dict:
+    out = prepare_output_folder(out, markers=("summary.json",), what="offload results")
+    tables = {NAME: result_tables(NAME, result)}
+    o = result.options
+    summary = {
+        "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
+                  "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
+        "options": {"capacities": list(o.capacities), "policies": list(o.policies), "prefetch": list(o.prefetch),
+                    "scope": o.scope, "phases": list(result.phases), "link": result.link.name,
+                    "bandwidth_gbps": result.link.bandwidth / 1e9, "latency_us": result.link.latency * 1e6},
+        "analyses": {NAME: result.summary()},
+        "tables": {NAME: list(tables[NAME])},
+        "notes": {NAME: list(result.notes)},
+    }
+    write_results(out, tables, jsonable(summary))  # summary.json last: a folder with one is complete
+    return summary

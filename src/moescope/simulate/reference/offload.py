@@ -1,0 +1,220 @@
+"""Expert offloading simulated one token, one layer, one expert at a time (see simulate/offload.py).
+
+Each sequence starts with empty caches: one per layer ("layer" scope) or one over (layer, expert) keys
+("global"). For every token and layer, in order: the predictor's prefetch batch is inserted, then the
+token's experts are looked up (hits decided before any is inserted) and inserted. No key of the batch
+being handled is ever evicted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+
+from moescope.analysis.reference.cross_layer import fold, learn, popular, predict
+from moescope.analysis.reference.rows import first_choice, is_next_position, real, token_rows
+
+NEVER = float("inf")
+
+
+class LRU:
+    def __init__(self, capacity, future=None):
+        self.capacity, self.entries = capacity, OrderedDict()  # least recently touched first
+
+    def touch(self, batch, is_lookup):
+        absent = [x not in self.entries for x in batch]
+        for x, missing in zip(batch, absent):
+            if missing:
+                if len(self.entries) >= self.capacity:
+                    del self.entries[next(k for k in self.entries if k not in batch)]
+                self.entries[x] = None
+        for x in reversed(batch):  # the first column ends up the most recent
+            self.entries.move_to_end(x)
+        return absent
+
+
+class LFU:
+    def __init__(self, capacity, future=None):
+        self.capacity, self.cached, self.uses, self.last = capacity, set(), Counter(), {}
+        self.clock = 0
+
+    def touch(self, batch, is_lookup):
+        absent = [x not in self.cached for x in batch]
+        for x, missing in zip(batch, absent):
+            if missing:
+                if len(self.cached) >= self.capacity:
+                    victim = min((k for k in self.cached if k not in batch), key=lambda k: (self.uses[k], self.last[k]))
+                    self.cached.remove(victim)
+                self.cached.add(x)
+        self.clock += 1
+        for j, x in enumerate(batch):
+            if is_lookup:
+                self.uses[x] += 1
+            self.last[x] = (self.clock, -j)  # the first column is the most recent
+        return absent
+
+
+class Belady:
+    """future: the stream's remaining events, a list of (is_lookup, batch) consumed as the stream runs."""
+
+    def __init__(self, capacity, future):
+        self.capacity, self.cached, self.future = capacity, set(), future
+
+    def distance(self, key):
+        """Events until the key's next lookup; NEVER when it is prefetched first or never looked up again."""
+        for t, (is_lookup, batch) in enumerate(self.future):
+            if key in batch:
+                return t if is_lookup else NEVER
+        return NEVER
+
+    def touch(self, batch, is_lookup):
+        self.future.pop(0)  # the current event
+        absent = [x not in self.cached for x in batch]
+        for x, missing in zip(batch, absent):
+            if missing:
+                if len(self.cached) >= self.capacity:
+                    # farthest next lookup; among equals the lower key
+                    victim = max((k for k in self.cached if k not in batch), key=lambda k: (self.distance(k), -_order(k)))
+                    self.cached.remove(victim)
+                self.cached.add(x)
+        return absent
+
+
+def _order(key):
+    return key if isinstance(key, int) else key[0] * 10**6 + key[1]
+
+
+class ARC:
+    """Megiddo & Modha's ARC, request by request, with the batch rules of simulate/arc.py."""
+
+    def __init__(self, capacity, future=None):
+        self.c, self.p = capacity, 0.0
+        self.t1, self.t2, self.b1, self.b2 = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()  # LRU first
+
+    def touch(self, batch, is_lookup):
+        cached = [x in self.t1 or x in self.t2 for x in batch]
+        for x, hit in zip(batch, cached):
+            if hit and is_lookup:  # to the MRU end of T2
+                self.t1.pop(x, None)
+                self.t2.pop(x, None)
+                self.t2[x] = None
+            elif hit:  # prefetched and cached: to the MRU end of its own list
+                lst = self.t1 if x in self.t1 else self.t2
+                lst.move_to_end(x)
+        for x, hit in zip(batch, cached):
+            if not hit:
+                self.miss(x, set(batch), is_lookup)
+        return [not hit for hit in cached]
+
+    def miss(self, x, protected, is_request):
+        c = self.c
+        if is_request and x in self.b1:
+            self.p = min(c, self.p + max(1.0, len(self.b2) / len(self.b1)))
+            del self.b1[x]
+            self.replace(False, protected)
+            self.t2[x] = None
+            return
+        if is_request and x in self.b2:
+            self.p = max(0.0, self.p - max(1.0, len(self.b1) / len(self.b2)))
+            del self.b2[x]
+            self.replace(True, protected)
+            self.t2[x] = None
+            return
+        self.b1.pop(x, None)  # a prefetched key leaves its ghost list without adapting p
+        self.b2.pop(x, None)
+        if len(self.t1) + len(self.b1) == c:
+            if len(self.t1) < c:
+                self.b1.popitem(last=False)
+                self.replace(False, protected)
+            else:
+                del self.t1[next(k for k in self.t1 if k not in protected)]
+        elif len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) >= c:
+            if len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) == 2 * c:
+                self.b2.popitem(last=False)
+            self.replace(False, protected)
+        self.t1[x] = None
+
+    def replace(self, x_in_b2, protected):
+        t1 = len(self.t1)
+        lru1 = next((k for k in self.t1 if k not in protected), None)
+        lru2 = next((k for k in self.t2 if k not in protected), None)
+        want_t1 = t1 >= 1 and (t1 > self.p or (x_in_b2 and t1 == self.p))
+        if (want_t1 and lru1 is not None) or (not want_t1 and lru2 is None):
+            del self.t1[lru1]
+            self.b1[lru1] = None
+        else:
+            del self.t2[lru2]
+            self.b2[lru2] = None
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "belady": Belady, "arc": ARC}
+
+
+def _streams(rows, ctx, scope, prefetch, tables):
+    """Per cold-start run of tokens: its events [(is_lookup, batch, phase, layer)] in order, per cache."""
+    E, L, k = ctx.n_experts, ctx.n_layers, ctx.top_k
+    runs, prev = [], None
+    for row in rows:
+        if not is_next_position(prev, row):
+            runs.append([])
+        runs[-1].append(row)
+        prev = row
+    for run in runs:
+        caches = {}  # cache id -> events
+        for row in run:
+            for layer in range(L):
+                cache = layer if scope == "layer" else "all"
+                events = caches.setdefault(cache, [])
+                key = (lambda e: e) if scope == "layer" else (lambda e, l=layer: (l, e))
+                guess = _prefetch(row, layer, prefetch, tables, ctx)
+                if guess:
+                    events.append((False, _distinct([key(e) for e in guess]), row.generated, layer))
+                events.append((True, _distinct([key(e) for e in real(row.experts[layer], E)]), row.generated, layer))
+        yield from caches.values()
+
+
+def _distinct(batch):
+    return list(dict.fromkeys(batch))
+
+
+def _prefetch(row, layer, prefetch, tables, ctx):
+    E, k = ctx.n_experts, ctx.top_k
+    if prefetch == "none":
+        return []
+    other = 1 - fold(row)
+    if prefetch == "popularity":  # at every layer
+        return popular(tables[1], other, layer, k, E)
+    if layer == 0:
+        return []
+    if prefetch == "same-index":
+        return real(row.experts[layer - 1], E)
+    if prefetch == "router-lookahead":
+        return real(row.predicted[layer - 1], E)
+    if prefetch == "transition":
+        counts, load = tables
+        fc = first_choice(row.experts[layer - 1], row.weights[layer - 1], E)
+        return [] if fc is None else predict(counts, load, other, 1, layer - 1, fc, k, E)
+    raise ValueError(prefetch)
+
+
+def compute(shards, ctx, *, policy: str, capacity: int, scope: str = "layer", prefetch: str = "none") -> dict:
+    """{(phase, layer): [lookups, hits, prefetched, prefetch_loads]} and fetched Counter {(layer, expert): n}
+    (experts moved over the link: demand misses and prefetch loads); phase 0 prefill, 1 decode."""
+    rows = list(token_rows(shards))
+    tables = learn(rows, ctx, 1) if prefetch in ("transition", "popularity") else None
+    counts, fetched = {}, Counter()
+    for events in _streams(rows, ctx, scope, prefetch, tables):
+        future = [(is_lookup, batch) for is_lookup, batch, _, _ in events]
+        cache = POLICIES[policy](capacity, future)
+        for is_lookup, batch, phase, layer in events:
+            absent = cache.touch(batch, is_lookup)
+            cell = counts.setdefault((int(phase), layer), [0, 0, 0, 0])
+            if is_lookup:
+                cell[0] += len(batch)
+                cell[1] += len(batch) - sum(absent)
+            else:
+                cell[2] += len(batch)
+                cell[3] += sum(absent)
+            for x, missing in zip(batch, absent):
+                if missing:
+                    fetched[(layer, x if isinstance(x, int) else x[1])] += 1
+    return {"counts": counts, "fetched": fetched}

@@ -1,0 +1,50 @@
+"""Foreign routing layouts: one reader per engine's own format, the one place foreign data enters moescope.
+
+    vllm    vllm.py     routed experts: HTTP responses (.jsonl), RequestOutput objects, the replay .npz
+    sglang  sglang.py   per-token expert-distribution dumps (.pt, loaded with weights_only)
+    trtllm  trtllm.py   expert statistics (per-rank safetensors + meta_info.json): counts -> load table,
+                        per-token files -> trace
+    olmoe   olmoe.py    OLMoE's routing-analysis JSONL (exp_ids)
+and out: replay.py (a trace -> per-request [tokens, MoE layers, k] int16, what RL routing replay consumes).
+Every reader parses and checks the whole input before anything is written (dense.py writes the trace).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from moescope.errors import MoescopeError
+
+READERS = {"vllm": "vllm:read_vllm", "sglang": "sglang:read_sglang", "trtllm": "trtllm:read_trtllm_tokens",
+           "olmoe": "olmoe:read_olmoe"}
+
+
+def reader(fmt: str):
+    module, name = READERS[fmt].split(":")
+    return getattr(importlib.import_module(f"moescope.trace.formats.{module}"), name)
+
+
+def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *, n_experts: int | None = None,
+                   overwrite: bool = False) -> str:
+    """Import `path` in format `fmt` into `out` (a trace folder; a .parquet load table for trtllm counts);
+    returns what was written, in one line."""
+    if fmt not in READERS:
+        raise MoescopeError(f"unknown import format {fmt!r}; choose one of {', '.join(READERS)}")
+    if fmt == "trtllm" and str(out).endswith(".parquet"):
+        from moescope.trace.formats.trtllm import read_trtllm_counts
+        from moescope.trace.load_table import write_load_table
+
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise MoescopeError(f"{out} exists; pass --overwrite or choose another --out")
+        if not out.parent.is_dir():
+            raise MoescopeError(f"folder {out.parent} does not exist; create it first")
+        iterations, tokens, layers = read_trtllm_counts(path)
+        write_load_table(out, iterations, tokens)
+        return f"wrote load table {out}: {len(iterations)} iterations x {len(layers)} MoE layers x {tokens.shape[2]} experts"
+    from moescope.trace.formats.dense import write_imported
+
+    trace = write_imported(reader(fmt)(path), out, n_experts=n_experts, overwrite=overwrite)
+    return f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} layers"

@@ -1,0 +1,193 @@
+"""`moescope placement` and `moescope offload` end to end on real tiny-moe traces: what they write against plain
+loops over the trace, the cost model against the model's real parameters, the report, and bad command lines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import reference_placement as ref
+from simulate_helpers import generated_trace, lookahead_trace, trace_shards  # noqa: F401 (fixtures)
+
+from moescope.cli.main import main
+from moescope.simulate.cost import LINKS
+from moescope.simulate.reference import placement as per_token
+from moescope.trace.exchange import import_jsonl
+from moescope.trace.reader import open_trace
+
+
+def _main(argv) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's usage errors
+        return exit_.code
+
+
+def _tokens_in_order(folder):
+    """Per token of the trace, in order: (layer-major ids [L][k], generated)."""
+    shards, ctx = trace_shards(folder)
+    ids = np.concatenate([s.topk_ids for s in shards], axis=1)  # [L, T, k]
+    return ids, np.concatenate([s.generated for s in shards]), ctx
+
+
+def test_placement_writes_eplb_inputs_and_what_each_placement_does(generated_trace, tmp_path, capsys):
+    out = tmp_path / "placement"
+    assert _main(["placement", generated_trace, "--gpus", 4, "--nodes", 2, "--window", 97, "--out", out]) == 0
+    shards, ctx = trace_shards(generated_trace)
+    L, E, k = ctx.n_layers, ctx.n_experts, ctx.top_k
+    p2l = {policy: np.load(out / f"physical_to_logical_{policy}.npy").tolist() for policy in ("static", "greedy", "eplb")}
+    loops = per_token.compute(shards, ctx, p2l, 4, 2, 97)  # per-token loops over the trace
+    load = loops["load"]
+    assert np.load(out / "load_matrix.npy").tolist() == load
+    table = pd.read_parquet(out / "placement__load_matrix.parquet")
+    assert table.pivot(index="layer", columns="expert", values="tokens").to_numpy().tolist() == load
+    w = [[float(x) for x in row] for row in load]
+    assert p2l == {"eplb": ref.eplb(w, E + 4, 2, 2, 4), "greedy": ref.greedy(w, 4, 4), "static": ref.static(L, E, E + 4)}
+    mapping = pd.read_parquet(out / "placement__mapping.parquet")
+    fanout = pd.read_parquet(out / "placement__fanout.parquet")
+    for policy, layout in p2l.items():
+        rows = mapping[mapping["policy"] == policy].sort_values(["layer", "gpu", "slot"])
+        assert rows["expert"].to_numpy().reshape(L, -1).tolist() == layout  # (layer, gpu, slot, expert) in slot order
+        l2p = np.load(out / f"logical_to_physical_{policy}.npy")
+        assert all(sorted(s for s in l2p[l, e] if s >= 0) == [s for s, x in enumerate(layout[l]) if x == e]
+                   for l in range(L) for e in range(E))
+        mine = fanout[fanout["policy"] == policy].sort_values(["layer", "touched"])
+        assert mine["tokens_gpus"].to_numpy().reshape(L, k + 1).tolist() == loops["fanout"][policy]
+        assert mine["tokens_nodes"].to_numpy().reshape(L, k + 1).tolist() == loops["fanout_nodes"][policy]
+    # staleness over windows of exactly 97 tokens in trace order
+    stale = pd.read_parquet(out / "placement__staleness.parquet")
+    windows = [[[float(x) for x in row] for row in window] for window in loops["windows"]]
+    for policy, place in (("eplb", lambda w: ref.eplb(w, E + 4, 2, 2, 4)), ("greedy", lambda w: ref.greedy(w, 4, 4))):
+        rows = stale[(stale["policy"] == policy) & (stale["layer"] == 0)].sort_values("window")
+        assert rows["window"].tolist() == list(range(1, len(windows)))
+        assert rows["tokens"].sum() == sum(s.n_tokens for s in shards) - 97 and (rows["tokens"].iloc[:-1] == 97).all()
+        for (_, row), before, now in zip(rows.iterrows(), windows[:-1], windows[1:]):
+            for column, layout in (("balancedness_stale", place(before)), ("balancedness_fresh", place(now))):
+                loads = per_token.gpu_loads(layout, now, 4)[0]
+                assert row[column] == pytest.approx(sum(loads) / 4 / max(loads)), (policy, column)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["window"] == 97 and "placement" in summary["analyses"]
+    assert _main(["placement", generated_trace, "--gpus", 4, "--out", out]) == 0  # rerun into its own folder
+    assert "balancedness_eplb" in capsys.readouterr().out
+
+
+def test_offload_reports_prefill_and_decode_bytes_stall_and_a_decode_bound(generated_trace, tmp_path):
+    out = tmp_path / "offload"
+    assert _main(["offload", generated_trace, "--capacity", "2,4", "--prefetch", "none,popularity", "--out", out]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["phases"] == ["prefill", "decode"] and summary["options"]["link"] == "pcie4x16"
+    hits = pd.read_parquet(out / "offload__hit_rate.parquet")
+    cost = pd.read_parquet(out / "offload__cost.parquet")
+    _, generated, ctx = _tokens_in_order(generated_trace)
+    expert = 3 * 128 * 256 * 2  # gate, up, down of hidden 128 x 256, bfloat16 (the shipped config)
+    gbps, us = LINKS["pcie4x16"]
+    for phase, tokens in (("prefill", int((~generated).sum())), ("decode", int(generated.sum()))):
+        for policy in ("lru", "lfu", "arc", "belady"):
+            row = hits[(hits.phase == phase) & (hits.policy == policy) & (hits.prefetch == "none") & (hits.capacity == 4)
+                       & (hits.layer == -1)].iloc[0]
+            misses = row.lookups - row.hits
+            assert row.experts_moved == misses and row.bytes_moved == misses * expert
+            c = cost[(cost.phase == phase) & (cost.policy == policy) & (cost.prefetch == "none") & (cost.capacity == 4)
+                     & (cost.link == "pcie4x16")].iloc[0]
+            assert c.stall_s_per_token == pytest.approx((misses * us * 1e-6 + misses * expert / (gbps * 1e9)) / tokens)
+            assert c.tokens_per_s_bound == pytest.approx(1 / c.link_s_per_token)
+        popular = hits[(hits.phase == phase) & (hits.prefetch == "popularity") & (hits.layer == -1)]
+        assert (popular.experts_moved == popular.lookups - popular.hits + popular.prefetch_loads).all()
+    assert summary["analyses"]["offload"]["decode_tokens_per_s_bound_belady_none"] > 0
+    assert set(cost.link) == set(LINKS)
+    assert _main(["offload", generated_trace, "--capacity", "2", "--policy", "lru", "--out", out]) == 0  # rerun
+
+
+def test_expert_bytes_equal_the_shipped_models_parameters(generated_trace):
+    from moescope.pipeline.offload import _expert_bytes
+    from moescope.recording.loading import load_model
+
+    model, _ = load_model("moescope:tiny-moe", device="cpu")
+    experts = model.model.layers[0].mlp.experts
+    n_experts = experts.gate_up_proj.shape[0]
+    per_expert = sum(p.numel() * p.element_size() for p in experts.parameters()) / n_experts
+    trace = open_trace(generated_trace)
+    _, _, ctx = _tokens_in_order(generated_trace)
+    sizes = _expert_bytes(trace, ctx, None, None)
+    assert sizes.shape == (ctx.n_layers, ctx.n_experts) and (sizes == per_expert).all()
+    assert (_expert_bytes(trace, ctx, None, "fp8") == per_expert / 2).all()
+
+
+def test_report_shows_placement_and_offloading(generated_trace, tmp_path):
+    for argv in (["placement", generated_trace, "--gpus", 2, "--out", tmp_path / "p"],
+                 ["offload", generated_trace, "--capacity", "2,3", "--policy", "lru,belady", "--out", tmp_path / "o"],
+                 ["analyze", generated_trace, "--only", "placement", "--no-model", "--out", tmp_path / "a"],
+                 ["report", tmp_path / "p", tmp_path / "o", tmp_path / "a", "--out", tmp_path / "r.html", "--figures", tmp_path / "f"]):
+        assert _main(argv) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("Expert placement") >= 2 and "Expert offloading" in html
+    figures = {p.name.split("__")[1] for p in (tmp_path / "f").glob("*.svg")}
+    assert {"placement_balancedness.svg", "placement_gpu_load.svg", "placement_staleness.svg", "offload_hit_rate_prefill.svg",
+            "offload_hit_rate_decode.svg", "offload_stall_bandwidth.svg"} <= figures
+    assert "load_bars.svg" not in figures  # a simulation folder gets its own sections only
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, generated_trace, lookahead_trace):
+    """Copies of the traces, an imported trace (no model, no expert sizes), a file and a folder of the user's."""
+    root = tmp_path_factory.mktemp("world")
+    shutil.copytree(generated_trace, root / "gen")
+    shutil.copytree(lookahead_trace, root / "pred")
+    lines = [json.dumps({"problem_id": s, "layer": l, "token_id": p, "expert_ids": [(s + p) % 3, 3], "weights": [0.6, 0.4]})
+             for s in range(3) for p in range(4) for l in range(2)]
+    (root / "routing.jsonl").write_text("\n".join(lines))
+    import_jsonl(root / "routing.jsonl", root / "imported")
+    (root / "mine.txt").write_text("keep me")
+    (root / "mydir").mkdir()
+    (root / "mydir" / "notes.md").write_text("keep me")
+    return root
+
+
+def _snapshot(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+BAD = {
+    "gpus do not divide the slots": (["placement", "{w}/gen", "--gpus", "3", "--out", "{w}/new"], "does not divide the 11 expert slots"),
+    "redundant without room": (["placement", "{w}/gen", "--gpus", "4", "--redundant", "6", "--out", "{w}/new"], "does not divide the 14"),
+    "more redundant slots than experts": (["placement", "{w}/gen", "--gpus", "4", "--redundant", "12", "--out", "{w}/new"],
+                                          "exceeds the 8 experts"),
+    "gpus not a multiple of nodes": (["placement", "{w}/gen", "--gpus", "4", "--nodes", "3", "--out", "{w}/new"], "multiple of --nodes"),
+    "groups do not divide experts": (["placement", "{w}/gen", "--gpus", "4", "--groups", "3", "--out", "{w}/new"], "--groups 3"),
+    "zero window": (["placement", "{w}/gen", "--gpus", "4", "--window", "0", "--out", "{w}/new"], "--window"),
+    "placement out is a file": (["placement", "{w}/gen", "--gpus", "4", "--out", "{w}/mine.txt"], "is a file"),
+    "placement out is the user's folder": (["placement", "{w}/gen", "--gpus", "4", "--out", "{w}/mydir"], "not empty"),
+    "placement of a folder that is not a trace": (["placement", "{w}/mydir", "--gpus", "4", "--out", "{w}/new"], "not a moescope trace"),
+    "capacity below top-k": (["offload", "{w}/gen", "--capacity", "4,1", "--out", "{w}/new"], "--capacity 1 is below the 2 experts"),
+    "decode figures without generated tokens": (["offload", "{w}/pred", "--capacity", "2", "--phase", "decode", "--out", "{w}/new"],
+                                                "needs generated tokens"),
+    "router lookahead without predictions": (["offload", "{w}/gen", "--capacity", "2", "--prefetch", "router-lookahead",
+                                              "--out", "{w}/new"], "--predict-next-layer"),
+    "unknown policy": (["offload", "{w}/gen", "--capacity", "2", "--policy", "lru,fifo", "--out", "{w}/new"], "unknown fifo"),
+    "unknown prefetch": (["offload", "{w}/gen", "--capacity", "2", "--prefetch", "psychic", "--out", "{w}/new"], "unknown psychic"),
+    "unknown phase": (["offload", "{w}/gen", "--capacity", "2", "--phase", "training", "--out", "{w}/new"], "unknown --phase training"),
+    "unknown link": (["offload", "{w}/gen", "--capacity", "2", "--link", "pcie9", "--out", "{w}/new"], "unknown --link"),
+    "negative bandwidth": (["offload", "{w}/gen", "--capacity", "2", "--bandwidth", "-3", "--out", "{w}/new"], "--bandwidth"),
+    "unknown dtype": (["offload", "{w}/gen", "--capacity", "2", "--dtype", "int3", "--out", "{w}/new"], "unknown --dtype"),
+    "capacity not numbers": (["offload", "{w}/gen", "--capacity", "two", "--out", "{w}/new"], "two"),
+    "no expert sizes anywhere": (["offload", "{w}/imported", "--capacity", "2", "--out", "{w}/new"], "--expert-bytes"),
+    "offload out is a file": (["offload", "{w}/gen", "--capacity", "2", "--out", "{w}/mine.txt"], "is a file"),
+    "offload out is the user's folder": (["offload", "{w}/gen", "--capacity", "2", "--out", "{w}/mydir"], "not empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_command_line(world, capsys, case):
+    argv, message = BAD[case]
+    before = _snapshot(world)
+    code = _main([a.format(w=world) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert _snapshot(world) == before  # nothing written, nothing of the user's touched

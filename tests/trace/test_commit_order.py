@@ -1,0 +1,63 @@
+"""The commit protocol's fsyncs, recorded as they happen: a listed part is durable before the manifest that lists it,
+and each commit's manifest rename is made durable (its folder fsynced) before the next step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import moescope
+
+
+def test_parts_are_fsynced_before_the_manifest_lists_them(tiny_moe, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def tracking_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def tracking_replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", tracking_fsync)
+    monkeypatch.setattr(os, "replace", tracking_replace)
+    ids = torch.randint(3, 256, (6, 8), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "t"
+    # batches of 16 tokens: shard 0 holds two (committed when full), shard 1 the last (committed by the finish)
+    moescope.capture(tiny_moe, input_ids=ids, out=out, batch_size=2, shard_tokens=24, progress=False)
+    monkeypatch.undo()
+    manifest = str(out / "manifest.json")
+    commits = [i for i, e in enumerate(events) if e == ("replace", manifest)]
+    assert len(commits) == 3  # the first manifest, shard 0's commit, then the finish that also commits shard 1
+    for n, part in enumerate(("part-00000", "part-00001")):
+        for table in ("routing", "tokens", "sequences"):
+            synced = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and path.endswith(f"{table}/{part}.parquet")]
+            folder = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and path == str(out / table)]
+            assert synced and synced[0] < commits[n + 1], (table, part)  # data on disk before it is listed
+            assert any(i < commits[n + 1] for i in folder), (table, part)  # and its name too
+    for commit in commits[1:]:  # a commit survives a crash: the manifest's folder is fsynced right after its rename
+        assert events[commit + 1] == ("fsync", str(out))
+    assert events[commits[0] + 1] != ("fsync", str(out))  # the first manifest commits nothing: no folder fsync
+    manifest_tmp = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and ".manifest.json.tmp-" in path]
+    assert len(manifest_tmp) == 3 and all(i + 1 in commits for i in manifest_tmp)  # each manifest's data before its rename
+
+
+def test_a_forked_child_can_commit_after_its_parent_did(tmp_path):
+    """The warm CLI forks its commands from one process: fsyncs must not wait on threads only the parent has."""
+    from moescope.trace.manifest import fsync_all
+
+    (tmp_path / "a").write_text("x")
+    fsync_all([tmp_path / "a", tmp_path])  # the parent's fsync threads exist now
+    pid = os.fork()
+    if pid == 0:
+        import signal
+
+        signal.alarm(20)  # a hang ends the child with SIGALRM, not the test run
+        fsync_all([tmp_path / "a", tmp_path])
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

@@ -1,0 +1,89 @@
+"""TensorRT-LLM expert statistics, written here by hand in its layout -> a load table, or a trace."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from moescope.cli.main import main
+from moescope.trace.load_table import read_load_table
+
+E, K, ITERS, MOE_LAYERS, RANKS = 8, 2, (5, 6, 7), (1, 3), 2  # decoder layers 0 and 2 are dense
+
+
+@pytest.fixture
+def statistic(tmp_path):
+    """An EXPERT_STATISTIC_PATH folder of two ranks; returns (folder, ids {(rank, iter, layer): [n, k]})."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "expert_statistic"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": E, "num_experts_per_token": K}))
+    ids = {}
+    for rank in range(RANKS):
+        counts, tokens = {}, {}
+        for it in ITERS:
+            n = int(rng.integers(1, 20))
+            for layer in MOE_LAYERS:
+                chosen = np.argsort(rng.random((n, E)), -1)[:, :K].astype(np.int32)
+                ids[rank, it, layer] = chosen
+                counts[f"{it}_{layer}"] = np.bincount(chosen.ravel(), minlength=E).astype(np.int64)
+                tokens[f"{it}_{layer}"] = chosen
+        save_file(counts, str(folder / f"rank{rank}.safetensors"))
+        save_file(tokens, str(folder / f"token_selected_experts_rank{rank}.safetensors"))
+    return folder, ids
+
+
+def test_counts_become_a_load_table_summed_over_ranks(tmp_path, statistic):
+    folder, ids = statistic
+    assert main(["import", str(folder), "--format", "trtllm", "--out", str(tmp_path / "load.parquet")]) == 0
+    table = read_load_table(tmp_path / "load.parquet")
+    assert table.windows.tolist() == list(ITERS)
+    for w, it in enumerate(ITERS):
+        for l, layer in enumerate(MOE_LAYERS):
+            expected = sum(np.bincount(ids[r, it, layer].ravel(), minlength=E) for r in range(RANKS))
+            np.testing.assert_array_equal(table.tokens[w, l], expected)
+
+
+def test_per_token_files_become_a_trace_with_one_sequence_per_rank_and_iteration(tmp_path, statistic):
+    folder, ids = statistic
+    assert main(["import", str(folder), "--format", "trtllm", "--out", str(tmp_path / "t")]) == 0
+    keys = sorted({(r, it) for r, it, _ in ids})
+    for l, layer in enumerate(MOE_LAYERS):
+        rows = duckdb.sql(f"select topk_ids from read_parquet('{tmp_path}/t/routing/*.parquet') where layer = {l} "
+                          "order by seq_id, pos").fetchnumpy()["topk_ids"]
+        np.testing.assert_array_equal(np.stack(rows), np.concatenate([ids[r, it, layer] for r, it in keys]))
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["capture"]["decoder_layers"] == list(MOE_LAYERS) and manifest["layers"][0]["n_experts"] == E
+
+
+def _fails(tmp_path, folder, capsys, out="load.parquet") -> str:
+    assert main(["import", str(folder), "--format", "trtllm", "--out", str(tmp_path / out)]) == 2
+    assert not (tmp_path / out).exists()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder}")
+    return lines[0]
+
+
+def test_malformed_statistics_are_one_line_naming_the_file(tmp_path, statistic, capsys):
+    folder, _ = statistic
+    save_file({"5_1": np.zeros(E + 1, np.int64)}, str(folder / "rank0.safetensors"))
+    assert "must hold 8 non-negative counts" in _fails(tmp_path, folder, capsys)
+    save_file({"five_1": np.zeros(E, np.int64)}, str(folder / "rank0.safetensors"))
+    assert "not an integer '<iteration>_<layer>' entry" in _fails(tmp_path, folder, capsys)
+    (folder / "rank0.safetensors").write_bytes(b"junk")
+    assert "not a safetensors file" in _fails(tmp_path, folder, capsys)
+    (folder / "meta_info.json").write_text("{}")
+    assert "num_experts" in _fails(tmp_path, folder, capsys)
+    (folder / "meta_info.json").unlink()
+    assert "meta_info.json: missing" in _fails(tmp_path, folder, capsys, out="t")
+
+
+def test_a_counts_only_folder_cannot_be_a_trace(tmp_path, statistic, capsys):
+    folder, _ = statistic
+    for rank in range(RANKS):
+        (folder / f"token_selected_experts_rank{rank}.safetensors").unlink()
+    assert "--out FILE.parquet" in _fails(tmp_path, folder, capsys, out="t")
