@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from moescope.errors import ModelLoadError
-from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, default_custom_router, shipped_model_path
+from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, debian_docs, default_custom_router, shipped_model_path
 
 TEXTS = [
     "def add(a, b):\n    return a + b  # 12345\n",
@@ -51,7 +52,7 @@ def test_tokenizer_round_trips_and_has_special_tokens(loaded, name):
     assert len(tokenizer) == model.config.vocab_size
 
 
-def test_all_three_share_one_tokenizer():
+def test_all_share_one_tokenizer():
     files = {name: (shipped_model_path(name) / "tokenizer.json").read_bytes() for name in SHIPPED_MODELS}
     assert len(set(files.values())) == 1
 
@@ -130,28 +131,105 @@ def test_varmoe_ignores_left_padding(loaded):
 
 
 def test_unknown_name_lists_the_shipped_models():
-    with pytest.raises(ModelLoadError, match="tiny-moe, tiny-dense, tiny-varmoe"):
+    with pytest.raises(ModelLoadError, match="tiny-moe, tiny-dense, tiny-varmoe, tiny-dsv3"):
         shipped_model_path("tiny-nonsense")
     assert shipped_model_path("moescope:tiny-dense").name == "tiny-dense"
 
 
-def test_weights_are_small_bf16_safetensors():
+def test_weights_are_bf16_safetensors_and_the_package_data_is_at_most_40_mb():
     from safetensors import safe_open
 
-    total = 0
     for name in SHIPPED_MODELS:
-        path = shipped_model_path(name) / "model.safetensors"
-        total += path.stat().st_size
-        with safe_open(path, "pt") as f:
-            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    assert total < 30 * 2**20
+        with safe_open(shipped_model_path(name) / "model.safetensors", "pt") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        # DeepSeek-V3 keeps its correction bias in float32 (its update steps are below bf16's resolution)
+        assert {d for k, d in dtypes.items() if not k.endswith("e_score_correction_bias")} == {"BF16"}
+        assert {d for k, d in dtypes.items() if k.endswith("e_score_correction_bias")} <= {"F32"}
+    package_data = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert package_data <= 40 * 2**20
 
 
-def test_metrics_record_held_out_perplexity_per_domain():
+def _metrics(name: str) -> dict:
+    return json.loads((WEIGHTS_DIR / name / "metrics.json").read_text())
+
+
+def test_metrics_record_training_on_at_least_10m_tokens():
     for name in SHIPPED_MODELS:
-        metrics = json.loads((WEIGHTS_DIR / name / "metrics.json").read_text())
+        metrics = _metrics(name)
         assert set(metrics["eval"]["held_out"]) == {"code", "math", "prose"}
-        assert metrics["training"]["tokens"] == metrics["training"]["steps"] * 16 * 256
+        training = metrics["training"]
+        assert training["tokens"] == training["steps"] * training["batch"] * training["seq_len"] >= 10_000_000
+        assert set(training["batch_mix"]) == {"code", "math", "prose", "docs"}
+        assert metrics["tokenizer"]["vocab_size"] == 8192
+
+
+# Held-out perplexity of the models shipped before issue 17 (README of that release; same tokenizer, same
+# windows); tiny-varmoe's as measured once its RoPE frequencies were initialised (issue 12.6), which is lower
+# than the README's 260.3 / 147.1 / 578.1. tiny-dsv3 is new: it is held to tiny-moe's old values.
+PREVIOUS_PPL = {"tiny-moe": {"code": 170.7, "math": 107.7, "prose": 450.0},
+                "tiny-dense": {"code": 181.4, "math": 113.1, "prose": 467.9},
+                "tiny-varmoe": {"code": 181.98, "math": 104.92, "prose": 469.98}}
+PREVIOUS_PPL["tiny-dsv3"] = PREVIOUS_PPL["tiny-moe"]
+
+
+# Math is the measured exception: 10 M tokens hold ~3.7 M of gsm-symbolic, whose training-split GSM8K templates the
+# models memorised (train-side perplexity ~1.5-1.8), and on unseen templates they do worse than the previous release.
+MATH_MISS = ("the retrained models memorised gsm-symbolic's training templates (train-side perplexity ~1.5) and are "
+             "worse than the previous release on unseen templates (issue 17 stays open for it)")
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_MODELS))
+def test_held_out_perplexity_is_below_the_previous_release_and_re_measures(loaded, name):
+    from moescope.models import evaluate
+
+    model, tokenizer = loaded[name]
+    recorded = _metrics(name)["eval"]
+    for domain in ("code", "prose"):
+        assert recorded["held_out"][domain]["ppl"] < PREVIOUS_PPL[name][domain], (domain, recorded["held_out"][domain])
+    check = recorded["check"]
+    texts = evaluate.held_out_texts()
+    for domain in ("code", "math", "prose"):  # the first windows again, now
+        wins = evaluate.windows(tokenizer, texts[domain])[: check["windows"]]
+        now, _ = evaluate.measure(model, wins, evaluate.token_bytes(tokenizer))
+        assert now["tokens"] == check[domain]["tokens"]
+        assert now["nll"] == pytest.approx(check[domain]["nll"], abs=2e-4)
+
+
+@pytest.mark.xfail(reason=MATH_MISS, strict=True)
+@pytest.mark.parametrize("name", list(SHIPPED_MODELS))
+def test_held_out_math_perplexity_is_below_the_previous_release(name):
+    assert _metrics(name)["eval"]["held_out"]["math"]["ppl"] < PREVIOUS_PPL[name]["math"]
+
+
+MOE_MODELS = [n for n in SHIPPED_MODELS if n != "tiny-dense"]
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_recorded_routing_meets_the_targets(name):
+    """Busiest expert <= 2x fair share and no dead expert in EVERY MoE layer; code vs prose TV > 0.1 somewhere."""
+    from moescope.models.targets import BUSIEST_MAX, FULL_TOKENS, TV_MIN
+
+    full = _metrics(name)["targets"]["full"]
+    assert full["corpus"].startswith("eval split of code, math, prose (Wikipedia + Debian documentation)")
+    assert full["max_tokens"] == FULL_TOKENS
+    assert min(full["tokens_per_domain"].values()) > FULL_TOKENS / 5  # every domain weighs in
+    layers = full["layers"]
+    assert len(layers) == (3 if name == "tiny-dsv3" else 4)
+    assert all(row["busiest_over_fair"] <= BUSIEST_MAX for row in layers), layers
+    assert all(row["dead"] == 0 for row in layers), layers
+    assert max(row["tv_code_prose"] for row in layers) > TV_MIN, layers
+    assert all(full["met"].values())
+
+
+@pytest.mark.skipif(not all((debian_docs.DPKG_INFO / f"{p}.list").is_file() for p in debian_docs.PACKAGES),
+                    reason=f"the targets' prose includes Debian documentation: {debian_docs.INSTALL_HINT}")
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_moescope_measures_now_what_the_metrics_record(name):
+    """The small capture + analyze that metrics.json recorded, repeated: the same numbers, to the digit."""
+    from moescope.models.targets import measure_routing
+
+    check = _metrics(name)["targets"]["check"]
+    assert measure_routing("moescope:" + name, check["max_tokens"], name) == check
 
 
 def test_import_is_light():
@@ -160,3 +238,62 @@ def test_import_is_light():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _np_deepseek_v3_route(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, n_group: int, topk_group: int,
+                          k: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-V3's router written out per token: (ids sorted ascending, their weights) [N, k] each."""
+    scores = 1 / (1 + np.exp(-(x @ weight.T)))  # [N, E] sigmoid
+    ids, weights = [], []
+    for s in scores:
+        biased = s + bias  # bias steers the choice only
+        groups = biased.reshape(n_group, -1)
+        group_score = np.sort(groups, axis=1)[:, -2:].sum(1)  # sum of each group's best two
+        kept = np.argsort(-group_score, kind="stable")[:topk_group]
+        allowed = np.concatenate([np.arange(g * groups.shape[1], (g + 1) * groups.shape[1]) for g in kept])
+        chosen = np.sort(allowed[np.argsort(-biased[allowed], kind="stable")[:k]])
+        ids.append(chosen)
+        weights.append(s[chosen] / s[chosen].sum())  # unbiased scores, renormalised (scaling factor 1)
+    return np.array(ids), np.array(weights)
+
+
+def test_dsv3_is_a_deepseek_v3_moe(loaded):
+    from moescope.adapters.discover import find_moe_layers
+
+    model = loaded["tiny-dsv3"][0]
+    cfg = model.config
+    assert cfg.model_type == "deepseek_v3" and cfg.n_group > 1 and 1 < cfg.topk_group < cfg.n_group
+    assert cfg.n_shared_experts == 1 and cfg.first_k_dense_replace == 1 and cfg.routed_scaling_factor == 1.0
+    layers = find_moe_layers(model)
+    assert [layer.block_path for layer in layers] == [f"model.layers.{i}.mlp" for i in (1, 2, 3)]
+    # same expert parameters per MoE layer as tiny-moe, and 3 x 128 routed + 128 shared = 512 channels per token
+    assert cfg.n_routed_experts * cfg.moe_intermediate_size == 8 * 256
+    assert (cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size == 512
+    for i in (1, 2, 3):  # balanced by the bias: it was trained away from zero, in float32
+        bias = model.model.layers[i].mlp.gate.e_score_correction_bias
+        assert bias.dtype == torch.float32 and bias.abs().max() > 0
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7, 256])
+def test_dsv3_routes_as_a_hand_written_deepseek_v3_router(loaded, n_tokens):
+    model = loaded["tiny-dsv3"][0]
+    gate = model.model.layers[2].mlp.gate
+    x = torch.randn(n_tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(n_tokens))
+    with torch.inference_mode():
+        _, weights, ids = gate(x)  # [N, k] each, slots unordered (topk sorted=False)
+    order = ids.argsort(-1)
+    ref_ids, ref_weights = _np_deepseek_v3_route(x.double().numpy(), gate.weight.detach().double().numpy(),
+                                                 gate.e_score_correction_bias.double().numpy(),
+                                                 model.config.n_group, model.config.topk_group,
+                                                 model.config.num_experts_per_tok)
+    np.testing.assert_array_equal(ids.gather(-1, order).numpy(), ref_ids)
+    np.testing.assert_allclose(weights.gather(-1, order).double().numpy(), ref_weights, rtol=1e-5)
+
+
+def test_readme_tables_are_the_shipped_metrics():
+    from pathlib import Path
+
+    from moescope.models.evaluate import readme_tables
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert readme_tables({name: _metrics(name) for name in SHIPPED_MODELS}) in readme

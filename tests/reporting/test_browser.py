@@ -150,7 +150,7 @@ def test_demo_report_in_chromium(browser, tmp_path):
     out = probe(browser, page, tmp_path, "--window-size=1280,2400", f"--screenshot={tmp_path / 'demo.png'}")
     assert out["problems"] == [] and out["broken"] == [] and out["images"] == page.count("<img") > 40
     assert "could not be drawn" not in page and "could not be read" not in page
-    for group in ("tiny-moe", "tiny-varmoe", "quant"):
+    for group in ("tiny-moe", "tiny-varmoe", "tiny-dsv3", "quant"):
         assert f"<strong>{group}</strong>" in page
-    assert page.count('class="analysis off"') <= 2  # at most: tiny-moe has no variable-size experts
+    assert page.count('class="analysis off"') <= 3  # at most: tiny-moe and tiny-dsv3 have no variable-size experts
     print(f"screenshot: {tmp_path / 'demo.png'}")

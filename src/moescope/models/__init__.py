@@ -8,7 +8,7 @@ the custom ``moescope_varmoe`` architecture with the Auto classes. `train.py` tr
 Examples
 --------
 >>> sorted(SHIPPED_MODELS)
-['tiny-dense', 'tiny-moe', 'tiny-varmoe']
+['tiny-dense', 'tiny-dsv3', 'tiny-moe', 'tiny-varmoe']
 >>> shipped_model_path("tiny-moe").name
 'tiny-moe'
 """
@@ -31,6 +31,8 @@ SHIPPED_MODELS: dict[str, str] = {
     "tiny-moe": "Qwen3-MoE, 4 layers, hidden 128, 8 experts of 256, top-2, 8k byte-level BPE (4.4 M parameters)",
     "tiny-dense": "Qwen3 dense twin of tiny-moe: one MLP of 512 = same active parameters per token (2.0 M)",
     "tiny-varmoe": "custom MoE with experts of different sizes (4 x 448 + 4 x 64), top-2; custom-router capture",
+    "tiny-dsv3": "DeepSeek-V3 style: MLA, dense first layer, 16 experts of 128, sigmoid scores, correction bias, "
+                 "top-3 within the best 2 of 4 groups, 1 shared expert",
 }
 
 # Kept in sync with architectures.VAR_EXPERT_SIZES (a test checks); read from config.json when present.

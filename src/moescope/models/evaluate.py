@@ -24,7 +24,13 @@ the total-variation distance between the code, math and prose load vectors, next
 distance between the even and odd windows of one domain); and for tiny-varmoe the share of slots sent
 to the large experts and the mean active intermediate size per token.
 
-Results go into ``weights/<name>/metrics.json`` (keys ``eval`` and ``routing``) and a printed table.
+Routing targets (MoE models only; `moescope.models.targets`): busiest expert over its fair share, dead
+experts and code-vs-prose total-variation distance per layer, measured with moescope's own capture and
+``analyze`` on the eval split.
+
+Results go into ``weights/<name>/metrics.json`` (keys ``eval``, ``routing``, ``targets``) and a printed
+table. ``eval.check`` is the perplexity of the first CHECK_WINDOWS windows per held-out domain, which the
+tests re-measure.
 
 Examples
 --------
@@ -40,18 +46,19 @@ import io
 import json
 import math
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from moescope.models import SHIPPED_MODELS, shipped_model_path
+from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, shipped_model_path
+from moescope.models.router_tap import n_routed_experts, tap_routers
 
 HELD_OUT_SPEC = {"code": "humaneval,python-stdlib", "math": "gsm-symbolic:4000", "prose": "wiki"}
 SEQ_LEN = 256
 MAX_TOKENS = 65_536  # per set: 256 windows
 BATCH = 16
+CHECK_WINDOWS = 8  # per held-out domain: the perplexity the default test run re-measures
 
 
 # ---------------------------------------------------------------- text sets
@@ -101,35 +108,12 @@ def token_bytes(tokenizer) -> torch.Tensor:
     return lengths
 
 
-@contextlib.contextmanager
-def record_routing(model) -> Iterator[list[list[torch.Tensor]]]:
-    """Yield per-layer lists of chosen expert ids (N, k) for every forward inside the block."""
-    top_k = getattr(model.config, "num_experts_per_tok", None)
-    routers = [(n, m) for n, m in model.named_modules() if n.endswith(".mlp.gate") or n.endswith(".moe.router")]
-    recorded: list[list[torch.Tensor]] = [[] for _ in routers]
-
-    def hook_for(layer: int):
-        def hook(module, args, output):
-            if isinstance(output, tuple):  # Qwen3-MoE router: (logits, top-k weights, top-k ids)
-                recorded[layer].append(output[2].detach())
-            else:  # plain linear router: logits -> softmax -> top-k, as the model does
-                recorded[layer].append(torch.topk(output.detach().float().softmax(-1), top_k, dim=-1).indices)
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(i)) for i, (_, m) in enumerate(routers)]
-    try:
-        yield recorded
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.inference_mode()
 def measure(model, wins: list[torch.Tensor], nbytes: torch.Tensor) -> tuple[dict, list[torch.Tensor] | None]:
     """Perplexity and bits/byte of `wins`; per-layer (n_windows, E) expert slot counts for MoE models."""
-    n_experts = getattr(model.config, "num_experts", None)
+    n_experts = n_routed_experts(model.config)
     total_nll, total_tokens, total_bytes, counts = 0.0, 0, 0, []
-    with record_routing(model) as recorded:
+    with tap_routers(model) as recorded:
         for start in range(0, len(wins), BATCH):
             group = wins[start : start + BATCH]
             for batch in _same_length(group):  # (b, t+1); only the last window may be shorter
@@ -140,7 +124,7 @@ def measure(model, wins: list[torch.Tensor], nbytes: torch.Tensor) -> tuple[dict
                 total_bytes += int(nbytes[targets].sum())
                 if n_experts:
                     b, t = targets.shape  # ids of each layer: (b * t, k) -> (b, E) counts per window
-                    per_layer = [torch.cat(r).view(b, t * r[0].shape[-1]) for r in recorded]
+                    per_layer = [torch.cat(r.ids).view(b, t * r.ids[0].shape[-1]) for r in recorded]
                     counts.append(torch.stack([F.one_hot(ids, n_experts).sum(1) for ids in per_layer]))
                 for r in recorded:
                     r.clear()
@@ -211,11 +195,17 @@ def evaluate(name: str, folder: Path, sets: dict[str, dict[str, list[str]]]) -> 
             results[kind][set_name], set_counts = measure(model, windows(tokenizer, texts), nbytes)
             if kind == "held_out" and set_counts is not None:
                 counts[set_name] = set_counts
+    check = {set_name: measure(model, windows(tokenizer, texts)[:CHECK_WINDOWS], nbytes)[0]
+             for set_name, texts in sets["held_out"].items()}
     out = {"eval": {"seq_len": SEQ_LEN, "max_tokens_per_set": MAX_TOKENS, "dtype": "float32 (from bf16 weights)",
-                    **results}}
+                    **results, "check": {"windows": CHECK_WINDOWS, **check}}}
     if counts:
+        from moescope.models.targets import measure_targets
+
         sizes = getattr(model.config, "expert_sizes", None)
         out["routing"] = routing_summary(counts, model.config.num_experts_per_tok, sizes)
+        shipped = folder.resolve() == (WEIGHTS_DIR / name).resolve()  # else a folder, e.g. fresh from training
+        out["targets"] = measure_targets(name if shipped else str(folder), name)
     return out
 
 
@@ -223,7 +213,7 @@ def print_table(all_metrics: dict[str, dict]) -> None:
     names = list(all_metrics)
     print(f"{'set':<22}" + "".join(f"{n + ' ppl':>16}{'bpb':>7}" for n in names))
     for kind in all_metrics[names[0]]["eval"]:
-        if not isinstance(all_metrics[names[0]]["eval"][kind], dict):
+        if not isinstance(all_metrics[names[0]]["eval"][kind], dict) or kind == "check":
             continue
         print(f"-- {kind}")
         for set_name in all_metrics[names[0]]["eval"][kind]:
@@ -233,7 +223,8 @@ def print_table(all_metrics: dict[str, dict]) -> None:
     for name, metrics in all_metrics.items():
         if "routing" not in metrics:
             continue
-        print(f"\nrouting of {name} (held-out sets; uniform busiest share = 0.125)")
+        n_experts = len(next(iter(metrics["routing"]["layers"][0]["load"].values())))
+        print(f"\nrouting of {name} (held-out sets; uniform busiest share = {1 / n_experts:.4f})")
         for i, row in enumerate(metrics["routing"]["layers"]):
             busiest = " ".join(f"{d}={v:.3f}" for d, v in row["busiest_share"].items())
             tv = " ".join(f"{k}={v:.3f}" for k, v in row["tv_distance"].items())
@@ -243,6 +234,46 @@ def print_table(all_metrics: dict[str, dict]) -> None:
                 line += " | large share " + " ".join(f"{d}={v:.3f}" for d, v in row["large_expert_share"].items())
                 line += " | active I " + " ".join(f"{d}={v:.0f}" for d, v in row["mean_active_intermediate"].items())
             print(line)
+        full = metrics["targets"]["full"]
+        print(f"targets of {name} (moescope capture + analyze, {full['corpus']}, {full['max_tokens']} tokens): "
+              + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in full["met"].items()))
+        for row in full["layers"]:
+            print(f"  MoE layer {row['layer']}: busiest/fair {row['busiest_over_fair']:.2f}, dead {row['dead']}, "
+                  f"TV code-prose {row['tv_code_prose']:.3f}")
+
+
+# Held-out perplexity of the release before issue 17 (~1 M training tokens, same tokenizer and windows);
+# tiny-varmoe re-measured with its RoPE frequencies initialised (issue 12.6; the README had 260.3 / 147.1 / 578.1).
+# tiny-dsv3 is new: it is set against tiny-moe's (same hidden size, depth, vocabulary and expert parameters).
+PREVIOUS_HELD_OUT_PPL = {"tiny-moe": {"code": 170.7, "math": 107.7, "prose": 450.0},
+                         "tiny-dense": {"code": 181.4, "math": 113.1, "prose": 467.9},
+                         "tiny-varmoe": {"code": 181.98, "math": 104.92, "prose": 469.98}}
+PREVIOUS_HELD_OUT_PPL["tiny-dsv3"] = PREVIOUS_HELD_OUT_PPL["tiny-moe"]
+README_WHAT = {"tiny-moe": "Qwen3-MoE, 8 experts × 256, top-2",
+               "tiny-dense": "Qwen3 dense twin, MLP 512 (same active params per token)",
+               "tiny-varmoe": "custom PyTorch MoE, experts 4 × 448 + 4 × 64, top-2",
+               "tiny-dsv3": "DeepSeek-V3: MLA, dense layer 0, 16 experts × 128, top-3 of 2 of 4 groups, 1 shared"}
+
+
+def readme_tables(all_metrics: dict[str, dict]) -> str:
+    """The README's two shipped-model tables (perplexity now (before); routing targets), from metrics.json."""
+    lines = ["| model | what | params | code | math | prose | news (unseen) | click sources (unseen) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in all_metrics.items():
+        held, unseen, before = m["eval"]["held_out"], m["eval"]["out_of_corpus"], PREVIOUS_HELD_OUT_PPL[name]
+        cells = [f"{held[d]['ppl']:.1f} ({before[d]:.1f})" for d in ("code", "math", "prose")]
+        cells += [f"{unseen[d]['ppl']:.1f}" for d in ("news", "click-source")]
+        lines.append(f"| `{name}` | {README_WHAT[name]} | {m['parameters'] / 1e6:.1f} M | " + " | ".join(cells) + " |")
+    lines += ["", "| model | MoE layers | busiest expert / fair share, per layer | dead experts | "
+              "TV code vs prose, per layer |", "|---|---|---|---|---|"]
+    for name, m in all_metrics.items():
+        if "targets" not in m:
+            continue
+        rows = m["targets"]["full"]["layers"]
+        per_layer = lambda key, fmt: ", ".join(format(r[key], fmt) for r in rows)  # noqa: E731
+        lines.append(f"| `{name}` | {len(rows)} | {per_layer('busiest_over_fair', '.2f')} | "
+                     f"{sum(r['dead'] for r in rows)} | {per_layer('tv_code_prose', '.2f')} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(json.dumps(metrics, indent=1) + "\n")
         all_metrics[name] = metrics
     print_table(all_metrics)
+    if args.model == "all":
+        print("\nREADME tables:\n" + readme_tables(all_metrics))
 
 
 if __name__ == "__main__":

@@ -146,8 +146,14 @@ class VarMoeModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+
+    def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """RoPE inverse frequencies, (hd/2,). Computed per call, never a buffer: `from_pretrained` builds the
+        model on the meta device and leaves non-persistent buffers that `_init_weights` does not cover
+        uninitialised (issue 12.6), so a buffer here made every load compute something different."""
+        exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+        return 1.0 / self.rope_theta**exponents
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         B, T = input_ids.shape
@@ -160,7 +166,7 @@ class VarMoeModel(nn.Module):
             mask = causal[None] & keep[:, None, :] | torch.eye(T, dtype=torch.bool, device=keep.device)[None]
             mask = mask[:, None]  # (B, 1, T, T); the diagonal keeps padded rows finite
             positions = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
-        freqs = positions[..., None].float() * self.inv_freq  # (B|1, T, hd/2)
+        freqs = positions[..., None].float() * self.rope_inv_freq(input_ids.device)  # (B|1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, T, hd)
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -2,6 +2,7 @@
 
     out/traces/tiny-moe      capture of moescope:tiny-moe over code + math + prose (eval split)
     out/traces/tiny-varmoe   the variable-size-expert model, same text (cost per token)
+    out/traces/tiny-dsv3     the DeepSeek-V3-style model (sigmoid scores, correction bias, groups, shared expert)
     out/results/<model>/     every analysis: tables + summary.json
     out/quant/               router vs experts quantization sensitivity, MoE against the dense twin
     out/report.html          everything in one page
@@ -47,7 +48,7 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
     out = prepare_output_folder(out, markers=("traces", "results", "quant", "report.html"), what="demo outputs")
     outputs: dict[str, str] = {}
     started = time.perf_counter()
-    models = ("tiny-moe", "tiny-varmoe")
+    models = ("tiny-moe", "tiny-varmoe", "tiny-dsv3")
     if "capture" in steps:
         for name in models:
             print(f"[demo] capturing moescope:{name} over {DEMO_CORPUS} (eval split, {max_tokens} tokens)")
