@@ -280,7 +280,7 @@ def train_model(name: str, tokenizer, streams, steps: int, device: torch.device,
     history, first_step, elapsed_before = [], 0, 0.0
     resume_file = checkpoint_dir / name / "resume.pt" if checkpoint_dir else None
     if resume and resume_file and resume_file.is_file():
-        state = torch.load(resume_file, map_location=device, weights_only=False)
+        state = torch.load(resume_file, map_location=device, weights_only=True)
         if state["steps"] != steps:
             raise TrainingError(f"{resume_file} is a run of {state['steps']} steps, not {steps}; pass --steps "
                                 f"{state['steps']} or another --checkpoint-dir")
