@@ -53,16 +53,21 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-_SYNC_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: a forked child must not inherit the parent's threads
+_IO_POOLS: dict[int, ThreadPoolExecutor] = {}  # per process: a forked child must not inherit the parent's threads
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """This process's threads for file work that releases the GIL (fsyncs, Parquet encoding)."""
+    pool = _IO_POOLS.get(os.getpid())
+    if pool is None:
+        pool = _IO_POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moescope-io")
+    return pool
 
 
 def fsync_all(paths: list[Path]) -> None:
     """fsync files and folders concurrently: the filesystem commits them together (ext4 here: 3 parts and their
     3 folders in about one fsync's time instead of six), and each is durable on return."""
-    pool = _SYNC_POOLS.get(os.getpid())
-    if pool is None:
-        pool = _SYNC_POOLS[os.getpid()] = ThreadPoolExecutor(max_workers=8, thread_name_prefix="moescope-fsync")
-    for done in [pool.submit(fsync_path, p) for p in paths]:
+    for done in [io_pool().submit(fsync_path, p) for p in paths]:
         done.result()
 
 

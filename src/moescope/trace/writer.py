@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
-from moescope.trace.manifest import MANIFEST, fsync_all, read_manifest, sha256_file, write_manifest
+from moescope.trace.manifest import MANIFEST, fsync_all, io_pool, read_manifest, write_manifest
 from moescope.trace.schema import SCHEMA_VERSION, TABLES
 
 LOCK = ".moescope.lock"
@@ -58,24 +60,34 @@ def _is_manifest_tmp(name: str) -> bool:
     return name.startswith(f".{MANIFEST}.tmp-")
 
 
+def _write_part(folder: Path, name: str, table: pa.Table, index: int) -> tuple[Path, dict]:
+    """Encode one table's part in memory, write it under a temporary name and rename it (not yet fsynced):
+    (its path, its manifest entry). The checksum is taken from the bytes written, not read back."""
+    rel = f"{name}/part-{index:05d}.parquet"
+    final = Path(folder) / rel
+    tmp = final.with_name(f".{final.name}.tmp")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **_parquet_options(name))
+    data = sink.getvalue()
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, final)
+    return final, {"path": rel, "rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_parts(folder: Path, tables: dict[str, pa.Table], index: int) -> dict:
-    """Write shard `index`'s part files (temporary name, rename; then the parts and their folders fsynced
-    together) and return their manifest entries: on disk, durably, when this returns.
+    """Write shard `index`'s part files (the tables encoded concurrently, each to a temporary name and renamed;
+    then the parts and their folders fsynced together) and return their manifest entries: on disk, durably,
+    when this returns.
 
     Safe to repeat: a retried shard overwrites its own files. Not yet part of the trace until
     `TraceWriter.commit_shard` lists them (an unlisted part is deleted when a writer next opens the folder).
     """
-    files, written = {}, []
-    for name in TABLES:
-        rel = f"{name}/part-{index:05d}.parquet"
-        final = Path(folder) / rel
-        tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(tables[name], tmp, **_parquet_options(name))
-        os.replace(tmp, final)
-        files[name] = {"path": rel, "rows": tables[name].num_rows, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
-        written.append(final)
-    fsync_all([*written, *(Path(folder) / name for name in TABLES)])
-    return files
+    pending = {name: io_pool().submit(_write_part, folder, name, tables[name], index) for name in TABLES}
+    futures_wait(pending.values())  # all ended, so a failed part's error is raised with no write still running
+    written = {name: done.result() for name, done in pending.items()}  # table order, whatever order they finished in
+    fsync_all([*(path for path, _ in written.values()), *(Path(folder) / name for name in TABLES)])
+    return {name: entry for name, (_, entry) in written.items()}
 
 
 class TraceWriter:
