@@ -1,0 +1,37 @@
+"""The benchmark scripts still run against today's code (an analysis added to the suite once broke bench/analysis.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+ENV = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src")}
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=BENCH.parent, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_imports_and_shows_its_help(script):
+    done = _run(f"bench/{script}", "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
+
+
+def test_analysis_benchmark_runs_every_compared_analysis_and_they_agree():
+    done = _run("bench/analysis.py", "--rows", "4e4", "--layers", "4", "--loop-tokens", "200", "--reps", "1",
+                "--skip-memory", "--shard-tokens", "2000")
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout.split("per analysis:")[1]
+    from moescope.analysis.reference import REFERENCES
+
+    for name in REFERENCES:
+        line = next(l for l in table.splitlines() if l.startswith(name + " "))
+        assert line.rstrip().endswith("yes"), line
