@@ -9,7 +9,9 @@ Every measurement is one child process; its peak resident set size (ru_maxrss of
 os.wait4) is what is reported, as median (min–max) over --reps repetitions run interleaved (bench/_timing.py).
   model   `moescope capture` and `moescope analyze` of the shipped model on a corpus and on one --factor times
           larger, next to a process that only imports moescope, torch and transformers (the floor every step
-          pays). Memory should be bounded by one shard, not by the corpus. token_specialisation also runs alone:
+          pays) and to the capture's forward passes alone (same model, dtype, corpus and batches, no moescope:
+          what the model's own forward adds as the corpus grows; in bfloat16 on the CPU that grows with the
+          number of distinct batch shapes). Capture's own memory should be bounded by one shard, not by the corpus. token_specialisation also runs alone:
           its state grows with the distinct (token, layer, expert set) triples seen (bounded by vocabulary x
           layers x combinations, not by the trace's length).
   states  the analyses whose states are fixed-size sums (load, aux_losses, coactivation, cross_layer,
@@ -69,6 +71,9 @@ def bench_model(args, out: Path) -> None:
         "capture", args.model, "--data", args.data, "--out", str(out / f"trace-{label}"), "--max-tokens", str(tokens),
         "--shard-tokens", str(args.shard_tokens), "--device", "cpu", "--no-progress"), out / f"trace-{label}")
         for label, tokens in sizes.items()}
+    captures.update({f"forward {label}": (f"forward {label}", [sys.executable, __file__, "--child-forward", str(tokens),
+                                                               "--model", args.model, "--data", args.data], None)
+                     for label, tokens in sizes.items()})
     analyses = {}
     for label in sizes:
         trace, results = out / f"trace-{label}", out / f"results-{label}"
@@ -84,10 +89,31 @@ def bench_model(args, out: Path) -> None:
     for name, values in peaks.items():
         label = name.split()[-1]
         print(f"{name:<22} {sizes[label]:>8} {Spread.of(values).text('.0f'):>20} {Spread.of(seconds[name]).text('.1f'):>20}")
-    for step in ("capture", "analyze", "token_spec."):
+    for label in sizes:  # what moescope adds to the model's own forward passes, per rep
+        added = [c - f for c, f in zip(peaks[f"capture {label}"], peaks[f"forward {label}"])]
+        print(f"capture - forward, {label:<6} {Spread.of(added).text('+.0f')} MiB (moescope's hooks, buffers and writer)")
+    for step in ("forward", "capture", "analyze", "token_spec."):
         small, large = (Spread.of(peaks[f"{step} {label}"]) for label in sizes)
         print(f"large / small peak, {step:<12} {large.median / small.median:.2f}x "
               f"(range {large.lo / small.hi:.2f}–{large.hi / small.lo:.2f}x; {large.median - small.median + 0.0:+.0f} MiB)")
+
+
+def forward_child(tokens: int, model_name: str, data: str) -> None:
+    """The capture's forward passes alone (same model, dtype, corpus and batches; no hooks, nothing written): what
+    the model itself adds to the peak as the corpus grows (in a child process)."""
+    import torch
+
+    from moescope.api import _documents
+    from moescope.recording.batches import batched, make_batch, sequences_from_documents, start_tokens
+    from moescope.recording.loading import load_model
+
+    model, tokenizer = load_model(model_name, device="cpu")  # the capture's default dtype
+    docs, _ = _documents(data, None)
+    sequences = sequences_from_documents(docs, tokenizer, seq_len=256, max_tokens=tokens, start=list(start_tokens(tokenizer)))
+    with torch.inference_mode():
+        for group in batched(sequences, 8):
+            batch = make_batch(group, tokenizer.pad_token_id or 0)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 
 
 def states_child(n_shards: int, shard_tokens: int, reduce: str) -> None:
@@ -138,10 +164,13 @@ def main() -> None:
     parser.add_argument("--state-shard-tokens", type=int, default=256)
     parser.add_argument("--out", default="bench/out/memory")
     parser.add_argument("--child-states", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-forward", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reduce", choices=("fold", "tree"), default="fold", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_states is not None:
         return states_child(args.child_states, args.state_shard_tokens, args.reduce)
+    if args.child_forward is not None:
+        return forward_child(args.child_forward, args.model, args.data)
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.part in ("model", "all"):
         out = Path(args.out)
