@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
+import numpy as np
 
 from moescope.monitor.alerts import AlertState, Thresholds
 
 
 def _check(state: AlertState, step: int, entropy: float, shares: list[float]):
-    experts = pd.DataFrame({"layer": 0, "expert": range(len(shares)), "share": shares})
-    rows = pd.DataFrame({"step": step, "layer": [0, -1], "metric": "router_entropy", "value": [entropy, entropy]})
-    return state.check(step, experts, rows)
+    alerts, n_cold, n_dead = state.check(step, np.array([shares]), np.array([entropy]))
+    return alerts, {0: (int(n_cold[0]), int(n_dead[0]))}
 
 
 def test_a_falling_trend_alerts_once_and_again_after_it_cleared():

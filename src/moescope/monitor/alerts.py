@@ -14,7 +14,6 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from moescope.errors import MoescopeError
 
@@ -43,39 +42,40 @@ class AlertState:
         self.entropy = defaultdict(lambda: deque(maxlen=thresholds.trend_window))
         self.tripped: set[tuple[str, int]] = set()
 
-    def check(self, step: int, experts: pd.DataFrame, rows: pd.DataFrame) -> tuple[list[dict], dict[int, tuple[int, int]]]:
-        """(new alerts, {layer: (n_cold, n_dead)}) after one check; `experts` [layer, expert, share], `rows` metric rows."""
-        alerts, counts = [], {}
-        per_layer = experts[experts["layer"] >= 0]
-        share = np.zeros_like(self.cold_streak, dtype=np.float64)
-        share[per_layer["layer"].to_numpy(), per_layer["expert"].to_numpy()] = per_layer["share"].to_numpy()
-        cold = share < self.t.cold_factor / self.n_experts  # [L, E]
+    def check(self, step: int, share: np.ndarray, router_entropy: np.ndarray,
+              labels: list[int] | None = None) -> tuple[list[dict], np.ndarray, np.ndarray]:
+        """(new alerts, cold experts [L], dead experts [L]) after one check of load shares [L, E] and each layer's
+        router entropy [L] (nats); `labels` [L]: the layers' names in alerts (default 0..L-1)."""
+        alerts = []
+        labels = list(range(len(share))) if labels is None else [int(x) for x in labels]
+        cold = np.asarray(share) < self.t.cold_factor / self.n_experts  # [L, E]
         self.cold_streak = np.where(cold, self.cold_streak + 1, 0)
         dead = self.cold_streak >= self.t.dead_after
-        for layer in range(dead.shape[0]):
-            counts[layer] = (int(cold[layer].sum()), int(dead[layer].sum()))
-            ids = np.flatnonzero(dead[layer]).tolist()
+        for i, layer in enumerate(labels):
+            ids = np.flatnonzero(dead[i]).tolist()
             alerts += self._trip("dead", layer, bool(ids), step, "warning", len(ids), self.t.dead_after,
-                                 f"layer {layer}: {len(ids)} dead expert(s) {ids} (load share below "
-                                 f"{self.t.cold_factor:g}/E at {self.t.dead_after} checks in a row)")
-        entropy = rows[(rows["metric"] == "router_entropy") & (rows["layer"] >= 0)]
+                                 lambda: f"layer {layer}: {len(ids)} dead expert(s) {ids} (load share below "
+                                         f"{self.t.cold_factor:g}/E at {self.t.dead_after} checks in a row)")
         ceiling = math.log(self.n_experts)
-        for layer, value in zip(entropy["layer"].astype(int), entropy["value"]):
+        for layer, value in zip(labels, np.asarray(router_entropy, dtype=np.float64).tolist()):
+            if not math.isfinite(value):
+                continue
             ratio = value / ceiling
             alerts += self._trip("collapse", layer, ratio < self.t.collapse_ratio, step, "critical", ratio, self.t.collapse_ratio,
-                                 f"layer {layer}: router entropy {value:.3f} nats is {ratio:.0%} of its maximum "
-                                 f"log {self.n_experts} = {ceiling:.3f} (threshold {self.t.collapse_ratio:.0%})")
+                                 lambda: f"layer {layer}: router entropy {value:.3f} nats is {ratio:.0%} of its maximum "
+                                         f"log {self.n_experts} = {ceiling:.3f} (threshold {self.t.collapse_ratio:.0%})")
             history = self.entropy[layer]
             history.append(value)
             falling = (len(history) == history.maxlen and all(b < a for a, b in zip(history, list(history)[1:]))
                        and history[0] > 0 and (history[0] - history[-1]) / history[0] >= self.t.trend_drop)
             drop = (history[0] - history[-1]) / history[0] if history[0] > 0 else 0.0
             alerts += self._trip("trend", layer, falling, step, "warning", drop, self.t.trend_drop,
-                                 f"layer {layer}: router entropy fell at each of the last {len(history)} checks, "
-                                 f"{history[0]:.3f} -> {history[-1]:.3f} nats ({drop:.0%})")
-        return alerts, counts
+                                 lambda: f"layer {layer}: router entropy fell at each of the last {len(history)} checks, "
+                                         f"{history[0]:.3f} -> {history[-1]:.3f} nats ({drop:.0%})")
+        return alerts, cold.sum(1), dead.sum(1)
 
-    def _trip(self, kind: str, layer: int, condition: bool, step: int, severity: str, value, threshold, message: str) -> list[dict]:
+    def _trip(self, kind: str, layer: int, condition: bool, step: int, severity: str, value, threshold, message) -> list[dict]:
+        """[the alert] if `condition` newly holds, else []; `message()` is formatted only then."""
         key = (kind, layer)
         if not condition:
             self.tripped.discard(key)
@@ -83,5 +83,5 @@ class AlertState:
         if key in self.tripped:
             return []
         self.tripped.add(key)
-        return [{"step": step, "severity": severity, "kind": kind, "layer": layer, "message": message,
+        return [{"step": step, "severity": severity, "kind": kind, "layer": layer, "message": message(),
                  "value": float(value), "threshold": float(threshold)}]

@@ -170,13 +170,13 @@ class RoutingMonitor(TrainerCallback):
             return []
         tables, _ = shard_tables(blocks, sequences)
         shard = next(MemoryTrace(self._manifest, [tables]).shards())
-        rows, experts = step_metrics(shard, self._ctx, step)
-        alerts, counts = self._state.check(step, experts, rows)
-        extra = pd.DataFrame([(step, layer, name, float(value)) for layer, (cold, dead) in counts.items()
-                              for name, value in (("n_cold", cold), ("n_dead", dead))], columns=list(rows.columns))
-        rows = pd.concat([rows, extra], ignore_index=True)
-        self._frames.append(rows)
-        self._pending_logs = _scalars(rows)
+        stats = step_metrics(shard, self._ctx)
+        n_layers = stats.share.shape[0]
+        alerts, n_cold, n_dead = self._state.check(step, stats.share, stats.values["router_entropy"][:n_layers],
+                                                   stats.labels[:n_layers])
+        counts = {"n_cold": n_cold, "n_dead": n_dead}
+        self._frames.append(stats.rows(step, counts))
+        self._pending_logs = stats.scalars(counts)
         self.alerts += alerts
         if alerts and self.out is not None:
             with open(self.out / "alerts.jsonl", "a", encoding="utf-8") as f:
@@ -219,13 +219,6 @@ class RoutingMonitor(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()
-
-
-def _scalars(rows: pd.DataFrame) -> dict[str, float]:
-    """Log scalars of one check: `moe/<metric>` for all layers, `moe/<metric>/layer<L>` per layer (no per-expert shares)."""
-    kept = rows[~rows["metric"].str.startswith("load_share/")]
-    return {(f"moe/{m}" if layer < 0 else f"moe/{m}/layer{layer}"): float(v)
-            for layer, m, v in zip(kept["layer"], kept["metric"], kept["value"]) if np.isfinite(v)}
 
 
 def _run_first(monitor: RoutingMonitor) -> None:

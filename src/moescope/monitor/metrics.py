@@ -8,6 +8,7 @@ router z-loss (from the recorded router logits), router entropy and top-k weight
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -39,21 +40,46 @@ def _per_layer(results: dict) -> dict[str, np.ndarray]:
     }
 
 
-def step_metrics(shard: ShardData, ctx: AnalysisContext, step: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows [step, layer, metric, value], per-expert shares [layer, expert, share]) of one recorded step."""
+@dataclass
+class StepMetrics:
+    """One recorded step's statistics: per layer, then all layers pooled (label -1)."""
+
+    labels: np.ndarray  # int64 [L + 1]: the MoE layers' indices, then -1
+    values: dict[str, np.ndarray]  # {metric: float64 [L + 1]}
+    share: np.ndarray  # float64 [L, E]: each expert's share of its layer's routing slots
+
+    def rows(self, step: int, per_layer: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+        """Rows [step, layer, metric, value]: the metrics (those finite anywhere), each expert's load share
+        (`load_share/<e>`), then `per_layer` extras ({metric: [L]}, no pooled value)."""
+        L, E = self.share.shape
+        names = [name for name, values in self.values.items() if np.isfinite(values).any()]
+        extra = per_layer or {}
+        return pd.DataFrame({
+            "step": step,
+            "layer": np.concatenate([np.tile(self.labels, len(names)), np.repeat(self.labels[:L], E),
+                                     np.tile(self.labels[:L], len(extra))]),
+            "metric": np.concatenate([np.repeat(np.array(names, dtype=object), len(self.labels)),
+                                      np.array([f"load_share/{e}" for e in range(E)] * L, dtype=object),
+                                      np.repeat(np.array(list(extra), dtype=object), L)]),
+            "value": np.concatenate([*(np.asarray(self.values[n], dtype=np.float64) for n in names), self.share.ravel(),
+                                     *(np.asarray(v, dtype=np.float64) for v in extra.values())]),
+        })
+
+    def scalars(self, per_layer: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Trainer log scalars: `moe/<metric>` for all layers, `moe/<metric>/layer<L>` per layer (no per-expert shares)."""
+        out = {}
+        for name, values in {**self.values, **(per_layer or {})}.items():
+            for layer, value in zip(self.labels.tolist(), np.asarray(values, dtype=np.float64).tolist()):
+                if math.isfinite(value):
+                    out[f"moe/{name}" if layer < 0 else f"moe/{name}/layer{layer}"] = value
+        return out
+
+
+def step_metrics(shard: ShardData, ctx: AnalysisContext) -> StepMetrics:
+    """The statistics of one recorded step (its routing as one shard)."""
     results = run_analyses([shard], ctx, only=list(ANALYSES))
     metrics = _per_layer(results)
     metrics["router_entropy_norm"] = metrics["router_entropy"] / math.log(ctx.n_experts)  # relative to its maximum
     labels = np.array(layer_labels(results["load"].layers), dtype=np.int64)  # [L + 1]: ..., -1
-    share = results["load"].share  # [L, E]
-    L, E = share.shape
-    names = [name for name, values in metrics.items() if np.isfinite(values).any()]
-    rows = pd.DataFrame({
-        "step": step,
-        "layer": np.concatenate([np.tile(labels, len(names)), np.repeat(labels[:L], E)]),
-        "metric": np.concatenate([np.repeat(np.array(names, dtype=object), len(labels)),
-                                  np.array([f"load_share/{e}" for e in range(E)] * L, dtype=object)]),
-        "value": np.concatenate([*(np.asarray(metrics[n], dtype=np.float64) for n in names), share.ravel()]),
-    })
-    experts = pd.DataFrame({"layer": np.repeat(labels[:L], E), "expert": np.tile(np.arange(E), L), "share": share.ravel()})
-    return rows, experts
+    return StepMetrics(labels, {name: np.asarray(v, dtype=np.float64) for name, v in metrics.items()},
+                       np.asarray(results["load"].share, dtype=np.float64))
