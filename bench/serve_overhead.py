@@ -5,7 +5,10 @@
 Starts two `vllm serve` processes of moescope:tiny-moe from .venv-vllm (scripts/setup-vllm.sh), identical but
 for the plugin, both eager, float32, no prefix caching. Each repetition sends the same burst of completions
 (random token-id prompts, greedy, `--concurrency` at a time) to one server, then to the other, alternating which
-goes first, so machine noise hits both alike; one server idles while the other is measured. Prints routed
+goes first, so machine noise hits both alike; one server idles while the other is measured, and each burst waits
+--settle seconds first (on 2 cores, a burst sent right after the other server's was up to 4x slower while that
+server's processes were still busy: without it, the plugin's server measured 1,850 or 7,400 tokens/s by which
+server had run just before). Prints routed
 tokens/s per server (median of reps) and the per-repetition slowdown plugin / plain with its min-max spread.
 """
 
@@ -54,6 +57,8 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds to wait before each burst (lets the other server's processes go idle)")
     parser.add_argument("--vllm-env", default=str(ROOT / ".venv-vllm"))
     parser.add_argument("--plugin-env", action="append", default=[], metavar="NAME=VALUE",
                         help="more environment for the plugin's server, e.g. MOESCOPE_VLLM_INTERVAL_S=10")
@@ -80,6 +85,7 @@ def main() -> int:
         for rep in range(args.reps):
             order = ["plain", "plugin"] if rep % 2 == 0 else ["plugin", "plain"]
             for name in order:
+                time.sleep(args.settle)
                 rates[name].append(burst(servers[name], prompts, args.max_tokens, args.concurrency))
     finally:
         for server in servers.values():
@@ -87,7 +93,8 @@ def main() -> int:
     slowdown = [plain / plugin - 1 for plain, plugin in zip(rates["plain"], rates["plugin"])]  # time ratio - 1
     routed = args.requests * (args.prompt_len + args.max_tokens - 1)
     print(f"moescope:tiny-moe, {args.reps} interleaved reps of {args.requests} requests x ({args.prompt_len} prompt + "
-          f"{args.max_tokens} generated tokens), {args.concurrency} at a time: {routed} routed tokens per burst")
+          f"{args.max_tokens} generated tokens), {args.concurrency} at a time, {args.settle:g} s settle before each: "
+          f"{routed} routed tokens per burst")
     print(f"{'server':<18}{'routed tokens/s':>16}  (median; min-max)")
     for name, label in (("plain", "plain"), ("plugin", "moescope plugin")):
         r = rates[name]
