@@ -6,9 +6,9 @@ Starts two `vllm serve` processes of moescope:tiny-moe from .venv-vllm (scripts/
 for the plugin, both eager, float32, no prefix caching. Each repetition sends the same burst of completions
 (random token-id prompts, greedy, `--concurrency` at a time) to one server, then to the other, alternating which
 goes first, so machine noise hits both alike; one server idles while the other is measured, and each burst waits
---settle seconds first (on 2 cores, a burst sent right after the other server's was up to 4x slower while that
-server's processes were still busy: without it, the plugin's server measured 1,850 or 7,400 tokens/s by which
-server had run just before). Prints routed
+--settle seconds first. Without the wait, on 2 cores, the plugin's server ran about 4x slower (1,850 against
+7,400 tokens/s) in every burst sent right after the plain server's, and as fast as plain after its own; the cause
+was not pinned down (it stays with the plugin's publisher thread idle); with 3 s between bursts it is gone. Prints routed
 tokens/s per server (median of reps) and the per-repetition slowdown plugin / plain with its min-max spread.
 """
 
