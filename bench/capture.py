@@ -17,6 +17,7 @@ and bytes per (token, MoE layer) of the trace against the same routing exported 
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import tempfile
 from pathlib import Path
@@ -66,6 +67,9 @@ def make_ids(model_name: str | None, vocab: int, n_batches: int, batch: int, seq
     return torch.randint(1, vocab, (n_batches * batch, seq), generator=torch.Generator().manual_seed(0))
 
 
+_RUNS = itertools.count()  # numbers the capture folders
+
+
 def run_plain(model, ids, batch):
     with torch.inference_mode():
         for i in range(0, len(ids), batch):
@@ -102,9 +106,10 @@ def run_nnsight(model, ids, batch):
     return kept
 
 
-def run_moescope(model, ids, batch, out: Path):
-    shutil.rmtree(out, ignore_errors=True)
-    return moescope.capture(model, input_ids=ids, out=out, batch_size=batch, progress=False)
+def run_moescope(model, ids, batch, parent: Path, name: str):
+    """A whole capture into a new folder under `parent` (each run its own: deleting the previous run's trace
+    would be timed as the capture's; all are deleted at the end)."""
+    return moescope.capture(model, input_ids=ids, out=parent / f"{name}-{next(_RUNS)}", batch_size=batch, progress=False)
 
 
 def _print_table(times: dict[str, list[float]], n_tokens: int) -> None:
@@ -128,7 +133,7 @@ def main() -> None:
     n_tokens = ids.numel()
     work = Path(tempfile.mkdtemp(prefix="moescope-bench-"))
     ways = {"plain": lambda: run_plain(model, ids, args.batch_size),
-            "moescope": lambda: run_moescope(model, ids, args.batch_size, work / "trace"),
+            "moescope": lambda: run_moescope(model, ids, args.batch_size, work, "trace"),
             "router_logits": lambda: run_router_logits(model, ids, args.batch_size)}
     try:
         import nnsight  # noqa: F401
@@ -143,13 +148,14 @@ def main() -> None:
     _print_table(times, n_tokens)
     one = ids[: args.batch_size]
     small = interleave({"plain": lambda: run_plain(model, one, args.batch_size),
-                         "moescope": lambda: run_moescope(model, one, args.batch_size, work / "small")}, args.small_reps)
+                         "moescope": lambda: run_moescope(model, one, args.batch_size, work, "small")}, args.small_reps)
     print(f"small: one batch of {args.batch_size}x{args.seq_len} ({one.numel()} tokens), a whole capture per run, "
           f"{args.small_reps} reps")
     _print_table(small, one.numel())
-    trace = moescope.open_trace(work / "trace")
+    last = run_moescope(model, ids, args.batch_size, work, "trace")  # one more, to measure its size
+    trace = moescope.open_trace(last.folder)
     cells = trace.n_tokens * trace.n_layers
-    trace_bytes = sum(p.stat().st_size for p in (work / "trace").rglob("*.parquet"))
+    trace_bytes = sum(p.stat().st_size for p in Path(last.folder).rglob("*.parquet"))
     from moescope.trace.exchange import export_trace
 
     export_trace(trace, work / "routing.jsonl", fmt="jsonl")
