@@ -106,12 +106,15 @@ def forward_child(tokens: int, model_name: str, data: str) -> None:
     from moescope.api import _documents
     from moescope.recording.batches import batched, make_batch, sequences_from_documents, start_tokens
     from moescope.recording.loading import load_model
+    from moescope.recording.runner import CaptureOptions
 
-    model, tokenizer = load_model(model_name, device="cpu")  # the capture's default dtype
+    opts = CaptureOptions()  # the capture's default batches
+    model, tokenizer = load_model(model_name, device="cpu")  # and its default dtype
     docs, _ = _documents(data, None)
-    sequences = sequences_from_documents(docs, tokenizer, seq_len=256, max_tokens=tokens, start=list(start_tokens(tokenizer)))
+    sequences = sequences_from_documents(docs, tokenizer, seq_len=opts.seq_len, max_tokens=tokens,
+                                         start=list(start_tokens(tokenizer)))
     with torch.inference_mode():
-        for group in batched(sequences, 8):
+        for group in batched(sequences, opts.batch_size):
             batch = make_batch(group, tokenizer.pad_token_id or 0)
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
 
