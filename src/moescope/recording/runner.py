@@ -147,7 +147,8 @@ class ShardBuffer:
 
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
     device = next(model.parameters()).device
-    gpus = {p.device for p in model.parameters() if p.device.type == "cuda"}  # several with --device-map
+    # several with --device-map; none unless CUDA was initialised (skips a walk over every parameter on CPU)
+    gpus = {p.device for p in model.parameters() if p.device.type == "cuda"} if torch.cuda.is_initialized() else set()
     forward = forward_call(model)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
                                predict_next_layer=opts.predict_next_layer, save_expert_norms=opts.save_expert_norms,

@@ -27,15 +27,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, sync_first: list[Path] = ()) -> None:
     """Write `data` to `path` so that `path` is either the old file or the complete new one, even after a crash
     (the data is fsynced before the rename). `durable`: also fsync the folder, so the rename itself survives
-    a crash; without it a crash may leave the old file (or none), never a damaged one."""
+    a crash; without it a crash may leave the old file (or none), never a damaged one. `sync_first`: files and
+    folders that must be durable before the rename, fsynced in the same round as the data."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_all([tmp, *sync_first])
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
@@ -67,6 +67,9 @@ def io_pool() -> ThreadPoolExecutor:
 def fsync_all(paths: list[Path]) -> None:
     """fsync files and folders concurrently: the filesystem commits them together (ext4 here: 3 parts and their
     3 folders in about one fsync's time instead of six), and each is durable on return."""
+    if len(paths) == 1:  # no thread to hand it to
+        fsync_path(paths[0])
+        return
     for done in [io_pool().submit(fsync_path, p) for p in paths]:
         done.result()
 
@@ -84,8 +87,9 @@ def manifest_text(manifest: dict) -> str:
     return "{\n " + ",\n ".join(lines) + "\n}\n"
 
 
-def write_manifest(folder: Path, manifest: dict, *, durable: bool = True) -> None:
-    atomic_write_bytes(folder / MANIFEST, manifest_text(manifest).encode(), durable=durable)
+def write_manifest(folder: Path, manifest: dict, *, sync_first: list[Path] = ()) -> None:
+    """Replace the manifest atomically and durably; `sync_first`: what it lists that is not yet fsynced."""
+    atomic_write_bytes(folder / MANIFEST, manifest_text(manifest).encode(), sync_first=sync_first)
 
 
 def read_manifest(folder: Path) -> dict:

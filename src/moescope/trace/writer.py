@@ -9,10 +9,12 @@ folder.
 
 Which fsyncs are needed: a listed part must be on disk before the manifest that lists it is (parts and
 folders, fsynced before the manifest is renamed), and a commit must survive a crash once made (the
-manifest's folder, fsynced after the rename). Not needed: the first manifest's rename (lost in a crash,
-the folder holds no manifest and the rerun starts afresh: nothing was committed), and a separate commit
-of the last shard when `finish` follows at once (`write_shard(..., commit=False)`: the finishing manifest
-commits it, in one durable write instead of two).
+manifest's folder, fsynced after the rename). Not needed: a manifest before the first commit (a folder with
+no manifest holds nothing committed; a crash there leaves only unlisted parts, deleted by the rerun, which
+starts afresh), and a separate commit of the last shard when `finish` follows at once
+(`write_shard(..., commit=False)`: its parts are fsynced together with the finishing manifest's data, which
+then commits it, in one durable write instead of two). `--overwrite` removes the old manifest, durably,
+before it deletes any part, so no manifest ever lists a deleted part.
 Opening a complete trace with the same settings writes nothing (`already_complete`): rerunning a finished job
 succeeds without redoing it.
 """
@@ -39,11 +41,15 @@ RESUME_KEYS = ("model", "corpus", "capture")
 
 
 ZSTD_LEVEL = 9  # level 15 is 10 % smaller but writes 0.65 M rows/s, slower than an H100 prefill (bench/gpu_capture.py)
+# A part of fewer rows (a one-batch capture, a capture's last shard) is written at level 3: ~5 % larger, a few KB,
+# and half the encoding time, which there is the capture's critical path (8 x 256 x 4 layers: 1.7 -> 0.85 ms).
+SMALL_PART_ROWS, SMALL_PART_ZSTD_LEVEL = 1 << 16, 3
 
 
-def _parquet_options(table: str) -> dict:
+def _parquet_options(table: str, rows: int) -> dict:
     """zstd with encodings picked per column (measured in bench/capture.py: ~0.5 B/row less than defaults)."""
-    options = dict(compression="zstd", compression_level=ZSTD_LEVEL, write_statistics=False)
+    level = SMALL_PART_ZSTD_LEVEL if rows < SMALL_PART_ROWS else ZSTD_LEVEL
+    options = dict(compression="zstd", compression_level=level, write_statistics=False)
     if table == "routing":
         # expert ids: few distinct values -> dictionary; gate weights: floats compress far better split
         # into byte planes (the exponent plane is nearly constant)
@@ -67,7 +73,7 @@ def _write_part(folder: Path, name: str, table: pa.Table, index: int) -> tuple[P
     final = Path(folder) / rel
     tmp = final.with_name(f".{final.name}.tmp")
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **_parquet_options(name))
+    pq.write_table(table, sink, **_parquet_options(name, table.num_rows))
     data = sink.getvalue()
     with open(tmp, "wb") as f:
         f.write(data)
@@ -83,11 +89,18 @@ def write_parts(folder: Path, tables: dict[str, pa.Table], index: int) -> dict:
     Safe to repeat: a retried shard overwrites its own files. Not yet part of the trace until
     `TraceWriter.commit_shard` lists them (an unlisted part is deleted when a writer next opens the folder).
     """
+    files, unsynced = write_parts_unsynced(folder, tables, index)
+    fsync_all(unsynced)
+    return files
+
+
+def write_parts_unsynced(folder: Path, tables: dict[str, pa.Table], index: int) -> tuple[dict, list[Path]]:
+    """`write_parts` without its fsync round: (manifest entries, the paths to fsync before they are listed)."""
     pending = {name: io_pool().submit(_write_part, folder, name, tables[name], index) for name in TABLES}
     futures_wait(pending.values())  # all ended, so a failed part's error is raised with no write still running
     written = {name: done.result() for name, done in pending.items()}  # table order, whatever order they finished in
-    fsync_all([*(path for path, _ in written.values()), *(Path(folder) / name for name in TABLES)])
-    return {name: entry for name, (_, entry) in written.items()}
+    unsynced = [*(path for path, _ in written.values()), *(Path(folder) / name for name in TABLES)]
+    return {name: entry for name, (_, entry) in written.items()}, unsynced
 
 
 class TraceWriter:
@@ -97,6 +110,7 @@ class TraceWriter:
         self.folder = Path(folder)
         self._lock_fd: int | None = None
         self._unwritten = False  # a shard is listed in self.manifest but not yet on disk
+        self._unsynced: list[Path] = []  # its parts and folders, fsynced with the manifest that lists them
         self._prepare_folder()
         self._lock()
         self.already_complete = False  # True: the folder holds this very trace, finished; nothing is written
@@ -143,7 +157,8 @@ class TraceWriter:
             old = read_manifest(self.folder)
             differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
             if overwrite:
-                self._delete_parts(keep=set())
+                (self.folder / MANIFEST).unlink()  # before any part goes: never a manifest listing a deleted part
+                fsync_all([self.folder])
             elif old.get("complete") and not differs:
                 self.already_complete = True
                 return old
@@ -163,8 +178,7 @@ class TraceWriter:
         manifest = {**manifest, "schema_version": SCHEMA_VERSION, "complete": False}
         manifest.setdefault("shards", [])
         self._delete_parts(keep={f["path"] for s in manifest["shards"] for f in s["files"].values()})
-        write_manifest(self.folder, manifest, durable=False)  # no commit in it yet (see the module docstring)
-        return manifest
+        return manifest  # written at the first commit (see the module docstring)
 
     def _delete_parts(self, keep: set[str]) -> None:
         for table in TABLES:
@@ -187,7 +201,11 @@ class TraceWriter:
         `commit=False`: the parts are written and listed, but the manifest is written by the next `finish`
         (or `update`, or `close`): for the last shard of a capture, which `finish` follows at once."""
         index = self.next_index()
-        files = write_parts(self.folder, tables, index)
+        files, unsynced = write_parts_unsynced(self.folder, tables, index)
+        if commit:
+            fsync_all(unsynced)
+        else:
+            self._unsynced = unsynced
         self.commit_shard(index, files, seq_id_min=seq_id_min, seq_id_max=seq_id_max, write=commit)
 
     def commit_shard(self, index: int, files: dict, *, seq_id_min: int, seq_id_max: int, write: bool = True) -> None:
@@ -209,8 +227,8 @@ class TraceWriter:
 
     def update(self, **fields) -> None:
         self.manifest = {**self.manifest, **fields}
-        write_manifest(self.folder, self.manifest)
-        self._unwritten = False
+        write_manifest(self.folder, self.manifest, sync_first=self._unsynced)
+        self._unwritten, self._unsynced = False, []
 
     def close(self) -> None:
         if self._unwritten and self._lock_fd is not None:  # a shard listed for `finish`, which never came
