@@ -111,13 +111,17 @@ class ShardBuffer:
 
     def flush(self, last: bool = False) -> None:
         """Hand what is buffered to the writer thread (after the previous shard is committed). The `last` shard is
-        committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
+        written on this thread, since no forward pass is left to overlap it with (a hand-off there only adds the
+        thread's wake-up), and committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
         if not self.blocks:
             return
         blocks, sequences = self.blocks, self.sequences
         self.blocks, self.sequences = [], []
         self.wait()
-        self._pending = self._pool.submit(self._commit, blocks, sequences, last)
+        if last:
+            self._commit(blocks, sequences, last=True)
+        else:
+            self._pending = self._pool.submit(self._commit, blocks, sequences, last)
 
     def wait(self) -> None:
         """Block until the shard being written is committed; raises the error of a failed write."""
