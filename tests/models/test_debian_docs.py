@@ -75,3 +75,15 @@ def test_docstring_examples_run():
 
     for module in (debian_docs, targets):
         assert doctest.testmod(module).failed == 0
+
+
+def test_installed_versions_are_read_from_dpkg_status_for_installed_packages_only(monkeypatch, tmp_path):
+    info = tmp_path / "info"
+    info.mkdir()
+    (info / "manpages.list").write_text("/usr/share/man/man1/x.1.gz\n")
+    (tmp_path / "status").write_text("Package: manpages\nStatus: install ok installed\nVersion: 6.03-2\n\n"
+                                     "Package: manpages-dev\nVersion: 6.03-2\n\n"  # no .list: not installed
+                                     "Package: python3.11-docx\nVersion: 9\n")
+    monkeypatch.setattr(debian_docs, "DPKG_INFO", info)
+    assert debian_docs.installed_versions() == {"python3.11-doc": None, "debian-reference-en": None,
+                                                "manpages": "6.03-2", "manpages-dev": None}

@@ -225,11 +225,16 @@ def test_recorded_routing_meets_the_targets(name):
                     reason=f"the targets' prose includes Debian documentation: {debian_docs.INSTALL_HINT}")
 @pytest.mark.parametrize("name", MOE_MODELS)
 def test_moescope_measures_now_what_the_metrics_record(name):
-    """The small capture + analyze that metrics.json recorded, repeated: the same numbers, to the digit."""
+    """The small capture + analyze that metrics.json recorded, repeated: the same numbers, to the digit, whenever the
+    eval text is the one they were measured on (its Debian documentation comes from apt, whose packages change)."""
     from moescope.models.targets import measure_routing
 
     check = _metrics(name)["targets"]["check"]
-    assert measure_routing("moescope:" + name, check["max_tokens"], name) == check
+    now = measure_routing("moescope:" + name, check["max_tokens"], name)
+    if now["corpus_sha256"] != check["corpus_sha256"]:
+        pytest.skip(f"the eval text differs from the one measured (Debian packages {now['debian_packages']} here, "
+                    f"{check['debian_packages']} then): python -m moescope.models.evaluate re-measures")
+    assert now == check
 
 
 def test_import_is_light():

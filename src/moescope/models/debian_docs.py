@@ -149,6 +149,18 @@ def _pages(package: str) -> Iterator[tuple[str, str]]:
                 yield name, troff_to_text(source)
 
 
+def installed_versions() -> dict[str, str | None]:
+    """Package -> the version dpkg installed (None if not installed): the documentation's text depends on it."""
+    versions, package = dict.fromkeys(PACKAGES), None
+    status = DPKG_INFO.parent / "status"
+    for line in (status.read_text(errors="replace").splitlines() if status.is_file() else []):
+        if line.startswith("Package: "):
+            package = line.removeprefix("Package: ").strip()
+        elif line.startswith("Version: ") and package in versions and (DPKG_INFO / f"{package}.list").is_file():
+            versions[package] = line.removeprefix("Version: ").strip()
+    return versions
+
+
 def check_installed() -> None:
     """Raise CorpusError in one line naming the apt command when any package is missing."""
     missing = [p for p in PACKAGES if not (DPKG_INFO / f"{p}.list").is_file()]

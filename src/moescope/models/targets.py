@@ -83,15 +83,18 @@ def eval_pieces() -> dict[str, list[str]]:
     return cut
 
 
-def write_eval_corpus(folder: Path) -> str:
-    """Write the eval-split pieces of each domain to ``folder/<domain>.jsonl``; returns the ``--data`` spec."""
-    entries = []
+def write_eval_corpus(folder: Path) -> tuple[str, dict[str, str]]:
+    """Write the eval-split pieces of each domain to ``folder/<domain>.jsonl``: (the ``--data`` spec, domain ->
+    SHA-256 of the file written, so a measurement says which text it was made on)."""
+    entries, digests = [], {}
     for domain, texts in eval_pieces().items():
         path = folder / f"{domain}.jsonl"
         cut = sorted(texts, key=_text_hash)
-        path.write_text("\n".join(json.dumps({"text": p}) for p in cut) + "\n")
+        data = ("\n".join(json.dumps({"text": p}) for p in cut) + "\n").encode()
+        path.write_bytes(data)
         entries.append(f"{domain}={path}:text")
-    return ",".join(entries)
+        digests[domain] = hashlib.sha256(data).hexdigest()
+    return ",".join(entries), digests
 
 
 def _run(argv: list[str]) -> None:
@@ -116,10 +119,12 @@ def model_arguments(model: str, name: str) -> list[str]:
 
 def measure_routing(model: str, max_tokens: int, name: str | None = None) -> dict:
     """Per-layer busiest/fair share, dead experts and code-vs-prose TV of `model` (``moescope:NAME`` or a folder)."""
+    from moescope.models.debian_docs import installed_versions
+
     name = name or model.removeprefix("moescope:")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        data = write_eval_corpus(scratch)
+        data, digests = write_eval_corpus(scratch)
         trace, tables = scratch / "trace", scratch / "tables"
         _run(["capture", *model_arguments(model, name), "--data", data, "--split", "all",
               "--max-tokens", str(max_tokens), "--out", str(trace), "--no-progress"])
@@ -135,7 +140,8 @@ def measure_routing(model: str, max_tokens: int, name: str | None = None) -> dic
               for row in load.itertuples()]
     return {"corpus": f"eval split of {', '.join(sorted(tokens['tokens_per_domain']))} (Wikipedia + Debian "
                       f"documentation), pieces of <= {PIECE_CHARS} characters", "tokens_per_domain": tokens["tokens_per_domain"], "max_tokens": max_tokens,
-            "layers": layers, "met": targets_met(layers)}
+            "layers": layers, "met": targets_met(layers), "corpus_sha256": digests,
+            "debian_packages": installed_versions()}
 
 
 def targets_met(layers: list[dict]) -> dict[str, bool]:
