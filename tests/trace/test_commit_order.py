@@ -61,3 +61,39 @@ def test_a_forked_child_can_commit_after_its_parent_did(tmp_path):
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_a_shard_held_for_finish_is_fsynced_by_whichever_commit_lists_it(tmp_path, monkeypatch):
+    """write_shard(commit=False) defers its parts' fsync to the next manifest write, even when that is a commit."""
+    import pyarrow as pa
+
+    from moescope.trace.schema import SEQUENCES_SCHEMA, TOKENS_SCHEMA, routing_schema
+    from moescope.trace.writer import TraceWriter
+
+    def tables(seq: int) -> dict:
+        routing = pa.table({"seq_id": pa.array([seq], pa.int32()), "pos": pa.array([0], pa.int32()),
+                            "layer": pa.array([0], pa.int16()),
+                            "topk_ids": pa.FixedSizeListArray.from_arrays(pa.array([1], pa.int16()), 1),
+                            "topk_weights": pa.FixedSizeListArray.from_arrays(pa.array([1.0], pa.float32()), 1)},
+                           schema=routing_schema(1, 0, 0, 0))
+        tokens = pa.table({"seq_id": pa.array([seq], pa.int32()), "pos": pa.array([0], pa.int32()),
+                           "token_id": pa.array([5], pa.int32()), "generated": pa.array([False]),
+                           "output_entropy": pa.array([None], pa.float32())}, schema=TOKENS_SCHEMA)
+        sequences = pa.Table.from_pylist([dict(seq_id=seq, source="s", domain="d", doc_id="x", n_tokens=1,
+                                               text_sha1="0" * 40)], schema=SEQUENCES_SCHEMA)
+        return {"routing": routing, "tokens": tokens, "sequences": sequences}
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(dst))), real_replace(src, dst))[1])
+    out = tmp_path / "t"
+    with TraceWriter(out, {"model": {"id": "x"}, "corpus": {}, "capture": {}, "layers": []}) as writer:
+        writer.write_shard(tables(0), seq_id_min=0, seq_id_max=0, commit=False)
+        writer.write_shard(tables(1), seq_id_min=1, seq_id_max=1)  # this commit lists shard 0 too
+    monkeypatch.undo()
+    first_commit = events.index(("replace", str(out / "manifest.json")))
+    for table in ("routing", "tokens", "sequences"):
+        synced = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and path.endswith(f"{table}/part-00000.parquet")]
+        assert synced and synced[0] < first_commit, table

@@ -216,9 +216,10 @@ class TraceWriter:
         shard = {"index": index, "seq_id_min": seq_id_min, "seq_id_max": seq_id_max, "files": files}
         shards = sorted([*self.manifest["shards"], shard], key=lambda s: s["seq_id_min"])
         self.manifest = {**self.manifest, "shards": shards}
-        self._unwritten = not write
         if write:
-            write_manifest(self.folder, self.manifest)
+            self.update()  # with any shard held for `finish` and not yet fsynced
+        else:
+            self._unwritten = True
 
     def finish(self, **fields) -> dict:
         """Mark the trace complete; `fields` (e.g. detected router output kind) are added to the manifest."""
