@@ -156,14 +156,18 @@ def installed_versions() -> dict[str, str | None]:
     for line in (status.read_text(errors="replace").splitlines() if status.is_file() else []):
         if line.startswith("Package: "):
             package = line.removeprefix("Package: ").strip()
-        elif line.startswith("Version: ") and package in versions and (DPKG_INFO / f"{package}.list").is_file():
+        elif line.startswith("Version: ") and package in versions and is_installed(package):
             versions[package] = line.removeprefix("Version: ").strip()
     return versions
 
 
+def is_installed(package: str) -> bool:
+    return (DPKG_INFO / f"{package}.list").is_file()
+
+
 def check_installed() -> None:
     """Raise CorpusError in one line naming the apt command when any package is missing."""
-    missing = [p for p in PACKAGES if not (DPKG_INFO / f"{p}.list").is_file()]
+    missing = [p for p in PACKAGES if not is_installed(p)]
     if missing:
         raise CorpusError(f"training needs Debian packages {', '.join(missing)} (not installed); run: {INSTALL_HINT}")
 

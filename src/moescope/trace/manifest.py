@@ -27,18 +27,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, sync_first: list[Path] = ()) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, sync_first: list[Path] = ()) -> None:
     """Write `data` to `path` so that `path` is either the old file or the complete new one, even after a crash
-    (the data is fsynced before the rename). `durable`: also fsync the folder, so the rename itself survives
-    a crash; without it a crash may leave the old file (or none), never a damaged one. `sync_first`: files and
-    folders that must be durable before the rename, fsynced in the same round as the data."""
+    (the data is fsynced before the rename, the folder after it, so the rename itself survives a crash).
+    `sync_first`: files and folders that must be durable before the rename, fsynced in the same round as the data."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
     fsync_all([tmp, *sync_first])
     os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
