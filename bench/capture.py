@@ -5,11 +5,14 @@
 Two cases, each with its ways interleaved rep by rep so machine noise hits each alike:
   large (--batches batches of --batch-size x --seq-len):
     plain      model forward pass only (the baseline)
+    headless   the forward without the LM head over all positions (logits_to_keep=1): what moescope.capture
+               runs when nothing needs the logits, so moescope against it is moescope's own cost
     moescope   moescope.capture: hooks + trace written to Parquet (included in the time)
     router     forward with output_router_logits=True, top-k taken from the logits (no writing)
     nnsight    nnsight tracing of every router's output (if nnsight is installed)
-  small (one batch of --batch-size x --seq-len): plain forward against a whole moescope.capture of it,
-    where the fixed cost (trace folder, fsyncs, three Parquet tables, manifest) is not spread over many batches.
+  small (one batch of --batch-size x --seq-len): plain and headless forwards against a whole moescope.capture
+    of it, where the fixed cost (trace folder, fsyncs, three Parquet tables, manifest) is not spread over many
+    batches.
 Prints tokens/s and overhead over plain, each as median (min–max) over the reps (overheads paired per rep),
 and bytes per (token, MoE layer) of the trace against the same routing exported as JSONL.
 """
@@ -70,10 +73,10 @@ def make_ids(model_name: str | None, vocab: int, n_batches: int, batch: int, seq
 _RUNS = itertools.count()  # numbers the capture folders
 
 
-def run_plain(model, ids, batch):
+def run_plain(model, ids, batch, **kwargs):
     with torch.inference_mode():
         for i in range(0, len(ids), batch):
-            model(input_ids=ids[i : i + batch], use_cache=False)
+            model(input_ids=ids[i : i + batch], use_cache=False, **kwargs)
 
 
 def run_router_logits(model, ids, batch):
@@ -115,6 +118,7 @@ def run_moescope(model, ids, batch, parent: Path, name: str):
 def _print_table(times: dict[str, list[float]], n_tokens: int) -> None:
     for name, ts in times.items():
         print(compare_line(name, ts, times["plain"], work=n_tokens))
+    print(compare_line("moescope/headless", times["moescope"], times["headless"]))
 
 
 def main() -> None:
@@ -133,6 +137,7 @@ def main() -> None:
     n_tokens = ids.numel()
     work = Path(tempfile.mkdtemp(prefix="moescope-bench-"))
     ways = {"plain": lambda: run_plain(model, ids, args.batch_size),
+            "headless": lambda: run_plain(model, ids, args.batch_size, logits_to_keep=1),
             "moescope": lambda: run_moescope(model, ids, args.batch_size, work, "trace"),
             "router_logits": lambda: run_router_logits(model, ids, args.batch_size)}
     try:
@@ -148,7 +153,8 @@ def main() -> None:
     _print_table(times, n_tokens)
     one = ids[: args.batch_size]
     small = interleave({"plain": lambda: run_plain(model, one, args.batch_size),
-                         "moescope": lambda: run_moescope(model, one, args.batch_size, work, "small")}, args.small_reps)
+                        "headless": lambda: run_plain(model, one, args.batch_size, logits_to_keep=1),
+                        "moescope": lambda: run_moescope(model, one, args.batch_size, work, "small")}, args.small_reps)
     print(f"small: one batch of {args.batch_size}x{args.seq_len} ({one.numel()} tokens), a whole capture per run, "
           f"{args.small_reps} reps")
     _print_table(small, one.numel())

@@ -145,3 +145,22 @@ def test_next_layer_prediction_is_the_next_router_on_this_layers_input(tiny_moe,
         expected = np.sort(logits.topk(2, dim=-1).indices.numpy(), -1)
         np.testing.assert_array_equal(np.sort(shard.predicted_next_ids[layer], -1), expected)
     assert (shard.predicted_next_ids[3] == -1).all()
+
+
+def test_capture_skips_the_lm_head_over_all_positions_unless_it_needs_the_logits(tiny_moe, padded_batch, tmp_path):
+    """Routing never depends on the LM head, so capture asks for the last position's logits only (a 64 MB
+    allocation and the head's matmul saved per 8x256 batch of an 8k vocabulary); --output-entropy needs all."""
+    ids, mask = padded_batch
+    seen = []
+    handle = tiny_moe.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        headless = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "a", progress=False)
+        assert seen == [1]
+        full = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "b", progress=False,
+                                output_entropy=True)
+        assert seen == [1, ids.shape[1]]
+    finally:
+        handle.remove()
+    a, b = next(headless.shards()), next(full.shards())
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    np.testing.assert_array_equal(a.topk_weights, b.topk_weights)

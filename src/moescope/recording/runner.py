@@ -153,7 +153,7 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
     device = next(model.parameters()).device
     # several with --device-map; none unless CUDA was initialised (skips a walk over every parameter on CPU)
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"} if torch.cuda.is_initialized() else set()
-    forward = forward_call(model)
+    forward = forward_call(model, need_logits=opts.output_entropy)
     recorder = RoutingRecorder(model, layers, save_router_output=opts.save_router_output,
                                predict_next_layer=opts.predict_next_layer, save_expert_norms=opts.save_expert_norms,
                                weights_dtype=getattr(torch, opts.weights_dtype), logits_dtype=getattr(torch, opts.logits_dtype))
@@ -197,14 +197,20 @@ def _optional_inputs(model) -> set[str]:
     return {"attention_mask", "use_cache"} & set(params)
 
 
-def forward_call(model) -> Callable[[torch.Tensor, torch.Tensor], object]:
+def forward_call(model, *, need_logits: bool = True) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """(input_ids [B, T], attention_mask [B, T]) -> the model's output, passing only what its forward takes:
-    a plain PyTorch module's `forward(ids)` works as well as a transformers model's."""
+    a plain PyTorch module's `forward(ids)` works as well as a transformers model's.
+
+    Routing never depends on the LM head, so without `need_logits` a forward that takes `logits_to_keep`
+    computes the last position's logits only ([B, 1, V], not [B, T, V]: 64 MB and the head's matmul per 8x256
+    batch of an 8k vocabulary; 1.2 GB of a 151k one)."""
     takes = _optional_inputs(model)
-    by_name = "input_ids" in inspect.signature(model.forward).parameters
+    params = inspect.signature(model.forward).parameters
+    by_name = "input_ids" in params
+    fixed = {"logits_to_keep": 1} if not need_logits and "logits_to_keep" in params else {}
 
     def call(input_ids: torch.Tensor, mask: torch.Tensor):
-        kwargs = {k: v for k, v in (("attention_mask", mask), ("use_cache", False)) if k in takes}
+        kwargs = {k: v for k, v in (("attention_mask", mask), ("use_cache", False)) if k in takes} | fixed
         return model(input_ids=input_ids, **kwargs) if by_name else model(input_ids, **kwargs)
 
     return call
