@@ -99,24 +99,25 @@ def bench_model(args, out: Path) -> None:
 
 
 def forward_child(tokens: int, model_name: str, data: str) -> None:
-    """The capture's forward passes alone (same model, dtype, corpus and batches; no hooks, nothing written): what
+    """The capture's forward passes alone (same model, dtype, corpus, batches and call; no hooks, nothing written): what
     the model itself adds to the peak as the corpus grows (in a child process)."""
     import torch
 
     from moescope.api import _documents
     from moescope.recording.batches import batched, make_batch, sequences_from_documents, start_tokens
     from moescope.recording.loading import load_model
-    from moescope.recording.runner import CaptureOptions
+    from moescope.recording.runner import CaptureOptions, forward_call
 
     opts = CaptureOptions()  # the capture's default batches
     model, tokenizer = load_model(model_name, device="cpu")  # and its default dtype
     docs, _ = _documents(data, None)
     sequences = sequences_from_documents(docs, tokenizer, seq_len=opts.seq_len, max_tokens=tokens,
                                          start=list(start_tokens(tokenizer)))
+    forward = forward_call(model, need_logits=opts.output_entropy)  # the capture's own call (last position's logits)
     with torch.inference_mode():
         for group in batched(sequences, opts.batch_size):
             batch = make_batch(group, tokenizer.pad_token_id or 0)
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            forward(batch.input_ids, batch.attention_mask)
 
 
 def states_child(n_shards: int, shard_tokens: int, reduce: str) -> None:
