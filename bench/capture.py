@@ -8,7 +8,7 @@ Two cases, each with its ways interleaved rep by rep so machine noise hits each 
     headless   the forward without the LM head over all positions (logits_to_keep=1): what moescope.capture
                runs when nothing needs the logits, so moescope against it is moescope's own cost
     moescope   moescope.capture: hooks + trace written to Parquet (included in the time)
-    router     forward with output_router_logits=True, top-k taken from the logits (no writing)
+    router     forward with output_router_logits=True, top-k taken from the logits (no writing), headless too
     nnsight    nnsight tracing of every router's output (if nnsight is installed)
   small (one batch of --batch-size x --seq-len): plain and headless forwards against a whole moescope.capture
     of it, where the fixed cost (trace folder, fsyncs, three Parquet tables, manifest) is not spread over many
@@ -83,7 +83,7 @@ def run_router_logits(model, ids, batch):
     kept = []
     with torch.inference_mode():
         for i in range(0, len(ids), batch):
-            out = model(input_ids=ids[i : i + batch], use_cache=False, output_router_logits=True)
+            out = model(input_ids=ids[i : i + batch], use_cache=False, output_router_logits=True, logits_to_keep=1)
             for logits in out.router_logits:
                 w, e = logits.float().softmax(-1).topk(2, dim=-1)
                 kept.append((e.to(torch.int16), (w / w.sum(-1, keepdim=True)).half()))
@@ -118,7 +118,9 @@ def run_moescope(model, ids, batch, parent: Path, name: str):
 def _print_table(times: dict[str, list[float]], n_tokens: int) -> None:
     for name, ts in times.items():
         print(compare_line(name, ts, times["plain"], work=n_tokens))
-    print(compare_line("moescope/headless", times["moescope"], times["headless"]))
+    for name in ("moescope", "router_logits"):
+        if name in times:
+            print(compare_line(f"{name}/headless", times[name], times["headless"]))
 
 
 def main() -> None:
