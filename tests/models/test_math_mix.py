@@ -26,3 +26,13 @@ def test_puzzles_are_reproducible_distinct_and_answered():
     assert first == again
     assert len(set(first)) == len(first)
     assert all("\n" in p and p.split("\n")[-1] for p in first)  # question, then a non-empty answer
+
+
+def test_every_shipped_model_records_the_math_mix_it_was_trained_on():
+    import json
+
+    from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR
+
+    for name in SHIPPED_MODELS:
+        corpus = json.loads((WEIGHTS_DIR / name / "metrics.json").read_text())["corpus"]
+        assert corpus["math_mix"] == math_mix.recipe(), name

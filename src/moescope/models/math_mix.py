@@ -20,6 +20,14 @@ PUZZLE_SEED = 0
 _PER_GENERATOR = 50_000  # items made per generator; more than any mix here draws
 
 
+def recipe() -> dict:
+    """What the training math stream is made of (recorded in each shipped model's metrics.json)."""
+    from importlib.metadata import version
+
+    return {"gsm_share_of_chars": GSM_SHARE, "puzzle_generators": list(PUZZLE_GENERATORS),
+            "puzzle_seed": PUZZLE_SEED, "reasoning_gym": version("reasoning-gym")}
+
+
 def puzzles() -> Iterator[str]:
     """'question\\nanswer' texts, one from each generator in turn, in a fixed order."""
     import reasoning_gym

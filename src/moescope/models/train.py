@@ -379,12 +379,14 @@ def save(name: str, model, tokenizer, info: dict, streams: dict[str, torch.Tenso
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     from moescope.models.debian_docs import installed_versions
+    from moescope.models.math_mix import recipe
 
     info = {
         "model": name,
         "description": SHIPPED_MODELS[name],
         "parameters": sum(p.numel() for p in model.parameters()),
         "corpus": {"train_spec": {**TRAIN_SPEC, "docs": "moescope.models.debian_docs"}, "split": "train",
+                   "math_mix": recipe(),  # the math windows: GSM diluted with other puzzles
                    "debian_packages": installed_versions(),  # package -> version: the docs' text depends on it
                    "stream_tokens": {d: len(s) for d, s in streams.items()}},
         "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tokenizer), "source": "shipped (unchanged)"},
