@@ -1,7 +1,7 @@
 """The training side of the math domain: GSM word problems diluted with other reasoning-gym puzzles.
 
 Held-out math is GSM problems from templates never trained on (the corpus split groups by template).
-Trained on GSM alone, every model memorises the training templates, and its held-out math perplexity
+With math windows of GSM alone, every model memorises the training templates, and its held-out math perplexity
 rises as training goes on (tiny-dsv3: 93 -> 139 over 2448 steps of 2 GSM windows each). So the math
 windows come from a stream in which GSM is only GSM_SHARE of the characters; the rest are short word and
 arithmetic puzzles from other reasoning-gym generators (pip-installed, seeded, so reproducible).
