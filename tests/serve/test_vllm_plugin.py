@@ -188,11 +188,20 @@ def _check_frame(text: str) -> None:
         assert len(shares) == 3 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.5
 
 
+def _wait_until_tokens_flow(url: str, timeout: float = 120.0) -> None:
+    """Return once layer 0's token counter has grown since the call: the background load is really running."""
+    before = per_layer(scrape(url), "moescope_layer_tokens_total")[0]
+    deadline = time.monotonic() + timeout
+    while per_layer(scrape(url), "moescope_layer_tokens_total")[0] == before:
+        assert time.monotonic() < deadline, "the background load sent nothing"
+        time.sleep(0.1)
+
+
 def test_top_once_shows_balancedness_hottest_experts_and_tokens_per_second(served):
     server, _ = served
     load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=8)
     try:
-        time.sleep(1.0)
+        _wait_until_tokens_flow(server.url)  # the client's start-up alone can outlast a fixed sleep on a busy machine
         result = _top(server.url, "--once", "--interval", "2")
     finally:
         load.wait(timeout=300)
