@@ -188,6 +188,16 @@ def _check_frame(text: str) -> None:
         assert len(shares) == 3 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.5
 
 
+# The load behind 'top' runs until the test has seen what it needs, then is stopped: a fixed length would race
+# top's own start-up on a busy machine (the window it measures could open after the load ended).
+LOAD_SECONDS = 600
+
+
+def _stop(load: subprocess.Popen) -> None:
+    load.terminate()
+    load.wait(timeout=60)
+
+
 def _wait_until_tokens_flow(url: str, timeout: float = 120.0) -> None:
     """Return once layer 0's token counter has grown since the call: the background load is really running."""
     before = per_layer(scrape(url), "moescope_layer_tokens_total")[0]
@@ -199,12 +209,12 @@ def _wait_until_tokens_flow(url: str, timeout: float = 120.0) -> None:
 
 def test_top_once_shows_balancedness_hottest_experts_and_tokens_per_second(served):
     server, _ = served
-    load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=8)
+    load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=LOAD_SECONDS)
     try:
         _wait_until_tokens_flow(server.url)  # the client's start-up alone can outlast a fixed sleep on a busy machine
         result = _top(server.url, "--once", "--interval", "2")
     finally:
-        load.wait(timeout=300)
+        _stop(load)
     assert result.returncode == 0, result.stderr
     _check_frame(result.stdout)
 
@@ -215,7 +225,7 @@ def test_top_redraws_live_under_tmux_and_quits_on_ctrl_c(served):
     session = f"moescope-top-{os.getpid()}"
     command = f"{sys.executable} -m moescope.cli.main top {server.url} --interval 0.5; echo moescope-top-exit=$?; sleep 60"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "20", command], check=True)
-    load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=8)
+    load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=LOAD_SECONDS)
     try:
         def pane() -> str:
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
@@ -234,7 +244,7 @@ def test_top_redraws_live_under_tmux_and_quits_on_ctrl_c(served):
             time.sleep(0.2)
         assert "moescope-top-exit=0" in screen, screen
     finally:
-        load.wait(timeout=300)
+        _stop(load)
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
