@@ -75,8 +75,8 @@ VOCAB_SIZE = 8192
 SPECIAL = "<|endoftext|>"
 SEED = 0
 SEQ_LEN = 256
-# Windows per step, 16 in all. Math windows are a quarter GSM (models/math_mix.py), so a step holds half a
-# GSM window: more made every model memorise GSM templates and lose on the held-out ones.
+# Windows per step, 16 in all. Math windows are an eighth GSM (models/math_mix.py), so a step holds a quarter
+# of a GSM window: more made the models memorise GSM templates and lose on the held-out ones.
 BATCH_MIX = {"code": 5, "math": 2, "prose": 3, "docs": 6}
 DEFAULT_STEPS = 2448  # x 16 x 256 = 10.03 M tokens
 PEAK_LR, MIN_LR_FRACTION, WARMUP_STEPS = 3e-3, 0.1, 100
