@@ -9,7 +9,7 @@
     sweep = moescope.quant_sweep(model, "wiki", tokenizer=tok, bits=(2, 4), targets="router,experts")
 
 Tables, summary and files come from the same functions the CLI uses (pipeline/analyze.py), and figures from
-the report's own sections (reporting/sections.py), so a notebook and the CLI cannot disagree.
+the report's own sections (reporting/sections/), so a notebook and the CLI cannot disagree.
 """
 
 from __future__ import annotations
@@ -24,23 +24,12 @@ import pandas as pd
 from moescope.display import analysis_html, figures_html, quant_html, results_html
 from moescope.errors import MoescopeError
 from moescope.reporting import results as report_results
-from moescope.reporting import sections
+from moescope.reporting.sections import SECTION_OF_ANALYSIS
+from moescope.reporting.sections.common import shape_of
+from moescope.reporting.sections.quant import quant_quality_section, quant_routing_section
 from moescope.reporting.document import FigureBlock
 
-# the report section of each analysis (reporting/sections.py builds them from results folders or frames)
-SECTIONS = {
-    "load": sections.load_section,
-    "aux_losses": sections.aux_section,
-    "router_structure": sections.router_structure_section,
-    "router_confidence": sections.confidence_section,
-    "coactivation": sections.coactivation_section,
-    "cross_layer": sections.cross_layer_section,
-    "expert_cache": sections.cache_section,
-    "temporal_locality": sections.locality_section,
-    "domain_specialisation": sections.domain_section,
-    "token_specialisation": sections.token_section,
-    "token_cost": sections.size_section,
-}
+SECTIONS = SECTION_OF_ANALYSIS  # the report section of each analysis
 
 
 class Figures(list):
@@ -120,7 +109,7 @@ class Results:
         if name not in SECTIONS:
             raise MoescopeError(f"unknown analysis {name!r}; choose from {', '.join(SECTIONS)}")
         r = self.for_report()
-        section = SECTIONS[name](r, name, sections.shape_of(r))
+        section = SECTIONS[name](r, name, shape_of(r))
         return _figures(section.blocks)
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -191,7 +180,7 @@ class QuantSweep:
     def plot(self) -> Figures:
         """The report's quantization figures (quality against bits, routing flips)."""
         q = self.for_report()
-        blocks = [b for build in (sections.quant_quality_section, sections.quant_routing_section)
+        blocks = [b for build in (quant_quality_section, quant_routing_section)
                   for b in build(q, "quant").blocks] if self.configs is not None and len(self.configs) else []
         return _figures(blocks)
 

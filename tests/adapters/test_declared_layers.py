@@ -115,7 +115,8 @@ def test_zaya_skip_is_recorded_as_its_own_id_never_as_expert_0(tmp_path):
 def test_the_report_shows_the_share_of_non_compute_choices(tmp_path):
     from moescope.pipeline.analyze import analyze_trace
     from moescope.reporting.results import load_results
-    from moescope.reporting.sections import load_section, shape_of
+    from moescope.reporting.sections.common import shape_of
+    from moescope.reporting.sections.load import load_section
 
     _, trace = _capture("longcat_flash", tmp_path)
     analyze_trace(trace.folder, tmp_path / "results", only=["load"], use_model=False)

@@ -11,14 +11,9 @@ import pandas as pd
 import pytest
 
 from moescope.reporting.results import AnalysisResults, MissingResults, QuantResults, load_results
-from moescope.reporting.sections import (
-    fmt,
-    headline,
-    quant_verdicts,
-    sizes_from_combinations,
-    token_layer_sizes,
-    visible_token,
-)
+from moescope.reporting.sections.common import fmt
+from moescope.reporting.sections.headline import headline, quant_verdicts
+from moescope.reporting.sections.tokens import sizes_from_combinations, token_layer_sizes, visible_token
 
 
 def test_token_layer_sizes_match_a_direct_computation():
@@ -111,7 +106,7 @@ def test_prose_shows_backticked_commands_as_code_and_escapes_everything():
 
 
 def test_corpus_line_keeps_what_a_reader_needs():
-    from moescope.reporting.sections import corpus_text
+    from moescope.reporting.sections.common import corpus_text
 
     corpus = {"spec": "humaneval,wiki", "split": "eval", "split_rule": "x" * 200, "docs": 433, "chars": 291428,
               "sources": [{"entry": "humaneval", "domain": "code", "docs": 21, "description": "long text"},

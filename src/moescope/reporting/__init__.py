@@ -1,7 +1,7 @@
 """The report: analysis and quantization results folders -> one self-contained HTML page (+ figure files).
 
     results.py    read results folders (analysis or quant) without failing on what is missing
-    sections.py   which figures, tables and notes each analysis gets (the report as data, document.py)
+    sections/     which figures, tables and notes each analysis gets, one module per analysis (the report as data)
     figures/      pure functions DataFrame -> matplotlib Figure, rendered byte-stably
     html.py       the page: escaped text, inline CSS/JS, figures as data: URIs, no network requests
 
@@ -66,7 +66,7 @@ def build_document(result_dirs: Sequence, *, title: str = "moescope report") -> 
         elif isinstance(results, QuantResults):
             groups.append(quant_group(results, gid, labels[i]))
         elif isinstance(results, ImportanceResults):
-            from moescope.reporting.importance_sections import importance_group
+            from moescope.reporting.sections.importance import importance_group
 
             groups.append(importance_group(results, gid, labels[i]))
         elif isinstance(results, SaturationResults):

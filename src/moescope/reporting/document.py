@@ -1,6 +1,6 @@
 """The report as data: groups of sections made of blocks (text, notes, figures, tables, key-value lists).
 
-`sections.py` builds this from results folders; `html.py` renders it. Every string here is plain text
+`sections/` builds this from results folders; `html.py` renders it. Every string here is plain text
 (possibly model- or user-controlled) and is escaped by the renderer, never trusted as markup.
 """
 

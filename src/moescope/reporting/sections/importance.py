@@ -13,7 +13,7 @@ import pandas as pd
 from moescope.reporting.document import FigureBlock, Group, KeyValues, Notes, Section, TableBlock, Text
 from moescope.reporting.figures import importance as figs
 from moescope.reporting.results import ImportanceResults
-from moescope.reporting.sections import _guarded, fmt
+from moescope.reporting.sections.common import _guarded, fmt
 
 
 def importance_group(r: ImportanceResults, gid: str, label: str) -> Group:
