@@ -9,41 +9,17 @@ from __future__ import annotations
 import base64
 from html import escape
 
-
-def _table(rows: list[tuple[str, object]]) -> str:
-    body = "".join(f"<tr><th style='text-align:left'>{escape(str(k))}</th><td style='text-align:left'>{escape(str(v))}</td></tr>"
-                   for k, v in rows)
-    return f"<table>{body}</table>"
-
-
-def _number(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
-
-
-def trace_html(trace) -> str:
-    manifest = trace.manifest
-    layers = trace.layers
-    experts = sorted({layer.get("n_experts") for layer in layers})
-    ks = sorted({layer.get("top_k") for layer in layers})
-    where = str(trace.folder) if trace.folder is not None else "in memory"
-    rows = [("model", manifest["model"].get("id")), ("where", where), ("tokens", _number(trace.n_tokens)),
-            ("MoE layers", len(layers)), ("experts per layer", ", ".join(map(str, experts))), ("top-k", ", ".join(map(str, ks))),
-            ("shards", len(manifest["shards"])), ("complete", trace.complete),
-            ("capture", ", ".join(f"{k}={v}" for k, v in (manifest.get("capture") or {}).items())),
-            ("router outputs", manifest.get("router_output_kind") or "not recorded")]
-    return f"<div><b>moescope Trace</b>{_table(rows)}</div>"
+from moescope.trace.html import html_table, number_text
 
 
 def _headline(summary: dict) -> list[tuple[str, str]]:
     """The scalar entries of an analysis summary (nested dicts and lists left to its tables)."""
-    return [(key, _number(value)) for key, value in summary.items() if isinstance(value, (int, float, str, bool)) or value is None]
+    return [(key, number_text(value)) for key, value in summary.items() if isinstance(value, (int, float, str, bool)) or value is None]
 
 
 def results_html(results) -> str:
     trace = results.summary["trace"]
-    head = _table([("model", trace.get("model")), ("trace", trace.get("path")), ("tokens", _number(trace.get("tokens"))),
+    head = html_table([("model", trace.get("model")), ("trace", trace.get("path")), ("tokens", number_text(trace.get("tokens"))),
                    ("MoE layers", trace.get("moe_layers"))])
     parts = []
     for name in results.names:
@@ -57,7 +33,7 @@ def results_html(results) -> str:
 def analysis_html(analysis) -> str:
     tables = ", ".join(f"{name} [{len(frame)} rows]" for name, frame in analysis.tables.items())
     notes = "".join(f"<li>{escape(n)}</li>" for n in analysis.notes)
-    return (f"<div><b>{escape(analysis.name)}</b>{_table(_headline(analysis.summary))}"
+    return (f"<div><b>{escape(analysis.name)}</b>{html_table(_headline(analysis.summary))}"
             f"<p>tables: {escape(tables or 'none')}</p>{f'<ul>{notes}</ul>' if notes else ''}</div>")
 
 

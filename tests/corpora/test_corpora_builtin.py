@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import socket
 from collections.abc import Callable
 
@@ -143,8 +144,9 @@ def test_missing_package_says_what_to_install(
 ) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == module else real(m, *a))
-    with pytest.raises(CorpusError, match=f"pip install {package}"):
+    with pytest.raises(CorpusError, match=re.escape(f"pip install 'moescope[corpora]' (or pip install {package})")) as err:
         load_corpus(name)
+    assert "\n" not in str(err.value)
 
 
 def test_describe_corpus_is_json_ready_and_counts_what_loads() -> None:

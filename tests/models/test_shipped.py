@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from moescope.errors import ModelLoadError
-from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, debian_docs, default_custom_router, shipped_model_path
+from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, default_custom_router, shipped_model_path
+from training import debian_docs
 
 TEXTS = [
     "def add(a, b):\n    return a + b  # 12345\n",
@@ -174,14 +175,15 @@ PREVIOUS_PPL["tiny-dsv3"] = PREVIOUS_PPL["tiny-moe"]
 
 @pytest.mark.parametrize("name", list(SHIPPED_MODELS))
 def test_held_out_perplexity_is_below_the_previous_release_and_re_measures(loaded, name):
-    from moescope.models import evaluate
+    from training import evaluate
+    from training.texts import held_out_texts
 
     model, tokenizer = loaded[name]
     recorded = _metrics(name)["eval"]
     for domain in ("code", "prose"):  # math: the test below, apart (it was the last target met)
         assert recorded["held_out"][domain]["ppl"] < PREVIOUS_PPL[name][domain], (domain, recorded["held_out"][domain])
     check = recorded["check"]
-    texts = evaluate.held_out_texts()
+    texts = held_out_texts()
     for domain in ("code", "math", "prose"):  # the first windows again, now
         wins = evaluate.windows(tokenizer, texts[domain])[: check["windows"]]
         now, _ = evaluate.measure(model, wins, evaluate.token_bytes(tokenizer))
@@ -200,7 +202,7 @@ MOE_MODELS = [n for n in SHIPPED_MODELS if n != "tiny-dense"]
 @pytest.mark.parametrize("name", MOE_MODELS)
 def test_recorded_routing_meets_the_targets(name):
     """Busiest expert <= 2x fair share and no dead expert in EVERY MoE layer; code vs prose TV > 0.1 somewhere."""
-    from moescope.models.targets import BUSIEST_MAX, FULL_TOKENS, TV_MIN
+    from training.targets import BUSIEST_MAX, FULL_TOKENS, TV_MIN
 
     full = _metrics(name)["targets"]["full"]
     assert full["corpus"].startswith("eval split of code, math, prose (Wikipedia + Debian documentation)")
@@ -220,20 +222,20 @@ def test_recorded_routing_meets_the_targets(name):
 def test_moescope_measures_now_what_the_metrics_record(name):
     """The small capture + analyze that metrics.json recorded, repeated: the same numbers, to the digit, whenever the
     eval text is the one they were measured on (its Debian documentation comes from apt, whose packages change)."""
-    from moescope.models.targets import measure_routing
+    from training.targets import measure_routing
 
     check = _metrics(name)["targets"]["check"]
     now = measure_routing("moescope:" + name, check["max_tokens"], name)
     if now["corpus_sha256"] != check["corpus_sha256"]:
         pytest.skip(f"the eval text differs from the one measured (Debian packages {now['debian_packages']} here, "
-                    f"{check['debian_packages']} then): python -m moescope.models.evaluate re-measures")
+                    f"{check['debian_packages']} then): python -m training.evaluate re-measures")
     assert now == check
 
 
 def test_import_is_light():
     code = ("import sys, moescope.models; "
-            "heavy = [m for m in ('moescope.models.train', 'moescope.models.evaluate', 'moescope.corpora') "
-            "if m in sys.modules]; print(heavy)")
+            "heavy = [m for m in sys.modules if m == 'training' or m.startswith(('training.', 'moescope.corpora'))]; "
+            "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -291,7 +293,7 @@ def test_dsv3_routes_as_a_hand_written_deepseek_v3_router(loaded, n_tokens):
 def test_readme_tables_are_the_shipped_metrics():
     from pathlib import Path
 
-    from moescope.models.evaluate import readme_tables
+    from training.evaluate import readme_tables
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert readme_tables({name: _metrics(name) for name in SHIPPED_MODELS}) in readme

@@ -15,7 +15,7 @@ import pytest
 import moescope
 from moescope.cli.main import main
 from moescope.pipeline.replay_check import replay_check
-from moescope.recording.rows import TokenBlock
+from moescope.trace.block import TokenBlock
 from moescope.trace.formats.dense import Imported, write_imported
 
 

@@ -3,7 +3,8 @@ so every shard holds one contiguous run of seq ids, as TraceWriter.committed_seq
 
 import torch
 
-from moescope.recording.batches import Sequence, batched, chunks
+from moescope.recording.batches import batched, chunks
+from moescope.trace.block import Sequence
 
 
 def _seqs(ids, n_tokens=3):

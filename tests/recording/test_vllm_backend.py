@@ -21,7 +21,8 @@ import pytest
 
 import moescope
 from moescope.errors import MoescopeError
-from moescope.recording.batches import Sequence, chunks
+from moescope.recording.batches import chunks
+from moescope.trace.block import Sequence
 from moescope.recording.runner import CaptureOptions
 from moescope.recording.vllm_backend import block_from_vllm
 from moescope.trace.verify import verify_trace

@@ -20,7 +20,7 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
 from moescope.adapters.discover import find_moe_layers  # noqa: E402
 from moescope.recording import vllm_worker  # noqa: E402
-from moescope.recording.batches import Sequence  # noqa: E402
+from moescope.trace.block import Sequence  # noqa: E402
 from moescope.recording.runner import CaptureOptions  # noqa: E402
 from moescope.recording.vllm_backend import block_from_vllm, model_skeleton  # noqa: E402
 from moescope.trace.formats.vllm import read_request_outputs  # noqa: E402

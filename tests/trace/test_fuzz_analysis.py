@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analyze_trace
-from moescope.recording.rows import TokenBlock, routing_table, tokens_table
+from moescope.trace.block import TokenBlock, routing_table, tokens_table
 from moescope.trace.schema import SEQUENCES_SCHEMA
 from moescope.trace.writer import TraceWriter
 

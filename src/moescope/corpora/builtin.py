@@ -54,7 +54,8 @@ BUILTIN_CORPORA: dict[str, BuiltinCorpus] = {
 
 
 def _missing_package(corpus: str, package: str) -> CorpusError:
-    message = f"the {corpus!r} corpus needs the {package} package, which is not installed: pip install {package}"
+    message = (f"the built-in {corpus!r} corpus needs the {package} package, which is not installed: "
+               f"pip install 'moescope[corpora]' (or pip install {package})")
     return CorpusError(message)
 
 

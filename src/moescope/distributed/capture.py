@@ -20,8 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moescope.errors import MoescopeError
-from moescope.recording.batches import Sequence, chunks
-from moescope.recording.runner import CaptureOptions, finish_capture, record_batches, shard_tables
+from moescope.recording.batches import chunks
+from moescope.trace.block import Sequence
+from moescope.recording.runner import CaptureOptions, encode_shard, finish_capture, record_batches
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter, write_parts
 
@@ -52,7 +53,7 @@ class CaptureWorker:
         for _, block in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
             blocks.append(block)
             _maybe_die(die_once, "forward")
-        tables, kinds = shard_tables(blocks, sequences)
+        tables, kinds = encode_shard(blocks, sequences)
         ids = [s.seq_id for s in sequences]
         files = write_parts(Path(folder), tables, index)
         _maybe_die(die_once, "written")

@@ -1,6 +1,6 @@
 """Interventions on MoE routing and what they show: which experts matter.
 
-    context.py      moescope.intervene(model, drop=, zero=, force=)  (hooks: recording/intervention_hooks.py)
+    context.py      moescope.intervene(model, drop=, zero=, force=)  (hooks: intervention/hooks.py)
     plan.py         the checks every intervention passes before the model is touched
     statistics.py   routing statistics per expert from a trace: frequency, mean gate weight, REAP; rank correlation
     importance.py   the sweep: ΔNLL per dropped expert (prefix replayed), pruning curves, specialisation by domain

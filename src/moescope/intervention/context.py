@@ -4,7 +4,7 @@
 ...     loss = model(input_ids=ids, labels=ids).loss         # MoE layer 1 routes as if expert 3 were pruned
 
 Everything is checked before the model is touched (one InterventionError); inside, hooks only
-(recording/intervention_hooks.py), removed on exit and on exception, so the model is restored bit for bit.
+(intervention/hooks.py), removed on exit and on exception, so the model is restored bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from moescope.adapters.discover import find_moe_layers
 from moescope.adapters.spec import MoELayer
 from moescope.intervention.plan import LayerIntervention, plan_interventions
-from moescope.recording.intervention_hooks import InterventionHooks
+from moescope.intervention.hooks import InterventionHooks
 
 
 @contextmanager

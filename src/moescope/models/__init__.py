@@ -2,8 +2,9 @@
 
 Each lives in ``weights/<name>/`` as bf16 safetensors + config.json + tokenizer files and loads with
 `AutoModelForCausalLM.from_pretrained(shipped_model_path(name))`. Importing this package registers
-the custom ``moescope_varmoe`` architecture with the Auto classes. `train.py` trains them and
-`evaluate.py` measures them; neither is imported here.
+the custom ``moescope_varmoe`` architecture with the Auto classes. They are trained and measured by the
+repository's top-level `training/` folder (`python -m training.train`, `python -m training.evaluate`), which
+is not part of the installed package.
 
 Examples
 --------
@@ -56,8 +57,8 @@ def shipped_model_path(name: str) -> Path:
     folder = WEIGHTS_DIR / name
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
-            f"shipped model {name!r} has no weights at {folder}; reinstall moescope, or train them with "
-            f"python -m moescope.models.train --model {name}"
+            f"shipped model {name!r} has no weights at {folder}; reinstall moescope, or train them from a clone of "
+            f"the repository with python -m training.train --model {name}"
         )
     return folder
 

@@ -35,11 +35,13 @@ from moescope.errors import MoescopeError
 from moescope.monitor.alerts import AlertState, Thresholds
 from moescope.monitor.metrics import step_metrics
 from moescope.pipeline.analyze import analysis_context
-from moescope.recording.batches import Batch, Sequence
+from moescope.recording.batches import Batch
+from moescope.trace.block import Sequence
 from moescope.recording.hooks import RoutingRecorder
 from moescope.recording.manifest_info import build_manifest
-from moescope.recording.rows import TokenBlock, block_from_forward
-from moescope.recording.runner import shard_tables
+from moescope.recording.rows import block_from_forward
+from moescope.trace.block import TokenBlock
+from moescope.trace.block import shard_tables
 from moescope.recording.session import _RECORDING, _pick_layers
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.memory import MemoryTrace
@@ -168,7 +170,7 @@ class RoutingMonitor(TrainerCallback):
         self._blocks, self._sequences = [], []
         if not sequences:
             return []
-        tables, _ = shard_tables(blocks, sequences)
+        tables = shard_tables(blocks, sequences)
         shard = next(MemoryTrace(self._manifest, [tables]).shards())
         stats = step_metrics(shard, self._ctx)
         n_layers = stats.share.shape[0]

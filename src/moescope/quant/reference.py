@@ -30,7 +30,7 @@ from moescope.errors import MoescopeError, RoutingPolicyError
 from moescope.quant.routing import RoutingDelta, router_log_probs
 from moescope.quant.targets import decoder_layer_of, router_module
 from moescope.recording.batches import Batch
-from moescope.recording.hooks import RoutingRecorder
+from moescope.recording.hooks import RoutingRecorder, Taps, clone_output
 
 LOCAL_CHUNK = 32768  # router-input rows per local forward call
 LSE_CHUNK = 1 << 18  # logits per logsumexp call in the NLL
@@ -90,52 +90,6 @@ def _rows(chunks: list[torch.Tensor], keep: torch.Tensor, what: str) -> torch.Te
     return tensor[keep]
 
 
-class Taps:
-    """Hooks for a sweep: router inputs and float32 router scores per MoE layer, decoder-layer outputs.
-
-    Same discipline as RoutingRecorder: O(1) work per hook, removed in `__exit__` (also on error).
-    """
-
-    def __init__(self, routers: list[nn.Module], layers: list[MoELayer], *, inputs: bool,
-                 decoder_layers: list[nn.Module] = ()):
-        self.routers, self.layers, self.inputs, self.decoder_layers = routers, layers, inputs, list(decoder_layers)
-        self.x = [[] for _ in routers]
-        self.rank = [2 for _ in routers]  # of each router's input: 3 when the block hands it [B, T, H]
-        self.scores = [[] for _ in routers]
-        self.outputs = [[] for _ in self.decoder_layers]
-        self._handles = []
-
-    def __enter__(self) -> "Taps":
-        try:
-            for i, (router, layer) in enumerate(zip(self.routers, self.layers)):
-                index = layer.spec.router_output_index
-                self._handles.append(router.register_forward_hook(
-                    lambda m, a, out, i=i, index=index: self.scores[i].append(router_tensor(out, index).detach().float())))
-                if self.inputs:
-                    self._handles.append(router.register_forward_pre_hook(lambda m, a, i=i: self._input(i, a[0])))
-            for i, module in enumerate(self.decoder_layers):  # copied: a later layer may work in place
-                self._handles.append(module.register_forward_hook(lambda m, a, out, i=i: self.outputs[i].append(_clone(out))))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def _input(self, i: int, x: torch.Tensor) -> None:
-        self.rank[i] = x.dim()
-        self.x[i].append(x.detach().reshape(-1, x.shape[-1]))
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def take(self):
-        taken = (self.x, self.scores, self.outputs)
-        self.x, self.scores = [[] for _ in self.routers], [[] for _ in self.routers]
-        self.outputs = [[] for _ in self.decoder_layers]
-        return taken
-
-
 class _Replay(nn.Module):
     """Stands in for decoder layer j: returns its cached reference output for the current batch."""
 
@@ -144,15 +98,7 @@ class _Replay(nn.Module):
         self.outputs, self.cursor = outputs, cursor
 
     def forward(self, *args, **kwargs):
-        return _clone(self.outputs[self.cursor[0]])  # the cache must survive in-place work downstream
-
-
-def _clone(output):
-    if isinstance(output, torch.Tensor):
-        return output.detach().clone()
-    if isinstance(output, (tuple, list)):
-        return type(output)(_clone(o) for o in output)
-    return output
+        return clone_output(self.outputs[self.cursor[0]])  # the cache must survive in-place work downstream
 
 
 @contextmanager

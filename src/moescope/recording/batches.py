@@ -9,16 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from moescope.errors import MoescopeError
-
-
-@dataclass(frozen=True)
-class Sequence:
-    seq_id: int
-    token_ids: list[int]
-    source: str
-    domain: str
-    doc_id: str
-    text_sha1: str
+from moescope.trace.block import Sequence
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from moescope.recording.batches import Batch
 from moescope.recording.hooks import LayerChunks
-from moescope.recording.rows import TokenBlock
+from moescope.trace.block import TokenBlock
 from moescope.errors import MoescopeError
 
 

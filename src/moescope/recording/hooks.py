@@ -1,4 +1,5 @@
-"""RoutingRecorder: the only place moescope puts hooks on a model.
+"""RoutingRecorder and Taps: the only place moescope puts hooks that observe a model (intervention/hooks.py holds
+the ones that change what it computes).
 
 Hooks are global state on the model, so they live inside one context manager whose `finally`
 removes exactly the handles it added. Each hook does O(1) Python work: detach, cast, copy, append.
@@ -7,6 +8,7 @@ Nothing is converted to Python objects or looped over per token here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -250,3 +252,82 @@ class RoutingRecorder(HookHandles):
             chunks.ids, chunks.weights, chunks.router_output, chunks.predicted_next = [], [], [], []
             chunks.expert_norms = []
         return taken
+
+
+class Taps(HookHandles):
+    """Hooks for a sweep: router inputs and float32 router scores per MoE layer, decoder-layer outputs.
+
+    Same discipline as RoutingRecorder: O(1) work per hook, removed in `__exit__` (also on error).
+    """
+
+    def __init__(self, routers: list[nn.Module], layers: list[MoELayer], *, inputs: bool,
+                 decoder_layers: list[nn.Module] = ()):
+        self.routers, self.layers, self.inputs, self.decoder_layers = routers, layers, inputs, list(decoder_layers)
+        self.x = [[] for _ in routers]
+        self.rank = [2 for _ in routers]  # of each router's input: 3 when the block hands it [B, T, H]
+        self.scores = [[] for _ in routers]
+        self.outputs = [[] for _ in self.decoder_layers]
+        self._handles = []
+
+    def __enter__(self) -> "Taps":
+        try:
+            for i, (router, layer) in enumerate(zip(self.routers, self.layers)):
+                index = layer.spec.router_output_index
+                self._handles.append(router.register_forward_hook(
+                    lambda m, a, out, i=i, index=index: self.scores[i].append(router_tensor(out, index).detach().float())))
+                if self.inputs:
+                    self._handles.append(router.register_forward_pre_hook(lambda m, a, i=i: self._input(i, a[0])))
+            for i, module in enumerate(self.decoder_layers):  # copied: a later layer may work in place
+                self._handles.append(module.register_forward_hook(lambda m, a, out, i=i: self.outputs[i].append(clone_output(out))))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _input(self, i: int, x: torch.Tensor) -> None:
+        self.rank[i] = x.dim()
+        self.x[i].append(x.detach().reshape(-1, x.shape[-1]))
+
+    def take(self):
+        taken = (self.x, self.scores, self.outputs)
+        self.x, self.scores = [[] for _ in self.routers], [[] for _ in self.routers]
+        self.outputs = [[] for _ in self.decoder_layers]
+        return taken
+
+
+def clone_output(output):
+    """A module's output, detached and copied (tensors inside tuples and lists too)."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(clone_output(o) for o in output)
+    return output
+
+
+class GenerateArguments:
+    """Context manager that lets `on_call(kwargs)` see the keyword arguments of every `model.generate(...)` call
+    (the EOS a call passes never reaches the forward passes the other hooks see). It shadows the bound method
+    with an instance attribute for the block and deletes exactly that attribute on exit; nothing else changes."""
+
+    def __init__(self, model: nn.Module, on_call: Callable[[dict | None], None]):
+        self.model, self.on_call = model, on_call
+        self._installed = False
+
+    def __enter__(self) -> "GenerateArguments":
+        original = getattr(self.model, "generate", None)
+        if callable(original) and "generate" not in vars(self.model):
+            def generate(*args, **kwargs):
+                self.on_call(kwargs)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.on_call(None)
+
+            self.model.generate = generate
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            del self.model.generate
+            self._installed = False

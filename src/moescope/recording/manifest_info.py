@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
-import platform
-import re
-from dataclasses import asdict
 
 import numpy as np
-from torch import nn
 
-import moescope
+from moescope.adapters.describe import decoder_layers, layer_entry
 from moescope.adapters.spec import MoELayer
+from moescope.trace.manifest import library_versions
 
 
 def detect_router_output_kind(router_output: np.ndarray) -> str:
@@ -21,49 +17,6 @@ def detect_router_output_kind(router_output: np.ndarray) -> str:
     sums = rows.sum(-1)
     is_probs = (rows.min() >= 0) and np.allclose(sums, 1.0, atol=2e-2)  # float16 storage: loose tolerance
     return "probs" if is_probs else "logits"
-
-
-def versions() -> dict:
-    import pyarrow
-    import torch
-    import transformers
-
-    return {
-        "moescope": moescope.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "pyarrow": pyarrow.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def layer_entry(layer: MoELayer) -> dict:
-    spec = asdict(layer.spec)
-    return {
-        "moe_layer": layer.index,
-        "decoder_layer": layer.decoder_layer,
-        "module": layer.block_path,
-        "n_experts": layer.n_experts,  # routed experts: ids 0 .. n_experts - 1
-        "non_compute_experts": {"ids": list(layer.non_compute_ids), "kind": str(layer.spec.non_compute.kind)}
-        if layer.non_compute_ids else None,  # router choices that are not experts (LongCat identity, ZAYA skip)
-        "top_k": layer.top_k,
-        "n_shared_experts": layer.n_shared_experts,
-        "expert_sizes": list(layer.expert_sizes) if layer.expert_sizes else None,
-        "scoring": str(layer.spec.scoring),
-        "spec": {k: _json_value(v) for k, v in spec.items()},
-    }
-
-
-def _json_value(value):
-    """A spec field as plain JSON: enums by value, tuples as lists, -inf (a group fill) as the string "-inf"."""
-    if hasattr(value, "value"):
-        return str(value)
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 def capture_entry(opts: dict) -> dict:
@@ -88,25 +41,6 @@ def _hidden_size(model, layers: list[MoELayer], config) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
-def decoder_layer_count(model, layers: list[MoELayer]) -> int | None:
-    """Decoder layers of the model: the ModuleList holding the MoE blocks' decoder layers (LongCat's config
-    says num_hidden_layers = 2 x its decoder layers), else the config's num_hidden_layers."""
-    match = re.match(rf"^(.+?)\.{layers[0].decoder_layer}(?:\.|$)", layers[0].block_path) if layers else None
-    container = model.get_submodule(match.group(1)) if match else None  # e.g. "model.layers"
-    if isinstance(container, nn.ModuleList):
-        return len(container)
-    config = getattr(model, "config", None)
-    return getattr(config, "num_hidden_layers", None)
-
-
-def decoder_layers(model, layers: list[MoELayer]) -> dict:
-    """num_decoder_layers and dense_decoder_layers (the decoder layers holding no MoE block)."""
-    n_decoder = decoder_layer_count(model, layers)
-    moe_decoder = {layer.decoder_layer for layer in layers}
-    dense = sorted(set(range(n_decoder)) - moe_decoder) if isinstance(n_decoder, int) else None
-    return {"num_decoder_layers": n_decoder, "dense_decoder_layers": dense}
-
-
 def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dict, corpus_info: dict) -> dict:
     config = getattr(model, "config", None)  # None for a plain PyTorch module: its fields come from the module
     return {
@@ -124,6 +58,6 @@ def build_manifest(model, layers: list[MoELayer], *, opts: dict, model_info: dic
         "weights_dtype": opts["weights_dtype"],
         "router_output_dtype": opts.get("logits_dtype", "float16") if opts.get("save_router_output") else None,
         "router_output_kind": None,
-        "versions": versions(),
+        "versions": library_versions(),
         "shards": [],
     }

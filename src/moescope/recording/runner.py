@@ -15,16 +15,16 @@ from concurrent.futures import wait as futures_wait
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from moescope.adapters.discover import CustomRouter, find_moe_layers
 from moescope.adapters.spec import MoELayer
-from moescope.recording.batches import Batch, Sequence, batched, make_batch
+from moescope.recording.batches import Batch, batched, make_batch
+from moescope.trace.block import Sequence, TokenBlock, shard_tables
 from moescope.recording.generate import block_from_generate
 from moescope.recording.hooks import RoutingRecorder
 from moescope.recording.manifest_info import build_manifest, detect_router_output_kind
-from moescope.recording.rows import TokenBlock, block_from_forward, concat_blocks, routing_table, sequences_table, tokens_table
+from moescope.recording.rows import block_from_forward
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -73,15 +73,11 @@ class DeferredBlock:
         return self.build()
 
 
-def shard_tables(blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> tuple[dict, list[str]]:
+def encode_shard(blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> tuple[dict, list[str]]:
     """({table name: Arrow table} of one shard, the router output kind each block's data shows)."""
     blocks = [b.resolve() if isinstance(b, DeferredBlock) else b for b in blocks]
     kinds = [detect_router_output_kind(b.router_output) for b in blocks if b.router_output is not None]
-    block = concat_blocks(blocks)
-    seq_ids, counts = np.unique(block.seq_id, return_counts=True)
-    n_tokens = dict(zip(seq_ids.tolist(), counts.tolist()))
-    tables = {"routing": routing_table(block), "tokens": tokens_table(block), "sequences": sequences_table(sequences, n_tokens)}
-    return tables, kinds
+    return shard_tables(blocks, sequences), kinds
 
 
 class ShardBuffer:
@@ -130,7 +126,7 @@ class ShardBuffer:
             pending.result()
 
     def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence], last: bool = False) -> None:
-        tables, kinds = shard_tables(blocks, sequences)
+        tables, kinds = encode_shard(blocks, sequences)
         self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
         self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last)

@@ -21,9 +21,10 @@ from dataclasses import asdict
 import numpy as np
 
 from moescope.errors import ModelLoadError, MoescopeError
-from moescope.recording.batches import Sequence, chunks
+from moescope.recording.batches import chunks
+from moescope.trace.block import Sequence
 from moescope.recording.manifest_info import build_manifest
-from moescope.recording.rows import TokenBlock
+from moescope.trace.block import TokenBlock
 from moescope.recording.runner import CaptureOptions, ShardBuffer, finish_capture
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter

@@ -170,3 +170,24 @@ def manifest_problem(manifest: dict) -> str | None:
     if len(paths) != len(shards) * len(TABLES):
         return "two shards list the same part file"
     return None
+
+
+def library_versions() -> dict:
+    """The versions of what wrote a trace, for its manifest."""
+    import platform
+
+    import numpy as np
+    import pyarrow
+    import torch
+    import transformers
+
+    import moescope
+
+    return {
+        "moescope": moescope.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

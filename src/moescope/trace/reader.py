@@ -64,7 +64,7 @@ class Trace:
         )
 
     def _repr_html_(self) -> str:  # a notebook cell
-        from moescope.display import trace_html
+        from moescope.trace.html import trace_html
 
         return trace_html(self)
 

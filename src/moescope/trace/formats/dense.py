@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from moescope.errors import ImportFormatError
-from moescope.recording.batches import Sequence
-from moescope.recording.manifest_info import versions
-from moescope.recording.rows import TokenBlock
+from moescope.trace.block import Sequence
+from moescope.trace.block import TokenBlock
 from moescope.recording.runner import shard_tables
-from moescope.trace.manifest import sha256_file
+from moescope.trace.manifest import library_versions, sha256_file
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -105,7 +104,7 @@ def write_imported(imported: Imported, out: str | os.PathLike, *, n_experts: int
         "corpus": {"spec": f"{imported.format}:{name}"},
         "weights_dtype": "float16",
         "router_output_kind": None,
-        "versions": versions(),
+        "versions": library_versions(),
     }
     starts = np.flatnonzero(np.diff(block.seq_id, prepend=block.seq_id[0] - 1))  # first token of each sequence
     bounds = np.append(starts, T)
@@ -123,7 +122,7 @@ def write_imported(imported: Imported, out: str | os.PathLike, *, n_experts: int
             seqs = [Sequence(seq_id=int(s), token_ids=[], source=name, domain="unknown",
                              doc_id=imported.doc_ids.get(int(s), str(int(s))), text_sha1="")
                     for s in np.unique(part.seq_id)]
-            tables, _ = shard_tables([part], seqs)
+            tables = shard_tables([part], seqs)
             writer.write_shard(tables, seq_id_min=seqs[0].seq_id, seq_id_max=seqs[-1].seq_id)
             lo = hi
         writer.finish()

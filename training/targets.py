@@ -24,7 +24,7 @@ are what a user gets.
 
 Examples
 --------
-    python -m moescope.models.targets moescope:tiny-moe   # prints the measurement as JSON
+    python -m training.targets moescope:tiny-moe   # prints the measurement as JSON
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def _text_hash(text: str) -> bytes:
 
 def eval_pieces() -> dict[str, list[str]]:
     """Domain -> eval-split pieces; prose = Wikipedia + documentation in the training batches' proportion."""
-    from moescope.models.debian_docs import debian_docs_texts
-    from moescope.models.evaluate import held_out_texts
-    from moescope.models.train import BATCH_MIX
+    from training.debian_docs import debian_docs_texts
+    from training.texts import held_out_texts
+    from training.train import BATCH_MIX
 
     cut = {d: [p for t in texts for p in pieces(t) if p.strip()] for d, texts in held_out_texts("eval").items()}
     budget = sum(map(len, cut["prose"])) * BATCH_MIX["docs"] / BATCH_MIX["prose"]  # characters of docs
@@ -119,7 +119,7 @@ def model_arguments(model: str, name: str) -> list[str]:
 
 def measure_routing(model: str, max_tokens: int, name: str | None = None) -> dict:
     """Per-layer busiest/fair share, dead experts and code-vs-prose TV of `model` (``moescope:NAME`` or a folder)."""
-    from moescope.models.debian_docs import installed_versions
+    from training.debian_docs import installed_versions
 
     name = name or model.removeprefix("moescope:")
     with tempfile.TemporaryDirectory() as scratch:

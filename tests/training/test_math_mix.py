@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moescope.models import math_mix
+from training import math_mix
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5])

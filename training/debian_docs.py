@@ -1,7 +1,7 @@
 """English prose from Debian documentation packages, for TRAINING the shipped models only.
 
 Not a built-in corpus: the corpora users evaluate on stay installable with pip. This reader serves
-`moescope.models.train`, which needs far more prose than gensim's Wikipedia sample holds:
+`training.train`, which needs far more prose than gensim's Wikipedia sample holds:
 
 - ``python3.11-doc``: the Python 3.11 documentation (Sphinx HTML; the ``role="main"`` body of each
   page; the generated indexes, search page and module index are skipped);

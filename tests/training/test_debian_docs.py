@@ -7,7 +7,7 @@ import gzip
 import pytest
 
 from moescope.errors import CorpusError
-from moescope.models import debian_docs
+from training import debian_docs
 
 INSTALLED = all((debian_docs.DPKG_INFO / f"{p}.list").is_file() for p in debian_docs.PACKAGES)
 needs_packages = pytest.mark.skipif(not INSTALLED, reason=f"needs: {debian_docs.INSTALL_HINT}")
@@ -71,7 +71,7 @@ def test_installed_man_page_has_no_troff_left():
 def test_docstring_examples_run():
     import doctest
 
-    from moescope.models import targets
+    from training import targets
 
     for module in (debian_docs, targets):
         assert doctest.testmod(module).failed == 0

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from moescope.models import train
-from moescope.models.router_tap import router_modules, tap_routers
+from training import train
+from training.router_tap import router_modules, tap_routers
 
 
 def _np_switch(logits: np.ndarray, k: int) -> float:
@@ -83,7 +83,7 @@ def test_sequence_balance_loss_matches_a_numpy_reference(seq_len):
 def _tiny_dsv3():
     from transformers import AutoModelForCausalLM
 
-    from moescope.models.architectures import build_config
+    from training.architectures import build_config
 
     torch.manual_seed(0)
     config = build_config("tiny-dsv3", 64, {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0})
@@ -180,7 +180,7 @@ def test_resume_with_other_steps_is_refused(small_batches, tmp_path):
 
 
 def test_missing_debian_packages_stop_training_in_one_line(monkeypatch, tmp_path, capsys):
-    from moescope.models import debian_docs
+    from training import debian_docs
 
     monkeypatch.setattr(debian_docs, "DPKG_INFO", tmp_path)  # as on a machine without the packages
     assert train.main(["--model", "tiny-moe", "--steps", "1", "--out", str(tmp_path / "out")]) == 2
