@@ -230,3 +230,25 @@ def test_a_cache_filled_before_the_block_gives_positions_after_it(tiny_moe):
     shard = next(rec.trace.shards())
     assert shard.pos.tolist() == [5, 6] and shard.token_id.tolist() == [10, 11] and shard.seq_id.tolist() == [0, 0]
     assert shard.generated.tolist() == [False, True]  # the first call starts the sequence; the second decodes it
+
+
+def test_generate_honours_an_eos_and_pad_passed_to_the_call(tiny_moe):
+    """`generate(..., eos_token_id=X, pad_token_id=P)`: a row ends at X (neither X nor the padding after it is recorded)."""
+    model = tiny_moe
+    ids, mask, lengths = _uneven_left_padded()
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eos_x = int(free[0, 7 + 1])  # what row 0 generates second: made the EOS of the next call
+    pad_p = next(p for p in range(1, 10) if p not in (eos_x, model.generation_config.eos_token_id))
+    assert eos_x != model.generation_config.eos_token_id
+    with moescope.record(model) as rec:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             eos_token_id=eos_x, pad_token_id=pad_p)
+    expected = {}
+    for row, n in enumerate(lengths):  # fed tokens: the prompt, then generated ones up to (not with) the first X
+        fed = out[row, 7 - n:-1].tolist()
+        fed = fed[:n + fed[n:].index(eos_x)] if eos_x in fed[n:] else fed
+        expected.update({(row, pos): token for pos, token in enumerate(fed)})
+    assert eos_x in out[0, 7:].tolist() and pad_p in out[0, 7:].tolist()  # row 0 stopped and was padded with P
+    shard = next(rec.trace.shards())
+    got = {(int(s), int(p)): int(t) for s, p, t in zip(shard.seq_id, shard.pos, shard.token_id)}
+    assert got == expected

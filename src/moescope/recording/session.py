@@ -36,11 +36,13 @@ from torch import nn
 
 from moescope.adapters.discover import find_moe_layers
 from moescope.errors import MoescopeError, TraceError
-from moescope.recording.batches import Batch, Sequence
-from moescope.recording.hooks import RoutingRecorder
+from moescope.recording.batches import Batch
+from moescope.trace.block import Sequence
+from moescope.recording.hooks import GenerateArguments, RoutingRecorder
 from moescope.recording.manifest_info import build_manifest
-from moescope.recording.rows import TokenBlock, block_from_forward, concat_blocks
-from moescope.recording.runner import _eos_ids, finish_capture, shard_tables
+from moescope.recording.rows import block_from_forward
+from moescope.trace.block import TokenBlock, concat_blocks
+from moescope.recording.runner import _eos_ids, encode_shard, finish_capture
 from moescope.trace.manifest import MANIFEST
 from moescope.trace.memory import MemoryTrace
 from moescope.trace.reader import Trace
@@ -144,14 +146,18 @@ class Recording:
             self._writer = TraceWriter(self.out, manifest)
         else:
             self._memory, self._manifest_template = [], manifest
-        self._eos = torch.tensor(sorted(_eos_ids(self.model, self.tokenizer)), dtype=torch.long)
+        self._default_eos = torch.tensor(sorted(_eos_ids(self.model, self.tokenizer)), dtype=torch.long)
+        self._eos = self._default_eos
         self._started = time.perf_counter()
         self._recorder = RoutingRecorder(self.model, self.layers, save_router_output=self.save_logits,
                                          weights_dtype=getattr(torch, self.weights_dtype),
                                          logits_dtype=getattr(torch, self.logits_dtype), calls=self)
+        self._generate_args = GenerateArguments(self.model, self._generate_call)
         try:
             self._recorder.__enter__()
+            self._generate_args.__enter__()
         except BaseException:
+            self._recorder.__exit__(None, None, None)
             self._close_writer()
             raise
         _RECORDING.add(self.model)
@@ -159,6 +165,7 @@ class Recording:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            self._generate_args.__exit__(exc_type, exc, tb)
             self._recorder.__exit__(exc_type, exc, tb)
         finally:
             _RECORDING.discard(self.model)
@@ -168,6 +175,17 @@ class Recording:
                 self.trace = self._finish(complete=exc_type is None)
             finally:
                 self._close_writer()
+
+    def _generate_call(self, kwargs: dict | None) -> None:
+        """A `generate` call begins (its keyword arguments) or ends (None): its own EOS ids, if it passes any,
+        end its rows instead of the model's (`eos_token_id=`, or a `generation_config=` that sets one)."""
+        eos = None if kwargs is None else kwargs.get("eos_token_id")
+        if eos is None and kwargs is not None:
+            eos = getattr(kwargs.get("generation_config"), "eos_token_id", None)
+        if eos is None:
+            self._eos = self._default_eos
+        else:
+            self._eos = torch.as_tensor(eos, dtype=torch.long).reshape(-1)
 
     # -- CallObserver: the model's own call ----------------------------------------------------------
     def before(self, args: tuple, kwargs: dict) -> None:
@@ -304,7 +322,7 @@ class Recording:
         return out
 
     def _write(self, block: TokenBlock, sequences: list[Sequence]) -> None:
-        tables, kinds = shard_tables([block], sequences)
+        tables, kinds = encode_shard([block], sequences)
         self._kind_votes += kinds
         self._n_tokens += block.n_tokens
         ids = [s.seq_id for s in sequences]
