@@ -193,8 +193,7 @@ def synthetic_trace(spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, se
 def write_synthetic_trace(folder, spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, seed: int = 0) -> None:
     """`synthetic_trace` written as a trace folder, one Parquet shard each (router logits stored as float16, as a
     capture stores them; probabilities and next-layer predictions left out)."""
-    from moescope.trace.block import Sequence
-    from moescope.trace.block import TokenBlock, routing_table, sequences_table, tokens_table
+    from moescope.trace.block import Sequence, TokenBlock, routing_table, sequences_table, tokens_table
     from moescope.trace.writer import TraceWriter
 
     layers = [{"moe_layer": i, "decoder_layer": i, "n_experts": spec.n_experts, "top_k": spec.top_k} for i in range(spec.n_layers)]

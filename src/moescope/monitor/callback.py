@@ -36,12 +36,10 @@ from moescope.monitor.alerts import AlertState, Thresholds
 from moescope.monitor.metrics import step_metrics
 from moescope.pipeline.analyze import analysis_context
 from moescope.recording.batches import Batch
-from moescope.trace.block import Sequence
+from moescope.trace.block import Sequence, TokenBlock, shard_tables
 from moescope.recording.hooks import RoutingRecorder
 from moescope.recording.manifest_info import build_manifest
 from moescope.recording.rows import block_from_forward
-from moescope.trace.block import TokenBlock
-from moescope.trace.block import shard_tables
 from moescope.recording.session import _RECORDING, _pick_layers
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.memory import MemoryTrace

@@ -37,11 +37,10 @@ from torch import nn
 from moescope.adapters.discover import find_moe_layers
 from moescope.errors import MoescopeError, TraceError
 from moescope.recording.batches import Batch
-from moescope.trace.block import Sequence
+from moescope.trace.block import Sequence, TokenBlock, concat_blocks
 from moescope.recording.hooks import GenerateArguments, RoutingRecorder
 from moescope.recording.manifest_info import build_manifest
 from moescope.recording.rows import block_from_forward
-from moescope.trace.block import TokenBlock, concat_blocks
 from moescope.recording.runner import _eos_ids, encode_shard, finish_capture
 from moescope.trace.manifest import MANIFEST
 from moescope.trace.memory import MemoryTrace

@@ -22,9 +22,8 @@ import numpy as np
 
 from moescope.errors import ModelLoadError, MoescopeError
 from moescope.recording.batches import chunks
-from moescope.trace.block import Sequence
+from moescope.trace.block import Sequence, TokenBlock
 from moescope.recording.manifest_info import build_manifest
-from moescope.trace.block import TokenBlock
 from moescope.recording.runner import CaptureOptions, ShardBuffer, finish_capture
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moescope.errors import ImportFormatError
-from moescope.trace.block import Sequence
-from moescope.trace.block import TokenBlock
-from moescope.trace.block import shard_tables
+from moescope.trace.block import Sequence, TokenBlock, shard_tables
 from moescope.trace.manifest import library_versions, sha256_file
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
