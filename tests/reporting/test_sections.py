@@ -115,3 +115,22 @@ def test_corpus_line_keeps_what_a_reader_needs():
                                    "sources: humaneval (code, 21 docs), wiki (prose, 412 docs)")
     assert corpus_text({"spec": "input_ids", "rows": 32}) == "input_ids; rows=32"
     assert corpus_text(None) == "unknown" and corpus_text("wiki") == "wiki"
+
+
+def test_mostly_large_means_token_costs_share_in_every_figure(report_inputs):
+    """'mostly large' is one notion: a (token, layer) pair whose mean selected expert size is above the layer's
+    threshold, token_cost's `mostly_large_share`; the per-layer figure's titles print exactly those shares."""
+    from moescope.reporting.results import load_results
+    from moescope.reporting.sections.common import shape_of
+    from moescope.reporting.sections.tokens import size_section
+
+    results = load_results(report_inputs["full"])
+    per_layer = results.table("token_cost", "per_layer")
+    section = size_section(results, "s", shape_of(results))
+    (block,) = [b for b in section.blocks if getattr(b, "name", None) == "expert_size_by_layer"]
+    titles = [ax.get_title(loc="left") for ax in block.make().axes if ax.get_title(loc="left")]
+    assert titles
+    shares = dict(zip(per_layer["layer"], per_layer["mostly_large_share"]))
+    for title in titles:
+        layer, share = title.removeprefix("layer ").split(": ")
+        assert share == f"{shares[int(layer)]:.0%} mostly large"

@@ -99,11 +99,11 @@ def expert_size_histograms(avg_size: np.ndarray, occurrences: np.ndarray, *, sma
     }
     y = np.arange(len(shares))
     values = np.array(list(shares.values()))
-    ax.barh(y, values, color=LARGE_COLOR, label=f"mostly large (> {threshold:g})")
-    ax.barh(y, 1 - values, left=values, color=SMALL_COLOR, label=f"mostly small (≤ {threshold:g})")
+    ax.barh(y, values, color=LARGE_COLOR, label=f"average over all layers > {threshold:g}")
+    ax.barh(y, 1 - values, left=values, color=SMALL_COLOR, label=f"average over all layers ≤ {threshold:g}")
     for yi, v in zip(y, values):
         if np.isfinite(v):
-            ax.text(0.02, yi, f"{v:.1%} large", va="center", color="white", fontsize=8, fontweight="bold")
+            ax.text(0.02, yi, f"{v:.1%} above", va="center", color="white", fontsize=8, fontweight="bold")
     ax.set_yticks(y, list(shares))
     ax.set_xlim(0, 1)
     percent_axis(ax, "x")
@@ -114,9 +114,11 @@ def expert_size_histograms(avg_size: np.ndarray, occurrences: np.ndarray, *, sma
 
 
 @figure_function
-def expert_size_by_layer(token_layer: pd.DataFrame, layers: Sequence[int], sizes: Mapping[int, Sequence[int]]) -> Figure:
+def expert_size_by_layer(token_layer: pd.DataFrame, layers: Sequence[int], sizes: Mapping[int, Sequence[int]],
+                         mostly_large: Mapping[int, float] | None = None) -> Figure:
     """Per layer: average selected expert size of each token, weighted by occurrences (columns token_id,
-    layer, avg_size, occurrences)."""
+    layer, avg_size, occurrences); titled with the layer's share of (token, layer) pairs mostly on large experts
+    (token_cost's `mostly_large_share`), when given."""
     ncols = min(len(layers), 4)
     fig, axes = new_figure(1, ncols, height=2.8)
     for ax, layer in zip(axes[0], layers):
@@ -129,10 +131,8 @@ def expert_size_by_layer(token_layer: pd.DataFrame, layers: Sequence[int], sizes
         bins = np.linspace(small, large if large > small else small + 1, 41)
         ax.hist(rows["avg_size"].to_numpy(float), bins=bins, weights=rows["occurrences"].to_numpy(float), color=PALETTE[1],
                 alpha=0.85, edgecolor="white", linewidth=0.3)
-        threshold = (small + large) / 2
-        occ = rows["occurrences"].to_numpy(float)
-        large_share = occ[rows["avg_size"].to_numpy(float) > threshold].sum() / max(occ.sum(), 1.0)
-        ax.set_title(f"layer {layer}: {large_share:.0%} mostly large", loc="left")
+        share = (mostly_large or {}).get(layer)
+        ax.set_title(f"layer {layer}: {share:.0%} mostly large" if share is not None else f"layer {layer}", loc="left")
         ax.set_xlabel("average expert size per token")
     axes[0, 0].set_ylabel("token occurrences")
     return fig

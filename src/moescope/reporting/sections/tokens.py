@@ -104,15 +104,21 @@ def size_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
         blocks.append(FigureBlock("expert_size_histograms", partial(token_figs.expert_size_histograms, tokens["avg_expert_size"].to_numpy(float),
                                                                     tokens["occurrences"].to_numpy(float), small=small, large=large,
                                                                     threshold=(small + large) / 2),
-                                  "Average selected expert size per token over all layers: per unique token, per occurrence, and the share mostly on large experts."))
+                                  "Average selected expert size per token over all layers: per unique token, per occurrence, and the share whose "
+                                  "average is above the midpoint of the smallest and largest expert."))
     facets = facet_layers(shape["layers"], 4)
     token_layer = None
     if r.expert_sizes():
         token_experts = r.table("token_specialisation", "token_experts", where={"layer": tuple(facets)})
         token_layer = token_layer_sizes(token_experts, r.expert_sizes(), shape["top_k"])
     if token_layer is not None:
-        blocks.append(FigureBlock("expert_size_by_layer", partial(token_figs.expert_size_by_layer, token_layer, facets, r.expert_sizes()),
-                                  "Average selected expert size per token, layer by layer (weighted by occurrences)."))
+        cost_layers = r.table("token_cost", "per_layer")
+        mostly_large = None if cost_layers is None else {
+            int(layer): float(share) for layer, share in zip(cost_layers["layer"], cost_layers["mostly_large_share"]) if layer >= 0}
+        blocks.append(FigureBlock("expert_size_by_layer",
+                                  partial(token_figs.expert_size_by_layer, token_layer, facets, r.expert_sizes(), mostly_large),
+                                  "Average selected expert size per token, layer by layer (weighted by occurrences); the title's "
+                                  "share is token_cost's: (token, layer) pairs whose mean selected size is above the layer's threshold."))
     elif has_sizes:
         blocks.append(Notes(("Per-layer size histograms need the expert sizes from the trace manifest, which is not readable here.",), "missing"))
     dist, per_layer = r.table("token_cost", "distribution"), r.table("token_cost", "per_layer")
