@@ -65,6 +65,13 @@ PROBE = """<script>
       out.visibleMatch = visible.every(function (r) { return r.textContent.indexOf(token) >= 0; });
       out.count = document.getElementById(table.getAttribute('data-count')).textContent;
     }
+    var wrap = document.querySelector('.headline .tablewrap');
+    if (wrap) {
+      var cells = wrap.querySelector('table').rows[0].cells;
+      out.headline = {columns: cells.length, scroll: wrap.scrollWidth, client: wrap.clientWidth,
+                      right: Math.max.apply(null, Array.prototype.map.call(cells, function (c) { return c.getBoundingClientRect().right; })),
+                      viewport: document.documentElement.clientWidth};
+    }
     out.problems = problems;
     var pre = document.createElement('pre');
     pre.id = 'probe-result';
@@ -124,6 +131,23 @@ def test_report_loads_cleanly_in_chromium(browser, full_report, tmp_path):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is None or len(colours) > 50  # a rendered page, not a blank one
     print(f"screenshot: {shot}")
+
+
+@pytest.mark.parametrize("width", [1280, 1024])
+def test_headline_shows_every_model_at_a_normal_window_width(browser, report_inputs, tmp_path, width):
+    """Three models side by side in the headline table: every column is on screen, nothing scrolls sideways."""
+    import shutil as sh
+
+    from moescope.reporting import write_report
+
+    third = tmp_path / "third-model-with-a-rather-long-folder-name"
+    sh.copytree(report_inputs["full"], third)
+    page = write_report([report_inputs["full"], report_inputs["partial"], third], tmp_path / "r.html").read_text(encoding="utf-8")
+    out = probe(browser, page, tmp_path, f"--window-size={width},1600")
+    assert out["problems"] == []
+    h = out["headline"]
+    assert h["columns"] == 4  # the quantity and three models
+    assert h["scroll"] <= h["client"] and h["right"] <= h["viewport"], h
 
 
 def test_probe_catches_errors_broken_figures_and_network_requests(browser, tmp_path):

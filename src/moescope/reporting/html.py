@@ -36,7 +36,9 @@ nav.toc ul { margin: 4px 0; padding-left: 18px; }
 nav.toc li.off a { color: var(--muted); }
 nav.toc .grp { display: inline-block; vertical-align: top; margin: 2px 28px 2px 0; }
 a { color: var(--accent); text-decoration: none; } a:hover { text-decoration: underline; }
-.headline table { font-size: 15px; }
+.headline table { font-size: 15px; width: 100%; table-layout: fixed; }
+.headline th, .headline td { white-space: normal; overflow-wrap: anywhere; vertical-align: top; }
+.headline th:first-child, .headline td:first-child { width: 30%; }
 .headline td.v { font-weight: 600; font-variant-numeric: tabular-nums; }
 .verdict { background: var(--card); border-left: 4px solid var(--accent); padding: 8px 12px; margin: 8px 0; }
 dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 8px 0 16px; font-size: 14px; }
