@@ -126,6 +126,7 @@ def test_bad_input_is_one_line(checkpoints, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err
+        assert not Path(argv[argv.index("--out") + 1]).exists()  # refused before anything was written
     with pytest.raises(SystemExit) as exit_:
         main(["saturation", str(first), "--data", data, "--out", str(tmp_path / "d")])  # no --final
     assert exit_.value.code == 2

@@ -56,6 +56,33 @@ def _token_ids(final: str, data, *, max_tokens: int, seq_len: int, split: str, d
     return model, ids, mask
 
 
+def _moe_shape(checkpoint: str) -> list[tuple[int, int]]:
+    """(experts, top-k) of each MoE layer, from the checkpoint's config alone (the model built on the meta device)."""
+    from moescope.adapters.discover import find_moe_layers
+    from moescope.recording.loading import default_router, model_skeleton, resolve_model_path
+
+    layers = find_moe_layers(model_skeleton(resolve_model_path(checkpoint), False), default_router(checkpoint))
+    return [(layer.n_experts, layer.top_k) for layer in layers]
+
+
+def check_checkpoints(checkpoints: list[str], final: str) -> list[str]:
+    """The checkpoints' labels, once every checkpoint is known to be the final one's model (same MoE layers, experts
+    and top-k); raised before anything is written."""
+    if not checkpoints:
+        raise MoescopeError("give at least one checkpoint to compare with --final")
+    labels = checkpoint_labels(checkpoints)
+    if "final" in labels:
+        raise MoescopeError("a checkpoint folder named 'final' would collide with the final checkpoint's trace; rename it")
+    reference = _moe_shape(final)
+    for checkpoint in checkpoints:
+        shape = _moe_shape(checkpoint)
+        if shape != reference:
+            raise MoescopeError(f"{checkpoint} has other MoE layers than the final checkpoint {final} "
+                                f"({len(shape)} layers of {sorted(set(shape))} (experts, top-k) against {len(reference)} of "
+                                f"{sorted(set(reference))}); compare checkpoints of one model")
+    return labels
+
+
 def _trace_of(checkpoint: str, model, ids: torch.Tensor, mask: torch.Tensor, folder: Path, batch_size: int) -> Trace:
     """The checkpoint's trace of these tokens: reused when a complete one of it is there, else captured afresh."""
     import moescope
@@ -69,8 +96,9 @@ def _trace_of(checkpoint: str, model, ids: torch.Tensor, mask: torch.Tensor, fol
             return old
     if model is None:
         model, _ = load_model(checkpoint, device="cpu", dtype="float32")
-    return moescope.capture(model, input_ids=ids, attention_mask=mask, out=folder, batch_size=batch_size, progress=False,
-                            weights_dtype="float32", router=default_router(checkpoint), overwrite=True)
+    return moescope.capture(model, input_ids=ids, attention_mask=mask, out=folder, progress=False, overwrite=True,
+                            options=moescope.CaptureOptions(batch_size=batch_size, weights_dtype="float32",
+                                                            router=default_router(checkpoint)))
 
 
 def compare_to_final(final: Trace, other: Trace) -> pd.DataFrame:
@@ -90,14 +118,10 @@ def compare_to_final(final: Trace, other: Trace) -> pd.DataFrame:
 def saturation_run(checkpoints: list[str], final: str, data, out: str | os.PathLike, *, max_tokens: int = 8192,
                    seq_len: int = 256, batch_size: int = 8, split: str = "all", device: str = "cpu") -> dict:
     """Capture every checkpoint and the final one on the same tokens; write the per-layer table and summary.json."""
-    if not checkpoints:
-        raise MoescopeError("give at least one checkpoint to compare with --final")
     check_output_folder(out, markers=("summary.json",), what="saturation results")
+    labels = check_checkpoints(checkpoints, final)
     final_model, ids, mask = _token_ids(final, data, max_tokens=max_tokens, seq_len=seq_len, split=split, device=device)
     out = prepare_output_folder(out, markers=("summary.json",), what="saturation results")
-    labels = checkpoint_labels(checkpoints)
-    if "final" in labels:
-        raise MoescopeError("a checkpoint folder named 'final' would collide with the final checkpoint's trace; rename it")
     reference = _trace_of(final, final_model, ids, mask, out / "traces" / "final", batch_size)
     steps = [training_step(label) for label in labels]
     use_steps = all(s is not None for s in steps) and len(set(steps)) == len(steps)

@@ -90,3 +90,16 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
         model.to(resolve_device(device))
     model.eval()
     return model, tokenizer
+
+
+def model_skeleton(path: str, trust_remote_code: bool):
+    """The Hugging Face model class on the meta device: layers and routing policy, no weights, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the model config of {path!r}: {str(err).strip().splitlines()[0]}") from None
