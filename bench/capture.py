@@ -112,7 +112,8 @@ def run_nnsight(model, ids, batch):
 def run_moescope(model, ids, batch, parent: Path, name: str):
     """A whole capture into a new folder under `parent` (each run its own: deleting the previous run's trace
     would be timed as the capture's; all are deleted at the end)."""
-    return moescope.capture(model, input_ids=ids, out=parent / f"{name}-{next(_RUNS)}", batch_size=batch, progress=False)
+    return moescope.capture(model, input_ids=ids, out=parent / f"{name}-{next(_RUNS)}", progress=False,
+                            options=moescope.CaptureOptions(batch_size=batch))
 
 
 def _print_table(times: dict[str, list[float]], n_tokens: int) -> None:

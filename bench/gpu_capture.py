@@ -82,8 +82,8 @@ def main() -> None:
 
     def capture(inputs: torch.Tensor, generate: int):
         shutil.rmtree(work / "t", ignore_errors=True)
-        moescope.capture(model, input_ids=inputs, out=work / "t", batch_size=args.batch, generate=generate,
-                         shard_tokens=args.shard_tokens, progress=False)
+        moescope.capture(model, input_ids=inputs, out=work / "t", progress=False,
+                         options=moescope.CaptureOptions(batch_size=args.batch, generate=generate, shard_tokens=args.shard_tokens))
 
     def plain_forward():
         with torch.inference_mode():

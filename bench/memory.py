@@ -106,9 +106,10 @@ def forward_child(tokens: int, model_name: str, data: str) -> None:
     from moescope.api import _documents
     from moescope.recording.batches import batched, make_batch, sequences_from_documents, start_tokens
     from moescope.recording.loading import load_model
-    from moescope.recording.runner import CaptureOptions, forward_call
+    from moescope.recording.options import CaptureSettings
+    from moescope.recording.runner import forward_call
 
-    opts = CaptureOptions()  # the capture's default batches
+    opts = CaptureSettings()  # the capture's default batches
     model, tokenizer = load_model(model_name, device="cpu")  # and its default dtype
     docs, _ = _documents(data, None)
     sequences = sequences_from_documents(docs, tokenizer, seq_len=opts.seq_len, max_tokens=tokens,

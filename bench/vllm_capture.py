@@ -22,8 +22,10 @@ from moescope.recording import vllm_worker
 from moescope.recording.batches import sequences_from_documents
 from moescope.recording.loading import load_tokenizer, resolve_model_path
 from moescope.recording.manifest_info import build_manifest
-from moescope.recording.runner import CaptureOptions, ShardBuffer
-from moescope.recording.vllm_backend import capture_chunk, model_skeleton, sampling_params, start_engine
+from moescope.recording.options import CaptureSettings
+from moescope.recording.runner import ShardBuffer
+from moescope.recording.loading import model_skeleton
+from moescope.recording.vllm_backend import capture_chunk, sampling_params, start_engine
 from moescope.trace.writer import TraceWriter
 
 
@@ -41,7 +43,7 @@ def main() -> None:
     from moescope.corpora import iter_corpus
 
     path = resolve_model_path(args.model)
-    opts = CaptureOptions(seq_len=args.prompt_len, generate=args.generate, backend="vllm")
+    opts = CaptureSettings(seq_len=args.prompt_len, generate=args.generate, backend="vllm")
     seqs = [s for s in sequences_from_documents(iter_corpus(args.data), load_tokenizer(path), seq_len=args.prompt_len,
                                                 max_tokens=None) if len(s.token_ids) == args.prompt_len][: args.prompts]
     llm = start_engine(path, opts=opts, dtype=args.dtype, tensor_parallel_size=1, trust_remote_code=False)

@@ -26,8 +26,8 @@ def shipped():
 def captured(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("nb")
     (root / "docs.txt").write_text("def f(x):\n    return x * 2\n\nThe river ran slowly past the old mill.\n\n12 + 30 = 42\n")
-    trace = moescope.capture(str(tiny_model_dir), str(root / "docs.txt"), out=root / "t", seq_len=16, save_router_output=True,
-                             progress=False)
+    trace = moescope.capture(str(tiny_model_dir), str(root / "docs.txt"), out=root / "t", progress=False,
+                             options=moescope.CaptureOptions(seq_len=16, save_logits=True))
     return root, trace
 
 

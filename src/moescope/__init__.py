@@ -18,6 +18,7 @@ _PUBLIC = {
     "open_trace": "moescope.api",
     "CustomRouter": "moescope.api",
     "CaptureOptions": "moescope.api",
+    "CaptureOptionsError": "moescope.recording.options",
     "record": "moescope.recording.session",
     "analyze": "moescope.notebook",
     "report": "moescope.notebook",

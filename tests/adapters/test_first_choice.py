@@ -38,7 +38,7 @@ def test_slot_zero_is_the_largest_gate_weight_on_every_row(family, weights_dtype
     assert unsorted > 0.15, f"{family}: only {unsorted:.0%} of rows arrive unsorted"
 
     trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
-                             weights_dtype=weights_dtype)
+                             options=moescope.CaptureOptions(weights_dtype=weights_dtype))
     shard = next(trace.shards())
     for layer, got in enumerate(received):
         ids_in, w_in = got.ids[keep], got.weights[keep]

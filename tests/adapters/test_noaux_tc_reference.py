@@ -65,7 +65,7 @@ def test_hand_written_noaux_tc_reference_equals_the_trace(family, tmp_path):
     ids, mask = uneven_batch()
     keep = mask.reshape(-1).bool().numpy()
     trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
-                             weights_dtype="float32")
+                             options=moescope.CaptureOptions(weights_dtype="float32"))
     shard = next(trace.shards())
     pairs = _routers_and_inputs(model, ids, mask)
     assert len(pairs) == shard.n_layers

@@ -20,10 +20,10 @@ from .tiny_configs import NOT_CAPTURED, build_tiny_model
 def test_record_equals_capture(family, tmp_path):
     model = build_tiny_model(family)
     input_ids, mask = padded_batch()
-    with torch.inference_mode(), moescope.record(model, save_logits=True) as rec:
+    with torch.inference_mode(), moescope.record(model, options=moescope.CaptureOptions(save_logits=True)) as rec:
         model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     captured = moescope.capture(model, input_ids=input_ids, attention_mask=mask, out=tmp_path / "c", progress=False,
-                                save_router_output=True)
+                                options=moescope.CaptureOptions(save_logits=True))
     for name in ("routing", "tokens"):
         assert rec.trace.table(name).to_pylist() == captured.table(name).to_pylist(), f"{family}: {name} differs"
     assert rec.trace.layers == captured.layers

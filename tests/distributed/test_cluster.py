@@ -18,7 +18,8 @@ SRC = Path(moescope.__file__).parent
 @pytest.fixture(scope="module")
 def small_trace(tmp_path_factory):
     out = tmp_path_factory.mktemp("small") / "t"
-    return moescope.capture("moescope:tiny-moe", "wiki", out=out, max_tokens=64, progress=False).folder
+    return moescope.capture("moescope:tiny-moe", "wiki", out=out, progress=False,
+                            options=moescope.CaptureOptions(max_tokens=64)).folder
 
 
 def test_nothing_outside_distributed_imports_ray_at_module_level():

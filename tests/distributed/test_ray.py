@@ -81,10 +81,10 @@ def test_a_worker_killed_mid_unit_is_retried_and_nothing_is_duplicated(ray_clust
     from moescope.distributed.capture import run_ray_capture
     from moescope.recording.batches import sequences_from_documents
     from moescope.recording.loading import load_tokenizer
-    from moescope.recording.runner import CaptureOptions
+    from moescope.recording.options import CaptureSettings
 
     forward, written = tmp_path / "killed-in-forward", tmp_path / "killed-after-writing"
-    opts = CaptureOptions(seq_len=128, shard_tokens=700, max_tokens=3000)
+    opts = CaptureSettings(seq_len=128, shard_tokens=700, max_tokens=3000)
     seqs = sequences_from_documents(iter_corpus(DATA), load_tokenizer(MODEL), seq_len=128, max_tokens=3000)
     run_ray_capture(MODEL, seqs, tmp_path / "t", opts=opts, model_info={"id": MODEL},
                     corpus_info={**describe_corpus(DATA, split="all"), "split": "all"},

@@ -27,10 +27,11 @@ def traces(tmp_path_factory, tiny_model_dir):
     (root / "code.txt").write_text("def f(x):\n    return x * 2\n\nfor i in range(10):\n    print(i)\n")
     (root / "prose.txt").write_text("The river ran slowly past the old mill.\n\nShe read the letter twice.\n")
     data = f"code={root / 'code.txt'},prose={root / 'prose.txt'}"
-    a = moescope.capture(str(tiny_model_dir), data, out=root / "a", seq_len=16, save_router_output=True,
-                         predict_next_layer=True, progress=False)
+    a = moescope.capture(str(tiny_model_dir), data, out=root / "a", progress=False,
+                         options=moescope.CaptureOptions(seq_len=16, save_logits=True, predict_next_layer=True))
     other = make_tiny_qwen3_moe(seed=7)
-    b = moescope.capture(other, data, tokenizer=make_byte_tokenizer(), out=root / "b", seq_len=16, progress=False)
+    b = moescope.capture(other, data, tokenizer=make_byte_tokenizer(), out=root / "b", progress=False,
+                         options=moescope.CaptureOptions(seq_len=16))
     return root, a, b
 
 

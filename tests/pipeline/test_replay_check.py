@@ -22,7 +22,8 @@ from moescope.trace.formats.dense import Imported, write_imported
 @pytest.fixture(scope="module")
 def hf_trace(tmp_path_factory):
     out = tmp_path_factory.mktemp("replay-check") / "hf"
-    return moescope.capture("moescope:tiny-moe", "wiki", out=out, max_tokens=700, seq_len=100, progress=False)
+    return moescope.capture("moescope:tiny-moe", "wiki", out=out, progress=False,
+                            options=moescope.CaptureOptions(max_tokens=700, seq_len=100))
 
 
 def _arrays(trace):

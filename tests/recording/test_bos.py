@@ -54,7 +54,8 @@ def model():
 def test_llama_style_tokenizer_gets_bos_at_the_start_of_every_sequence(model, tmp_path):
     tokenizer = llama_style_tokenizer()
     assert tokenizer("ab")["input_ids"] == [BOS, *tokenizer("ab", add_special_tokens=False)["input_ids"]]
-    trace = moescope.capture(model, TEXTS, tokenizer=tokenizer, out=tmp_path / "t", seq_len=SEQ_LEN, progress=False)
+    trace = moescope.capture(model, TEXTS, tokenizer=tokenizer, out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(seq_len=SEQ_LEN))
     sequences, rows = _captured(trace)
     assert sequences == expected_sequences(tokenizer, TEXTS, SEQ_LEN, [BOS])
     assert sequences[0] == tokenizer(TEXTS[0])["input_ids"]  # a text that fits: exactly what tokenizer(text) gives
@@ -68,7 +69,8 @@ def test_llama_style_tokenizer_gets_bos_at_the_start_of_every_sequence(model, tm
 def test_gpt2_style_tokenizer_gets_nothing_added(model, tmp_path):
     tokenizer = make_byte_tokenizer()
     assert tokenizer("ab")["input_ids"] == tokenizer("ab", add_special_tokens=False)["input_ids"]
-    trace = moescope.capture(model, TEXTS, tokenizer=tokenizer, out=tmp_path / "t", seq_len=SEQ_LEN, progress=False)
+    trace = moescope.capture(model, TEXTS, tokenizer=tokenizer, out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(seq_len=SEQ_LEN))
     sequences, _ = _captured(trace)
     assert sequences == expected_sequences(tokenizer, TEXTS, SEQ_LEN, [])
     assert trace.n_tokens == sum(len(t) for t in TEXTS)
@@ -77,8 +79,8 @@ def test_gpt2_style_tokenizer_gets_nothing_added(model, tmp_path):
 
 
 def test_max_tokens_counts_the_bos_tokens(model, tmp_path):
-    trace = moescope.capture(model, TEXTS, tokenizer=llama_style_tokenizer(), out=tmp_path / "t", seq_len=SEQ_LEN,
-                             max_tokens=26, progress=False)
+    trace = moescope.capture(model, TEXTS, tokenizer=llama_style_tokenizer(), out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(seq_len=SEQ_LEN, max_tokens=26))
     sequences, _ = _captured(trace)
     assert [len(s) for s in sequences] == [10, 16] and trace.n_tokens == 26
 
@@ -95,7 +97,8 @@ def test_pre_tokenised_input_is_recorded_as_given(model, tmp_path):
 def test_shipped_model_keeps_its_training_convention(tmp_path):
     from moescope.recording.loading import load_tokenizer
 
-    trace = moescope.capture("moescope:tiny-moe", TEXTS[:2], out=tmp_path / "t", seq_len=64, progress=False)
+    trace = moescope.capture("moescope:tiny-moe", TEXTS[:2], out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(seq_len=64))
     tokenizer = load_tokenizer("moescope:tiny-moe")
     assert _captured(trace)[0] == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:2]]
     assert trace.manifest["capture"]["bos"] is False

@@ -47,7 +47,7 @@ def test_expert_norms_are_each_chosen_experts_output_norm(family, padded_batch, 
     model = build_tiny_model(family)
     ids, mask = padded_batch
     trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
-                             save_expert_norms=True, weights_dtype="float32")
+                             options=moescope.CaptureOptions(save_expert_norms=True, weights_dtype="float32"))
     shard = next(trace.shards())
     layers = find_moe_layers(model)
     keep = mask.reshape(-1).bool().numpy()
@@ -65,4 +65,5 @@ def test_expert_norms_are_refused_where_experts_take_no_ids(tmp_path):
     model = build_tiny_model("llama4_text")
     ids = torch.randint(3, 256, (1, 5))
     with pytest.raises(MoescopeError, match="save-expert-norms"):
-        moescope.capture(model, input_ids=ids, out=tmp_path / "t", progress=False, save_expert_norms=True)
+        moescope.capture(model, input_ids=ids, out=tmp_path / "t", progress=False,
+                         options=moescope.CaptureOptions(save_expert_norms=True))

@@ -73,7 +73,7 @@ def _captured(model, tmp_path):
     """(shard with predictions, MoE layers, every router's input, real-token mask) for one padded batch."""
     ids, mask = _batch()
     trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
-                             predict_next_layer=True)
+                             options=moescope.CaptureOptions(predict_next_layer=True))
     layers = find_moe_layers(model)
     return next(trace.shards()), layers, _router_inputs(model, layers, ids, mask), mask.reshape(-1).bool()
 

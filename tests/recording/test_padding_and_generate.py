@@ -54,7 +54,7 @@ def test_left_padded_input_is_fed_left_padded_and_recorded_as_each_row_alone(tin
     fed, handle = _fed_masks(tiny_moe)
     try:
         trace = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "left", progress=False,
-                                 weights_dtype="float32")
+                                 options=moescope.CaptureOptions(weights_dtype="float32"))
     finally:
         handle.remove()
     assert len(fed) == 1 and torch.equal(fed[0], mask), "capture must feed the batch as given: left-padded"
@@ -75,7 +75,7 @@ def test_uneven_prompts_under_generate_route_as_a_teacher_forced_pass(tiny_moe, 
     fed, handle = _fed_masks(tiny_moe)
     try:
         trace = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "gen", progress=False,
-                                 weights_dtype="float32", generate=5)
+                                 options=moescope.CaptureOptions(weights_dtype="float32", generate=5))
     finally:
         handle.remove()
     assert (fed[0] == 0).any(), "the prefill must see the left padding of the shorter prompts"

@@ -112,8 +112,8 @@ def test_plain_module_is_captured_from_the_module_routers_and_ids(tmp_path, kind
         ids[r, :n] = torch.randint(1, VOCAB, (n,), generator=g)
         mask[r, :n] = 1
     router = None if with_mask else CustomRouter(pattern="blocks.*.moe.router", top_k=TOP_K)
-    trace = moescope.capture(model, input_ids=ids, attention_mask=mask, router=router, out=tmp_path / "t",
-                             batch_size=4, weights_dtype="float32", progress=False)
+    trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(router=router, batch_size=4, weights_dtype="float32"))
     shard = next(trace.shards())
     rows = [ids[r, :n].tolist() for r, n in enumerate(lengths)]
     ref_ids, ref_w = _reference(model, rows)
@@ -132,6 +132,6 @@ def test_generate_on_a_module_without_generate_is_one_clear_error(tmp_path):
     from moescope.errors import MoescopeError
 
     with pytest.raises(MoescopeError, match="generate"):
-        moescope.capture(TinyMoE(), input_ids=torch.ones((1, 3), dtype=torch.long), out=tmp_path / "t", generate=2,
-                         router=CustomRouter(pattern="blocks.*.moe.router", top_k=TOP_K), progress=False)
+        moescope.capture(TinyMoE(), input_ids=torch.ones((1, 3), dtype=torch.long), out=tmp_path / "t", progress=False,
+                         options=moescope.CaptureOptions(generate=2, router=CustomRouter(pattern="blocks.*.moe.router", top_k=TOP_K)))
     assert not (tmp_path / "t").exists()

@@ -44,4 +44,5 @@ def test_api_returns_the_existing_trace(tiny_moe, tmp_path):
     assert again.complete and again.manifest == first.manifest and again.n_tokens == 18
     assert _state(tmp_path / "t") == before
     with pytest.raises(TraceError, match="complete trace with different capture"):
-        moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False, weights_dtype="float32")
+        moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False,
+                         options=moescope.CaptureOptions(weights_dtype="float32"))

@@ -32,8 +32,8 @@ def _router_logits(model, ids) -> np.ndarray:
 
 def test_plain_softmax_router_always_matches_its_own_top_k(tiny_moe, tmp_path):
     ids = _ids()
-    trace = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False, save_router_output=True,
-                             batch_size=16)
+    trace = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(save_logits=True, batch_size=16))
     out = np.concatenate([s.router_output for s in trace.shards()], axis=1)  # [L, N, E] float16-rounded
     ranked = -np.sort(-out, axis=-1)
     assert (ranked[..., 1] == ranked[..., 2]).any(), "no float16 tie at the top-2 boundary: the test proves nothing"
@@ -44,11 +44,12 @@ def test_plain_softmax_router_always_matches_its_own_top_k(tiny_moe, tmp_path):
 def test_logits_dtype_float32_keeps_the_router_output_exactly(tiny_moe, tmp_path):
     ids = _ids(8, 32)
     want = _router_logits(tiny_moe, ids)  # [L, N, E]
-    exact = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "f32", progress=False, save_router_output=True,
-                             logits_dtype="float32")
+    exact = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "f32", progress=False,
+                             options=moescope.CaptureOptions(save_logits=True, logits_dtype="float32"))
     np.testing.assert_array_equal(next(exact.shards()).router_output, want)
     assert exact.manifest["router_output_dtype"] == "float32"
-    rounded = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "f16", progress=False, save_router_output=True)
+    rounded = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "f16", progress=False,
+                               options=moescope.CaptureOptions(save_logits=True))
     np.testing.assert_array_equal(next(rounded.shards()).router_output, want.astype(np.float16).astype(np.float32))
     assert rounded.manifest["router_output_dtype"] == "float16"
     plain = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "none", progress=False)

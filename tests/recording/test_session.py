@@ -129,8 +129,9 @@ def test_sequence_ids_increase_across_calls_and_layers_and_sampling(tiny_moe):
 def test_out_folder_holds_the_same_trace_as_memory_and_memory_spills(tiny_moe, tmp_path):
     batches = [torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
-    def run(**kwargs):
-        with torch.inference_mode(), Recording(tiny_moe, save_logits=True, **kwargs) as rec:
+    def run(out=None, memory_tokens=262144, shard_tokens=65536):
+        options = moescope.CaptureOptions(save_logits=True, shard_tokens=shard_tokens)
+        with torch.inference_mode(), Recording(tiny_moe, out, options=options, memory_tokens=memory_tokens) as rec:
             for ids in batches:
                 tiny_moe(input_ids=ids, use_cache=False)
         return rec.trace
@@ -160,7 +161,7 @@ def test_hooks_removed_on_exit_and_on_exception_and_model_left_as_it_was(tiny_mo
     tiny_moe.train()
     before = {k: v.clone() for k, v in tiny_moe.state_dict().items()}
     attributes = {name: set(vars(m)) for name, m in tiny_moe.named_modules()}
-    with moescope.record(tiny_moe, save_logits=True):
+    with moescope.record(tiny_moe, options=moescope.CaptureOptions(save_logits=True)):
         assert _hook_count(tiny_moe) > 0
         tiny_moe(input_ids=torch.tensor([[3, 4, 5]]))
     assert _hook_count(tiny_moe) == 0
@@ -210,11 +211,12 @@ def test_custom_router_model_generate(tmp_path):
     model, tokenizer = load_model("moescope:tiny-varmoe", device="cpu")
     router = default_custom_router("tiny-varmoe")
     ids = torch.tensor([tokenizer("def add(a, b):")["input_ids"]])
-    with torch.inference_mode(), moescope.record(model, tokenizer=tokenizer, router=router) as rec:
+    with torch.inference_mode(), moescope.record(model, tokenizer=tokenizer, options=moescope.CaptureOptions(router=router)) as rec:
         out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     shard = next(rec.trace.shards())
     fed = out[0, :-1]
-    forced = next(moescope.capture(model, input_ids=fed[None], out=tmp_path / "f", progress=False, router=router).shards())
+    forced = next(moescope.capture(model, input_ids=fed[None], out=tmp_path / "f", progress=False,
+                                   options=moescope.CaptureOptions(router=router)).shards())
     assert shard.token_id.tolist() == fed.tolist() and shard.generated.sum() == fed.shape[0] - ids.shape[1]
     np.testing.assert_array_equal(np.sort(shard.topk_ids, -1), np.sort(forced.topk_ids, -1))
 

@@ -23,7 +23,7 @@ import moescope
 from moescope.errors import MoescopeError
 from moescope.recording.batches import chunks
 from moescope.trace.block import Sequence
-from moescope.recording.runner import CaptureOptions
+from moescope.recording.options import CaptureSettings
 from moescope.recording.vllm_backend import block_from_vllm
 from moescope.trace.verify import verify_trace
 
@@ -54,7 +54,7 @@ def test_rows_of_chunked_prefill_and_decode_steps_come_back_in_sequence_order():
     a, b = _seq(0, 3), _seq(1, 2)
     # step 1: a's prompt and b's first token; step 2: b's second token and a's first decode; step 3: a's decode
     rows = [("0-x", 0, 3), ("0-x", 1, 4), ("0-x", 2, 5), ("1-y", 0, 13), ("1-y", 1, 14), ("0-x", 3, 7), ("0-x", 4, 7)]
-    block = block_from_vllm([a, b], _outputs([3, 1]), _rec(rows), CaptureOptions(generate=3))
+    block = block_from_vllm([a, b], _outputs([3, 1]), _rec(rows), CaptureSettings(generate=3))
     assert block.seq_id.tolist() == [0, 0, 0, 0, 0, 1, 1]
     assert block.pos.tolist() == [0, 1, 2, 3, 4, 0, 1]
     assert block.generated.tolist() == [False, False, False, True, True, False, False]
@@ -64,14 +64,14 @@ def test_rows_of_chunked_prefill_and_decode_steps_come_back_in_sequence_order():
 def test_a_recomputed_request_keeps_one_row_per_position():
     a = _seq(0, 3)
     rows = [("0-x", 0, 3), ("0-x", 1, 4), ("0-x", 0, 3), ("0-x", 1, 4), ("0-x", 2, 5)]  # preempted, recomputed
-    block = block_from_vllm([a], _outputs([1]), _rec(rows), CaptureOptions())
+    block = block_from_vllm([a], _outputs([1]), _rec(rows), CaptureSettings())
     assert block.pos.tolist() == [0, 1, 2]
 
 
 def test_a_token_vllm_did_not_route_is_an_error_not_a_gap():
     a = _seq(0, 3)
     with pytest.raises(MoescopeError, match="routed 2 of the 3 tokens"):
-        block_from_vllm([a], _outputs([1]), _rec([("0-x", 1, 4), ("0-x", 2, 5)]), CaptureOptions())
+        block_from_vllm([a], _outputs([1]), _rec([("0-x", 1, 4), ("0-x", 2, 5)]), CaptureSettings())
 
 
 def test_chunks_hold_whole_sequences_of_about_one_shard():

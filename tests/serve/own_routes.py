@@ -21,8 +21,9 @@ from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 from moescope.adapters.discover import find_moe_layers  # noqa: E402
 from moescope.recording import vllm_worker  # noqa: E402
 from moescope.trace.block import Sequence  # noqa: E402
-from moescope.recording.runner import CaptureOptions  # noqa: E402
-from moescope.recording.vllm_backend import block_from_vllm, model_skeleton  # noqa: E402
+from moescope.recording.options import CaptureSettings  # noqa: E402
+from moescope.recording.loading import model_skeleton  # noqa: E402
+from moescope.recording.vllm_backend import block_from_vllm  # noqa: E402
 from moescope.trace.formats.vllm import read_request_outputs  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(model: str, out: str) -> int:
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                            SamplingParams(max_tokens=5, temperature=0.0), use_tqdm=False)
     chunk = [Sequence(i, p, "t", "t", str(i), "") for i, p in enumerate(prompts)]
-    ours = block_from_vllm(chunk, outputs, llm.collective_rpc(vllm_worker.take)[0], CaptureOptions(generate=5))
+    ours = block_from_vllm(chunk, outputs, llm.collective_rpc(vllm_worker.take)[0], CaptureSettings(generate=5))
     theirs = read_request_outputs(outputs).block
     with open(out, "w") as f:
         json.dump({name: {"seq_id": b.seq_id.tolist(), "pos": b.pos.tolist(), "ids": b.topk_ids.tolist()}

@@ -94,8 +94,8 @@ def offline_capture(sequences: list[list[int]], out):
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-    return moescope.capture("moescope:tiny-moe", input_ids=ids, attention_mask=mask, out=out, dtype="float32",
-                            save_router_output=True, progress=False)
+    return moescope.capture("moescope:tiny-moe", input_ids=ids, attention_mask=mask, out=out, progress=False,
+                            options=moescope.CaptureOptions(dtype="float32", save_logits=True))
 
 
 def test_counts_are_tokens_times_layers_times_k_and_equal_an_offline_capture(served, tmp_path):

@@ -38,8 +38,8 @@ def generated_trace(tmp_path_factory):
     import moescope
 
     out = tmp_path_factory.mktemp("traces") / "gen"
-    moescope.capture("moescope:tiny-moe", "humaneval,gsm-symbolic", out=out, max_tokens=700, seq_len=40, generate=12,
-                     shard_tokens=300, device="cpu", progress=False)
+    moescope.capture("moescope:tiny-moe", "humaneval,gsm-symbolic", out=out, progress=False,
+                     options=moescope.CaptureOptions(max_tokens=700, seq_len=40, generate=12, shard_tokens=300, device="cpu"))
     return out
 
 
@@ -49,8 +49,8 @@ def lookahead_trace(tmp_path_factory):
     import moescope
 
     out = tmp_path_factory.mktemp("traces") / "pred"
-    moescope.capture("moescope:tiny-moe", "wiki,humaneval", out=out, max_tokens=500, seq_len=64, predict_next_layer=True,
-                     device="cpu", progress=False)
+    moescope.capture("moescope:tiny-moe", "wiki,humaneval", out=out, progress=False,
+                     options=moescope.CaptureOptions(max_tokens=500, seq_len=64, predict_next_layer=True, device="cpu"))
     return out
 
 

@@ -28,7 +28,8 @@ def test_parts_are_fsynced_before_the_manifest_lists_them(tiny_moe, tmp_path, mo
     ids = torch.randint(3, 256, (6, 8), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "t"
     # batches of 16 tokens: shard 0 holds two (committed when full), shard 1 the last (committed by the finish)
-    moescope.capture(tiny_moe, input_ids=ids, out=out, batch_size=2, shard_tokens=24, progress=False)
+    moescope.capture(tiny_moe, input_ids=ids, out=out, progress=False,
+                     options=moescope.CaptureOptions(batch_size=2, shard_tokens=24))
     monkeypatch.undo()
     manifest = str(out / "manifest.json")
     commits = [i for i, e in enumerate(events) if e == ("replace", manifest)]

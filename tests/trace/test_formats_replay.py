@@ -17,7 +17,8 @@ def generated_trace(tiny_model_dir, tmp_path_factory):
     """A real capture of prompts and greedy continuations on a tiny random Qwen3-MoE."""
     out = tmp_path_factory.mktemp("replay") / "trace"
     texts = ["def f(x): return x", "The cat sat on the mat.", "1 + 2 = 3", "a"]
-    return moescope.capture(str(tiny_model_dir), texts, out=out, generate=3, seq_len=32, dtype="float32", progress=False)
+    return moescope.capture(str(tiny_model_dir), texts, out=out, progress=False,
+                            options=moescope.CaptureOptions(generate=3, seq_len=32, dtype="float32"))
 
 
 def test_replay_layout_holds_each_sequence_and_reads_back_as_the_same_trace(generated_trace, tmp_path):

@@ -143,7 +143,7 @@ def test_unknown_schema_version_is_refused_in_one_line(captured):
 def test_next_layer_prediction_is_in_the_predicting_routers_order(tiny_moe, padded_batch, tmp_path):
     ids, mask = padded_batch
     trace = moescope.capture(tiny_moe, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
-                             predict_next_layer=True)
+                             options=moescope.CaptureOptions(predict_next_layer=True))
     shard = next(trace.shards())
     routers = [m for m in tiny_moe.modules() if type(m).__name__.endswith("TopKRouter")]
     inputs = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from moescope.cli._common import add_command, manifest_bytes, positive_int
 from moescope.cli.inspect import add_custom_router_args, custom_router_from_args
 
@@ -52,24 +54,48 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def options_from_args(args):
+    """The CaptureOptions the flags ask for (validated there: a bad value is one line, before anything is loaded,
+    naming the flag)."""
+    from moescope.recording.options import CaptureOptionsError
+
+    try:
+        return _options(args)
+    except CaptureOptionsError as err:
+        raise CaptureOptionsError(flag_names(str(err))) from None
+
+
+def flag_names(message: str) -> str:
+    """An options message with each field name as its command-line flag (generate -> --generate)."""
+    from dataclasses import fields
+
+    from moescope.recording.options import CaptureOptions
+
+    for field in fields(CaptureOptions):
+        message = re.sub(rf"(?<![-\w]){field.name}(?![=\w])", "--" + field.name.replace("_", "-"), message)
+    return message
+
+
+def _options(args):
+    from moescope.recording.options import CaptureOptions
+
+    return CaptureOptions(
+        seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens, split=args.split, generate=args.generate,
+        save_logits=args.save_logits, logits_dtype=args.logits_dtype, weights_dtype=args.weights_dtype,
+        predict_next_layer=args.predict_next_layer, save_expert_norms=args.save_expert_norms,
+        output_entropy=args.output_entropy, shard_tokens=args.shard_tokens, router=custom_router_from_args(args),
+        device=args.device, dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
+        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, ray=args.ray, workers=args.workers,
+    )
+
+
 def run(args) -> int:
     from moescope.api import capture
-    from moescope.errors import MoescopeError
 
-    if args.generate < 0:
-        raise MoescopeError("--generate must be 0 or more")
+    options = options_from_args(args)
     before = manifest_bytes(args.out)
-    trace = capture(
-        args.model, args.data, out=args.out, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
-        trust_remote_code=args.trust_remote_code, save_router_output=args.save_logits, predict_next_layer=args.predict_next_layer,
-        save_expert_norms=args.save_expert_norms,
-        output_entropy=args.output_entropy, generate=args.generate, weights_dtype=args.weights_dtype,
-        logits_dtype=args.logits_dtype,
-        router=custom_router_from_args(args), overwrite=args.overwrite, progress=not args.no_progress,
-        backend=args.backend, tensor_parallel_size=args.tensor_parallel_size, ray=args.ray, workers=args.workers,
-        shard_tokens=args.shard_tokens,
-    )
+    trace = capture(args.model, args.data, out=args.out,
+                    options=options, overwrite=args.overwrite, progress=not args.no_progress)
     if not args.overwrite and before is not None and trace.complete and manifest_bytes(args.out) == before:
         print(f"{trace.folder} already complete with these options ({trace.n_tokens} tokens x {trace.n_layers} MoE layers): "
               "nothing written")

@@ -22,7 +22,8 @@ from pathlib import Path
 from moescope.errors import MoescopeError
 from moescope.recording.batches import chunks
 from moescope.trace.block import Sequence
-from moescope.recording.runner import CaptureOptions, encode_shard, finish_capture, record_batches
+from moescope.recording.options import CaptureSettings
+from moescope.recording.runner import encode_shard, finish_capture, record_batches
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter, write_parts
 
@@ -42,12 +43,12 @@ class CaptureWorker:
         self.model, self.tokenizer = load_model(model, **load_kwargs)
         self.layers = find_moe_layers(self.model, router or default_router(model))
 
-    def manifest(self, opts: CaptureOptions, model_info: dict, corpus_info: dict) -> dict:
+    def manifest(self, opts: CaptureSettings, model_info: dict, corpus_info: dict) -> dict:
         from moescope.recording.manifest_info import build_manifest
 
         return build_manifest(self.model, self.layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
 
-    def capture_unit(self, folder: str, index: int, sequences: list[Sequence], opts: CaptureOptions,
+    def capture_unit(self, folder: str, index: int, sequences: list[Sequence], opts: CaptureSettings,
                      die_once: tuple[str, str] | None = None) -> dict:
         blocks = []
         for _, block in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
@@ -83,7 +84,7 @@ def _workers(ray, device: str, workers: int | None) -> tuple[int, dict]:
     return workers or slots, {"num_gpus": 1} if on_gpu else {"num_cpus": 1}
 
 
-def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
+def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureSettings,
                     model_info: dict, corpus_info: dict, load_kwargs: dict, router=None, address: str | None = None,
                     workers: int | None = None, overwrite: bool = False, progress: bool = True,
                     total_tokens: int | None = None, _die_once: dict[int, tuple[str, str]] | None = None) -> Trace:

@@ -157,13 +157,14 @@ def run_importance(model, tokenizer, data, *, out, layers=None, max_tokens: int 
 def _trace(model, tokenizer, batches: list[Batch], folder: Path, options: dict, model_info: dict, overwrite: bool,
            progress: bool):
     """The evaluation tokens' trace with expert output norms: captured once (resumably), then reused."""
-    from moescope.recording.runner import CaptureOptions, run_capture
+    from moescope.recording.options import CaptureSettings
+    from moescope.recording.runner import run_capture
     from moescope.trace.reader import Trace
 
     if not overwrite and (folder / "manifest.json").exists() and Trace(folder).manifest.get("complete"):
         return Trace(folder)
     sequences = [s for batch in batches for s in batch.sequences]
-    opts = CaptureOptions(seq_len=options["seq_len"], batch_size=options["batch_size"], save_expert_norms=True,
+    opts = CaptureSettings(seq_len=options["seq_len"], batch_size=options["batch_size"], save_expert_norms=True,
                           weights_dtype="float32")
     corpus = {"spec": "importance evaluation batches", "split": options["split"], "sequences": len(sequences)}
     return run_capture(model, tokenizer, sequences, folder, opts=opts, model_info=model_info or {"id": type(model).__name__},

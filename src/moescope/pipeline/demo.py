@@ -23,7 +23,7 @@ DEMO_CORPUS = "humaneval,gsm-symbolic,wiki"
 
 
 def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progress: bool) -> None:
-    from moescope.api import capture
+    from moescope.api import CaptureOptions, capture
     from moescope.trace.reader import open_trace
 
     if (out / "manifest.json").exists():
@@ -34,9 +34,9 @@ def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progr
         if trace is not None and trace.complete and trace.manifest["capture"].get("max_tokens") == max_tokens:
             print(f"  reusing {out}")
             return
-    capture(model, DEMO_CORPUS, out=out, split="eval", max_tokens=max_tokens, seq_len=seq_len, batch_size=8,
-            device="cpu", save_router_output=True, predict_next_layer=True, output_entropy=True,
-            overwrite=(out / "manifest.json").exists() and open_trace(out).complete, progress=progress)
+    capture(model, DEMO_CORPUS, out=out, overwrite=(out / "manifest.json").exists() and open_trace(out).complete, progress=progress,
+            options=CaptureOptions(split="eval", max_tokens=max_tokens, seq_len=seq_len, batch_size=8, device="cpu",
+                                   save_logits=True, predict_next_layer=True, output_entropy=True))
 
 
 def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, quant_tokens: int = 4096,

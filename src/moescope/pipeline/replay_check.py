@@ -85,9 +85,9 @@ def _recompute(model, router, shard: ShardData, trace, tmp: Path, index: int) ->
 
     ids, mask = _input_ids(shard)
     opts = trace.manifest.get("capture", {})
-    redo = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp / f"shard-{index}", router=router,
-                            batch_size=int(opts.get("batch_size") or 8), weights_dtype=trace.manifest.get("weights_dtype", "float16"),
-                            progress=False)
+    redo = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp / f"shard-{index}", progress=False,
+                            options=moescope.CaptureOptions(router=router, batch_size=int(opts.get("batch_size") or 8),
+                                                            weights_dtype=trace.manifest.get("weights_dtype", "float16")))
     parts = list(redo.shards())
     new_ids = np.concatenate([p.topk_ids for p in parts], axis=1)
     new_weights = np.concatenate([p.topk_weights for p in parts], axis=1)

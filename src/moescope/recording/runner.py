@@ -23,28 +23,11 @@ from moescope.recording.batches import Batch, batched, make_batch
 from moescope.trace.block import Sequence, TokenBlock, shard_tables
 from moescope.recording.generate import block_from_generate
 from moescope.recording.hooks import RoutingRecorder
+from moescope.recording.options import CaptureSettings
 from moescope.recording.manifest_info import build_manifest, detect_router_output_kind
 from moescope.recording.rows import block_from_forward
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
-
-
-@dataclass(frozen=True)
-class CaptureOptions:
-    seq_len: int = 256
-    batch_size: int = 8
-    max_tokens: int | None = None
-    save_router_output: bool = False
-    predict_next_layer: bool = False  # also record layer l+1's router applied to layer l's input (prefetch predictor)
-    save_expert_norms: bool = False  # also record ||output|| of each chosen expert alone (REAP scores; k extra expert passes)
-    output_entropy: bool = False
-    generate: int = 0  # new tokens per sequence; their routing is recorded and marked generated
-    weights_dtype: str = "float16"
-    logits_dtype: str = "float16"  # precision of stored router outputs (--save-logits); float32 keeps them exactly
-    padding_side: str = "right"  # how a forward batch is padded; "left" when the caller's input_ids were (generate: always left)
-    shard_tokens: int = 65536  # tokens buffered before a shard is committed (bounds memory)
-    backend: str = "hf"  # "hf": hooks on a transformers model; "vllm": inside a vLLM engine (recording/vllm_backend.py)
-    start_token_ids: tuple[int, ...] | None = None  # what begins every sequence (BOS or nothing); None: input_ids as given
 
 
 def _output_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -145,7 +128,7 @@ class ShardBuffer:
             self._pool.shutdown(wait=True)
 
 
-def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureOptions, eos: set[int]):
+def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureSettings, eos: set[int]):
     device = next(model.parameters()).device
     # several with --device-map; none unless CUDA was initialised (skips a walk over every parameter on CPU)
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"} if torch.cuda.is_initialized() else set()
@@ -212,7 +195,7 @@ def forward_call(model, *, need_logits: bool = True) -> Callable[[torch.Tensor, 
     return call
 
 
-def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable[Sequence], opts: CaptureOptions):
+def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable[Sequence], opts: CaptureSettings):
     """(batch, block) for each padded batch of `sequences`: the capture loop without the writing.
 
     A model whose forward takes no attention_mask is never fed padding: its batches hold sequences of one length."""
@@ -224,7 +207,7 @@ def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable
     yield from _forward_batches(model, layers, batches, opts, _eos_ids(model, tokenizer))
 
 
-def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
+def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureSettings,
                 model_info: dict, corpus_info: dict, custom_router: CustomRouter | None = None,
                 overwrite: bool = False, progress: bool = True, total_tokens: int | None = None) -> Trace:
     """Capture the routing of `sequences` through `model` into the trace folder `out`."""

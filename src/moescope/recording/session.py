@@ -40,6 +40,7 @@ from moescope.recording.batches import Batch
 from moescope.trace.block import Sequence, TokenBlock, concat_blocks
 from moescope.recording.hooks import GenerateArguments, RoutingRecorder
 from moescope.recording.manifest_info import build_manifest
+from moescope.recording.options import CAPTURE_ONLY, CaptureOptions, options_from_keywords
 from moescope.recording.rows import block_from_forward
 from moescope.recording.runner import _eos_ids, encode_shard, finish_capture
 from moescope.trace.manifest import MANIFEST
@@ -99,24 +100,23 @@ def _first_tensor(args: tuple, kwargs: dict, name: str):
 class Recording:
     """What `moescope.record(...)` returns: a context manager; after the block, `.trace` is the Trace."""
 
-    def __init__(self, model: nn.Module, out=None, *, layers=None, sample_every: int = 1, save_logits: bool = False,
-                 tokenizer=None, router=None, memory_tokens: int = 262144, shard_tokens: int = 65536, weights_dtype: str = "float16",
-                 logits_dtype: str = "float16"):
+    def __init__(self, model: nn.Module, out=None, *, options: CaptureOptions | None = None, layers=None,
+                 sample_every: int = 1, tokenizer=None, memory_tokens: int = 262144):
+        options = options if options is not None else CaptureOptions()
         if not isinstance(model, nn.Module):
             raise MoescopeError(f"moescope.record needs a loaded torch model (nn.Module), not {type(model).__name__}")
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
             raise MoescopeError(f"sample_every must be a whole number >= 1 (every Nth forward call), not {sample_every!r}")
-        for name, dtype in (("weights_dtype", weights_dtype), ("logits_dtype", logits_dtype)):
-            if dtype not in ("float16", "float32"):
-                raise MoescopeError(f"{name} must be float16 or float32, not {dtype!r}")
+        not_here = options.changed(CAPTURE_ONLY)
+        if not_here:
+            raise MoescopeError(f"moescope.record observes your own calls: the options {', '.join(not_here)} apply to "
+                                "moescope.capture only; leave them at their defaults")
         if out is not None and "://" in str(out):
             raise MoescopeError(f"out={out}: URLs are not supported; give a local folder")
-        found = find_moe_layers(model, router)  # NoRouterFoundError (one line) for a model without MoE layers
+        found = find_moe_layers(model, options.router)  # NoRouterFoundError (one line) for a model without MoE layers
         self.layers = _pick_layers(found, layers)
         self.model, self.out, self.tokenizer = model, (Path(out) if out is not None else None), tokenizer
-        self.sample_every, self.save_logits, self.weights_dtype = sample_every, save_logits, weights_dtype
-        self.logits_dtype = logits_dtype
-        self.memory_tokens, self.shard_tokens = memory_tokens, shard_tokens
+        self.options, self.sample_every, self.memory_tokens = options, sample_every, memory_tokens
         self.trace: Trace | None = None
         self.calls = 0  # forward calls of the model seen in the block
         self.recorded_calls = 0
@@ -148,9 +148,9 @@ class Recording:
         self._default_eos = torch.tensor(sorted(_eos_ids(self.model, self.tokenizer)), dtype=torch.long)
         self._eos = self._default_eos
         self._started = time.perf_counter()
-        self._recorder = RoutingRecorder(self.model, self.layers, save_router_output=self.save_logits,
-                                         weights_dtype=getattr(torch, self.weights_dtype),
-                                         logits_dtype=getattr(torch, self.logits_dtype), calls=self)
+        self._recorder = RoutingRecorder(self.model, self.layers, save_router_output=self.options.save_logits,
+                                         weights_dtype=getattr(torch, self.options.weights_dtype),
+                                         logits_dtype=getattr(torch, self.options.logits_dtype), calls=self)
         self._generate_args = GenerateArguments(self.model, self._generate_call)
         try:
             self._recorder.__enter__()
@@ -293,7 +293,7 @@ class Recording:
                 break
             done.append(group)
             tokens += sum(b.n_tokens for b in group.blocks)
-            if tokens >= self.shard_tokens:
+            if tokens >= self.options.shard_tokens:
                 self._write_groups(done)
                 done, tokens = [], 0
         if done and everything:
@@ -367,8 +367,8 @@ class Recording:
     def _manifest(self) -> dict:
         config = getattr(self.model, "config", None)
         name = getattr(config, "_name_or_path", "") or type(self.model).__name__
-        opts = {"mode": "record", "sample_every": self.sample_every, "save_router_output": self.save_logits,
-                "weights_dtype": self.weights_dtype, "logits_dtype": self.logits_dtype, "recorded_moe_layers": [l.block_path for l in self.layers]}
+        opts = {"mode": "record", "sample_every": self.sample_every, "save_router_output": self.options.save_logits,
+                "weights_dtype": self.options.weights_dtype, "logits_dtype": self.options.logits_dtype, "recorded_moe_layers": [l.block_path for l in self.layers]}
         return build_manifest(self.model, self.layers, opts=opts, model_info={"id": name},
                               corpus_info={"spec": "record", "source": "the user's own forward and generate calls"})
 
@@ -407,20 +407,23 @@ def _pick_layers(found: list, layers) -> list:
     return [replace(found[i], index=n) for n, i in enumerate(sorted(picked))]
 
 
-def record(model: nn.Module, out: str | os.PathLike | None = None, *, layers=None, sample_every: int = 1,
-           save_logits: bool = False, tokenizer=None, router=None, logits_dtype: str = "float16") -> Recording:
+def record(model: nn.Module, out: str | os.PathLike | None = None, *, options: CaptureOptions | None = None, layers=None,
+           sample_every: int = 1, tokenizer=None, **deprecated) -> Recording:
     """Record the routing of every forward pass and ``generate()`` your code runs on `model` inside the block.
 
     Parameters
     ----------
     model : a loaded MoE model (any supported family, or your own with ``moescope_router = CustomRouter(...)``).
     out : a new trace folder; ``None`` keeps the trace in memory (a temporary folder past 262,144 tokens).
+    options : a ``CaptureOptions``: what is stored beside ids and weights (``save_logits``, ``logits_dtype``,
+        ``weights_dtype``), ``shard_tokens``, and ``router`` (a ``CustomRouter`` for a model of your own that
+        does not declare ``moescope_router``). Options that shape batches or load a model are capture's only.
+        ``save_logits=``, ``router=`` and ``logits_dtype=`` as keywords still work for this release, with a
+        DeprecationWarning.
     layers : MoE-layer indices to record (default: all).
     sample_every : record every Nth forward call of the model (a decoding step is a call).
-    save_logits : also record the router outputs (`router_output`).
-    logits_dtype : "float16" (default) or "float32", the precision router outputs are kept in (float32: exact).
     tokenizer : used for the EOS id when the model's generation config has none, and for sequence text hashes.
-    router : a ``CustomRouter`` for a model of your own that does not declare ``moescope_router``.
+        A ``generate(..., eos_token_id=X)`` call ends its rows at X.
 
     Returns
     -------
@@ -432,5 +435,5 @@ def record(model: nn.Module, out: str | os.PathLike | None = None, *, layers=Non
     ...     model.generate(**tokenizer(["def f(x):", "2 + 2 ="], return_tensors="pt", padding=True), max_new_tokens=16)
     >>> rec.trace.sql("SELECT layer, topk_ids[1] AS first, count(*) FROM routing GROUP BY ALL")  # doctest: +SKIP
     """
-    return Recording(model, out, layers=layers, sample_every=sample_every, save_logits=save_logits, tokenizer=tokenizer,
-                     router=router, logits_dtype=logits_dtype)
+    options = options_from_keywords(options, deprecated, where="moescope.record")
+    return Recording(model, out, options=options, layers=layers, sample_every=sample_every, tokenizer=tokenizer)

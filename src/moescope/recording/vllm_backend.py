@@ -24,7 +24,9 @@ from moescope.errors import ModelLoadError, MoescopeError
 from moescope.recording.batches import chunks
 from moescope.trace.block import Sequence, TokenBlock
 from moescope.recording.manifest_info import build_manifest
-from moescope.recording.runner import CaptureOptions, ShardBuffer, finish_capture
+from moescope.recording.loading import model_skeleton
+from moescope.recording.options import CaptureSettings
+from moescope.recording.runner import ShardBuffer, finish_capture
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -41,20 +43,7 @@ def require_vllm():
     return vllm
 
 
-def model_skeleton(path: str, trust_remote_code: bool):
-    """The Hugging Face model class on the meta device: layers and routing policy, no weights, no memory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot read the model config of {path!r}: {str(err).strip().splitlines()[0]}") from None
-
-
-def start_engine(path: str, *, opts: CaptureOptions, dtype: str, tensor_parallel_size: int, trust_remote_code: bool):
+def start_engine(path: str, *, opts: CaptureSettings, dtype: str, tensor_parallel_size: int, trust_remote_code: bool):
     from vllm import LLM
 
     if dtype not in VLLM_DTYPES:
@@ -85,7 +74,7 @@ def _request_index(req_ids: list[str], outputs) -> np.ndarray:
     return np.asarray(index, dtype=np.int64)
 
 
-def block_from_vllm(chunk: list[Sequence], outputs, rec: dict, opts: CaptureOptions) -> TokenBlock:
+def block_from_vllm(chunk: list[Sequence], outputs, rec: dict, opts: CaptureSettings) -> TokenBlock:
     """Rows recorded over the steps that ran `chunk` -> a TokenBlock in (seq_id, pos) order."""
     prompt_len = np.array([len(s.token_ids) for s in chunk])
     n_new = np.array([len(out.outputs[0].token_ids) for out in outputs]) if opts.generate else np.zeros(len(chunk), int)
@@ -123,13 +112,13 @@ def block_from_vllm(chunk: list[Sequence], outputs, rec: dict, opts: CaptureOpti
     )
 
 
-def sampling_params(opts: CaptureOptions):
+def sampling_params(opts: CaptureSettings):
     from vllm import SamplingParams
 
     return SamplingParams(max_tokens=max(opts.generate, 1), temperature=0.0)  # greedy, like the HF backend
 
 
-def capture_chunk(llm, chunk: list[Sequence], params, opts: CaptureOptions) -> TokenBlock:
+def capture_chunk(llm, chunk: list[Sequence], params, opts: CaptureSettings) -> TokenBlock:
     """Run `chunk` through the engine (recorder installed) and return its routing in (seq_id, pos) order."""
     from vllm import TokensPrompt
 
@@ -139,7 +128,7 @@ def capture_chunk(llm, chunk: list[Sequence], params, opts: CaptureOptions) -> T
     return block_from_vllm(chunk, outputs, llm.collective_rpc(vllm_worker.take)[0], opts)
 
 
-def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureOptions,
+def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.PathLike, *, opts: CaptureSettings,
                      model_info: dict, corpus_info: dict, dtype: str = "auto", tensor_parallel_size: int = 1,
                      trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True,
                      total_tokens: int | None = None) -> Trace:
