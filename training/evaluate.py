@@ -218,21 +218,21 @@ PREVIOUS_HELD_OUT_PPL = {"tiny-moe": {"code": 170.7, "math": 107.7, "prose": 450
                          "tiny-dense": {"code": 181.4, "math": 113.1, "prose": 467.9},
                          "tiny-varmoe": {"code": 181.98, "math": 104.92, "prose": 469.98}}
 PREVIOUS_HELD_OUT_PPL["tiny-dsv3"] = PREVIOUS_HELD_OUT_PPL["tiny-moe"]
-README_WHAT = {"tiny-moe": "Qwen3-MoE, 8 experts × 256, top-2",
+MODEL_WHAT = {"tiny-moe": "Qwen3-MoE, 8 experts × 256, top-2",
                "tiny-dense": "Qwen3 dense twin, MLP 512 (same active params per token)",
                "tiny-varmoe": "custom PyTorch MoE, experts 4 × 448 + 4 × 64, top-2",
                "tiny-dsv3": "DeepSeek-V3: MLA, dense layer 0, 16 experts × 128, top-3 of 2 of 4 groups, 1 shared"}
 
 
-def readme_tables(all_metrics: dict[str, dict]) -> str:
-    """The README's two shipped-model tables (perplexity now (before); routing targets), from metrics.json."""
+def model_tables(all_metrics: dict[str, dict]) -> str:
+    """The two shipped-model tables of docs/models.md (perplexity now (before); routing targets), from metrics.json."""
     lines = ["| model | what | params | code | math | prose | news (unseen) | click sources (unseen) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, m in all_metrics.items():
         held, unseen, before = m["eval"]["held_out"], m["eval"]["out_of_corpus"], PREVIOUS_HELD_OUT_PPL[name]
         cells = [f"{held[d]['ppl']:.1f} ({before[d]:.1f})" for d in ("code", "math", "prose")]
         cells += [f"{unseen[d]['ppl']:.1f}" for d in ("news", "click-source")]
-        lines.append(f"| `{name}` | {README_WHAT[name]} | {m['parameters'] / 1e6:.1f} M | " + " | ".join(cells) + " |")
+        lines.append(f"| `{name}` | {MODEL_WHAT[name]} | {m['parameters'] / 1e6:.1f} M | " + " | ".join(cells) + " |")
     lines += ["", "| model | MoE layers | busiest expert / fair share, per layer | dead experts | "
               "TV code vs prose, per layer |", "|---|---|---|---|---|"]
     for name, m in all_metrics.items():
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         all_metrics[name] = metrics
     print_table(all_metrics)
     if args.model == "all":
-        print("\nREADME tables:\n" + readme_tables(all_metrics))
+        print("\ndocs/models.md tables:\n" + model_tables(all_metrics))
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def find_moe_layers(model: nn.Module, custom: CustomRouter | None = None) -> lis
         raise NoRouterFoundError(
             f"no MoE layers found in {type(model).__name__} (model_type={model_type!r}): searched for modules "
             f"with an `experts` child whose forward takes {' or '.join('/'.join(p) for p in _EXPERT_ARG_NAMES)}; "
-            "for a custom MoE pass --router-pattern 'path.*.router' --top-k K (see README: custom models)"
+            "for a custom MoE pass --router-pattern 'path.*.router' --top-k K (see the capture guide: custom MoE models)"
         )
     return layers
 

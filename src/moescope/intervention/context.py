@@ -35,9 +35,13 @@ def intervene(model: nn.Module, *, drop=None, zero=None, force=None,
     force : dict {moe_layer: [expert ids] or fn}
         Ids: always chosen, the other slots by the router's policy. fn(ids int64 [N, k]) -> ids [N, k]:
         the experts each token (row b * T + t of the batch) is sent to, weighted as the block would.
-    layers : the model's MoE layers (from `find_moe_layers`), when already discovered.
+    layers : list of MoELayer, optional
+        The model's MoE layers (from `find_moe_layers`), when already discovered.
 
-    Layer keys are MoE-layer indices, as in the trace. Yields the checked per-layer plans.
+    Yields
+    ------
+    list of LayerIntervention
+        The checked per-layer plans. Layer keys are MoE-layer indices, as in the trace.
     """
     layers = layers if layers is not None else find_moe_layers(model)
     plans = plan_interventions(model, layers, drop=drop, zero=zero, force=force)
