@@ -75,11 +75,11 @@ class Runs:
                                           router_inputs_and_expert_args(model, ids, mask))
         run = self.runs[family]
         if leg is not None and leg not in run.traces:
-            options = {"plain": {}, "logits": {"save_router_output": True, "weights_dtype": "float32"},
+            options = {"plain": {}, "logits": {"save_logits": True, "weights_dtype": "float32"},
                        "lookahead": {"predict_next_layer": True}}[leg]
             ids, mask = padded_batch()
             run.traces[leg] = moescope.capture(run.model, input_ids=ids, attention_mask=mask, progress=False,
-                                               out=self.root / f"{family}-{leg}", **options)
+                                               out=self.root / f"{family}-{leg}", options=moescope.CaptureOptions(**options))
         return run if leg is None else (run, run.traces[leg])
 
 

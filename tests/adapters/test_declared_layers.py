@@ -18,12 +18,13 @@ from .tiny_configs import build_tiny_model
 def _capture(family, tmp_path, **kw):
     model = build_tiny_model(family)
     ids, mask = uneven_batch()
-    trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / family, progress=False, **kw)
+    trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / family, progress=False,
+                             options=moescope.CaptureOptions(**kw))
     return model, trace
 
 
 def test_gemma4_layers_declare_top_k_experts_and_the_trace_analyses(tmp_path):
-    model, trace = _capture("gemma4_text", tmp_path, save_router_output=True)
+    model, trace = _capture("gemma4_text", tmp_path, save_logits=True)
     assert model.config.top_k_experts == 2
     assert [layer["top_k"] for layer in trace.layers] == [model.config.top_k_experts] * model.config.num_hidden_layers
     results = run_analyses(trace.shards, analysis_context(trace))
@@ -51,7 +52,7 @@ def _load_analysis(trace):
 
 
 def test_longcat_identity_experts_are_declared_apart_and_carry_no_load(tmp_path):
-    model, trace = _capture("longcat_flash", tmp_path, save_router_output=True)
+    model, trace = _capture("longcat_flash", tmp_path, save_logits=True)
     routed, identity = model.config.n_routed_experts, model.config.zero_expert_num
     assert (routed, identity) == (8, 2)
     for layer in trace.layers:
@@ -85,7 +86,7 @@ def test_longcat_identity_experts_are_declared_apart_and_carry_no_load(tmp_path)
 
 
 def test_zaya_skip_is_recorded_as_its_own_id_never_as_expert_0(tmp_path):
-    model, trace = _capture("zaya", tmp_path, save_router_output=True)
+    model, trace = _capture("zaya", tmp_path, save_logits=True)
     n_experts = model.config.num_experts
     for layer in trace.layers:
         assert layer["n_experts"] == n_experts

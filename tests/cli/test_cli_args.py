@@ -74,7 +74,7 @@ CASES = {
     "capture folder that is not a model": (["capture", "{w}/mydir", "--data", "{w}/mine.txt", "--out", "{w}/new"], "config.json"),
     # conflicting or invalid options
     "capture generate + next-layer": (["capture", "{w}/model", "--data", "{w}/mine.txt", "--out", "{w}/new", "--generate", "2",
-                                       "--predict-next-layer"], "predict_next_layer"),
+                                       "--predict-next-layer"], "--predict-next-layer"),
     "capture router pattern without top-k": (["capture", "{w}/model", "--data", "{w}/mine.txt", "--out", "{w}/new",
                                               "--router-pattern", "x.*"], "--top-k"),
     "capture zero seq-len": (["capture", "{w}/model", "--data", "{w}/mine.txt", "--out", "{w}/new", "--seq-len", "0"], "--seq-len"),

@@ -24,7 +24,8 @@ MATH = ["What is 12 plus 30? It is 42.", "Tom has 3 apples and buys 5 more; he h
 
 
 def _capture(model, texts, out, **kw):
-    return moescope.capture(model, list(texts), tokenizer=make_byte_tokenizer(), out=out, seq_len=16, progress=False, **kw)
+    return moescope.capture(model, list(texts), tokenizer=make_byte_tokenizer(), out=out, progress=False,
+                            options=moescope.CaptureOptions(seq_len=16, **kw))
 
 
 @pytest.fixture(scope="module")

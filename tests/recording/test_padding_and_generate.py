@@ -39,7 +39,8 @@ def _fed_masks(model) -> tuple[list, object]:
 
 def _alone(model, row: torch.Tensor, out, **kw):
     """One row captured by itself: no padding anywhere."""
-    return next(moescope.capture(model, input_ids=row[None], out=out, progress=False, weights_dtype="float32", **kw).shards())
+    options = moescope.CaptureOptions(weights_dtype="float32", **kw)
+    return next(moescope.capture(model, input_ids=row[None], out=out, progress=False, options=options).shards())
 
 
 def _near_tie(router_output: np.ndarray, k: int) -> np.ndarray:
@@ -61,7 +62,7 @@ def test_left_padded_input_is_fed_left_padded_and_recorded_as_each_row_alone(tin
     assert trace.manifest["capture"]["padding_side"] == "left"
     shard = next(trace.shards())
     for seq, row in enumerate(rows):
-        alone = _alone(tiny_moe, row, tmp_path / f"alone{seq}", save_router_output=True)
+        alone = _alone(tiny_moe, row, tmp_path / f"alone{seq}", save_logits=True)
         here = shard.seq_id == seq
         assert shard.pos[here].tolist() == list(range(len(row))) and shard.token_id[here].tolist() == row.tolist()
         stable = ~_near_tie(alone.router_output, 2)  # [L, n]
@@ -87,7 +88,7 @@ def test_uneven_prompts_under_generate_route_as_a_teacher_forced_pass(tiny_moe, 
         assert generated[: len(row)].tolist() == [False] * len(row) and generated[len(row):].all() and n > len(row)
         tokens = shard.token_id[here]
         assert tokens[: len(row)].tolist() == row.tolist() and shard.pos[here].tolist() == list(range(n))
-        forced = _alone(tiny_moe, torch.tensor(tokens), tmp_path / f"forced{seq}", save_router_output=True)
+        forced = _alone(tiny_moe, torch.tensor(tokens), tmp_path / f"forced{seq}", save_logits=True)
         stable = ~_near_tie(forced.router_output, 2)
         np.testing.assert_array_equal(shard.topk_ids[:, here][stable], forced.topk_ids[stable], err_msg=f"row {seq}")
         np.testing.assert_allclose(shard.topk_weights[:, here][stable], forced.topk_weights[stable], rtol=1e-4, atol=1e-5)

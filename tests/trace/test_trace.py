@@ -23,7 +23,8 @@ def ids():
 
 
 def _capture(model, ids, out, **kw):
-    return moescope.capture(model, input_ids=ids, out=out, progress=False, batch_size=2, shard_tokens=40, **kw)
+    return moescope.capture(model, input_ids=ids, out=out, progress=False,
+                            options=moescope.CaptureOptions(batch_size=2, shard_tokens=40, **kw))
 
 
 def test_jsonl_roundtrip_and_row_format(tiny_moe, ids, tmp_path):

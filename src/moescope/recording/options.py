@@ -188,7 +188,7 @@ def options_from_keywords(options: CaptureOptions | None, keywords: dict, *, whe
             raise TypeError(f"{where}() got an unexpected keyword argument {key!r}")
         values[name] = value
     shown = ", ".join(f"{name}={value!r}" for name, value in values.items())
-    warnings.warn(f"{where}(..., {', '.join(keywords)}=...) is deprecated and will be removed in the next release; "
+    warnings.warn(f"{where}(..., {', '.join(k + '=...' for k in keywords)}) is deprecated and will be removed in the next release; "
                   f"pass options=moescope.CaptureOptions({shown})", DeprecationWarning, stacklevel=3)
     fields_now = {f.name: getattr(options, f.name) for f in fields(CaptureOptions)}
     return CaptureOptions(**{**fields_now, **values})
