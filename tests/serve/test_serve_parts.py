@@ -97,8 +97,8 @@ def test_top_frame_from_two_scrapes():
     frame = render("http://h/metrics", later, first)
     assert "2 MoE layers x 4 experts, top-2   window 60 s   tokens routed 16   tokens/s 3.0" in frame
     rows = frame.splitlines()[-2:]
-    assert rows[0].split()[4:] == ["e1", "100%", "e0", "0%", "e2", "0%"]  # what grew since the last scrape
-    assert rows[1].split()[4:] == ["e3", "100%", "e0", "0%", "e1", "0%"]
+    assert rows[0].split()[6:] == ["e1", "100%", "e0", "0%", "e2", "0%"]  # what grew since the last scrape
+    assert rows[1].split()[6:] == ["e3", "100%", "e0", "0%", "e1", "0%"]
 
 
 class _Plain(BaseHTTPRequestHandler):

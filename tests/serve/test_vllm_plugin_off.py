@@ -1,4 +1,4 @@
-"""A real `vllm serve` without moescope's plugin, and one the plugin refuses (no --enforce-eager); slow: two starts."""
+"""A real `vllm serve` without moescope's plugin, and one the plugin refuses (VLLM_USE_AOT_COMPILE=1); slow: two starts."""
 
 from __future__ import annotations
 
@@ -28,11 +28,15 @@ def test_without_the_plugin_metrics_have_no_moescope_lines_and_top_says_so(tmp_p
         "and moescope installed in its environment"]
 
 
-def test_the_plugin_refuses_a_server_that_is_not_eager(tmp_path):
-    server = start_server(tmp_path / "server.log", plugin=True, eager=False, wait=False)
+def test_the_plugin_refuses_a_graph_loaded_from_disk_in_one_line(tmp_path):
+    """VLLM_USE_AOT_COMPILE=1 loads a compiled graph from disk, which may have been traced without the counters."""
+    server = start_server(tmp_path / "server.log", plugin=True, eager=False, wait=False,
+                          env={"VLLM_USE_AOT_COMPILE": "1"})
     try:
         returncode = server.process.wait(timeout=900)
     finally:
         server.stop()
     assert returncode != 0
-    assert "moescope: MOESCOPE_VLLM_METRICS=1 needs --enforce-eager" in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "RuntimeError: moescope: MOESCOPE_VLLM_METRICS=1 cannot count with VLLM_USE_AOT_COMPILE=1 (the compiled " \
+           "graph is loaded from disk, without the counters); unset it" in log.splitlines()

@@ -1,14 +1,19 @@
 """Inside a vLLM worker: record routing at vLLM's own expert-selection point, and which request each row is.
 
 These functions run in the worker (through ``LLM.collective_rpc``), so they hold only vLLM-facing code and
-return plain NumPy arrays. Two capture points, both restored by ``uninstall``:
+return plain NumPy arrays. `SelectionPoint` is the one place moescope attaches to a vLLM model, shared by this
+recorder and the live counters (moescope.serve.load_counter); its two capture points, both restored by
+``uninstall``:
 
     router._compute_routing(hidden [N, H], router_logits [N, E]) -> (topk_weights [N, k], topk_ids [N, k])
-        the point where vLLM itself captures routed experts (logical ids, before EPLB remapping)
+        the point where vLLM itself captures routed experts (logical ids, before EPLB remapping); inside
+        vLLM's compiled graph when the model is compiled (Python here then runs once, at tracing time)
     model forward pre-hook: input_ids [N], positions [N], input_batch.req_ids [R], query_start_loc [R + 1]
-        rows of request r are query_start_loc[r]:query_start_loc[r + 1] of this step
+        rows of request r are query_start_loc[r]:query_start_loc[r + 1] of this step; the outer model module,
+        so it runs in Python at every step, outside the compiled region
 
-Each wrapper does O(1) work per layer and step (clone, append); nothing is moved to the CPU until `take`.
+The recorder does O(1) work per layer and step (clone, append; eager mode only, see vllm_backend.py); nothing is
+moved to the CPU until `take`.
 """
 
 from __future__ import annotations
@@ -27,13 +32,11 @@ class StepRecorder:
         self.layers = {layer: i for i, layer in enumerate(decoder_layers)}  # vLLM layer_id -> moe layer index
         self.save_router_output = save_router_output
         self.steps: list[dict] = []
-        self.restore: list = []  # callables undoing what install() did
 
     # -- capture points ------------------------------------------------------------------------
     def install(self) -> None:
-        self.restore += wrap_routers(find_routers(self.runner.model, self.layers), self._record_routing)
-        handle = self.runner.model.register_forward_pre_hook(self._new_step, with_kwargs=True)
-        self.restore.append(handle.remove)
+        self.point = SelectionPoint(self.runner.model, self.layers)
+        self.point.install(self._new_step, self._record_routing)
 
     def _record_routing(self, moe_layer: int, router_logits, weights, ids) -> None:
         logits = router_logits.detach().clone() if self.save_router_output else None
@@ -47,8 +50,7 @@ class StepRecorder:
                            "positions": positions.detach().clone(), "layers": {}})
 
     def uninstall(self) -> None:
-        while self.restore:
-            self.restore.pop()()
+        self.point.uninstall()
 
     # -- hand-over -----------------------------------------------------------------------------
     def take(self) -> dict:
@@ -94,6 +96,28 @@ class StepRecorder:
 
 
 # -- the capture points, shared by the recorder above and the live counters (moescope.serve) --------------
+class SelectionPoint:
+    """vLLM's expert-selection point in a loaded model: each router's routing result, and the start of each step.
+
+    install(on_step, on_routing): on_step(model, args, kwargs) before every forward of the model (outside any
+    compiled graph); on_routing(moe_layer, router_logits [N, E], topk_weights [N, k], topk_ids [N, k]) after
+    every `_compute_routing` call, which runs inside the compiled graph when vLLM compiles the model.
+    """
+
+    def __init__(self, model, layers: dict[int, int] | None = None):
+        self.model = model
+        self.routers = find_routers(model, layers)  # {moe layer: router}
+        self.restore: list = []  # callables undoing what install() did
+
+    def install(self, on_step, on_routing) -> None:
+        self.restore += wrap_routers(self.routers, on_routing)
+        self.restore.append(self.model.register_forward_pre_hook(on_step, with_kwargs=True).remove)
+
+    def uninstall(self) -> None:
+        while self.restore:
+            self.restore.pop()()
+
+
 def find_routers(model, layers: dict[int, int] | None = None) -> dict:
     """{MoE-layer index: vLLM router} of the model's fused-MoE layers.
 

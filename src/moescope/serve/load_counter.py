@@ -1,15 +1,20 @@
 """Where vLLM runs the model (engine core or worker): count expert load at the selection point, publish it.
 
-    model pre-hook:   rows of this step = query_start_loc[R] (padding rows after them are never counted)
-    _compute_routing: counts[layer, ids[:rows]] += 1; entropy_sum[layer] += sum H(softmax(logits[:rows]))
-                      (recording/vllm_worker.py's wrapper: the point `--backend vllm` records from)
+    step start (outside any compiled graph):  rows[] = query_start_loc[R]; seen[:] = 0
+    _compute_routing (recording/vllm_worker.py's SelectionPoint; inside vLLM's compiled graph when compiled):
+        real = seen[layer] + arange(N) < rows          [N] padding rows after the step's tokens are never counted
+        counts[layer, ids[real]] += 1; tokens[layer] += real.sum(); entropy_sum[layer] += sum H(softmax(logits[real]))
+        seen[layer] += N                               (a layer may route one step in pieces)
     publisher thread: every `interval` s copy the counters, keep the copies of the last `window` s, and write
-                      counters and window gauges (metrics.py) to prometheus_client's multiprocess files;
-                      optionally one load-table file per window of `window` s (trace/load_table.py),
-                      rewritten at each publication while its window runs
+                      the per-layer series (and the per-expert ones asked for, metrics.ExpertSeries) to
+                      prometheus_client's multiprocess files; optionally one load-table file per window of
+                      `window` s (trace/load_table.py), rewritten at each publication while its window runs
 
-The hot path is an index_add and an entropy per layer and step, on the device, with no host sync; the dummy
-batches vLLM runs while starting (profiling, warm-up) have no request and count nothing.
+The counting is tensor work on buffers made once, with no Python branch on values and no host sync, so it is
+the same whether vLLM runs the model eagerly, traces it once into a compiled graph (Python around the router
+then runs only at tracing time: the CPU platform's default) or replays a CUDA graph. The only Python per step is
+the step-start bookkeeping, in a forward pre-hook of the outer model module, which vLLM calls eagerly. The dummy
+batches vLLM runs while starting (profiling, warm-up, graph capture) have no request: rows = 0, nothing counts.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moescope.recording.vllm_worker import find_routers, step_requests, wrap_routers
+from moescope.recording.vllm_worker import SelectionPoint, step_requests
 from moescope.serve import metrics
 
 
@@ -33,6 +38,7 @@ class MonitorOptions:
     window: float = 60.0  # seconds the window gauges cover
     interval: float = 1.0  # seconds between publications
     load_table: str | None = None  # folder for one load-table file per window, or None
+    expert_series: metrics.ExpertSeries = field(default_factory=metrics.ExpertSeries)
 
 
 @dataclass
@@ -44,49 +50,56 @@ class Snapshot:
 
 
 class LoadCounter:
-    """Device-side accumulators fed by the routing wrapper; `snapshot()` copies them to the host."""
+    """Device-side accumulators fed at vLLM's selection point; `snapshot()` copies them to the host."""
 
-    def __init__(self, runner):
-        self.runner = runner
-        self.routers = find_routers(runner.model)  # {moe layer: router}
-        if not self.routers:
-            raise RuntimeError("moescope: this vLLM model has no fused-MoE router to count")
-        self.n_experts = [int(r.global_num_experts) for r in self.routers.values()]
-        self.top_k = [int(r.top_k) for r in self.routers.values()]
-        L, E = len(self.routers), max(self.n_experts)
-        device = next(runner.model.parameters()).device
+    def __init__(self, n_experts: list[int], top_k: list[int], device="cpu"):
+        self.n_experts, self.top_k = list(n_experts), list(top_k)
+        L, E = len(self.n_experts), max(self.n_experts)
         self.counts = torch.zeros(L, E, dtype=torch.int64, device=device)  # [L, E]
         self.entropy_sum = torch.zeros(L, dtype=torch.float64, device=device)  # [L]
         self.tokens = torch.zeros(L, dtype=torch.int64, device=device)  # [L]
-        self.rows = 0  # real rows of the running step
-        self.seen = [0] * L  # rows each layer has routed in this step (a layer may route a step in pieces)
-        self.restore: list = []
+        self.rows = torch.zeros((), dtype=torch.int64, device=device)  # real rows of the running step
+        self.seen = torch.zeros(L, dtype=torch.int64, device=device)  # rows each layer has routed in this step
+        self.runner = self.point = None
+
+    @classmethod
+    def for_runner(cls, runner) -> "LoadCounter":
+        """Counters sized for the model of vLLM's model runner `runner`, ready to `install` at its selection point."""
+        point = SelectionPoint(runner.model)
+        if not point.routers:
+            raise RuntimeError("moescope: this vLLM model has no fused-MoE router to count")
+        routers = point.routers.values()
+        counter = cls([int(r.global_num_experts) for r in routers], [int(r.top_k) for r in routers],
+                      next(runner.model.parameters()).device)
+        counter.runner, counter.point = runner, point
+        return counter
 
     def install(self) -> None:
-        self.restore += wrap_routers(self.routers, self._count)
-        handle = self.runner.model.register_forward_pre_hook(self._new_step, with_kwargs=True)
-        self.restore.append(handle.remove)
+        self.point.install(self._new_step, self.count)
 
     def uninstall(self) -> None:
-        while self.restore:
-            self.restore.pop()()
+        self.point.uninstall()
 
     def _new_step(self, module, args, kwargs) -> None:
         _, starts = step_requests(self.runner)
-        self.rows = int(starts[-1])
-        self.seen = [0] * len(self.seen)
+        self.start_step(int(starts[-1]))
 
-    def _count(self, layer: int, router_logits, weights, ids) -> None:
-        start = self.seen[layer]
-        self.seen[layer] += ids.shape[0]
-        take = min(ids.shape[0], self.rows - start)
-        if take <= 0:
-            return
-        ids, logits = ids[:take], router_logits[:take]  # [n, k], [n, E]
-        flat = ids.reshape(-1).long()
-        self.counts[layer].index_add_(0, flat, torch.ones_like(flat))  # fixed size: no host sync, unlike bincount
-        self.entropy_sum[layer] += torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum()
-        self.tokens[layer] += take
+    def start_step(self, rows: int) -> None:
+        """Outside the graph, before each forward: the step's first `rows` rows are tokens, the rest padding."""
+        self.rows.fill_(rows)
+        self.seen.zero_()
+
+    def count(self, layer: int, router_logits, weights, ids) -> None:
+        """router_logits [N, E], ids [N, k] of one routing call. Traced into vLLM's compiled graph: only tensor ops
+        on the persistent buffers, no branch on values (`layer` is a constant there)."""
+        n, k = ids.shape
+        real = self.seen[layer] + torch.arange(n, device=ids.device) < self.rows  # [n]
+        self.seen[layer] += n
+        slots = real[:, None].expand(n, k).reshape(-1).long()  # [n * k] 1 for a real row's slot, 0 for padding
+        self.counts[layer].index_add_(0, ids.reshape(-1).long(), slots)  # fixed size: no host sync, unlike bincount
+        h = torch.special.entr(torch.softmax(router_logits.float(), dim=-1)).sum(dim=-1)  # [n]
+        self.entropy_sum[layer] += torch.where(real, h.double(), 0.0).sum()
+        self.tokens[layer] += real.sum()
 
     def snapshot(self) -> Snapshot:
         # a host tensor is copied by NumPy, so the publisher thread runs no torch kernel beside the model's
@@ -133,20 +146,29 @@ class Publisher:
                 self._dump(now)
 
     def _write(self, now: Snapshot, base: Snapshot) -> None:
-        stamp = time.time()
-        L, E = now.counts.shape
+        stamp, series = time.time(), self.opts.expert_series
+        L = len(now.tokens)
+        load = now.counts - base.counts  # [L, E] the window's load
         for layer in range(L):
             labels = {"layer": str(layer)}
             self.files.counter(metrics.LAYER_TOKENS, labels, now.tokens[layer])
             self.files.counter(metrics.ENTROPY_SUM, labels, now.entropy_sum[layer])
-            for expert in range(self.counter.n_experts[layer]):
-                self.files.counter(metrics.EXPERT_TOKENS, {"layer": str(layer), "expert": str(expert)},
-                                   now.counts[layer, expert])
-        stats = metrics.window_stats(now.counts - base.counts, now.entropy_sum - base.entropy_sum,
-                                     now.tokens - base.tokens)
+            if series.all:
+                for expert in range(self.counter.n_experts[layer]):
+                    self.files.counter(metrics.EXPERT_TOKENS, {"layer": str(layer), "expert": str(expert)},
+                                       now.counts[layer, expert])
+        stats = metrics.window_stats(load, now.entropy_sum - base.entropy_sum, now.tokens - base.tokens,
+                                     np.asarray(self.counter.n_experts))
         for name, values in stats.items():
             for layer in range(L):
                 self.files.gauge(name, {"layer": str(layer)}, values[layer], stamp)
+        if series.hottest:
+            ids, shares = metrics.hottest(load, series.hottest)  # [L, N]
+            for layer in range(L):
+                for rank in range(ids.shape[1]):
+                    labels = {"layer": str(layer), "rank": str(rank + 1)}
+                    self.files.gauge(metrics.HOT_EXPERT, labels, ids[layer, rank], stamp)
+                    self.files.gauge(metrics.HOT_EXPERT_SHARE, labels, shares[layer, rank], stamp)
         self.files.gauge(metrics.WINDOW_SECONDS, {}, now.time - base.time, stamp)
 
     def _dump(self, now: Snapshot) -> None:
