@@ -2,7 +2,8 @@
 fan-out, as files.
 
 The work is analysis/placement.py's `place_trace` (two passes over the shards). Writes `placement__<table>.{parquet,csv}` (the `placement` analysis's tables plus `fanout`), the load
-matrix and each placement's maps as `.npy` in EPLB's layout, and summary.json, which `moescope report` reads.
+matrix and each placement's maps as `.npy` in EPLB's layout, the same maps and load as SGLang loads them
+(trace/formats/sglang_location.py), and summary.json, which `moescope report` reads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.placement import PlacementOptions
+from moescope.trace.formats.sglang_location import DecoderLayout, write_sglang_files
 from moescope.trace.load_table import is_load_table, read_load_table
 from moescope.trace.reader import open_trace
 
@@ -42,7 +44,7 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
     result = place_trace(trace.shards, ctx, options, window)
     source = {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
               "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")}
-    return write_placement(result, source, out, window)
+    return write_placement(result, source, out, window, DecoderLayout.from_manifest(trace.manifest, trace.n_layers))
 
 
 def _place_load_table(path, out, gpus: int, nodes: int, redundant: int | None, groups: int | None,
@@ -57,8 +59,11 @@ def _place_load_table(path, out, gpus: int, nodes: int, redundant: int | None, g
     return write_placement(place_load_table(table.tokens, options), source, out, None)
 
 
-def write_placement(result: PlacementResult, source: dict, out, window: int | None) -> dict:
+def write_placement(result: PlacementResult, source: dict, out, window: int | None,
+                    layout: DecoderLayout | None = None) -> dict:
     out = prepare_output_folder(out, markers=("summary.json",), what="placement results")
+    layout = layout or DecoderLayout.from_manifest(None, result.load.shape[0])
+    engine_files = write_sglang_files(out, result.load, result.placements, result.options.n_experts, layout)
     tables = {NAME: result_tables(NAME, result)}
     np.save(out / "load_matrix.npy", result.load)
     for policy, p in result.placements.items():
@@ -71,6 +76,7 @@ def write_placement(result: PlacementResult, source: dict, out, window: int | No
         "analyses": {NAME: result.summary()},
         "tables": {NAME: list(tables[NAME])},
         "notes": {NAME: list(result.notes)},
+        "engine_files": {"sglang": engine_files, "decoder_layers_known": layout.known},
     }
     write_results(out, tables, jsonable(summary))  # summary.json last: a folder with one is complete
     return summary

@@ -121,4 +121,4 @@ def read_sglang(path: str | os.PathLike) -> Imported:
     if not np.array_equal(order, np.arange(len(order))):
         raise ImportFormatError(f"{path}: positions within a request are not ascending")
     return Imported(block, str(path), "sglang", doc_ids=dict(enumerate(doc_ids)),
-                    notes={"decoder_layers": np.flatnonzero(moe).tolist()})
+                    notes={"decoder_layers": np.flatnonzero(moe).tolist(), "num_decoder_layers": int(len(moe))})
