@@ -87,3 +87,65 @@ def test_a_counts_only_folder_cannot_be_a_trace(tmp_path, statistic, capsys):
     for rank in range(RANKS):
         (folder / f"token_selected_experts_rank{rank}.safetensors").unlink()
     assert "--out FILE.parquet" in _fails(tmp_path, folder, capsys, out="t")
+
+
+LOGICAL, SLOTS = 6, 8  # the load balancer's 8 slots hold 6 experts (two replicated)
+
+
+@pytest.fixture
+def slotted(tmp_path):
+    """Statistics of a load-balanced run: ids are slots; returns (folder, slot map file, logical ids {(it, layer)})."""
+    rng = np.random.default_rng(11)
+    folder = tmp_path / "balanced"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": SLOTS, "num_experts_per_token": K}))
+    assignment = {layer: rng.permutation(np.arange(SLOTS) % LOGICAL).tolist() for layer in MOE_LAYERS}
+    slot_map = tmp_path / "eplb.yaml"  # TensorRT-LLM's extra-options layout
+    slot_map.write_text("moe_config:\n  load_balancer:\n    num_slots: 8\n    initial_global_assignments:\n" +
+                        "".join(f"      {layer}: {slots}\n" for layer, slots in assignment.items()))
+    counts, tokens, logical = {}, {}, {}
+    for it in ITERS:
+        n = int(rng.integers(1, 20))
+        for layer in MOE_LAYERS:
+            experts = np.argsort(rng.random((n, LOGICAL)), -1)[:, :K]  # k distinct experts, each on one of its slots
+            holders = [np.flatnonzero(np.array(assignment[layer]) == e) for e in range(LOGICAL)]
+            slots = np.array([[rng.choice(holders[e]) for e in row] for row in experts], dtype=np.int32)
+            logical[it, layer] = experts
+            counts[f"{it}_{layer}"] = np.bincount(slots.ravel(), minlength=SLOTS).astype(np.int64)
+            tokens[f"{it}_{layer}"] = slots
+    save_file(counts, str(folder / "rank0.safetensors"))
+    save_file(tokens, str(folder / "token_selected_experts_rank0.safetensors"))
+    return folder, slot_map, logical
+
+
+def test_slot_counts_become_logical_expert_counts_with_the_slot_map(tmp_path, slotted):
+    folder, slot_map, logical = slotted
+    assert main(["import", str(folder), "--format", "trtllm", "--slot-map", str(slot_map),
+                 "--out", str(tmp_path / "load.parquet")]) == 0
+    table = read_load_table(tmp_path / "load.parquet")
+    expected = np.array([[np.bincount(logical[it, layer].ravel(), minlength=LOGICAL) for layer in MOE_LAYERS]
+                         for it in ITERS])  # [W, L, E] counted from the logical ids, replicas summed
+    np.testing.assert_array_equal(table.tokens, expected)
+
+
+def test_slot_ids_become_logical_expert_ids_with_the_slot_map(tmp_path, slotted):
+    folder, slot_map, logical = slotted
+    assert main(["import", str(folder), "--format", "trtllm", "--slot-map", str(slot_map),
+                 "--out", str(tmp_path / "t")]) == 0
+    got = duckdb.sql(f"select layer, seq_id, pos, topk_ids from read_parquet('{tmp_path}/t/routing/*.parquet') "
+                     "order by layer, seq_id, pos").fetchnumpy()
+    expected = np.concatenate([np.concatenate([logical[it, layer] for it in ITERS]) for layer in MOE_LAYERS])
+    np.testing.assert_array_equal(np.stack(got["topk_ids"]), expected)
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert {layer["n_experts"] for layer in manifest["layers"]} == {LOGICAL}
+
+
+def test_slots_without_their_map_are_refused_in_one_line_before_writing(tmp_path, slotted, capsys):
+    folder, _, _ = slotted
+    for out in ("load.parquet", "t"):
+        assert main(["import", str(folder), "--format", "trtllm", "--n-experts", str(LOGICAL),
+                     "--out", str(tmp_path / out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: {folder}: meta_info.json counts {SLOTS} experts but --n-experts is {LOGICAL}: these are "
+            "load-balancer slots; give their assignment with --slot-map FILE"]
+        assert not (tmp_path / out).exists()

@@ -10,6 +10,7 @@ EXAMPLES = """  moescope import routing.jsonl --out traces/imported --n-experts 
   moescope import routes.npz --format vllm --out traces/replayed                  # the replay layout (export --format replay)
   moescope import expert_distribution_recorder_1700000000.0_0.pt --format sglang --out traces/sglang
   moescope import expert_statistic/ --format trtllm --out load.parquet           # counts -> a load table
+  moescope import expert_statistic/ --format trtllm --slot-map eplb.yaml --out load.parquet  # load balancer on: slots
   moescope import c4_results.jsonl --format olmoe --out traces/olmoe
   moescope analyze traces/imported --out results/imported
 """
@@ -27,16 +28,24 @@ def add_parser(sub) -> None:
     p.add_argument("--n-experts", type=positive_int, default=None, metavar="E",
                    help="routed experts per MoE layer (one value for every layer); without it the count is what the "
                         "files declare or else inferred from the largest expert id seen, so experts never routed to are missing")
+    p.add_argument("--slot-map", default=None, metavar="FILE",
+                   help="trtllm with its MoE load balancer on: the YAML/JSON slot assignment it was given "
+                        "(initial_global_assignments), to count logical experts instead of slots")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     before = manifest_bytes(args.out)
+    if args.slot_map is not None and args.format != "trtllm":
+        from moescope.errors import MoescopeError
+
+        raise MoescopeError("--slot-map is TensorRT-LLM's load-balancer slot assignment: only with --format trtllm")
     if args.format != "jsonl":
         from moescope.trace.formats import import_foreign
 
-        written = import_foreign(args.format, args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite)
+        written = import_foreign(args.format, args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite,
+                                 slot_map=args.slot_map)
     else:
         from moescope.trace.exchange import import_jsonl
 

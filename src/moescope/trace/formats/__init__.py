@@ -27,11 +27,13 @@ def reader(fmt: str):
 
 
 def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *, n_experts: int | None = None,
-                   overwrite: bool = False) -> str:
+                   overwrite: bool = False, slot_map: str | os.PathLike | None = None) -> str:
     """Import `path` in format `fmt` into `out` (a trace folder; a .parquet load table for trtllm counts);
-    returns what was written, in one line."""
+    returns what was written, in one line. `slot_map`: TensorRT-LLM's load-balancer slot assignment."""
     if fmt not in READERS:
         raise MoescopeError(f"unknown import format {fmt!r}; choose one of {', '.join(READERS)}")
+    if slot_map is not None and fmt != "trtllm":
+        raise MoescopeError("--slot-map is TensorRT-LLM's load-balancer slot assignment: only with --format trtllm")
     if fmt == "trtllm" and str(out).endswith(".parquet"):
         from moescope.trace.formats.trtllm import read_trtllm_counts
         from moescope.trace.load_table import write_load_table
@@ -41,10 +43,12 @@ def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *,
             raise MoescopeError(f"{out} exists; pass --overwrite or choose another --out")
         if not out.parent.is_dir():
             raise MoescopeError(f"folder {out.parent} does not exist; create it first")
-        iterations, tokens, layers = read_trtllm_counts(path)
+        iterations, tokens, layers = read_trtllm_counts(path, n_experts=n_experts, slot_map=slot_map)
         write_load_table(out, iterations, tokens)
         return f"wrote load table {out}: {len(iterations)} iterations x {len(layers)} MoE layers x {tokens.shape[2]} experts"
     from moescope.trace.formats.dense import write_imported
 
-    trace = write_imported(reader(fmt)(path), out, n_experts=n_experts, overwrite=overwrite)
+    read = reader(fmt)
+    imported = read(path, n_experts=n_experts, slot_map=slot_map) if fmt == "trtllm" else read(path)
+    trace = write_imported(imported, out, n_experts=n_experts, overwrite=overwrite)
     return f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} layers"
