@@ -193,3 +193,37 @@ def test_rerunning_a_finished_engine_import_writes_nothing(tmp_path, requests):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "t").rglob("*") if p.is_file()}
     assert main(argv) == 0
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "t").rglob("*") if p.is_file()} == before
+
+
+def top1_npz(tmp_path) -> tuple[object, np.ndarray]:
+    """A top-1 model's replay .npz: decoder layer 0 dense, layer 2 routed every token to expert 0 (rows of zeros)."""
+    rng = np.random.default_rng(4)
+    rows = rng.integers(1, E, (9, DECODER_LAYERS, 1)).astype(np.uint8)  # [T, layers, 1]
+    rows[:, 0] = 0
+    rows[:, 2] = 0
+    np.savez(tmp_path / "top1.npz", routed_experts_0=rows, token_ids_0=np.arange(9))
+    return tmp_path / "top1.npz", rows
+
+
+def test_a_top1_layer_routing_everything_to_expert_0_is_never_dropped_without_a_word(tmp_path, capsys):
+    path, rows = top1_npz(tmp_path)
+    assert main(["import", str(path), "--format", "vllm", "--n-experts", str(E), "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{path}: decoder layer(s) [0, 2] routed every token to expert 0 or are dense layers (top-1 routing "
+                   "cannot tell them apart); left out as dense: give --moe-layers to keep them"]
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["capture"]["decoder_layers"] == [1, 3] and manifest["capture"]["dense_or_expert0_layers"] == [0, 2]
+
+
+def test_moe_layers_keeps_a_top1_layer_that_routed_everything_to_expert_0(tmp_path, capsys):
+    path, rows = top1_npz(tmp_path)
+    assert main(["import", str(path), "--format", "vllm", "--moe-layers", "1,2,3", "--n-experts", str(E),
+                 "--out", str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().err == ""
+    routing, _ = read_back(tmp_path / "t")
+    np.testing.assert_array_equal(np.stack(routing["topk_ids"]).reshape(3, 9, 1), rows[:, 1:].transpose(1, 0, 2))
+    assert (np.stack(routing["topk_ids"]).reshape(3, 9)[1] == 0).all()  # decoder layer 2: every token to expert 0
+    assert main(["import", str(path), "--format", "vllm", "--moe-layers", "1,7", "--out", str(tmp_path / "u")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {path}: --moe-layers [7] not among the 4 decoder layers of routed_experts"
+    assert main(["import", str(path), "--format", "sglang", "--moe-layers", "1", "--out", str(tmp_path / "v")]) == 2
+    assert not (tmp_path / "u").exists() and not (tmp_path / "v").exists()

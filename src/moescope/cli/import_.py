@@ -31,21 +31,32 @@ def add_parser(sub) -> None:
     p.add_argument("--slot-map", default=None, metavar="FILE",
                    help="trtllm with its MoE load balancer on: the YAML/JSON slot assignment it was given "
                         "(initial_global_assignments), to count logical experts instead of slots")
+    p.add_argument("--moe-layers", type=layer_list, default=None, metavar="LIST",
+                   help="vllm: the MoE decoder layers, e.g. 1,3,5 (default: the layers with a non-zero expert id; "
+                        "needed only when a top-1 layer routed every token to expert 0)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=run)
 
 
+def layer_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers") from None
+    if any(layer < 0 for layer in layers):
+        raise argparse.ArgumentTypeError(f"{text!r}: layer numbers are 0 or more")
+    return layers
+
+
 def run(args) -> int:
     before = manifest_bytes(args.out)
-    if args.slot_map is not None and args.format != "trtllm":
-        from moescope.errors import MoescopeError
-
-        raise MoescopeError("--slot-map is TensorRT-LLM's load-balancer slot assignment: only with --format trtllm")
-    if args.format != "jsonl":
+    if args.format != "jsonl" or args.slot_map is not None or args.moe_layers is not None:
         from moescope.trace.formats import import_foreign
 
         written = import_foreign(args.format, args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite,
-                                 slot_map=args.slot_map)
+                                 slot_map=args.slot_map, moe_layers=args.moe_layers)
     else:
         from moescope.trace.exchange import import_jsonl
 

@@ -27,13 +27,17 @@ def reader(fmt: str):
 
 
 def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *, n_experts: int | None = None,
-                   overwrite: bool = False, slot_map: str | os.PathLike | None = None) -> str:
+                   overwrite: bool = False, slot_map: str | os.PathLike | None = None,
+                   moe_layers: list[int] | None = None) -> str:
     """Import `path` in format `fmt` into `out` (a trace folder; a .parquet load table for trtllm counts);
-    returns what was written, in one line. `slot_map`: TensorRT-LLM's load-balancer slot assignment."""
-    if fmt not in READERS:
-        raise MoescopeError(f"unknown import format {fmt!r}; choose one of {', '.join(READERS)}")
+    returns what was written, in one line. `slot_map`: TensorRT-LLM's load-balancer slot assignment;
+    `moe_layers`: vLLM's MoE decoder layers (needed only for top-1 layers that routed everything to expert 0)."""
     if slot_map is not None and fmt != "trtllm":
         raise MoescopeError("--slot-map is TensorRT-LLM's load-balancer slot assignment: only with --format trtllm")
+    if moe_layers is not None and fmt != "vllm":
+        raise MoescopeError("--moe-layers names the MoE decoder layers of vLLM's routed_experts: only with --format vllm")
+    if fmt not in READERS:
+        raise MoescopeError(f"unknown import format {fmt!r}; choose one of {', '.join(READERS)}")
     if fmt == "trtllm" and str(out).endswith(".parquet"):
         from moescope.trace.formats.trtllm import read_trtllm_counts
         from moescope.trace.load_table import write_load_table
@@ -49,6 +53,7 @@ def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *,
     from moescope.trace.formats.dense import write_imported
 
     read = reader(fmt)
-    imported = read(path, n_experts=n_experts, slot_map=slot_map) if fmt == "trtllm" else read(path)
+    imported = read(path, n_experts=n_experts, slot_map=slot_map) if fmt == "trtllm" else \
+        read(path, moe_layers=moe_layers) if fmt == "vllm" else read(path)
     trace = write_imported(imported, out, n_experts=n_experts, overwrite=overwrite)
     return f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} layers"

@@ -32,6 +32,7 @@ class Imported:
     n_experts: int | None = None  # routed experts per layer, where the engine says; else max id + 1
     gate_weights: bool = False
     notes: dict = field(default_factory=dict)  # format-specific facts for the manifest's capture section
+    said: tuple[str, ...] = ()  # lines for stderr once the import goes ahead (what was left out, and why)
 
 
 def empty_weights(ids: np.ndarray) -> np.ndarray:
@@ -109,6 +110,8 @@ def write_imported(imported: Imported, out: str | os.PathLike, *, n_experts: int
     with TraceWriter(out, manifest, overwrite=overwrite) as writer:
         if writer.already_complete:  # these files, imported before with the same options
             return Trace(out)
+        for line in imported.said:  # said once the import is going ahead, so that an error stays the only line
+            print(line, file=sys.stderr)
         if inferred:  # said once the import is going ahead, so that an error stays the only line
             print(f"{imported.source}: {n_experts} experts inferred from the largest expert id seen; experts never "
                   "routed to are missing from the count (give --n-experts)", file=sys.stderr)

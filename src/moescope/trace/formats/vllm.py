@@ -17,7 +17,10 @@ Where vLLM defines the layout:
 
 So a request's rows are the last R tokens that were fed of prompt + generated[:-1]: they start at position
 prompt_len + max(generated - 1, 0) - R. Decoder layers whose every row is all zeros are dense layers and
-dropped (with k >= 2 no router picks expert 0 twice); vLLM does not return gate weights.
+dropped (with k >= 2 no router picks expert 0 twice). With k = 1 such a layer may also be an MoE layer that
+routed every token to expert 0: it is still left out, but said on stderr and in the manifest
+(`capture.dense_or_expert0_layers`); `--moe-layers` names the MoE decoder layers and keeps exactly those.
+vLLM does not return gate weights.
 
 Files: a `.jsonl` of HTTP responses (one per line), or a `.npz` in the replay layout (formats/replay.py:
 `routed_experts_<id>` [T, layers, k] with `token_ids_<id>` [T]), which is vLLM's per-request array.
@@ -81,15 +84,34 @@ def request_rows(prompt: list[int], generated: list[int], routes: np.ndarray, wh
             "routes": routes}
 
 
-def assemble(requests: list[dict], source: str, doc_ids: list[str]) -> Imported:
+def moe_mask(routes: np.ndarray, source: str, moe_layers: list[int] | None) -> tuple[np.ndarray, list[str], dict]:
+    """routes [T, layers, k] -> (MoE decoder layers bool [layers], lines for stderr, manifest notes)."""
+    n_layers, k = routes.shape[1:]
+    if moe_layers is not None:
+        bad = [layer for layer in moe_layers if not 0 <= layer < n_layers]
+        if bad or not moe_layers:
+            raise ImportFormatError(f"{source}: --moe-layers {bad or moe_layers} not among the {n_layers} decoder layers "
+                                    "of routed_experts")
+        return np.isin(np.arange(n_layers), moe_layers), [], {}
+    moe = (routes != 0).any(axis=(0, 2))  # [layers]: a dense layer's rows stay zero
+    if not moe.any():
+        raise ImportFormatError(f"{source}: every routed expert is 0; the server did not capture routing"
+                                + (" (or, top-1, routed every token to expert 0: give --moe-layers)" if k == 1 else ""))
+    zero = np.flatnonzero(~moe).tolist()
+    if k > 1 or not zero:
+        return moe, [], {}
+    said = [f"{source}: decoder layer(s) {zero} routed every token to expert 0 or are dense layers (top-1 routing "
+            "cannot tell them apart); left out as dense: give --moe-layers to keep them"]
+    return moe, said, {"dense_or_expert0_layers": zero}
+
+
+def assemble(requests: list[dict], source: str, doc_ids: list[str], moe_layers: list[int] | None = None) -> Imported:
     """Requests' rows -> one Imported: sequences in order, MoE layers only."""
     shapes = {r["routes"].shape[1:] for r in requests}
     if len(shapes) != 1:
         raise ImportFormatError(f"{source}: requests have different [layers, k] routed-experts shapes {sorted(shapes)}")
     routes = np.concatenate([r["routes"] for r in requests])  # [T, layers, k]
-    moe = (routes != 0).any(axis=(0, 2))  # [layers]: a dense layer's rows stay zero
-    if not moe.any():
-        raise ImportFormatError(f"{source}: every routed expert is 0; the server did not capture routing")
+    moe, said, notes = moe_mask(routes, source, moe_layers)
     ids = routes[:, moe].transpose(1, 0, 2)  # [L, T, k]
     check_ids(ids, source)
     block = token_block(
@@ -100,10 +122,10 @@ def assemble(requests: list[dict], source: str, doc_ids: list[str]) -> Imported:
         topk_ids=ids,
     )
     return Imported(block, source, "vllm", doc_ids=dict(enumerate(doc_ids)),
-                    notes={"decoder_layers": np.flatnonzero(moe).tolist()})
+                    notes={"decoder_layers": np.flatnonzero(moe).tolist(), **notes}, said=tuple(said))
 
 
-def read_request_outputs(outputs, source: str = "RequestOutput") -> Imported:
+def read_request_outputs(outputs, source: str = "RequestOutput", moe_layers: list[int] | None = None) -> Imported:
     """vLLM `RequestOutput`s (from `LLM.generate` with `enable_return_routed_experts=True`), every completion."""
     requests, doc_ids = [], []
     for i, out in enumerate(outputs):
@@ -119,10 +141,10 @@ def read_request_outputs(outputs, source: str = "RequestOutput") -> Imported:
             doc_ids.append(f"{out.request_id}:{choice.index}")
     if not requests:
         raise ImportFormatError(f"{source}: no requests")
-    return assemble(requests, source, doc_ids)
+    return assemble(requests, source, doc_ids, moe_layers)
 
 
-def read_http_jsonl(path: Path) -> Imported:
+def read_http_jsonl(path: Path, moe_layers: list[int] | None = None) -> Imported:
     """One completion or chat-completion response per line, as vLLM's HTTP server returns it."""
     requests, doc_ids = [], []
     try:
@@ -153,10 +175,10 @@ def read_http_jsonl(path: Path) -> Imported:
             doc_ids.append(f"{response.get('id', line_no)}:{choice.get('index', 0)}")
     if not requests:
         raise ImportFormatError(f"{path}: no responses; nothing to import")
-    return assemble(requests, str(path), doc_ids)
+    return assemble(requests, str(path), doc_ids, moe_layers)
 
 
-def read_replay_npz(path: Path) -> Imported:
+def read_replay_npz(path: Path, moe_layers: list[int] | None = None) -> Imported:
     """The replay layout (formats/replay.py): per request routed_experts_<id> [T, layers, k], token_ids_<id> [T]."""
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -179,11 +201,12 @@ def read_replay_npz(path: Path) -> Imported:
             raise ImportFormatError(f"{where}: generated_{name} must have one flag per token")
         requests.append({"pos": np.arange(len(tokens)), "token_id": tokens.astype(np.int64), "generated": generated,
                          "routes": routes})
-    return assemble(requests, str(path), names)
+    return assemble(requests, str(path), names, moe_layers)
 
 
-def read_vllm(path: str | os.PathLike) -> Imported:
+def read_vllm(path: str | os.PathLike, *, moe_layers: list[int] | None = None) -> Imported:
+    """`moe_layers`: the MoE decoder layers, kept whatever they routed (default: the layers with a non-zero id)."""
     path = Path(path)
     if not path.is_file():
         raise ImportFormatError(f"{path}: " + ("a folder; give a .jsonl or .npz file" if path.is_dir() else "no such file"))
-    return read_replay_npz(path) if path.suffix == ".npz" else read_http_jsonl(path)
+    return read_replay_npz(path, moe_layers) if path.suffix == ".npz" else read_http_jsonl(path, moe_layers)
