@@ -1,9 +1,10 @@
 """Overhead of moescope's vLLM plugin: the same server with and without MOESCOPE_VLLM_METRICS=1, in one run.
 
-    python bench/serve_overhead.py [--reps 5] [--requests 16] [--prompt-len 128] [--max-tokens 16]
+    python bench/serve_overhead.py [--reps 5] [--requests 16] [--prompt-len 128] [--max-tokens 16] [--eager]
 
 Starts two `vllm serve` processes of moescope:tiny-moe from .venv-vllm (scripts/setup-vllm.sh), identical but
-for the plugin, both eager, float32, no prefix caching. Each repetition sends the same burst of completions
+for the plugin, both in vLLM's default compiled mode (--eager: both with --enforce-eager), float32, no prefix
+caching; the plugin's server publishes the default per-layer series (--plugin-env to change). Each repetition sends the same burst of completions
 (random token-id prompts, greedy, `--concurrency` at a time) to one server, then to the other, alternating which
 goes first, so machine noise hits both alike; one server idles while the other is measured, and each burst waits
 --settle seconds first. Without the wait, on 2 cores, the plugin's server ran about 4x slower (1,850 against
@@ -59,6 +60,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds to wait before each burst (lets the other server's processes go idle)")
+    parser.add_argument("--eager", action="store_true", help="both servers with --enforce-eager")
     parser.add_argument("--vllm-env", default=str(ROOT / ".venv-vllm"))
     parser.add_argument("--plugin-env", action="append", default=[], metavar="NAME=VALUE",
                         help="more environment for the plugin's server, e.g. MOESCOPE_VLLM_INTERVAL_S=10")
@@ -72,10 +74,10 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="moescope-bench-serve-"))
     env = {"OMP_NUM_THREADS": "1"}
     servers = {"plain": VllmServer(python, shipped_model_path("tiny-moe"), name="tiny-moe", env=env,
-                                   log=logs / "plain.log"),
+                                   log=logs / "plain.log", eager=args.eager),
                "plugin": VllmServer(python, shipped_model_path("tiny-moe"), name="tiny-moe",
                                     env={**env, "MOESCOPE_VLLM_METRICS": "1", **dict(kv.split("=", 1) for kv in args.plugin_env)},
-                                    log=logs / "plugin.log")}
+                                    log=logs / "plugin.log", eager=args.eager)}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -92,7 +94,7 @@ def main() -> int:
             server.stop()
     slowdown = [plain / plugin - 1 for plain, plugin in zip(rates["plain"], rates["plugin"])]  # time ratio - 1
     routed = args.requests * (args.prompt_len + args.max_tokens - 1)
-    print(f"moescope:tiny-moe, {args.reps} interleaved reps of {args.requests} requests x ({args.prompt_len} prompt + "
+    print(f"moescope:tiny-moe, {'eager' if args.eager else 'compiled'} servers, {args.reps} interleaved reps of {args.requests} requests x ({args.prompt_len} prompt + "
           f"{args.max_tokens} generated tokens), {args.concurrency} at a time, {args.settle:g} s settle before each: "
           f"{routed} routed tokens per burst")
     print(f"{'server':<18}{'routed tokens/s':>16}  (median; min-max)")

