@@ -24,7 +24,7 @@ from moescope.serve.metrics import ExpertSeries
 from plugin_checks import (LOAD_SECONDS, MAX_TOKENS, PROMPTS, check_frame, fed_tokens, offline_capture,
                            offline_entropy_sum, offline_load, per_layer, run_top, scrape, settled, stop_load, table_counts,
                            wait_until_tokens_flow)
-from serve_helpers import post_completion, send, send_in_background, start_server
+from serve_helpers import post_completion, send, send_in_background, start_server, vllm_python
 
 pytestmark = pytest.mark.vllm
 
@@ -178,3 +178,16 @@ def test_the_server_stops_cleanly(served):
     result = run_top(server.url, "--once")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: cannot reach {server.url}/metrics: [Errno 111] Connection refused"]
+
+
+def test_the_plugin_keeps_vllm_from_loading_a_graph_compiled_without_the_counters(tmp_path):
+    """vLLM (torch >= 2.10) loads an AOT-compiled graph from its cache by default, keyed by its own settings only:
+    one cached by a server without the plugin would run without counting. register() turns the cache off."""
+    code = ("import os, vllm.envs as envs; before = envs.VLLM_USE_AOT_COMPILE; "
+            "from moescope.serve.vllm_plugin import register; register(); "
+            "print(before, envs.VLLM_USE_AOT_COMPILE, envs.VLLM_DISABLE_COMPILE_CACHE)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "MOESCOPE_"))}
+    result = subprocess.run([str(vllm_python()), "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**env, "MOESCOPE_VLLM_METRICS": "1", "MOESCOPE_VLLM_METRICS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False", "True"]
