@@ -166,3 +166,12 @@ def test_top_renders_from_any_series_setting(tmp_path, setting):
     else:
         assert rows[0][6:10] == ["e1", "50%", "e3", "33%"] and rows[1][6:10] == ["e1", "40%", "e2", "40%"]
         assert len(rows[0]) == (12 if setting == "all" else 10)  # all: the 3 hottest; 2: the two the server ranks
+
+
+def test_a_bad_expert_series_setting_stops_the_server_in_one_line(monkeypatch):
+    from moescope.serve import vllm_plugin
+
+    monkeypatch.setenv("MOESCOPE_VLLM_EXPERT_SERIES", "hot")
+    with pytest.raises(RuntimeError) as err:
+        vllm_plugin.options()
+    assert str(err.value) == "moescope: MOESCOPE_VLLM_EXPERT_SERIES='hot' must be 'none', 'all' or a positive number of experts"

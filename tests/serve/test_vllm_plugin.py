@@ -80,7 +80,7 @@ def test_compiled_counts_are_tokens_times_k_and_equal_an_offline_capture(served,
     np.testing.assert_allclose(counted_entropy, offline_entropy_sum(trace), rtol=2e-3)  # HF's logits: float16-rounded
 
 
-def test_default_series_are_per_layer_and_bounded(served):
+def test_series_are_per_layer_plus_the_hottest_ranks_asked_for(served):
     server, _ = served
     samples = scrape(server.url)
     names = {name: len(cells) for name, cells in samples.items()}
