@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from moescope.cli._common import add_command
 
-EXAMPLES = """  MOESCOPE_VLLM_METRICS=1 python -m vllm.entrypoints.openai.api_server --model ./my-moe --enforce-eager &
+EXAMPLES = """  MOESCOPE_VLLM_METRICS=1 python -m vllm.entrypoints.openai.api_server --model ./my-moe &
+  MOESCOPE_VLLM_METRICS=1 MOESCOPE_VLLM_EXPERT_SERIES=4 python -m vllm.entrypoints.openai.api_server --model ./my-moe &
   moescope top localhost:8000                    # redraws every 2 s; Ctrl-C quits
   moescope top http://10.0.0.5:8000/metrics --interval 0.5
   moescope top localhost:8000 --once             # one frame (two scrapes --interval apart), for scripts and logs
@@ -24,7 +25,8 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "top", help="live per-layer balancedness, hottest experts and tokens/s of a vLLM server "
+    p = add_command(sub, "top", help="live per-layer balancedness, expert shares, entropies, tokens/s (and "
+                                     "the hottest experts, where the server publishes them) of a vLLM server "
                                      "running moescope's plugin", examples=EXAMPLES)
     p.add_argument("url", help="the server (host:port, or its full /metrics URL)")
     p.add_argument("--interval", type=_seconds, default=2.0, help="seconds between refreshes (default 2)")
