@@ -1,6 +1,6 @@
 """A second, independent implementation of the placements (plain Python loops over lists), written from the
-same published description as moescope/simulate/placement.py (DeepSeek EPLB's README) and sharing no code with
-it. (Per-token loops for what a placement does to a trace: moescope.simulate.reference.placement.)"""
+same published description as moescope/analysis/placement_policies.py (DeepSeek EPLB's README) and sharing no code with
+it. (Per-token loops for what a placement does to a trace: moescope.analysis.reference.placement.)"""
 
 from __future__ import annotations
 

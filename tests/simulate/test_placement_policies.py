@@ -8,9 +8,9 @@ from simulate_helpers import generated_trace, trace_shards  # noqa: F401 (fixtur
 
 from moescope.analysis import run_analyses
 from moescope.errors import MoescopeError
-from moescope.simulate.reference import placement as per_token
-from moescope.simulate.balance import balancedness, fanout, gpu_load, imbalance
-from moescope.simulate.placement import (
+from moescope.analysis.reference import placement as per_token
+from moescope.analysis.placement_balance import balancedness, fanout, gpu_load, imbalance
+from moescope.analysis.placement_policies import (
     PlacementOptions,
     eplb_placement,
     greedy_placement,

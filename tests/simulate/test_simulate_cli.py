@@ -15,7 +15,7 @@ from simulate_helpers import generated_trace, lookahead_trace, trace_shards  # n
 
 from moescope.cli.main import main
 from moescope.simulate.cost import LINKS
-from moescope.simulate.reference import placement as per_token
+from moescope.analysis.reference import placement as per_token
 from moescope.trace.exchange import import_jsonl
 from moescope.trace.reader import open_trace
 

@@ -2,7 +2,7 @@
 
 accumulate keeps [L, E] token counts per block of consecutive sequences (by seq_id, so the blocks are the
 same however the trace is sharded; their span doubles while there are more than MAX_BLOCKS, so memory stays
-bounded); finalize places the whole trace's load with `PlacementOptions.default_for(E)` (simulate/placement.py)
+bounded); finalize places the whole trace's load with `PlacementOptions.default_for(E)` (analysis/placement_policies.py)
 and reports per-layer balancedness and imbalance of every policy (static is "before"), GPU loads, the
 mapping tables and staleness: window t's placement served on window t + 1, over eight windows of whole
 sequences of about equal tokens. `moescope placement` runs the same evaluation (`evaluate`) with the user's
@@ -22,9 +22,9 @@ from moescope.analysis.kernels import jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
-from moescope.simulate.balance import balancedness, fanout_histogram, gpu_load, imbalance
-from moescope.simulate.placement import POLICIES, Placement, PlacementOptions, place
-from moescope.simulate.staleness import Staleness
+from moescope.analysis.placement_balance import balancedness, fanout_histogram, gpu_load, imbalance
+from moescope.analysis.placement_policies import POLICIES, Placement, PlacementOptions, place
+from moescope.analysis.placement_staleness import Staleness
 from moescope.trace.shard import ShardData
 
 NAME = "placement"

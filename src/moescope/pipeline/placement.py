@@ -17,7 +17,7 @@ from moescope.analysis.placement import NAME, WINDOWS, PlacementResult, place_lo
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
-from moescope.simulate.placement import PlacementOptions
+from moescope.analysis.placement_policies import PlacementOptions
 from moescope.trace.formats.sglang_location import DecoderLayout, write_sglang_files
 from moescope.trace.load_table import is_load_table, read_load_table
 from moescope.trace.reader import open_trace

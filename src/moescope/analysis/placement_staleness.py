@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL
-from moescope.simulate.balance import balancedness, gpu_load
-from moescope.simulate.placement import Placement, PlacementOptions, place
+from moescope.analysis.placement_balance import balancedness, gpu_load
+from moescope.analysis.placement_policies import Placement, PlacementOptions, place
 
 
 class Staleness:
