@@ -23,9 +23,12 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _capacities(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(c) for c in _names(text))
+        capacities = tuple(int(c) for c in _names(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not capacities:  # "" or ",": leave the option out for the default capacities
+        raise argparse.ArgumentTypeError(f"{text!r} names no capacity; give integers such as 2,4 or leave --capacity out")
+    return capacities
 
 
 def add_parser(sub) -> None:

@@ -51,7 +51,8 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_path} has no committed shards; nothing to simulate")
     ctx = analysis_context(trace)
-    options = OffloadOptions(capacities or default_capacities(ctx.top_k, ctx.n_experts, scope, ctx.n_layers),
+    defaults = default_capacities(ctx.top_k, ctx.n_experts, scope, ctx.n_layers)
+    options = OffloadOptions(defaults if capacities is None else tuple(capacities),
                              tuple(policies), tuple(prefetch), scope)
     options.check(ctx, lookahead_width=_lookahead_width(trace))
     generated = int(np.asarray(trace.table("tokens", columns=["generated"]).column("generated")).sum())

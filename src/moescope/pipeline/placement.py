@@ -39,6 +39,9 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
     options = PlacementOptions(ctx.n_experts, gpus, nodes, gpus if redundant is None else redundant, groups)
     if window is not None and window < 1:
         raise MoescopeError(f"--window must be a positive number of tokens, got {window}")
+    if window is not None and window > trace.n_tokens:
+        raise MoescopeError(f"--window {window} is longer than the trace's {trace.n_tokens:,} tokens; "
+                            "staleness compares consecutive windows, so give at most half of that")
     window = window or max(1, -(-trace.n_tokens // WINDOWS))
     check_output_folder(out, markers=("summary.json",), what="placement results")  # refused before the work
     result = place_trace(trace.shards, ctx, options, window)

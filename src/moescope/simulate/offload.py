@@ -65,6 +65,11 @@ class OffloadOptions:
         if small:
             raise MoescopeError(f"--capacity {small[0]} is below the {widest} experts one token needs at once "
                                 f"(top-k = {ctx.top_k}); give capacities of at least {widest}")
+        keys = ctx.n_experts * (ctx.n_layers if self.scope == "global" else 1)
+        large = [c for c in self.capacities if c > keys]
+        if large:
+            raise MoescopeError(f"--capacity {large[0]} exceeds the {keys} experts a {self.scope} cache can hold "
+                                f"(a cache of {keys} already keeps every expert it has fetched)")
 
     @property
     def shape(self) -> tuple[int, int, int]:
