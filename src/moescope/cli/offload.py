@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moescope.cli._common import add_command
+from moescope.cli._common import add_command, positive_int
 
 EXAMPLES = """  moescope offload traces/run1 --capacity 2,4,6,8 --out results/offload
   moescope offload traces/gen --capacity 4 --policy lru,belady --prefetch none,same-index,popularity --out results/offload-gen
@@ -12,7 +12,8 @@ EXAMPLES = """  moescope offload traces/run1 --capacity 2,4,6,8 --out results/of
   moescope offload traces/run1 --capacity 16,32 --scope global --bandwidth 25 --latency-us 15 --out results/offload-global
   moescope offload traces/gen --capacity 4 --phase decode --dtype bf16 --out results/offload-decode
   moescope report results/offload --out offload.html
-(policies: lru, lfu, arc, belady; prefetch: none, same-index, transition, popularity, router-lookahead;
+(policies: lru, lfu, arc, belady, static (the C most used experts learned on the other fold of documents),
+static-oracle (the best fixed set in hindsight); prefetch: none, same-index, transition, popularity, router-lookahead;
 links: pcie3x16, pcie4x16, pcie5x16, nvlink3, nvlink4)
 """
 
@@ -37,12 +38,14 @@ def add_parser(sub) -> None:
     p.add_argument("trace")
     p.add_argument("--capacity", type=_capacities, default=None, metavar="C[,C...]",
                    help="expert slots per layer (--scope layer) or in all (global); default k, 2k, 4k, ... and E")
-    p.add_argument("--policy", type=_names, default=("lru", "lfu", "arc", "belady"), help="comma-separated (default all four)")
+    p.add_argument("--policy", type=_names, default=None, help="comma-separated (default all six)")
     p.add_argument("--prefetch", type=_names, default=("none",), help="comma-separated predictors (default none)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="a cache per MoE layer (default) or one budget over all layers")
     p.add_argument("--phase", type=_names, default=None,
                    help="prefill, decode or both (default: both when the trace has generated tokens)")
+    p.add_argument("--window", type=positive_int, default=8, metavar="TOKENS",
+                   help="tokens per working-set window in offload__coverage (default 8)")
     p.add_argument("--link", default="pcie4x16", help="link preset (default pcie4x16)")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS", help="link bandwidth in GB/s (overrides the preset's)")
     p.add_argument("--latency-us", type=float, default=None, help="latency per expert transfer in microseconds")
@@ -57,7 +60,7 @@ def run(args) -> int:
     from moescope.pipeline.summary import print_summary
 
     summary = run_offload(args.trace, args.out, capacities=args.capacity, policies=args.policy, prefetch=args.prefetch,
-                          scope=args.scope, phases=args.phase, link=args.link, bandwidth_gbps=args.bandwidth,
+                          scope=args.scope, window=args.window, phases=args.phase, link=args.link, bandwidth_gbps=args.bandwidth,
                           latency_us=args.latency_us, expert_bytes_each=args.expert_bytes, dtype=args.dtype)
     print_summary(summary)
     print(f"tables and summary.json in {args.out}")

@@ -21,7 +21,7 @@ from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.cost import Link, expert_bytes
-from moescope.simulate.offload import PHASES, OffloadOptions, OffloadResult, simulate_trace
+from moescope.simulate.offload import ALL_POLICIES, PHASES, OffloadOptions, OffloadResult, simulate_trace
 from moescope.trace.reader import Trace, open_trace
 
 NAME = "offload"
@@ -38,13 +38,13 @@ def default_capacities(top_k: int, n_experts: int, scope: str, n_layers: int) ->
 
 
 def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capacities: tuple[int, ...] | None = None,
-                policies: tuple[str, ...] = ("lru", "lfu", "arc", "belady"), prefetch: tuple[str, ...] = ("none",),
+                policies: tuple[str, ...] | None = None, prefetch: tuple[str, ...] = ("none",), window: int = 8,
                 scope: str = "layer", phases: tuple[str, ...] | None = None, link: str = "pcie4x16",
                 bandwidth_gbps: float | None = None, latency_us: float | None = None, expert_bytes_each: float | None = None,
                 dtype: str | None = None) -> dict:
     """Simulate the expert caches and write their tables into `out`; returns the summary.
 
-    `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
+    `policies` defaults to all six (simulate.offload.ALL_POLICIES); `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
     without generated tokens is refused.
     """
     trace = open_trace(trace_path)
@@ -53,8 +53,10 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     ctx = analysis_context(trace)
     defaults = default_capacities(ctx.top_k, ctx.n_experts, scope, ctx.n_layers)
     options = OffloadOptions(defaults if capacities is None else tuple(capacities),
-                             tuple(policies), tuple(prefetch), scope)
+                             ALL_POLICIES if policies is None else tuple(policies), tuple(prefetch), scope, window)
     options.check(ctx, lookahead_width=_lookahead_width(trace))
+    if window > trace.n_tokens:
+        raise MoescopeError(f"--window {window} is longer than the trace's {trace.n_tokens:,} tokens")
     generated = int(np.asarray(trace.table("tokens", columns=["generated"]).column("generated")).sum())
     phases = _phases(phases, generated)
     chosen = _link(link, bandwidth_gbps, latency_us)
@@ -64,10 +66,22 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     state = simulate_trace(trace.shards, ctx, options)
     notes = ("each sequence starts with empty caches; a token's experts are looked up together, after its prefetch; "
              "stall = experts fetched on demand, link time = every expert moved (compute time not included)",)
+    if result_static_note := _static_note(options, state):
+        notes += (result_static_note,)
     if "decode" not in phases:
         notes += ("no generated tokens in the trace: prefill only (capture with --generate N for decode figures)",)
     result = OffloadResult(options, tuple(range(ctx.n_layers)), ctx.top_k, ctx.n_experts, state, sizes, chosen, phases, notes)
     return write_offload(result, trace_path, trace, out)
+
+
+def _static_note(options: OffloadOptions, state) -> str | None:
+    static = [p for p in options.policies if p in ("static", "static-oracle")]
+    if static and "none" not in options.prefetch:
+        return f"{', '.join(static)}: pinned sets take no prefetches and are reported under --prefetch none only"
+    if "static" in options.policies and not (state.lookups.by_fold.sum(axis=(1, 2, 3)) > 0).all():
+        return ("static left out: every lookup falls in one of the two document folds, so a set learned on the "
+                "other fold cannot be evaluated (static-oracle is the best fixed set in hindsight)")
+    return None
 
 
 def _lookahead_width(trace: Trace) -> int | None:
@@ -135,7 +149,7 @@ def write_offload(result: OffloadResult, trace_path, trace: Trace, out) -> dict:
         "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
                   "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
         "options": {"capacities": list(o.capacities), "policies": list(o.policies), "prefetch": list(o.prefetch),
-                    "scope": o.scope, "phases": list(result.phases), "link": result.link.name,
+                    "scope": o.scope, "window": o.window, "phases": list(result.phases), "link": result.link.name,
                     "bandwidth_gbps": result.link.bandwidth / 1e9, "latency_us": result.link.latency * 1e6},
         "analyses": {NAME: result.summary()},
         "tables": {NAME: list(tables[NAME])},

@@ -218,3 +218,87 @@ def compute(shards, ctx, *, policy: str, capacity: int, scope: str = "layer", pr
                 if missing:
                     fetched[(layer, x if isinstance(x, int) else x[1])] += 1
     return {"counts": counts, "fetched": fetched}
+
+
+def _lookups(rows, ctx):
+    """(row, layer, distinct real experts) of every token and layer, in trace order."""
+    for row in rows:
+        for layer in range(ctx.n_layers):
+            yield row, layer, _distinct(real(row.experts[layer], ctx.n_experts))
+
+
+def _pinned(counter, capacity, keys):
+    """The `capacity` keys of `keys` used most often (ties, unused keys included: the lower key)."""
+    return set(sorted(keys, key=lambda x: (-counter[x], _order(x)))[:capacity])
+
+
+def compute_static(shards, ctx, *, policy: str, capacity: int, scope: str = "layer") -> dict:
+    """compute() for a pinned cache: "static" (the keys most used by the other fold of documents, per layer
+    or over all layers) or "static-oracle" (those most used by the evaluated phase's own lookups)."""
+    rows = list(token_rows(shards))
+    learned = {}  # (fold or phase, cache) -> Counter of keys
+    for row, layer, experts in _lookups(rows, ctx):
+        group = fold(row) if policy == "static" else int(row.generated)
+        cache = layer if scope == "layer" else "all"
+        for e in experts:
+            learned.setdefault((group, cache), Counter())[e if scope == "layer" else (layer, e)] += 1
+    keys = range(ctx.n_experts) if scope == "layer" else [(l, e) for l in range(ctx.n_layers) for e in range(ctx.n_experts)]
+    sets = {}  # (group, cache) -> pinned keys
+    counts, fetched = {}, Counter()
+    for row, layer, experts in _lookups(rows, ctx):
+        group = 1 - fold(row) if policy == "static" else int(row.generated)
+        cache = (group, layer if scope == "layer" else "all")
+        if cache not in sets:
+            sets[cache] = _pinned(learned.get(cache, Counter()), capacity, keys)
+        pinned = sets[cache]
+        cell = counts.setdefault((int(row.generated), layer), [0, 0, 0, 0])
+        for e in experts:
+            cell[0] += 1
+            if (e if scope == "layer" else (layer, e)) in pinned:
+                cell[1] += 1
+            else:
+                fetched[(layer, e)] += 1
+    return {"counts": counts, "fetched": fetched}
+
+
+def coverage(shards, ctx, window: int) -> dict:
+    """{(phase, layer): {lookups, effective_experts, experts_for_50/90/99, windows, working_set}}: working set =
+    mean distinct experts over full windows of `window` consecutive tokens of one sequence and phase."""
+    import math
+
+    rows = list(token_rows(shards))
+    used = {}  # (phase, layer) -> Counter
+    for row, layer, experts in _lookups(rows, ctx):
+        used.setdefault((int(row.generated), layer), Counter()).update(experts)
+    segments, prev = [], None  # runs of consecutive positions of one sequence and phase
+    for row in rows:
+        if not (is_next_position(prev, row) and prev.generated == row.generated):
+            segments.append([])
+        segments[-1].append(row)
+        prev = row
+    distinct = {}  # (phase, layer) -> distinct experts of every full window
+    for segment in segments:
+        for start in range(0, len(segment) - window + 1, window):
+            chunk = segment[start:start + window]
+            for layer in range(ctx.n_layers):
+                seen = {e for row in chunk for e in real(row.experts[layer], ctx.n_experts)}
+                distinct.setdefault((int(chunk[0].generated), layer), []).append(len(seen))
+    out = {}
+    for phase in (0, 1):
+        for layer in range(ctx.n_layers):
+            counter = used.get((phase, layer), Counter())
+            total = sum(counter.values())
+            ordered = sorted(counter.values(), reverse=True)
+            cell = {"lookups": total,
+                    "effective_experts": math.exp(-sum(n / total * math.log(n / total) for n in ordered)) if total else math.nan}
+            for share in (50, 90, 99):
+                need, covered = 0, 0
+                while total and 100 * covered < share * total:
+                    covered += ordered[need]
+                    need += 1
+                cell[f"experts_for_{share}"] = need
+            sizes = distinct.get((phase, layer), [])
+            cell["windows"] = len(sizes)
+            cell["working_set"] = sum(sizes) / len(sizes) if sizes else math.nan
+            out[(phase, layer)] = cell
+    return out
