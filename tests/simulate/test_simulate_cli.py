@@ -151,6 +151,19 @@ def test_offload_reports_prefill_and_decode_bytes_stall_and_a_decode_bound(gener
     assert _main(["offload", generated_trace, "--capacity", "2", "--policy", "lru", "--out", out]) == 0  # rerun
 
 
+def test_offload_lossy_writes_the_knobs_table(generated_trace, tmp_path):
+    out = tmp_path / "lossy"
+    assert _main(["offload", generated_trace, "--capacity", "2,4", "--lossy", "drop-cold:0.5,topk:1", "--out", out]) == 0
+    table = pd.read_parquet(out / "offload__lossy.parquet")
+    assert set(table["knob"]) == {"lru", "drop-cold:0.5", "topk:1"} and set(table["source"]) == {"trace"}
+    rates = pd.read_parquet(out / "offload__hit_rate.parquet")
+    lru = table[(table["knob"] == "lru")].merge(rates[(rates["policy"] == "lru") & (rates["prefetch"] == "none")],
+                                                on=["capacity", "phase", "layer"])
+    assert (lru["hits_x"] == lru["hits_y"]).all() and (lru["bytes_moved_x"] == lru["bytes_moved_y"]).all()
+    assert (table[table["knob"] == "lru"]["weight_discarded"] == 0).all()
+    assert (table[table["knob"] == "topk:1"]["weight_discarded"] > 0).all()
+
+
 def test_expert_bytes_equal_the_shipped_models_parameters(generated_trace):
     from moescope.pipeline.offload import _expert_bytes
     from moescope.recording.loading import load_model
@@ -235,6 +248,13 @@ BAD = {
                                          "--out", "{w}/new"], "--decode-batch 99999999999999999999"),
     "offload window beyond the trace": (["offload", "{w}/gen", "--capacity", "2", "--window", "99999999999999999999",
                                          "--out", "{w}/new"], "--window 99999999999999999999"),
+    "unknown lossy knob": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "skip:1", "--out", "{w}/new"], "unknown knob"),
+    "lossy topk not below k": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "topk:2", "--out", "{w}/new"],
+                               "from 1 to 1"),
+    "rerank without router output": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "rerank:1", "--out", "{w}/new"],
+                                     "--save-logits"),
+    "lossy with one global budget": (["offload", "{w}/gen", "--capacity", "16", "--scope", "global", "--lossy", "topk:1",
+                                      "--out", "{w}/new"], "cache per layer"),
     "window beyond any integer": (["placement", "{w}/gen", "--gpus", "4", "--window", "99999999999999999999", "--out", "{w}/new"],
                                   "--window 99999999999999999999 is longer than the trace"),
     "capacity not numbers": (["offload", "{w}/gen", "--capacity", "two", "--out", "{w}/new"], "two"),

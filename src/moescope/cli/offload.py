@@ -11,6 +11,7 @@ EXAMPLES = """  moescope offload traces/run1 --capacity 2,4,6,8 --out results/of
   moescope offload traces/pred --capacity 4 --prefetch router-lookahead --link nvlink4 --out results/offload-nvlink
   moescope offload traces/run1 --capacity 16,32 --scope global --bandwidth 25 --latency-us 15 --out results/offload-global
   moescope offload traces/gen --capacity 4 --phase decode --dtype bf16 --out results/offload-decode
+  moescope offload traces/gen --capacity 2,4 --lossy drop-cold:0.5,topk:1 --out results/offload-lossy
   moescope report results/offload --out offload.html
 (policies: lru, lfu, arc, belady, static (the C most used experts learned on the other fold of documents),
 static-oracle (the best fixed set in hindsight); prefetch: none, same-index, transition, popularity, router-lookahead;
@@ -46,6 +47,10 @@ def add_parser(sub) -> None:
                    help="prefill, decode or both (default: both when the trace has generated tokens)")
     p.add_argument("--window", type=positive_int, default=8, metavar="TOKENS",
                    help="tokens per working-set window in offload__coverage (default 8)")
+    p.add_argument("--lossy", default=None, metavar="KNOB[,KNOB...]",
+                   help="cache-aware lossy routing per capacity: drop-cold:F (skip a non-resident expert whose "
+                        "renormalised weight is below F/k), topk:K (route only the K best), rerank:B (add B to "
+                        "resident experts' router scores; needs --save-logits); e.g. drop-cold:0.5,topk:1")
     p.add_argument("--link", default="pcie4x16", help="link preset (default pcie4x16)")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS", help="link bandwidth in GB/s (overrides the preset's)")
     p.add_argument("--latency-us", type=float, default=None, help="latency per expert transfer in microseconds")
@@ -61,7 +66,8 @@ def run(args) -> int:
 
     summary = run_offload(args.trace, args.out, capacities=args.capacity, policies=args.policy, prefetch=args.prefetch,
                           scope=args.scope, window=args.window, phases=args.phase, link=args.link, bandwidth_gbps=args.bandwidth,
-                          latency_us=args.latency_us, expert_bytes_each=args.expert_bytes, dtype=args.dtype)
+                          latency_us=args.latency_us, expert_bytes_each=args.expert_bytes, dtype=args.dtype,
+                          lossy=args.lossy)
     print_summary(summary)
     print(f"tables and summary.json in {args.out}")
     return 0

@@ -9,6 +9,7 @@ figures from a trace without generated tokens, expert sizes nobody recorded. The
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.cost import Link, expert_bytes
+from moescope.simulate.lossy import Knob, lossy_frame, parse_knobs, simulate_lossy
 from moescope.simulate.offload import ALL_POLICIES, PHASES, OffloadOptions, OffloadResult, simulate_trace
 from moescope.trace.reader import Trace, open_trace
 
@@ -41,9 +43,10 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
                 policies: tuple[str, ...] | None = None, prefetch: tuple[str, ...] = ("none",), window: int = 8,
                 scope: str = "layer", phases: tuple[str, ...] | None = None, link: str = "pcie4x16",
                 bandwidth_gbps: float | None = None, latency_us: float | None = None, expert_bytes_each: float | None = None,
-                dtype: str | None = None) -> dict:
+                dtype: str | None = None, lossy: str | None = None) -> dict:
     """Simulate the expert caches and write their tables into `out`; returns the summary.
 
+    `lossy` ("drop-cold:F,topk:K,rerank:B") adds simulate/lossy.py's cache-aware routing per capacity.
     `policies` defaults to all six (simulate.offload.ALL_POLICIES); `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
     without generated tokens is refused.
     """
@@ -61,6 +64,7 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     phases = _phases(phases, generated)
     chosen = _link(link, bandwidth_gbps, latency_us)
     sizes = _expert_bytes(trace, ctx, expert_bytes_each, dtype)
+    knobs = _knobs(lossy, options, ctx)
     check_output_folder(out, markers=("summary.json",), what="offload results")  # refused before the work
 
     state = simulate_trace(trace.shards, ctx, options)
@@ -71,7 +75,23 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     if "decode" not in phases:
         notes += ("no generated tokens in the trace: prefill only (capture with --generate N for decode figures)",)
     result = OffloadResult(options, tuple(range(ctx.n_layers)), ctx.top_k, ctx.n_experts, state, sizes, chosen, phases, notes)
+    if knobs:
+        counts, fetched = simulate_lossy(trace.shards, ctx, knobs, options.capacities)
+        frame = lossy_frame(counts, fetched, sizes, knobs, options.capacities, result.layers, phases, "trace")
+        result = dataclasses.replace(result, lossy=frame, notes=result.notes + (
+            "lossy: an LRU cache per layer decides the routing (simulate/lossy.py); hit_rate = hits / experts used",))
     return write_offload(result, trace_path, trace, out)
+
+
+def _knobs(lossy: str | None, options: OffloadOptions, ctx) -> tuple[Knob, ...]:
+    if lossy is None:
+        return ()
+    if options.scope != "layer":
+        raise MoescopeError("--lossy simulates a cache per layer; leave out --scope global")
+    knobs = parse_knobs(lossy)
+    for knob in knobs:
+        knob.check(ctx.top_k, ctx.router_output_kind in ("logits", "probs"))
+    return knobs
 
 
 def _static_note(options: OffloadOptions, state) -> str | None:

@@ -198,6 +198,7 @@ class OffloadResult:
     link: Link
     phases: tuple[str, ...]  # the phases reported (decode only when the trace generated tokens)
     notes: tuple[str, ...] = ()
+    lossy: pd.DataFrame | None = None  # simulate/lossy.py's lossy_frame (--lossy), with ΔNLL when a model ran
 
     @property
     def static_learnable(self) -> bool:
@@ -292,7 +293,8 @@ class OffloadResult:
         rates = self.hit_rate()
         return {"hit_rate": rates, "cost": self.cost(), "bandwidth_sweep": self.bandwidth_sweep(),
                 "oracle_gap": self.oracle_gap(rates), "coverage": self.coverage(),
-                "coverage_curve": coverage_curve(self.state.lookups, self.layers, self.phases)}
+                "coverage_curve": coverage_curve(self.state.lookups, self.layers, self.phases),
+                **({"lossy": self.lossy} if self.lossy is not None else {})}
 
     def headline_capacity(self) -> int:
         """2k when simulated (near the sweet spot reported for many MoE models), else the smallest."""
@@ -323,6 +325,13 @@ class OffloadResult:
         for r in decode.itertuples():
             out[f"decode_tokens_per_s_bound_{r.policy}_{r.prefetch}"] = r.tokens_per_s_bound
             out[f"decode_stall_ms_per_token_{r.policy}_{r.prefetch}"] = r.stall_s_per_token * 1e3
+        if self.lossy is not None:
+            pooled = self.lossy[(self.lossy["layer"] == OVERALL) & (self.lossy["capacity"] == cap)]
+            for r in pooled.itertuples():
+                out[f"lossy_{r.source}_{r.phase}_{r.knob}_hit_rate"] = r.hit_rate
+                out[f"lossy_{r.source}_{r.phase}_{r.knob}_weight_discarded"] = r.weight_discarded
+                if "delta_nll" in self.lossy and r.source == "model":
+                    out[f"lossy_model_{r.knob}_delta_nll"] = r.delta_nll
         out["notes"] = list(self.notes)
         return jsonable(out)
 

@@ -302,3 +302,64 @@ def coverage(shards, ctx, window: int) -> dict:
             cell["working_set"] = sum(sizes) / len(sizes) if sizes else math.nan
             out[(phase, layer)] = cell
     return out
+
+
+def compute_lossy(shards, ctx, *, knob: str, value: float, capacity: int) -> dict:
+    """{(phase, layer): [lookups, used, hits, token_layers, discarded]} and fetched Counter {(layer, expert): n} of
+    an LRU cache per (sequence, layer) whose contents decide the routing (see simulate/lossy.py)."""
+    import math
+
+    E, L, k = ctx.n_experts, ctx.n_layers, ctx.top_k
+    rows, prev, runs = list(token_rows(shards)), None, []
+    for row in rows:
+        if not is_next_position(prev, row):
+            runs.append([])
+        runs[-1].append(row)
+        prev = row
+    counts, fetched = {}, Counter()
+    for run in runs:
+        for layer in range(L):
+            cache = OrderedDict()  # least recently used first
+            for row in run:
+                slots = [(e, w) for e, w in zip(row.experts[layer], row.weights[layer])]
+                original, seen = [], set()
+                for e, w in slots:
+                    if 0 <= e < E and e not in seen:
+                        original.append((e, w))
+                        seen.add(e)
+                total = sum(w for _, w in original)
+                share = {e: w / total for e, w in original} if total else {e: math.nan for e, _ in original}
+                if knob == "rerank":
+                    probs = row.router[layer][:E]
+                    score = [math.log(x) if ctx.router_output_kind == "probs" else x for x in probs]
+                    if ctx.router_output_kind != "probs":
+                        top = max(score)
+                        score = [x - top for x in score]
+                    score = [s + (value if e in cache else 0.0) for e, s in enumerate(score)]
+                    used = sorted(range(E), key=lambda e: (-score[e], e))[:len(original)]
+                elif knob == "drop-cold":
+                    used = [e for e, _ in original if e in cache or not share[e] < value / k]
+                    if original and not used:
+                        used = [max(original, key=lambda x: share[x[0]])[0]]
+                elif knob == "topk":
+                    ranked = sorted(range(len(original)), key=lambda i: (-share[original[i][0]], i))[:int(value)]
+                    used = [original[i][0] for i in sorted(ranked)]
+                else:
+                    used = [e for e, _ in original]
+                discarded = sum(share[e] for e, _ in original if e not in used)
+                hits = [e in cache for e in used]
+                for e, hit in zip(used, hits):
+                    if not hit:
+                        if len(cache) >= capacity:
+                            del cache[next(x for x in cache if x not in used)]
+                        cache[e] = None
+                        fetched[(int(row.generated), layer, e)] += 1
+                for e in reversed(used):  # the first slot ends up the most recent
+                    cache.move_to_end(e)
+                cell = counts.setdefault((int(row.generated), layer), [0, 0, 0, 0, 0.0])
+                cell[0] += len(original)
+                cell[1] += len(used)
+                cell[2] += sum(hits)
+                cell[3] += 1
+                cell[4] += discarded
+    return {"counts": counts, "fetched": fetched}
