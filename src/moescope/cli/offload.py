@@ -12,6 +12,7 @@ EXAMPLES = """  moescope offload traces/run1 --capacity 2,4,6,8 --out results/of
   moescope offload traces/run1 --capacity 16,32 --scope global --bandwidth 25 --latency-us 15 --out results/offload-global
   moescope offload traces/gen --capacity 4 --phase decode --dtype bf16 --out results/offload-decode
   moescope offload traces/gen --capacity 2,4 --lossy drop-cold:0.5,topk:1 --out results/offload-lossy
+  moescope offload traces/gen --capacity 2,4 --lossy drop-cold:0.5,topk:1 --model moescope:tiny-moe --data humaneval --max-tokens 2048 --out results/offload-quality
   moescope report results/offload --out offload.html
 (policies: lru, lfu, arc, belady, static (the C most used experts learned on the other fold of documents),
 static-oracle (the best fixed set in hindsight); prefetch: none, same-index, transition, popularity, router-lookahead;
@@ -51,6 +52,12 @@ def add_parser(sub) -> None:
                    help="cache-aware lossy routing per capacity: drop-cold:F (skip a non-resident expert whose "
                         "renormalised weight is below F/k), topk:K (route only the K best), rerank:B (add B to "
                         "resident experts' router scores; needs --save-logits); e.g. drop-cold:0.5,topk:1")
+    p.add_argument("--model", default=None, help="with --lossy: run this model (the trace's) with the lossy routing "
+                   "and report ΔNLL ± standard error")
+    p.add_argument("--data", default=None, help="with --model: the text to score (a built-in corpus, file or folder)")
+    p.add_argument("--max-tokens", type=positive_int, default=4096, help="with --model: tokens scored (default 4096)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="with --model: tokens per sequence (default 256)")
+    p.add_argument("--device", default="auto", help="with --model: cpu, cuda, ... (default auto)")
     p.add_argument("--link", default="pcie4x16", help="link preset (default pcie4x16)")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBPS", help="link bandwidth in GB/s (overrides the preset's)")
     p.add_argument("--latency-us", type=float, default=None, help="latency per expert transfer in microseconds")
@@ -67,7 +74,8 @@ def run(args) -> int:
     summary = run_offload(args.trace, args.out, capacities=args.capacity, policies=args.policy, prefetch=args.prefetch,
                           scope=args.scope, window=args.window, phases=args.phase, link=args.link, bandwidth_gbps=args.bandwidth,
                           latency_us=args.latency_us, expert_bytes_each=args.expert_bytes, dtype=args.dtype,
-                          lossy=args.lossy)
+                          lossy=args.lossy, model=args.model, data=args.data, max_tokens=args.max_tokens,
+                          seq_len=args.seq_len, device=args.device)
     print_summary(summary)
     print(f"tables and summary.json in {args.out}")
     return 0

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 
 from moescope.analysis.kernels import jsonable
@@ -43,10 +44,12 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
                 policies: tuple[str, ...] | None = None, prefetch: tuple[str, ...] = ("none",), window: int = 8,
                 scope: str = "layer", phases: tuple[str, ...] | None = None, link: str = "pcie4x16",
                 bandwidth_gbps: float | None = None, latency_us: float | None = None, expert_bytes_each: float | None = None,
-                dtype: str | None = None, lossy: str | None = None) -> dict:
+                dtype: str | None = None, lossy: str | None = None, model: str | None = None, data: str | None = None,
+                max_tokens: int = 4096, seq_len: int = 256, device: str = "auto") -> dict:
     """Simulate the expert caches and write their tables into `out`; returns the summary.
 
-    `lossy` ("drop-cold:F,topk:K,rerank:B") adds simulate/lossy.py's cache-aware routing per capacity.
+    `lossy` ("drop-cold:F,topk:K,rerank:B") adds simulate/lossy.py's cache-aware routing per capacity; with
+    `model` and `data` the model also runs with that routing (pipeline/offload_quality.py: ΔNLL ± SE).
     `policies` defaults to all six (simulate.offload.ALL_POLICIES); `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
     without generated tokens is refused.
     """
@@ -65,6 +68,7 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     chosen = _link(link, bandwidth_gbps, latency_us)
     sizes = _expert_bytes(trace, ctx, expert_bytes_each, dtype)
     knobs = _knobs(lossy, options, ctx)
+    quality = _quality_inputs(model, data, knobs, ctx, max_tokens=max_tokens, seq_len=seq_len, device=device)
     check_output_folder(out, markers=("summary.json",), what="offload results")  # refused before the work
 
     state = simulate_trace(trace.shards, ctx, options)
@@ -80,7 +84,42 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
         frame = lossy_frame(counts, fetched, sizes, knobs, options.capacities, result.layers, phases, "trace")
         result = dataclasses.replace(result, lossy=frame, notes=result.notes + (
             "lossy: an LRU cache per layer decides the routing (simulate/lossy.py); hit_rate = hits / experts used",))
+    if quality is not None:
+        from moescope.pipeline.offload_quality import lossy_quality
+
+        loaded, layers, batches = quality
+        measured = lossy_quality(loaded, layers, batches, knobs, options.capacities, sizes)
+        result = dataclasses.replace(result, lossy=pd.concat([result.lossy, measured], ignore_index=True), notes=result.notes + (
+            f"lossy source 'model': {model} run on {data} ({len(batches)} sequences of <= {seq_len} tokens) with the "
+            "cache deciding its routing inside the forward pass; delta_nll per predicted token against the unmodified "
+            "model, standard error over sequences",))
     return write_offload(result, trace_path, trace, out)
+
+
+def _quality_inputs(model: str | None, data: str | None, knobs, ctx, *, max_tokens: int, seq_len: int, device: str):
+    """(model, its MoE layers, one-sequence batches) for the lossy model run, or None; checked before writing."""
+    if model is None and data is None:
+        return None
+    if model is None or data is None:
+        raise MoescopeError("--model and --data go together: the model runs on the data with the lossy routing")
+    if not knobs:
+        raise MoescopeError("--model runs the lossy knobs; give --lossy drop-cold:F,topk:K,rerank:B")
+    if max_tokens < 2 or seq_len < 2:
+        raise MoescopeError("--max-tokens and --seq-len must be at least 2 (a sequence of one token predicts nothing)")
+    from moescope.adapters.discover import find_moe_layers
+    from moescope.intervention.plan import plan_interventions
+    from moescope.quant.sweep import make_batches
+    from moescope.recording.loading import load_model
+
+    loaded, tokenizer = load_model(model, device=device, dtype="float32")  # ΔNLL of routing, not of bf16 rounding
+    layers = find_moe_layers(loaded)
+    shape = (len(layers), layers[0].n_experts, layers[0].top_k) if layers else None
+    if shape != (ctx.n_layers, ctx.n_experts, ctx.top_k):
+        raise MoescopeError(f"--model {model} has (MoE layers, experts, top-k) = {shape}, the trace "
+                            f"{(ctx.n_layers, ctx.n_experts, ctx.top_k)}: run the model the trace was captured from")
+    plan_interventions(loaded, layers, route={i: (lambda *a: None) for i in range(len(layers))})  # refused in one line
+    batches = make_batches(tokenizer, data, seq_len=seq_len, max_tokens=max_tokens, batch_size=1)
+    return loaded, layers, batches
 
 
 def _knobs(lossy: str | None, options: OffloadOptions, ctx) -> tuple[Knob, ...]:
