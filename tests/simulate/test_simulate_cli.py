@@ -180,8 +180,9 @@ def test_expert_bytes_equal_the_shipped_models_parameters(generated_trace):
 
 
 def test_report_shows_placement_and_offloading(generated_trace, tmp_path):
-    for argv in (["placement", generated_trace, "--gpus", 2, "--out", tmp_path / "p"],
-                 ["offload", generated_trace, "--capacity", "2,3", "--policy", "lru,belady", "--out", tmp_path / "o"],
+    for argv in (["placement", generated_trace, "--gpus", 2, "--decode-batch", 4, "--out", tmp_path / "p"],
+                 ["offload", generated_trace, "--capacity", "2,3", "--policy", "lru,belady,static,static-oracle",
+                  "--lossy", "topk:1", "--out", tmp_path / "o"],
                  ["analyze", generated_trace, "--only", "placement", "--no-model", "--out", tmp_path / "a"],
                  ["report", tmp_path / "p", tmp_path / "o", tmp_path / "a", "--out", tmp_path / "r.html", "--figures", tmp_path / "f"]):
         assert _main(argv) == 0
@@ -189,7 +190,10 @@ def test_report_shows_placement_and_offloading(generated_trace, tmp_path):
     assert html.count("Expert placement") >= 2 and "Expert offloading" in html
     figures = {p.name.split("__")[1] for p in (tmp_path / "f").glob("*.svg")}
     assert {"placement_balancedness.svg", "placement_gpu_load.svg", "placement_staleness.svg", "offload_hit_rate_prefill.svg",
-            "offload_hit_rate_decode.svg", "offload_stall_bandwidth.svg"} <= figures
+            "offload_hit_rate_decode.svg", "offload_stall_bandwidth.svg", "offload_coverage.svg", "offload_oracle_gap.svg",
+            "offload_quality_frontier.svg", "placement_fanout_balance.svg", "placement_split_bound.svg",
+            "placement_decode_batches.svg"} <= figures
+    assert "Replica budgets" in html and "Coverage per layer and phase" in html
     assert "load_bars.svg" not in figures  # a simulation folder gets its own sections only
 
 
