@@ -22,8 +22,8 @@ def quality_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quality")
     (root / "text.txt").write_text(TEXT)
-    moescope.capture("moescope:tiny-moe", str(root / "text.txt"), out=root / "trace", max_tokens=100, seq_len=25,
-                     device="cpu", dtype="float32", progress=False)  # float32: the lossy run's precision
+    moescope.capture("moescope:tiny-moe", str(root / "text.txt"), out=root / "trace", progress=False,  # float32: the lossy run's
+                     options=moescope.CaptureOptions(max_tokens=100, seq_len=25, device="cpu", dtype="float32"))  # precision
     argv = ["offload", root / "trace", "--capacity", "2,3", "--lossy", "drop-cold:0.8,topk:1", "--model", "moescope:tiny-moe",
             "--data", root / "text.txt", "--max-tokens", 100, "--seq-len", 25, "--device", "cpu", "--out", root / "out"]
     assert main([str(a) for a in argv]) == 0

@@ -89,54 +89,61 @@ def route_along_positions(ids: np.ndarray, weights: np.ndarray, valid: np.ndarra
     out_ids, used_all = ids.copy(), np.zeros((R, P, k), bool)
     hit_all, discarded = np.zeros((R, P, k), bool), np.zeros((R, P))
     recency = (k - 1 - np.arange(k))[None, :]  # an earlier slot is more recent
-    for p in range(P):
-        cur, w = ids[:, p], np.where(ids[:, p] < E, weights[:, p], 0.0)
-        real = (cur < E) & valid[:, p, None]
-        total = w.sum(axis=1)  # [R]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(real, w / total[:, None], 0.0)
-        if knob.kind == "rerank":
-            scores = selection[:, p] + knob.value * (stamp[:, :E] >= 0)  # [R, E]
-            ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            n_real = real.sum(axis=1, keepdims=True)
-            cur = np.where(np.arange(k)[None, :] < n_real, ranked, E)
-            use = cur < E
-            kept = (ids[:, p, :, None] == cur[:, None, :]).any(axis=2)  # [R, k] original slots still used
-            discarded[:, p] = np.where(real & ~kept, share, 0.0).sum(axis=1)
-        else:
-            resident = stamp[rows, cur] >= 0
-            if knob.kind == "drop-cold":
-                cold = real & ~resident & (share < knob.value / k)
-                heaviest = np.argmax(np.where(real, share, -1.0), axis=1)
-                everything = (cold == real).all(axis=1) & real.any(axis=1)
-                cold[everything, heaviest[everything]] = False  # never send a token nowhere
-                use = real & ~cold
-            elif knob.kind == "topk":
-                order = np.argsort(-np.where(real, share, -1.0), axis=1, kind="stable")[:, : int(knob.value)]
-                use = np.zeros_like(real)
-                np.put_along_axis(use, order, True, axis=1)
-                use &= real
-            else:
-                use = real
-            discarded[:, p] = np.where(real & ~use, share, 0.0).sum(axis=1)
+    for p in range(P):  # one position of every stream at once
+        cur, use, discarded[:, p] = _decide(knob, ids[:, p], weights[:, p], valid[:, p], stamp,
+                                            None if selection is None else selection[:, p], E)
         resident = (stamp[rows, np.where(use, cur, E)] >= 0) & use
-        miss = use & ~resident
-        over = (stamp[:, :E] >= 0).sum(axis=1) + miss.sum(axis=1) - capacity  # [R] entries to evict
-        need = np.flatnonzero(over > 0)
-        if need.size:
-            latest = np.iinfo(np.int64).max
-            candidates = np.where(stamp[need] >= 0, stamp[need], latest)  # [n, E + 1]; not cached: never chosen
-            candidates[np.arange(len(need))[:, None], np.where(resident[need], cur[need], E)] = latest  # kept for this token
-            candidates = candidates[:, :E]
-            most = int(over[need].max())
-            lowest = np.argsort(candidates, axis=1, kind="stable")[:, :most]  # oldest first
-            evict = np.arange(most)[None, :] < over[need, None]
-            stamp[need[:, None].repeat(most, axis=1)[evict], lowest[evict]] = -1
-        touched = np.where(use, cur, E)
-        stamp[rows, touched] = np.where(use, p * k + recency, -1)
+        _evict(stamp, cur, resident, (use & ~resident).sum(axis=1), capacity, E)
+        stamp[rows, np.where(use, cur, E)] = np.where(use, p * k + recency, -1)
         stamp[:, E] = -1
         out_ids[:, p], used_all[:, p], hit_all[:, p] = cur, use, resident
     return CacheRouting(out_ids, used_all, hit_all, discarded)
+
+
+def _decide(knob: Knob, cur: np.ndarray, weights: np.ndarray, valid: np.ndarray, stamp: np.ndarray,
+            selection: np.ndarray | None, E: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [R, k], used bool [R, k], discarded weight share [R]) of one position, from the cache as it is."""
+    R, k = cur.shape
+    real = (cur < E) & valid[:, None]
+    w = np.where(real, weights, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(real, w / w.sum(axis=1, keepdims=True), 0.0)  # [R, k] renormalised weights
+    if knob.kind == "rerank":
+        scores = selection + knob.value * (stamp[:, :E] >= 0)  # [R, E]
+        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        chosen = np.where(np.arange(k)[None, :] < real.sum(axis=1, keepdims=True), ranked, E)
+        kept = (cur[:, :, None] == chosen[:, None, :]).any(axis=2)  # [R, k] original slots still used
+        return chosen, chosen < E, np.where(real & ~kept, share, 0.0).sum(axis=1)
+    if knob.kind == "drop-cold":
+        resident = stamp[np.arange(R)[:, None], cur] >= 0
+        cold = real & ~resident & (share < knob.value / k)
+        everything = (cold == real).all(axis=1) & real.any(axis=1)
+        heaviest = np.argmax(np.where(real, share, -1.0), axis=1)
+        cold[everything, heaviest[everything]] = False  # never send a token nowhere
+        use = real & ~cold
+    elif knob.kind == "topk":
+        best = np.argsort(-np.where(real, share, -1.0), axis=1, kind="stable")[:, : int(knob.value)]
+        use = np.zeros_like(real)
+        np.put_along_axis(use, best, True, axis=1)
+        use &= real
+    else:
+        use = real
+    return cur, use, np.where(real & ~use, share, 0.0).sum(axis=1)
+
+
+def _evict(stamp: np.ndarray, cur: np.ndarray, resident: np.ndarray, misses: np.ndarray, capacity: int, E: int) -> None:
+    """Make room for `misses` [R] new experts: drop the least recently used ones not used by this token."""
+    over = (stamp[:, :E] >= 0).sum(axis=1) + misses - capacity  # [R] entries to evict
+    need = np.flatnonzero(over > 0)
+    if not need.size:
+        return
+    latest = np.iinfo(np.int64).max
+    candidates = np.where(stamp[need] >= 0, stamp[need], latest)  # [n, E + 1]; not cached: never chosen
+    candidates[np.arange(len(need))[:, None], np.where(resident[need], cur[need], E)] = latest  # used by this token
+    most = int(over[need].max())
+    oldest = np.argsort(candidates[:, :E], axis=1, kind="stable")[:, :most]
+    evict = np.arange(most)[None, :] < over[need, None]
+    stamp[np.repeat(need[:, None], most, axis=1)[evict], oldest[evict]] = -1
 
 
 QUANTITIES = ("lookups", "used", "hits", "token_layers", "discarded")
