@@ -97,15 +97,15 @@ def _routed(route, ids, weights, policy, output, x, n_experts: int, where: str):
     if policy.spec.router_output == RouterOutput.PROBS:
         logits = logits.log()
     new_ids, new_weights = route(ids, weights, logits, lambda chosen: policy.weigh(output, x, chosen.long()))
-    new_ids = _forced(new_ids, ids.shape, n_experts, where)
+    new_ids = _forced(new_ids, ids.shape, n_experts, where, "route")
     if not isinstance(new_weights, torch.Tensor) or tuple(new_weights.shape) != tuple(weights.shape):
         raise InterventionError(f"route: the function for {where} must return weights of shape {tuple(weights.shape)}")
     return new_ids, new_weights.float()
 
 
-def _forced(ids, shape, n_experts: int, where: str) -> torch.Tensor:
+def _forced(ids, shape, n_experts: int, where: str, kind: str = "force") -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != tuple(shape) or ids.is_floating_point():
-        raise InterventionError(f"force: the function for {where} must return integer ids of shape {tuple(shape)}")
+        raise InterventionError(f"{kind}: the function for {where} must return integer ids of shape {tuple(shape)}")
     if bool(((ids < 0) | (ids >= n_experts)).any()):
-        raise InterventionError(f"force: the function for {where} returned expert ids outside 0..{n_experts - 1}")
+        raise InterventionError(f"{kind}: the function for {where} returned expert ids outside 0..{n_experts - 1}")
     return ids.long()
