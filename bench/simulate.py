@@ -35,9 +35,9 @@ from moescope.analysis.context import AnalysisContext
 from moescope.analysis.placement import place_trace
 from moescope.analysis.synthetic import SyntheticSpec, synthetic_shard
 from moescope.simulate.offload import OffloadOptions, simulate_trace
-from moescope.simulate.placement import PlacementOptions
+from moescope.analysis.placement_policies import PlacementOptions
 from moescope.simulate.reference import offload as offload_loop
-from moescope.simulate.reference import placement as placement_loop
+from moescope.analysis.reference import placement as placement_loop
 from moescope.trace.shard import ShardData
 
 FIELDS = ("seq_id", "pos", "token_id", "generated", "domain", "topk_ids", "topk_weights")
@@ -115,7 +115,7 @@ def fast(paths, spec, ctx, args, n_tokens) -> dict[str, float]:
 
 def loops(subset, ctx, args) -> tuple[dict[str, float], dict]:
     """CPU seconds of the per-event loops on the subset, and what they computed."""
-    from moescope.simulate.placement import POLICIES, place
+    from moescope.analysis.placement_policies import POLICIES, place
 
     load = np.zeros((ctx.n_layers, ctx.n_experts), np.int64)
     for s in subset:  # the placements to follow are computed once either way (per layer, not per event)

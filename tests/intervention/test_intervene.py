@@ -156,6 +156,33 @@ def test_force_a_list_and_a_function(dsv3):
     torch.testing.assert_close(got_w, expected)
 
 
+def test_route_gets_the_routing_and_logits_and_sets_what_the_experts_receive(dsv3):
+    """route=fn sees the chosen ids, their weights and the router's logits; what it returns is what the experts
+    get; weigh() gives the block's own weights (here checked against the force= path, tested by hand above)."""
+    ids = tokens()
+    plain_ids, plain_w = _experts_received(dsv3, 1, ids)
+    seen = {}
+
+    def swap(chosen, weights, router_logits, weigh):
+        seen.update(chosen=chosen.clone(), weights=weights.clone(), logits=router_logits.clone())
+        new = torch.tensor([[0, 4]]).expand_as(chosen)
+        return new, weigh(new)
+
+    with moescope.intervene(dsv3, route={1: swap}):
+        got_ids, got_w = _experts_received(dsv3, 1, ids)
+    assert torch.equal(seen["chosen"], plain_ids.reshape(seen["chosen"].shape).long())
+    torch.testing.assert_close(seen["weights"], plain_w.reshape(seen["weights"].shape).float())
+    assert seen["logits"].shape == (seen["chosen"].shape[0], dsv3.config.n_routed_experts)
+    with moescope.intervene(dsv3, force={1: lambda chosen: torch.tensor([[0, 4]]).expand_as(chosen)}):
+        forced_ids, forced_w = _experts_received(dsv3, 1, ids)
+    assert torch.equal(got_ids, forced_ids)
+    torch.testing.assert_close(got_w, forced_w)
+    with pytest.raises(InterventionError, match="route: the function for MoE layer 1"):
+        with moescope.intervene(dsv3, route={1: lambda chosen, w, lg, weigh: (chosen.float(), w)}):
+            logits(dsv3, ids)
+    assert n_hooks(dsv3) == 0
+
+
 @pytest.mark.parametrize("which", ["tiny_moe", "dsv3"])
 def test_model_restored_bit_for_bit_on_exit_and_on_exception(which, request):
     model = request.getfixturevalue(which)
@@ -181,6 +208,8 @@ def test_model_restored_bit_for_bit_on_exit_and_on_exception(which, request):
     (dict(force={1: [0, 1, 2]}), "give 1 to 2 expert ids"),
     (dict(drop={1: [0]}, force={1: [0]}), "both dropped and forced"),
     (dict(drop=[1]), "takes a dict"),
+    (dict(route={1: [0]}), "takes a function"),
+    (dict(route={1: lambda *a: a[:2]}, drop={1: [0]}), "do not combine it"),
 ])
 def test_bad_input_is_one_error_and_the_model_untouched(tiny_moe, kwargs, message):
     before = snapshot(tiny_moe)

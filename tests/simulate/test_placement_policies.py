@@ -8,12 +8,14 @@ from simulate_helpers import generated_trace, trace_shards  # noqa: F401 (fixtur
 
 from moescope.analysis import run_analyses
 from moescope.errors import MoescopeError
-from moescope.simulate.reference import placement as per_token
-from moescope.simulate.balance import balancedness, fanout, gpu_load, imbalance
-from moescope.simulate.placement import (
+from moescope.analysis.reference import placement as per_token
+from moescope.analysis.placement_balance import balancedness, fanout, gpu_load, imbalance
+from moescope.analysis.placement_policies import (
+    POLICIES,
     PlacementOptions,
     eplb_placement,
     greedy_placement,
+    place,
     rebalance_experts,
     static_placement,
 )
@@ -152,3 +154,80 @@ def test_ids_that_are_not_experts_are_no_load():
     ids = np.concatenate([s.topk_ids for s in shards], axis=1)
     assert ((ids < 0) | (ids >= spec.n_experts)).any()
     assert results["placement"].load.sum() == ((ids >= 0) & (ids < spec.n_experts)).sum()
+
+
+@pytest.mark.parametrize("n_tokens, E, G, R", [(1, 8, 4, 4), (7, 8, 4, 4), (256, 12, 4, 4), (256, 256, 8, 8)])
+def test_the_lp_split_reaches_the_max_flow_optimum(n_tokens, E, G, R):
+    """The LP's busiest GPU equals the smallest one a max-flow bisection finds, per layer, for every policy;
+    and it is never above the even split."""
+    from moescope.analysis.placement_split import lp_busiest_gpu
+
+    rng = np.random.default_rng(n_tokens + E)
+    k = min(8, E // 2)
+    load = np.zeros((2, E), np.int64)
+    skew = rng.dirichlet(np.full(E, 0.3), size=2)
+    for layer in range(2):
+        for _ in range(n_tokens):
+            load[layer, rng.choice(E, k, replace=False, p=skew[layer])] += 1
+    options = PlacementOptions(E, G, 1, R)
+    better = False
+    for policy in POLICIES:
+        p = place(policy, load, options)
+        mine = lp_busiest_gpu(p, load)
+        even = gpu_load(p, load).max(axis=1)
+        assert (mine <= even + 1e-9).all()
+        better |= bool((mine < even - 1e-6).any())
+        if E > 16 and policy != "eplb":
+            continue  # the plain max flow is slow at 256 experts: one policy there
+        for layer in range(2):
+            expected = ref.best_split_peak(p.physical_to_logical[layer].tolist(), load[layer].tolist(), G)
+            assert mine[layer] == pytest.approx(expected, rel=1e-7, abs=1e-9), (policy, layer)
+    assert better or n_tokens < 256  # on a real load some split beats the even one
+
+
+@pytest.mark.parametrize("n_tokens, E, G, N, R", [(1, 8, 4, 1, 4), (7, 6, 4, 2, 2), (256, 8, 2, 1, 2), (256, 12, 4, 2, 4),
+                                                 (256, 256, 8, 2, 8)])
+def test_replica_budgets_reach_the_best_allocation_of_the_total(n_tokens, E, G, N, R):
+    """Every allocation of the L x R redundant slots over 3 layers tried with the plain-loop EPLB: the
+    budgets' summed busiest GPU is the least of them, and never above the uniform count's."""
+    from moescope.analysis.placement_budget import replica_budgets
+
+    rng = np.random.default_rng(n_tokens * E + G)
+    load = np.zeros((3, E), np.int64)
+    for layer, alpha in enumerate((0.1, 1.0, 10.0)):  # one skewed layer, one mild, one almost even
+        share = rng.dirichlet(np.full(E, alpha))
+        for _ in range(n_tokens):
+            load[layer, rng.choice(E, min(8, E // 2), replace=False, p=share)] += 1
+    options = PlacementOptions(E, G, N, R)
+    counts, peaks = replica_budgets(load, options)
+    w = load.astype(float).tolist()
+    assert counts.sum() <= 3 * R and all((E + c) % G == 0 and 0 <= c <= E for c in counts)
+    assert [ref.gpu_peak(ref.eplb([w[l]], E + int(c), options.groups, N, G)[0], w[l], G) for l, c in enumerate(counts)] \
+        == pytest.approx(peaks.tolist())
+    assert peaks.sum() == pytest.approx(ref.best_budgets(w, R, options.groups, N, G))
+    uniform = gpu_load(place("eplb", load, options), load).max(axis=1).sum()
+    assert peaks.sum() <= uniform + 1e-9
+
+
+@pytest.mark.parametrize("n_tokens, E, k, G, R", [(1, 8, 2, 4, 4), (7, 6, 3, 2, 2), (256, 16, 4, 4, 4), (256, 256, 8, 8, 8)])
+def test_coactivation_placement_equals_the_plain_loop_implementation(n_tokens, E, k, G, R):
+    """Tokens drawn from clusters of experts that are chosen together: the placement equals the plain loops, and
+    the tokens reach fewer GPUs than under EPLB (fan-out from the per-token loops)."""
+    from moescope.analysis.coactivation import pair_counts
+    from moescope.analysis.placement_coactivation import SLACK, coactivation_placement
+
+    rng = np.random.default_rng(n_tokens + E)
+    clusters = rng.permutation(E).reshape(-1, 2 * k)  # tokens pick k experts of one cluster
+    ids = np.stack([np.stack([rng.choice(clusters[rng.integers(len(clusters))], k, replace=False) for _ in range(n_tokens)])
+                    for _ in range(2)])  # [L, T, k]
+    load = np.stack([np.bincount(ids[l].ravel(), minlength=E) for l in range(2)])
+    together = pair_counts(ids.transpose(2, 0, 1), ids.transpose(2, 0, 1), E)
+    options = PlacementOptions(E, G, 1, R)
+    mine = coactivation_placement(load, together, options)
+    assert mine.physical_to_logical.tolist() == ref.coactivation(load.astype(float).tolist(), together.tolist(), E + R, G, SLACK)
+    tokens = np.arange(n_tokens)
+    gpus = {p.policy: np.array(per_token.fanout(p.physical_to_logical.tolist(), ids.tolist(), E, G, 1))[..., 0].mean()
+            for p in (mine, place("eplb", load, options))}
+    assert fanout(mine, ids, tokens)[0].mean() == pytest.approx(gpus["coactivation"])
+    if n_tokens == 256:
+        assert gpus["coactivation"] < gpus["eplb"]

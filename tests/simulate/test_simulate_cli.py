@@ -15,7 +15,7 @@ from simulate_helpers import generated_trace, lookahead_trace, trace_shards  # n
 
 from moescope.cli.main import main
 from moescope.simulate.cost import LINKS
-from moescope.simulate.reference import placement as per_token
+from moescope.analysis.reference import placement as per_token
 from moescope.trace.exchange import import_jsonl
 from moescope.trace.reader import open_trace
 
@@ -75,6 +75,55 @@ def test_placement_writes_eplb_inputs_and_what_each_placement_does(generated_tra
     assert "balancedness_eplb" in capsys.readouterr().out
 
 
+def test_placement_budgets_lp_split_coactivation_and_decode_batches_equal_plain_loops(generated_trace, tmp_path):
+    from test_decode_batches import plain_distinct, plain_group, plain_requests
+
+    from moescope.analysis.placement_coactivation import SLACK
+    from moescope.analysis.reference.rows import real, token_rows
+
+    out = tmp_path / "placement"
+    assert _main(["placement", generated_trace, "--gpus", 4, "--nodes", 2, "--window", 97, "--decode-batch", 3,
+                  "--out", out]) == 0
+    shards, ctx = trace_shards(generated_trace)
+    L, E = ctx.n_layers, ctx.n_experts
+    together = [[[0] * E for _ in range(E)] for _ in range(L)]
+    for row in token_rows(shards):
+        for layer in range(L):
+            chosen = set(real(row.experts[layer], E))
+            for i in chosen:
+                for j in chosen:
+                    together[layer][i][j] += 1
+    p2l = {policy: np.load(out / f"physical_to_logical_{policy}.npy").tolist() for policy in ("eplb", "coactivation")}
+    loops = per_token.compute(shards, ctx, p2l, 4, 2, 97)
+    w = [[float(x) for x in row] for row in loops["load"]]
+    assert p2l["coactivation"] == ref.coactivation(w, together, E + 4, 4, SLACK)
+    fanout = pd.read_parquet(out / "placement__fanout.parquet")
+    mine = fanout[fanout["policy"] == "coactivation"].sort_values(["layer", "touched"])
+    assert mine["tokens_gpus"].to_numpy().reshape(L, -1).tolist() == loops["fanout"]["coactivation"]
+    # one total of redundant slots spread over the layers
+    budget = pd.read_parquet(out / "placement__budget.parquet")
+    assert budget["busiest_gpu_budget"].iloc[-1] == pytest.approx(ref.best_budgets(w, 4, 2, 2, 4))
+    assert budget["redundant_budget"].iloc[:-1].sum() <= 4 * L
+    # the stale placement of each window, split evenly and by the LP
+    split = pd.read_parquet(out / "placement__split.parquet")
+    windows = [[[float(x) for x in row] for row in window] for window in loops["windows"]]
+    rows = split[(split["policy"] == "eplb") & (split["layer"] == 0)].sort_values("window")
+    assert len(rows) == len(windows) - 1
+    for (_, row), before, now in zip(rows.iterrows(), windows[:-1], windows[1:]):
+        layout = ref.eplb(before, E + 4, 2, 2, 4)[0]
+        assert row["balancedness_lp"] == pytest.approx(sum(now[0]) / 4 / ref.best_split_peak(layout, now[0], 4), rel=1e-7)
+        assert row["balancedness_lp"] >= row["balancedness_even"] - 1e-12
+    # decode batches of three requests grouped by their prefill routing
+    decode = pd.read_parquet(out / "placement__decode_batches.parquet")
+    requests = plain_requests(shards, ctx)
+    totals, batches = plain_distinct(requests, plain_group([s for s, _ in requests], 3), 3, L)
+    grouped = decode[decode["batching"] == "grouped"]
+    assert grouped["mean_distinct_experts"].iloc[:-1].tolist() == pytest.approx([t / batches for t in totals])
+    summary = json.loads((out / "summary.json").read_text())["analyses"]["placement"]
+    assert {"balancedness_eplb_replica_budget", "stale_balancedness_lp_split_eplb", "decode_distinct_experts_grouped",
+            "mean_gpus_per_token_coactivation"} <= set(summary)
+
+
 def test_offload_reports_prefill_and_decode_bytes_stall_and_a_decode_bound(generated_trace, tmp_path):
     out = tmp_path / "offload"
     assert _main(["offload", generated_trace, "--capacity", "2,4", "--prefetch", "none,popularity", "--out", out]) == 0
@@ -102,6 +151,19 @@ def test_offload_reports_prefill_and_decode_bytes_stall_and_a_decode_bound(gener
     assert _main(["offload", generated_trace, "--capacity", "2", "--policy", "lru", "--out", out]) == 0  # rerun
 
 
+def test_offload_lossy_writes_the_knobs_table(generated_trace, tmp_path):
+    out = tmp_path / "lossy"
+    assert _main(["offload", generated_trace, "--capacity", "2,4", "--lossy", "drop-cold:0.5,topk:1", "--out", out]) == 0
+    table = pd.read_parquet(out / "offload__lossy.parquet")
+    assert set(table["knob"]) == {"lru", "drop-cold:0.5", "topk:1"} and set(table["source"]) == {"trace"}
+    rates = pd.read_parquet(out / "offload__hit_rate.parquet")
+    lru = table[(table["knob"] == "lru")].merge(rates[(rates["policy"] == "lru") & (rates["prefetch"] == "none")],
+                                                on=["capacity", "phase", "layer"])
+    assert (lru["hits_x"] == lru["hits_y"]).all() and (lru["bytes_moved_x"] == lru["bytes_moved_y"]).all()
+    assert (table[table["knob"] == "lru"]["weight_discarded"] == 0).all()
+    assert (table[table["knob"] == "topk:1"]["weight_discarded"] > 0).all()
+
+
 def test_expert_bytes_equal_the_shipped_models_parameters(generated_trace):
     from moescope.pipeline.offload import _expert_bytes
     from moescope.recording.loading import load_model
@@ -118,8 +180,9 @@ def test_expert_bytes_equal_the_shipped_models_parameters(generated_trace):
 
 
 def test_report_shows_placement_and_offloading(generated_trace, tmp_path):
-    for argv in (["placement", generated_trace, "--gpus", 2, "--out", tmp_path / "p"],
-                 ["offload", generated_trace, "--capacity", "2,3", "--policy", "lru,belady", "--out", tmp_path / "o"],
+    for argv in (["placement", generated_trace, "--gpus", 2, "--decode-batch", 4, "--out", tmp_path / "p"],
+                 ["offload", generated_trace, "--capacity", "2,3", "--policy", "lru,belady,static,static-oracle",
+                  "--lossy", "topk:1", "--out", tmp_path / "o"],
                  ["analyze", generated_trace, "--only", "placement", "--no-model", "--out", tmp_path / "a"],
                  ["report", tmp_path / "p", tmp_path / "o", tmp_path / "a", "--out", tmp_path / "r.html", "--figures", tmp_path / "f"]):
         assert _main(argv) == 0
@@ -127,7 +190,10 @@ def test_report_shows_placement_and_offloading(generated_trace, tmp_path):
     assert html.count("Expert placement") >= 2 and "Expert offloading" in html
     figures = {p.name.split("__")[1] for p in (tmp_path / "f").glob("*.svg")}
     assert {"placement_balancedness.svg", "placement_gpu_load.svg", "placement_staleness.svg", "offload_hit_rate_prefill.svg",
-            "offload_hit_rate_decode.svg", "offload_stall_bandwidth.svg"} <= figures
+            "offload_hit_rate_decode.svg", "offload_stall_bandwidth.svg", "offload_coverage.svg", "offload_oracle_gap.svg",
+            "offload_quality_frontier.svg", "placement_fanout_balance.svg", "placement_split_bound.svg",
+            "placement_decode_batches.svg"} <= figures
+    assert "Replica budgets" in html and "Coverage per layer and phase" in html
     assert "load_bars.svg" not in figures  # a simulation folder gets its own sections only
 
 
@@ -174,6 +240,31 @@ BAD = {
     "unknown link": (["offload", "{w}/gen", "--capacity", "2", "--link", "pcie9", "--out", "{w}/new"], "unknown --link"),
     "negative bandwidth": (["offload", "{w}/gen", "--capacity", "2", "--bandwidth", "-3", "--out", "{w}/new"], "--bandwidth"),
     "unknown dtype": (["offload", "{w}/gen", "--capacity", "2", "--dtype", "int3", "--out", "{w}/new"], "unknown --dtype"),
+    "empty capacity": (["offload", "{w}/gen", "--capacity", "", "--out", "{w}/new"], "--capacity"),
+    "capacity of commas only": (["offload", "{w}/gen", "--capacity", ",", "--out", "{w}/new"], "--capacity"),
+    "capacity beyond every expert": (["offload", "{w}/gen", "--capacity", "9999999999", "--out", "{w}/new"],
+                                     "--capacity 9999999999 exceeds the 8 experts"),
+    "global capacity beyond every expert": (["offload", "{w}/gen", "--capacity", "4,99", "--scope", "global", "--out", "{w}/new"],
+                                            "--capacity 99 exceeds the 32 experts"),
+    "decode batch without generated tokens": (["placement", "{w}/pred", "--gpus", "4", "--decode-batch", "4", "--out", "{w}/new"],
+                                              "needs generated tokens"),
+    "decode batch beyond any integer": (["placement", "{w}/gen", "--gpus", "4", "--decode-batch", "99999999999999999999",
+                                         "--out", "{w}/new"], "--decode-batch 99999999999999999999"),
+    "offload window beyond the trace": (["offload", "{w}/gen", "--capacity", "2", "--window", "99999999999999999999",
+                                         "--out", "{w}/new"], "--window 99999999999999999999"),
+    "unknown lossy knob": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "skip:1", "--out", "{w}/new"], "unknown knob"),
+    "lossy topk not below k": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "topk:2", "--out", "{w}/new"],
+                               "from 1 to 1"),
+    "rerank without router output": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "rerank:1", "--out", "{w}/new"],
+                                     "--save-logits"),
+    "lossy with one global budget": (["offload", "{w}/gen", "--capacity", "16", "--scope", "global", "--lossy", "topk:1",
+                                      "--out", "{w}/new"], "cache per layer"),
+    "model without data": (["offload", "{w}/gen", "--capacity", "2", "--lossy", "topk:1", "--model", "moescope:tiny-moe",
+                            "--out", "{w}/new"], "--model and --data go together"),
+    "model without lossy knobs": (["offload", "{w}/gen", "--capacity", "2", "--model", "moescope:tiny-moe", "--data", "wiki",
+                                   "--out", "{w}/new"], "give --lossy"),
+    "window beyond any integer": (["placement", "{w}/gen", "--gpus", "4", "--window", "99999999999999999999", "--out", "{w}/new"],
+                                  "--window 99999999999999999999 is longer than the trace"),
     "capacity not numbers": (["offload", "{w}/gen", "--capacity", "two", "--out", "{w}/new"], "two"),
     "no expert sizes anywhere": (["offload", "{w}/imported", "--capacity", "2", "--out", "{w}/new"], "--expert-bytes"),
     "offload out is a file": (["offload", "{w}/gen", "--capacity", "2", "--out", "{w}/mine.txt"], "is a file"),
@@ -216,6 +307,7 @@ def test_placement_of_a_load_table_equals_placement_of_the_trace_it_counts(gener
     for table in ("per_layer", "staleness", "mapping", "gpu_load"):
         mine, theirs = (pd.read_parquet(f / f"placement__{table}.parquet") for f in (from_table, from_trace))
         columns = [c for c in theirs.columns if c not in ("tokens", "mean_gpus_per_token", "mean_nodes_per_token")]
+        theirs = theirs[theirs["policy"] != "coactivation"].reset_index(drop=True)  # needs each token's experts
         pd.testing.assert_frame_equal(mine[columns], theirs[columns])
     assert pd.read_parquet(from_table / "placement__per_layer.parquet")["mean_gpus_per_token"].isna().all()
     assert not (from_table / "placement__fanout.parquet").exists()  # fan-out needs each token's experts

@@ -2,15 +2,20 @@
 
 accumulate keeps [L, E] token counts per block of consecutive sequences (by seq_id, so the blocks are the
 same however the trace is sharded; their span doubles while there are more than MAX_BLOCKS, so memory stays
-bounded); finalize places the whole trace's load with `PlacementOptions.default_for(E)` (simulate/placement.py)
+bounded); finalize places the whole trace's load with `PlacementOptions.default_for(E)` (analysis/placement_policies.py)
 and reports per-layer balancedness and imbalance of every policy (static is "before"), GPU loads, the
 mapping tables and staleness: window t's placement served on window t + 1, over eight windows of whole
 sequences of about equal tokens. `moescope placement` runs the same evaluation (`evaluate`) with the user's
-cluster, windows of exactly --window tokens, and all-to-all fan-out per token from a second pass.
+cluster, windows of exactly --window tokens, and all-to-all fan-out per token from a second pass; it adds
+what one static EPLB placement does not answer: replica budgets per layer under the same total
+(placement_budget.py), the LP bound on splitting each window's tokens over replicas (placement_split.py), a
+co-activation-aware placement (placement_coactivation.py) and distinct experts per decode batch, random
+against grouped by prefill routing (placement_decode.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,9 +27,13 @@ from moescope.analysis.kernels import jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
-from moescope.simulate.balance import balancedness, fanout_histogram, gpu_load, imbalance
-from moescope.simulate.placement import POLICIES, Placement, PlacementOptions, place
-from moescope.simulate.staleness import Staleness
+from moescope.analysis.placement_balance import balancedness, fanout_histogram, gpu_load, imbalance
+from moescope.analysis.placement_policies import POLICIES, Placement, PlacementOptions, place
+from moescope.analysis.coactivation import pair_counts
+from moescope.analysis.placement_budget import budget_frame
+from moescope.analysis.placement_coactivation import coactivation_placement
+from moescope.analysis.placement_decode import collect_requests, decode_batch_frame
+from moescope.analysis.placement_staleness import Staleness
 from moescope.trace.shard import ShardData
 
 NAME = "placement"
@@ -112,6 +121,9 @@ class PlacementResult:
     staleness: pd.DataFrame  # policy, window, layer, tokens, balancedness_fresh, balancedness_stale
     fanout: dict[str, np.ndarray] | None  # policy -> int64 [2, L, k + 1] tokens touching 0..k GPUs / nodes
     notes: tuple[str, ...] = ()
+    budget: pd.DataFrame | None = None  # placement_budget.budget_frame (moescope placement)
+    split: pd.DataFrame | None = None  # Staleness.split_frame: stale placement, even against LP split
+    decode_batches: pd.DataFrame | None = None  # placement_decode.decode_batch_frame (--decode-batch)
 
     def per_layer(self) -> pd.DataFrame:
         frames = []
@@ -152,6 +164,9 @@ class PlacementResult:
         if self.fanout is not None:
             tables["fanout"] = pd.concat([_fanout_frame(policy, hist, self.layers) for policy, hist in self.fanout.items()],
                                          ignore_index=True)
+        for name in ("budget", "split", "decode_batches"):
+            if getattr(self, name) is not None:
+                tables[name] = getattr(self, name)
         return tables
 
     def summary(self) -> dict:
@@ -171,19 +186,39 @@ class PlacementResult:
             mine = stale[stale["policy"] == policy] if len(stale) else stale
             out[f"stale_balancedness_{policy}"] = mine["balancedness_stale"].mean() if len(mine) else None
             out[f"fresh_balancedness_{policy}"] = mine["balancedness_fresh"].mean() if len(mine) else None
+        out.update(self._extra_summary())
         out["notes"] = list(self.notes)
         return jsonable(out)
 
+    def _extra_summary(self) -> dict:
+        out: dict = {}
+        if self.budget is not None:
+            pooled = self.budget[self.budget["layer"] == OVERALL].iloc[0]
+            out["balancedness_eplb_uniform_replicas"] = pooled["balancedness_uniform"]
+            out["balancedness_eplb_replica_budget"] = pooled["balancedness_budget"]
+        if self.split is not None and len(self.split):
+            pooled = self.split[self.split["layer"] == OVERALL]
+            for policy, rows in pooled.groupby("policy", sort=False):
+                out[f"stale_balancedness_lp_split_{policy}"] = rows["balancedness_lp"].mean()
+        if self.decode_batches is not None:
+            pooled = self.decode_batches[self.decode_batches["layer"] == OVERALL].set_index("batching")
+            out["decode_batch_size"] = int(pooled["batch_size"].iloc[0])
+            for batching in ("random", "grouped"):
+                out[f"decode_distinct_experts_{batching}"] = pooled.loc[batching, "mean_distinct_experts"]
+        return out
+
 
 def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext, options: PlacementOptions,
-                window: int) -> PlacementResult:
+                window: int, decode_batch: int | None = None) -> PlacementResult:
     """`moescope placement`'s evaluation, in two passes over `shards()` (memory: one shard and one window):
     1. loads per window of exactly `window` tokens in trace order (windows cross shard boundaries) -> the
-       staleness windows and the whole trace's load; 2. every policy's placement of that load -> fan-out
-    per token (a token's index in the trace picks the replica it reaches)."""
+       staleness windows (with the LP split) and the whole trace's load and co-activation; 2. every
+    policy's placement of that load, co-activation's included -> fan-out per token (a token's index in the
+    trace picks the replica it reaches). With `decode_batch`, a third pass collects the decode requests."""
     layers = tuple(range(ctx.n_layers))
-    staleness = Staleness(options, POLICIES, layers)
+    staleness = Staleness(options, POLICIES, layers, split=True)
     total = np.zeros((ctx.n_layers, ctx.n_experts), np.int64)
+    together = np.zeros((ctx.n_layers, ctx.n_experts, ctx.n_experts), np.int64)
     open_load, open_tokens, offset = np.zeros_like(total), 0, 0
     for shard in shards():
         view = ShardView(shard, ctx)
@@ -191,6 +226,7 @@ def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext,
         loads = block_loads(view, local, int(local[-1]) + 1)  # [n, L, E]
         counts = np.bincount(local)
         total += loads.sum(axis=0)
+        together += pair_counts(view.ids_by_slot, view.ids_by_slot, view.E)
         loads[0] += open_load
         counts[0] += open_tokens
         offset += view.T
@@ -201,7 +237,8 @@ def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext,
     if open_tokens:
         staleness.push(open_load, open_tokens)
     placements = {policy: place(policy, total, options) for policy in POLICIES}
-    fanout = dict.fromkeys(POLICIES, 0)
+    placements["coactivation"] = coactivation_placement(total, together, options)
+    fanout = dict.fromkeys(placements, 0)
     offset = 0
     for shard in shards():
         view = ShardView(shard, ctx)
@@ -209,20 +246,30 @@ def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext,
             fanout[policy] = fanout[policy] + fanout_histogram(p, view.ids, offset + np.arange(view.T))
         offset += view.T
     notes = (f"staleness windows of {window:,} tokens; a replicated expert's tokens are split evenly over its "
-             "replicas for GPU loads and reach its replicas round robin (token index mod replicas) for fan-out",)
-    return evaluate(total, options, layers, offset, staleness, fanout, notes, placements)
+             "replicas for GPU loads and reach its replicas round robin (token index mod replicas) for fan-out",
+             "coactivation: experts chosen together on one GPU while it stays within 10 % of the mean GPU load "
+             "(no staleness windows: it needs each window's co-activation)")
+    decode = None
+    if decode_batch is not None:
+        decode = decode_batch_frame(collect_requests(shards, ctx), decode_batch, layers, ctx.n_experts)
+    result = evaluate(total, options, layers, offset, staleness, fanout, notes, placements)
+    return dataclasses.replace(result, budget=budget_frame(total, options, layers), split=staleness.split_frame(),
+                               decode_batches=decode)
 
 
 def place_load_table(tokens: np.ndarray, options: PlacementOptions) -> PlacementResult:
     """`moescope placement` of a load table's windows, tokens int64 [W, L, E] (trace/load_table.py): its windows
     are the staleness windows; fan-out needs each token's experts, which a table of counts does not hold."""
     layers = tuple(range(tokens.shape[1]))
-    staleness = Staleness(options, POLICIES, layers)
+    staleness = Staleness(options, POLICIES, layers, split=True)
     for window in tokens:
         staleness.push(window, int(window[0].sum()))
     notes = (f"a load table of {len(tokens)} windows, its staleness windows; their 'tokens' count layer 0's routed "
-             "slots (tokens x top-k: a load table does not say k); all-to-all fan-out needs a trace",)
-    return evaluate(tokens.sum(axis=0), options, layers, None, staleness, None, notes)
+             "slots (tokens x top-k: a load table does not say k); all-to-all fan-out and the co-activation "
+             "placement need a trace",)
+    result = evaluate(tokens.sum(axis=0), options, layers, None, staleness, None, notes)
+    return dataclasses.replace(result, budget=budget_frame(tokens.sum(axis=0), options, layers),
+                               split=staleness.split_frame())
 
 
 def evaluate(load: np.ndarray, options: PlacementOptions, layers: tuple[int, ...], n_tokens: int | None,

@@ -21,7 +21,7 @@ from moescope.intervention.hooks import InterventionHooks
 
 
 @contextmanager
-def intervene(model: nn.Module, *, drop=None, zero=None, force=None,
+def intervene(model: nn.Module, *, drop=None, zero=None, force=None, route=None,
               layers: list[MoELayer] | None = None) -> Iterator[list[LayerIntervention]]:
     """Change which experts the MoE layers of `model` use, for the duration of the block.
 
@@ -35,6 +35,11 @@ def intervene(model: nn.Module, *, drop=None, zero=None, force=None,
     force : dict {moe_layer: [expert ids] or fn}
         Ids: always chosen, the other slots by the router's policy. fn(ids int64 [N, k]) -> ids [N, k]:
         the experts each token (row b * T + t of the batch) is sent to, weighted as the block would.
+    route : dict {moe_layer: fn}
+        fn(ids int64 [N, k], weights float32 [N, k], logits float32 [N, E], weigh) -> (ids, weights): the
+        routing each token (row b * T + t) gets, decided from the router's own choice and its logits (log
+        probabilities for routers that output probabilities); weigh(ids) gives the weights the block would
+        give those ids. What `moescope offload --lossy --model` applies.
     layers : list of MoELayer, optional
         The model's MoE layers (from `find_moe_layers`), when already discovered.
 
@@ -44,6 +49,6 @@ def intervene(model: nn.Module, *, drop=None, zero=None, force=None,
         The checked per-layer plans. Layer keys are MoE-layer indices, as in the trace.
     """
     layers = layers if layers is not None else find_moe_layers(model)
-    plans = plan_interventions(model, layers, drop=drop, zero=zero, force=force)
+    plans = plan_interventions(model, layers, drop=drop, zero=zero, force=force, route=route)
     with InterventionHooks(model, plans):
         yield plans

@@ -7,6 +7,8 @@
                              drop / force  -> the layer's selection policy on that router output, with the
                                               experts excluded / forced (adapters/policy)
                              force=fn      -> fn(ids), weighted by the policy as the block would
+                             route=fn      -> fn(ids, weights, router logits, weigh): ids and weights as fn
+                                              decides them (a cache-dependent routing, simulate/lossy.py)
                              zero          -> weights of those experts' slots set to 0 (routing unchanged)
 
 No parameter or buffer of the model is written: leaving the context removes exactly the handles it added
@@ -19,6 +21,8 @@ import torch
 from torch import nn
 
 from moescope.adapters.discover import forward_param_index
+from moescope.adapters.policy.base import router_tensor
+from moescope.adapters.spec import RouterOutput
 from moescope.errors import InterventionError
 from moescope.intervention.plan import LayerIntervention, bound_policy
 from moescope.recording.hooks import HookHandles, expert_args, with_expert_args
@@ -77,6 +81,8 @@ def _experts_hook(plan: LayerIntervention, policy, call: dict, positions):
             if callable(plan.force):
                 new_ids = _forced(plan.force(new_ids), new_ids.shape, n_experts, where)
                 new_weights = policy.weigh(output, x, new_ids, exclude=drop)
+            if plan.route is not None:
+                new_ids, new_weights = _routed(plan.route, new_ids, new_weights, policy, output, x, n_experts, where)
         if zero is not None:
             new_weights = new_weights.masked_fill(torch.isin(new_ids, zero.to(new_ids.device)), 0.0)
         return with_expert_args(args, kwargs, positions, spec, new_ids.to(ids.dtype).reshape(ids.shape[:-1] + (k,)),
@@ -85,9 +91,21 @@ def _experts_hook(plan: LayerIntervention, policy, call: dict, positions):
     return hook
 
 
-def _forced(ids, shape, n_experts: int, where: str) -> torch.Tensor:
+def _routed(route, ids, weights, policy, output, x, n_experts: int, where: str):
+    """route(ids, weights, logits, weigh), checked: integer ids and float weights of the routing's shape."""
+    logits = router_tensor(output, policy.spec.router_output_index).float()
+    if policy.spec.router_output == RouterOutput.PROBS:
+        logits = logits.log()
+    new_ids, new_weights = route(ids, weights, logits, lambda chosen: policy.weigh(output, x, chosen.long()))
+    new_ids = _forced(new_ids, ids.shape, n_experts, where, "route")
+    if not isinstance(new_weights, torch.Tensor) or tuple(new_weights.shape) != tuple(weights.shape):
+        raise InterventionError(f"route: the function for {where} must return weights of shape {tuple(weights.shape)}")
+    return new_ids, new_weights.float()
+
+
+def _forced(ids, shape, n_experts: int, where: str, kind: str = "force") -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != tuple(shape) or ids.is_floating_point():
-        raise InterventionError(f"force: the function for {where} must return integer ids of shape {tuple(shape)}")
+        raise InterventionError(f"{kind}: the function for {where} must return integer ids of shape {tuple(shape)}")
     if bool(((ids < 0) | (ids >= n_experts)).any()):
-        raise InterventionError(f"force: the function for {where} returned expert ids outside 0..{n_experts - 1}")
+        raise InterventionError(f"{kind}: the function for {where} returned expert ids outside 0..{n_experts - 1}")
     return ids.long()

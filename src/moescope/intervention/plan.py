@@ -31,16 +31,19 @@ class LayerIntervention:
     drop: tuple[int, ...] = ()
     zero: tuple[int, ...] = ()
     force: tuple[int, ...] | Callable | None = None
+    route: Callable | None = None  # fn(ids, weights, logits, weigh) -> (ids, weights): see intervene(route=)
 
     @property
     def reroutes(self) -> bool:
-        """Whether the layer's selection is recomputed (drop / force), not only its weights (zero)."""
-        return bool(self.drop) or self.force is not None
+        """Whether the layer's selection is recomputed (drop / force / route), not only its weights (zero)."""
+        return bool(self.drop) or self.force is not None or self.route is not None
 
 
-def plan_interventions(model: nn.Module, layers: list[MoELayer], *, drop=None, zero=None, force=None) -> list[LayerIntervention]:
-    """One LayerIntervention per MoE layer named in drop / zero / force, in layer order."""
-    asked = {kind: _by_layer(kind, mapping, layers) for kind, mapping in (("drop", drop), ("zero", zero), ("force", force))}
+def plan_interventions(model: nn.Module, layers: list[MoELayer], *, drop=None, zero=None, force=None,
+                       route=None) -> list[LayerIntervention]:
+    """One LayerIntervention per MoE layer named in drop / zero / force / route, in layer order."""
+    asked = {kind: _by_layer(kind, mapping, layers)
+             for kind, mapping in (("drop", drop), ("zero", zero), ("force", force), ("route", route))}
     plans = []
     for index in sorted(set().union(*asked.values())):
         layer = layers[index]
@@ -49,6 +52,7 @@ def plan_interventions(model: nn.Module, layers: list[MoELayer], *, drop=None, z
             drop=_experts("drop", layer, asked["drop"].get(index, ())),
             zero=_experts("zero", layer, asked["zero"].get(index, ())),
             force=_force(layer, asked["force"].get(index)),
+            route=_route(layer, asked["route"].get(index)),
         )
         _check(model, plan)
         plans.append(plan)
@@ -88,6 +92,13 @@ def _force(layer: MoELayer, value):
     return experts
 
 
+def _route(layer: MoELayer, value):
+    if value is not None and not callable(value):
+        raise InterventionError(f"route: MoE layer {layer.index} takes a function (ids, weights, logits, weigh) -> "
+                                f"(ids, weights), not {type(value).__name__}")
+    return value
+
+
 def _check(model: nn.Module, plan: LayerIntervention) -> None:
     layer = plan.layer
     where = f"MoE layer {layer.index} ({layer.spec.family})"
@@ -102,7 +113,9 @@ def _check(model: nn.Module, plan: LayerIntervention) -> None:
     if plan.reroutes:
         policy = bound_policy(model, layer)
         problem = policy.reroute_problem
-        if policy.hash_table() is not None and (plan.drop or isinstance(plan.force, tuple)):
+        if plan.route is not None and (plan.drop or plan.force is not None):
+            problem = "route= replaces the whole routing; do not combine it with drop= or force= on one layer"
+        elif policy.hash_table() is not None and (plan.drop or isinstance(plan.force, tuple)):
             problem = "it selects experts by a token-id table (hash routing); only zero= and force= with a function work"
         elif isinstance(plan.force, tuple) and not policy.can_force_list:
             problem = "each of its choices depends on the one before (sparsemixer); force it with a function of the ids"

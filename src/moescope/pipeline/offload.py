@@ -9,11 +9,13 @@ figures from a trace without generated tokens, expert sizes nobody recorded. The
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 
 from moescope.analysis.kernels import jsonable
@@ -21,7 +23,8 @@ from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
 from moescope.simulate.cost import Link, expert_bytes
-from moescope.simulate.offload import PHASES, OffloadOptions, OffloadResult, simulate_trace
+from moescope.simulate.lossy import Knob, lossy_frame, parse_knobs, simulate_lossy
+from moescope.simulate.offload import ALL_POLICIES, PHASES, OffloadOptions, OffloadResult, simulate_trace
 from moescope.trace.reader import Trace, open_trace
 
 NAME = "offload"
@@ -38,35 +41,106 @@ def default_capacities(top_k: int, n_experts: int, scope: str, n_layers: int) ->
 
 
 def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capacities: tuple[int, ...] | None = None,
-                policies: tuple[str, ...] = ("lru", "lfu", "arc", "belady"), prefetch: tuple[str, ...] = ("none",),
+                policies: tuple[str, ...] | None = None, prefetch: tuple[str, ...] = ("none",), window: int = 8,
                 scope: str = "layer", phases: tuple[str, ...] | None = None, link: str = "pcie4x16",
                 bandwidth_gbps: float | None = None, latency_us: float | None = None, expert_bytes_each: float | None = None,
-                dtype: str | None = None) -> dict:
+                dtype: str | None = None, lossy: str | None = None, model: str | None = None, data: str | None = None,
+                max_tokens: int = 4096, seq_len: int = 256, device: str = "auto") -> dict:
     """Simulate the expert caches and write their tables into `out`; returns the summary.
 
-    `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
+    `lossy` ("drop-cold:F,topk:K,rerank:B") adds simulate/lossy.py's cache-aware routing per capacity; with
+    `model` and `data` the model also runs with that routing (pipeline/offload_quality.py: ΔNLL ± SE).
+    `policies` defaults to all six (simulate.offload.ALL_POLICIES); `phases` defaults to prefill, plus decode when the trace generated tokens; asking for decode on a trace
     without generated tokens is refused.
     """
     trace = open_trace(trace_path)
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_path} has no committed shards; nothing to simulate")
     ctx = analysis_context(trace)
-    options = OffloadOptions(capacities or default_capacities(ctx.top_k, ctx.n_experts, scope, ctx.n_layers),
-                             tuple(policies), tuple(prefetch), scope)
+    defaults = default_capacities(ctx.top_k, ctx.n_experts, scope, ctx.n_layers)
+    options = OffloadOptions(defaults if capacities is None else tuple(capacities),
+                             ALL_POLICIES if policies is None else tuple(policies), tuple(prefetch), scope, window)
     options.check(ctx, lookahead_width=_lookahead_width(trace))
+    if window > trace.n_tokens:
+        raise MoescopeError(f"--window {window} is longer than the trace's {trace.n_tokens:,} tokens")
     generated = int(np.asarray(trace.table("tokens", columns=["generated"]).column("generated")).sum())
     phases = _phases(phases, generated)
     chosen = _link(link, bandwidth_gbps, latency_us)
     sizes = _expert_bytes(trace, ctx, expert_bytes_each, dtype)
+    knobs = _knobs(lossy, options, ctx)
+    quality = _quality_inputs(model, data, knobs, ctx, max_tokens=max_tokens, seq_len=seq_len, device=device)
     check_output_folder(out, markers=("summary.json",), what="offload results")  # refused before the work
 
     state = simulate_trace(trace.shards, ctx, options)
     notes = ("each sequence starts with empty caches; a token's experts are looked up together, after its prefetch; "
              "stall = experts fetched on demand, link time = every expert moved (compute time not included)",)
+    if result_static_note := _static_note(options, state):
+        notes += (result_static_note,)
     if "decode" not in phases:
         notes += ("no generated tokens in the trace: prefill only (capture with --generate N for decode figures)",)
     result = OffloadResult(options, tuple(range(ctx.n_layers)), ctx.top_k, ctx.n_experts, state, sizes, chosen, phases, notes)
+    if knobs:
+        counts, fetched = simulate_lossy(trace.shards, ctx, knobs, options.capacities)
+        frame = lossy_frame(counts, fetched, sizes, knobs, options.capacities, result.layers, phases, "trace")
+        result = dataclasses.replace(result, lossy=frame, notes=result.notes + (
+            "lossy: an LRU cache per layer decides the routing (simulate/lossy.py); hit_rate = hits / experts used",))
+    if quality is not None:
+        from moescope.pipeline.offload_quality import lossy_quality
+
+        loaded, layers, batches = quality
+        measured = lossy_quality(loaded, layers, batches, knobs, options.capacities, sizes)
+        result = dataclasses.replace(result, lossy=pd.concat([result.lossy, measured], ignore_index=True), notes=result.notes + (
+            f"lossy source 'model': {model} run on {data} ({len(batches)} sequences of <= {seq_len} tokens) with the "
+            "cache deciding its routing inside the forward pass; delta_nll per predicted token against the unmodified "
+            "model, standard error over sequences",))
     return write_offload(result, trace_path, trace, out)
+
+
+def _quality_inputs(model: str | None, data: str | None, knobs, ctx, *, max_tokens: int, seq_len: int, device: str):
+    """(model, its MoE layers, one-sequence batches) for the lossy model run, or None; checked before writing."""
+    if model is None and data is None:
+        return None
+    if model is None or data is None:
+        raise MoescopeError("--model and --data go together: the model runs on the data with the lossy routing")
+    if not knobs:
+        raise MoescopeError("--model runs the lossy knobs; give --lossy drop-cold:F,topk:K,rerank:B")
+    if max_tokens < 2 or seq_len < 2:
+        raise MoescopeError("--max-tokens and --seq-len must be at least 2 (a sequence of one token predicts nothing)")
+    from moescope.adapters.discover import find_moe_layers
+    from moescope.intervention.plan import plan_interventions
+    from moescope.quant.sweep import make_batches
+    from moescope.recording.loading import load_model
+
+    loaded, tokenizer = load_model(model, device=device, dtype="float32")  # ΔNLL of routing, not of bf16 rounding
+    layers = find_moe_layers(loaded)
+    shape = (len(layers), layers[0].n_experts, layers[0].top_k) if layers else None
+    if shape != (ctx.n_layers, ctx.n_experts, ctx.top_k):
+        raise MoescopeError(f"--model {model} has (MoE layers, experts, top-k) = {shape}, the trace "
+                            f"{(ctx.n_layers, ctx.n_experts, ctx.top_k)}: run the model the trace was captured from")
+    plan_interventions(loaded, layers, route={i: (lambda *a: None) for i in range(len(layers))})  # refused in one line
+    batches = make_batches(tokenizer, data, seq_len=seq_len, max_tokens=max_tokens, batch_size=1)
+    return loaded, layers, batches
+
+
+def _knobs(lossy: str | None, options: OffloadOptions, ctx) -> tuple[Knob, ...]:
+    if lossy is None:
+        return ()
+    if options.scope != "layer":
+        raise MoescopeError("--lossy simulates a cache per layer; leave out --scope global")
+    knobs = parse_knobs(lossy)
+    for knob in knobs:
+        knob.check(ctx.top_k, ctx.router_output_kind in ("logits", "probs"))
+    return knobs
+
+
+def _static_note(options: OffloadOptions, state) -> str | None:
+    static = [p for p in options.policies if p in ("static", "static-oracle")]
+    if static and "none" not in options.prefetch:
+        return f"{', '.join(static)}: pinned sets take no prefetches and are reported under --prefetch none only"
+    if "static" in options.policies and not (state.lookups.by_fold.sum(axis=(1, 2, 3)) > 0).all():
+        return ("static left out: every lookup falls in one of the two document folds, so a set learned on the "
+                "other fold cannot be evaluated (static-oracle is the best fixed set in hindsight)")
+    return None
 
 
 def _lookahead_width(trace: Trace) -> int | None:
@@ -134,7 +208,7 @@ def write_offload(result: OffloadResult, trace_path, trace: Trace, out) -> dict:
         "trace": {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
                   "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
         "options": {"capacities": list(o.capacities), "policies": list(o.policies), "prefetch": list(o.prefetch),
-                    "scope": o.scope, "phases": list(result.phases), "link": result.link.name,
+                    "scope": o.scope, "window": o.window, "phases": list(result.phases), "link": result.link.name,
                     "bandwidth_gbps": result.link.bandwidth / 1e9, "latency_us": result.link.latency * 1e6},
         "analyses": {NAME: result.summary()},
         "tables": {NAME: list(tables[NAME])},

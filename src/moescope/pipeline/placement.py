@@ -17,20 +17,24 @@ from moescope.analysis.placement import NAME, WINDOWS, PlacementResult, place_lo
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context, result_tables, write_results
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
-from moescope.simulate.placement import PlacementOptions
+from moescope.analysis.placement_policies import PlacementOptions
 from moescope.trace.formats.sglang_location import DecoderLayout, write_sglang_files
 from moescope.trace.load_table import is_load_table, read_load_table
 from moescope.trace.reader import open_trace
 
 
 def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus: int, nodes: int = 1,
-                  redundant: int | None = None, groups: int | None = None, window: int | None = None) -> dict:
+                  redundant: int | None = None, groups: int | None = None, window: int | None = None,
+                  decode_batch: int | None = None) -> dict:
     """Place the trace's load on `gpus` GPUs and write the results into `out`; returns the summary.
 
     `redundant` defaults to one slot per GPU (DeepSeek-V3's prefill layout hosts one redundant expert per
-    GPU); `window` (tokens) to a WINDOWS-th of the trace. A load table's windows are its own.
+    GPU); `window` (tokens) to a WINDOWS-th of the trace. A load table's windows are its own. `decode_batch`
+    (B requests decoded together) adds distinct experts per decode batch, random against grouped.
     """
     if is_load_table(trace_path):
+        if decode_batch is not None:
+            raise MoescopeError(f"{trace_path} is a load table: --decode-batch needs a trace with generated tokens")
         return _place_load_table(trace_path, out, gpus, nodes, redundant, groups, window)
     trace = open_trace(trace_path)
     if not trace.manifest["shards"]:
@@ -39,12 +43,27 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
     options = PlacementOptions(ctx.n_experts, gpus, nodes, gpus if redundant is None else redundant, groups)
     if window is not None and window < 1:
         raise MoescopeError(f"--window must be a positive number of tokens, got {window}")
+    if window is not None and window > trace.n_tokens:
+        raise MoescopeError(f"--window {window} is longer than the trace's {trace.n_tokens:,} tokens; "
+                            "staleness compares consecutive windows, so give at most half of that")
+    if decode_batch is not None:
+        _check_decode_batch(trace, decode_batch)
     window = window or max(1, -(-trace.n_tokens // WINDOWS))
     check_output_folder(out, markers=("summary.json",), what="placement results")  # refused before the work
-    result = place_trace(trace.shards, ctx, options, window)
+    result = place_trace(trace.shards, ctx, options, window, decode_batch)
     source = {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
               "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")}
     return write_placement(result, source, out, window, DecoderLayout.from_manifest(trace.manifest, trace.n_layers))
+
+
+def _check_decode_batch(trace, batch: int) -> None:
+    if batch < 1:
+        raise MoescopeError(f"--decode-batch must be a positive number of requests, got {batch}")
+    if batch > trace.n_tokens:
+        raise MoescopeError(f"--decode-batch {batch} is more requests than the trace's {trace.n_tokens:,} tokens")
+    generated = int(np.asarray(trace.table("tokens", columns=["generated"]).column("generated")).sum())
+    if not generated:
+        raise MoescopeError("--decode-batch needs generated tokens, and this trace has none; capture with --generate N")
 
 
 def _place_load_table(path, out, gpus: int, nodes: int, redundant: int | None, groups: int | None,
@@ -72,7 +91,8 @@ def write_placement(result: PlacementResult, source: dict, out, window: int | No
     o = result.options
     summary = {
         "trace": source,
-        "options": {"gpus": o.n_gpus, "nodes": o.n_nodes, "redundant": o.n_redundant, "groups": o.groups, "window": window},
+        "options": {"gpus": o.n_gpus, "nodes": o.n_nodes, "redundant": o.n_redundant, "groups": o.groups, "window": window,
+                    "decode_batch": None if result.decode_batches is None else int(result.decode_batches["batch_size"].iloc[0])},
         "analyses": {NAME: result.summary()},
         "tables": {NAME: list(tables[NAME])},
         "notes": {NAME: list(result.notes)},

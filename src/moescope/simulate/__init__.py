@@ -1,9 +1,9 @@
-"""Systems questions replayed on routing traces, offline: where experts should live (placement) and which
-ones to keep in fast memory (offloading). Pure functions over load matrices and shards.
+"""Expert offloading replayed on routing traces, offline: which experts to keep in fast memory, and what moving
+the others costs. Pure functions over shards. This package sits above `moescope.analysis` (it uses its shard
+view, LRU kernel and predictors); expert placement lives there (analysis/placement*.py).
 
-    placement.py  static / greedy / DeepSeek EPLB placements        balance.py    GPU loads, balancedness, fan-out
-    staleness.py  window t's placement on window t + 1              cost.py       expert bytes, links, stall time
     streams.py    lookups laid out per cache and step               offload.py    prefetchers, counts, results
     priority_cache.py  the engine of lru.py, lfu.py, belady.py      arc.py        ARC
+    cost.py       expert bytes, links, stall time
     reference/    per-event Python loops the tests and bench/simulate.py compare with
 """

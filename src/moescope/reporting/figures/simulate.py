@@ -22,8 +22,9 @@ from moescope.reporting.figures._base import (
     split_overall,
 )
 
-PLACEMENT_COLORS = {"static": "#888888", "greedy": PALETTE[1], "eplb": PALETTE[0]}
-POLICY_COLORS = {"lru": PALETTE[0], "lfu": PALETTE[2], "arc": PALETTE[4], "belady": "#000000"}
+PLACEMENT_COLORS = {"static": "#888888", "greedy": PALETTE[1], "eplb": PALETTE[0], "coactivation": PALETTE[2]}
+POLICY_COLORS = {"lru": PALETTE[0], "lfu": PALETTE[2], "arc": PALETTE[4], "belady": "#000000", "static": PALETTE[1],
+                 "static-oracle": "#666666"}
 
 
 @figure_function
@@ -105,9 +106,9 @@ def hit_rate_vs_capacity(hit_rate: pd.DataFrame, phase: str) -> Figure:
         mine = rows[rows["prefetch"] == prefetch]
         for policy, curve in mine.groupby("policy", sort=False):
             curve = curve.sort_values("capacity")
-            bound = policy == "belady"
+            bound = policy in ("belady", "static-oracle")
             ax.plot(curve["capacity"], curve["hit_rate"], color=POLICY_COLORS.get(policy, PALETTE[3]), marker="o", markersize=3,
-                    linestyle="--" if bound else "-", label="belady (bound)" if bound else policy)
+                    linestyle="--" if bound else "-", label=f"{policy} (hindsight)" if bound else policy)
         ax.set_ylim(0, 1.02)
         percent_axis(ax)
         ax.set_xlabel(f"capacity (experts, {rows['scope'].iloc[0] if len(rows) else ''} cache)")

@@ -6,6 +6,8 @@ to say when something was not run or not recorded. One module per analysis, as i
     coactivation.py  experts chosen together                 cross_layer.py  layer N -> N+k predictability
     cache.py         expert cache, temporal locality         domains.py    code / math / prose
     tokens.py        token routing, variable-size experts    simulate.py   placement, offloading
+    simulate_bounds.py  what those two add past one cache and one static EPLB (coverage, oracle gap, lossy
+                     frontier, fan-out at balance, replica budgets, LP split, decode batches)
     quant.py         the quantization sweep's group          saturation.py router saturation
     importance.py    the importance sweep's group            headline.py   the headline table
 

@@ -9,6 +9,7 @@ from moescope.reporting.document import FigureBlock, Notes, Section, TableBlock,
 from moescope.reporting.figures import simulate as simulate_figs
 from moescope.reporting.figures._base import OVERALL
 from moescope.reporting.results import AnalysisResults
+from moescope.reporting.sections.simulate_bounds import offload_bound_blocks, placement_beyond_blocks
 from moescope.reporting.sections.common import HINT_OFFLOAD, HINT_ONLY, _not_run, _notes_block, fmt, slug
 
 
@@ -44,6 +45,7 @@ def placement_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
                                  "(distinct GPUs and nodes a token's experts are on; from `moescope placement`).",
                                  formats={"balancedness": ".3f", "imbalance": ".3f", "mean_gpus_per_token": ".2f",
                                           "mean_nodes_per_token": ".2f"}))
+    blocks += placement_beyond_blocks(r)
     return Section(sid, title, tuple(blocks + _notes_block(r, "placement")))
 
 
@@ -78,4 +80,5 @@ def offload_section(r: AnalysisResults, sid: str, shape: dict) -> Section:
                                  "(stall: experts fetched on demand; link: all moved, prefetches included; the bound excludes compute).",
                                  formats={"stall_s_per_token": ".3g", "link_s_per_token": ".3g", "tokens_per_s_bound": ",.0f",
                                           "bytes_per_token": ",.0f"}))
+    blocks += offload_bound_blocks(r)
     return Section(sid, title, tuple(blocks + _notes_block(r, "offload")))

@@ -218,3 +218,148 @@ def compute(shards, ctx, *, policy: str, capacity: int, scope: str = "layer", pr
                 if missing:
                     fetched[(layer, x if isinstance(x, int) else x[1])] += 1
     return {"counts": counts, "fetched": fetched}
+
+
+def _lookups(rows, ctx):
+    """(row, layer, distinct real experts) of every token and layer, in trace order."""
+    for row in rows:
+        for layer in range(ctx.n_layers):
+            yield row, layer, _distinct(real(row.experts[layer], ctx.n_experts))
+
+
+def _pinned(counter, capacity, keys):
+    """The `capacity` keys of `keys` used most often (ties, unused keys included: the lower key)."""
+    return set(sorted(keys, key=lambda x: (-counter[x], _order(x)))[:capacity])
+
+
+def compute_static(shards, ctx, *, policy: str, capacity: int, scope: str = "layer") -> dict:
+    """compute() for a pinned cache: "static" (the keys most used by the other fold of documents, per layer
+    or over all layers) or "static-oracle" (those most used by the evaluated phase's own lookups)."""
+    rows = list(token_rows(shards))
+    learned = {}  # (fold or phase, cache) -> Counter of keys
+    for row, layer, experts in _lookups(rows, ctx):
+        group = fold(row) if policy == "static" else int(row.generated)
+        cache = layer if scope == "layer" else "all"
+        for e in experts:
+            learned.setdefault((group, cache), Counter())[e if scope == "layer" else (layer, e)] += 1
+    keys = range(ctx.n_experts) if scope == "layer" else [(l, e) for l in range(ctx.n_layers) for e in range(ctx.n_experts)]
+    sets = {}  # (group, cache) -> pinned keys
+    counts, fetched = {}, Counter()
+    for row, layer, experts in _lookups(rows, ctx):
+        group = 1 - fold(row) if policy == "static" else int(row.generated)
+        cache = (group, layer if scope == "layer" else "all")
+        if cache not in sets:
+            sets[cache] = _pinned(learned.get(cache, Counter()), capacity, keys)
+        pinned = sets[cache]
+        cell = counts.setdefault((int(row.generated), layer), [0, 0, 0, 0])
+        for e in experts:
+            cell[0] += 1
+            if (e if scope == "layer" else (layer, e)) in pinned:
+                cell[1] += 1
+            else:
+                fetched[(layer, e)] += 1
+    return {"counts": counts, "fetched": fetched}
+
+
+def coverage(shards, ctx, window: int) -> dict:
+    """{(phase, layer): {lookups, effective_experts, experts_for_50/90/99, windows, working_set}}: working set =
+    mean distinct experts over full windows of `window` consecutive tokens of one sequence and phase."""
+    import math
+
+    rows = list(token_rows(shards))
+    used = {}  # (phase, layer) -> Counter
+    for row, layer, experts in _lookups(rows, ctx):
+        used.setdefault((int(row.generated), layer), Counter()).update(experts)
+    segments, prev = [], None  # runs of consecutive positions of one sequence and phase
+    for row in rows:
+        if not (is_next_position(prev, row) and prev.generated == row.generated):
+            segments.append([])
+        segments[-1].append(row)
+        prev = row
+    distinct = {}  # (phase, layer) -> distinct experts of every full window
+    for segment in segments:
+        for start in range(0, len(segment) - window + 1, window):
+            chunk = segment[start:start + window]
+            for layer in range(ctx.n_layers):
+                seen = {e for row in chunk for e in real(row.experts[layer], ctx.n_experts)}
+                distinct.setdefault((int(chunk[0].generated), layer), []).append(len(seen))
+    out = {}
+    for phase in (0, 1):
+        for layer in range(ctx.n_layers):
+            counter = used.get((phase, layer), Counter())
+            total = sum(counter.values())
+            ordered = sorted(counter.values(), reverse=True)
+            cell = {"lookups": total,
+                    "effective_experts": math.exp(-sum(n / total * math.log(n / total) for n in ordered)) if total else math.nan}
+            for share in (50, 90, 99):
+                need, covered = 0, 0
+                while total and 100 * covered < share * total:
+                    covered += ordered[need]
+                    need += 1
+                cell[f"experts_for_{share}"] = need
+            sizes = distinct.get((phase, layer), [])
+            cell["windows"] = len(sizes)
+            cell["working_set"] = sum(sizes) / len(sizes) if sizes else math.nan
+            out[(phase, layer)] = cell
+    return out
+
+
+def compute_lossy(shards, ctx, *, knob: str, value: float, capacity: int) -> dict:
+    """{(phase, layer): [lookups, used, hits, token_layers, discarded]} and fetched Counter {(layer, expert): n} of
+    an LRU cache per (sequence, layer) whose contents decide the routing (see simulate/lossy.py)."""
+    import math
+
+    E, L, k = ctx.n_experts, ctx.n_layers, ctx.top_k
+    rows, prev, runs = list(token_rows(shards)), None, []
+    for row in rows:
+        if not is_next_position(prev, row):
+            runs.append([])
+        runs[-1].append(row)
+        prev = row
+    counts, fetched = {}, Counter()
+    for run in runs:
+        for layer in range(L):
+            cache = OrderedDict()  # least recently used first
+            for row in run:
+                slots = [(e, w) for e, w in zip(row.experts[layer], row.weights[layer])]
+                original, seen = [], set()
+                for e, w in slots:
+                    if 0 <= e < E and e not in seen:
+                        original.append((e, w))
+                        seen.add(e)
+                total = sum(w for _, w in original)
+                share = {e: w / total for e, w in original} if total else {e: math.nan for e, _ in original}
+                if knob == "rerank":
+                    probs = row.router[layer][:E]
+                    score = [math.log(x) if ctx.router_output_kind == "probs" else x for x in probs]
+                    if ctx.router_output_kind != "probs":
+                        top = max(score)
+                        score = [x - top for x in score]
+                    score = [s + (value if e in cache else 0.0) for e, s in enumerate(score)]
+                    used = sorted(range(E), key=lambda e: (-score[e], e))[:len(original)]
+                elif knob == "drop-cold":
+                    used = [e for e, _ in original if e in cache or not share[e] < value / k]
+                    if original and not used:
+                        used = [max(original, key=lambda x: share[x[0]])[0]]
+                elif knob == "topk":
+                    ranked = sorted(range(len(original)), key=lambda i: (-share[original[i][0]], i))[:int(value)]
+                    used = [original[i][0] for i in sorted(ranked)]
+                else:
+                    used = [e for e, _ in original]
+                discarded = sum(share[e] for e, _ in original if e not in used)
+                hits = [e in cache for e in used]
+                for e, hit in zip(used, hits):
+                    if not hit:
+                        if len(cache) >= capacity:
+                            del cache[next(x for x in cache if x not in used)]
+                        cache[e] = None
+                        fetched[(int(row.generated), layer, e)] += 1
+                for e in reversed(used):  # the first slot ends up the most recent
+                    cache.move_to_end(e)
+                cell = counts.setdefault((int(row.generated), layer), [0, 0, 0, 0, 0.0])
+                cell[0] += len(original)
+                cell[1] += len(used)
+                cell[2] += sum(hits)
+                cell[3] += 1
+                cell[4] += discarded
+    return {"counts": counts, "fetched": fetched}

@@ -1,4 +1,4 @@
-"""What a placement does to a trace, one token at a time (see simulate/balance.py and analysis/placement.py):
+"""What a placement does to a trace, one token at a time (see analysis/placement_balance.py and analysis/placement.py):
 the load matrix and the load of each window of consecutive tokens, GPU loads, and per token the distinct GPUs
 and nodes its experts are on. Placements are given as physical_to_logical lists [layer][slot]."""
 

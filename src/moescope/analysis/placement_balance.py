@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from moescope.simulate.placement import Placement
+from moescope.analysis.placement_policies import Placement
 
 
 def gpu_load(placement: Placement, load: np.ndarray) -> np.ndarray:
