@@ -81,3 +81,59 @@ def test_an_empty_fold_is_warned_once_on_stderr_and_in_the_summary(tmp_path, cap
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert summary["warnings"] == [err[0].removeprefix("warning: ")]
     assert summary["warnings"][0] in summary["notes"]["cross_layer"] and summary["warnings"][0] in summary["notes"]["expert_cache"]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve a host or open a socket connection is recorded and refused."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] if args and isinstance(args[0], socket.socket) else args)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_a_model_that_is_not_here_is_skipped_at_once_without_the_network(tmp_path, capsys, no_network, monkeypatch):
+    """The manifest names a hub model that is not on the machine: analyze tries no host, waits on no retry, and says
+    in one stderr line what it skipped and how to supply the model."""
+    import time
+
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+    from moescope.cli.main import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the default is what is tested, not the variable
+    spec = SyntheticSpec(n_layers=2, n_experts=4, top_k=2, seq_len=(4, 12), router_output=None, output_entropy=False)
+    write_synthetic_trace(tmp_path / "t", spec, 60, 60, model_id="moescope-tests/not-on-this-machine")
+    start = time.monotonic()
+    assert main(["analyze", str(tmp_path / "t"), "--out", str(tmp_path / "res"), "--only", "load,router_structure"]) == 0
+    elapsed = time.monotonic() - start
+    assert no_network == []  # no host resolved, no connection tried
+    assert elapsed < 20  # the hub's retries took 38-46 s; a local look-up is well under a second
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("warning: the trace's model moescope-tests/not-on-this-machine is not on this machine")
+    assert "router weight structure" in err[0] and "token text" in err[0] and "--model PATH" in err[0]
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert "router_structure" not in summary["analyses"]
+    assert "not on this machine" in summary["notes"]["router_structure"][0]
+
+
+def test_a_model_in_the_local_cache_still_loads_offline(tmp_path, no_network, tiny_model_dir):
+    """A folder named in the manifest is on this machine: it loads, with the network blocked."""
+    from moescope.pipeline.analyze import model_for
+    from moescope.trace.reader import open_trace
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+
+    spec = SyntheticSpec(n_layers=2, n_experts=4, top_k=2, seq_len=(4, 12), router_output=None, output_entropy=False)
+    write_synthetic_trace(tmp_path / "t", spec, 30, 30, model_id=str(tiny_model_dir))
+    loaded, tokenizer, reason, warning = model_for(open_trace(tmp_path / "t"), None)
+    assert loaded is not None and tokenizer is not None and reason is None and warning is None
+    assert no_network == []

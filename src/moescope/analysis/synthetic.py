@@ -190,14 +190,16 @@ def synthetic_trace(spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, se
         yield synthetic_shard(spec, min(shard_tokens, n_tokens - i * shard_tokens), seed=seed, shard_index=i)
 
 
-def write_synthetic_trace(folder, spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, seed: int = 0) -> None:
+def write_synthetic_trace(folder, spec: SyntheticSpec, n_tokens: int, shard_tokens: int, *, seed: int = 0,
+                          model_id: str = "synthetic") -> None:
     """`synthetic_trace` written as a trace folder, one Parquet shard each (router logits stored as float16, as a
-    capture stores them; probabilities and next-layer predictions left out)."""
+    capture stores them; probabilities and next-layer predictions left out). `model_id` is the manifest's model
+    (e.g. a hub id that is not on the machine, as a trace copied from elsewhere would name)."""
     from moescope.trace.block import Sequence, TokenBlock, routing_table, sequences_table, tokens_table
     from moescope.trace.writer import TraceWriter
 
     layers = [{"moe_layer": i, "decoder_layer": i, "n_experts": spec.n_experts, "top_k": spec.top_k} for i in range(spec.n_layers)]
-    manifest = {"model": {"id": "synthetic"}, "layers": layers, "capture": {}, "corpus": {}, "weights_dtype": "float32",
+    manifest = {"model": {"id": model_id}, "layers": layers, "capture": {}, "corpus": {}, "weights_dtype": "float32",
                 "router_output_kind": "logits" if spec.router_output == "logits" else None, "versions": {}, "shards": []}
     with TraceWriter(folder, manifest, overwrite=True) as writer:
         for shard in synthetic_trace(spec, n_tokens, shard_tokens, seed=seed):

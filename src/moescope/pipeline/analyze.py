@@ -2,8 +2,9 @@
 
     trace ──run_analyses──▶ {name: result} ──▶ out/<name>[__<table>].{parquet,csv} + summary.json
 
-Analyses that need the model (router weight structure; token text for token tables) load it from the
-manifest's model id when it can be loaded offline, and are skipped with a note otherwise.
+Analyses that need the model (router weight structure; token text for token tables) load the manifest's model
+from this machine only (a folder or the Hugging Face cache, never the network); when it is not here they are
+skipped with a note and one warning line (`--model PATH` supplies it, and may name a hub id to download).
 """
 
 from __future__ import annotations
@@ -37,16 +38,32 @@ def analysis_context(trace: Trace, **overrides) -> AnalysisContext:
 
 def _load_model_for(trace: Trace, model: str | None):
     """(model, tokenizer) for the trace's model, or (None, None, reason) when it cannot be loaded here."""
-    from moescope.recording.loading import load_model
+    loaded, tokenizer, reason, _ = model_for(trace, model)
+    return loaded, tokenizer, reason
+
+
+def model_for(trace: Trace, model: str | None):
+    """(model, tokenizer, reason, warning) for what needs the model (router weights, token text).
+
+    `model` given: loaded as asked (a folder, a shipped model, or a hub id, which may be downloaded). Not given:
+    the manifest's model is loaded from this machine only (a folder or the Hugging Face cache), never the
+    network; when it is not here, model and tokenizer are None, `reason` says why for the notes and `warning`
+    is the one line the CLI prints on stderr.
+    """
+    from moescope.recording.loading import ModelNotHereError, load_model
 
     name = model or trace.manifest["model"].get("id", "")
     if not name or name.startswith("imported:"):
-        return None, None, "no model recorded in the trace (imported from JSONL)"
+        return None, None, "no model recorded in the trace (imported from JSONL)", None
     try:
-        loaded, tokenizer = load_model(name, device="cpu")
+        loaded, tokenizer = load_model(name, device="cpu", local_only=model is None)
+    except ModelNotHereError:
+        return None, None, f"the trace's model {name!r} is not on this machine; pass --model PATH", (
+            f"the trace's model {name} is not on this machine (the network is not tried): skipped router weight "
+            "structure and token text; pass --model PATH (a model folder, or a hub id to download) to include them")
     except ModelLoadError as err:
-        return None, None, f"model not available ({err}); pass --model"
-    return loaded, tokenizer, None
+        return None, None, f"model not available ({err}); pass --model", None
+    return loaded, tokenizer, None, None
 
 
 def router_weights(model, trace: Trace) -> dict[int, np.ndarray]:
@@ -91,8 +108,11 @@ def check_analyses(only: list[str] | None) -> list[str]:
 
 
 def run_trace_analyses(trace: Trace, names: list[str], *, trace_label: str, loaded=None, tokenizer=None,
-                       skipped_reason: str = "not requested (--no-model)", run_pass=None) -> tuple[dict, dict, dict]:
-    """(results {name: result}, summary dict, tables {name: {stem: DataFrame}}): everything `analyze` writes, in memory."""
+                       skipped_reason: str = "not requested (--no-model)", run_pass=None,
+                       warnings: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+    """(results {name: result}, summary dict, tables {name: {stem: DataFrame}}): everything `analyze` writes, in memory.
+
+    `warnings`: lines to show the user besides the analyses' own (e.g. that the model is not on this machine)."""
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_label} has no committed shards; nothing to analyse")
     overrides = {}
@@ -115,7 +135,7 @@ def run_trace_analyses(trace: Trace, names: list[str], *, trace_label: str, load
         "analyses": {name: jsonable(result.summary()) for name, result in results.items()},
         "tables": {name: list(frames) for name, frames in tables.items()},
         "notes": notes,
-        "warnings": list(dict.fromkeys(w for result in results.values() for w in getattr(result, "warnings", ()))),
+        "warnings": list(dict.fromkeys([*warnings, *(w for result in results.values() for w in getattr(result, "warnings", ()))])),
     }
     return results, summary, tables
 
@@ -139,11 +159,12 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
 
         run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)  # connects: fails before the work
     loaded = tokenizer = None
-    skipped_reason = "not requested (--no-model)"
+    skipped_reason, warning = "not requested (--no-model)", None
     if use_model:
-        loaded, tokenizer, skipped_reason = _load_model_for(trace, model)
+        loaded, tokenizer, skipped_reason, warning = model_for(trace, model)
     _, summary, tables = run_trace_analyses(trace, names, trace_label=str(trace_path), loaded=loaded, tokenizer=tokenizer,
-                                            skipped_reason=skipped_reason, run_pass=run_pass)
+                                            skipped_reason=skipped_reason, run_pass=run_pass,
+                                            warnings=() if warning is None else (warning,))
     write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results"), tables, summary)
     return summary
 

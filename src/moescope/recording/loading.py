@@ -12,6 +12,10 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+class ModelNotHereError(ModelLoadError):
+    """A model asked for from this machine only (local_only) is not on it."""
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,6 +53,22 @@ def _checked_path(name: str) -> tuple[str, bool]:
     return path, local
 
 
+def on_this_machine(name: str) -> bool:
+    """Whether `name` loads without the network: a folder, a shipped model, or a hub id whose config.json is in
+    the local Hugging Face cache. Looks at the disk only."""
+    path = resolve_model_path(name)
+    if Path(path).exists():
+        return True
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     """The tokenizer alone (the vLLM backend loads the model itself)."""
     from transformers import AutoTokenizer
@@ -66,8 +86,12 @@ UNPICKLING_REFUSED = torch.serialization.pickle.UnpicklingError
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
-               trust_remote_code: bool = False):
-    """(model, tokenizer) ready for inference. Errors are one line that says what to do."""
+               trust_remote_code: bool = False, local_only: bool = False):
+    """(model, tokenizer) ready for inference. Errors are one line that says what to do.
+
+    local_only: load from this machine only (a folder, a shipped model, the Hugging Face cache), never the
+    network: a model that is not here raises ModelNotHereError at once, with no hub request and no retry.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -76,11 +100,16 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path, local = _checked_path(name)
+    if local_only and not on_this_machine(name):
+        raise ModelNotHereError(f"model {name!r} is not on this machine (no such folder, not in the Hugging Face cache)")
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if local_only:
+        kwargs["local_files_only"] = True  # what HF_HUB_OFFLINE does, for this call only
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  **({"local_files_only": True} if local_only else {}))
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, UNPICKLING_REFUSED) as err:  # a pickled checkpoint's code is refused, never run
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
