@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.kernels import jsonable
+from moescope.analysis.kernels import jsonable, pair_counts
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -30,26 +30,9 @@ class CoactivationState:
     n_tokens: int
 
 
-def pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int) -> np.ndarray:
-    """int64 [L, E, E]: counts[l, i, j] = #tokens t with i in a[:, l, t] and j in b[:, l, t].
-
-    a: slot-major intp [ka, L, T], b: [kb, L, T], ids in 0..E (E = not an expert, dropped). Each token's
-    ids are distinct.
-    """
-    L = a.shape[1]
-    side = n_experts + 1
-    offsets = (np.arange(L, dtype=np.intp) * side * side)[:, None]  # [L, 1]
-    counts = np.zeros(L * side * side, np.int64)
-    for i in range(a.shape[0]):  # ka x kb slot pairs, each one bincount over the shard
-        row = a[i] * side + offsets
-        for j in range(b.shape[0]):
-            counts += np.bincount((row + b[j]).ravel(), minlength=L * side * side)
-    return counts.reshape(L, side, side)[:, :n_experts, :n_experts]
-
-
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CoactivationState:
     view = ShardView.of(shard, ctx)
-    return CoactivationState(view.layers, pair_counts(view.ids_by_slot, view.ids_by_slot, view.E), view.T)
+    return CoactivationState(view.layers, pair_counts(view.ids, view.ids, view.E), view.T)
 
 
 def merge(a: CoactivationState, b: CoactivationState) -> CoactivationState:

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from moescope.analysis.coactivation import pair_counts
 from moescope.analysis.context import AnalysisContext
-from moescope.analysis.kernels import jsonable, merge_arrays
+from moescope.analysis.kernels import expert_counts, jsonable, merge_arrays, pair_counts
 from moescope.analysis.shard_view import ShardView, predicted_next_ids_of, set_overlap
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -91,19 +90,14 @@ def empty_fold_warning(fold_slots: np.ndarray) -> str | None:
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
     view = ShardView.of(shard, ctx)
     L, T, E, K = view.L, view.T, view.E, ctx.thresholds.max_hop
-    ids, side = view.ids_by_slot, E + 1  # [k, L, T]
     fold = fold_of(view.shard)  # [T]
     transitions = np.zeros((K, L, E, E), np.int64)
     first_choice = np.zeros((2, K, L, E, E), np.int64)
     for d in range(1, min(K, L - 1) + 1):
-        transitions[d - 1, : L - d] = pair_counts(ids[:, :-d], ids[:, d:], E)
-        # one key per (fold, source layer, first choice, expert at l + d): a table of exactly [2, L-d, side, side]
-        source = ((fold[None, :] * (L - d) + np.arange(L - d)[:, None]) * side + view.first_choice[:-d]) * side  # [L-d, T]
-        keys = (source[None] + ids[:, d:]).ravel()  # [k, L-d, T]
-        counts = np.bincount(keys, minlength=2 * (L - d) * side * side).reshape(2, L - d, side, side)
-        first_choice[:, d - 1, : L - d] = counts[:, :, :E, :E]  # sentinel rows and columns dropped
-    by_fold = (fold[None, :, None] * L + np.arange(L)[:, None, None]) * side + view.ids  # [L, T, k]
-    load_by_fold = np.bincount(by_fold.ravel(), minlength=2 * L * side).reshape(2, L, side)[:, :, :E]
+        transitions[d - 1, : L - d] = pair_counts(view.ids[:-d], view.ids[d:], E)
+        # per fold: tokens with first choice i at l and j in S(l + d)
+        first_choice[:, d - 1, : L - d] = pair_counts(view.first_choice[:-d, :, None], view.ids[d:], E, group=fold, n_groups=2)
+    load_by_fold = expert_counts(view.ids, E, group=fold, n_groups=2)  # [2, L, E]
     starts = ~view.has_previous  # tokens without a previous token
     predicted = predicted_next_ids_of(view.shard)
     lookahead = None
@@ -122,14 +116,6 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayer
         view.valid_slots - (view.ids[:, starts] < E).sum(axis=(1, 2)),
         lookahead,
     )
-
-
-def _load(ids: np.ndarray, n_experts: int) -> np.ndarray:
-    """int64 [L, E] slots per expert of ids [L, T, k]."""
-    offsets = (np.arange(ids.shape[0], dtype=np.intp) * (n_experts + 1))[:, None, None]
-    return np.bincount((ids + offsets).ravel(), minlength=ids.shape[0] * (n_experts + 1)).reshape(-1, n_experts + 1)[
-        :, :n_experts
-    ]
 
 
 def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:

@@ -1,6 +1,6 @@
 """Expert cache: hit rate of a per-layer cache of C experts, LRU alone or fed by a prefetch predictor.
 
-The cache model is lru_kernel.py's: one LRU cache per layer, cold at each sequence start, a token's
+The cache model is stack_distance.py's (the offload simulator's LRU too): one LRU cache per layer, cold at each sequence start, a token's
 prefetch batch inserted before its experts are looked up. Predictors (for layer l, from layer l-1):
   lru               no prefetch.
   same_index        prefetch S(l-1), the experts the token used one layer earlier.
@@ -27,8 +27,8 @@ import pandas as pd
 from moescope.analysis.context import OVERALL, AnalysisContext
 from moescope.analysis.cross_layer import fold_of
 from moescope.analysis.kernels import jsonable
-from moescope.analysis.lru_kernel import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
 from moescope.analysis.shard_view import ShardView, predicted_next_ids_of
+from moescope.analysis.stack_distance import rank_counts
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
@@ -72,26 +72,9 @@ def prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndar
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CacheState:
     view = ShardView.of(shard, ctx)
     sources = prefetch_sources(view, ctx)
-    L, T, E = view.L, view.T, view.E
-    counts = np.zeros((len(sources), L, E + 1), np.int64)
-    # the L caches run as one stream laid end to end, in groups of layers to bound memory
-    group = max(1, (1 << 24) // max(1, 2 * T * (E + 1)))
-    for p, prefetch in enumerate(sources.values()):  # a few predictors
-        for lo in range(0, L, group):
-            hi = min(L, lo + group)
-            starts = (view.sequence_start[None, :] + (np.arange(hi - lo) * T)[:, None]).ravel()  # [(hi-lo)*T]
-            rank = lru_ranks(
-                view.ids[lo:hi].reshape(-1, view.k),
-                None if prefetch is None else prefetch[lo:hi].reshape((hi - lo) * T, -1),
-                starts,
-                E,
-            ).reshape(hi - lo, T * view.k)
-            # histogram per layer of rank (0..E-1), column E = no prior use, not-an-expert dropped
-            binned = np.where(rank == NO_PRIOR_USE, E, rank) + (np.arange(hi - lo) * (E + 2))[:, None]
-            binned = np.where(rank == NOT_AN_EXPERT, (np.arange(hi - lo) * (E + 2))[:, None] + E + 1, binned)
-            counts[p, lo:hi] = np.bincount(binned.ravel(), minlength=(hi - lo) * (E + 2)).reshape(hi - lo, E + 2)[
-                :, : E + 1
-            ]
+    E = view.E
+    # one LRU stack-distance pass per predictor over the L caches (analysis/stack_distance.py)
+    counts = np.stack([rank_counts(view.ids, prefetch, ~view.has_previous, E) for prefetch in sources.values()])
     batch = tuple(view.k if s is None else max(view.k, s.shape[2]) for s in sources.values())
     return CacheState(view.layers, tuple(sources), batch, counts, view.T)
 

@@ -1,7 +1,13 @@
-"""Small vectorised building blocks shared by the analyses: mergeable histograms, moments, sparse counts.
+"""Small vectorised building blocks shared by the analyses: the per-expert counting kernels, mergeable
+histograms, moments, sparse counts.
 
 Everything here adds up: a state built from two shards equals the merge of the states of each.
 `add_into` is that merge done in place, for states that are plain sums of fixed-shape arrays.
+
+The counting kernels (every analysis counts experts through these two):
+  expert_counts  [G, L, E] slots (or summed weights) per (group of tokens, layer, expert): one offset bincount
+  pair_counts    [L, E, E] tokens with i in one set and j in another, per layer (co-activation, transitions)
+Both take ids [L, T, k] where any id outside [0, E) is no expert and is dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +18,55 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moescope.analysis.compiled import pair_count_pass
 from moescope.errors import MoescopeError
+
+
+def expert_ids(ids: np.ndarray, n_experts: int) -> np.ndarray:
+    """intp [...]: ids with every id outside [0, E) (dropped -1, non-compute choices >= E) replaced by E.
+
+    Ids already in [0, E] as intp (ShardView.ids) are returned as they are, after two reductions."""
+    if ids.dtype == np.intp and (ids.size == 0 or (ids.min() >= 0 and ids.max() <= n_experts)):
+        return ids
+    return np.where((ids >= 0) & (ids < n_experts), ids, n_experts).astype(np.intp, copy=False)
+
+
+def expert_counts(ids: np.ndarray, n_experts: int, *, group: np.ndarray | None = None, n_groups: int = 1,
+                  weights: np.ndarray | None = None, keep_invalid: bool = False) -> np.ndarray:
+    """int64 [L, E] slots per (layer, expert) of ids [L, T, k] (float64 when `weights` [L, T, k] are summed).
+
+    group: int [T] each token's group in [0, n_groups) (a domain, a fold, a block of tokens): the result is then
+    [n_groups, L, E]. keep_invalid: one more column, E, counting the slots that hold no expert.
+    """
+    L, T, k = ids.shape
+    side = n_experts + 1
+    base = (np.arange(L, dtype=np.intp) * side)[:, None]  # [L, 1]
+    if group is not None:
+        base = base + (np.asarray(group, np.intp) * (L * side))[None, :]  # [L, T]
+    keys = (base[:, :, None] + expert_ids(ids, n_experts)).ravel()  # [L, T, k] one key per slot
+    counts = np.bincount(keys, weights=None if weights is None else np.asarray(weights, np.float64).ravel(),
+                         minlength=n_groups * L * side).reshape(n_groups, L, side)
+    counts = counts if keep_invalid else counts[..., :n_experts]
+    return counts if group is not None else counts[0]
+
+
+def pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int, *, group: np.ndarray | None = None,
+                n_groups: int = 1) -> np.ndarray:
+    """int64 [L, E, E]: counts[l, i, j] = #tokens t with i in a[l, t] and j in b[l, t].
+
+    a: int [L, T, ka], b: int [L, T, kb]; ids outside [0, E) are no expert (dropped). Each token's ids are
+    distinct within a and within b. group: int [T] each token's group in [0, n_groups): the result is then
+    [n_groups, L, E, E]. One compiled pass (compiled.pair_count_pass), layer by layer.
+    """
+    L, side = a.shape[0], n_experts + 1
+    rows = expert_ids(a, n_experts)
+    if group is not None:
+        rows = rows + (np.asarray(group, np.intp) * side)[None, :, None]  # row block g holds group g's counts
+    out = np.zeros((L, n_groups * side, side), np.int64)
+    if L and a.shape[1]:
+        pair_count_pass(rows, expert_ids(b, n_experts), out)
+    out = out.reshape(L, n_groups, side, side)[:, :, :n_experts, :n_experts]
+    return out[:, 0] if group is None else out.transpose(1, 0, 2, 3)
 
 
 def fixed_histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from moescope.analysis.context import AnalysisContext
+from moescope.analysis.kernels import expert_counts
 from moescope.analysis.rowwise import sort_ascending, sort_descending, top_m
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -68,8 +69,7 @@ class ShardView:
     @cached_property
     def load(self) -> np.ndarray:
         """int64 [L, E + 1]: slots per expert per layer; column E counts invalid slots."""
-        offsets = (np.arange(self.L, dtype=np.intp) * (self.E + 1))[:, None, None]
-        return np.bincount((self.ids + offsets).ravel(), minlength=self.L * (self.E + 1)).reshape(self.L, self.E + 1)
+        return expert_counts(self.ids, self.E, keep_invalid=True)
 
     @cached_property
     def non_compute_slots(self) -> np.ndarray:

@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
-from moescope.analysis.cross_layer import _load
-from moescope.analysis.kernels import jsonable
+from moescope.analysis.kernels import expert_counts, jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -50,7 +49,7 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> LocalitySt
     fc = view.first_choice  # [L, T]
     same = ((fc[:, 1:] == fc[:, :-1]) & (fc[:, 1:] < E) & view.has_previous[None, 1:]).sum(axis=1)
     overlap = view.previous_overlap  # [L, T], 0 where there is no previous token
-    first_all = _load(fc[..., None], E)
+    first_all = expert_counts(fc[..., None], E)
     # every token is the later token of a pair except sequence starts, the earlier one except sequence ends
     return LocalityState(
         view.layers,
@@ -58,10 +57,10 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> LocalitySt
         same,
         overlap.sum(axis=1),
         (overlap > 0).sum(axis=1),
-        first_all - _load(fc[:, ends, None], E),
-        first_all - _load(fc[:, starts, None], E),
-        view.load[:, :E] - _load(view.ids[:, ends], E),
-        view.load[:, :E] - _load(view.ids[:, starts], E),
+        first_all - expert_counts(fc[:, ends, None], E),
+        first_all - expert_counts(fc[:, starts, None], E),
+        view.load[:, :E] - expert_counts(view.ids[:, ends], E),
+        view.load[:, :E] - expert_counts(view.ids[:, starts], E),
     )
 
 

@@ -1,0 +1,79 @@
+"""The compiled loops (numba) of the analyses: only the work NumPy cannot express without materialising
+arrays many times the size of the input. Each has a plain NumPy or per-event reference in the tests.
+
+  lru_rank_pass   LRU stack distance of every touch of a stream of expert batches (stack_distance.py)
+  pair_count_pass counts[l, i, j] += 1 for every (slot of a, slot of b) of every token (kernels.pair_counts):
+                  NumPy needs one int64 code per pair (64 per row at top-8) and a bincount over them, ~4x slower
+
+Compiled on first use and cached on disk (numba's cache=True, next to this file or in NUMBA_CACHE_DIR).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+NO_PRIOR_USE = -1  # rank of a touch whose expert was not touched earlier in the sequence (compulsory miss)
+NOT_AN_EXPERT = -2  # rank of a slot that holds no real expert, or repeats an earlier column of its batch
+
+
+@numba.njit(cache=True, nogil=True)
+def pair_count_pass(a, b, out):  # pragma: no cover - compiled
+    """out[l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j. a: [L, T, ka], b: [L, T, kb], out: int64 [L, S, S]."""
+    L, T, ka = a.shape
+    kb = b.shape[2]
+    for l in range(L):
+        counts = out[l]
+        for t in range(T):
+            src, dst = a[l, t], b[l, t]
+            for i in range(ka):
+                row = counts[src[i]]
+                for j in range(kb):
+                    row[dst[j]] += 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rank_of(last, e, E, start, column, batch):  # pragma: no cover - compiled
+    if e < 0 or e >= E:
+        return NOT_AN_EXPERT
+    for c in range(column):  # a repeat of an earlier column of the same batch is not a touch
+        if batch[c] == e:
+            return NOT_AN_EXPERT
+    mine = last[e]
+    if mine < start:
+        return NO_PRIOR_USE
+    count = 0
+    for f in range(last.shape[0]):  # SIMD over the E stamps: how many experts were touched later than e
+        count += last[f] > mine
+    return count
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _touch(last, batch, E, base, kk):  # pragma: no cover - compiled
+    """Apply a batch: column c gets stamp base + kk - 1 - c (an earlier column is more recent)."""
+    for c in range(batch.shape[0] - 1, -1, -1):  # last column first, so a repeat keeps its earliest column's stamp
+        e = batch[c]
+        if 0 <= e < E:
+            last[e] = base + kk - 1 - c
+
+
+@numba.njit(cache=True, nogil=True)
+def lru_rank_pass(lookups, prefetch, new_sequence, E, kk, has_prefetch, rank_prefetch, out, out_pre,
+           like):  # pragma: no cover - compiled
+    N, k = lookups.shape
+    last = np.full(E, -1, like.dtype)  # stamp of each expert's last touch (valid when >= start)
+    start = like[0]
+    for t in range(N):
+        base = like.dtype.type(2 * kk * (t + 1))  # prefetch batch at base, lookups at base + kk
+        if new_sequence[t]:
+            start = base  # every earlier stamp is below: the cache is cold
+        if has_prefetch:
+            batch = prefetch[t]
+            if rank_prefetch:
+                for c in range(batch.shape[0]):
+                    out_pre[t, c] = _rank_of(last, batch[c], E, start, c, batch)
+            _touch(last, batch, E, base, kk)
+        batch = lookups[t]
+        for c in range(k):
+            out[t, c] = _rank_of(last, batch[c], E, start, c, batch)
+        _touch(last, batch, E, base + kk, kk)

@@ -1,0 +1,83 @@
+"""LRU stack distances of expert lookups: the one LRU engine of the expert-cache analysis and the offload simulator.
+
+Cache model (one cache per stream, e.g. per layer, cold at the start of every sequence): each token touches up
+to two *batches* of experts, in order: an optional prefetch batch (a predictor's guess), then the batch of
+experts the token actually uses. Every id of a batch is ranked before the batch is applied; then all of them
+become the most recent entries, an earlier column counting as more recent (the router's first choice is kept
+longest). An id that already occurs in an earlier column of the same batch is not a touch (NOT_AN_EXPERT).
+
+    rank(e) = #distinct experts touched later than e's last touch in this sequence   (Mattson et al. 1970)
+
+An LRU cache of C >= batch size entries holds, after every batch, exactly the C most recent experts, so a
+touch finds e cached  <=>  rank(e) < C: one pass of ranks answers every capacity at once (a histogram of
+ranks, cumulated, is the hit count of every C). NO_PRIOR_USE marks e not touched earlier in the sequence.
+
+The pass walks each stream token by token in a compiled loop (compiled.py, numba): per touch it compares e's
+last stamp with the E stamps of a small array (SIMD), O(E) with no memory traffic beyond that array. NumPy
+cannot express the sequential dependency without materialising [E, N] histories (the previous kernel did,
+at ~6x the cost at 256 experts / top-8).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moescope.analysis.compiled import NO_PRIOR_USE, NOT_AN_EXPERT, lru_rank_pass
+
+__all__ = ["NOT_AN_EXPERT", "NO_PRIOR_USE", "hits_from_ranks", "lru_ranks", "rank_counts", "rank_histogram"]
+
+
+def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np.ndarray, n_experts: int,
+              *, prefetch_ranks: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(int32 [N, k] rank of every lookup, int32 [N, kp] rank of every prefetch touch or None).
+
+    lookups: int [N, k] experts each token uses, ids outside [0, n_experts) = no expert; prefetch: int [N, kp]
+    experts inserted before token t's lookups (same rule), or None; new_sequence: bool [N], True where the
+    cache starts cold (a sequence's first token; several streams can be laid end to end, each starting one).
+    Prefetch ranks (is a prefetched expert already cached?) are computed only when `prefetch_ranks`.
+    """
+    lookups = np.ascontiguousarray(lookups)
+    N, k = lookups.shape
+    new_sequence = np.ascontiguousarray(new_sequence, dtype=np.bool_)
+    if new_sequence.shape != (N,):
+        raise ValueError(f"new_sequence has shape {new_sequence.shape}, lookups {lookups.shape}")
+    if N and not new_sequence[0]:
+        raise ValueError("the first token must start a sequence")
+    has_prefetch = prefetch is not None
+    pre = np.ascontiguousarray(prefetch) if has_prefetch else np.zeros((N, 0), lookups.dtype)
+    if pre.shape[0] != N:
+        raise ValueError(f"prefetch has {pre.shape[0]} rows, lookups {N}")
+    out = np.empty((N, k), np.int32)
+    out_pre = np.empty(pre.shape, np.int32) if has_prefetch and prefetch_ranks else np.empty((0, 0), np.int32)
+    kk = max(k, pre.shape[1])
+    # stamps: int32 while 2 batches x kk columns per token fit, else int64 (numba compiles one loop per dtype)
+    stamp = np.int32 if 2 * kk * (N + 1) < 2**31 else np.int64
+    lru_rank_pass(lookups, pre.astype(lookups.dtype, copy=False), new_sequence, int(n_experts), kk, has_prefetch,
+           bool(has_prefetch and prefetch_ranks), out, out_pre, np.zeros(1, stamp))
+    return out, (out_pre if has_prefetch and prefetch_ranks else None)
+
+
+def rank_counts(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np.ndarray,
+                n_experts: int) -> np.ndarray:
+    """int64 [S, E + 1]: lookups of each of S streams by LRU rank 0..E-1, column E = NO_PRIOR_USE.
+
+    lookups: int [S, T, k], prefetch: int [S, T, kp] or None, new_sequence: bool [T] (the same for every
+    stream: e.g. the layers of one shard, each its own cache). Every capacity's hits are cumsum(counts)[C - 1].
+    """
+    S, T, k = lookups.shape
+    ranks, _ = lru_ranks(lookups.reshape(S * T, k), None if prefetch is None else prefetch.reshape(S * T, -1),
+                         np.tile(new_sequence, S), n_experts)
+    return rank_histogram(ranks.reshape(S, T * k), n_experts)
+
+
+def rank_histogram(ranks: np.ndarray, n_experts: int) -> np.ndarray:
+    """int64 [S, E + 1]: ranks [S, n] counted per row: 0..E-1, column E = NO_PRIOR_USE; NOT_AN_EXPERT dropped."""
+    S = ranks.shape[0]
+    side = n_experts + 2  # ranks 0..E-1, then NO_PRIOR_USE, then NOT_AN_EXPERT
+    binned = np.where(ranks < 0, n_experts - 1 - ranks, ranks) + (np.arange(S) * side)[:, None]
+    return np.bincount(binned.ravel(), minlength=S * side).reshape(S, side)[:, : n_experts + 1]
+
+
+def hits_from_ranks(ranks: np.ndarray, capacity: int) -> np.ndarray:
+    """bool [...]: the touches an LRU cache of `capacity` entries finds cached."""
+    return (ranks >= 0) & (ranks < capacity)
