@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from moescope.analysis.kernels import CoMoments, SparseCounts, fixed_histogram, js_divergence
-from moescope.analysis.rowwise import _top_m_partition, sort_ascending, sort_descending, top_m
+from moescope.analysis.rowwise import top_m_by_partition, sort_ascending, sort_descending, top_m
 
 
 def test_fixed_histogram_edges_and_overflow():
@@ -43,7 +43,7 @@ def test_top_m_breaks_ties_towards_the_lower_index(n_experts):
     values = rng.integers(0, 3, (n_experts, 9, 11)).astype(np.float32)  # many ties
     expected = np.argsort(-np.moveaxis(values, 0, -1), axis=-1, kind="stable")
     for m in range(1, min(n_experts, 5) + 1):
-        for ids, vals in (top_m(values, m), _top_m_partition(values, m)):
+        for ids, vals in (top_m(values, m), top_m_by_partition(values, m)):
             np.testing.assert_array_equal(np.moveaxis(ids, 0, -1), expected[..., :m])
             np.testing.assert_array_equal(vals, np.take_along_axis(values, ids, axis=0))
 

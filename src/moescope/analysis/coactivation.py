@@ -35,6 +35,15 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> Coactivati
     return CoactivationState(view.layers, pair_counts(view.ids, view.ids, view.E), view.T)
 
 
+def accumulate_into(state: CoactivationState, shard: ShardData | ShardView, ctx: AnalysisContext) -> CoactivationState:
+    """`merge(state, accumulate(shard))`, adding into `state`'s own counts (which it must own)."""
+    view = ShardView.of(shard, ctx)
+    if state.layers != view.layers:
+        raise MoescopeError(f"cannot merge co-activation states of different layers {state.layers} and {view.layers}")
+    pair_counts(view.ids, view.ids, view.E, out=state.counts)
+    return CoactivationState(state.layers, state.counts, state.n_tokens + view.T)
+
+
 def merge(a: CoactivationState, b: CoactivationState) -> CoactivationState:
     if a.layers != b.layers:
         raise MoescopeError(f"cannot merge co-activation states of different layers {a.layers} and {b.layers}")

@@ -18,18 +18,27 @@ NOT_AN_EXPERT = -2  # rank of a slot that holds no real expert, or repeats an ea
 
 
 @numba.njit(cache=True, nogil=True)
-def pair_count_pass(a, b, out):  # pragma: no cover - compiled
-    """out[l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j. a: [L, T, ka], b: [L, T, kb], out: int64 [L, S, S]."""
+def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
+    """out[g(t), l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j whose ids are in [0, n_experts).
+
+    a: int [L, T, ka], b: int [L, T, kb], group: int [T] (empty: every token in group 0), out: int64 [G, L, E, E].
+    """
     L, T, ka = a.shape
     kb = b.shape[2]
+    grouped = group.shape[0] > 0
     for l in range(L):
-        counts = out[l]
         for t in range(T):
+            counts = out[group[t] if grouped else 0, l]
             src, dst = a[l, t], b[l, t]
             for i in range(ka):
-                row = counts[src[i]]
+                x = src[i]
+                if x < 0 or x >= n_experts:
+                    continue
+                row = counts[x]
                 for j in range(kb):
-                    row[dst[j]] += 1
+                    y = dst[j]
+                    if 0 <= y < n_experts:
+                        row[y] += 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

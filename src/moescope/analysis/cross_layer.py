@@ -29,6 +29,7 @@ the learned predictors (transition, popularity) cannot be cross-fitted: they are
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.kernels import expert_counts, jsonable, merge_arrays, pair_counts
+from moescope.analysis.rowwise import top_m_by_partition
 from moescope.analysis.shard_view import ShardView, predicted_next_ids_of, set_overlap
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -89,33 +91,39 @@ def empty_fold_warning(fold_slots: np.ndarray) -> str | None:
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
     view = ShardView.of(shard, ctx)
-    L, T, E, K = view.L, view.T, view.E, ctx.thresholds.max_hop
-    fold = fold_of(view.shard)  # [T]
-    transitions = np.zeros((K, L, E, E), np.int64)
-    first_choice = np.zeros((2, K, L, E, E), np.int64)
-    for d in range(1, min(K, L - 1) + 1):
-        transitions[d - 1, : L - d] = pair_counts(view.ids[:-d], view.ids[d:], E)
-        # per fold: tokens with first choice i at l and j in S(l + d)
-        first_choice[:, d - 1, : L - d] = pair_counts(view.first_choice[:-d, :, None], view.ids[d:], E, group=fold, n_groups=2)
-    load_by_fold = expert_counts(view.ids, E, group=fold, n_groups=2)  # [2, L, E]
-    starts = ~view.has_previous  # tokens without a previous token
+    L, E, K = view.L, view.E, ctx.thresholds.max_hop
+    empty = CrossLayerState(view.layers, 0, np.zeros((K, L, E, E), np.int64), np.zeros((2, K, L, E, E), np.int64),
+                            np.zeros((2, L, E), np.int64), np.zeros(L, np.int64), np.zeros(L, np.int64),
+                            None if predicted_next_ids_of(view.shard) is None else np.zeros(L, np.int64))
+    return accumulate_into(empty, view, ctx)
+
+
+def accumulate_into(state: CrossLayerState, shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
+    """`merge(state, accumulate(shard))`, adding the shard's counts into `state`'s own arrays (which it must
+    own): no second [K, L, E, E] table per shard (261 MiB at DeepSeek-V3's shape)."""
+    view = ShardView.of(shard, ctx)
+    L, T, E = view.L, view.T, view.E
+    K = state.transitions.shape[0]
     predicted = predicted_next_ids_of(view.shard)
-    lookahead = None
+    if state.layers != view.layers or K != ctx.thresholds.max_hop:
+        raise MoescopeError("cannot merge cross-layer states of different layers or max_hop")
+    if (state.lookahead_overlap is None) != (predicted is None):
+        raise MoescopeError("cannot merge shards with and without predicted_next_ids")
+    fold = fold_of(view.shard)  # [T]
+    for d in range(1, min(K, L - 1) + 1):
+        pair_counts(view.ids[:-d], view.ids[d:], E, out=state.transitions[d - 1, : L - d])
+        # per fold: tokens with first choice i at l and j in S(l + d)
+        pair_counts(view.first_choice[:-d, :, None], view.ids[d:], E, group=fold, n_groups=2,
+                    out=state.first_choice_transitions[:, d - 1, : L - d])
+    state.load_by_fold[...] += expert_counts(view.ids, E, group=fold, n_groups=2)  # [2, L, E]
+    starts = ~view.has_previous  # tokens without a previous token
+    state.previous_overlap[...] += view.previous_overlap.sum(axis=1)
+    state.previous_targets[...] += view.valid_slots - (view.ids[:, starts] < E).sum(axis=(1, 2))
     if predicted is not None:
         pred = predicted.transpose(2, 0, 1)  # [k', L, T]
         pred = np.where((pred >= 0) & (pred < E), pred, E).astype(np.intp)
-        lookahead = np.zeros(L, np.int64)
-        lookahead[: L - 1] = set_overlap(pred[:, : L - 1], view.ids_by_slot[:, 1:], E).sum(axis=1)
-    return CrossLayerState(
-        view.layers,
-        T,
-        transitions,
-        first_choice,
-        load_by_fold,
-        view.previous_overlap.sum(axis=1),
-        view.valid_slots - (view.ids[:, starts] < E).sum(axis=(1, 2)),
-        lookahead,
-    )
+        state.lookahead_overlap[: L - 1] += set_overlap(pred[:, : L - 1], view.ids_by_slot[:, 1:], E).sum(axis=1)
+    return dataclasses.replace(state, n_tokens=state.n_tokens + T)
 
 
 def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
@@ -135,18 +143,26 @@ def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
     )
 
 
+def top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """int64 [..., k]: indices of the k largest values along the last axis, descending, ties to the lower index
+    (a stable argsort of -values, cut at k; a partition first when k is small)."""
+    if k >= values.shape[-1] or values.shape[-1] <= 16:
+        return np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    return np.moveaxis(top_m_by_partition(np.moveaxis(values, -1, 0), k)[0], 0, -1).astype(np.int64)
+
+
 def top_predictions(counts: np.ndarray, target_load: np.ndarray, k: int) -> np.ndarray:
     """int64 [..., E, k]: for each source row i, the k targets j with most counts[..., i, j].
 
     counts: int64 [..., E, E]; target_load: int64 [..., E] breaks ties (more load first), then lower j.
     """
     score = counts * (target_load.max(initial=0) + 1) + target_load[..., None, :]  # [..., E, E]
-    return np.argsort(-score, axis=-1, kind="stable")[..., :k]
+    return top_indices(score, k)
 
 
 def popular_experts(load: np.ndarray, k: int) -> np.ndarray:
     """int64 [..., k]: the k most-loaded experts of each load row [..., E], ties to the lower index."""
-    return np.argsort(-load, axis=-1, kind="stable")[..., :k]
+    return top_indices(load, k)
 
 
 @dataclass(frozen=True, eq=False)

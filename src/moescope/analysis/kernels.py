@@ -51,22 +51,27 @@ def expert_counts(ids: np.ndarray, n_experts: int, *, group: np.ndarray | None =
 
 
 def pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int, *, group: np.ndarray | None = None,
-                n_groups: int = 1) -> np.ndarray:
+                n_groups: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """int64 [L, E, E]: counts[l, i, j] = #tokens t with i in a[l, t] and j in b[l, t].
 
     a: int [L, T, ka], b: int [L, T, kb]; ids outside [0, E) are no expert (dropped). Each token's ids are
     distinct within a and within b. group: int [T] each token's group in [0, n_groups): the result is then
-    [n_groups, L, E, E]. One compiled pass (compiled.pair_count_pass), layer by layer.
+    [n_groups, L, E, E]. out: an int64 array of the result's shape to add the counts into (returned).
+    One compiled pass (compiled.pair_count_pass), layer by layer, no per-pair array.
     """
-    L, side = a.shape[0], n_experts + 1
-    rows = expert_ids(a, n_experts)
-    if group is not None:
-        rows = rows + (np.asarray(group, np.intp) * side)[None, :, None]  # row block g holds group g's counts
-    out = np.zeros((L, n_groups * side, side), np.int64)
-    if L and a.shape[1]:
-        pair_count_pass(rows, expert_ids(b, n_experts), out)
-    out = out.reshape(L, n_groups, side, side)[:, :, :n_experts, :n_experts]
-    return out[:, 0] if group is None else out.transpose(1, 0, 2, 3)
+    L = a.shape[0]
+    shape = (L, n_experts, n_experts) if group is None else (n_groups, L, n_experts, n_experts)
+    if out is None:
+        out = np.zeros(shape, np.int64)
+    elif out.shape != shape or out.dtype != np.int64:
+        raise ValueError(f"out has shape {out.shape} {out.dtype}, the counts {shape} int64")
+    if group is not None and a.shape[1] and (group.min() < 0 or group.max() >= n_groups):
+        raise ValueError(f"group ids must be in [0, {n_groups})")
+    if a.shape[:2] != b.shape[:2]:
+        raise ValueError(f"a {a.shape} and b {b.shape} must cover the same layers and tokens")
+    pair_count_pass(a, b, np.zeros(0, np.intp) if group is None else np.asarray(group, np.intp), n_experts,
+                    out[None] if group is None else out)
+    return out
 
 
 def fixed_histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:

@@ -40,7 +40,7 @@ def top_m(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """
     E = values.shape[0]
     if E > SELECTION_MAX_EXPERTS:
-        return _top_m_partition(values, m)
+        return top_m_by_partition(values, m)
     # rank[e] = number of experts before e in (value descending, index ascending) order
     rank = np.zeros(values.shape, np.int16)
     hit = np.empty(values.shape[1:], bool)
@@ -60,7 +60,8 @@ def top_m(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.intp), val
 
 
-def _top_m_partition(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+def top_m_by_partition(values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """top_m by argpartition (any E): the m largest of values [E, ...] along axis 0, ties to the lower index."""
     E = values.shape[0]
     rows = np.moveaxis(values, 0, -1)  # [..., E]
     if m < E:

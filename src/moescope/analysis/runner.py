@@ -9,6 +9,11 @@ takes part in O(log n) merges), holding at most log2(shards) partial states. Int
 the order; the float sums (aux_losses' router probabilities) are added in shard order both here and on Ray
 (distributed/analyze.py folds on the driver in the same order), so results are equal to the bit.
 
+Each shard is analysed in pieces of at most PIECE_ROWS (token, layer) rows cut between sequences (`pieces`), so
+the arrays derived from it (ShardView) stay bounded however large the shards were written; every analysis
+is a sum over sequences, so the pieces' merge is the shard's state. Summed states whose module has
+`accumulate_into` (cross_layer, coactivation) take each piece's counts straight into the running state.
+
 The expert-cache transition and popularity predictors need a table learned over the whole trace before they
 can be evaluated, so when `shards` can be read twice
 (a list, a tuple, or a zero-argument callable returning an iterable) and no `ctx.prefetch_table` is given,
@@ -19,8 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
+
+import numpy as np
 
 from moescope.analysis import (
     aux_losses,
@@ -60,6 +67,41 @@ ANALYSES: dict[str, ModuleType] = {
 }
 
 ShardSource = Iterable[ShardData] | Callable[[], Iterable[ShardData]]
+
+PIECE_ROWS = 1 << 20  # (token, layer) rows per piece of a shard: ~18k tokens at 58 layers, 128k at 8
+
+
+def pieces(shard: ShardData, max_rows: int | None = None) -> Iterator[ShardData]:
+    """The shard cut between sequences into pieces of at most `max_rows` (token, layer) rows each (a longer
+    sequence is a piece of its own); the shard itself when it fits. Pieces are views, not copies."""
+    T, L = shard.n_tokens, max(1, shard.n_layers)
+    per_piece = max(1, (PIECE_ROWS if max_rows is None else max_rows) // L)
+    if T <= per_piece:
+        yield shard
+        return
+    starts = np.append(np.flatnonzero(~shard.same_sequence_as_previous()), T)  # sequence starts, then the end
+    lo = 0
+    while lo < T:
+        fits = starts[(starts > lo) & (starts <= lo + per_piece)]
+        hi = int(fits[-1]) if fits.size else int(starts[starts > lo][0])  # one long sequence: a piece alone
+        yield _tokens(shard, lo, hi)
+        lo = hi
+
+
+def _tokens(shard: ShardData, lo: int, hi: int) -> ShardData:
+    """Tokens lo..hi-1 of a shard (views of its arrays)."""
+    cut = {}
+    for field in dataclasses.fields(shard):
+        value = getattr(shard, field.name)
+        if field.name in PER_TOKEN and value is not None:
+            cut[field.name] = value[lo:hi]
+        elif field.name in PER_LAYER_TOKEN and value is not None:
+            cut[field.name] = value[:, lo:hi]
+    return dataclasses.replace(shard, **cut)
+
+
+PER_TOKEN = ("seq_id", "pos", "token_id", "generated", "domain", "output_entropy", "document")  # [T] fields
+PER_LAYER_TOKEN = ("topk_ids", "topk_weights", "router_output", "predicted_next_ids", "expert_norms")  # [L, T, ...]
 
 
 def run_analyses(
@@ -103,12 +145,14 @@ def _run_pass(
 ) -> dict[str, AnalysisResult]:
     reducers = {name: reducer_for(ANALYSES[name]) for name in names}
     for shard in shards:
-        view = ShardView(shard, ctx)  # derived arrays shared by the analyses of this shard
-        for name in names:
-            start = time.process_time()
-            reducers[name].push(ANALYSES[name].accumulate(view, ctx))
-            clock[name] = clock.get(name, 0.0) + time.process_time() - start
-        del shard, view  # free this shard and its derived arrays before the next one is read
+        for piece in pieces(shard):
+            view = ShardView(piece, ctx)  # derived arrays shared by the analyses of this piece
+            for name in names:
+                start = time.process_time()
+                reducers[name].add(ANALYSES[name], view, ctx)
+                clock[name] = clock.get(name, 0.0) + time.process_time() - start
+            del piece, view  # free its derived arrays before the next piece
+        del shard  # free this shard before the next one is read
     results = {}
     for name in names:
         start = time.process_time()
@@ -143,6 +187,16 @@ class _Fold:
     def push(self, state) -> None:
         self.state = copy_state(state) if self.state is None else add_into(self.state, state)
 
+    def add(self, module: ModuleType, view: ShardView, ctx: AnalysisContext) -> None:
+        """Add one shard's state: straight into the running state when the module can (`accumulate_into`)."""
+        into = getattr(module, "accumulate_into", None)
+        if into is None:
+            self.push(module.accumulate(view, ctx))
+        elif self.state is None:
+            self.state = module.accumulate(view, ctx)  # owns its arrays: accumulate_into an empty state
+        else:
+            self.state = into(self.state, view, ctx)
+
     def result(self):
         return self.state
 
@@ -158,6 +212,9 @@ class _TreeReduce:
     def __init__(self, merge):
         self.merge = merge
         self.stack: list[tuple[int, object]] = []  # (level, state), levels strictly decreasing
+
+    def add(self, module: ModuleType, view: ShardView, ctx: AnalysisContext) -> None:
+        self.push(module.accumulate(view, ctx))
 
     def push(self, state) -> None:
         level = 0
