@@ -34,6 +34,8 @@ class Thresholds:
     min_token_count: int = 5  # occurrences a token needs to enter the vocabulary-specialisation summary
     domain_pair: tuple[str, str] = ("code", "math")  # the pair compared in detail when both are present
     large_expert_size: float | None = None  # None: midpoint of the smallest and largest size per layer
+    token_table_cells: int = 1 << 22  # (token, layer, expert) cells of exact per-token counts: the most frequent
+    # tokens that fit (282 at 58 layers x 256 experts, 16,384 at 32 x 8) keep them; the others keep occurrences
 
     def __post_init__(self) -> None:
         if self.max_hop < 1:
@@ -67,6 +69,8 @@ class AnalysisContext:
     token_text: Callable[[int], str] | Mapping[int, str] | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     prefetch_table: Any = None  # PrefetchTable | None (see cross_layer.py)
+    token_table: np.ndarray | None = None  # int64 sorted token ids whose expert counts token_specialisation keeps
+    # (None: every token; run_analyses picks the most frequent in a first pass when it can read the shards twice)
     n_experts_inferred: bool = False  # imported without an expert count: n_experts is the largest id seen + 1
     non_compute_ids: tuple[int, ...] = ()  # router choices that are not experts: n_experts, n_experts + 1, ...
     non_compute_kinds: tuple[str, ...] = ()  # what they are: "identity", "skip"

@@ -18,6 +18,8 @@ The expert-cache transition and popularity predictors need a table learned over 
 can be evaluated, so when `shards` can be read twice
 (a list, a tuple, or a zero-argument callable returning an iterable) and no `ctx.prefetch_table` is given,
 the cache runs in a second pass; with a one-shot iterator it runs in the first pass without those predictors.
+token_specialisation likewise counts occurrences in the first pass and keeps exact expert counts for the most
+frequent tokens (ctx.token_table) in the second, so its memory does not grow with the trace.
 """
 
 from __future__ import annotations
@@ -125,14 +127,26 @@ def run_analyses(
         raise MoescopeError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
     reiterable = callable(shards) or isinstance(shards, Sequence)
     second_pass = "expert_cache" in names and ctx.prefetch_table is None and reiterable
-    first = [n for n in names if not (second_pass and n == "expert_cache")]
+    # token_specialisation keeps exact expert counts for the most frequent tokens: found in the first pass
+    token_pass = "token_specialisation" in names and ctx.token_table is None and reiterable
+    later = [n for n in names if (second_pass and n == "expert_cache") or (token_pass and n == "token_specialisation")]
+    first = [n for n in names if n not in later]
     if second_pass and "cross_layer" not in first:
         first.append("cross_layer")  # learns the prefetch table
+    if token_pass:
+        first.append("token_specialisation")  # occurrences only (an empty token table): picks the table
     clock = timings if timings is not None else {}
-    results = run_pass(_open(shards), first, ctx, clock)
-    if second_pass:
-        learned = dataclasses.replace(ctx, prefetch_table=results["cross_layer"].prefetch_table())
-        results.update(run_pass(_open(shards), ["expert_cache"], learned, clock))
+    first_ctx = dataclasses.replace(ctx, token_table=np.zeros(0, np.int64)) if token_pass else ctx
+    results = run_pass(_open(shards), first, first_ctx, clock)
+    if later:
+        learned = ctx
+        if second_pass:
+            learned = dataclasses.replace(learned, prefetch_table=results["cross_layer"].prefetch_table())
+        if token_pass:
+            tokens = results.pop("token_specialisation")
+            learned = dataclasses.replace(learned, token_table=token_specialisation.kept_tokens(
+                tokens.token_ids, tokens.occurrences, ctx))
+        results.update(run_pass(_open(shards), later, learned, clock))
     return {n: results[n] for n in names}
 
 

@@ -9,9 +9,13 @@ compares with a token that routes like the whole layer does (layer top-1 share a
 With expert sizes it exports the token routing table of the variable-size-expert research: per token
 the average selected expert size (over all L*k slots; a slot holding no expert counts as size 0), expert FLOPs per occurrence (all layers, from the actual counts; see
 context.expert_flops) and the FLOPs of the per-layer mode combinations (how the seed's table is built).
-Memory grows with the number of distinct (token, layer, combination) triples, bounded by vocabulary x
-layers x combinations rather than by trace length; with many experts (e.g. 64, top-6) combinations rarely
-repeat and the table approaches one entry per (token, layer) row.
+Occurrences (and output entropy) are exact for every token. Expert and combination counts are exact for the
+tokens of `ctx.token_table`: run_analyses fills it in a first pass with the most frequent tokens that fit
+`thresholds.token_table_cells` (token, layer, expert) cells (ties to the lower id; every token when all fit),
+so memory does not grow with the trace; the other tokens' top1_share, entropy_norm, sizes and FLOPs are NaN,
+and the summary's `tokens_without_expert_counts` and notes say how many tokens and occurrences were cut.
+Without a table (ctx.token_table None, e.g. a one-shot stream of shards) every token is kept, and memory
+grows with the distinct (token, layer, expert) triples.
 """
 
 from __future__ import annotations
@@ -64,10 +68,26 @@ def _count_by_token(
     )
 
 
+def kept_tokens(token_ids: np.ndarray, occurrences: np.ndarray, ctx: AnalysisContext) -> np.ndarray | None:
+    """int64 sorted ids of the most frequent tokens whose (layer, expert) counts fit thresholds.token_table_cells
+    (ties to the lower id), or None when every token fits."""
+    per_token = ctx.n_layers * max(ctx.n_experts, _combination_space(ctx) or 0)
+    budget = max(1, ctx.thresholds.token_table_cells // per_token)
+    if token_ids.size <= budget:
+        return None
+    order = np.lexsort((token_ids, -occurrences))[:budget]  # most occurrences first, then the lower id
+    return np.sort(token_ids[order]).astype(np.int64)
+
+
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:
     view = ShardView.of(shard, ctx)
     L, E = view.L, view.E
-    uniq, inverse = np.unique(view.shard.token_id.astype(np.int64), return_inverse=True)
+    token_id = view.shard.token_id.astype(np.int64)
+    kept = slice(None)
+    if ctx.token_table is not None:  # expert counts for the table's tokens only
+        at = np.minimum(np.searchsorted(ctx.token_table, token_id), max(ctx.token_table.size - 1, 0))
+        kept = np.flatnonzero(ctx.token_table[at] == token_id) if ctx.token_table.size else np.zeros(0, np.intp)
+    uniq, inverse = np.unique(token_id[kept], return_inverse=True)
     entropy = view.shard.output_entropy
     if entropy is None:
         entropy = np.full(view.T, np.nan, np.float32)
@@ -78,9 +98,10 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState
     layer = np.arange(L, dtype=np.int64)[:, None, None]
     R = _combination_space(ctx)
     if R is not None:
-        combo_key = layer[..., 0] * R + view.multiset_rank  # [L, T]
+        combo_key = layer[..., 0] * R + view.multiset_rank[:, kept]  # [L, T']
         return TokenState(view.layers, occurrences, _count_by_token(inverse, uniq, combo_key, L * R, L), None)
-    expert_key = np.where(view.ids < E, layer * E + view.ids, -1)  # [L, T, k] inner key (layer, expert)
+    ids = view.ids[:, kept]
+    expert_key = np.where(ids < E, layer * E + ids, -1)  # [L, T', k] inner key (layer, expert)
     return TokenState(view.layers, occurrences, None, _count_by_token(inverse, uniq, expert_key, L * E, L))
 
 
@@ -167,21 +188,22 @@ class TokenResult:
         return {"tokens": self.routing_table(), "token_experts": self.expert_table()}
 
     def summary(self) -> dict:
-        frequent = self.occurrences >= self.min_token_count
+        frequent = (self.occurrences >= self.min_token_count) & np.isfinite(self.top1_share)  # counts kept
         weights = np.where(frequent, self.occurrences, 0).astype(np.float64)
 
         def weighted(x):
-            return float((x * weights).sum() / weights.sum()) if weights.sum() else None
+            return float((np.where(frequent, x, 0.0) * weights).sum() / weights.sum()) if weights.sum() else None
 
         order = np.lexsort((-self.occurrences, -np.where(frequent, self.top1_share, -1)))[:10]
         out = {
             "distinct_tokens": int(self.token_ids.size),
             "tokens_counted": int(frequent.sum()),
+            "tokens_without_expert_counts": int(np.isnan(self.top1_share).sum()),
             "top1_share": weighted(self.top1_share),
             "baseline_top1_share": self.baseline_top1_share,
             "entropy_norm": weighted(self.entropy_norm),
             "baseline_entropy_norm": self.baseline_entropy_norm,
-            "mode_combination_share": weighted(np.nanmean(self.mode_share, axis=1))
+            "mode_combination_share": weighted(_row_mean(self.mode_share))
             if self.mode_share is not None
             else None,
             "most_specialised": [
@@ -199,6 +221,13 @@ class TokenResult:
         if self.flops_per_token is not None:
             out["mean_flops_per_token"] = weighted(self.flops_per_token)
         return jsonable(out)
+
+
+def _row_mean(values: np.ndarray) -> np.ndarray:
+    """float64 [V]: mean of each row's finite values; NaN for a row with none (a token whose counts were cut)."""
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, values, 0.0).sum(axis=1) / finite.sum(axis=1)
 
 
 def _format_combinations(combos: np.ndarray, sizes: np.ndarray | None) -> list[str]:
@@ -240,8 +269,11 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
     token_of_group = group[starts] // L
     tok_index = np.searchsorted(token_ids, token_of_group)  # [groups] index into token_ids
     layers_seen = np.bincount(tok_index, minlength=token_ids.size)
+    counted = _counted(token_ids, ctx)  # bool [V]: the token's expert counts were kept
     top1_share = np.bincount(tok_index, weights=top, minlength=token_ids.size) / np.maximum(layers_seen, 1)
     entropy_norm = np.bincount(tok_index, weights=h, minlength=token_ids.size) / np.maximum(layers_seen, 1)
+    top1_share[~counted] = np.nan
+    entropy_norm[~counted] = np.nan
 
     load = np.bincount((keys // E) % L * E + keys % E, weights=counts, minlength=L * E).reshape(L, E)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -260,13 +292,14 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
     if ctx.expert_sizes is not None:
         sizes = ctx.expert_sizes
         size_sum = np.bincount(token_all, weights=counts * sizes[layer_all, expert_all], minlength=token_ids.size)
-        avg_size = size_sum / (occurrences * L * k)  # slots holding no expert count as size 0
+        avg_size = np.where(counted, size_sum / (occurrences * L * k), np.nan)  # slots holding no expert count as size 0
     if ctx.has_costs:
         per_expert = ctx.expert_flops()  # [L, E]
         flops = (
             np.bincount(token_all, weights=counts * per_expert[layer_all, expert_all], minlength=token_ids.size)
             / occurrences
         )
+        flops[~counted] = np.nan
 
     mode = share = None
     if state.combinations is not None:
@@ -274,12 +307,19 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
         if ctx.has_costs:
             per_expert = np.concatenate([ctx.expert_flops(), np.zeros((L, 1))], axis=1)  # id -1 -> column E costs 0
             mode_flops = per_expert[np.arange(L)[None, :, None], np.where(mode >= 0, mode, E)].sum(axis=(1, 2))
+            mode_flops[~counted] = np.nan
     else:
         notes.append(
             f"C(E+k, k) top-{k} combinations of {E} experts do not fit a 64-bit key: mode combinations skipped"
         )
     if not ctx.has_costs:
         notes.append("no expert sizes and hidden size in the context: no per-token FLOPs")
+    if not counted.all():
+        cut = occurrences[~counted].sum()
+        notes.append(f"per-token expert counts kept for the {int(counted.sum()):,} most frequent of {token_ids.size:,} "
+                     f"tokens ({ctx.thresholds.token_table_cells:,} (token, layer, expert) cells, "
+                     f"{1 - cut / max(occurrences.sum(), 1):.1%} of occurrences); the other {int((~counted).sum()):,} "
+                     "tokens have occurrences and output entropy only; the layer baselines are over the kept tokens")
     texts = tuple(ctx.text_of(t) for t in token_ids) if ctx.token_text is not None else None  # vocabulary-sized
     return TokenResult(
         state.layers,
@@ -305,11 +345,20 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
     )
 
 
+def _counted(token_ids: np.ndarray, ctx: AnalysisContext) -> np.ndarray:
+    """bool [V]: tokens whose expert counts were kept (all of them without a token table)."""
+    if ctx.token_table is None:
+        return np.ones(token_ids.size, bool)
+    return np.isin(token_ids, ctx.token_table)
+
+
 def _mode_combinations(combos: SparseCounts, token_ids, occurrences, L, E, k, ctx) -> tuple[np.ndarray, np.ndarray]:
     """(int64 [V, L, k] sorted ids of each token's most common combination per layer, float64 [V, L] its share)."""
     R = _combination_space(ctx)
     coder = CombinationCoder.for_context(E, k)
     keys, counts = combos.keys, combos.counts
+    if not keys.size:  # no token's counts kept
+        return np.full((token_ids.size, L, k), -1, np.int64), np.full((token_ids.size, L), np.nan)
     group = keys // R  # token * L + layer, sorted
     starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
     sizes = np.diff(np.append(starts, counts.size))
