@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from moescope.errors import ModelLoadError
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# names of torch dtypes (torch is imported only to load a model: a command that finds none never imports it)
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 class ModelNotHereError(ModelLoadError):
@@ -17,6 +16,8 @@ class ModelNotHereError(ModelLoadError):
 
 
 def resolve_device(device: str) -> str:
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -82,7 +83,10 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 # transformers reads a legacy pytorch_model.bin with torch.load(weights_only=True): a checkpoint that would
 # run code is refused with this (the pickle module's) error, which becomes a ModelLoadError here
-UNPICKLING_REFUSED = torch.serialization.pickle.UnpicklingError
+def _unpickling_refused():
+    import torch
+
+    return torch.serialization.pickle.UnpicklingError
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
@@ -92,17 +96,17 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     local_only: load from this machine only (a folder, a shipped model, the Hugging Face cache), never the
     network: a model that is not here raises ModelNotHereError at once, with no hub request and no retry.
     """
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path, local = _checked_path(name)
+    if local_only and not on_this_machine(name):  # before torch and transformers are imported: no cost
+        raise ModelNotHereError(f"model {name!r} is not on this machine (no such folder, not in the Hugging Face cache)")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading bars would bury moescope's own one-line messages
-
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    path, local = _checked_path(name)
-    if local_only and not on_this_machine(name):
-        raise ModelNotHereError(f"model {name!r} is not on this machine (no such folder, not in the Hugging Face cache)")
-    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=DTYPES[dtype] if dtype == "auto" else getattr(torch, DTYPES[dtype]), trust_remote_code=trust_remote_code)
     if local_only:
         kwargs["local_files_only"] = True  # what HF_HUB_OFFLINE does, for this call only
     if device_map:
@@ -111,7 +115,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                   **({"local_files_only": True} if local_only else {}))
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, UNPICKLING_REFUSED) as err:  # a pickled checkpoint's code is refused, never run
+    except (OSError, ValueError, _unpickling_refused()) as err:  # a pickled checkpoint's code is refused, never run
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if local else " (is the id right, and is it in your Hugging Face cache or reachable online?)"
         raise ModelLoadError(f"cannot load model {name!r}{hint}: {first}") from None
