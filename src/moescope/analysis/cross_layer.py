@@ -299,11 +299,12 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
     warning = empty_fold_warning(state.load_by_fold.sum(axis=(1, 2)))
     if warning is None:
         target_load = state.load_by_fold[:, target]  # [2, K, L, E] load of the target layer per fold
-        learned = top_predictions(state.first_choice_transitions, target_load, k)  # [2, K, L, E, k] per learning fold
-        chosen = np.zeros(state.first_choice_transitions.shape, bool)
-        np.put_along_axis(chosen, learned, True, axis=-1)
-        # tokens of fold f are predicted with the table learned on fold 1 - f
-        hits = (state.first_choice_transitions * chosen[::-1]).sum(axis=(0, 3, 4))  # [K, L]
+        counts = state.first_choice_transitions  # [2, K, L, E, E]
+        hits = np.zeros((K, L), np.int64)
+        for f in range(2):  # tokens of fold f are predicted with the table learned on fold 1 - f
+            for d in range(K):  # one [L, E, E] table at a time: bounded memory
+                learned = top_predictions(counts[1 - f, d], target_load[1 - f, d], k)  # [L, E, k]
+                hits[d] += np.take_along_axis(counts[f, d], learned, axis=-1).sum(axis=(1, 2))
         frames.append(_recall_rows("transition", hop, src, target, hits, slots[target], valid, layers))
         popular = popular_experts(state.load_by_fold, k)[::-1]  # [2, L, k]: what tokens of fold f are given
         popular_hits = np.take_along_axis(state.load_by_fold, popular, axis=-1).sum(axis=(0, 2))  # [L] per target
