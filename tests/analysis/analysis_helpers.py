@@ -11,7 +11,7 @@ from moescope.analysis.synthetic import SyntheticSpec, synthetic_shard
 from moescope.trace.shard import ShardData
 
 # Awkward trace layouts: one token, seven tokens, uneven shards (sizes in tokens, one shard each).
-SHARD_LAYOUTS = {"one_token": [1], "seven_tokens": [7], "uneven": [1, 7, 30, 2, 45]}
+SHARD_LAYOUTS = {"one_token": [1], "seven_tokens": [7], "uneven": [1, 7, 30, 2, 45], "256_tokens": [256]}
 
 # Routing shapes that exercise the different code paths (k = 1, invalid ids, probabilities, no router
 # outputs, E > 16 for top-m by partition, E > 64 for multi-word bitmasks).
@@ -36,6 +36,14 @@ SPECS = {
         predicted_next_ids=True,
         vocab_size=50,
         expert_sizes=tuple(range(10, 710, 10)),
+    ),
+    "fine_grained": SyntheticSpec(  # DeepSeek-V3's experts and top-k (256, top-8), few layers
+        n_layers=3,
+        n_experts=256,
+        top_k=8,
+        seq_len=(1, 40),
+        predicted_next_ids=True,
+        vocab_size=60,
     ),
 }
 

@@ -71,7 +71,7 @@ def _count_by_token(
 def kept_tokens(token_ids: np.ndarray, occurrences: np.ndarray, ctx: AnalysisContext) -> np.ndarray | None:
     """int64 sorted ids of the most frequent tokens whose (layer, expert) counts fit thresholds.token_table_cells
     (ties to the lower id), or None when every token fits."""
-    per_token = ctx.n_layers * max(ctx.n_experts, _combination_space(ctx) or 0)
+    per_token = ctx.n_layers * ctx.n_experts  # (layer, expert) cells; combination counts add at most L per occurrence
     budget = max(1, ctx.thresholds.token_table_cells // per_token)
     if token_ids.size <= budget:
         return None

@@ -1,0 +1,229 @@
+"""The counting kernels (kernels.expert_counts, kernels.pair_counts) and the LRU engine (stack_distance.py)
+against plain per-event references that share no code with them, at 1, 7 and 256 tokens and at 256 experts,
+top-8; and the runner's pieces of a shard."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from analysis_helpers import SPECS, synthetic_shards
+
+from moescope.analysis import run_analyses
+from moescope.analysis import runner
+from moescope.analysis.kernels import expert_counts, pair_counts
+from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT, hits_from_ranks, lru_ranks, rank_counts
+
+SIZES = [1, 7, 256]
+SHAPES = [(6, 2), (256, 8)]  # (experts, top-k): Mixtral-like and DeepSeek-V3-like
+
+
+def _ids(rng, T, E, k, L=None, invalid=0.1):
+    """int [L, T, k] (or [T, k]) distinct ids per row, some replaced by -1 or ids >= E (no expert)."""
+    shape = (T,) if L is None else (L, T)
+    ids = np.argsort(rng.random(shape + (E,)), axis=-1)[..., :k]
+    noise = rng.random(ids.shape)
+    ids = np.where(noise < invalid / 2, -1, np.where(noise < invalid, E + 1, ids))
+    return ids.astype(np.int16)
+
+
+def reference_ranks(lookups, prefetch, new_sequence, E):
+    """Per-event LRU recency list: rank = index in the list (0 = most recent) before the batch is applied."""
+    stack: list[int] = []
+    out = np.zeros(lookups.shape, np.int64)
+    out_pre = None if prefetch is None else np.zeros(prefetch.shape, np.int64)
+
+    def batch(row, ranks):
+        seen = []
+        for c, e in enumerate(int(x) for x in row):
+            if not 0 <= e < E or e in seen:
+                ranks[c] = NOT_AN_EXPERT
+                continue
+            seen.append(e)
+            ranks[c] = stack.index(e) if e in stack else NO_PRIOR_USE
+        for e in reversed(seen):  # the first column ends up most recent
+            if e in stack:
+                stack.remove(e)
+            stack.insert(0, e)
+
+    for t in range(lookups.shape[0]):
+        if new_sequence[t]:
+            stack.clear()
+        if prefetch is not None:
+            batch(prefetch[t], out_pre[t])
+        batch(lookups[t], out[t])
+    return out, out_pre
+
+
+@pytest.mark.parametrize("E, k", SHAPES)
+@pytest.mark.parametrize("T", SIZES)
+@pytest.mark.parametrize("with_prefetch", [False, True])
+def test_lru_ranks_equal_a_recency_list(T, E, k, with_prefetch):
+    rng = np.random.default_rng(T * 1000 + E + with_prefetch)
+    lookups = _ids(rng, T, E, k)
+    prefetch = _ids(rng, T, E, k + 1) if with_prefetch else None
+    if prefetch is not None and T > 1:
+        prefetch[1:, 0] = lookups[:-1, 0]  # a repeat of the last token's expert: found and refreshed
+    new_sequence = rng.random(T) < 0.1
+    new_sequence[0] = True
+    ranks, pre = lru_ranks(lookups, prefetch, new_sequence, E, prefetch_ranks=True)
+    ref, ref_pre = reference_ranks(lookups, prefetch, new_sequence, E)
+    np.testing.assert_array_equal(ranks, ref)
+    if with_prefetch:
+        np.testing.assert_array_equal(pre, ref_pre)
+
+
+@pytest.mark.parametrize("capacity", [8, 9, 40, 256])
+def test_hits_from_ranks_equal_an_lru_cache_of_that_capacity(capacity):
+    """An explicit cache of `capacity` entries, evicting the least recently used: the same hits as rank < C."""
+    rng = np.random.default_rng(capacity)
+    E, k, T = 256, 8, 256
+    weights = 1.0 / np.arange(1, E + 1)  # skewed: a cache has something to find
+    lookups = np.stack([rng.choice(E, k, replace=False, p=weights / weights.sum()) for _ in range(T)])
+    new_sequence = np.zeros(T, bool)
+    new_sequence[[0, 100]] = True
+    cache: list[int] = []  # most recent first
+    expected = np.zeros((T, k), bool)
+    for t in range(T):
+        if new_sequence[t]:
+            cache.clear()
+        expected[t] = [e in cache for e in lookups[t]]
+        for e in reversed(lookups[t].tolist()):
+            if e in cache:
+                cache.remove(e)
+            cache.insert(0, e)
+        del cache[capacity:]
+    ranks, _ = lru_ranks(lookups, None, new_sequence, E)
+    np.testing.assert_array_equal(hits_from_ranks(ranks, capacity), expected)
+    assert 0 < expected.mean() < 1
+
+
+def test_rank_counts_are_per_stream_histograms():
+    rng = np.random.default_rng(3)
+    E, k, S, T = 256, 8, 3, 7
+    lookups = _ids(rng, T, E, k, L=S)
+    new_sequence = np.array([1, 0, 0, 1, 0, 0, 0], bool)
+    counts = rank_counts(lookups, None, new_sequence, E)
+    for s in range(S):
+        ref, _ = reference_ranks(lookups[s], None, new_sequence, E)
+        expect = np.zeros(E + 1, np.int64)
+        for r in ref.ravel():
+            if r >= 0:
+                expect[r] += 1
+            elif r == NO_PRIOR_USE:
+                expect[E] += 1
+        np.testing.assert_array_equal(counts[s], expect)
+
+
+@pytest.mark.parametrize("E, k", SHAPES)
+@pytest.mark.parametrize("T", SIZES)
+def test_expert_counts_equal_a_loop(T, E, k):
+    rng = np.random.default_rng(T + E)
+    L, G = 3, 4
+    ids = _ids(rng, T, E, k, L=L)
+    group = rng.integers(0, G, T)
+    weights = rng.random(ids.shape)
+    counts = np.zeros((G, L, E + 1), np.int64)
+    sums = np.zeros((G, L, E + 1))
+    for l in range(L):
+        for t in range(T):
+            for c in range(k):
+                e = int(ids[l, t, c])
+                e = e if 0 <= e < E else E
+                counts[group[t], l, e] += 1
+                sums[group[t], l, e] += weights[l, t, c]
+    np.testing.assert_array_equal(expert_counts(ids, E), counts.sum(0)[:, :E])
+    np.testing.assert_array_equal(expert_counts(ids, E, keep_invalid=True), counts.sum(0))
+    np.testing.assert_array_equal(expert_counts(ids, E, group=group, n_groups=G), counts[..., :E])
+    np.testing.assert_allclose(expert_counts(ids, E, weights=weights), sums.sum(0)[:, :E], rtol=1e-12)
+
+
+@pytest.mark.parametrize("E, k", SHAPES)
+@pytest.mark.parametrize("T", SIZES)
+def test_pair_counts_equal_a_loop(T, E, k):
+    rng = np.random.default_rng(T * 7 + E)
+    L = 3
+    a, b = _ids(rng, T, E, k, L=L), _ids(rng, T, E, k - 1 or 1, L=L)
+    group = rng.integers(0, 2, T)
+    expect = np.zeros((2, L, E, E), np.int64)
+    for l in range(L):
+        for t in range(T):
+            for i in a[l, t]:
+                for j in b[l, t]:
+                    if 0 <= i < E and 0 <= j < E:
+                        expect[group[t], l, i, j] += 1
+    np.testing.assert_array_equal(pair_counts(a, b, E), expect.sum(0))
+    np.testing.assert_array_equal(pair_counts(a, b, E, group=group, n_groups=2), expect)
+    running = pair_counts(a, b, E)
+    np.testing.assert_array_equal(pair_counts(a, b, E, out=running), 2 * expect.sum(0))  # adds into out
+
+
+def test_pair_counts_refuse_out_of_range_groups_and_wrong_out():
+    a = np.zeros((1, 2, 1), np.intp)
+    with pytest.raises(ValueError):
+        pair_counts(a, a, 4, group=np.array([0, 2]), n_groups=2)
+    with pytest.raises(ValueError):
+        pair_counts(a, a, 4, out=np.zeros((1, 3, 3), np.int64))
+
+
+@pytest.mark.parametrize("max_rows", [1, 9, 40])
+def test_pieces_cut_between_sequences_and_cover_the_shard(max_rows):
+    spec = SPECS["base"]
+    shard = synthetic_shards(spec, [60], seed=5)[0]
+    parts = list(runner.pieces(shard, max_rows))
+    assert sum(p.n_tokens for p in parts) == shard.n_tokens
+    np.testing.assert_array_equal(np.concatenate([p.topk_ids for p in parts], axis=1), shard.topk_ids)
+    np.testing.assert_array_equal(np.concatenate([p.seq_id for p in parts]), shard.seq_id)
+    for p in parts:
+        assert not p.same_sequence_as_previous()[0]  # each piece starts a sequence
+        whole_sequence = np.unique(p.seq_id).size == 1
+        assert p.n_tokens * p.n_layers <= max_rows or whole_sequence
+
+
+@pytest.mark.parametrize("spec_name", ["base", "fine_grained"])
+def test_analysing_shards_in_small_pieces_changes_nothing(spec_name, monkeypatch):
+    spec = SPECS[spec_name]
+    shards = synthetic_shards(spec, [90, 40], seed=11)
+    ctx = spec.context()
+    whole = run_analyses(shards, ctx)
+    monkeypatch.setattr(runner, "PIECE_ROWS", 4 * spec.n_layers)
+    assert len(list(runner.pieces(shards[0]))) > 5
+    cut = run_analyses(shards, ctx)
+    for name in whole:
+        a, b = whole[name].summary(), cut[name].summary()
+        assert _close(a, b), name
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[x], b[x]) for x in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
+
+
+def test_token_table_keeps_exact_counts_for_the_most_frequent_tokens():
+    spec = dataclasses.replace(SPECS["k3_invalid_no_router"], vocab_size=40)
+    shards = synthetic_shards(spec, [200, 57], seed=2)
+    ctx = spec.context()
+    full = run_analyses(shards, ctx, only=["token_specialisation"])["token_specialisation"]
+    per_token = ctx.n_layers * ctx.n_experts
+    small = dataclasses.replace(ctx, thresholds=dataclasses.replace(ctx.thresholds, token_table_cells=10 * per_token))
+    cut = run_analyses(shards, small, only=["token_specialisation"])["token_specialisation"]
+    np.testing.assert_array_equal(cut.token_ids, full.token_ids)
+    np.testing.assert_array_equal(cut.occurrences, full.occurrences)  # exact for every token
+    kept = np.isfinite(cut.top1_share)
+    assert kept.sum() == 10
+    # the kept tokens are the most frequent (ties to the lower id) and their figures are the full run's
+    order = np.lexsort((full.token_ids, -full.occurrences))[:10]
+    np.testing.assert_array_equal(np.sort(full.token_ids[order]), cut.token_ids[kept])
+    np.testing.assert_allclose(cut.top1_share[kept], full.top1_share[kept])
+    np.testing.assert_allclose(cut.entropy_norm[kept], full.entropy_norm[kept])
+    assert np.isnan(cut.entropy_norm[~kept]).all()
+    summary = cut.summary()
+    assert summary["tokens_without_expert_counts"] == full.token_ids.size - 10
+    assert any("most frequent" in note for note in summary["notes"])
+    assert full.summary()["tokens_without_expert_counts"] == 0
