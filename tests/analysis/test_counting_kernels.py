@@ -56,10 +56,11 @@ def reference_ranks(lookups, prefetch, new_sequence, E):
     return out, out_pre
 
 
+@pytest.mark.parametrize("method", ["scan", "tree"])
 @pytest.mark.parametrize("E, k", SHAPES)
 @pytest.mark.parametrize("T", SIZES)
 @pytest.mark.parametrize("with_prefetch", [False, True])
-def test_lru_ranks_equal_a_recency_list(T, E, k, with_prefetch):
+def test_lru_ranks_equal_a_recency_list(T, E, k, with_prefetch, method):
     rng = np.random.default_rng(T * 1000 + E + with_prefetch)
     lookups = _ids(rng, T, E, k)
     prefetch = _ids(rng, T, E, k + 1) if with_prefetch else None
@@ -67,7 +68,7 @@ def test_lru_ranks_equal_a_recency_list(T, E, k, with_prefetch):
         prefetch[1:, 0] = lookups[:-1, 0]  # a repeat of the last token's expert: found and refreshed
     new_sequence = rng.random(T) < 0.1
     new_sequence[0] = True
-    ranks, pre = lru_ranks(lookups, prefetch, new_sequence, E, prefetch_ranks=True)
+    ranks, pre = lru_ranks(lookups, prefetch, new_sequence, E, prefetch_ranks=True, method=method)
     ref, ref_pre = reference_ranks(lookups, prefetch, new_sequence, E)
     np.testing.assert_array_equal(ranks, ref)
     if with_prefetch:

@@ -5,7 +5,7 @@ import pytest
 from analysis_helpers import DOCUMENT_LAYOUTS, SHARD_LAYOUTS, SPECS, document_in_fold, make_shard, run_one, shards_with_documents, synthetic_shards
 
 from moescope.analysis import AnalysisContext, run_analyses
-from moescope.analysis.lru_kernel import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
+from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT, lru_ranks
 from moescope.analysis.reference import expert_cache as reference
 from moescope.analysis.reference.expert_cache import LRUCache
 
@@ -24,8 +24,7 @@ def _simulated_hits(lookups, prefetch, sequence_start, n_experts, capacity):
     return hits
 
 
-@pytest.mark.parametrize("method", ["compare", "range_or"])
-def test_kernel_matches_an_lru_simulation(method):
+def test_kernel_matches_an_lru_simulation():
     rng = np.random.default_rng(0)
     for _ in range(60):
         E = int(rng.integers(2, 70))
@@ -42,7 +41,7 @@ def test_kernel_matches_an_lru_simulation(method):
             prefetch[:, -1] = prefetch[:, 0]  # a repeated id inside one batch
         starts = np.unique(np.concatenate([[0], rng.integers(0, N, 2)]))
         sequence_start = starts[np.searchsorted(starts, np.arange(N), side="right") - 1]
-        rank = lru_ranks(lookups, prefetch, sequence_start, E, method)
+        rank, _ = lru_ranks(lookups, prefetch, sequence_start == np.arange(N), E)
         assert ((rank == NOT_AN_EXPERT) == (lookups == E)).all()
         smallest = max(k, 0 if prefetch is None else prefetch.shape[1])
         for capacity in range(smallest, E + 1):
@@ -65,7 +64,7 @@ def test_hand_made_lru_and_same_index_prefetch():
 
 
 def test_rank_reports_first_use_as_no_prior_use():
-    rank = lru_ranks(np.array([[2], [2]]), None, np.array([0, 0]), 3)
+    rank, _ = lru_ranks(np.array([[2], [2]]), None, np.array([True, False]), 3)
     assert rank[:, 0].tolist() == [NO_PRIOR_USE, 0]
 
 

@@ -86,3 +86,84 @@ def lru_rank_pass(lookups, prefetch, new_sequence, E, kk, has_prefetch, rank_pre
         for c in range(k):
             out[t, c] = _rank_of(last, batch[c], E, start, c, batch)
         _touch(last, batch, E, base + kk, kk)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _repeats_earlier(batch, c):  # pragma: no cover - compiled
+    for i in range(c):
+        if batch[i] == batch[c]:
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tree_add(tree, pos, size, delta):  # pragma: no cover - compiled
+    while pos <= size:
+        tree[pos] += delta
+        pos += pos & -pos
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tree_prefix(tree, pos):  # pragma: no cover - compiled
+    total = 0
+    while pos > 0:
+        total += tree[pos]
+        pos -= pos & -pos
+    return total
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tree_rank(tree, last, e, E, start, total, column, batch):  # pragma: no cover - compiled
+    if e < 0 or e >= E or _repeats_earlier(batch, column):
+        return NOT_AN_EXPERT
+    if last[e] < start:
+        return NO_PRIOR_USE
+    return total - _tree_prefix(tree, last[e] - start + 1)  # markers after e's own: experts touched later
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _tree_touch(tree, last, batch, E, stamp0, kk, start, size, total):  # pragma: no cover - compiled
+    for c in range(batch.shape[0] - 1, -1, -1):
+        e = batch[c]
+        if e < 0 or e >= E or _repeats_earlier(batch, c):
+            continue
+        if last[e] >= start:
+            _tree_add(tree, last[e] - start + 1, size, -1)  # one marker per expert: at its last touch
+        else:
+            total += 1
+        last[e] = stamp0 + kk - 1 - c
+        _tree_add(tree, last[e] - start + 1, size, 1)
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def lru_rank_pass_tree(lookups, prefetch, new_sequence, length, E, kk, has_prefetch, rank_prefetch, out,
+                       out_pre):  # pragma: no cover - compiled
+    """lru_rank_pass for many keys (a cache shared by every layer): O(log n) per touch instead of O(E).
+
+    A Fenwick tree over the sequence's stamps holds one marker per expert, at its last touch; rank(e) = markers
+    after e's. length: int64 [N], the sequence's length in tokens at each new_sequence row.
+    """
+    N, k = lookups.shape
+    longest = 1
+    for t in range(N):
+        if new_sequence[t] and length[t] > longest:
+            longest = length[t]
+    tree = np.zeros(2 * kk * (longest + 1) + 2, np.int64)
+    last = np.full(E, -1, np.int64)
+    start, size, total = np.int64(0), 0, 0
+    for t in range(N):
+        base = np.int64(2 * kk * (t + 1))
+        if new_sequence[t]:
+            tree[: size + 1] = 0
+            start, size, total = base, 2 * kk * (length[t] + 1), 0
+        if has_prefetch:
+            batch = prefetch[t]
+            if rank_prefetch:
+                for c in range(batch.shape[0]):
+                    out_pre[t, c] = _tree_rank(tree, last, batch[c], E, start, total, c, batch)
+            total = _tree_touch(tree, last, batch, E, base, kk, start, size, total)
+        batch = lookups[t]
+        for c in range(k):
+            out[t, c] = _tree_rank(tree, last, batch[c], E, start, total, c, batch)
+        total = _tree_touch(tree, last, batch, E, base + kk, kk, start, size, total)

@@ -22,19 +22,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from moescope.analysis.compiled import NO_PRIOR_USE, NOT_AN_EXPERT, lru_rank_pass
+from moescope.analysis.compiled import NO_PRIOR_USE, NOT_AN_EXPERT, lru_rank_pass, lru_rank_pass_tree
 
-__all__ = ["NOT_AN_EXPERT", "NO_PRIOR_USE", "hits_from_ranks", "lru_ranks", "rank_counts", "rank_histogram"]
+__all__ = ["NOT_AN_EXPERT", "NO_PRIOR_USE", "drop_repeats", "hits_from_ranks", "lru_ranks", "rank_counts",
+           "rank_histogram"]
+
+
+SCAN_MAX_KEYS = 1024  # up to here a touch scans every key's stamp (SIMD); above, a Fenwick tree (O(log n))
 
 
 def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np.ndarray, n_experts: int,
-              *, prefetch_ranks: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+              *, prefetch_ranks: bool = False, method: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
     """(int32 [N, k] rank of every lookup, int32 [N, kp] rank of every prefetch touch or None).
 
     lookups: int [N, k] experts each token uses, ids outside [0, n_experts) = no expert; prefetch: int [N, kp]
     experts inserted before token t's lookups (same rule), or None; new_sequence: bool [N], True where the
     cache starts cold (a sequence's first token; several streams can be laid end to end, each starting one).
     Prefetch ranks (is a prefetched expert already cached?) are computed only when `prefetch_ranks`.
+    method: "scan" (compare with every key's last stamp), "tree" (Fenwick tree over stamps) or "auto" (scan up
+    to SCAN_MAX_KEYS keys): the same ranks.
     """
     lookups = np.ascontiguousarray(lookups)
     N, k = lookups.shape
@@ -52,8 +58,21 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
     kk = max(k, pre.shape[1])
     # stamps: int32 while 2 batches x kk columns per token fit, else int64 (numba compiles one loop per dtype)
     stamp = np.int32 if 2 * kk * (N + 1) < 2**31 else np.int64
-    lru_rank_pass(lookups, pre.astype(lookups.dtype, copy=False), new_sequence, int(n_experts), kk, has_prefetch,
-           bool(has_prefetch and prefetch_ranks), out, out_pre, np.zeros(1, stamp))
+    pre = pre.astype(lookups.dtype, copy=False)
+    rank_prefetch = bool(has_prefetch and prefetch_ranks)
+    if method == "auto":
+        method = "scan" if n_experts <= SCAN_MAX_KEYS else "tree"
+    if method == "scan":
+        lru_rank_pass(lookups, pre, new_sequence, int(n_experts), kk, has_prefetch, rank_prefetch, out, out_pre,
+                      np.zeros(1, stamp))
+    elif method == "tree":
+        starts = np.flatnonzero(new_sequence)
+        length = np.zeros(N, np.int64)
+        length[starts] = np.diff(np.append(starts, N))
+        lru_rank_pass_tree(lookups, pre, new_sequence, length, int(n_experts), kk, has_prefetch, rank_prefetch, out,
+                           out_pre)
+    else:
+        raise ValueError(f"unknown method {method!r}")
     return out, (out_pre if has_prefetch and prefetch_ranks else None)
 
 
@@ -81,3 +100,12 @@ def rank_histogram(ranks: np.ndarray, n_experts: int) -> np.ndarray:
 def hits_from_ranks(ranks: np.ndarray, capacity: int) -> np.ndarray:
     """bool [...]: the touches an LRU cache of `capacity` entries finds cached."""
     return (ranks >= 0) & (ranks < capacity)
+
+
+def drop_repeats(events: np.ndarray, sentinel: int) -> np.ndarray:
+    """Replace an id that already occurs in an earlier column of the same batch (row) by the sentinel."""
+    out = events.copy()
+    for c in range(1, events.shape[1]):  # kk x kk column comparisons (kk is small)
+        repeat = (events[:, :c] == events[:, c : c + 1]).any(axis=1)
+        out[repeat, c] = sentinel
+    return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moescope.analysis.lru_kernel import drop_repeats
+from moescope.analysis.stack_distance import drop_repeats
 from moescope.analysis.shard_view import ShardView
 
 SCOPES = ("layer", "global")

@@ -1,4 +1,4 @@
-"""Per-layer LRU expert cache, simulated token by token with an OrderedDict (see analysis/lru_kernel.py)."""
+"""Per-layer LRU expert cache, simulated token by token with an OrderedDict (see analysis/stack_distance.py)."""
 
 from __future__ import annotations
 
