@@ -1,100 +1,180 @@
-"""Capture and analysis on Ray against in-process, on the same corpus and the same trace, in one run.
+"""Analysis at the shapes of today's fine-grained MoEs: rows per CPU-second and peak memory, against the previous
+release and a DuckDB floor, on the same synthetic traces.
 
-    python bench/scale.py [--tokens 60000] [--analysis-tokens 500000] [--reps 3]
+    PYTHONPATH=src python bench/scale.py                  # DeepSeek-V3, Kimi-K2, Qwen3-235B, Mixtral; 2 reps
+    PYTHONPATH=src python bench/scale.py --shapes dsv3 --tokens 40000 --reps 3
+    PYTHONPATH=src python bench/scale.py --quick           # tiny traces, one rep (what tests/bench runs)
 
-1. Capture of the shipped tiny-moe over a real corpus: in-process (torch on all cores) against Ray with
-   1 and 2 workers (1 thread each) on a local cluster started here. Wall time of the whole call, worker
-   start-up (model load) included; the traces are checked equal.
-2. The full analysis suite over a synthetic trace written to disk (8 layers, 64 experts, top-4), in-process
-   against Ray (per-shard accumulate on the workers, reduced as in process); the results are checked equal.
-Prints seconds, tokens (or rows) per second and the ratio to in-process, as median (min–max) over reps run
-interleaved, the ratio paired within each rep (bench/_timing.py).
+For each shape a routing-only trace (top-k ids and weights, no router logits; `analysis/synthetic.py`) is
+written to a temporary folder in shards of --shard-tokens tokens. Then, interleaved for --reps repetitions
+(bench/_timing.py), each in a fresh process:
+  this code        the default `analyze` suite (run_analyses over every analysis), CPU seconds of the suite
+                   (time.process_time around it; imports and start-up are reported apart), peak RSS of the process
+  previous release the same, from `git archive <--previous>` of this repository (default 16d7652, the last
+                   release before this benchmark), imported from its own src/ by PYTHONPATH
+  DuckDB floor     `SELECT layer, e, count(*) FROM (SELECT layer, unnest(topk_ids) e FROM routing) GROUP BY ALL`
+                   over the same Parquet: the load alone, as a database computes it (CPU of all its threads)
+Rows are (token, layer) rows. Then once, for this code only, every analysis alone in its own process: its CPU
+seconds and rows per CPU-second, and its peak RSS (the process's, imports included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
 from _timing import Spread, interleave, paired_ratios, verdict
 
-import moescope
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # MoE layers, routed experts, top-k (the models' published configurations)
+    "dsv3": ("DeepSeek-V3", 58, 256, 8),
+    "kimi-k2": ("Kimi-K2", 60, 384, 8),
+    "qwen3-235b": ("Qwen3-235B-A22B", 94, 128, 8),
+    "mixtral": ("Mixtral 8x7B", 32, 8, 2),
+}
+TOKENS = {"dsv3": 20000, "kimi-k2": 20000, "qwen3-235b": 12000, "mixtral": 200000}  # ~1.1-6.4 M rows each
+
+# peak RSS of this process since exec (VmHWM; ru_maxrss would carry the forking parent's over exec)
+PEAK_RSS = r"""
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+"""
+
+CHILD = PEAK_RSS + r"""
+import json, sys, time
+started = time.process_time()
 from moescope.analysis import run_analyses
-from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+from moescope.pipeline.analyze import analysis_context
+from moescope.trace.reader import open_trace
+trace = open_trace(sys.argv[1])
+ctx = analysis_context(trace)
+only = None if sys.argv[2] == "all" else sys.argv[2].split(",")
+timings = {}
+ready = time.process_time()
+run_analyses(trace.shards, ctx, only=only, timings=timings)
+done = time.process_time()
+print(json.dumps({"cpu": done - ready, "startup": ready - started, "timings": timings,
+                  "rows": trace.n_tokens * trace.n_layers, "rss": peak_rss()}))
+"""
+
+DUCKDB = PEAK_RSS + r"""
+import json, sys, time
+import duckdb
+con = duckdb.connect()
+started = time.process_time()
+n = con.execute("SELECT count(*) FROM read_parquet(?)", [sys.argv[1]]).fetchone()[0]
+con.execute("SELECT layer, e, count(*) FROM (SELECT layer, unnest(topk_ids) AS e FROM read_parquet(?)) GROUP BY ALL",
+            [sys.argv[1]]).fetchall()
+print(json.dumps({"cpu": time.process_time() - started, "rows": n, "rss": peak_rss()}))
+"""
 
 
-def report(times: dict[str, list[float]], work: float, unit: str, base: str = "in-process") -> None:
-    for name, seconds in times.items():
-        speedup = paired_ratios(times[base], seconds)
-        judged = "the base" if name == base else f"{speedup.text('.2f')}x {base} ({verdict(speedup, 'faster', 'slower')})"
-        print(f"  {name:14s} {Spread.of(seconds).text('.2f')} s {Spread.of([work / s for s in seconds]).text(',.0f')} {unit}"
-              f"   {judged}")
+def run_child(code: str, src: Path | None, *argv: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src) if src else os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        raise SystemExit(f"child failed ({argv}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_capture(args, work: Path) -> None:
-    opts = dict(data="humaneval,gsm-symbolic,wiki", max_tokens=args.tokens, seq_len=256, shard_tokens=8192, progress=False)
-
-    def run(name: str, **extra):
-        out = work / name
-        shutil.rmtree(out, ignore_errors=True)
-        moescope.capture("moescope:tiny-moe", out=out, **opts, **extra)
-
-    ways = {"in-process": {}, "ray 1 worker": {"ray": "local", "workers": 1}, "ray 2 workers": {"ray": "local", "workers": 2}}
-    times = interleave({name: lambda name=name, extra=extra: run(name.replace(" ", "-"), **extra) for name, extra in ways.items()},
-                       args.reps)  # a warm-up round first: the first capture of a process pays one-time costs
-    same = [moescope.open_trace(work / n.replace(" ", "-")).sql(
-        "SELECT seq_id, pos, layer, topk_ids FROM routing ORDER BY ALL").equals(
-        moescope.open_trace(work / "in-process").sql("SELECT seq_id, pos, layer, topk_ids FROM routing ORDER BY ALL"))
-        for n in ways]
-    print(f"capture: moescope:tiny-moe, {args.tokens:,} tokens of real text, median (min–max) of {args.reps} interleaved "
-          "reps (worker start-up included)")
-    report(times, args.tokens, "tokens/s")
-    print(f"  traces equal to the in-process one: {all(same)}")
+def previous_release(commit: str, work: Path) -> Path:
+    """src/ of `commit`, extracted from this repository with git archive."""
+    archive = work / "previous.tar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), commit, "src"], cwd=ROOT, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(work / "previous", filter="data")
+    return work / "previous" / "src"
 
 
-def bench_analysis(args, work: Path) -> None:
-    from moescope.distributed.analyze import ray_pass
+def write_trace(folder: Path, shape: str, tokens: int, shard_tokens: int) -> None:
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
 
-    spec = SyntheticSpec(n_layers=8, n_experts=64, top_k=4, vocab_size=8192, router_output=None, output_entropy=False)
-    folder = work / "synthetic"
-    write_synthetic_trace(folder, spec, args.analysis_tokens, shard_tokens=25000)
-    trace = moescope.open_trace(folder)
-    ctx = spec.context(router_output_kind=None)
-    rows = trace.n_tokens * trace.n_layers
-    results = {}
-    ways = {"in-process": None, "ray": ray_pass(folder, None)}
-    times = interleave({name: lambda runner=runner, name=name: results.__setitem__(
-        name, run_analyses(trace.shards, ctx, run_pass=runner)) for name, runner in ways.items()}, args.reps)
-    same = all(json.dumps(results["in-process"][n].summary(), sort_keys=True, default=str)
-               == json.dumps(results["ray"][n].summary(), sort_keys=True, default=str) for n in results["in-process"])
-    print(f"analysis: all analyses, synthetic trace of {rows:,} rows ({trace.n_tokens:,} tokens x {trace.n_layers} layers, "
-          f"{len(trace.manifest['shards'])} shards), median (min–max) of {args.reps} interleaved reps")
-    report(times, rows, "rows/s")
-    print(f"  results equal: {same}")
+    _, L, E, k = SHAPES[shape]
+    spec = SyntheticSpec(n_layers=L, n_experts=E, top_k=k, vocab_size=32000, seq_len=(32, 512), router_output=None,
+                         output_entropy=False)
+    write_synthetic_trace(folder, spec, tokens, shard_tokens)
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.0f}"
+
+
+def bench_shape(shape: str, args, work: Path, previous: Path | None) -> dict:
+    name, L, E, k = SHAPES[shape]
+    tokens = args.tokens or (600 if args.quick else TOKENS[shape])
+    folder = work / shape
+    write_trace(folder, shape, tokens, args.shard_tokens)
+    rows = tokens * L
+    commands = {"this code": (CHILD, ROOT / "src", str(folder), "all")}
+    if previous is not None:
+        commands["previous release"] = (CHILD, previous, str(folder), "all")
+    commands["DuckDB floor"] = (DUCKDB, None, str(folder / "routing" / "*.parquet"))
+    results: dict[str, list[dict]] = {way: [] for way in commands}
+
+    def measure(way: str) -> float:  # one fresh process; its record is kept, its CPU seconds returned
+        results[way].append(run_child(*commands[way]))
+        return results[way][-1]["cpu"]
+
+    interleave({way: way for way in commands}, args.reps, measure=measure, warmup=False)
+    print(f"\n{name}: {L} MoE layers x {E} experts, top-{k}; {tokens:,} tokens = {rows:,} (token, layer) rows, "
+          f"shards of {args.shard_tokens:,} tokens; median (min–max) of {args.reps} interleaved reps, each a fresh process")
+    cpu = {w: [r["cpu"] for r in rs] for w, rs in results.items() if rs}
+    print(f"  {'':18s} {'rows per CPU-s':>28s} {'CPU-s':>22s} {'peak RSS MiB':>22s}   ratio to this code")
+    for way, seconds in cpu.items():
+        rss = Spread.of([r["rss"] for r in results[way]])
+        ratio = paired_ratios(seconds, cpu["this code"])
+        judged = "the base" if way == "this code" else f"{ratio.text('.2f')}x the CPU ({verdict(ratio, 'more', 'less')})"
+        print(f"  {way:18s} {Spread.of([rows / s for s in seconds]).text(',.0f'):>28s} {Spread.of(seconds).text('.2f'):>22s} "
+              f"{rss.text(',.0f', 1 / 2**20):>22s}   {judged}")
+    startup = Spread.of([r["startup"] for r in results["this code"]])
+    print(f"  (start-up of this code's process, not counted above: {startup.text('.2f')} CPU-s)")
+    per = {}
+    if not args.skip_per_analysis:
+        from moescope.analysis import ANALYSES
+
+        print(f"  {'analysis':24s} {'CPU-s':>8s} {'rows per CPU-s':>16s} {'peak RSS MiB':>13s}   (alone, one process each)")
+        for analysis in ANALYSES:
+            one = run_child(CHILD, ROOT / "src", str(folder), analysis)
+            per[analysis] = one
+            print(f"  {analysis:24s} {one['cpu']:8.2f} {rows / one['cpu']:16,.0f} {mib(one['rss']):>13s}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"shape": name, "rows": rows, "results": results, "per_analysis": per}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=60000)
-    ap.add_argument("--analysis-tokens", type=int, default=500000)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per trace (default: per shape, ~1-6 M rows)")
+    ap.add_argument("--shard-tokens", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--previous", default="16d7652", help="commit of the previous release ('' to skip it)")
+    ap.add_argument("--skip-per-analysis", action="store_true", help="only the suite")
+    ap.add_argument("--quick", action="store_true", help="600-token traces, one rep, Mixtral and DeepSeek-V3 only, no "
+                    "previous release (a smoke test)")
     args = ap.parse_args()
-    import os
-
-    import ray
-
-    cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if args.quick:
+        args.reps, args.previous = 1, ""
+        shapes = [s for s in shapes if s in ("mixtral", "dsv3")]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
     work = Path(tempfile.mkdtemp(prefix="moescope-scale-"))
     try:
-        print(f"machine: {cpus} CPUs; Ray local cluster with {cpus} CPU slots")
-        bench_capture(args, work)
-        bench_analysis(args, work)
+        previous = previous_release(args.previous, work) if args.previous else None
+        print(f"machine: {os.cpu_count()} CPUs; routing-only synthetic traces (no router logits)")
+        for shape in shapes:
+            bench_shape(shape, args, work, previous)
     finally:
-        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 
