@@ -41,20 +41,26 @@ def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
                         row[y] += 1
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _rank_of(last, e, E, start, column, batch):  # pragma: no cover - compiled
-    if e < 0 or e >= E:
-        return NOT_AN_EXPERT
-    for c in range(column):  # a repeat of an earlier column of the same batch is not a touch
-        if batch[c] == e:
-            return NOT_AN_EXPERT
-    mine = last[e]
-    if mine < start:
-        return NO_PRIOR_USE
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _newer(last, mine):  # pragma: no cover - compiled
+    """How many stamps are later than `mine`: SIMD over the E stamps."""
     count = 0
-    for f in range(last.shape[0]):  # SIMD over the E stamps: how many experts were touched later than e
+    for f in range(last.shape[0]):
         count += last[f] > mine
     return count
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rank_batch(last, batch, out, mark, batch_id, E, start):  # pragma: no cover - compiled
+    """Rank every id of one batch (before it is applied); `mark` spots an id repeated within the batch."""
+    for c in range(batch.shape[0]):
+        e = batch[c]
+        if e < 0 or e >= E or mark[e] == batch_id:
+            out[c] = NOT_AN_EXPERT
+            continue
+        mark[e] = batch_id
+        mine = last[e]
+        out[c] = NO_PRIOR_USE if mine < start else _newer(last, mine)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -68,24 +74,22 @@ def _touch(last, batch, E, base, kk):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def lru_rank_pass(lookups, prefetch, new_sequence, E, kk, has_prefetch, rank_prefetch, out, out_pre,
-           like):  # pragma: no cover - compiled
+                  like):  # pragma: no cover - compiled
+    """LRU stack distance of every lookup (and prefetch touch when rank_prefetch) into out (and out_pre)."""
     N, k = lookups.shape
     last = np.full(E, -1, like.dtype)  # stamp of each expert's last touch (valid when >= start)
+    mark = np.full(E, -1, np.int64)  # the batch that last ranked each expert
     start = like[0]
     for t in range(N):
         base = like.dtype.type(2 * kk * (t + 1))  # prefetch batch at base, lookups at base + kk
         if new_sequence[t]:
             start = base  # every earlier stamp is below: the cache is cold
         if has_prefetch:
-            batch = prefetch[t]
             if rank_prefetch:
-                for c in range(batch.shape[0]):
-                    out_pre[t, c] = _rank_of(last, batch[c], E, start, c, batch)
-            _touch(last, batch, E, base, kk)
-        batch = lookups[t]
-        for c in range(k):
-            out[t, c] = _rank_of(last, batch[c], E, start, c, batch)
-        _touch(last, batch, E, base + kk, kk)
+                _rank_batch(last, prefetch[t], out_pre[t], mark, 2 * t, E, start)
+            _touch(last, prefetch[t], E, base, kk)
+        _rank_batch(last, lookups[t], out[t], mark, 2 * t + 1, E, start)
+        _touch(last, lookups[t], E, base + kk, kk)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
