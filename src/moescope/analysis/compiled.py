@@ -73,13 +73,16 @@ def _touch(last, batch, E, base, kk):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def lru_rank_pass(lookups, prefetch, new_sequence, E, kk, has_prefetch, rank_prefetch, out, out_pre,
-                  like):  # pragma: no cover - compiled
-    """LRU stack distance of every lookup (and prefetch touch when rank_prefetch) into out (and out_pre)."""
+def lru_rank_pass(lookups, prefetch, new_sequence, E, kk, has_prefetch, rank_prefetch, out, out_pre, like,
+                  rows_per_stream, hist):  # pragma: no cover - compiled
+    """LRU stack distance of every lookup (and prefetch touch when rank_prefetch) into out (and out_pre); when
+    hist [S, E + 1] is not empty, lookups of row t are also counted in hist[t // rows_per_stream] by rank
+    (column E: NO_PRIOR_USE)."""
     N, k = lookups.shape
     last = np.full(E, -1, like.dtype)  # stamp of each expert's last touch (valid when >= start)
     mark = np.full(E, -1, np.int64)  # the batch that last ranked each expert
     start = like[0]
+    counting = hist.shape[0] > 0
     for t in range(N):
         base = like.dtype.type(2 * kk * (t + 1))  # prefetch batch at base, lookups at base + kk
         if new_sequence[t]:
@@ -90,6 +93,14 @@ def lru_rank_pass(lookups, prefetch, new_sequence, E, kk, has_prefetch, rank_pre
             _touch(last, prefetch[t], E, base, kk)
         _rank_batch(last, lookups[t], out[t], mark, 2 * t + 1, E, start)
         _touch(last, lookups[t], E, base + kk, kk)
+        if counting:
+            row = hist[t // rows_per_stream]
+            for c in range(k):
+                r = out[t, c]
+                if r >= 0:
+                    row[r] += 1
+                elif r == NO_PRIOR_USE:
+                    row[E] += 1
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

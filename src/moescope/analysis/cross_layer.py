@@ -175,10 +175,14 @@ class PrefetchTable:
 
     counts: np.ndarray  # int64 [2, L - 1, E, E]
     target_load: np.ndarray  # int64 [2, L, E]
+    _learned: dict = dataclasses.field(default_factory=dict, repr=False)  # k -> predictions: learned once per table
 
     def predictions(self, k: int) -> np.ndarray:
-        """int64 [2, L - 1, E, k]: predictions[f, l, i] learned on fold f, for layer l + 1."""
-        return top_predictions(self.counts, self.target_load[:, 1:], k)
+        """int64 [2, L - 1, E, k]: predictions[f, l, i] learned on fold f, for layer l + 1 (the tables are read-only:
+        learned on the first call, then reused by every shard)."""
+        if k not in self._learned:
+            self._learned[k] = top_predictions(self.counts, self.target_load[:, 1:], k)
+        return self._learned[k]
 
     def popular(self, k: int) -> np.ndarray:
         """int64 [2, L, k]: popular[f, l], the k most-loaded experts of layer l in fold f."""

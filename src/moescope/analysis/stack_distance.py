@@ -32,7 +32,8 @@ SCAN_MAX_KEYS = 1024  # up to here a touch scans every key's stamp (SIMD); above
 
 
 def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np.ndarray, n_experts: int,
-              *, prefetch_ranks: bool = False, method: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+              *, prefetch_ranks: bool = False, method: str = "auto",
+              counts: tuple[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(int32 [N, k] rank of every lookup, int32 [N, kp] rank of every prefetch touch or None).
 
     lookups: int [N, k] experts each token uses, ids outside [0, n_experts) = no expert; prefetch: int [N, kp]
@@ -40,7 +41,8 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
     cache starts cold (a sequence's first token; several streams can be laid end to end, each starting one).
     Prefetch ranks (is a prefetched expert already cached?) are computed only when `prefetch_ranks`.
     method: "scan" (compare with every key's last stamp), "tree" (Fenwick tree over stamps) or "auto" (scan up
-    to SCAN_MAX_KEYS keys): the same ranks.
+    to SCAN_MAX_KEYS keys): the same ranks. counts: (rows per stream, int64 [S, E + 1]) to add every lookup's rank
+    into, per stream of that many rows (scan only; what rank_counts uses).
     """
     lookups = np.ascontiguousarray(lookups)
     N, k = lookups.shape
@@ -63,9 +65,10 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
     if method == "auto":
         method = "scan" if n_experts <= SCAN_MAX_KEYS else "tree"
     if method == "scan":
+        rows, hist = counts if counts is not None else (1, np.zeros((0, n_experts + 1), np.int64))
         lru_rank_pass(lookups, pre, new_sequence, int(n_experts), kk, has_prefetch, rank_prefetch, out, out_pre,
-                      np.zeros(1, stamp))
-    elif method == "tree":
+                      np.zeros(1, stamp), max(1, int(rows)), hist)
+    elif method == "tree" and counts is None:
         starts = np.flatnonzero(new_sequence)
         length = np.zeros(N, np.int64)
         length[starts] = np.diff(np.append(starts, N))
@@ -84,9 +87,11 @@ def rank_counts(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: 
     stream: e.g. the layers of one shard, each its own cache). Every capacity's hits are cumsum(counts)[C - 1].
     """
     S, T, k = lookups.shape
-    ranks, _ = lru_ranks(lookups.reshape(S * T, k), None if prefetch is None else prefetch.reshape(S * T, -1),
-                         np.tile(new_sequence, S), n_experts)
-    return rank_histogram(ranks.reshape(S, T * k), n_experts)
+    counts = np.zeros((S, n_experts + 1), np.int64)
+    if T:
+        lru_ranks(lookups.reshape(S * T, k), None if prefetch is None else prefetch.reshape(S * T, -1),
+                  np.tile(new_sequence, S), n_experts, method="scan", counts=(T, counts))
+    return counts
 
 
 def rank_histogram(ranks: np.ndarray, n_experts: int) -> np.ndarray:
