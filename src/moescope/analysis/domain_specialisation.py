@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.kernels import js_divergence, jsonable
+from moescope.analysis.kernels import expert_counts, js_divergence, jsonable
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -36,12 +36,11 @@ class DomainState:
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> DomainState:
     view = ShardView.of(shard, ctx)
-    D, L, side = len(view.shard.domain_names), view.L, view.E + 1
+    D = len(view.shard.domain_names)
     domain = view.shard.domain.astype(np.intp)
     if view.T and (domain.min() < 0 or domain.max() >= D):
         raise MoescopeError(f"domain index out of range of the {D} domain names {view.shard.domain_names}")
-    keys = (domain[None, :, None] * L + np.arange(L)[:, None, None]) * side + view.ids  # [L, T, k]
-    counts = np.bincount(keys.ravel(), minlength=D * L * side).reshape(D, L, side)[:, :, : view.E]
+    counts = expert_counts(view.ids, view.E, group=domain, n_groups=D)  # [D, L, E]
     return DomainState(view.layers, tuple(view.shard.domain_names), counts, np.bincount(domain, minlength=D))
 
 

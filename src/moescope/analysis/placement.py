@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.kernels import jsonable
+from moescope.analysis.kernels import expert_counts, jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -65,10 +65,7 @@ def _blocks(view: ShardView, block_of_token: np.ndarray):
 
 def block_loads(view: ShardView, block: np.ndarray, n_blocks: int) -> np.ndarray:
     """int64 [n_blocks, L, E]: tokens routed to each expert by the tokens of each block (block: intp [T])."""
-    L, E = view.L, view.E
-    base = (block[None, :] * L + np.arange(L)[:, None]) * (E + 1)  # [L, T]
-    key = (base[:, :, None] + view.ids).ravel()  # [L*T*k]
-    return np.bincount(key, minlength=n_blocks * L * (E + 1)).reshape(n_blocks, L, E + 1)[:, :, :E]
+    return expert_counts(view.ids, view.E, group=block, n_groups=n_blocks)
 
 
 def merge(a: PlacementState, b: PlacementState) -> PlacementState:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
-from moescope.analysis.kernels import CoMoments, fixed_histogram, histogram_edges, jsonable
+from moescope.analysis.kernels import CoMoments, expert_counts, fixed_histogram, histogram_edges, jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -96,12 +96,9 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> Confidence
             hist["margin"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(margin, 0, 1, bins))
             mom["margin"] = CoMoments.of(margin, axis=1)
         matches = _is_a_router_top_k(view, top_ids, top_p).sum(axis=1)  # [L]
-        offsets = (np.arange(view.L, dtype=np.intp) * (E + 1))[None, :, None]
         loads = []
         for m in what_if_k:  # a handful of alternative k values, each vectorised over the shard
-            routed = np.where(top_ids[:m] < E, top_ids[:m], E)  # non-compute picks -> the sentinel column E
-            counts = np.bincount((routed + offsets).ravel(), minlength=view.L * (E + 1)).reshape(view.L, E + 1)
-            loads.append(counts[:, :E])
+            loads.append(expert_counts(top_ids[:m].transpose(1, 2, 0), E))  # non-compute picks count for no expert
             first = top_p[0] / top_p[:m].sum(axis=0, dtype=np.float64)
             mom[f"what_if_top{m}_first_weight"] = CoMoments.of(first, axis=1)
         what_if_load = np.stack(loads)

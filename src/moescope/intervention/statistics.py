@@ -5,16 +5,20 @@
     reap              mean over the tokens routed to it of gate weight x ||expert output|| (REAP; needs the
                       trace's optional expert_norms column, `capture --save-expert-norms`)
 
-Sums are taken per shard with one bincount each (no per-token Python) and added over shards.
+Sums are taken per shard with the analyses' counting kernel (analysis/kernels.expert_counts: one offset
+bincount each, no per-token Python) and added over shards: accumulate, merge, finalize.
 Non-compute choices (ids >= n_experts) count toward no expert.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import reduce
 
 import numpy as np
 import pandas as pd
+
+from moescope.analysis.kernels import expert_counts
 
 STATISTICS = ("frequency", "mean_gate_weight", "reap")
 
@@ -27,33 +31,38 @@ class RoutingSums:
     reap: np.ndarray  # float64 [L, E]: summed gate weight x expert output norm (NaN without norms)
     domains: tuple[str, ...]
     n_experts: list[int]  # per layer
+    norms_missing: bool = False  # a shard had no expert_norms: reap is NaN once finalized
+
+
+def accumulate(shard, n_experts: list[int], domains: tuple[str, ...]) -> RoutingSums:
+    """One shard's sums (a moescope.trace.shard.ShardData), counted with the analyses' kernel (expert_counts)."""
+    L, E, D = len(n_experts), max(n_experts), max(len(domains), 1)
+    limit = np.asarray(n_experts)[:, None, None]
+    ids = np.where(shard.topk_ids < limit, shard.topk_ids, -1)  # [L, T, k]; beyond the layer's experts: none
+    weights = shard.topk_weights.astype(np.float64)
+    norms_missing = shard.expert_norms is None
+    reap = np.zeros((L, E)) if norms_missing else expert_counts(ids, E, weights=weights * shard.expert_norms)
+    return RoutingSums(np.bincount(shard.domain, minlength=D)[:D], expert_counts(ids, E, group=shard.domain, n_groups=D),
+                       expert_counts(ids, E, weights=weights), reap, domains, n_experts, norms_missing)
+
+
+def merge(a: RoutingSums, b: RoutingSums) -> RoutingSums:
+    return RoutingSums(a.n_tokens + b.n_tokens, a.slots + b.slots, a.weight + b.weight, a.reap + b.reap, a.domains,
+                       a.n_experts, a.norms_missing or b.norms_missing)
+
+
+def finalize(sums: RoutingSums) -> RoutingSums:
+    """The sums as the statistics read them: reap NaN when any shard had no expert norms."""
+    return replace(sums, reap=np.full_like(sums.reap, np.nan)) if sums.norms_missing else sums
 
 
 def routing_sums(trace) -> RoutingSums:
-    """Sums over every shard of `trace` (a moescope.trace.reader.Trace)."""
-    n_experts = [int(layer["n_experts"]) for layer in trace.layers]
-    L, E, names = len(n_experts), max(n_experts), tuple(trace.domain_names)
-    D = max(len(names), 1)
-    sums = RoutingSums(np.zeros(D, np.int64), np.zeros((D, L, E), np.int64), np.zeros((L, E)), np.zeros((L, E)),
-                       names, n_experts)
-    has_norms = True
-    for shard in trace.shards():
-        ids = shard.topk_ids.astype(np.int64)  # [L, T, k]
-        limit = np.asarray(n_experts)[:, None, None]
-        valid = (ids >= 0) & (ids < limit)
-        cell = (np.arange(L)[:, None, None] * E + np.where(valid, ids, 0))[valid]  # layer * E + expert
-        domain = np.broadcast_to(shard.domain.astype(np.int64)[None, :, None], ids.shape)[valid]
-        sums.n_tokens += np.bincount(shard.domain, minlength=D)[:D]
-        sums.slots += np.bincount(domain * L * E + cell, minlength=D * L * E).reshape(D, L, E)
-        weights = shard.topk_weights.astype(np.float64)[valid]
-        sums.weight += np.bincount(cell, weights, minlength=L * E).reshape(L, E)
-        if shard.expert_norms is None:
-            has_norms = False
-        else:
-            sums.reap += np.bincount(cell, weights * shard.expert_norms.astype(np.float64)[valid], minlength=L * E).reshape(L, E)
-    if not has_norms:
-        sums.reap[:] = np.nan
-    return sums
+    """Sums over every shard of `trace` (a moescope.trace.reader.Trace): accumulate, merge, finalize."""
+    n_experts, domains = [int(layer["n_experts"]) for layer in trace.layers], tuple(trace.domain_names)
+    L, E, D = len(n_experts), max(n_experts), max(len(domains), 1)
+    empty = RoutingSums(np.zeros(D, np.int64), np.zeros((D, L, E), np.int64), np.zeros((L, E)), np.zeros((L, E)),
+                        domains, n_experts)
+    return finalize(reduce(merge, (accumulate(shard, n_experts, domains) for shard in trace.shards()), empty))
 
 
 def expert_statistics(sums: RoutingSums) -> pd.DataFrame:
