@@ -35,3 +35,16 @@ def test_analysis_benchmark_runs_every_compared_analysis_and_they_agree():
     for name in REFERENCES:
         line = next(l for l in table.splitlines() if l.startswith(name + " "))
         assert line.rstrip().endswith("yes"), line
+
+
+def test_scale_benchmark_quick_prints_the_suite_the_floor_and_every_analysis():
+    done = _run("bench/scale.py", "--quick", "--shapes", "mixtral")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "Mixtral 8x7B: 32 MoE layers x 8 experts, top-2; 600 tokens = 19,200 (token, layer) rows" in out
+    assert "  this code " in out and "  DuckDB floor " in out and "previous release" not in out  # --quick skips it
+    from moescope.analysis import ANALYSES
+
+    for name in ANALYSES:  # one line per analysis, its rows per CPU-second positive
+        line = next(l for l in out.splitlines() if l.startswith(f"  {name} "))
+        assert float(line.split()[2].replace(",", "")) > 0, line
