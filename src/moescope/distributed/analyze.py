@@ -1,6 +1,7 @@
 """Analyses on a Ray cluster: one accumulate task per shard, reduced exactly as in process, finalized on the driver.
 
-Each shard's accumulate task returns one state per analysis (one object each). States that are sums of
+Each shard's accumulate task returns, per analysis, the states of the shard's pieces (runner.pieces; one
+object each). States that are sums of
 fixed-size arrays (MERGE_ADDS) are fetched by the driver in shard order and added into one running state,
 `analysis.runner._Fold`; the others are merged by tasks in `analysis.runner._TreeReduce`'s binary-counter
 tree, built on the driver from object refs. Both are the in-process reducers, in the same order, so results
@@ -17,18 +18,22 @@ from collections import deque
 
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.result import AnalysisResult
-from moescope.analysis.runner import ANALYSES, folds_in_place, reducer_for
+from moescope.analysis.runner import ANALYSES, folds_in_place, pieces, reducer_for
 from moescope.errors import MoescopeError
 
 
 def accumulate_shard(folder: str, position: int, names: list[str], ctx: AnalysisContext) -> tuple:
-    """One state per name, in order (a Ray task with num_returns=len(names) stores each as its own object)."""
+    """Per name, in order, the states of the shard's pieces (runner.pieces, as in process), as a list (a Ray task
+    with num_returns=len(names) stores each list as its own object)."""
     from moescope.analysis.shard_view import ShardView
     from moescope.trace.reader import Trace
 
     trace = Trace(folder)
-    view = ShardView(trace.read_shard(trace.manifest["shards"][position]), ctx)
-    states = tuple(ANALYSES[name].accumulate(view, ctx) for name in names)
+    states: tuple[list, ...] = tuple([] for _ in names)
+    for piece in pieces(trace.read_shard(trace.manifest["shards"][position])):
+        view = ShardView(piece, ctx)
+        for name, kept in zip(names, states):
+            kept.append(ANALYSES[name].accumulate(view, ctx))
     return states if len(states) > 1 else states[0]
 
 
@@ -58,7 +63,8 @@ def ray_pass(folder: str | os.PathLike, address: str | None):
 
         def reduce_oldest() -> None:
             for name, ref in zip(names, pending.popleft()):
-                reducers[name].push(ray.get(ref) if folds_in_place(ANALYSES[name]) else ref)
+                for state in ray.get(ref):  # the shard's pieces, in order: the in-process reduction, step by step
+                    reducers[name].push(state if folds_in_place(ANALYSES[name]) else ray.put(state))
 
         try:
             for position in range(n_shards):
