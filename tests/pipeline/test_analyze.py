@@ -126,6 +126,18 @@ def test_a_model_that_is_not_here_is_skipped_at_once_without_the_network(tmp_pat
     assert "not on this machine" in summary["notes"]["router_structure"][0]
 
 
+def test_a_folder_the_manifest_names_that_is_gone_is_skipped_with_the_same_warning(tmp_path, no_network):
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+    from moescope.pipeline.analyze import model_for
+    from moescope.trace.reader import open_trace
+
+    spec = SyntheticSpec(n_layers=2, n_experts=4, top_k=2, seq_len=(4, 12), router_output=None, output_entropy=False)
+    write_synthetic_trace(tmp_path / "t", spec, 30, 30, model_id=str(tmp_path / "models" / "moved-away"))
+    loaded, tokenizer, reason, warning = model_for(open_trace(tmp_path / "t"), None)
+    assert loaded is None and tokenizer is None and "not on this machine" in reason
+    assert "--model PATH" in warning and no_network == []
+
+
 def test_a_model_in_the_local_cache_still_loads_offline(tmp_path, no_network, tiny_model_dir):
     """A folder named in the manifest is on this machine: it loads, with the network blocked."""
     from moescope.pipeline.analyze import model_for

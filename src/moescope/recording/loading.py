@@ -98,9 +98,9 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    path, local = _checked_path(name)
     if local_only and not on_this_machine(name):  # before torch and transformers are imported: no cost
         raise ModelNotHereError(f"model {name!r} is not on this machine (no such folder, not in the Hugging Face cache)")
+    path, local = _checked_path(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
