@@ -34,8 +34,9 @@ class Thresholds:
     min_token_count: int = 5  # occurrences a token needs to enter the vocabulary-specialisation summary
     domain_pair: tuple[str, str] = ("code", "math")  # the pair compared in detail when both are present
     large_expert_size: float | None = None  # None: midpoint of the smallest and largest size per layer
-    token_table_cells: int = 1 << 22  # (token, layer, expert) cells of exact per-token counts: the most frequent
-    # tokens that fit (282 at 58 layers x 256 experts, 16,384 at 32 x 8) keep them; the others keep occurrences
+    token_table_cells: int = 1 << 22  # (token, layer, expert) cells of exact per-token counts ((token, layer,
+    # combination) for small combination spaces): the most frequent tokens that fit (282 at 58 layers x 256
+    # experts, 2,912 at 32 x 8 top-2's 45 combinations) keep them; the others keep occurrences
 
     def __post_init__(self) -> None:
         if self.max_hop < 1:

@@ -11,7 +11,8 @@ the average selected expert size (over all L*k slots; a slot holding no expert c
 context.expert_flops) and the FLOPs of the per-layer mode combinations (how the seed's table is built).
 Occurrences (and output entropy) are exact for every token. Expert and combination counts are exact for the
 tokens of `ctx.token_table`: run_analyses fills it in a first pass with the most frequent tokens that fit
-`thresholds.token_table_cells` (token, layer, expert) cells (ties to the lower id; every token when all fit),
+`thresholds.token_table_cells` (token, layer, expert) cells, or (token, layer, combination) cells when a small
+combination space is counted (ties to the lower id; every token when all fit),
 so memory does not grow with the trace; the other tokens' top1_share, entropy_norm, sizes and FLOPs are NaN,
 and the summary's `tokens_without_expert_counts` and notes say how many tokens and occurrences were cut.
 Without a table (ctx.token_table None, e.g. a one-shot stream of shards) every token is kept, and memory
@@ -71,7 +72,10 @@ def _count_by_token(
 def kept_tokens(token_ids: np.ndarray, occurrences: np.ndarray, ctx: AnalysisContext) -> np.ndarray | None:
     """int64 sorted ids of the most frequent tokens whose (layer, expert) counts fit thresholds.token_table_cells
     (ties to the lower id), or None when every token fits."""
-    per_token = ctx.n_layers * ctx.n_experts  # (layer, expert) cells; combination counts add at most L per occurrence
+    R = _combination_space(ctx)
+    # a token's cells: (layer, combination) when combinations are counted and their space is small (Mixtral's 45),
+    # else (layer, expert); a large combination space grows with the distinct sets seen (at most L per occurrence)
+    per_token = ctx.n_layers * (R if R is not None and R <= 16 * ctx.n_experts else ctx.n_experts)
     budget = max(1, ctx.thresholds.token_table_cells // per_token)
     if token_ids.size <= budget:
         return None
