@@ -213,7 +213,7 @@ def test_replica_budgets_reach_the_best_allocation_of_the_total(n_tokens, E, G, 
 def test_coactivation_placement_equals_the_plain_loop_implementation(n_tokens, E, k, G, R):
     """Tokens drawn from clusters of experts that are chosen together: the placement equals the plain loops, and
     the tokens reach fewer GPUs than under EPLB (fan-out from the per-token loops)."""
-    from moescope.analysis.coactivation import pair_counts
+    from moescope.analysis.kernels import pair_counts
     from moescope.analysis.placement_coactivation import SLACK, coactivation_placement
 
     rng = np.random.default_rng(n_tokens + E)
@@ -221,7 +221,7 @@ def test_coactivation_placement_equals_the_plain_loop_implementation(n_tokens, E
     ids = np.stack([np.stack([rng.choice(clusters[rng.integers(len(clusters))], k, replace=False) for _ in range(n_tokens)])
                     for _ in range(2)])  # [L, T, k]
     load = np.stack([np.bincount(ids[l].ravel(), minlength=E) for l in range(2)])
-    together = pair_counts(ids.transpose(2, 0, 1), ids.transpose(2, 0, 1), E)
+    together = pair_counts(ids, ids, E)
     options = PlacementOptions(E, G, 1, R)
     mine = coactivation_placement(load, together, options)
     assert mine.physical_to_logical.tolist() == ref.coactivation(load.astype(float).tolist(), together.tolist(), E + R, G, SLACK)

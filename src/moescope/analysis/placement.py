@@ -23,13 +23,12 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.kernels import expert_counts, jsonable
+from moescope.analysis.kernels import expert_counts, jsonable, pair_counts
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.analysis.placement_balance import balancedness, fanout_histogram, gpu_load, imbalance
 from moescope.analysis.placement_policies import POLICIES, Placement, PlacementOptions, place
-from moescope.analysis.coactivation import pair_counts
 from moescope.analysis.placement_budget import budget_frame
 from moescope.analysis.placement_coactivation import coactivation_placement
 from moescope.analysis.placement_decode import collect_requests, decode_batch_frame
@@ -223,7 +222,7 @@ def place_trace(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisContext,
         loads = block_loads(view, local, int(local[-1]) + 1)  # [n, L, E]
         counts = np.bincount(local)
         total += loads.sum(axis=0)
-        together += pair_counts(view.ids_by_slot, view.ids_by_slot, view.E)
+        pair_counts(view.ids, view.ids, view.E, out=together)  # [L, E, E] added in place
         loads[0] += open_load
         counts[0] += open_tokens
         offset += view.T

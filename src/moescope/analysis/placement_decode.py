@@ -153,7 +153,7 @@ def decode_batch_frame(requests: DecodeRequests, batch: int, layers: tuple[int, 
 
 
 def _distinct_ids(requests: DecodeRequests, n_experts: int) -> DecodeRequests:
-    from moescope.analysis.lru_kernel import drop_repeats
+    from moescope.analysis.stack_distance import drop_repeats
 
     L, D, k = requests.ids.shape
     ids = drop_repeats(requests.ids.reshape(L * D, k), n_experts).reshape(L, D, k)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.cross_layer import fold_of
-from moescope.analysis.lru_kernel import drop_repeats
+from moescope.analysis.stack_distance import drop_repeats
 from moescope.analysis.shard_view import ShardView
 
 PHASES = ("prefill", "decode")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.lru_kernel import drop_repeats
+from moescope.analysis.stack_distance import drop_repeats
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 
