@@ -24,6 +24,7 @@ import pandas as pd
 from scipy.special import gammaln
 
 from moescope.analysis.context import OVERALL, AnalysisContext
+from moescope.analysis.kernels import expert_counts
 from moescope.analysis.shard_view import ShardView
 from moescope.trace.shard import ShardData
 
@@ -50,8 +51,7 @@ def collect_requests(shards: Callable[[], Iterable[ShardData]], ctx: AnalysisCon
         if not n:
             continue
         prompt = ~generated & has_decode[seq]
-        key = ((number[seq][None, :] * L + np.arange(L)[:, None]) * (E + 1))[:, :, None] + view.ids  # [L, T, k]
-        counts = np.bincount(key[:, prompt].ravel(), minlength=n * L * (E + 1)).reshape(n, L, E + 1)[:, :, :E]
+        counts = expert_counts(view.ids[:, prompt], E, group=number[seq][prompt], n_groups=n)  # [n, L, E] per request
         top = np.argsort(-counts, axis=2, kind="stable")[:, :, :k]
         sig = np.zeros((n, L, E), bool)
         np.put_along_axis(sig, top, np.take_along_axis(counts, top, axis=2) > 0, axis=2)
