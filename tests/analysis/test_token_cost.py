@@ -70,3 +70,17 @@ def test_matches_per_token_reference(spec_name, layout):
     )
     if np.isfinite(ref["flops_entropy_pearson"]):
         assert summary["flops_entropy_pearson"] == pytest.approx(ref["flops_entropy_pearson"], rel=1e-6, abs=1e-9)
+
+
+def test_flops_per_token_and_mostly_large_each_have_one_name_in_the_summary():
+    """token_cost's mean_flops_per_token is every token's; token_specialisation's figure over the tokens it counts
+    is named apart (it used to be a second, different mean_flops_per_token in one summary.json)."""
+    from moescope.analysis import run_analyses
+
+    spec = SPECS["base"]
+    ctx = spec.context()
+    results = run_analyses(synthetic_shards(spec, [200, 57]), ctx, only=["token_cost", "token_specialisation"])
+    summaries = {name: r.summary() for name, r in results.items()}
+    for key in ("mean_flops_per_token", "mostly_large_share"):
+        assert [name for name, s in summaries.items() if key in s] == ["token_cost"], key
+    assert summaries["token_specialisation"]["mean_flops_per_counted_token"] is not None

@@ -223,7 +223,7 @@ class TokenResult:
             "notes": list(self.notes),
         }
         if self.flops_per_token is not None:
-            out["mean_flops_per_token"] = weighted(self.flops_per_token)
+            out["mean_flops_per_counted_token"] = weighted(self.flops_per_token)  # the counted tokens only: token_cost has every token's
         return jsonable(out)
 
 
