@@ -133,8 +133,7 @@ def test_report_loads_cleanly_in_chromium(browser, full_report, tmp_path):
     print(f"screenshot: {shot}")
 
 
-@pytest.mark.parametrize("width", [1280, 1024])
-def test_headline_shows_every_model_at_a_normal_window_width(browser, report_inputs, tmp_path, width):
+def test_headline_shows_every_model_at_a_normal_window_width(browser, report_inputs, tmp_path, width=1280):
     """Three models side by side in the headline table: every column is on screen, nothing scrolls sideways."""
     import shutil as sh
 
