@@ -79,3 +79,24 @@ def warm_cli(tmp_path_factory):
 
     with WarmCli(log_dir=tmp_path_factory.mktemp("warm-cli-logs")) as cli:
         yield cli
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on a free loopback port, for the whole session; skipped when moto is absent."""
+    pytest.importorskip("moto", reason="moto[server] is not installed (pip install -e '.[dev]')")
+    from s3_server import start_server
+
+    server = start_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server reached through the AWS environment variables alone, and a fresh bucket: s3://BUCKET."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return f"s3://{s3_server.new_bucket()}"

@@ -53,8 +53,8 @@ def capture(
     model : a Hugging Face id, a local folder, ``moescope:NAME``, or an already-loaded ``nn.Module``.
     data : a corpus spec (``"humaneval,wiki"``, a file, a folder, ``file.jsonl:field``, ``hf:...``), a list
         of strings, or a list of ``moescope.corpora.Document``. Not needed with ``input_ids``.
-    out : the trace folder. An unfinished capture with the same settings is resumed; a finished one is returned
-        as it is.
+    out : the trace folder, or an object-store URL (s3://bucket/prefix). An unfinished capture with the same
+        settings is resumed; a finished one is returned as it is.
     options : a ``CaptureOptions`` (sequence length, what to record beside ids and weights, backend, Ray, ...);
         default ``CaptureOptions()``. The keyword arguments of earlier releases (``seq_len=``, ``max_tokens=``,
         ``save_router_output=``, ...) still work for this release, with a DeprecationWarning.
@@ -77,9 +77,6 @@ def capture(
     options = options_from_keywords(options, deprecated, where="moescope.capture")
     if (data is None) == (input_ids is None):
         raise MoescopeError("give exactly one of `data` (a corpus) or `input_ids`")
-    if "://" in str(out):  # Path() would quietly turn s3://b/t into a local folder "s3:/b/t"
-        raise MoescopeError(f"--out {out}: URLs are not supported; give a local path (with --ray, one every worker "
-                            "sees at the same path, e.g. a shared filesystem)")
     if options.backend == "vllm" and not isinstance(model, str):
         raise MoescopeError("the vLLM backend loads the model itself: pass its name or folder, not a loaded module")
     if data is not None:  # check the corpus before spending time on the model

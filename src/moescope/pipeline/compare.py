@@ -38,7 +38,7 @@ def _flatten(prefix: str, value, out: dict) -> None:
 
 def _views(con, name: str, trace: Trace) -> None:
     for table in ("routing", "tokens", "sequences"):  # routing: slot 0 = first choice, schema 1 too (trace/slots.py)
-        con.execute(f"CREATE VIEW {name}_{table} AS {trace.table_sql(table)}")
+        con.execute(f"CREATE VIEW {name}_{table} AS {trace.table_sql(table, con=con, prefix=f'{name}_')}")
 
 
 # Sequences match when their text is the same (the k-th sequence of a text in `a` with the k-th in `b`, in

@@ -1,8 +1,8 @@
 """manifest.json: what a trace holds and which shards are committed.
 
 A shard exists only once the manifest lists it (with row counts and SHA-256 checksums); the manifest
-is replaced atomically (write to a temporary file, fsync, rename), so a reader never sees a shard
-that is listed but incomplete.
+is replaced atomically (local: write to a temporary file, fsync, rename; object store: one PUT), so a reader
+never sees a shard that is listed but incomplete.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from moescope.errors import TraceError
 from moescope.trace.schema import READABLE_VERSIONS, TABLES
+from moescope.trace.storage import is_url, location
 
 MANIFEST = "manifest.json"
 
@@ -90,14 +91,29 @@ def write_manifest(folder: Path, manifest: dict, *, sync_first: list[Path] = ())
     atomic_write_bytes(folder / MANIFEST, manifest_text(manifest).encode(), sync_first=sync_first)
 
 
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not Path(folder).exists():
-        raise TraceError(f"{folder}: no such trace folder; capture one with `moescope capture`")
-    if not path.is_file():
-        raise TraceError(f"{folder}: not a moescope trace (no {MANIFEST}); capture one with `moescope capture`")
+def read_manifest(folder) -> dict:
+    """The manifest of a trace folder or object-store prefix (a path, URL or storage.Location), checked."""
+    if is_url(folder):
+        where = location(folder)
+        path = where / MANIFEST
+        try:
+            text = where.read_bytes(MANIFEST)
+        except FileNotFoundError:
+            if not where.bucket_exists():
+                raise TraceError(f"{where}: no such bucket; check the URL and the storage options") from None
+            if not where.list():
+                raise TraceError(f"{where}: no such trace; capture one with `moescope capture`") from None
+            raise TraceError(f"{where}: not a moescope trace (no {MANIFEST}); capture one with `moescope capture`") from None
+    else:
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not folder.exists():
+            raise TraceError(f"{folder}: no such trace folder; capture one with `moescope capture`")
+        if not path.is_file():
+            raise TraceError(f"{folder}: not a moescope trace (no {MANIFEST}); capture one with `moescope capture`")
+        text = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TraceError(f"{path}: manifest is corrupt ({err.__class__.__name__}); recapture the trace") from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:

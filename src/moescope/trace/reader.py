@@ -4,11 +4,17 @@ Every part file is checked against the manifest (existence, size, row count; the
 `verify=True`) before it is used, so a truncated or swapped file is reported by name instead of being
 read as data. Memory is bounded by one shard. Schema-1 traces are read with each row's slots put in
 gate-weight order (trace/slots.py), in `shards()` and in the DuckDB views alike.
+
+A trace on an object store (`open_trace("s3://bucket/prefix")`, trace/storage.py) is read the same way, each
+part through pyarrow.fs; its DuckDB views are Arrow datasets over the listed parts, registered on the
+connection, so `sql` gives the rows a local copy gives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +25,7 @@ import pyarrow.parquet as pq
 from moescope.errors import TraceError
 from moescope.trace.manifest import read_manifest, sha256_file
 from moescope.trace.schema import TABLES, schema_problem
+from moescope.trace.storage import is_url, location
 from moescope.trace.shard import ShardData, document_key
 from moescope.trace.slots import order_slots, v1_ordered_routing_sql
 
@@ -31,8 +38,11 @@ def fixed_list_to_numpy(column: pa.ChunkedArray, width: int, dtype) -> np.ndarra
 class Trace:
     """A trace folder opened for reading. Use `shards()`, `table(name)` or `sql(query)`."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
+    remote = False  # True when the trace is on an object store (self.folder is then a storage.Location)
+
+    def __init__(self, folder):
+        self.remote = is_url(folder)
+        self.folder = location(folder) if self.remote else Path(folder)  # a storage.Location on an object store
         self.manifest = read_manifest(self.folder)
         self._domain_names: tuple[str, ...] | None = None
 
@@ -72,20 +82,30 @@ class Trace:
     def part_paths(self, table: str) -> list[Path]:
         return [self.folder / shard["files"][table]["path"] for shard in self.manifest["shards"]]
 
-    def check_part(self, entry: dict, *, verify: bool = False) -> Path:
+    def check_part(self, entry: dict, *, verify: bool = False):
+        """The part's path (an open input file on an object store), after checking its size (and checksum)."""
         path = self.folder / entry["path"]
-        if not path.is_file():
+        size = self.folder.size(entry["path"]) if self.remote else (path.stat().st_size if path.is_file() else None)
+        if size is None:
             raise TraceError(f"{path}: shard listed in the manifest is missing; recapture (rerun the capture command)")
-        if path.stat().st_size != entry["bytes"]:
-            raise TraceError(f"{path}: size {path.stat().st_size} != {entry['bytes']} in manifest (truncated?); recapture")
+        if size != entry["bytes"]:
+            raise TraceError(f"{path}: size {size} != {entry['bytes']} in manifest (truncated?); recapture")
+        if self.remote:
+            if verify:
+                data = self.folder.read_bytes(entry["path"])
+                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise TraceError(f"{path}: checksum does not match the manifest (corrupted); recapture")
+                return pa.BufferReader(data)
+            return self.folder.open_input(entry["path"])
         if verify and sha256_file(path) != entry["sha256"]:
             raise TraceError(f"{path}: checksum does not match the manifest (corrupted); recapture")
         return path
 
     def _read(self, entry: dict, *, verify: bool = False, columns=None) -> pa.Table:
-        path = self.check_part(entry, verify=verify)
+        source = self.check_part(entry, verify=verify)
+        path = self.folder / entry["path"]
         try:
-            table = pq.read_table(path, columns=columns)
+            table = pq.read_table(source, columns=columns)
             # names are decoded lazily: a damaged footer can fail here too (UnicodeDecodeError)
             problem = schema_problem(entry["path"].split("/")[0], table.schema, some_columns=columns is not None)
         except (pa.ArrowException, OSError, KeyError, ValueError) as err:  # ArrowException: every pyarrow error
@@ -101,7 +121,8 @@ class Trace:
         """The part's columns and their types (from the footer alone) are those of its table."""
         path = self.folder / entry["path"]
         try:
-            problem = schema_problem(entry["path"].split("/")[0], pq.read_schema(path))
+            source = self.folder.open_input(entry["path"]) if self.remote else path
+            problem = schema_problem(entry["path"].split("/")[0], pq.read_schema(source))
         except (pa.ArrowException, OSError, KeyError, ValueError) as err:
             raise TraceError(f"{path}: unreadable Parquet footer ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
                              "recapture") from None
@@ -194,21 +215,38 @@ class Trace:
         import duckdb
 
         con = duckdb.connect()
-        for name in TABLES:
-            source = self.table_sql(name)
-            if source:
-                con.execute(f"CREATE VIEW {name} AS {source}")
+        self.register_views(con)
         return con
 
-    def table_sql(self, name: str) -> str | None:
+    def register_views(self, con, prefix: str = "") -> None:
+        """Views `{prefix}routing`, `{prefix}tokens`, `{prefix}sequences` on the DuckDB connection `con`."""
+        for name in TABLES:
+            source = self.table_sql(name, con=con, prefix=prefix)
+            if source:
+                con.execute(f"CREATE VIEW {prefix}{name} AS {source}")
+
+    def table_sql(self, name: str, *, con=None, prefix: str = "") -> str | None:
         """A DuckDB SELECT over the committed parts of table `name` (None when there are none); for a
-        schema-1 routing table, with each row's slots in gate-weight order."""
-        paths = [str(p) for p in self.part_paths(name)]
-        if not paths:
+        schema-1 routing table, with each row's slots in gate-weight order. On an object store the parts are
+        an Arrow dataset registered on `con` as `_{prefix}{name}_parts` (so `con` is needed there)."""
+        entries = [shard["files"][name]["path"] for shard in self.manifest["shards"]]
+        if not entries:
             return None
-        source = f"read_parquet({paths!r})"
+        if self.remote:
+            import pyarrow.dataset as ds
+
+            if con is None:
+                raise TraceError(f"{self.folder}: SQL over an object-store trace needs its connection (Trace.duckdb())")
+            dataset = ds.dataset([self.folder.key(rel) for rel in entries], filesystem=self.folder.fs, format="parquet")
+            parts = f"_{prefix}{name}_parts"
+            con.register(parts, dataset)
+            source = f"(SELECT {_as_lists(con, parts)} FROM {parts})"
+            schema = dataset.schema
+        else:
+            paths = [str(self.folder / rel) for rel in entries]
+            source = f"read_parquet({paths!r})"
+            schema = pq.read_schema(paths[0]) if name == "routing" and self.schema_version == 1 else None
         if name == "routing" and self.schema_version == 1:
-            schema = pq.read_schema(paths[0])
             return v1_ordered_routing_sql(source, schema.names, schema.field("topk_ids").type.list_size)
         return f"SELECT * FROM {source}"
 
@@ -217,6 +255,17 @@ class Trace:
         return self.duckdb().execute(query).fetchdf()
 
 
+def _as_lists(con, source: str) -> str:
+    """A select list over `source` with DuckDB ARRAY columns (how it reads Arrow fixed-size lists) cast to LIST
+    (how `read_parquet` reads the same Parquet columns), so an object-store trace's rows equal a local one's."""
+    items = []
+    for column, kind, *_ in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
+        array = re.fullmatch(r"(.*)\[\d+\]", kind)
+        items.append(f'CAST("{column}" AS {array.group(1)}[]) AS "{column}"' if array else f'"{column}"')
+    return ", ".join(items)
+
+
 def open_trace(path: str | os.PathLike) -> Trace:
-    """Open a trace folder written by `moescope capture` or `moescope import`."""
+    """Open a trace folder (or an object-store URL such as s3://bucket/prefix) written by `moescope capture` or
+    `moescope import`."""
     return Trace(path)

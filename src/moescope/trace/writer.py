@@ -17,6 +17,12 @@ then commits it, in one durable write instead of two). `--overwrite` removes the
 before it deletes any part, so no manifest ever lists a deleted part.
 Opening a complete trace with the same settings writes nothing (`already_complete`): rerunning a finished job
 succeeds without redoing it.
+
+On an object store (s3://bucket/prefix; trace/storage.py) there is no rename, fsync or flock, so the same
+commit point is reached another way: each part is one PUT under a name no other writer uses
+(`part-<index>-<writer token>.parquet`), the manifest is one PUT (an object store shows the old or the new
+object, never a part), a lease (trace/lease.py) keeps a second writer out and is checked before every commit,
+and unlisted parts are deleted when a writer opens the prefix, as on a local folder.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
-from moescope.trace.manifest import MANIFEST, fsync_all, io_pool, read_manifest, write_manifest
+from moescope.trace.lease import LEASE_DIR, Lease
+from moescope.trace.manifest import MANIFEST, fsync_all, io_pool, manifest_text, read_manifest, write_manifest
 from moescope.trace.schema import SCHEMA_VERSION, TABLES
+from moescope.trace.storage import Location, is_url, location
 
 LOCK = ".moescope.lock"
 # settings that must match for a capture to resume an incomplete trace (or to find a complete one already done)
@@ -66,29 +74,51 @@ def _is_manifest_tmp(name: str) -> bool:
     return name.startswith(f".{MANIFEST}.tmp-")
 
 
+def _encode(name: str, table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **_parquet_options(name, table.num_rows))
+    return sink.getvalue()
+
+
+def _entry(rel: str, table: pa.Table, data: pa.Buffer) -> dict:
+    return {"path": rel, "rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def _write_part(folder: Path, name: str, table: pa.Table, index: int) -> tuple[Path, dict]:
     """Encode one table's part in memory, write it under a temporary name and rename it (not yet fsynced):
     (its path, its manifest entry). The checksum is taken from the bytes written, not read back."""
     rel = f"{name}/part-{index:05d}.parquet"
     final = Path(folder) / rel
     tmp = final.with_name(f".{final.name}.tmp")
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **_parquet_options(name, table.num_rows))
-    data = sink.getvalue()
+    data = _encode(name, table)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, final)
-    return final, {"path": rel, "rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
+    return final, _entry(rel, table, data)
 
 
-def write_parts(folder: Path, tables: dict[str, pa.Table], index: int) -> dict:
+def _put_part(where: Location, name: str, table: pa.Table, index: int, tag: str) -> dict:
+    """Encode one table's part and PUT it under a name only this writer uses: its manifest entry."""
+    rel = f"{name}/part-{index:05d}-{tag}.parquet"
+    data = _encode(name, table)
+    where.write_bytes(rel, data)
+    return _entry(rel, table, data)
+
+
+def write_parts(folder, tables: dict[str, pa.Table], index: int, *, tag: str | None = None) -> dict:
     """Write shard `index`'s part files (the tables encoded concurrently, each to a temporary name and renamed;
     then the parts and their folders fsynced together) and return their manifest entries: on disk, durably,
-    when this returns.
+    when this returns. On an object store (`folder` a URL or Location) each part is one PUT named with the
+    committing writer's `tag` (TraceWriter.part_tag).
 
     Safe to repeat: a retried shard overwrites its own files. Not yet part of the trace until
     `TraceWriter.commit_shard` lists them (an unlisted part is deleted when a writer next opens the folder).
     """
+    if is_url(folder):
+        where = location(folder)
+        pending = {name: io_pool().submit(_put_part, where, name, tables[name], index, tag) for name in TABLES}
+        futures_wait(pending.values())
+        return {name: done.result() for name, done in pending.items()}
     files, unsynced = write_parts_unsynced(folder, tables, index)
     fsync_all(unsynced)
     return files
@@ -106,8 +136,10 @@ def write_parts_unsynced(folder: Path, tables: dict[str, pa.Table], index: int) 
 class TraceWriter:
     """Writes a trace folder; use as a context manager so the lock is always released."""
 
-    def __init__(self, folder: str | os.PathLike, manifest: dict, *, overwrite: bool = False):
-        self.folder = Path(folder)
+    def __init__(self, folder, manifest: dict, *, overwrite: bool = False):
+        self.remote = is_url(folder)
+        self.folder = location(folder) if self.remote else Path(folder)  # a Location for an object-store prefix
+        self._lease: Lease | None = None
         self._lock_fd: int | None = None
         self._unwritten = False  # a shard is listed in self.manifest but not yet on disk
         self._unsynced: list[Path] = []  # its parts and folders, fsynced with the manifest that lists them
@@ -121,7 +153,14 @@ class TraceWriter:
             raise
 
     # -- setup ---------------------------------------------------------------------------------
+    @property
+    def part_tag(self) -> str | None:
+        """What this writer's part names carry on an object store (None on a local folder)."""
+        return self._lease.token if self._lease else None
+
     def _prepare_folder(self) -> None:
+        if self.remote:
+            return self._prepare_prefix()
         if self.folder.exists() and not self.folder.is_dir():
             raise TraceError(f"--out {self.folder} is a file; give a folder path")
         ours = {MANIFEST, LOCK, *TABLES}
@@ -138,7 +177,18 @@ class TraceWriter:
         if not os.access(self.folder, os.W_OK):
             raise TraceError(f"trace folder {self.folder} is not writable; choose a writable --out")
 
+    def _prepare_prefix(self) -> None:
+        if not self.folder.bucket_exists():
+            raise TraceError(f"--out {self.folder}: no such bucket (or no access to it); create it or check the storage options")
+        names = self.folder.list()
+        if MANIFEST not in names and any(rel.split("/")[0] not in (LEASE_DIR, *TABLES) for rel in names):
+            raise TraceError(f"{self.folder} is not empty and is not a moescope trace; choose another --out")
+
     def _lock(self) -> None:
+        if self.remote:
+            self._lease = Lease(self.folder)
+            self._lease.acquire()
+            return
         fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,14 +199,20 @@ class TraceWriter:
             raise
         self._lock_fd = fd
 
+    def _has_manifest(self) -> bool:
+        return self.folder.size(MANIFEST) is not None if self.remote else (self.folder / MANIFEST).exists()
+
     def _start_or_resume(self, manifest: dict, overwrite: bool) -> dict:
-        for path in self.folder.iterdir():  # manifests half-written by a killed run (we hold the lock now)
-            if _is_manifest_tmp(path.name):
-                path.unlink()
-        if (self.folder / MANIFEST).exists():
+        if not self.remote:
+            for path in self.folder.iterdir():  # manifests half-written by a killed run (we hold the lock now)
+                if _is_manifest_tmp(path.name):
+                    path.unlink()
+        if self._has_manifest():
             old = read_manifest(self.folder)
             differs = [key for key in RESUME_KEYS if old.get(key) != manifest.get(key)]
-            if overwrite:
+            if overwrite and self.remote:
+                self.folder.delete(MANIFEST)  # before any part goes: never a manifest listing a deleted part
+            elif overwrite:
                 (self.folder / MANIFEST).unlink()  # before any part goes: never a manifest listing a deleted part
                 fsync_all([self.folder])
             elif old.get("complete") and not differs:
@@ -181,6 +237,12 @@ class TraceWriter:
         return manifest  # written at the first commit (see the module docstring)
 
     def _delete_parts(self, keep: set[str]) -> None:
+        if self.remote:
+            for table in TABLES:
+                for rel in self.folder.list(table):
+                    if rel not in keep:
+                        self.folder.delete(rel, missing_ok=True)
+            return
         for table in TABLES:
             for path in (self.folder / table).iterdir():
                 if f"{table}/{path.name}" not in keep:
@@ -201,6 +263,10 @@ class TraceWriter:
         `commit=False`: the parts are written and listed, but the manifest is written by the next `finish`
         (or `update`, or `close`): for the last shard of a capture, which `finish` follows at once."""
         index = self.next_index()
+        if self.remote:  # no fsync to defer: the parts are PUT now, committed by the next manifest PUT
+            files = write_parts(self.folder, tables, index, tag=self.part_tag)
+            self.commit_shard(index, files, seq_id_min=seq_id_min, seq_id_max=seq_id_max, write=commit)
+            return
         files, unsynced = write_parts_unsynced(self.folder, tables, index)
         if commit:
             fsync_all(unsynced)
@@ -228,16 +294,25 @@ class TraceWriter:
 
     def update(self, **fields) -> None:
         self.manifest = {**self.manifest, **fields}
-        write_manifest(self.folder, self.manifest, sync_first=self._unsynced)
+        if self.remote:
+            self._lease.check()  # a writer that lost its lease must not commit over the new holder
+            self.folder.write_bytes(MANIFEST, manifest_text(self.manifest).encode())
+        else:
+            write_manifest(self.folder, self.manifest, sync_first=self._unsynced)
         self._unwritten, self._unsynced = False, []
 
     def close(self) -> None:
-        if self._unwritten and self._lock_fd is not None:  # a shard listed for `finish`, which never came
-            self.update()
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        try:
+            if self._unwritten and (self._lock_fd is not None or self._lease is not None):  # listed for `finish`, which never came
+                self.update()
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def __enter__(self) -> "TraceWriter":
         return self
