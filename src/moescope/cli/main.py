@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from moescope.trace.storage import parse_options, set_default_options
+
+        set_default_options(parse_options(getattr(args, "storage_option", None)))  # for every s3:// path of this run
         return int(args.run(args) or 0)
     except MoescopeError as err:
         if args.debug:

@@ -72,7 +72,7 @@ class Lease:
 
     def _put(self) -> None:
         holder = {"token": self.token, "host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
-                  "expires": time.time() + self.ttl}
+                  "expires": round(time.time() + self.ttl)}  # whole seconds: a renewal keeps the object's size
         self.where.write_bytes(self.rel, json.dumps(holder).encode())
 
     def others(self) -> list[dict]:
@@ -82,11 +82,11 @@ class Lease:
             if rel == self.rel:
                 continue
             try:
-                holder = json.loads(self.where.read_bytes(rel))
+                holder = self.where.read_json(rel)  # read again when torn by a renewal (storage.read_json)
             except FileNotFoundError:  # released meanwhile
                 continue
             except (json.JSONDecodeError, UnicodeDecodeError):
-                holder = None  # a candidate is one PUT: unreadable means not ours to trust; treat it as dead
+                holder = None  # unreadable on every attempt: not a candidate any moescope writes; treated as dead
             if is_live(holder, now):
                 live.append(holder)
             else:  # another writer may remove the same dead candidate first: gone either way

@@ -97,7 +97,9 @@ def read_manifest(folder) -> dict:
         where = location(folder)
         path = where / MANIFEST
         try:
-            text = where.read_bytes(MANIFEST)
+            manifest = where.read_json(MANIFEST)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TraceError(f"{path}: manifest is corrupt ({err.__class__.__name__}); recapture the trace") from None
         except FileNotFoundError:
             if not where.bucket_exists():
                 raise TraceError(f"{where}: no such bucket; check the URL and the storage options") from None
@@ -111,11 +113,10 @@ def read_manifest(folder) -> dict:
             raise TraceError(f"{folder}: no such trace folder; capture one with `moescope capture`")
         if not path.is_file():
             raise TraceError(f"{folder}: not a moescope trace (no {MANIFEST}); capture one with `moescope capture`")
-        text = path.read_bytes()
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TraceError(f"{path}: manifest is corrupt ({err.__class__.__name__}); recapture the trace") from None
+        try:
+            manifest = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TraceError(f"{path}: manifest is corrupt ({err.__class__.__name__}); recapture the trace") from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise TraceError(f"{path}: not a moescope manifest (no schema_version)")
     if manifest["schema_version"] not in READABLE_VERSIONS or isinstance(manifest["schema_version"], bool):

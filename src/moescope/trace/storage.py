@@ -13,7 +13,9 @@ a Ray worker on another node opens the same store with the driver's options.
 from __future__ import annotations
 
 import configparser
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -143,6 +145,19 @@ class Location:
     def read_bytes(self, rel: str) -> bytes:
         with self._call(self.fs.open_input_stream, self.key(rel)) as f:
             return f.read()
+
+    def read_json(self, rel: str, *, attempts: int = 5):
+        """A JSON object that writers replace whole (manifest, lease). pyarrow reads an object as a HEAD for its size
+        and then a GET of that many bytes, so a reader racing a replacement can get the new object cut at the old
+        size: a torn text that does not parse (the objects are single JSON objects), so it is read again."""
+        for attempt in range(attempts):
+            data = self.read_bytes(rel)
+            try:
+                return json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """One PUT: an object store shows the old object or the whole new one, never a part (local: not atomic;
