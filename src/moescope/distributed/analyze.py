@@ -6,8 +6,9 @@ fixed-size arrays (MERGE_ADDS) are fetched by the driver in shard order and adde
 `analysis.runner._Fold`; the others are merged by tasks in `analysis.runner._TreeReduce`'s binary-counter
 tree, built on the driver from object refs. Both are the in-process reducers, in the same order, so results
 are the same to the bit. At most `window` accumulate tasks run ahead of the driver, so finished states do
-not pile up in the object store. Workers read shards from the trace folder, which must be reachable at the
-same path from every worker.
+not pile up in the object store. Workers read shards from the trace: a folder reachable at the same path from
+every worker, or an object-store prefix (a storage.Location, carrying the driver's storage options), which
+needs no shared filesystem.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from moescope.analysis.runner import ANALYSES, folds_in_place, pieces, reducer_f
 from moescope.errors import MoescopeError
 
 
-def accumulate_shard(folder: str, position: int, names: list[str], ctx: AnalysisContext) -> tuple:
+def accumulate_shard(folder, position: int, names: list[str], ctx: AnalysisContext) -> tuple:
     """Per name, in order, the states of the shard's pieces (runner.pieces, as in process), as a list (a Ray task
     with num_returns=len(names) stores each list as its own object)."""
     from moescope.analysis.shard_view import ShardView
@@ -46,8 +47,10 @@ def ray_pass(folder: str | os.PathLike, address: str | None):
     from moescope.distributed.cluster import connect
     from moescope.trace.reader import Trace
 
+    from moescope.trace.storage import is_url, location
+
     ray = connect(address)
-    folder = str(folder)
+    folder = location(folder) if is_url(folder) else str(folder)  # a Location pickles with its storage options
     accumulate, merge = ray.remote(accumulate_shard), ray.remote(merge_states)
 
     def run_pass(shards, names: list[str], ctx: AnalysisContext, clock: dict) -> dict[str, AnalysisResult]:

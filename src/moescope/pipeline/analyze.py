@@ -21,7 +21,7 @@ from moescope.analysis.kernels import jsonable
 from moescope.analysis.router_structure import analyze_router_weights
 from moescope.analysis.runner import ANALYSES, run_analyses
 from moescope.errors import ModelLoadError, MoescopeError, NoRouterFoundError
-from moescope.pipeline.output import check_output_folder, prepare_output_folder
+from moescope.pipeline.output import check_output_folder, prepare_output_folder, publish
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
 
@@ -97,6 +97,7 @@ def write_results(out: Path, tables: dict[str, dict[str, pd.DataFrame]], summary
             frame.to_parquet(out / f"{stem}.parquet", index=False)
             frame.to_csv(out / f"{stem}.csv", index=False)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    publish(out)  # a staging folder for an s3:// --out is uploaded now (pipeline/output.py)
 
 
 def check_analyses(only: list[str] | None) -> list[str]:
@@ -152,7 +153,7 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_path} has no committed shards; nothing to analyse")
     names = check_analyses(only)
-    check_output_folder(out, markers=("summary.json",), what="analysis results")  # refused before the work
+    check_output_folder(out, markers=("summary.json",), what="analysis results", remote=True)  # refused before the work
     run_pass = None
     if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
         from moescope.distributed.analyze import ray_pass
@@ -165,7 +166,7 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
     _, summary, tables = run_trace_analyses(trace, names, trace_label=str(trace_path), loaded=loaded, tokenizer=tokenizer,
                                             skipped_reason=skipped_reason, run_pass=run_pass,
                                             warnings=() if warning is None else (warning,))
-    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results"), tables, summary)
+    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), tables, summary)
     return summary
 
 
@@ -176,7 +177,7 @@ def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
     from moescope.trace.load_table import read_load_table
 
     table = read_load_table(path)
-    check_output_folder(out, markers=("summary.json",), what="analysis results")
+    check_output_folder(out, markers=("summary.json",), what="analysis results", remote=True)
     counts = table.matrix  # [L, E]
     L, E = counts.shape
     ctx = AnalysisContext(n_experts=E, top_k=1, n_layers=L)  # slots are counted; tokens and k are unknown
@@ -189,5 +190,5 @@ def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
         "tables": {"load": list(tables)},
         "notes": {"load": [note]},
     }
-    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results"), {"load": tables}, summary)
+    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), {"load": tables}, summary)
     return summary

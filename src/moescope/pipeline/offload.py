@@ -69,7 +69,7 @@ def run_offload(trace_path: str | os.PathLike, out: str | os.PathLike, *, capaci
     sizes = _expert_bytes(trace, ctx, expert_bytes_each, dtype)
     knobs = _knobs(lossy, options, ctx)
     quality = _quality_inputs(model, data, knobs, ctx, max_tokens=max_tokens, seq_len=seq_len, device=device)
-    check_output_folder(out, markers=("summary.json",), what="offload results")  # refused before the work
+    check_output_folder(out, markers=("summary.json",), what="offload results", remote=True)  # refused before the work
 
     state = simulate_trace(trace.shards, ctx, options)
     notes = ("each sequence starts with empty caches; a token's experts are looked up together, after its prefetch; "
@@ -201,7 +201,7 @@ def model_config(trace: Trace) -> dict | None:
 
 
 def write_offload(result: OffloadResult, trace_path, trace: Trace, out) -> dict:
-    out = prepare_output_folder(out, markers=("summary.json",), what="offload results")
+    out = prepare_output_folder(out, markers=("summary.json",), what="offload results", remote=True)
     tables = {NAME: result_tables(NAME, result)}
     o = result.options
     summary = {

@@ -3,20 +3,49 @@
 Every step that writes a folder (`analyze`, `compare`, `quant`, `demo`) calls `prepare_output_folder`
 first, so a path that is a file, a non-empty folder that some other program (or the user) owns, or a
 folder that cannot be written is one clear error, and nothing of the user's is ever overwritten.
+
+Results on an object store (`--out s3://bucket/results`, for the steps that pass `remote=True`: analyze,
+placement, offload) are written into a local staging folder and published by `publish` (called by
+`write_results` once summary.json, the last file of every results folder, is written): the old summary.json
+object is deleted, every other file uploaded, then summary.json, so a prefix with a summary.json holds a
+whole set of results, as a local folder does. Results folders are small (tables and a summary); traces,
+which are not, are written to the store directly (trace/writer.py). `storage.download` fetches one for reading.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from moescope.errors import MoescopeError
+from moescope.trace.storage import Location, is_url, location
+
+SUMMARY = "summary.json"
+_STAGED: dict[Path, Location] = {}  # staging folder -> the object-store prefix it is published to
 
 
-def check_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], what: str) -> Path:
+def _check_remote(out: str, *, markers: tuple[str, ...], what: str, remote: bool) -> Location:
+    if not remote:
+        raise MoescopeError(f"--out {out}: {what} cannot be written to object storage yet; give a local folder")
+    where = location(out)
+    if not where.bucket_exists():
+        raise MoescopeError(f"--out {out}: no such bucket (or no access to it); create it or check the storage options")
+    names = where.list()
+    if names and not any(name in names for name in markers):
+        raise MoescopeError(f"--out {out} is not empty and holds no {what}; choose a new or empty prefix")
+    return where
+
+
+def check_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], what: str, remote: bool = False) -> Path:
     """`out` as a Path, after refusing a file and a non-empty folder holding none of `markers` (names of
-    entries this kind of output writes, by which a previous run's folder is recognised). Creates nothing."""
+    entries this kind of output writes, by which a previous run's folder is recognised). Creates nothing.
+    `remote=True`: the step publishes through `write_results`, so an object-store URL is taken (and returned as is)."""
+    if is_url(out):
+        _check_remote(out, markers=markers, what=what, remote=remote)
+        return out
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MoescopeError(f"--out {out} is a file; give a folder")
@@ -25,9 +54,15 @@ def check_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], wha
     return out
 
 
-def prepare_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], what: str) -> Path:
+def prepare_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], what: str, remote: bool = False) -> Path:
     """`check_output_folder`, then create the folder and prove it writable (root ignores permission bits,
-    so a probe file is the only reliable test)."""
+    so a probe file is the only reliable test). For an object-store URL: a local staging folder that
+    `publish` uploads."""
+    if is_url(out):
+        where = _check_remote(out, markers=markers, what=what, remote=remote)
+        staging = Path(tempfile.mkdtemp(prefix="moescope-results-"))
+        _STAGED[staging] = where
+        return staging
     out = check_output_folder(out, markers=markers, what=what)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -36,3 +71,21 @@ def prepare_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], w
     except OSError as err:
         raise MoescopeError(f"cannot write into {out}: {err.strerror}; choose a writable --out") from None
     return out
+
+
+def publish(folder: Path) -> None:
+    """Upload a staging folder to its object-store prefix, summary.json last; nothing for a local folder."""
+    where = _STAGED.pop(Path(folder), None)
+    if where is None:
+        return
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    where.delete(SUMMARY, missing_ok=True)  # until the new one lands, the prefix does not claim to be complete
+    for path in sorted(files, key=lambda p: p.name == SUMMARY):
+        where.write_bytes(path.relative_to(folder).as_posix(), path.read_bytes())
+    shutil.rmtree(folder)
+
+
+@atexit.register
+def _remove_unpublished() -> None:  # a step that failed before its summary: nothing of it is uploaded
+    for folder in list(_STAGED):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -49,7 +49,7 @@ def run_placement(trace_path: str | os.PathLike, out: str | os.PathLike, *, gpus
     if decode_batch is not None:
         _check_decode_batch(trace, decode_batch)
     window = window or max(1, -(-trace.n_tokens // WINDOWS))
-    check_output_folder(out, markers=("summary.json",), what="placement results")  # refused before the work
+    check_output_folder(out, markers=("summary.json",), what="placement results", remote=True)  # refused before the work
     result = place_trace(trace.shards, ctx, options, window, decode_batch)
     source = {"path": str(trace_path), "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
               "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")}
@@ -73,14 +73,14 @@ def _place_load_table(path, out, gpus: int, nodes: int, redundant: int | None, g
     table = read_load_table(path)
     W, L, E = table.tokens.shape
     options = PlacementOptions(E, gpus, nodes, gpus if redundant is None else redundant, groups)
-    check_output_folder(out, markers=("summary.json",), what="placement results")
+    check_output_folder(out, markers=("summary.json",), what="placement results", remote=True)
     source = {"path": str(path), "model": "load table", "tokens": None, "moe_layers": L, "windows": W}
     return write_placement(place_load_table(table.tokens, options), source, out, None)
 
 
 def write_placement(result: PlacementResult, source: dict, out, window: int | None,
                     layout: DecoderLayout | None = None) -> dict:
-    out = prepare_output_folder(out, markers=("summary.json",), what="placement results")
+    out = prepare_output_folder(out, markers=("summary.json",), what="placement results", remote=True)
     layout = layout or DecoderLayout.from_manifest(None, result.load.shape[0])
     engine_files = write_sglang_files(out, result.load, result.placements, result.options.n_experts, layout)
     tables = {NAME: result_tables(NAME, result)}

@@ -73,7 +73,9 @@ def build_document(result_dirs: Sequence, *, title: str = "moescope report") -> 
             groups.append(saturation_group(results, gid, labels[i]))
         else:
             groups.append(missing_group(results, gid, labels[i]))
-    return Document(title, tuple(str(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)
+    from moescope.trace.storage import source_of
+
+    return Document(title, tuple(source_of(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)
 
 
 def write_report(
@@ -108,6 +110,9 @@ def write_report(
         raise ReportError("no results folders given; pass the --out folders of `moescope analyze` and/or `moescope quant`")
     from moescope.reporting.figures import render_png, render_svg
     from moescope.reporting.html import render_document
+    from moescope.trace.storage import download, is_url
+
+    result_dirs = [download(d) if is_url(d) else d for d in result_dirs]  # s3:// results folders: read from a copy
 
     out_html = Path(out_html)
     figures = Path(figures_dir) if figures_dir is not None else None

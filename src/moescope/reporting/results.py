@@ -20,6 +20,10 @@ from typing import Any
 
 import pandas as pd
 
+from moescope.errors import MoescopeError
+from moescope.trace.manifest import read_manifest
+from moescope.trace.storage import is_url
+
 # The order sections appear in, and the table stems each analysis writes (`moescope analyze`).
 ANALYSIS_ORDER = (
     "load",
@@ -174,6 +178,11 @@ def _trace_manifest(summary: dict, folder: Path) -> tuple[dict | None, str | Non
     trace_path = (summary.get("trace") or {}).get("path")
     if not trace_path:
         return None, "the summary names no trace"
+    if is_url(trace_path):  # a trace on an object store
+        try:
+            return read_manifest(trace_path), None
+        except MoescopeError:
+            return None, f"trace manifest not found at {trace_path} (header shows what summary.json records)"
     candidates = [Path(trace_path)]
     if not Path(trace_path).is_absolute():  # analyze was run from another folder: try next to the results
         candidates.append(folder.parent / trace_path)

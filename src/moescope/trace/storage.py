@@ -12,9 +12,12 @@ a Ray worker on another node opens the same store with the driver's options.
 
 from __future__ import annotations
 
+import atexit
 import configparser
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -197,6 +200,31 @@ class Location:
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MoescopeError(f"{self.url}: storage error: {first}") from None
+
+
+_DOWNLOADED: dict[Path, str] = {}  # local copy -> the URL it was downloaded from
+
+
+def source_of(path) -> str:
+    """Where a folder came from: the URL of a `download`ed copy, else the path itself (for what a report shows)."""
+    return _DOWNLOADED.get(Path(path), str(path))
+
+
+def download(where) -> Path:
+    """A folder to read: a local path as it is; an object-store prefix (a results folder: small) copied into a
+    temporary folder named like the prefix's last part, removed when the process exits."""
+    if not is_url(where):
+        return Path(where)
+    remote = location(where)
+    folder = Path(tempfile.mkdtemp(prefix="moescope-fetched-")) / remote.url.rsplit("/", 1)[-1]
+    atexit.register(shutil.rmtree, folder.parent, True)
+    folder.mkdir()
+    _DOWNLOADED[folder] = remote.url
+    for rel in remote.list():
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(remote.read_bytes(rel))
+    return folder
 
 
 # -- S3 --------------------------------------------------------------------------------------------------
