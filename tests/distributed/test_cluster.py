@@ -66,10 +66,15 @@ def test_a_bad_ray_address_is_one_line(address, says, small_trace, tmp_path, cap
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("ray", [[], ["--ray"]])
-@pytest.mark.parametrize("url", ["s3://bucket/traces/t", "file:///tmp/t"])
-def test_an_output_url_is_refused_not_made_into_a_local_folder(url, ray, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert main(["capture", "moescope:tiny-moe", "--data", "wiki", "--max-tokens", "64", "--out", url, *ray]) == 2
-    assert capsys.readouterr().err.strip().startswith(f"error: --out {url}: URLs are not supported")
-    assert list(tmp_path.iterdir()) == []
+def test_an_output_url_is_never_made_into_a_local_folder(s3, tmp_path, monkeypatch, capsys):
+    """Path('s3://b/t') would be the relative folder 's3:/b/t': URLs go to their store (a moto S3 server here)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    capture = ["capture", "moescope:tiny-moe", "--data", "wiki", "--max-tokens", "64", "--seq-len", "32", "--no-progress"]
+    assert main([*capture, "--out", "s3://no-such-bucket-anywhere/traces/t"]) == 2
+    assert "no such bucket" in capsys.readouterr().err
+    assert main([*capture, "--out", f"file://{tmp_path}/t"]) == 0
+    assert moescope.open_trace(tmp_path / "t").complete and moescope.open_trace(f"file://{tmp_path}/t").n_tokens == 64
+    assert main([*capture, "--out", f"{s3}/t"]) == 0 and moescope.open_trace(f"{s3}/t").n_tokens == 64
+    assert list(work.iterdir()) == []

@@ -157,3 +157,46 @@ def test_ray_pass_reduces_like_in_process_to_the_bit_over_many_shards_with_float
             pd.testing.assert_frame_equal(frame, ray_frames[table], check_exact=True, obj=f"{name}/{table}")
         assert json.dumps(local[name].summary()) == json.dumps(remote[name].summary()), name
     assert np.isfinite(local["aux_losses"].load_balancing_loss).all()
+
+
+def test_capture_and_analyze_on_ray_with_the_trace_on_s3_and_no_shared_folder(ray_cluster, in_process, on_ray, s3,
+                                                                               s3_server, tmp_path):
+    """Workers PUT their parts to the S3 server (moto, loopback) with the storage options the driver was given
+    (the cluster's processes were started without any AWS variable), a worker killed after its PUTs is retried
+    under the same names, the driver commits; `analyze --ray` workers read the shards from the store. The trace
+    and the results are those of the same Ray capture into a local folder (shard for shard, checksum for
+    checksum) and of the in-process capture (row for row)."""
+    from moescope.corpora import describe_corpus, iter_corpus
+    from moescope.distributed.capture import run_ray_capture
+    from moescope.recording.batches import sequences_from_documents
+    from moescope.recording.loading import load_tokenizer
+    from moescope.recording.runner import CaptureOptions
+    from moescope.trace.storage import download, location
+
+    options = {"endpoint_url": s3_server.endpoint, "access_key": "k", "secret_key": "s"}
+    where = location(f"{s3}/t", options)
+    written = tmp_path / "killed-after-writing"
+    seqs = sequences_from_documents(iter_corpus(DATA), load_tokenizer(MODEL), seq_len=128, max_tokens=3000)
+    run_ray_capture(MODEL, seqs, where, opts=CaptureOptions(seq_len=128, shard_tokens=700, max_tokens=3000),
+                    model_info={"id": MODEL}, corpus_info={**describe_corpus(DATA, split="all"), "split": "all"},
+                    load_kwargs={"device": "cpu", "dtype": "float32"}, workers=2, progress=False,
+                    _die_once={2: (str(written), "written")})
+    assert written.exists()  # a worker did die with its parts in the store
+    trace = moescope.open_trace(where)
+    assert trace.complete and trace.manifest["stats"]["ray_workers"] == 2
+    shards = lambda t: [(s["seq_id_min"], s["seq_id_max"], {k: f["sha256"] for k, f in s["files"].items()})  # noqa: E731
+                        for s in t.manifest["shards"]]
+    assert shards(trace) == shards(moescope.open_trace(on_ray))
+    key = lambda t: t.duckdb().execute("SELECT seq_id, pos, layer, topk_ids FROM routing ORDER BY ALL").fetchall()  # noqa: E731
+    assert key(trace) == key(in_process)
+    listed = {f["path"] for s in trace.manifest["shards"] for f in s["files"].values()}
+    assert set(where.list()) == listed | {"manifest.json"}  # no stray part of the killed attempt, no lease left
+
+    flags = [f"--storage-option={k}={v}" for k, v in options.items()]
+    assert main(["analyze", str(on_ray), "--out", str(tmp_path / "local"), "--no-model"]) == 0  # the same shards
+    assert main(["analyze", str(where), "--out", f"{s3}/res", "--ray", "--no-model", *flags]) == 0
+    local_summary, local_tables = _results(tmp_path / "local")
+    ray_summary, ray_tables = _results(download(location(f"{s3}/res", options)))
+    assert local_summary == ray_summary and local_tables.keys() == ray_tables.keys()
+    for name, frame in local_tables.items():
+        pd.testing.assert_frame_equal(frame, ray_tables[name], check_exact=True, obj=name)

@@ -2,13 +2,17 @@
 
     driver: sequences -> units of about one shard (whole sequences, in order) -> workers -> commit each
     worker (actor, model loaded once): unit -> forward passes -> part files `part-<index>.parquet`
+                                       (on an object store `part-<index>-<driver's tag>.parquet`, PUT by the worker)
 
 The driver alone holds the trace folder's lock and writes the manifest; a unit's parts become part of the
 trace only when the driver lists them (TraceWriter.commit_shard), kept in sequence order, so the trace reads
 back as the in-process capture of the same corpus. A worker that dies mid-unit is restarted by Ray and the
 unit retried under the same shard index: its part files are overwritten, never duplicated. Rerunning the
 command resumes: committed sequences are skipped and unlisted part files deleted, as in-process.
-The trace folder must be reachable from every worker at the same path (one machine, or a shared filesystem).
+A local trace folder must be reachable from every worker at the same path (one machine, or a shared
+filesystem); an object-store trace (s3://...) needs nothing shared: workers PUT their parts straight to the
+store, with the storage options the driver was given (the folder travels as a storage.Location), and only the
+driver writes the manifest, under its lease (trace/lease.py).
 """
 
 from __future__ import annotations
@@ -48,15 +52,15 @@ class CaptureWorker:
 
         return build_manifest(self.model, self.layers, opts=asdict(opts), model_info=model_info, corpus_info=corpus_info)
 
-    def capture_unit(self, folder: str, index: int, sequences: list[Sequence], opts: CaptureSettings,
-                     die_once: tuple[str, str] | None = None) -> dict:
+    def capture_unit(self, folder, index: int, sequences: list[Sequence], opts: CaptureSettings,
+                     die_once: tuple[str, str] | None = None, tag: str | None = None) -> dict:
         blocks = []
         for _, block in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
             blocks.append(block)
             _maybe_die(die_once, "forward")
         tables, kinds = encode_shard(blocks, sequences)
         ids = [s.seq_id for s in sequences]
-        files = write_parts(Path(folder), tables, index)
+        files = write_parts(folder if tag else Path(folder), tables, index, tag=tag)  # tag: an object store
         _maybe_die(die_once, "written")
         return {"index": index, "files": files, "seq_id_min": min(ids), "seq_id_max": max(ids), "kinds": kinds,
                 "tokens": tables["tokens"].num_rows}
@@ -125,7 +129,8 @@ def run_ray_capture(model: str, sequences: Iterable[Sequence], out: str | os.Pat
                     idle.append(pending.pop(ready[0]))
                 worker = idle.pop()
                 die = (_die_once or {}).get(number)
-                pending[worker.capture_unit.remote(str(writer.folder), first + number, unit, opts, die)] = worker
+                folder = writer.folder if writer.remote else str(writer.folder)  # a Location keeps its storage options
+                pending[worker.capture_unit.remote(folder, first + number, unit, opts, die, writer.part_tag)] = worker
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 commit(_get(ray, ready[0]))

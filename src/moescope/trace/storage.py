@@ -2,6 +2,8 @@
 
     location("runs/t1")                          -> a local folder (Path semantics, flock/rename/fsync in the writer)
     location("s3://bucket/runs/t1")              -> an S3 prefix (or any store pyarrow.fs opens: gs://, hdfs://, ...)
+    location("file:///data/t1")                  -> the same folder as "/data/t1", but written the object-store way
+                                                    (no flock, rename or fsync): a URL is always taken as a URL
 
 S3 settings come, in this order of precedence, from `storage_options` (`--storage-option key=value`), an AWS
 profile (`profile=NAME` or AWS_PROFILE: ~/.aws/credentials and ~/.aws/config, read here), the endpoint variables
@@ -65,13 +67,13 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
 
 
 def is_url(location) -> bool:
-    """True for 'scheme://...' other than file://; a Path never is (Path('s3://b') collapses the '//')."""
+    """True for 'scheme://...'; a Path never is (Path('s3://b') collapses the '//')."""
     if isinstance(location, Location):
         return not location.local
     if not isinstance(location, str):
         return False
     scheme, sep, _ = location.partition("://")
-    return bool(sep) and scheme.isalnum() and len(scheme) > 1 and scheme != "file"
+    return bool(sep) and scheme.isalnum() and len(scheme) > 1
 
 
 def location(where, options: dict[str, str] | None = None) -> "Location":
@@ -79,8 +81,6 @@ def location(where, options: dict[str, str] | None = None) -> "Location":
     if isinstance(where, Location):
         return where
     text = os.fspath(where)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
     opts = default_options() if options is None else dict(options)
     return Location(text.rstrip("/") if is_url(text) else text, tuple(sorted(opts.items())) if is_url(text) else ())
 
@@ -103,6 +103,10 @@ class Location:
         """The local folder (local locations only)."""
         assert self.local, self.url
         return Path(self.url)
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition("://")[0] if not self.local else ""
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -165,6 +169,8 @@ class Location:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """One PUT: an object store shows the old object or the whole new one, never a part (local: not atomic;
         the local writer keeps its own temp + rename + fsync)."""
+        if self.scheme not in ("s3", "gs"):  # a filesystem with real folders (file://, hdfs://): make the parent
+            self._call(self.fs.create_dir, self.key(rel).rsplit("/", 1)[0], recursive=True)
         with self._call(self.fs.open_output_stream, self.key(rel)) as f:
             f.write(data)
 
@@ -186,15 +192,17 @@ class Location:
         return {info.path[start:]: info.size for info in infos if info.type == pafs.FileType.File}
 
     def bucket_exists(self) -> bool:
-        return self.local or self._call(self.fs.get_file_info, self.bucket).type == pafs.FileType.Directory
+        if self.scheme != "s3":
+            return True
+        return self._call(self.fs.get_file_info, self.bucket).type == pafs.FileType.Directory
 
     def open_input(self, rel: str):
         """A random-access file for Parquet readers."""
         return self._call(self.fs.open_input_file, self.key(rel))
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except (OSError, pa.ArrowException) as err:
             if isinstance(err, FileNotFoundError):
                 raise
@@ -293,6 +301,8 @@ def _filesystem(scheme: str, options: tuple[tuple[str, str], ...]) -> pafs.FileS
     try:
         if scheme == "s3":
             return _s3(tuple(sorted(s3_keywords(dict(options)).items())))
+        if scheme == "file" and not options:
+            return pafs.LocalFileSystem()
         if options:
             raise MoescopeError(f"--storage-option is for s3:// URLs; {scheme}:// takes its options in the URL")
         return pafs.FileSystem.from_uri(f"{scheme}://")[0]
