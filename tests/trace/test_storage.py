@@ -188,3 +188,43 @@ def test_storage_options_profile_and_endpoint_variables(tmp_path, monkeypatch):
         parse_options(["region"])
     with pytest.raises(MoescopeError, match="unknown option"):
         parse_options(["colour=red"])
+
+
+def test_record_into_s3_is_the_local_recording(tiny_moe, ids, tmp_path, s3):
+    """`moescope.record(model, out=URL)` around the user's own calls: the trace a local folder gets."""
+    traces = []
+    for out in (tmp_path / "rec", f"{s3}/rec"):
+        with moescope.record(tiny_moe, out=out) as rec:
+            for row in range(0, 10, 2):
+                tiny_moe(input_ids=ids[row:row + 2])
+        traces.append(rec.trace)
+    local, remote = traces
+    assert remote.remote and remote.complete and len(remote.manifest["shards"]) >= 1
+    assert _checksums(remote) == _checksums(local) and _rows(remote) == _rows(local)
+    with pytest.raises(TraceError, match="already holds a trace"):
+        with moescope.record(tiny_moe, out=f"{s3}/rec"):
+            pass
+
+
+def test_concurrent_manifest_replacements_read_whole(s3):
+    """A reader racing a writer that replaces a growing manifest always gets a whole one (storage.read_json)."""
+    import threading
+
+    where = location(f"{s3}/m")
+    where.write_bytes("manifest.json", json.dumps({"n": 0, "pad": ""}).encode())
+    stop = threading.Event()
+
+    def writer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            where.write_bytes("manifest.json", json.dumps({"n": n, "pad": "x" * n}).encode())
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = [where.read_json("manifest.json") for _ in range(100)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(len(m["pad"]) == m["n"] for m in seen) and seen[-1]["n"] > seen[0]["n"]

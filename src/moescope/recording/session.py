@@ -46,6 +46,7 @@ from moescope.recording.runner import _eos_ids, encode_shard, finish_capture
 from moescope.trace.manifest import MANIFEST
 from moescope.trace.memory import MemoryTrace
 from moescope.trace.reader import Trace
+from moescope.trace.storage import Location, is_url, location
 from moescope.trace.writer import TraceWriter
 
 _RECORDING: weakref.WeakSet = weakref.WeakSet()  # models inside a `record` block now (nesting is refused)
@@ -111,11 +112,10 @@ class Recording:
         if not_here:
             raise MoescopeError(f"moescope.record observes your own calls: the options {', '.join(not_here)} apply to "
                                 "moescope.capture only; leave them at their defaults")
-        if out is not None and "://" in str(out):
-            raise MoescopeError(f"out={out}: URLs are not supported; give a local folder")
         found = find_moe_layers(model, options.router)  # NoRouterFoundError (one line) for a model without MoE layers
         self.layers = _pick_layers(found, layers)
-        self.model, self.out, self.tokenizer = model, (Path(out) if out is not None else None), tokenizer
+        out = None if out is None else location(out) if is_url(out) else Path(out)  # s3://...: a storage.Location
+        self.model, self.out, self.tokenizer = model, out, tokenizer
         self.options, self.sample_every, self.memory_tokens = options, sample_every, memory_tokens
         self.trace: Trace | None = None
         self.calls = 0  # forward calls of the model seen in the block
@@ -140,7 +140,7 @@ class Recording:
                                 "record it once (one block per model)")
         manifest = self._manifest()
         if self.out is not None:
-            if (self.out / MANIFEST).exists():
+            if self.out.size(MANIFEST) is not None if isinstance(self.out, Location) else (self.out / MANIFEST).exists():
                 raise TraceError(f"{self.out} already holds a trace; record into a new folder (nothing was changed)")
             self._writer = TraceWriter(self.out, manifest)
         else:
