@@ -170,14 +170,14 @@ def test_capture_and_analyze_on_ray_with_the_trace_on_s3_and_no_shared_folder(ra
     from moescope.distributed.capture import run_ray_capture
     from moescope.recording.batches import sequences_from_documents
     from moescope.recording.loading import load_tokenizer
-    from moescope.recording.runner import CaptureOptions
+    from moescope.recording.options import CaptureSettings
     from moescope.trace.storage import download, location
 
     options = {"endpoint_url": s3_server.endpoint, "access_key": "k", "secret_key": "s"}
     where = location(f"{s3}/t", options)
     written = tmp_path / "killed-after-writing"
     seqs = sequences_from_documents(iter_corpus(DATA), load_tokenizer(MODEL), seq_len=128, max_tokens=3000)
-    run_ray_capture(MODEL, seqs, where, opts=CaptureOptions(seq_len=128, shard_tokens=700, max_tokens=3000),
+    run_ray_capture(MODEL, seqs, where, opts=CaptureSettings(seq_len=128, shard_tokens=700, max_tokens=3000),
                     model_info={"id": MODEL}, corpus_info={**describe_corpus(DATA, split="all"), "split": "all"},
                     load_kwargs={"device": "cpu", "dtype": "float32"}, workers=2, progress=False,
                     _die_once={2: (str(written), "written")})

@@ -28,7 +28,8 @@ def ids():
 
 
 def _capture(model, ids, out, **kw):
-    return moescope.capture(model, input_ids=ids, out=out, progress=False, batch_size=2, shard_tokens=40, **kw)
+    return moescope.capture(model, input_ids=ids, out=out, progress=False,
+                            options=moescope.CaptureOptions(batch_size=2, shard_tokens=40, **kw))
 
 
 def _checksums(trace) -> list[tuple]:
