@@ -1,6 +1,6 @@
 """Capture and analyze into a local folder against the same on an S3 server on loopback (moto), interleaved.
 
-    python bench/storage.py [--tokens 8192] [--analyze-tokens 200000] [--reps 5]
+    python bench/storage.py [--tokens 8192] [--analyze-tokens 40000] [--reps 5]
 
 Needs moto[server] (the dev extra). The server runs in a child process on a free 127.0.0.1 port, as the tests
 start it (tests/s3_server.py). Ways, each rep writing a fresh folder / prefix:
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192, help="capture: tokens per run (default 8192)")
     parser.add_argument("--shard-tokens", type=int, default=2048, help="capture: tokens per shard (default 2048)")
-    parser.add_argument("--analyze-tokens", type=int, default=200_000, help="analyze: synthetic trace tokens")
+    parser.add_argument("--analyze-tokens", type=int, default=40_000, help="analyze: synthetic trace tokens (default 40000)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 

@@ -149,6 +149,20 @@ def test_writer_that_lost_its_lease_does_not_commit(s3):
     assert location(f"{s3}/t").size("manifest.json") is None
 
 
+def test_a_contenders_candidate_does_not_stop_the_holder(s3):
+    """A second writer's candidate is there for a moment (until it lists and sees the holder's): the holder commits
+    on; the contender withdraws and is refused (before, both lost: found by the two-process test)."""
+    where = location(f"{s3}/t")
+    with TraceWriter(f"{s3}/t", MANIFEST) as writer:
+        contender = Lease(where)
+        contender._put()  # PUT, not yet listed
+        writer.update()  # the holder's commit goes through
+        assert where.size("manifest.json") is not None
+        with pytest.raises(TraceError, match="another moescope process"):
+            contender.acquire()
+        assert list(where.list("_lease")) == [writer._lease.rel]
+
+
 def test_refusals_before_anything_is_written(s3, s3_server):
     where = location(f"{s3}/mine")
     where.write_bytes("notes.txt", b"keep me")
@@ -229,3 +243,22 @@ def test_concurrent_manifest_replacements_read_whole(s3):
         stop.set()
         thread.join()
     assert all(len(m["pad"]) == m["n"] for m in seen) and seen[-1]["n"] > seen[0]["n"]
+
+
+def test_notebook_analyze_and_save_on_s3_match_the_local_folder(tiny_moe, ids, tmp_path, s3):
+    from moescope.trace.storage import download
+
+    saved = []
+    for trace_at, results_at in ((tmp_path / "t", tmp_path / "res"), (f"{s3}/t", f"{s3}/res")):
+        _capture(tiny_moe, ids, trace_at)
+        results = moescope.analyze(moescope.open_trace(trace_at), only=["load", "coactivation"], model=tiny_moe)
+        assert results.save(results_at) == results_at
+        saved.append(download(results_at))
+    local, remote = saved
+    names = sorted(p.name for p in local.iterdir())
+    assert names == sorted(p.name for p in remote.iterdir()) and "summary.json" in names
+    for name in names:
+        a, b = (local / name).read_bytes(), (remote / name).read_bytes()
+        if name == "summary.json":
+            a, b = (json.loads(x)["analyses"] for x in (a, b))
+        assert a == b, name

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import moescope
+from moescope.cli.main import main
 from moescope.trace.storage import location
 from moescope.trace.verify import verify_trace
 from warm_cli import wait_until
@@ -63,3 +64,23 @@ def test_capture_to_s3_killed_twice_resumes_to_the_uninterrupted_trace(warm_cli,
         assert con_a.execute(query).fetchall() == con_b.execute(query).fetchall()
     listed = {f["path"] for s in resumed.manifest["shards"] for f in s["files"].values()}
     assert set(where.list()) == listed | {"manifest.json"}, history  # no lease, no unlisted part left
+
+
+def test_a_second_capture_on_the_same_prefix_is_refused_in_one_line(warm_cli, tiny_model_dir, tmp_path, s3, s3_server,
+                                                                     capsys):
+    """Two `moescope capture` processes on one s3:// prefix (the warm CLI's child, and this test's own process):
+    the second is refused while the first holds the lease."""
+    corpus = _corpus(tmp_path / "docs.txt", 40)
+    where = location(f"{s3}/t")
+    flags = [f"--storage-option=endpoint_url={s3_server.endpoint}", "--storage-option=access_key=k",
+             "--storage-option=secret_key=s"]
+    argv = ["capture", tiny_model_dir, "--data", corpus, "--seq-len", "16", "--batch-size", "2", "--shard-tokens", "48",
+            "--device", "cpu", "--no-progress", "--out", str(where), *flags]
+    first = warm_cli.start(argv)
+    assert wait_until(lambda: where.size("manifest.json") is not None, first), first.log.read_text()[-2000:]  # holds it
+    status = main([str(a) for a in argv])
+    log = capsys.readouterr().err
+    assert status == 2 and log.strip().count("\n") == 0, log
+    assert log.startswith(f"error: {where} is being written by another moescope process (") and f"pid {first.pid})" in log
+    assert first.wait() == 0, first.log.read_text()[-2000:]  # the first one was not disturbed
+    assert moescope.open_trace(str(where)).complete and verify_trace(str(where)).ok

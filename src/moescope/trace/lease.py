@@ -5,13 +5,15 @@
 A writer PUTs its own candidate, then LISTs `_lease/`: it holds the lease when no other live candidate is
 there; otherwise it deletes its own and (after a short random wait, twice) gives up with a one-line refusal.
 S3 lists are strongly consistent after a PUT, so of two writers the later one to list sees the earlier one's
-candidate: never both hold it (both may see each other and both retreat; the retries settle that). pyarrow.fs
+candidate: never both hold it (both may see each other and both retreat; the retries settle that). A holder
+ignores a contender's candidate, which is withdrawn as soon as its writer lists. pyarrow.fs
 cannot send conditional writes (If-None-Match), which would make this one request; this needs none.
 
 A candidate is live until it expires (a heartbeat thread renews it every TTL/4) or, on this very machine (same
 host name and boot id), as long as its process exists: a writer killed with SIGKILL on this machine is replaced
 at once, one on another machine after TTL seconds. Before each commit the holder checks that its candidate is
-still there and alone (`check`), so a writer that lost its lease (paused past TTL) stops instead of committing.
+still there (`check`: only a writer that judged it dead removes it), so a writer that lost its lease (paused
+past TTL) stops instead of committing.
 """
 
 from __future__ import annotations
@@ -109,10 +111,12 @@ class Lease:
                          f"{holder.get('pid')}); wait or use another --out")
 
     def check(self) -> None:
-        """Raise unless this writer still holds the lease (its candidate is there and no other live one)."""
+        """Raise unless this writer still holds the lease: its candidate is still listed. Other candidates may be
+        there for a moment (a contender's, which sees ours and withdraws it); ours is only ever removed by a
+        writer that found it expired or its process gone, and that writer may now hold the lease."""
         if self._renew_error:
             raise TraceError(f"{self.where}: the writer's lease could not be renewed ({self._renew_error}); rerun to resume")
-        if self.where.size(self.rel) is None or self.others():
+        if self.rel not in self.where.list(LEASE_DIR):
             raise TraceError(f"{self.where}: this writer lost its lease to another moescope process; its last shard "
                              "was not committed (rerun to resume)")
 
