@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--shard-tokens", type=int, default=2048, help="capture: tokens per shard (default 2048)")
     parser.add_argument("--analyze-tokens", type=int, default=40_000, help="analyze: synthetic trace tokens (default 40000)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", default="capture,commit,analyze", help="which to run (default all three)")
     args = parser.parse_args()
 
     import moescope
@@ -59,10 +60,12 @@ def main() -> None:
             return lambda: moescope.capture(model, "wiki", tokenizer=tokenizer, out=f"{root}/{uuid.uuid4().hex}",
                                             options=options, progress=False)
 
-        print(f"capture: {args.tokens} tokens of tiny-moe, shards of {args.shard_tokens}; " + header(args.reps))
-        times = interleave({"local": capture_into(scratch), "s3": capture_into(bucket)}, args.reps)
-        print(compare_line("local folder", times["local"], times["local"], work=args.tokens))
-        print(compare_line("s3 (moto)", times["s3"], times["local"], work=args.tokens))
+        steps = args.steps.split(",")
+        if "capture" in steps:
+            print(f"capture: {args.tokens} tokens of tiny-moe, shards of {args.shard_tokens}; " + header(args.reps))
+            times = interleave({"local": capture_into(scratch), "s3": capture_into(bucket)}, args.reps)
+            print(compare_line("local folder", times["local"], times["local"], work=args.tokens))
+            print(compare_line("s3 (moto)", times["s3"], times["local"], work=args.tokens))
 
         source = moescope.open_trace(capture_into(scratch)().folder)  # the shards to re-commit (not timed)
         parts = [({name: source._read(shard["files"][name]) for name in TABLES}, shard) for shard in source.manifest["shards"]]
@@ -76,10 +79,13 @@ def main() -> None:
                     writer.finish()
             return run
 
-        print(f"\ncommit: the same {len(parts)} shards' tables re-committed, no forward pass; " + header(args.reps))
-        times = interleave({"local": commit_into(scratch), "s3": commit_into(bucket)}, args.reps)
-        print(compare_line("local folder", times["local"], times["local"], work=source.n_tokens))
-        print(compare_line("s3 (moto)", times["s3"], times["local"], work=source.n_tokens))
+        if "commit" in steps:
+            print(f"\ncommit: the same {len(parts)} shards' tables re-committed, no forward pass; " + header(args.reps))
+            times = interleave({"local": commit_into(scratch), "s3": commit_into(bucket)}, args.reps)
+            print(compare_line("local folder", times["local"], times["local"], work=source.n_tokens))
+            print(compare_line("s3 (moto)", times["s3"], times["local"], work=source.n_tokens))
+        if "analyze" not in steps:
+            return
 
         spec = SyntheticSpec(n_layers=26, n_experts=64, top_k=6)
         for root in (scratch, bucket):

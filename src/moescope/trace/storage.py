@@ -99,12 +99,6 @@ class Location:
         return not is_url(self.url)
 
     @property
-    def path(self) -> Path:
-        """The local folder (local locations only)."""
-        assert self.local, self.url
-        return Path(self.url)
-
-    @property
     def scheme(self) -> str:
         return self.url.partition("://")[0] if not self.local else ""
 
