@@ -149,3 +149,15 @@ def test_top_help_ends_in_examples():
     result = subprocess.run([sys.executable, "-m", "moescope.cli.main", "top", "--help"], capture_output=True, text=True)
     assert "examples:" in result.stdout and "moescope top localhost:8000 --once" in result.stdout
     json.dumps(result.stdout)  # plain text
+
+
+def test_the_plugin_side_imports_no_compiled_kernels():
+    """vLLM's CPU platform scans every imported module's attributes when a worker starts, and llvmlite's ctypes
+    wrappers break that scan: the modules the plugin loads inside vLLM must not import numba (and so llvmlite)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moescope.serve.vllm_plugin, moescope.serve.load_counter, moescope.serve.metrics; "
+            "print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

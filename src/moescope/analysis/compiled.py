@@ -13,8 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-NO_PRIOR_USE = -1  # rank of a touch whose expert was not touched earlier in the sequence (compulsory miss)
-NOT_AN_EXPERT = -2  # rank of a slot that holds no real expert, or repeats an earlier column of its batch
+from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT
 
 
 @numba.njit(cache=True, nogil=True)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moescope.analysis.compiled import NO_PRIOR_USE, NOT_AN_EXPERT, lru_rank_pass, lru_rank_pass_tree
+NO_PRIOR_USE = -1  # rank of a touch whose expert was not touched earlier in the sequence (compulsory miss)
+NOT_AN_EXPERT = -2  # rank of a slot that holds no real expert, or repeats an earlier column of its batch
 
 __all__ = ["NOT_AN_EXPERT", "NO_PRIOR_USE", "drop_repeats", "hits_from_ranks", "lru_ranks", "rank_counts",
            "rank_histogram"]
@@ -66,12 +67,16 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
         method = "scan" if n_experts <= SCAN_MAX_KEYS else "tree"
     if method == "scan":
         rows, hist = counts if counts is not None else (1, np.zeros((0, n_experts + 1), np.int64))
+        from moescope.analysis.compiled import lru_rank_pass  # numba on first use: the vLLM plugin imports analysis/
+
         lru_rank_pass(lookups, pre, new_sequence, int(n_experts), kk, has_prefetch, rank_prefetch, out, out_pre,
                       np.zeros(1, stamp), max(1, int(rows)), hist)
     elif method == "tree" and counts is None:
         starts = np.flatnonzero(new_sequence)
         length = np.zeros(N, np.int64)
         length[starts] = np.diff(np.append(starts, N))
+        from moescope.analysis.compiled import lru_rank_pass_tree
+
         lru_rank_pass_tree(lookups, pre, new_sequence, length, int(n_experts), kk, has_prefetch, rank_prefetch, out,
                            out_pre)
     else:
