@@ -103,7 +103,7 @@ def forward_child(tokens: int, model_name: str, data: str) -> None:
     the model itself adds to the peak as the corpus grows (in a child process)."""
     import torch
 
-    from moescope.api import _documents
+    from moescope.pipeline.capture import documents_of
     from moescope.recording.batches import batched, make_batch, sequences_from_documents, start_tokens
     from moescope.recording.loading import load_model
     from moescope.recording.options import CaptureSettings
@@ -111,7 +111,7 @@ def forward_child(tokens: int, model_name: str, data: str) -> None:
 
     opts = CaptureSettings()  # the capture's default batches
     model, tokenizer = load_model(model_name, device="cpu")  # and its default dtype
-    docs, _ = _documents(data, None)
+    docs, _ = documents_of(data, None)
     sequences = sequences_from_documents(docs, tokenizer, seq_len=opts.seq_len, max_tokens=tokens,
                                          start=list(start_tokens(tokenizer)))
     forward = forward_call(model, need_logits=opts.output_entropy)  # the capture's own call (last position's logits)

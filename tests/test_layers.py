@@ -1,5 +1,6 @@
 """Imports run down the pipeline: no module of src/moescope imports a folder listed above its own in
-docs/ARCHITECTURE.md ("What each folder may import"), and no two folders import each other."""
+docs/ARCHITECTURE.md ("What each folder may import"), and no two folders import each other; the CLI is argument
+parsing over the one Python API (api.py), which nothing below reaches through the package's attributes."""
 
 from __future__ import annotations
 
@@ -57,3 +58,35 @@ def test_no_two_parts_import_each_other():
     cycles = sorted(f"{a} <-> {b}" for a, b in itertools.combinations(sorted({p for e in edges for p in e}), 2)
                     if (a, b) in edges and (b, a) in edges)
     assert cycles == []
+
+
+CLI_MAY_IMPORT = {"api", "errors", "cli", "trace.storage"}  # trace.storage: --storage-option is parsed for every command
+
+
+def test_the_cli_calls_only_the_python_api():
+    found = []
+    for path in (PACKAGE / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for name in names:
+                if name.startswith("moescope.") and not any(name == f"moescope.{ok}" or name.startswith(f"moescope.{ok}.")
+                                                            for ok in CLI_MAY_IMPORT):
+                    found.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert found == []
+
+
+def test_nothing_below_the_api_reaches_it_through_the_package():
+    """`import moescope; moescope.capture(...)` inside the package is an import of api.py in disguise."""
+    public = set(ast.literal_eval(re.search(r"_PUBLIC = (\(.*?\))", (PACKAGE / "__init__.py").read_text(), re.S).group(1)))
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent == PACKAGE or path.parent.name == "cli" or path.name == "api.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "moescope" \
+                    and node.attr in public:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses moescope.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module == "moescope" and any(a.name in public for a in node.names):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {[a.name for a in node.names]} from moescope")
+    assert found == []

@@ -111,9 +111,15 @@ def test_public_functions_whatever_was_imported_before():
             importlib.import_module(info.name)
         except ImportError:  # optional extras not installed here (vLLM); nothing of theirs is a public name
             continue
-    from moescope.notebook import analyze, quant_sweep, report
+    from moescope import api
     from moescope.recording.session import record
 
-    assert moescope.record is record and moescope.report is report and moescope.analyze is analyze
-    assert moescope.quant_sweep is quant_sweep and callable(moescope.capture)
+    assert moescope.record is record is api.record and moescope.report is api.report and moescope.analyze is api.analyze
+    assert moescope.quant_sweep is api.quant_sweep and moescope.capture is api.capture
     assert moescope.RoutingMonitor.__name__ == "RoutingMonitor"
+    for name in moescope._PUBLIC:  # every public name is the API's, and every command of the CLI has one
+        assert getattr(moescope, name) is getattr(api, name), name
+    from moescope.cli.main import SUBCOMMANDS
+
+    function_of = {"import_": "import_trace", "quant": "quant_sweep"}
+    assert {function_of.get(c, c) for c in SUBCOMMANDS} <= set(moescope._PUBLIC)

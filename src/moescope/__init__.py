@@ -7,33 +7,23 @@
 >>> results = moescope.analyze(rec.trace)                                    # tables as DataFrames, figures
 >>> moescope.report(results, "report.html")
 
-No subpackage is named like a public function (`record`, `report`, `analyze`, `capture`, `quant_sweep`), so
-these names are the functions whatever was imported before.
+Every name is moescope.api's (the one Python API; the CLI is argument parsing over it). No subpackage or module is
+named like a public function, so these names are the functions whatever was imported before.
 """
 
 __version__ = "0.1.0"
 
-_PUBLIC = {
-    "capture": "moescope.api",
-    "open_trace": "moescope.api",
-    "CustomRouter": "moescope.api",
-    "CaptureOptions": "moescope.api",
-    "CaptureOptionsError": "moescope.recording.options",
-    "record": "moescope.recording.session",
-    "analyze": "moescope.notebook",
-    "report": "moescope.notebook",
-    "quant_sweep": "moescope.notebook",
-    "Results": "moescope.notebook",
-    "RoutingMonitor": "moescope.monitor",
-    "intervene": "moescope.intervention",
-}
+_PUBLIC = ("capture", "record", "open_trace", "analyze", "report", "quant_sweep", "compare", "placement", "offload",
+           "importance", "saturation", "replay_check", "verify", "export", "import_trace", "sql", "inspect", "top",
+           "demo", "Results", "QuantSweep", "Trace", "CaptureOptions", "CaptureOptionsError", "CustomRouter",
+           "RoutingMonitor", "intervene")  # all of them moescope.api's
 
 
 def __getattr__(name):  # keep `import moescope` light: torch/transformers load on first use
     if name in _PUBLIC:
         import importlib
 
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        return getattr(importlib.import_module("moescope.api"), name)
     raise AttributeError(name)
 
 

@@ -25,26 +25,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.analyze import analyze_trace
-    from moescope.pipeline.summary import print_summary, print_warnings
-
+    from moescope.api import analyze, print_summary, print_warnings
     from moescope.errors import MoescopeError
 
     if args.model and args.no_model:
         raise MoescopeError("--model and --no-model contradict each other; give one")
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    from moescope.trace.load_table import is_load_table
-
-    if is_load_table(args.trace):  # expert counts only: the load analysis
-        from moescope.pipeline.analyze import analyze_load_table
-
-        if (only and only != ["load"]) or args.ray or args.model:
-            raise MoescopeError(f"{args.trace} is a load table: only the load analysis runs on it (no --only, --model, --ray)")
-        print_summary(analyze_load_table(args.trace, args.out))
-        print(f"tables and summary.json in {args.out}")
-        return 0
-    summary = analyze_trace(args.trace, args.out, only=only, model=args.model, use_model=not args.no_model,
-                           ray=args.ray)
+    summary = analyze(args.trace, only, args.model, out=args.out, use_model=not args.no_model, ray=args.ray).summary
     print_summary(summary)
     print_warnings(summary)
     print(f"tables and summary.json in {args.out}")

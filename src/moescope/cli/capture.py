@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
 def options_from_args(args):
     """The CaptureOptions the flags ask for (validated there: a bad value is one line, before anything is loaded,
     naming the flag)."""
-    from moescope.recording.options import CaptureOptionsError
+    from moescope.api import CaptureOptionsError
 
     try:
         return _options(args)
@@ -69,7 +69,7 @@ def flag_names(message: str) -> str:
     """An options message with each field name as its command-line flag (generate -> --generate)."""
     from dataclasses import fields
 
-    from moescope.recording.options import CaptureOptions
+    from moescope.api import CaptureOptions
 
     for field in fields(CaptureOptions):
         message = re.sub(rf"(?<![-\w]){field.name}(?![=\w])", "--" + field.name.replace("_", "-"), message)
@@ -77,7 +77,7 @@ def flag_names(message: str) -> str:
 
 
 def _options(args):
-    from moescope.recording.options import CaptureOptions
+    from moescope.api import CaptureOptions
 
     return CaptureOptions(
         seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens, split=args.split, generate=args.generate,

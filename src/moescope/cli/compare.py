@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.compare import compare_traces
+    from moescope.api import compare
 
-    summary = compare_traces(args.a, args.b, args.out)
+    summary = compare(args.a, args.b, out=args.out)
     print(summary["per_token"])
     for key in ("mean_load_js_divergence", "mean_top1_agreement", "mean_topk_jaccard", "note"):
         if key in summary:

@@ -20,12 +20,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.errors import MoescopeError
-    from moescope.pipeline.demo import run_demo
+    from moescope.api import demo
 
     steps = tuple(s.strip() for s in args.steps.split(",") if s.strip())
-    unknown = set(steps) - {"capture", "analyze", "quant", "report"}
-    if unknown:
-        raise MoescopeError(f"unknown demo steps {sorted(unknown)}; choose from capture, analyze, quant, report")
-    run_demo(args.out, max_tokens=args.max_tokens, quant_tokens=args.quant_tokens, steps=steps, progress=not args.no_progress)
+    demo(args.out, max_tokens=args.max_tokens, quant_tokens=args.quant_tokens, steps=steps, progress=not args.no_progress)
     return 0

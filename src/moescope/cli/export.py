@@ -21,20 +21,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
+    from moescope.api import export
 
-    from moescope.errors import MoescopeError
-    from moescope.trace.exchange import export_trace
-    from moescope.trace.reader import open_trace
-
-    if Path(args.out).exists() and not args.overwrite:
-        raise MoescopeError(f"{args.out} exists; pass --overwrite or choose another --out")
-    if args.format == "replay":
-        from moescope.trace.formats.replay import export_replay
-
-        n = export_replay(open_trace(args.trace), args.out)
-        print(f"wrote {n} sequences to {args.out}")
-        return 0
-    rows = export_trace(open_trace(args.trace), args.out, fmt=args.format)
-    print(f"wrote {rows} rows to {args.out}")
+    n = export(args.trace, args.out, format=args.format, overwrite=args.overwrite)
+    print(f"wrote {n} {'sequences' if args.format == 'replay' else 'rows'} to {args.out}")
     return 0

@@ -52,16 +52,10 @@ def layer_list(text: str) -> list[int]:
 
 def run(args) -> int:
     before = manifest_bytes(args.out)
-    if args.format != "jsonl" or args.slot_map is not None or args.moe_layers is not None:
-        from moescope.trace.formats import import_foreign
+    from moescope.api import import_trace
 
-        written = import_foreign(args.format, args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite,
-                                 slot_map=args.slot_map, moe_layers=args.moe_layers)
-    else:
-        from moescope.trace.exchange import import_jsonl
-
-        trace = import_jsonl(args.file, args.out, n_experts=args.n_experts, overwrite=args.overwrite)
-        written = f"wrote {trace.folder}: {trace.n_tokens} tokens x {trace.n_layers} layers"
+    written = import_trace(args.file, args.out, format=args.format, n_experts=args.n_experts, overwrite=args.overwrite,
+                           slot_map=args.slot_map, moe_layers=args.moe_layers)
     if not args.overwrite and before is not None and manifest_bytes(args.out) == before:
         print(f"{args.out} already holds this import: nothing written")
         return 0

@@ -31,9 +31,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.importance import importance_from_name
+    from moescope.api import importance
 
-    summary = importance_from_name(
+    summary = importance(
         args.model, args.data, out=args.out, layers=args.layers, split=args.split, max_tokens=args.max_tokens,
         seq_len=args.seq_len, batch_size=args.batch_size, prune=not args.no_prune, device=args.device,
         overwrite=args.overwrite, progress=not args.no_progress,

@@ -31,8 +31,7 @@ def add_custom_router_args(p) -> None:
 
 
 def custom_router_from_args(args):
-    from moescope.adapters.discover import CustomRouter
-    from moescope.adapters.spec import RouterOutput
+    from moescope.api import CustomRouter, RouterOutput
     from moescope.errors import MoescopeError
 
     if not args.router_pattern:
@@ -44,11 +43,9 @@ def custom_router_from_args(args):
 
 
 def run(args) -> int:
-    from moescope.adapters.describe import describe_model
-    from moescope.recording.loading import default_router, load_model
+    from moescope.api import inspect
 
-    model, _ = load_model(args.model, device="cpu", trust_remote_code=args.trust_remote_code)
-    info = describe_model(model, custom_router_from_args(args) or default_router(args.model))
+    info = inspect(args.model, router=custom_router_from_args(args), trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0

@@ -68,10 +68,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.offload import run_offload
-    from moescope.pipeline.summary import print_summary
+    from moescope.api import offload, print_summary
 
-    summary = run_offload(args.trace, args.out, capacities=args.capacity, policies=args.policy, prefetch=args.prefetch,
+    summary = offload(args.trace, out=args.out, capacities=args.capacity, policies=args.policy, prefetch=args.prefetch,
                           scope=args.scope, window=args.window, phases=args.phase, link=args.link, bandwidth_gbps=args.bandwidth,
                           latency_us=args.latency_us, expert_bytes_each=args.expert_bytes, dtype=args.dtype,
                           lossy=args.lossy, model=args.model, data=args.data, max_tokens=args.max_tokens,

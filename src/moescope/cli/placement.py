@@ -35,10 +35,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.placement import run_placement
-    from moescope.pipeline.summary import print_summary
+    from moescope.api import placement, print_summary
 
-    summary = run_placement(args.trace, args.out, gpus=args.gpus, nodes=args.nodes, redundant=args.redundant,
+    summary = placement(args.trace, out=args.out, gpus=args.gpus, nodes=args.nodes, redundant=args.redundant,
                             groups=args.groups, window=args.window,
                             decode_batch=args.decode_batch)
     print_summary(summary)

@@ -34,15 +34,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.quant import quant_from_names
+    from moescope.api import quant_sweep
 
-    summary = quant_from_names(
+    sweep = quant_sweep(
         args.model, args.data, out=args.out, bits=args.bits, targets=args.targets, schemes=args.scheme,
         granularity=args.granularity, per_layer=args.per_layer, dense_model=args.dense_model,
         max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
         split=args.split, overwrite=args.overwrite, progress=not args.no_progress,
     )
-    for line in summary.get("verdict_lines", []):
-        print(line)
+    for answer in sweep.summary.get("router_vs_experts", []):
+        print(answer["statement"])
     print(f"tables and summary.json in {args.out}")
     return 0

@@ -24,11 +24,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.replay_check import format_table, replay_check
+    from moescope.api import replay_check
 
     result = replay_check(args.trace, args.model, dtype=args.dtype, device=args.device, out=args.out,
                           trust_remote_code=args.trust_remote_code)
-    print(format_table(result["table"]))
+    print(result["text"])
     if args.out:
         print(f"tables and flagged rows in {args.out}")
     return 0

@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.reporting import write_report
+    from moescope.api import report
 
-    path = write_report(args.results, args.out, figures_dir=args.figures)
+    path = report(args.results, args.out, figures=args.figures)
     print(f"wrote {path}")
     return 0

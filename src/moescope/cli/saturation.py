@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.pipeline.saturation import saturation_run
+    from moescope.api import saturation
 
-    summary = saturation_run(args.checkpoints, args.final, args.data, args.out, max_tokens=args.max_tokens,
+    summary = saturation(args.checkpoints, args.final, args.data, out=args.out, max_tokens=args.max_tokens,
                              seq_len=args.seq_len, batch_size=args.batch_size, split=args.split, device=args.device)
     s = summary["saturation"]
     for label in s["checkpoints"]:

@@ -20,16 +20,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import duckdb
+    from moescope.api import sql
 
-    from moescope.errors import MoescopeError
-    from moescope.trace.reader import open_trace
-
-    trace = open_trace(args.trace)
-    try:
-        frame = trace.sql(args.query)
-    except duckdb.Error as err:
-        raise MoescopeError(f"query failed: {str(err).splitlines()[0]}") from None
+    frame = sql(args.trace, args.query)
     if args.csv:
         print(frame.to_csv(index=False), end="")
     else:

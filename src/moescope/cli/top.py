@@ -35,6 +35,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.serve.top import run_top
+    from moescope.api import top
 
-    return run_top(args.url, interval=args.interval, once=args.once)
+    return top(args.url, interval=args.interval, once=args.once)

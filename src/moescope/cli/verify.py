@@ -15,9 +15,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moescope.trace.verify import verify_trace
+    from moescope.api import verify
 
-    report = verify_trace(args.trace)
+    report = verify(args.trace)
     for line in report.lines():
         print(line)
     return 0 if report.ok else 1

@@ -36,12 +36,6 @@ def analysis_context(trace: Trace, **overrides) -> AnalysisContext:
     return AnalysisContext.from_manifest(manifest, **overrides)
 
 
-def _load_model_for(trace: Trace, model: str | None):
-    """(model, tokenizer) for the trace's model, or (None, None, reason) when it cannot be loaded here."""
-    loaded, tokenizer, reason, _ = model_for(trace, model)
-    return loaded, tokenizer, reason
-
-
 def model_for(trace: Trace, model: str | None):
     """(model, tokenizer, reason, warning) for what needs the model (router weights, token text).
 
@@ -143,41 +137,59 @@ def run_trace_analyses(trace: Trace, names: list[str], *, trace_label: str, load
 
 def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only: list[str] | None = None,
                   model: str | None = None, use_model: bool = True, ray: str | None = None) -> dict:
-    """Run the analyses on a trace and write their tables and `summary.json` into `out`.
+    """Run the analyses on a trace and write their tables and `summary.json` into `out`; returns the summary
+    (what `run_analyze` returns, without the results and tables)."""
+    return run_analyze(trace_path, out, only=only, model=model, use_model=use_model, ray=ray)[1]
 
-    `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards on Ray workers.
-    Returns the summary dict: {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]},
-    "warnings": [...]} (each warning once, however many analyses raised it; the CLI prints them on stderr).
+
+def run_analyze(trace, out: str | os.PathLike | None = None, *, only: list[str] | None = None, model=None, tokenizer=None,
+                use_model: bool = True, ray: str | None = None) -> tuple[dict, dict, dict]:
+    """Run the analyses on a trace (a Trace, a folder or a URL) and, with `out`, write their tables and `summary.json`.
+
+    `model`: a loaded module, a name to load as asked, or None for the manifest's model from this machine only;
+    `use_model=False`: no model at all. `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards
+    on Ray workers. Returns (results {name: result}, summary, tables {name: {stem: DataFrame}}); the summary is
+    {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}, "warnings": [...]} (each warning once,
+    however many analyses raised it; the CLI prints them on stderr).
     """
-    trace = open_trace(trace_path)
+    from torch import nn
+
+    label = str(trace) if not isinstance(trace, Trace) else str(trace.folder) if trace.folder is not None else "in memory"
+    trace = trace if isinstance(trace, Trace) else open_trace(trace)
     if not trace.manifest["shards"]:
-        raise MoescopeError(f"{trace_path} has no committed shards; nothing to analyse")
+        raise MoescopeError(f"{label} has no committed shards; nothing to analyse")
     names = check_analyses(only)
-    check_output_folder(out, markers=("summary.json",), what="analysis results", remote=True)  # refused before the work
+    if out is not None:
+        check_output_folder(out, markers=("summary.json",), what="analysis results", remote=True)  # refused before the work
     run_pass = None
     if ray is not None:  # per-shard accumulation on Ray workers, tree merge: the same results
         from moescope.distributed.analyze import ray_pass
 
         run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)  # connects: fails before the work
-    loaded = tokenizer = None
+    loaded = loaded_tokenizer = None
     skipped_reason, warning = "not requested (--no-model)", None
-    if use_model:
-        loaded, tokenizer, skipped_reason, warning = model_for(trace, model)
-    _, summary, tables = run_trace_analyses(trace, names, trace_label=str(trace_path), loaded=loaded, tokenizer=tokenizer,
-                                            skipped_reason=skipped_reason, run_pass=run_pass,
-                                            warnings=() if warning is None else (warning,))
-    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), tables, summary)
-    return summary
+    if isinstance(model, nn.Module):
+        loaded, skipped_reason = model, None
+    elif use_model:
+        loaded, loaded_tokenizer, skipped_reason, warning = model_for(trace, model)
+    results, summary, tables = run_trace_analyses(
+        trace, names, trace_label=label, loaded=loaded, tokenizer=tokenizer if tokenizer is not None else loaded_tokenizer,
+        skipped_reason=skipped_reason or "", run_pass=run_pass, warnings=() if warning is None else (warning,))
+    if out is not None:
+        write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), tables, summary)
+    return results, summary, tables
 
 
-def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
+def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[dict, dict, dict]:
     """The load analysis of a load table (trace/load_table.py: token counts per window, layer and expert),
-    summed over its windows; the same tables and summary.json as `analyze_trace` writes for `load`."""
+    summed over its windows; the same tables and summary.json as `run_analyze` writes for `load`, and the same
+    (results, summary, tables)."""
     from moescope.analysis import load
     from moescope.trace.load_table import read_load_table
 
     table = read_load_table(path)
-    check_output_folder(out, markers=("summary.json",), what="analysis results", remote=True)
+    if out is not None:
+        check_output_folder(out, markers=("summary.json",), what="analysis results", remote=True)
     counts = table.matrix  # [L, E]
     L, E = counts.shape
     ctx = AnalysisContext(n_experts=E, top_k=1, n_layers=L)  # slots are counted; tokens and k are unknown
@@ -190,5 +202,6 @@ def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike) -> dict:
         "tables": {"load": list(tables)},
         "notes": {"load": [note]},
     }
-    write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), {"load": tables}, summary)
-    return summary
+    if out is not None:
+        write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), {"load": tables}, summary)
+    return {"load": result}, summary, {"load": tables}

@@ -16,14 +16,15 @@ import shutil
 import time
 from pathlib import Path
 
-from moescope.errors import MoescopeError, TraceError
+from moescope.errors import TraceError
 from moescope.pipeline.output import prepare_output_folder
 
 DEMO_CORPUS = "humaneval,gsm-symbolic,wiki"
 
 
 def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progress: bool) -> None:
-    from moescope.api import CaptureOptions, capture
+    from moescope.pipeline.capture import capture_trace
+    from moescope.recording.options import CaptureOptions
     from moescope.trace.reader import open_trace
 
     if (out / "manifest.json").exists():
@@ -34,7 +35,7 @@ def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progr
         if trace is not None and trace.complete and trace.manifest["capture"].get("max_tokens") == max_tokens:
             print(f"  reusing {out}")
             return
-    capture(model, DEMO_CORPUS, out=out, overwrite=(out / "manifest.json").exists() and open_trace(out).complete, progress=progress,
+    capture_trace(model, DEMO_CORPUS, out=out, overwrite=(out / "manifest.json").exists() and open_trace(out).complete, progress=progress,
             options=CaptureOptions(split="eval", max_tokens=max_tokens, seq_len=seq_len, batch_size=8, device="cpu",
                                    save_logits=True, predict_next_layer=True, output_entropy=True))
 

@@ -14,7 +14,7 @@ def quant_from_names(model: str, data, *, out, dense_model: str | None = None, d
     dense = load_model(dense_model, device=device, dtype="float32")[0] if dense_model else None
     result = run_quant_sweep(loaded, tokenizer, data, out=out, dense_model=dense, custom_router=default_router(model),
                              model_info={"id": model, "dense_id": dense_model}, **options)
-    return {**result.summary, "verdict_lines": [answer["statement"] for answer in result.summary["router_vs_experts"]]}
+    return result.summary
 
 
 def run_demo_quant(out: Path, *, max_tokens: int, progress: bool) -> Path:

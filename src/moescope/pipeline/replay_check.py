@@ -1,6 +1,6 @@
 """`replay-check`: recompute a trace's routing in transformers on its own tokens and compare (analysis/replay_compare.py).
 
-    trace shard (whole sequences, token ids) -> moescope.capture(model, input_ids) into a temporary trace
+    trace shard (whole sequences, token ids) -> capture (pipeline/capture.py) of its input_ids into a temporary trace
       -> the same shard recomputed -> compare_routes -> merged counts -> per-layer table (+ flagged rows)
 
 The recomputation batches a shard's sequences as the trace's capture did (its batch size), so a Hugging Face
@@ -81,13 +81,14 @@ def check_model(trace, model, router) -> None:
 
 def _recompute(model, router, shard: ShardData, trace, tmp: Path, index: int) -> tuple[np.ndarray, np.ndarray]:
     """The routing the model computes for the shard's tokens: ids, weights [L, T, k] in the shard's order."""
-    import moescope
+    from moescope.pipeline.capture import capture_trace
+    from moescope.recording.options import CaptureOptions
 
     ids, mask = _input_ids(shard)
     opts = trace.manifest.get("capture", {})
-    redo = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp / f"shard-{index}", progress=False,
-                            options=moescope.CaptureOptions(router=router, batch_size=int(opts.get("batch_size") or 8),
-                                                            weights_dtype=trace.manifest.get("weights_dtype", "float16")))
+    redo = capture_trace(model, None, input_ids=ids, attention_mask=mask, out=tmp / f"shard-{index}", progress=False,
+                         options=CaptureOptions(router=router, batch_size=int(opts.get("batch_size") or 8),
+                                                weights_dtype=trace.manifest.get("weights_dtype", "float16")))
     parts = list(redo.shards())
     new_ids = np.concatenate([p.topk_ids for p in parts], axis=1)
     new_weights = np.concatenate([p.topk_weights for p in parts], axis=1)
@@ -102,7 +103,8 @@ def _recompute(model, router, shard: ShardData, trace, tmp: Path, index: int) ->
 
 def replay_check(trace_path: str | os.PathLike, model_name: str, *, dtype: str = "auto", device: str = "auto",
                  out: str | os.PathLike | None = None, trust_remote_code: bool = False) -> dict:
-    """Compare the trace's routes with `model_name`'s on the same tokens; returns {"table": DataFrame, ...}."""
+    """Compare the trace's routes with `model_name`'s on the same tokens; returns {"table": DataFrame, "text": the
+    table as the CLI prints it, "flagged": rows, "summary": ...}."""
     from moescope.recording.loading import default_router, load_model
 
     trace = open_trace(trace_path)
@@ -135,7 +137,7 @@ def replay_check(trace_path: str | os.PathLike, model_name: str, *, dtype: str =
         table.to_parquet(out / "replay_check.parquet", index=False)
         rows.to_parquet(out / "flagged_rows.parquet", index=False)
         atomic_write_bytes(out / MARKER, (json.dumps(summary, indent=1, default=float) + "\n").encode())
-    return {"table": table, "flagged": rows, "summary": summary}
+    return {"table": table, "text": format_table(table), "flagged": rows, "summary": summary}
 
 
 def format_table(table: pd.DataFrame) -> str:

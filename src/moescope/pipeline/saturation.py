@@ -41,12 +41,12 @@ def training_step(label: str) -> int | None:
 
 
 def _token_ids(final: str, data, *, max_tokens: int, seq_len: int, split: str, device: str):
-    from moescope.api import _documents
+    from moescope.pipeline.capture import documents_of
     from moescope.recording.batches import sequences_from_documents
     from moescope.recording.loading import load_model
 
     model, tokenizer = load_model(final, device=device, dtype="float32")
-    docs, _ = _documents(data, split)
+    docs, _ = documents_of(data, split)
     sequences = list(sequences_from_documents(docs, tokenizer, seq_len=seq_len, max_tokens=max_tokens))
     if not sequences:
         raise MoescopeError(f"--data {data} gave no tokens; give a corpus with text")
@@ -85,8 +85,9 @@ def check_checkpoints(checkpoints: list[str], final: str) -> list[str]:
 
 def _trace_of(checkpoint: str, model, ids: torch.Tensor, mask: torch.Tensor, folder: Path, batch_size: int) -> Trace:
     """The checkpoint's trace of these tokens: reused when a complete one of it is there, else captured afresh."""
-    import moescope
+    from moescope.pipeline.capture import capture_trace
     from moescope.recording.loading import default_router, load_model, resolve_model_path
+    from moescope.recording.options import CaptureOptions
 
     if (folder / MANIFEST).exists():
         old = open_trace(folder)
@@ -96,9 +97,9 @@ def _trace_of(checkpoint: str, model, ids: torch.Tensor, mask: torch.Tensor, fol
             return old
     if model is None:
         model, _ = load_model(checkpoint, device="cpu", dtype="float32")
-    return moescope.capture(model, input_ids=ids, attention_mask=mask, out=folder, progress=False, overwrite=True,
-                            options=moescope.CaptureOptions(batch_size=batch_size, weights_dtype="float32",
-                                                            router=default_router(checkpoint)))
+    return capture_trace(model, None, input_ids=ids, attention_mask=mask, out=folder, progress=False, overwrite=True,
+                         options=CaptureOptions(batch_size=batch_size, weights_dtype="float32",
+                                                router=default_router(checkpoint)))
 
 
 def compare_to_final(final: Trace, other: Trace) -> pd.DataFrame:

@@ -1,12 +1,10 @@
-"""The notebook API: analyses, figures and the report from Python, in memory, no files needed.
+"""Results in memory: what `moescope.analyze` and `moescope.quant_sweep` return (api.py).
 
     results = moescope.analyze(trace)        # Results: the tables `moescope analyze` writes, as DataFrames
     results.load.per_expert                  # = load__per_expert.parquet of the CLI
     results.summary                          # = its summary.json
     results.load.plot()                      # the report's figures of the load section (matplotlib Figures)
     results.save("results/run1")             # writes exactly what `moescope analyze` writes
-    moescope.report(results, "report.html")
-    sweep = moescope.quant_sweep(model, "wiki", tokenizer=tok, bits=(2, 4), targets="router,experts")
 
 Tables, summary and files come from the same functions the CLI uses (pipeline/analyze.py), and figures from
 the report's own sections (reporting/sections/), so a notebook and the CLI cannot disagree.
@@ -15,8 +13,6 @@ the report's own sections (reporting/sections/), so a notebook and the CLI canno
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -132,43 +128,6 @@ class Results:
         return f"Results(model={trace.get('model')!r}, tokens={trace.get('tokens')}, analyses={self.names})"
 
 
-def analyze(trace, only=None, model=None, *, tokenizer=None) -> Results:
-    """Run the analyses on a trace in memory and return their tables as DataFrames (no files written).
-
-    Parameters
-    ----------
-    trace : a ``Trace`` (``moescope.capture``, ``moescope.open_trace``, ``rec.trace`` of ``moescope.record``)
-        or a trace folder.
-    only : analysis names (default: all, as ``moescope analyze``).
-    model : a loaded model, or a name to load, for what needs it (router weight structure); by default the
-        trace's model is loaded when it can be (as the CLI does), else those analyses are skipped with a note.
-    tokenizer : the model's tokenizer, for token text in the token tables (loaded with a model given by name).
-
-    Examples
-    --------
-    >>> results = moescope.analyze(rec.trace, model=model, tokenizer=tokenizer)     # doctest: +SKIP
-    >>> results.load.per_layer                                                       # doctest: +SKIP
-    """
-    from torch import nn
-
-    from moescope.pipeline.analyze import _load_model_for, check_analyses, run_trace_analyses
-    from moescope.trace.reader import Trace, open_trace
-
-    if not isinstance(trace, Trace):
-        trace = open_trace(trace)
-    names = check_analyses(list(only) if only is not None else None)
-    label = str(trace.folder) if trace.folder is not None else "in memory"
-    loaded, reason = None, "no model given"
-    if isinstance(model, nn.Module):
-        loaded = model
-    else:
-        loaded, loaded_tokenizer, reason = _load_model_for(trace, model)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    results, summary, tables = run_trace_analyses(trace, names, trace_label=label, loaded=loaded, tokenizer=tokenizer,
-                                                  skipped_reason=reason or "")
-    return Results(results, summary, tables, trace.manifest)
-
-
 class QuantSweep:
     """What `moescope.quant_sweep(...)` returns: the sweep's tables as DataFrames, its summary and figures."""
 
@@ -198,38 +157,3 @@ class QuantSweep:
 
     def _repr_html_(self) -> str:
         return quant_html(self)
-
-
-def quant_sweep(model, data, *, tokenizer=None, out: str | os.PathLike | None = None, **options) -> QuantSweep:
-    """A quantization sensitivity sweep (``moescope quant``) returned in memory.
-
-    `model`, `tokenizer`, `data` and `options` are those of ``moescope.quant.run_quant_sweep`` (bits, targets,
-    schemes, granularity, per_layer, dense_model, max_tokens, seq_len, ...). With `out` the sweep is written
-    (and resumed) there as the CLI does; without it, it runs in a temporary folder that is removed afterwards.
-    """
-    from moescope.quant.sweep import run_quant_sweep
-
-    options.setdefault("progress", False)
-    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="moescope-quant-"))
-    try:
-        run_quant_sweep(model, tokenizer, data, out=folder, **options)
-        loaded = report_results.load_results(folder)
-        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    finally:
-        if out is None:
-            shutil.rmtree(folder, ignore_errors=True)
-    if not isinstance(loaded, report_results.QuantResults):
-        raise MoescopeError(f"the quantization sweep wrote no results ({getattr(loaded, 'reason', '')})")
-    return QuantSweep(loaded.summary, loaded.sweep, loaded.configs, loaded.per_layer, files)
-
-
-def report(results, path: str | os.PathLike, *, figures: str | os.PathLike | None = None, title: str = "moescope report") -> Path:
-    """Write the HTML report of in-memory results (``analyze``, ``quant_sweep``) and/or results folders.
-
-    `results`: one of them or a list. Returns the report's path.
-    """
-    from moescope.reporting import write_report
-
-    items = results if isinstance(results, (list, tuple)) else [results]
-    inputs = [r.for_report() if isinstance(r, (Results, QuantSweep)) else r for r in items]
-    return write_report(inputs, path, figures_dir=figures, title=title)
