@@ -105,8 +105,18 @@ def offline_entropy_sum(trace) -> np.ndarray:
 
 
 def run_top(url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moescope.cli.main", "top", url, *args], capture_output=True,
-                          text=True, timeout=120)
+    """`moescope top URL ARGS` in a child; one that does not end in 120 s fails the test with its Python stacks."""
+    import signal
+
+    top = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "moescope.cli.main", "top", url, *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = top.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        top.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack on stderr
+        out, err = top.communicate()
+        pytest.fail(f"moescope top did not end in 120 s; stdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(top.args, top.returncode, out, err)
 
 
 def check_frame(text: str, n_hot: int, from_window: bool) -> None:

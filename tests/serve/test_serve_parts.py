@@ -161,3 +161,39 @@ def test_the_plugin_side_imports_no_compiled_kernels():
             "print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(_metrics_page(tokens=10).encode())
+
+    def log_message(self, *args):
+        return None
+
+
+def test_top_quits_on_ctrl_c_even_when_started_with_sigint_ignored():
+    """A shell's background job, nohup or a CI runner can hand `moescope top` SIGINT ignored: Ctrl-C still quits it."""
+    import signal
+
+    server = HTTPServer(("127.0.0.1", 0), _Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    top = subprocess.Popen([sys.executable, "-m", "moescope.cli.main", "top", f"127.0.0.1:{server.server_port}",
+                            "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert "moescope top" in top.stdout.readline() + top.stdout.readline()  # the first frame is drawn
+        top.send_signal(signal.SIGINT)
+        assert top.wait(timeout=20) == 0, top.stderr.read()
+    finally:
+        top.kill()
+        server.shutdown()
+
+
+def test_top_loads_no_storage_layer_without_storage_options():
+    """pyarrow's filesystems register an S3 finalizer that runs at exit; `moescope top` never touches storage."""
+    code = ("import sys; from moescope.cli.main import main; main(['top', 'http://127.0.0.1:9', '--once']); "
+            "print('pyarrow.fs' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "False"

@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from moescope.trace.storage import parse_options, set_default_options
-
-        set_default_options(parse_options(getattr(args, "storage_option", None)))  # for every s3:// path of this run
+        storage_options(getattr(args, "storage_option", None))
         return int(args.run(args) or 0)
     except MoescopeError as err:
         if args.debug:
@@ -47,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def storage_options(pairs: list[str] | None) -> None:
+    """--storage-option for every s3:// path of this run. Without any, the storage layer is not imported: pyarrow's
+    filesystems register an S3 finalizer that runs at exit, and `top` or `inspect` never touch storage."""
+    if pairs:
+        from moescope.trace.storage import parse_options, set_default_options
+
+        set_default_options(parse_options(pairs))
+    elif "moescope.trace.storage" in sys.modules:  # an earlier main() of this process may have set some
+        sys.modules["moescope.trace.storage"].set_default_options({})
 
 
 if __name__ == "__main__":

@@ -162,6 +162,9 @@ def render(url: str, cur: Snapshot, prev: Snapshot | None = None, hottest: int =
 
 def run_top(url: str, *, interval: float = 2.0, once: bool = False, out=sys.stdout) -> int:
     """Refresh a frame every `interval` seconds until interrupted; `once`: one frame from two scrapes."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C quits, even if our parent ignored SIGINT
     url = metrics_url(url)
     prev = scrape(url)
     try:
