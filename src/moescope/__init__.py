@@ -11,7 +11,7 @@ Every name is moescope.api's (the one Python API; the CLI is argument parsing ov
 named like a public function, so these names are the functions whatever was imported before.
 """
 
-__version__ = "0.1.0"
+from moescope.version import __version__  # noqa: F401
 
 _PUBLIC = ("capture", "record", "open_trace", "analyze", "report", "quant_sweep", "compare", "placement", "offload",
            "importance", "saturation", "replay_check", "verify", "export", "import_trace", "sql", "inspect", "top",

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from moescope import __version__
+from moescope.version import __version__
 from moescope.errors import MoescopeError
 from moescope.reporting.document import Document, FigureBlock, Group
 from moescope.reporting.results import (AnalysisResults, ImportanceResults, MissingResults, QuantResults,

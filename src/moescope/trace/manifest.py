@@ -198,10 +198,10 @@ def library_versions() -> dict:
     import torch
     import transformers
 
-    import moescope
+    from moescope.version import __version__
 
     return {
-        "moescope": moescope.__version__,
+        "moescope": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "pyarrow": pyarrow.__version__,
