@@ -27,7 +27,7 @@ def test_the_plugin_is_off_by_default_and_imports_nothing():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('moescope', 'vllm', 'torch', 'prometheus_client')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['moescope', 'moescope.serve', 'moescope.serve.vllm_plugin']"
+    assert result.stdout.strip() == "['moescope', 'moescope.serve', 'moescope.serve.vllm_plugin', 'moescope.version']"
 
 
 @pytest.mark.parametrize("name, value", [("MOESCOPE_VLLM_WINDOW_S", "ten"), ("MOESCOPE_VLLM_INTERVAL_S", "0")])
