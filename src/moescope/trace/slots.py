@@ -12,7 +12,7 @@ first choice first, and that given order is the only one there is, so such rows 
 
 Many routers select with `topk(sorted=False)` (DeepSeek-V3, GLM-4.5, LongCat, ...) or scale the chosen
 weights per expert after a sorted top-k (Gemma-4), so the order the experts received means nothing; the
-capture path orders rows once, when a shard's tables are built (the writer thread), never in a hook.
+capture path orders each batch's rows once, on the shard writer thread as the batch arrives, never in a hook.
 Traces of schema version 1 were stored in the experts' order and are put in this order when read.
 """
 
