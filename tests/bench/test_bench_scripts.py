@@ -48,3 +48,15 @@ def test_scale_benchmark_quick_prints_the_suite_the_floor_and_every_analysis():
     for name in ANALYSES:  # one line per analysis, its rows per CPU-second positive
         line = next(l for l in out.splitlines() if l.startswith(f"  {name} "))
         assert float(line.split()[2].replace(",", "")) > 0, line
+
+
+def test_capture_scale_benchmark_quick_prints_both_ratios_and_bytes_per_row():
+    done = _run("bench/capture_scale.py", "--quick")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "256 experts in 8 groups, top-8" in out and "= 512 (token, MoE layer) rows per run" in out
+    assert next(l for l in out.splitlines() if l.startswith("  capture ")).count("(") == 4  # wall, CPU and both ratios
+    rate = next(l for l in out.splitlines() if "own work by parts" in l)
+    assert float(rate.split("=")[1].split()[0].replace(",", "")) > 0, rate
+    size = next(l for l in out.splitlines() if l.startswith("  trace size"))
+    assert float(size.split("routing ")[1].split()[0]) > 0, size

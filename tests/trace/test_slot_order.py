@@ -46,6 +46,49 @@ def test_order_slots_matches_a_python_sort_with_ties_and_nan(rows):
     assert ids.dtype == got_ids.dtype and weights.dtype == got_w.dtype
 
 
+WEIGHTS = np.array([0.0, -0.0, 0.25, 0.5, 0.5, -0.5, np.inf, -np.inf, np.nan, 1e-8], np.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256])
+@pytest.mark.parametrize("ids_dtype", [np.int16, np.int32, np.int64])
+@pytest.mark.parametrize("weights_dtype", [np.float16, np.float32, np.float64])
+def test_order_slots_at_256_experts_top_8_matches_a_python_sort(rows, ids_dtype, weights_dtype):
+    """Both the packed-key sort (int16-range ids, float16/32 weights) and the lexsort it falls back to (wider ids,
+    float64 weights) against the contract written per row: signed zeros tie, infinities and NaN place, slot
+    arrays move along, rows of ids only keep their order."""
+    from moescope.trace.slots import order_slots
+
+    rng = np.random.default_rng(rows)
+    k = 8
+    ids = rng.integers(0, 256, (rows, k)).astype(ids_dtype)  # repeats too: equal (weight, id) keep their order
+    if ids_dtype is not np.int16:
+        ids[0, 0] = 70000 if ids_dtype is np.int64 else -3  # beyond int16 (fallback) / negative
+    weights = rng.choice(WEIGHTS, size=(rows, k)).astype(weights_dtype)
+    weights[1::5] = np.nan
+    norms = rng.random((rows, k)).astype(np.float32)
+    got_ids, got_w, got_norms = order_slots(ids, weights, norms)
+    for r in range(rows):
+        if np.isnan(weights[r]).all():
+            order = list(range(k))
+        else:
+            key = lambda slot: (-(weights[r, slot] if weights[r, slot] == weights[r, slot] else -np.inf), ids[r, slot], slot)
+            order = sorted(range(k), key=key)
+        assert got_ids[r].tolist() == ids[r, order].tolist()
+        np.testing.assert_array_equal(got_w[r], weights[r, order])
+        np.testing.assert_array_equal(np.signbit(got_w[r]), np.signbit(weights[r, order]))  # the stored zero, moved
+        np.testing.assert_array_equal(got_norms[r], norms[r, order])
+    assert (got_ids.dtype, got_w.dtype) == (ids.dtype, weights.dtype)
+
+
+def test_order_slots_returns_rows_already_in_order_as_given():
+    from moescope.trace.slots import order_slots
+
+    ids = np.array([[[3, 1, 2]], [[0, 1, 2]]], np.int16)  # [L=2, T=1, k=3]
+    weights = np.array([[[0.5, 0.25, 0.25]], [[0.5, 0.5, 0.0]]], np.float16)
+    got = order_slots(ids, weights)
+    assert got[0] is ids and got[1] is weights
+
+
 def _jsonl(rows: list[dict], path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

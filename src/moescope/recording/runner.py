@@ -20,7 +20,7 @@ import torch
 from moescope.adapters.discover import CustomRouter, find_moe_layers
 from moescope.adapters.spec import MoELayer
 from moescope.recording.batches import Batch, batched, make_batch
-from moescope.trace.block import Sequence, TokenBlock, shard_tables
+from moescope.trace.block import Sequence, TokenBlock, shard_tables, with_ordered_slots
 from moescope.recording.generate import block_from_generate
 from moescope.recording.hooks import RoutingRecorder
 from moescope.recording.options import CaptureSettings
@@ -56,9 +56,16 @@ class DeferredBlock:
         return self.build()
 
 
+def prepare_block(block: TokenBlock | DeferredBlock) -> TokenBlock:
+    """One batch's share of a shard's work: its block built (once its copies have landed) and its slots put in
+    contract order. The capture loop hands each batch here on the writer thread as it arrives, so this overlaps the
+    next batches' forward passes and only the last batch's share is left when the capture ends."""
+    return with_ordered_slots(block.resolve() if isinstance(block, DeferredBlock) else block)
+
+
 def encode_shard(blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence]) -> tuple[dict, list[str]]:
     """({table name: Arrow table} of one shard, the router output kind each block's data shows)."""
-    blocks = [b.resolve() if isinstance(b, DeferredBlock) else b for b in blocks]
+    blocks = [prepare_block(b) for b in blocks]
     kinds = [detect_router_output_kind(b.router_output) for b in blocks if b.router_output is not None]
     return shard_tables(blocks, sequences), kinds
 
@@ -66,15 +73,18 @@ def encode_shard(blocks: list[TokenBlock | DeferredBlock], sequences: list[Seque
 class ShardBuffer:
     """Collects TokenBlocks and their sequences until a shard's worth, then commits them.
 
-    A shard is encoded and written on a background thread, so Parquet compression overlaps the next batches'
-    forward passes (pyarrow releases the GIL); at most one shard is being written while the next one fills,
-    so memory stays bounded by two shards. Use as a context manager: leaving it waits for the last write
-    (and raises its error), so the trace folder's lock is never released while a shard is half written.
+    Each batch's block is prepared (`prepare_block`) on a background thread as soon as it is added, and a full
+    shard is encoded and written there too, so slot ordering and Parquet compression overlap the next batches'
+    forward passes (NumPy and pyarrow release the GIL); the thread takes its work in order, one shard written
+    while the next one fills, so memory stays bounded by two shards. Use as a context manager: leaving it waits
+    for the last write (and raises its error), so the trace folder's lock is never released while a shard is half
+    written.
     """
 
     def __init__(self, writer: TraceWriter, shard_tokens: int):
         self.writer, self.shard_tokens = writer, shard_tokens
-        self.blocks: list[TokenBlock] = []
+        self.blocks: list[Future] = []  # of TokenBlock: each added block, being prepared on the writer thread
+        self.n_tokens = 0  # in self.blocks
         self.sequences: list[Sequence] = []
         self.kind_votes: list[str | None] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moescope-shard-writer")
@@ -83,9 +93,10 @@ class ShardBuffer:
     def add(self, block: TokenBlock | DeferredBlock, sequences: list[Sequence]) -> None:
         if self.sequences and sequences and sequences[0].seq_id != self.sequences[-1].seq_id + 1:
             self.flush()  # a shard holds one contiguous run of seq ids (TraceWriter.committed_seq_ids relies on it)
-        self.blocks.append(block)
+        self.blocks.append(self._pool.submit(prepare_block, block))
+        self.n_tokens += block.n_tokens
         self.sequences.extend(sequences)
-        if sum(b.n_tokens for b in self.blocks) >= self.shard_tokens:
+        if self.n_tokens >= self.shard_tokens:
             self.flush()
 
     def flush(self, last: bool = False) -> None:
@@ -95,7 +106,7 @@ class ShardBuffer:
         if not self.blocks:
             return
         blocks, sequences = self.blocks, self.sequences
-        self.blocks, self.sequences = [], []
+        self.blocks, self.sequences, self.n_tokens = [], [], 0
         self.wait()
         if last:
             self._commit(blocks, sequences, last=True)
@@ -108,8 +119,8 @@ class ShardBuffer:
         if pending is not None:
             pending.result()
 
-    def _commit(self, blocks: list[TokenBlock | DeferredBlock], sequences: list[Sequence], last: bool = False) -> None:
-        tables, kinds = encode_shard(blocks, sequences)
+    def _commit(self, prepared: list[Future], sequences: list[Sequence], last: bool = False) -> None:
+        tables, kinds = encode_shard([block.result() for block in prepared], sequences)
         self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
         self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last)
@@ -124,8 +135,8 @@ class ShardBuffer:
                 self.wait()
             elif self._pending is not None:  # let the write end before the lock is released; report the loop's error
                 futures_wait([self._pending])
-        finally:
-            self._pool.shutdown(wait=True)
+        finally:  # after a failure, the blocks still queued for preparing are dropped
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureSettings, eos: set[int]):

@@ -6,7 +6,7 @@ importers, the synthetic traces — builds its tables here, so slot order and dt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -39,10 +39,23 @@ class TokenBlock:
     router_output: np.ndarray | None  # float16|float32 [L, T, R] (R: routed experts + non-compute choices)
     predicted_next: np.ndarray | None = None  # int16 [L, T, k]: layer l+1's router on layer l's input; -1 on the last layer
     expert_norms: np.ndarray | None = None  # float32 [L, T, k]: ||output|| of each chosen expert alone
+    slots_ordered: bool = False  # True: every row's slots are already in contract order (with_ordered_slots)
 
     @property
     def n_tokens(self) -> int:
         return len(self.seq_id)
+
+
+def with_ordered_slots(block: TokenBlock) -> TokenBlock:
+    """The block with every row's slots in contract order (trace/slots.py; expert norms move with their slots), marked
+    so that `routing_table` does not order them again: a capture orders each batch's block as it arrives, on its
+    writer thread, rather than a whole shard once the last batch is done."""
+    if block.slots_ordered:
+        return block
+    norms = () if block.expert_norms is None else (block.expert_norms,)
+    topk_ids, topk_weights, *norms = order_slots(block.topk_ids, block.topk_weights, *norms)  # [L, T, k] each
+    return replace(block, topk_ids=topk_ids, topk_weights=topk_weights, expert_norms=norms[0] if norms else None,
+                   slots_ordered=True)
 
 
 def concat_blocks(blocks: list[TokenBlock]) -> TokenBlock:
@@ -58,6 +71,7 @@ def concat_blocks(blocks: list[TokenBlock]) -> TokenBlock:
         router_output=router,
         predicted_next=None if blocks[0].predicted_next is None else np.concatenate([b.predicted_next for b in blocks], axis=1),
         expert_norms=None if blocks[0].expert_norms is None else np.concatenate([b.expert_norms for b in blocks], axis=1),
+        slots_ordered=all(b.slots_ordered for b in blocks),
     )
 
 
@@ -73,8 +87,8 @@ def routing_table(block: TokenBlock) -> pa.Table:
     are put in gate-weight order (trace/slots.py), judged on the weights at their stored precision.
     """
     n_layers, n_tokens, k = block.topk_ids.shape
-    norms = () if block.expert_norms is None else (block.expert_norms,)
-    topk_ids, topk_weights, *norms = order_slots(block.topk_ids, block.topk_weights, *norms)  # [L, T, k] each
+    block = with_ordered_slots(block)
+    topk_ids, topk_weights = block.topk_ids, block.topk_weights  # [L, T, k] each
     n_out = 0 if block.router_output is None else block.router_output.shape[2]
     k_next = 0 if block.predicted_next is None else block.predicted_next.shape[2]
     k_norms = 0 if block.expert_norms is None else block.expert_norms.shape[2]
@@ -91,7 +105,7 @@ def routing_table(block: TokenBlock) -> pa.Table:
     if k_next:
         columns.append(_fixed_list(block.predicted_next.astype(np.int16, copy=False), k_next, pa.int16()))
     if k_norms:
-        columns.append(_fixed_list(norms[0].astype(np.float32, copy=False), k_norms, pa.float32()))  # moved with their slots
+        columns.append(_fixed_list(block.expert_norms.astype(np.float32, copy=False), k_norms, pa.float32()))  # moved with their slots
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -12,7 +12,7 @@ first choice first, and that given order is the only one there is, so such rows 
 
 Many routers select with `topk(sorted=False)` (DeepSeek-V3, GLM-4.5, LongCat, ...) or scale the chosen
 weights per expert after a sorted top-k (Gemma-4), so the order the experts received means nothing; the
-capture path orders rows once, when a shard's tables are built (the writer thread), never in a hook.
+capture path orders each batch's rows once, on the shard writer thread as the batch arrives, never in a hook.
 Traces of schema version 1 were stored in the experts' order and are put in this order when read.
 """
 
@@ -35,13 +35,61 @@ def out_of_order(ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return ~ok.all(axis=-1) & ~ranked_only
 
 
-def order_slots(ids: np.ndarray, weights: np.ndarray, *per_slot: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(ids, weights, *per_slot) [..., k] with each row's slots in contract order; rows already in order are
-    untouched. `per_slot` arrays (e.g. expert output norms) move with their slots.
+# A slot's place in the contract order as one int64, so a row's order is one integer sort (SIMD in NumPy): the
+# weight's float32 bits made order-preserving and inverted (descending), then the id (ascending), then the slot's
+# index (ties keep the given order, as a stable sort would). 32 + 16 + 8 bits: ids of int16 range, k <= 256.
+_ID_BITS, _SLOT_BITS = 16, 8
 
-    Only rows out of order are sorted (one lexsort over them): families that already select with a sorted
-    top-k cost one comparison pass.
+
+def _packed_keys(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int64 [..., k] each slot's sort key with its slot index in the low bits, bool [...] rows of ids only);
+    None where the ids, the weights' dtype or k do not fit the packing."""
+    if ids.shape[-1] > 1 << _SLOT_BITS or weights.dtype not in (np.float16, np.float32) or ids.dtype.kind not in "iu":
+        return None  # float64 weights would lose the ties float32 cannot tell apart
+    if ids.dtype not in (np.int8, np.uint8, np.int16) and ids.size and (ids.min() < -(1 << 15) or ids.max() >= 1 << 15):
+        return None
+    w = weights.astype(np.float32)  # a copy (float16 -> float32 is exact, so ties stay ties)
+    nan = np.isnan(w)
+    ranked_only = nan.all(axis=-1)  # ids by rank: the given order is the order
+    w[nan] = -np.inf
+    w += np.float32(0.0)  # -0.0 + 0.0 = +0.0: the two zeros are one weight
+    bits = w.view(np.uint32)
+    ascending = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31))  # unsigned order = float order
+    keys = (np.uint32(0xFFFFFFFF) - ascending).astype(np.int64) << (_ID_BITS + _SLOT_BITS)
+    keys |= (ids.astype(np.int64) + (1 << 15)) << _SLOT_BITS
+    if ranked_only.any():
+        keys[ranked_only] = 0
+    keys |= np.arange(ids.shape[-1], dtype=np.int64)
+    return keys, ranked_only
+
+
+def order_slots(ids: np.ndarray, weights: np.ndarray, *per_slot: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(ids, weights, *per_slot) [..., k] with each row's slots in contract order; rows already in order keep
+    theirs (the inputs are returned as they are when every row is). `per_slot` arrays (e.g. expert output norms)
+    move with their slots.
+
+    Each slot's key (weight, id, slot index) is packed into one int64 and the rows sorted by it: a key order is
+    exactly the contract's (a row in order sorts to itself), so every row can be sorted in one NumPy call, about
+    3x faster than a lexsort of the rows out of order. Ids beyond int16's range, float64 weights and k > 256
+    fall back to that lexsort.
     """
+    packed = _packed_keys(ids, weights)
+    if packed is None:
+        return _order_slots_lexsort(ids, weights, *per_slot)
+    keys, ranked_only = packed
+    in_order = (keys[..., 1:] >> _SLOT_BITS > keys[..., :-1] >> _SLOT_BITS).all(axis=-1)
+    if (in_order | ranked_only).all():
+        return (ids, weights, *per_slot)
+    ordered = np.sort(keys, axis=-1)
+    sorted_ids = ((ordered >> _SLOT_BITS & 0xFFFF) - (1 << 15)).astype(ids.dtype)  # read back from the keys
+    if ranked_only.any():  # their keys hold the slot only (and their order is the given one)
+        sorted_ids[ranked_only] = ids[ranked_only]
+    order = (ordered & ((1 << _SLOT_BITS) - 1)).astype(np.intp)  # [..., k] slot indices
+    return (sorted_ids, *(np.take_along_axis(values, order, axis=-1) for values in (weights, *per_slot)))
+
+
+def _order_slots_lexsort(ids: np.ndarray, weights: np.ndarray, *per_slot: np.ndarray) -> tuple[np.ndarray, ...]:
+    """order_slots for any ids: one lexsort over the rows out of order."""
     bad = out_of_order(ids, weights)
     if not bad.any():
         return (ids, weights, *per_slot)
