@@ -100,8 +100,6 @@ def test_commands_on_s3_give_what_they_give_on_a_local_folder(capsys, tiny_model
     code, _, err = run(capsys, "analyze", remote["trace"], "--out", f"{s3}/mine", "--no-model")
     assert code == 2 and err.startswith("error: ") and "not empty" in err and err.count("\n") == 1
     assert location(f"{s3}/mine").list() == {"notes.txt": 4}
-    code, _, err = run(capsys, "compare", remote["trace"], local["trace"], "--out", f"{s3}/cmp")
-    assert code == 2 and "cannot be written to object storage yet" in err
     code, _, err = run(capsys, "sql", "s3://no-such-bucket-x/t", "SELECT 1")
     assert code == 2 and "no such bucket" in err
     code, _, err = run(capsys, "verify", remote["trace"], "--storage-option", "colour=red")

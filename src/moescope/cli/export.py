@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
                                         "layout RL frameworks consume (.npz, per request [tokens, MoE layers, k])", examples=EXAMPLES)
     p.add_argument("trace")
     p.add_argument("--format", choices=("jsonl", "csv", "replay"), required=True)
-    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--out", required=True, help="file to write (or an object-store URL, s3://bucket/name)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=run)
 

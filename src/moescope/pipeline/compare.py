@@ -19,7 +19,7 @@ from moescope.analysis.kernels import js_divergence, jsonable
 from moescope.analysis.runner import run_analyses
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context
-from moescope.pipeline.output import check_output_folder, prepare_output_folder
+from moescope.pipeline.output import check_output_folder, prepare_output_folder, publish
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
 
@@ -94,7 +94,7 @@ def _per_token_line(shared: int, n_sequences: int, a: Trace, b: Trace) -> str:
 
 def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: str | os.PathLike) -> dict:
     a, b = open_trace(path_a), open_trace(path_b)
-    check_output_folder(out, markers=MARKERS, what="comparison results")  # refused before the work, created after it
+    check_output_folder(out, markers=MARKERS, what="comparison results", remote=True)  # refused before the work, created after it
     results = {}
     for label, trace in (("a", a), ("b", b)):
         ctx = analysis_context(trace)
@@ -106,7 +106,7 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: st
     keys = sorted(set(flat["a"]) & set(flat["b"]))
     headline = pd.DataFrame({"metric": keys, "a": [flat["a"][k] for k in keys], "b": [flat["b"][k] for k in keys]})
     headline["b_minus_a"] = headline["b"] - headline["a"]
-    out = prepare_output_folder(out, markers=MARKERS, what="comparison results")
+    out = prepare_output_folder(out, markers=MARKERS, what="comparison results", remote=True)  # s3://: a staging folder
     headline.to_csv(out / "headline.csv", index=False)
     headline.to_parquet(out / "headline.parquet", index=False)
     summary = {"a": str(path_a), "b": str(path_b), "tokens": {"a": a.n_tokens, "b": b.n_tokens}}
@@ -131,6 +131,7 @@ def compare_traces(path_a: str | os.PathLike, path_b: str | os.PathLike, out: st
         summary["mean_topk_jaccard"] = float(agreement["topk_jaccard"].mean())
     summary["headline"] = jsonable(dict(zip(headline["metric"], zip(headline["a"], headline["b"]))))
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    publish(out)  # uploaded to an s3:// --out, summary.json last
     if not len(headline):
         raise MoescopeError("the traces share no comparable statistics")
     return summary

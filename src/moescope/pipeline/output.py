@@ -73,14 +73,15 @@ def prepare_output_folder(out: str | os.PathLike, *, markers: tuple[str, ...], w
     return out
 
 
-def publish(folder: Path) -> None:
-    """Upload a staging folder to its object-store prefix, summary.json last; nothing for a local folder."""
+def publish(folder: Path, *, last: str = SUMMARY) -> None:
+    """Upload a staging folder to its object-store prefix, `last` (the file that says the results are whole:
+    summary.json, or replay_check.json) last; nothing for a local folder."""
     where = _STAGED.pop(Path(folder), None)
     if where is None:
         return
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    where.delete(SUMMARY, missing_ok=True)  # until the new one lands, the prefix does not claim to be complete
-    for path in sorted(files, key=lambda p: p.name == SUMMARY):
+    where.delete(last, missing_ok=True)  # until the new one lands, the prefix does not claim to be complete
+    for path in sorted(files, key=lambda p: p.relative_to(folder).as_posix() == last):
         where.write_bytes(path.relative_to(folder).as_posix(), path.read_bytes())
     shutil.rmtree(folder)
 

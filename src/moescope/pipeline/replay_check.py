@@ -20,7 +20,7 @@ import pandas as pd
 
 from moescope.analysis.replay_compare import KINDS, RouteCheck, compare_routes, merge
 from moescope.errors import MoescopeError, TraceError
-from moescope.pipeline.output import check_output_folder, prepare_output_folder
+from moescope.pipeline.output import check_output_folder, prepare_output_folder, publish
 from moescope.trace.manifest import atomic_write_bytes
 from moescope.trace.reader import open_trace
 from moescope.trace.shard import ShardData
@@ -111,7 +111,7 @@ def replay_check(trace_path: str | os.PathLike, model_name: str, *, dtype: str =
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_path} has no committed shards; nothing to check")
     if out is not None:
-        check_output_folder(out, markers=(MARKER,), what="replay-check results")  # refused before the work
+        check_output_folder(out, markers=(MARKER,), what="replay-check results", remote=True)  # refused before the work
     check_trace(trace)
     model, _ = load_model(model_name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     router = default_router(model_name)
@@ -132,11 +132,12 @@ def replay_check(trace_path: str | os.PathLike, model_name: str, *, dtype: str =
     summary = {"trace": str(trace_path), "model": model_name, "dtype": dtype,
                "overall": {k: (None if pd.isna(v) else v) for k, v in table.iloc[-1].to_dict().items()}}
     if out is not None:
-        out = prepare_output_folder(out, markers=(MARKER,), what="replay-check results")
+        out = prepare_output_folder(out, markers=(MARKER,), what="replay-check results", remote=True)
         table.to_csv(out / "replay_check.csv", index=False)
         table.to_parquet(out / "replay_check.parquet", index=False)
         rows.to_parquet(out / "flagged_rows.parquet", index=False)
         atomic_write_bytes(out / MARKER, (json.dumps(summary, indent=1, default=float) + "\n").encode())
+        publish(out, last=MARKER)  # uploaded to an s3:// --out, the marker last
     return {"table": table, "text": format_table(table), "flagged": rows, "summary": summary}
 
 

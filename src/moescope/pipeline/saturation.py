@@ -21,9 +21,10 @@ import torch
 from moescope.analysis import saturation
 from moescope.errors import MoescopeError
 from moescope.pipeline.analyze import analysis_context
-from moescope.pipeline.output import check_output_folder, prepare_output_folder
+from moescope.pipeline.output import check_output_folder, prepare_output_folder, publish
 from moescope.trace.manifest import MANIFEST, atomic_write_bytes
 from moescope.trace.reader import Trace, open_trace
+from moescope.trace.storage import exists, is_url, location
 
 TABLE = "saturation__per_layer"
 
@@ -83,13 +84,14 @@ def check_checkpoints(checkpoints: list[str], final: str) -> list[str]:
     return labels
 
 
-def _trace_of(checkpoint: str, model, ids: torch.Tensor, mask: torch.Tensor, folder: Path, batch_size: int) -> Trace:
-    """The checkpoint's trace of these tokens: reused when a complete one of it is there, else captured afresh."""
+def _trace_of(checkpoint: str, model, ids: torch.Tensor, mask: torch.Tensor, folder, batch_size: int) -> Trace:
+    """The checkpoint's trace of these tokens (`folder`: a Path or an object-store Location): reused when a complete
+    one of it is there, else captured afresh."""
     from moescope.pipeline.capture import capture_trace
     from moescope.recording.loading import default_router, load_model, resolve_model_path
     from moescope.recording.options import CaptureOptions
 
-    if (folder / MANIFEST).exists():
+    if exists(folder, MANIFEST):
         old = open_trace(folder)
         tokens = old.table("tokens", columns=["token_id"]).column("token_id").to_numpy() if old.manifest["shards"] else None
         if old.complete and old.manifest["model"]["id"] == resolve_model_path(checkpoint) and tokens is not None \
@@ -119,16 +121,17 @@ def compare_to_final(final: Trace, other: Trace) -> pd.DataFrame:
 def saturation_run(checkpoints: list[str], final: str, data, out: str | os.PathLike, *, max_tokens: int = 8192,
                    seq_len: int = 256, batch_size: int = 8, split: str = "all", device: str = "cpu") -> dict:
     """Capture every checkpoint and the final one on the same tokens; write the per-layer table and summary.json."""
-    check_output_folder(out, markers=("summary.json",), what="saturation results")
+    check_output_folder(out, markers=("summary.json",), what="saturation results", remote=True)
     labels = check_checkpoints(checkpoints, final)
     final_model, ids, mask = _token_ids(final, data, max_tokens=max_tokens, seq_len=seq_len, split=split, device=device)
-    out = prepare_output_folder(out, markers=("summary.json",), what="saturation results")
-    reference = _trace_of(final, final_model, ids, mask, out / "traces" / "final", batch_size)
+    traces = location(out) / "traces" if is_url(out) else Path(out) / "traces"  # s3://: written to the store directly
+    out = prepare_output_folder(out, markers=("summary.json",), what="saturation results", remote=True)  # s3://: staging
+    reference = _trace_of(final, final_model, ids, mask, traces / "final", batch_size)
     steps = [training_step(label) for label in labels]
     use_steps = all(s is not None for s in steps) and len(set(steps)) == len(steps)
     frames = []
     for order, (label, checkpoint) in enumerate(zip(labels, checkpoints)):
-        trace = _trace_of(checkpoint, final_model if checkpoint == final else None, ids, mask, out / "traces" / label, batch_size)
+        trace = _trace_of(checkpoint, final_model if checkpoint == final else None, ids, mask, traces / label, batch_size)
         table = compare_to_final(reference, trace)
         table.insert(0, "checkpoint", label)
         table.insert(1, "order", order)
@@ -150,4 +153,5 @@ def saturation_run(checkpoints: list[str], final: str, data, out: str | os.PathL
         "tables": [TABLE],
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    publish(out)  # the tables and summary.json of an s3:// --out, summary.json last
     return summary

@@ -21,6 +21,7 @@ import numpy as np
 
 from moescope.errors import ImportFormatError, MoescopeError, TraceError
 from moescope.trace.reader import Trace
+from moescope.trace.storage import fetch, is_url, write_through_local
 
 FORMATS = ("jsonl", "csv")
 FLOAT16_MAX = 65504.0  # imported weights are stored as float16: anything larger would become inf
@@ -30,6 +31,8 @@ def export_trace(trace: Trace, path: str | os.PathLike, *, fmt: str) -> int:
     """Write the trace's routing to `path` as JSONL or CSV; returns the number of rows written."""
     if fmt not in FORMATS:
         raise MoescopeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if is_url(path):  # s3://: written to a local file, then uploaded in one piece
+        return write_through_local(path, lambda local: export_trace(trace, local, fmt=fmt))
     path = Path(path)
     if path.is_dir():
         raise MoescopeError(f"--out {path} is a folder; give a file name")
@@ -124,7 +127,7 @@ def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, n_experts: 
     """
     from moescope.trace.formats.dense import Imported, token_block, write_imported
 
-    path = Path(path)
+    path = fetch(path)  # s3://: a local copy (the manifest names the URL)
     if n_experts is not None and not 0 < n_experts <= 2**15:
         raise ImportFormatError(f"--n-experts must be between 1 and {2**15}, not {n_experts}")
     seq, layer, pos, ids, weights = read_jsonl_rows(path)

@@ -190,6 +190,18 @@ class Location:
             return True
         return self._call(self.fs.get_file_info, self.bucket).type == pafs.FileType.Directory
 
+    def upload(self, rel: str, path: Path) -> None:
+        """The local file `path` as the object `rel`, streamed in one upload (it appears whole or not at all)."""
+        if self.scheme not in ("s3", "gs"):
+            self._call(self.fs.create_dir, self.key(rel).rsplit("/", 1)[0], recursive=True)
+        with open(path, "rb") as src, self._call(self.fs.open_output_stream, self.key(rel)) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+    def download_to(self, rel: str, path: Path) -> None:
+        """The object `rel` into the local file `path`, streamed."""
+        with self._call(self.fs.open_input_stream, self.key(rel)) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
     def open_input(self, rel: str):
         """A random-access file for Parquet readers."""
         return self._call(self.fs.open_input_file, self.key(rel))
@@ -204,6 +216,11 @@ class Location:
             raise MoescopeError(f"{self.url}: storage error: {first}") from None
 
 
+def exists(where, rel: str = "") -> bool:
+    """Whether there is a file or folder `rel` under `where` (a path, a URL or a Location; `rel` "": `where` itself)."""
+    return location(where).exists(rel) if is_url(where) else (Path(where) / rel).exists()
+
+
 _DOWNLOADED: dict[Path, str] = {}  # local copy -> the URL it was downloaded from
 
 
@@ -212,21 +229,67 @@ def source_of(path) -> str:
     return _DOWNLOADED.get(Path(path), str(path))
 
 
+def _temporary(remote: Location) -> Path:
+    """A path named like the URL's last part in a new temporary folder, removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="moescope-fetched-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / remote.url.rsplit("/", 1)[-1]
+    _DOWNLOADED[path] = remote.url
+    return path
+
+
 def download(where) -> Path:
     """A folder to read: a local path as it is; an object-store prefix (a results folder: small) copied into a
     temporary folder named like the prefix's last part, removed when the process exits."""
     if not is_url(where):
         return Path(where)
     remote = location(where)
-    folder = Path(tempfile.mkdtemp(prefix="moescope-fetched-")) / remote.url.rsplit("/", 1)[-1]
-    atexit.register(shutil.rmtree, folder.parent, True)
+    folder = _temporary(remote)
     folder.mkdir()
-    _DOWNLOADED[folder] = remote.url
     for rel in remote.list():
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(remote.read_bytes(rel))
+        remote.download_to(rel, target)
     return folder
+
+
+def fetch(where) -> Path:
+    """An input file or folder to read (what `import` reads): a local path as it is; an object, or a prefix of them,
+    copied into a temporary file or folder of the same name (removed when the process exits). A URL with nothing
+    there is a one-line error."""
+    if not is_url(where):
+        return Path(where)
+    remote = location(where)
+    if remote.size("") is None:
+        if not remote.bucket_exists():
+            raise MoescopeError(f"{remote.url}: no such bucket (or no access to it); check the URL and the storage options")
+        if not remote.list():
+            raise MoescopeError(f"{remote.url}: no such object or prefix")
+        return download(remote)
+    path = _temporary(remote)
+    remote.download_to("", path)
+    return path
+
+
+def write_through_local(dest, write):
+    """`write(path)` (which writes one file) for `dest`: called with `dest` itself when it is a local path; for a URL
+    with a temporary local file of the same name, uploaded in one piece once `write` returns (an object store shows
+    the old object or the new one, never a part). Returns what `write` returns."""
+    if not is_url(dest):
+        return write(Path(dest))
+    remote = location(dest)
+    if not remote.bucket_exists():
+        raise MoescopeError(f"--out {remote.url}: no such bucket (or no access to it); create it or check the storage options")
+    if remote.size("") is None and remote.list():
+        raise MoescopeError(f"--out {remote.url} is a prefix holding objects; give the name of an object to write")
+    folder = Path(tempfile.mkdtemp(prefix="moescope-upload-"))
+    try:
+        path = folder / remote.url.rsplit("/", 1)[-1]
+        result = write(path)
+        remote.upload("", path)
+        return result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- S3 --------------------------------------------------------------------------------------------------

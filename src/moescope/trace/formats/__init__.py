@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from moescope.errors import MoescopeError
+from moescope.trace.storage import fetch
 
 READERS = {"vllm": "vllm:read_vllm", "sglang": "sglang:read_sglang", "trtllm": "trtllm:read_trtllm_tokens",
            "olmoe": "olmoe:read_olmoe"}
@@ -38,6 +39,8 @@ def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *,
         raise MoescopeError("--moe-layers names the MoE decoder layers of vLLM's routed_experts: only with --format vllm")
     if fmt not in READERS:
         raise MoescopeError(f"unknown import format {fmt!r}; choose one of {', '.join(READERS)}")
+    path = fetch(path)  # s3://: a local copy of the object or prefix (the manifest names the URL)
+    slot_map = None if slot_map is None else fetch(slot_map)
     if fmt == "trtllm" and str(out).endswith(".parquet"):
         from moescope.trace.formats.trtllm import read_trtllm_counts
         from moescope.trace.load_table import write_load_table

@@ -19,6 +19,7 @@ import numpy as np
 from moescope.errors import ImportFormatError
 from moescope.trace.block import Sequence, TokenBlock, shard_tables
 from moescope.trace.manifest import library_versions, sha256_file
+from moescope.trace.storage import source_of
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -96,7 +97,7 @@ def write_imported(imported: Imported, out: str | os.PathLike, *, n_experts: int
         "layers": [{"moe_layer": i, "decoder_layer": None, "module": None, "n_experts": n_experts,
                     "n_experts_inferred": inferred, "top_k": k, "n_shared_experts": 0, "expert_sizes": None,
                     "scoring": "unknown", "spec": None} for i in range(L)],
-        "capture": {"imported_from": str(imported.source), "format": imported.format,
+        "capture": {"imported_from": source_of(imported.source), "format": imported.format,
                     "sha256": sha256_file(source) if source.is_file() else None,
                     "n_experts": None if inferred else n_experts,  # a rerun with another count is not this import
                     "gate_weights": imported.gate_weights, **imported.notes},

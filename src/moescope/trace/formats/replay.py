@@ -26,10 +26,14 @@ import numpy as np
 
 from moescope.errors import MoescopeError, TraceError
 from moescope.trace.reader import Trace
+from moescope.trace.storage import is_url, write_through_local
 
 
 def export_replay(trace: Trace, path: str | os.PathLike) -> int:
-    """Write `trace` to `path` (.npz) in the replay layout, atomically; returns the number of sequences."""
+    """Write `trace` to `path` (.npz, or an object-store URL) in the replay layout, atomically; returns the number of
+    sequences."""
+    if is_url(path):  # s3://: written to a local file, then uploaded in one piece
+        return write_through_local(path, lambda local: export_replay(trace, local))
     path = Path(path)
     if path.is_dir():
         raise MoescopeError(f"--out {path} is a folder; give a file name")

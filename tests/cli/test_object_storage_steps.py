@@ -1,0 +1,169 @@
+"""The commands past capture and analysis on s3:// (a moto S3 server on loopback): compare, replay-check, saturation,
+quant, importance, export --out and import from a URL — each against the same run on a local folder: the same
+files, the same bytes (tables compared as tables; JSON with each run's own paths written as a placeholder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import moescope
+from moescope.cli.main import main
+from moescope.trace.storage import download, location
+
+_spec = importlib.util.spec_from_file_location("moescope_tests_conftest_s3", Path(__file__).parents[1] / "conftest.py")
+_root_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_root_conftest)
+
+TEXT = "\n\n".join(f"def f{i}(a, b):\n    return a * {i} + b\n\nThe fox {i} jumps over the dog." for i in range(4))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _normalised_json(data: bytes, paths: list[str]) -> object:
+    text = data.decode()
+    for path in sorted(paths, key=len, reverse=True):
+        text = text.replace(path, "PATH")
+    return json.loads(text)
+
+
+def same_files(local: Path, url: str, *, paths: tuple[list[str], list[str]] = ([], []), skip: tuple[str, ...] = ()) -> list[str]:
+    """The files under `local` and under the prefix `url` are the same names with the same contents; returns the names.
+    `paths`: (the local run's, the remote run's) paths, which JSON files may record; `skip`: folders not compared
+    byte for byte (traces: their part names carry a writer token on a URL)."""
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+    remote = sorted(name for name in location(url).list() if not name.startswith("_lease/") and "/_lease/" not in name)
+    kept = lambda listing: [n for n in listing if not n.startswith(skip)] if skip else listing
+    assert kept(remote) == kept(names)
+    fetched = download(url)
+    for name in kept(names):
+        a, b = (local / name).read_bytes(), (fetched / name).read_bytes()
+        if name.endswith(".parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(local / name), pd.read_parquet(fetched / name))
+        elif name.endswith((".json", ".jsonl")) and (paths[0] or paths[1]):
+            if name.endswith(".jsonl"):
+                assert [_normalised_json(x, paths[0]) for x in a.splitlines()] == \
+                       [_normalised_json(x, paths[1]) for x in b.splitlines()], name
+            else:
+                assert _normalised_json(a, paths[0]) == _normalised_json(b, paths[1]), name
+        else:
+            assert a == b, name
+    return names
+
+
+def _capture(model_dir: Path, texts: list[str], out):
+    return moescope.capture(str(model_dir), texts, out=out, progress=False,
+                            options=moescope.CaptureOptions(seq_len=16, shard_tokens=40, device="cpu"))
+
+
+@pytest.fixture
+def traces(tiny_model_dir, tmp_path, s3):
+    """Two traces of the tiny model (one text; another text and the same one), each on a local folder and on s3."""
+    texts = {"a": [TEXT], "b": ["What is 12 plus 30? It is 42.", TEXT]}
+    local = {name: _capture(tiny_model_dir, text, tmp_path / name).folder for name, text in texts.items()}
+    remote = {name: str(_capture(tiny_model_dir, text, f"{s3}/{name}").folder) for name, text in texts.items()}
+    return local, remote
+
+
+def test_compare_reads_and_writes_urls_as_folders(capsys, traces, tmp_path, s3):
+    local, remote = traces
+    code, out_local, err = run(capsys, "compare", local["a"], local["b"], "--out", tmp_path / "cmp")
+    assert code == 0, err
+    code, out_remote, err = run(capsys, "compare", remote["a"], remote["b"], "--out", f"{s3}/cmp")
+    assert code == 0, err
+    assert out_local.replace(str(tmp_path / "cmp"), "OUT") == out_remote.replace(f"{s3}/cmp", "OUT")
+    names = same_files(tmp_path / "cmp", f"{s3}/cmp", paths=([str(local["a"]), str(local["b"])], [remote["a"], remote["b"]]))
+    assert "token_agreement.csv" in names and names[-1] == "token_agreement.parquet"
+    # a local trace against one on the store: the same comparison again
+    code, _, err = run(capsys, "compare", local["a"], remote["b"], "--out", f"{s3}/mixed")
+    assert code == 0, err
+    same_files(tmp_path / "cmp", f"{s3}/mixed", paths=([str(local["a"]), str(local["b"])], [str(local["a"]), remote["b"]]))
+    # a prefix holding something else is refused in one line, before anything is written
+    location(f"{s3}/mine").write_bytes("notes.txt", b"keep")
+    code, _, err = run(capsys, "compare", remote["a"], remote["b"], "--out", f"{s3}/mine")
+    assert code == 2 and err.startswith("error: ") and "not empty" in err and err.count("\n") == 1
+    assert location(f"{s3}/mine").list() == {"notes.txt": 4}
+
+
+def test_replay_check_of_a_trace_on_s3_into_s3(capsys, traces, tiny_model_dir, tmp_path, s3):
+    local, remote = traces
+    outputs = []
+    for trace, out in ((local["a"], tmp_path / "rc"), (remote["a"], f"{s3}/rc")):
+        code, printed, err = run(capsys, "replay-check", trace, "--model", tiny_model_dir, "--out", out, "--device", "cpu")
+        assert code == 0, err
+        outputs.append(printed.replace(str(out), "OUT").replace(str(trace), "TRACE"))
+    assert outputs[0] == outputs[1]
+    names = same_files(tmp_path / "rc", f"{s3}/rc", paths=([str(local["a"])], [remote["a"]]))
+    assert names == ["flagged_rows.parquet", "replay_check.csv", "replay_check.json", "replay_check.parquet"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tiny_model_dir):
+    """Another tiny model of the same shape (another seed), saved as checkpoint-1."""
+    folder = tmp_path / "checkpoint-1"
+    _root_conftest.make_tiny_qwen3_moe(seed=1).save_pretrained(folder)
+    _root_conftest.make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_saturation_into_s3(capsys, checkpoint, tiny_model_dir, tmp_path, s3):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT)
+    args = [checkpoint, "--final", tiny_model_dir, "--data", data, "--max-tokens", "64", "--seq-len", "32", "--device", "cpu"]
+    code, out_local, err = run(capsys, "saturation", *args, "--out", tmp_path / "sat")
+    assert code == 0, err
+    code, out_remote, err = run(capsys, "saturation", *args, "--out", f"{s3}/sat")
+    assert code == 0, err
+    assert out_local.replace(str(tmp_path / "sat"), "OUT") == out_remote.replace(f"{s3}/sat", "OUT")
+    names = same_files(tmp_path / "sat", f"{s3}/sat", skip=("traces/",))
+    assert "saturation__per_layer.parquet" in names
+    for label in ("final", "checkpoint-1"):  # the traces are written to the store, and read as the local ones
+        a, b = moescope.open_trace(tmp_path / "sat" / "traces" / label), moescope.open_trace(f"{s3}/sat/traces/{label}")
+        assert a.table("routing").equals(b.table("routing"))
+    # a rerun reuses the traces on the store and writes the same results
+    before = location(f"{s3}/sat/traces/final").read_bytes("manifest.json")
+    code, again, err = run(capsys, "saturation", *args, "--out", f"{s3}/sat")
+    assert code == 0 and again == out_remote, err
+    assert location(f"{s3}/sat/traces/final").read_bytes("manifest.json") == before
+    same_files(tmp_path / "sat", f"{s3}/sat", skip=("traces/",))
+
+
+def test_export_to_a_url_and_import_from_one(capsys, traces, tmp_path, s3):
+    local, remote = traces
+    for fmt, suffix in (("jsonl", "jsonl"), ("csv", "csv"), ("replay", "npz")):
+        code, printed_local, err = run(capsys, "export", local["a"], "--format", fmt, "--out", tmp_path / f"a.{suffix}")
+        assert code == 0, err
+        code, printed_remote, err = run(capsys, "export", remote["a"], "--format", fmt, "--out", f"{s3}/exports/a.{suffix}")
+        assert code == 0, err
+        assert printed_local.replace(str(tmp_path / f"a.{suffix}"), "OUT") == printed_remote.replace(f"{s3}/exports/a.{suffix}", "OUT")
+        assert location(f"{s3}/exports").read_bytes(f"a.{suffix}") == (tmp_path / f"a.{suffix}").read_bytes(), fmt
+    # an existing object is refused without --overwrite, as a file is
+    code, _, err = run(capsys, "export", remote["a"], "--format", "jsonl", "--out", f"{s3}/exports/a.jsonl")
+    assert code == 2 and "exists" in err and err.count("\n") == 1
+    assert run(capsys, "export", remote["a"], "--format", "jsonl", "--out", f"{s3}/exports/a.jsonl", "--overwrite")[0] == 0
+    # import reads its input from the store: the same trace as from the local file
+    code, _, err = run(capsys, "import", tmp_path / "a.jsonl", "--out", tmp_path / "back", "--n-experts", "8")
+    assert code == 0, err
+    code, _, err = run(capsys, "import", f"{s3}/exports/a.jsonl", "--out", tmp_path / "back-from-s3", "--n-experts", "8")
+    assert code == 0, err
+    a, b = moescope.open_trace(tmp_path / "back"), moescope.open_trace(tmp_path / "back-from-s3")
+    assert [s["files"]["routing"]["sha256"] for s in a.manifest["shards"]] == \
+           [s["files"]["routing"]["sha256"] for s in b.manifest["shards"]]
+    code, _, err = run(capsys, "import", f"{s3}/exports/a.npz", "--format", "vllm", "--out", f"{s3}/replayed")
+    assert code == 0, err
+    code, _, err = run(capsys, "import", tmp_path / "a.npz", "--format", "vllm", "--out", tmp_path / "replayed")
+    assert code == 0, err
+    a, b = moescope.open_trace(f"{s3}/replayed"), moescope.open_trace(tmp_path / "replayed")  # no weights: NaN
+    assert [s["files"]["routing"]["sha256"] for s in a.manifest["shards"]] == \
+           [s["files"]["routing"]["sha256"] for s in b.manifest["shards"]]
+    assert a.manifest["capture"]["imported_from"] == f"{s3}/exports/a.npz"
+    code, _, err = run(capsys, "import", f"{s3}/exports/missing.jsonl", "--out", tmp_path / "nothing")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "nothing").exists()
