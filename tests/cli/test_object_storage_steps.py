@@ -167,3 +167,56 @@ def test_export_to_a_url_and_import_from_one(capsys, traces, tmp_path, s3):
     assert a.manifest["capture"]["imported_from"] == f"{s3}/exports/a.npz"
     code, _, err = run(capsys, "import", f"{s3}/exports/missing.jsonl", "--out", tmp_path / "nothing")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "nothing").exists()
+
+
+def _sweep_files_agree(local: Path, url: str) -> list[str]:
+    """A sweep's files on the prefix are the local run's: the same names, tables and finished configurations."""
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert sorted(location(url).list()) == names  # no lease or staging leftovers
+    fetched = download(url)
+    for name in names:
+        assert b"moescope-sweep-" not in (fetched / name).read_bytes(), f"{name} names the local staging folder"
+        if name.endswith(".parquet") and not name.startswith("trace/"):
+            a, b = pd.read_parquet(local / name), pd.read_parquet(fetched / name)
+            timing = [c for c in a.columns if "second" in c or c.endswith("_s")]
+            pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
+        elif name == "results.jsonl":
+            ids = lambda path: [json.loads(line)["config"]["config_id"] for line in path.read_text().splitlines()]
+            assert ids(local / name) == ids(fetched / name)
+    return names
+
+
+def test_quant_sweep_into_s3_and_resumed_from_it(capsys, tmp_path, s3):
+    args = ["quant", "moescope:tiny-moe", "--data", "wiki", "--bits", "4,8", "--targets", "router", "--max-tokens", "128",
+            "--seq-len", "64", "--no-progress"]
+    code, out_local, err = run(capsys, *args, "--out", tmp_path / "q")
+    assert code == 0, err
+    code, out_remote, err = run(capsys, *args, "--out", f"{s3}/q")
+    assert code == 0, err
+    assert out_local.replace(str(tmp_path / "q"), "OUT") == out_remote.replace(f"{s3}/q", "OUT")
+    names = _sweep_files_agree(tmp_path / "q", f"{s3}/q")
+    assert {"sweep.json", "results.jsonl", "summary.json", "configs.parquet"} <= set(names)
+    # a rerun finds every configuration finished on the prefix (resumed from its results.jsonl): nothing runs again
+    log = location(f"{s3}/q").read_bytes("results.jsonl")
+    code, again, err = run(capsys, *args, "--out", f"{s3}/q")
+    assert code == 0 and again == out_remote, err
+    assert location(f"{s3}/q").read_bytes("results.jsonl") == log
+    # a report reads the prefix as it reads the folder
+    code, _, err = run(capsys, "report", f"{s3}/q", "--out", tmp_path / "q.html")
+    assert code == 0, err
+
+
+def test_importance_sweep_into_s3(capsys, tmp_path, s3):
+    args = ["importance", "moescope:tiny-moe", "--data", "wiki", "--layers", "3", "--max-tokens", "80", "--seq-len", "40",
+            "--no-prune", "--no-progress"]
+    code, out_local, err = run(capsys, *args, "--out", tmp_path / "imp")
+    assert code == 0, err
+    code, out_remote, err = run(capsys, *args, "--out", f"{s3}/imp")
+    assert code == 0, err
+    assert out_local.replace(str(tmp_path / "imp"), "OUT") == out_remote.replace(f"{s3}/imp", "OUT")
+    names = _sweep_files_agree(tmp_path / "imp", f"{s3}/imp")
+    assert "experts.parquet" in names and "trace/manifest.json" in names
+    a, b = moescope.open_trace(tmp_path / "imp" / "trace"), moescope.open_trace(f"{s3}/imp/trace")  # its trace reads back
+    assert a.table("routing").equals(b.table("routing"))
+    code, _, err = run(capsys, "importance", "moescope:tiny-moe", "--data", "wiki", "--layers", "9", "--out", f"{s3}/bad")
+    assert code == 2 and "unknown MoE layer 9" in err and err.count("\n") == 1 and location(f"{s3}/bad").list() == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moescope.errors import ImportanceError
+from moescope.pipeline.output import sweep_folder
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -21,5 +22,6 @@ def importance_from_name(model: str, data, *, out, layers: str | None = None, de
     from moescope.recording.loading import load_model
 
     wanted = parse_layers(layers)
-    loaded, tokenizer = load_model(model, device=device, dtype="float32")
-    return run_importance(loaded, tokenizer, data, out=out, layers=wanted, model_info={"id": model}, **options).summary
+    with sweep_folder(out, markers=("sweep.json", "results.jsonl", "summary.json"), what="importance sweep") as folder:
+        loaded, tokenizer = load_model(model, device=device, dtype="float32")  # s3://: run in a local copy (pipeline/output.py)
+        return run_importance(loaded, tokenizer, data, out=folder, layers=wanted, model_info={"id": model}, **options).summary

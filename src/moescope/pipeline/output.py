@@ -18,9 +18,13 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from moescope.errors import MoescopeError
+from moescope.trace.lease import LEASE_DIR, Lease
 from moescope.trace.storage import Location, is_url, location
 
 SUMMARY = "summary.json"
@@ -84,6 +88,66 @@ def publish(folder: Path, *, last: str = SUMMARY) -> None:
     for path in sorted(files, key=lambda p: p.relative_to(folder).as_posix() == last):
         where.write_bytes(path.relative_to(folder).as_posix(), path.read_bytes())
     shutil.rmtree(folder)
+
+
+SWEEP_LOG = ("sweep.json", "results.jsonl")  # what a resumable sweep (quant/store.py) resumes from
+SYNC_S = 5.0  # how often a sweep's log is copied to its prefix while it runs
+
+
+def _sweep_files(folder: Path) -> dict[str, Path]:
+    """{relative name: path} of what a sweep folder holds, without lock files (names starting with '.')."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def _upload_changed(where: Location, folder: Path, names, seen: dict[str, tuple[int, int]]) -> None:
+    for name in names:
+        path = folder / name
+        if path.is_file() and seen.get(name) != ((stat := path.stat()).st_size, stat.st_mtime_ns):
+            where.upload(name, path)
+            seen[name] = (stat.st_size, stat.st_mtime_ns)
+
+
+@contextmanager
+def sweep_folder(out, *, markers: tuple[str, ...], what: str) -> Iterator[Path]:
+    """The folder a resumable sweep (`quant`, `importance`: quant/store.py) runs in: `out` itself when local. For an
+    object-store prefix: a local copy of what the prefix holds (so a rerun resumes from its results.jsonl), with a
+    lease on the prefix (one sweep per prefix, as the folder's flock does locally); the log (sweep.json,
+    results.jsonl) is copied to the prefix every few seconds while the sweep runs and when it stops, and at the end
+    every file is published, summary.json last. Checked before anything is written or loaded."""
+    if not is_url(out):
+        yield Path(out)
+        return
+    where = _check_remote(out, markers=markers, what=what, remote=True)
+    lease = Lease(where)
+    lease.acquire()
+    staging = Path(tempfile.mkdtemp(prefix="moescope-sweep-"))
+    stop, seen = threading.Event(), {}
+    try:
+        for rel in where.list():
+            if not rel.startswith(f"{LEASE_DIR}/"):
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                where.download_to(rel, staging / rel)
+                seen[rel] = ((staging / rel).stat().st_size, (staging / rel).stat().st_mtime_ns)
+
+        def sync() -> None:  # a sweep killed on the way loses at most the last SYNC_S seconds of its log
+            while not stop.wait(SYNC_S):
+                _upload_changed(where, staging, SWEEP_LOG, seen)
+
+        thread = threading.Thread(target=sync, name="moescope-sweep-sync", daemon=True)
+        thread.start()
+        try:
+            yield staging
+        finally:
+            stop.set()
+            thread.join()
+            _upload_changed(where, staging, SWEEP_LOG, seen)
+        files = _sweep_files(staging)
+        where.delete(SUMMARY, missing_ok=True)  # until the new one lands, the prefix does not claim to be complete
+        _upload_changed(where, staging, sorted(files, key=lambda name: name == SUMMARY), seen)
+    finally:
+        lease.release()
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @atexit.register

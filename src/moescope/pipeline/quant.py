@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moescope.pipeline.output import sweep_folder
 from moescope.recording.loading import default_router, load_model
+
+MARKERS = ("sweep.json", "results.jsonl", "summary.json")  # what a previous sweep left in its folder
 
 
 def quant_from_names(model: str, data, *, out, dense_model: str | None = None, device: str = "cpu", **options) -> dict:
+    """`out`: a folder or an object-store prefix (run in a local copy, published as it goes: pipeline/output.py)."""
     from moescope.quant.sweep import run_quant_sweep
 
-    loaded, tokenizer = load_model(model, device=device, dtype="float32")
-    dense = load_model(dense_model, device=device, dtype="float32")[0] if dense_model else None
-    result = run_quant_sweep(loaded, tokenizer, data, out=out, dense_model=dense, custom_router=default_router(model),
-                             model_info={"id": model, "dense_id": dense_model}, **options)
+    with sweep_folder(out, markers=MARKERS, what="quantization sweep") as folder:
+        loaded, tokenizer = load_model(model, device=device, dtype="float32")
+        dense = load_model(dense_model, device=device, dtype="float32")[0] if dense_model else None
+        result = run_quant_sweep(loaded, tokenizer, data, out=folder, dense_model=dense, custom_router=default_router(model),
+                                 model_info={"id": model, "dense_id": dense_model}, **options)
     return result.summary
 
 
