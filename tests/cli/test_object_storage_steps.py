@@ -220,3 +220,26 @@ def test_importance_sweep_into_s3(capsys, tmp_path, s3):
     assert a.table("routing").equals(b.table("routing"))
     code, _, err = run(capsys, "importance", "moescope:tiny-moe", "--data", "wiki", "--layers", "9", "--out", f"{s3}/bad")
     assert code == 2 and "unknown MoE layer 9" in err and err.count("\n") == 1 and location(f"{s3}/bad").list() == {}
+
+
+@pytest.mark.slow  # two demos (capture, analyze, report of three models): ~95 s on two cores
+def test_demo_into_s3(capsys, tmp_path, s3):
+    args = ["demo", "--max-tokens", "200", "--steps", "capture,analyze,report", "--no-progress"]
+    code, out_local, err = run(capsys, *args, "--out", tmp_path / "demo")
+    assert code == 0, err
+    code, out_remote, err = run(capsys, *args, "--out", f"{s3}/demo")
+    assert code == 0, err
+    strip = lambda text, root: "\n".join(line for line in text.replace(root, "OUT").splitlines() if "done in" not in line)
+    assert strip(out_local, str(tmp_path / "demo")) == strip(out_remote, f"{s3}/demo")
+    for name in ("tiny-moe", "tiny-varmoe", "tiny-dsv3"):
+        same_files(tmp_path / "demo" / "results" / name, f"{s3}/demo/results/{name}",
+                   paths=([str(tmp_path / "demo")], [f"{s3}/demo"]))
+        a, b = moescope.open_trace(tmp_path / "demo" / "traces" / name), moescope.open_trace(f"{s3}/demo/traces/{name}")
+        assert [s["files"]["routing"]["sha256"] for s in a.manifest["shards"]] == \
+               [s["files"]["routing"]["sha256"] for s in b.manifest["shards"]]
+    html = [text.replace(str(tmp_path / "demo"), "OUT").replace(f"{s3}/demo", "OUT")
+            for text in ((tmp_path / "demo" / "report.html").read_text(), location(f"{s3}/demo").read_bytes("report.html").decode())]
+    assert html[0] == html[1]
+    # a rerun reuses the traces on the store
+    code, again, err = run(capsys, "demo", "--max-tokens", "200", "--steps", "capture", "--no-progress", "--out", f"{s3}/demo")
+    assert code == 0 and again.count("reusing") == 3, err

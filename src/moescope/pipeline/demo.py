@@ -17,17 +17,19 @@ import time
 from pathlib import Path
 
 from moescope.errors import TraceError
-from moescope.pipeline.output import prepare_output_folder
+from moescope.pipeline.output import check_output_folder, prepare_output_folder
+from moescope.trace.storage import exists, is_url, location, write_through_local
 
 DEMO_CORPUS = "humaneval,gsm-symbolic,wiki"
 
 
-def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progress: bool) -> None:
+def _capture_step(model: str, out, *, max_tokens: int, seq_len: int, progress: bool) -> None:
     from moescope.pipeline.capture import capture_trace
     from moescope.recording.options import CaptureOptions
     from moescope.trace.reader import open_trace
 
-    if (out / "manifest.json").exists():
+    there = exists(out, "manifest.json")  # out: a Path, or a Location on an object store
+    if there:
         try:
             trace = open_trace(out)
         except TraceError:
@@ -35,18 +37,24 @@ def _capture_step(model: str, out: Path, *, max_tokens: int, seq_len: int, progr
         if trace is not None and trace.complete and trace.manifest["capture"].get("max_tokens") == max_tokens:
             print(f"  reusing {out}")
             return
-    capture_trace(model, DEMO_CORPUS, out=out, overwrite=(out / "manifest.json").exists() and open_trace(out).complete, progress=progress,
+    capture_trace(model, DEMO_CORPUS, out=out, overwrite=there and open_trace(out).complete, progress=progress,
             options=CaptureOptions(split="eval", max_tokens=max_tokens, seq_len=seq_len, batch_size=8, device="cpu",
                                    save_logits=True, predict_next_layer=True, output_entropy=True))
 
 
 def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, quant_tokens: int = 4096,
              progress: bool = True, steps: tuple[str, ...] = ("capture", "analyze", "quant", "report")) -> dict:
-    """Run the demo into `out`; returns {step: output path}."""
+    """Run the demo into `out` (a folder, or an object-store prefix: traces written there directly, results and the
+    sweep published as `analyze` and `quant` publish theirs, report.html uploaded); returns {step: output path}."""
     from moescope.pipeline.analyze import analyze_trace
     from moescope.pipeline.summary import print_summary, print_warnings
 
-    out = prepare_output_folder(out, markers=("traces", "results", "quant", "report.html"), what="demo outputs")
+    markers = ("traces", "results", "quant", "report.html")
+    if is_url(out):
+        check_output_folder(out, markers=markers, what="demo outputs", remote=True)
+        out = location(out)  # a Location: `out / "traces"` names a prefix under it
+    else:
+        out = prepare_output_folder(out, markers=markers, what="demo outputs")
     outputs: dict[str, str] = {}
     started = time.perf_counter()
     models = ("tiny-moe", "tiny-varmoe", "tiny-dsv3")
@@ -59,8 +67,8 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
         for name in models:
             print(f"[demo] analysing {name}")
             results = out / "results" / name
-            if results.exists():
-                shutil.rmtree(results)  # derived data: always recomputed from the trace
+            if not is_url(results) and results.exists():
+                shutil.rmtree(results)  # derived data: always recomputed from the trace (s3://: replaced when published)
             summary = analyze_trace(out / "traces" / name, results)
             print_summary(summary, limit=12)
             print_warnings(summary)
@@ -73,7 +81,8 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
     if "report" in steps:
         from moescope.reporting import write_report
 
-        report = write_report([out / "results" / name for name in models] + [out / "quant"], out / "report.html")
+        report = out / "report.html"
+        write_through_local(report, lambda path: write_report([out / "results" / name for name in models] + [out / "quant"], path))
         outputs["report"] = str(report)
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; outputs under {out}")
     for key, path in outputs.items():

@@ -38,7 +38,7 @@ def _check_remote(out: str, *, markers: tuple[str, ...], what: str, remote: bool
     if not where.bucket_exists():
         raise MoescopeError(f"--out {out}: no such bucket (or no access to it); create it or check the storage options")
     names = where.list()
-    if names and not any(name in names for name in markers):
+    if names and not any(name == marker or name.startswith(f"{marker}/") for name in names for marker in markers):
         raise MoescopeError(f"--out {out} is not empty and holds no {what}; choose a new or empty prefix")
     return where
 

@@ -240,13 +240,16 @@ def _temporary(remote: Location) -> Path:
 
 def download(where) -> Path:
     """A folder to read: a local path as it is; an object-store prefix (a results folder: small) copied into a
-    temporary folder named like the prefix's last part, removed when the process exits."""
+    temporary folder named like the prefix's last part, removed when the process exits (a prefix holding nothing:
+    a path that does not exist, as a local folder that is not there)."""
     if not is_url(where):
         return Path(where)
     remote = location(where)
     folder = _temporary(remote)
-    folder.mkdir()
-    for rel in remote.list():
+    listing = remote.list()
+    if listing:
+        folder.mkdir()
+    for rel in listing:
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         remote.download_to(rel, target)

@@ -85,5 +85,7 @@ def analysis_group(r: AnalysisResults, gid: str, label: str) -> Group:
 
 
 def missing_group(m: MissingResults, gid: str, label: str) -> Group:
-    return Group(gid, label, "no results", KeyValues((("path", str(m.path)),)),
+    from moescope.trace.storage import source_of
+
+    return Group(gid, label, "no results", KeyValues((("path", source_of(m.path)),)),  # an s3:// folder: its URL
                  (Section(f"{gid}-missing", "Results folder", (Notes((m.reason,), "missing"),), ran=False),))
