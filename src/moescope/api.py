@@ -70,6 +70,7 @@ def capture(
     attention_mask: torch.Tensor | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: dict | None = None,
     **deprecated,
 ) -> Trace:
     """Record, for every token and MoE layer, the experts the model chose and their gate weights.
@@ -90,6 +91,8 @@ def capture(
         model left-padded, as your own forward pass would be; otherwise rows are right-padded.
     overwrite : replace a trace already in ``out``.
     progress : show a progress bar.
+    storage_options : for an object-store ``out``, the settings ``--storage-option`` takes (``endpoint_url``,
+        ``profile``, ``access_key``, ...), instead of the process's defaults.
 
     Returns
     -------
@@ -102,14 +105,16 @@ def capture(
     """
     from moescope.pipeline.capture import capture_trace
     from moescope.recording.options import options_from_keywords
+    from moescope.trace.storage import with_options
 
     options = options_from_keywords(options, deprecated, where="moescope.capture")
+    out = with_options(out, storage_options)  # s3:// with its own settings: a storage.Location
     return capture_trace(model, data, out=out, options=options, tokenizer=tokenizer, input_ids=input_ids,
                          attention_mask=attention_mask, overwrite=overwrite, progress=progress)
 
 
 def analyze(trace, only=None, model=None, *, tokenizer=None, out: str | os.PathLike | None = None, use_model: bool = True,
-            ray: str | None = None) -> Results:
+            ray: str | None = None, storage_options: dict | None = None) -> Results:
     """Run the analyses on a trace and return their tables as DataFrames; with `out`, also write them there.
 
     Parameters
@@ -125,6 +130,7 @@ def analyze(trace, only=None, model=None, *, tokenizer=None, out: str | os.PathL
         does; refused before any work if it holds something else.
     use_model : False: load no model at all (``--no-model``).
     ray : a Ray cluster address, ``"auto"`` or ``"local"``: accumulate the shards on Ray workers (same results).
+    storage_options : for a trace or `out` given as an object-store URL, the settings ``--storage-option`` takes.
 
     Examples
     --------
@@ -136,7 +142,9 @@ def analyze(trace, only=None, model=None, *, tokenizer=None, out: str | os.PathL
     from moescope.results import Results
     from moescope.trace.load_table import is_load_table
     from moescope.trace.reader import Trace
+    from moescope.trace.storage import urls_with_options
 
+    trace, out = urls_with_options((trace, out), storage_options)
     if not isinstance(trace, Trace) and is_load_table(trace):  # expert counts only: the load analysis
         if (only is not None and list(only) != ["load"]) or ray or model is not None:
             raise MoescopeError(f"{trace} is a load table: only the load analysis runs on it (no --only, --model, --ray)")
@@ -266,11 +274,12 @@ def verify(trace) -> VerifyReport:
 def export(trace, out: str | os.PathLike, *, format: str = "jsonl", overwrite: bool = False) -> int:
     """Write a trace as JSONL, CSV or the RL routing-replay layout (``moescope export``); returns the rows
     (sequences for ``replay``) written. An existing `out` is refused unless `overwrite`."""
+    from pathlib import Path
+
     from moescope.errors import MoescopeError
     from moescope.trace.reader import Trace, open_trace
-    from moescope.trace.storage import exists
 
-    if exists(out) and not overwrite:  # a file, or an object on a store
+    if Path(out).exists() and not overwrite:
         raise MoescopeError(f"{out} exists; pass --overwrite or choose another --out")
     trace = trace if isinstance(trace, Trace) else open_trace(trace)
     if format == "replay":

@@ -108,15 +108,16 @@ class Results:
         section = SECTIONS[name](r, name, shape_of(r))
         return _figures(section.blocks)
 
-    def save(self, folder: str | os.PathLike):
-        """Write the tables and summary.json into `folder` (or an s3:// prefix), byte for byte what `moescope
-        analyze` writes; returns where they are."""
+    def save(self, folder: str | os.PathLike, *, storage_options: dict | None = None):
+        """Write the tables and summary.json into `folder` (or an s3:// prefix; `storage_options`: its settings, as
+        `--storage-option` gives them), byte for byte what `moescope analyze` writes; returns where they are."""
         from moescope.pipeline.analyze import write_results
         from moescope.pipeline.output import check_output_folder, prepare_output_folder
-        from moescope.trace.storage import is_url
+        from moescope.trace.storage import is_url, with_options
 
-        check_output_folder(folder, markers=("summary.json",), what="analysis results", remote=True)
-        out = prepare_output_folder(folder, markers=("summary.json",), what="analysis results", remote=True)
+        target = with_options(folder, storage_options)
+        check_output_folder(target, markers=("summary.json",), what="analysis results", remote=True)
+        out = prepare_output_folder(target, markers=("summary.json",), what="analysis results", remote=True)
         write_results(out, self.tables, self.summary)  # publishes a staging folder to the URL
         return folder if is_url(folder) else out
 

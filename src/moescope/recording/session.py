@@ -46,7 +46,7 @@ from moescope.recording.runner import _eos_ids, encode_shard, finish_capture
 from moescope.trace.manifest import MANIFEST
 from moescope.trace.memory import MemoryTrace
 from moescope.trace.reader import Trace
-from moescope.trace.storage import Location, is_url, location
+from moescope.trace.storage import Location, is_url, location, with_options
 from moescope.trace.writer import TraceWriter
 
 _RECORDING: weakref.WeakSet = weakref.WeakSet()  # models inside a `record` block now (nesting is refused)
@@ -102,7 +102,7 @@ class Recording:
     """What `moescope.record(...)` returns: a context manager; after the block, `.trace` is the Trace."""
 
     def __init__(self, model: nn.Module, out=None, *, options: CaptureOptions | None = None, layers=None,
-                 sample_every: int = 1, tokenizer=None, memory_tokens: int = 262144):
+                 sample_every: int = 1, tokenizer=None, memory_tokens: int = 262144, storage_options: dict | None = None):
         options = options if options is not None else CaptureOptions()
         if not isinstance(model, nn.Module):
             raise MoescopeError(f"moescope.record needs a loaded torch model (nn.Module), not {type(model).__name__}")
@@ -114,6 +114,7 @@ class Recording:
                                 "moescope.capture only; leave them at their defaults")
         found = find_moe_layers(model, options.router)  # NoRouterFoundError (one line) for a model without MoE layers
         self.layers = _pick_layers(found, layers)
+        out = None if out is None else with_options(out, storage_options)
         out = None if out is None else location(out) if is_url(out) else Path(out)  # s3://...: a storage.Location
         self.model, self.out, self.tokenizer = model, out, tokenizer
         self.options, self.sample_every, self.memory_tokens = options, sample_every, memory_tokens
@@ -408,7 +409,7 @@ def _pick_layers(found: list, layers) -> list:
 
 
 def record(model: nn.Module, out: str | os.PathLike | None = None, *, options: CaptureOptions | None = None, layers=None,
-           sample_every: int = 1, tokenizer=None, **deprecated) -> Recording:
+           sample_every: int = 1, tokenizer=None, storage_options: dict | None = None, **deprecated) -> Recording:
     """Record the routing of every forward pass and ``generate()`` your code runs on `model` inside the block.
 
     Parameters
@@ -424,6 +425,8 @@ def record(model: nn.Module, out: str | os.PathLike | None = None, *, options: C
     sample_every : record every Nth forward call of the model (a decoding step is a call).
     tokenizer : used for the EOS id when the model's generation config has none, and for sequence text hashes.
         A ``generate(..., eos_token_id=X)`` call ends its rows at X.
+    storage_options : for an object-store ``out`` (s3://bucket/prefix), the settings ``--storage-option`` takes
+        (``{"endpoint_url": ..., "profile": ...}``), instead of the process's defaults.
 
     Returns
     -------
@@ -436,4 +439,5 @@ def record(model: nn.Module, out: str | os.PathLike | None = None, *, options: C
     >>> rec.trace.sql("SELECT layer, topk_ids[1] AS first, count(*) FROM routing GROUP BY ALL")  # doctest: +SKIP
     """
     options = options_from_keywords(options, deprecated, where="moescope.record")
-    return Recording(model, out, options=options, layers=layers, sample_every=sample_every, tokenizer=tokenizer)
+    return Recording(model, out, options=options, layers=layers, sample_every=sample_every, tokenizer=tokenizer,
+                     storage_options=storage_options)

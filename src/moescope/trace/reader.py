@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from moescope.errors import TraceError
 from moescope.trace.manifest import read_manifest, sha256_file
 from moescope.trace.schema import TABLES, schema_problem
-from moescope.trace.storage import is_url, location
+from moescope.trace.storage import is_url, location, with_options
 from moescope.trace.shard import ShardData, document_key
 from moescope.trace.slots import order_slots, v1_ordered_routing_sql
 
@@ -265,7 +265,8 @@ def _as_lists(con, source: str) -> str:
     return ", ".join(items)
 
 
-def open_trace(path: str | os.PathLike) -> Trace:
+def open_trace(path: str | os.PathLike, *, storage_options: dict | None = None) -> Trace:
     """Open a trace folder (or an object-store URL such as s3://bucket/prefix) written by `moescope capture` or
-    `moescope import`."""
-    return Trace(path)
+    `moescope import`. `storage_options`: for a URL, the settings `--storage-option` takes (endpoint_url, profile,
+    access_key, ...), instead of the process's defaults."""
+    return Trace(with_options(path, storage_options))

@@ -66,6 +66,43 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
+def check_options(options: dict) -> dict[str, str]:
+    """A `storage_options=` dict as the option strings `--storage-option` gives; one-line error for a key S3 does not
+    take or a value that is not a plain string, number or bool."""
+    if not isinstance(options, dict):
+        raise MoescopeError(f"storage_options must be a dict of settings (e.g. {{'endpoint_url': 'http://...'}}), "
+                            f"not {type(options).__name__}")
+    checked = {}
+    for key, value in options.items():
+        if key not in S3_OWN_KEYS + S3_KEYWORDS:
+            raise MoescopeError(f"storage_options[{key!r}]: unknown option; choose from {', '.join(S3_OWN_KEYS + S3_KEYWORDS)}")
+        if not isinstance(value, (str, int, float, bool)):
+            raise MoescopeError(f"storage_options[{key!r}]: give a string, number or bool, not {type(value).__name__}")
+        checked[key] = str(value)
+    return checked
+
+
+def with_options(where, storage_options: dict | None):
+    """`where` as it is, or — given `storage_options` (the settings of `--storage-option`, as a dict) — the URL as a
+    Location opened with those options instead of the process's defaults. Options with a local path are an error.
+    The Python API's `storage_options=` goes through here; everything below takes the Location as it takes a path."""
+    if storage_options is None:
+        return where
+    if not is_url(where):
+        raise MoescopeError(f"storage_options= is for object-store URLs (s3://bucket/prefix); {where} is a local path")
+    return location(where.url if isinstance(where, Location) else where, check_options(storage_options))
+
+
+def urls_with_options(wheres: tuple, storage_options: dict | None) -> tuple:
+    """`wheres` (paths, URLs, or other objects such as a Trace) with each URL among them opened with
+    `storage_options` (`with_options`); options given where no URL is are an error."""
+    if storage_options is None:
+        return tuple(wheres)
+    if not any(is_url(where) for where in wheres):
+        raise MoescopeError("storage_options= is for object-store URLs (s3://bucket/prefix); none was given")
+    return tuple(with_options(where, storage_options) if is_url(where) else where for where in wheres)
+
+
 def is_url(location) -> bool:
     """True for 'scheme://...'; a Path never is (Path('s3://b') collapses the '//')."""
     if isinstance(location, Location):
