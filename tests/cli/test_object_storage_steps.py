@@ -201,9 +201,17 @@ def test_quant_sweep_into_s3_and_resumed_from_it(capsys, tmp_path, s3):
     code, again, err = run(capsys, *args, "--out", f"{s3}/q")
     assert code == 0 and again == out_remote, err
     assert location(f"{s3}/q").read_bytes("results.jsonl") == log
-    # a report reads the prefix as it reads the folder
-    code, _, err = run(capsys, "report", f"{s3}/q", "--out", tmp_path / "q.html")
+    # a report reads the prefix as it reads the folder, and writes its page and figures to the store
+    code, _, err = run(capsys, "report", tmp_path / "q", "--out", tmp_path / "q.html", "--figures", tmp_path / "figs")
     assert code == 0, err
+    code, printed, err = run(capsys, "report", f"{s3}/q", "--out", f"{s3}/pages/q.html", "--figures", f"{s3}/figs")
+    assert code == 0 and printed == f"wrote {s3}/pages/q.html\n", err
+    page = location(f"{s3}/pages").read_bytes("q.html").decode()
+    assert page.replace(f"{s3}/q", "Q") == (tmp_path / "q.html").read_text().replace(str(tmp_path / "q"), "Q")
+    figures = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert figures and sorted(location(f"{s3}/figs").list()) == figures
+    assert all(location(f"{s3}/figs").read_bytes(name) == (tmp_path / "figs" / name).read_bytes()
+               for name in figures if name.endswith(".svg"))
 
 
 def test_importance_sweep_into_s3(capsys, tmp_path, s3):

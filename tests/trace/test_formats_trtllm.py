@@ -149,3 +149,18 @@ def test_slots_without_their_map_are_refused_in_one_line_before_writing(tmp_path
             f"error: {folder}: meta_info.json counts {SLOTS} experts but --n-experts is {LOGICAL}: these are "
             "load-balancer slots; give their assignment with --slot-map FILE"]
         assert not (tmp_path / out).exists()
+
+
+def test_a_statistics_prefix_on_s3_becomes_a_load_table_there(tmp_path, statistic, s3, capsys):
+    """Input folder and output table on the object store: the table the local import writes, byte for byte."""
+    from moescope.trace.storage import location
+
+    folder, _ = statistic
+    for path in folder.iterdir():
+        location(f"{s3}/expert_statistic").upload(path.name, path)
+    assert main(["import", str(folder), "--format", "trtllm", "--out", str(tmp_path / "load.parquet")]) == 0
+    assert main(["import", f"{s3}/expert_statistic", "--format", "trtllm", "--out", f"{s3}/load.parquet"]) == 0
+    assert location(s3).read_bytes("load.parquet") == (tmp_path / "load.parquet").read_bytes()
+    capsys.readouterr()
+    assert main(["import", f"{s3}/expert_statistic", "--format", "trtllm", "--out", f"{s3}/load.parquet"]) == 2
+    assert "exists" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moescope.errors import TraceError
 from moescope.pipeline.output import check_output_folder, prepare_output_folder
-from moescope.trace.storage import exists, is_url, location, write_through_local
+from moescope.trace.storage import exists, is_url, location
 
 DEMO_CORPUS = "humaneval,gsm-symbolic,wiki"
 
@@ -81,8 +81,7 @@ def run_demo(out: str | Path, *, max_tokens: int = 24000, seq_len: int = 128, qu
     if "report" in steps:
         from moescope.reporting import write_report
 
-        report = out / "report.html"
-        write_through_local(report, lambda path: write_report([out / "results" / name for name in models] + [out / "quant"], path))
+        report = write_report([out / "results" / name for name in models] + [out / "quant"], out / "report.html")
         outputs["report"] = str(report)
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; outputs under {out}")
     for key, path in outputs.items():

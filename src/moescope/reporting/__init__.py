@@ -78,6 +78,28 @@ def build_document(result_dirs: Sequence, *, title: str = "moescope report") -> 
     return Document(title, tuple(source_of(p) for p in paths), headline([(labels[i], loaded[i]) for i in order]), tuple(groups), __version__)
 
 
+def _write_report_to_store(result_dirs, out_html, *, figures_dir, title: str):
+    """`write_report` with the page and/or the figures folder on an object store: written into a temporary folder,
+    then uploaded (the page in one piece, then each figure); returns the page's URL or path."""
+    from moescope.trace.storage import is_url, location
+
+    remote = [where for where in (out_html, figures_dir) if where is not None and is_url(where)]
+    for where in remote:  # before any figure is drawn
+        if not location(where).bucket_exists():
+            raise ReportError(f"{where}: no such bucket (or no access to it); create it or check the storage options")
+    with tempfile.TemporaryDirectory(prefix="moescope-report-") as tmp:
+        page = Path(tmp) / str(out_html).rstrip("/").rsplit("/", 1)[-1] if is_url(out_html) else Path(out_html)
+        figures = Path(tmp) / "figures" if figures_dir is not None and is_url(figures_dir) else figures_dir
+        written = write_report(result_dirs, page, figures_dir=figures, title=title)
+        if figures_dir is not None and is_url(figures_dir):
+            for path in sorted(Path(figures).iterdir()):
+                location(figures_dir).upload(path.name, path)
+        if is_url(out_html):
+            location(out_html).upload("", written)
+            return str(out_html)
+    return written
+
+
 def write_report(
     result_dirs: Sequence[str | os.PathLike],
     out_html: str | os.PathLike,
@@ -111,6 +133,9 @@ def write_report(
     from moescope.reporting.figures import render_png, render_svg
     from moescope.reporting.html import render_document
     from moescope.trace.storage import download, is_url
+
+    if is_url(out_html) or (figures_dir is not None and is_url(figures_dir)):
+        return _write_report_to_store(result_dirs, out_html, figures_dir=figures_dir, title=title)
 
     result_dirs = [download(d) if is_url(d) else d for d in result_dirs]  # s3:// results folders: read from a copy
 

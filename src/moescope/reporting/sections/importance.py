@@ -14,13 +14,14 @@ from moescope.reporting.document import FigureBlock, Group, KeyValues, Notes, Se
 from moescope.reporting.figures import importance as figs
 from moescope.reporting.results import ImportanceResults
 from moescope.reporting.sections.common import _guarded, fmt
+from moescope.trace.storage import source_of
 
 
 def importance_group(r: ImportanceResults, gid: str, label: str) -> Group:
     s = r.summary
     ref, info = s.get("reference") or {}, s.get("importance") or {}
     header = KeyValues((
-        ("sweep", str(r.path)),
+        ("sweep", source_of(r.path)),  # an s3:// sweep: its URL, not the downloaded copy
         ("unpruned model", f"NLL {fmt(ref.get('nll'), '.4f')} (ppl {fmt(ref.get('ppl'), '.4g')}) over "
                            f"{fmt(ref.get('tokens_predicted'), ',d')} tokens"),
         ("MoE layers swept", ", ".join(str(l) for l in info.get("moe_layers") or []) or "—"),

@@ -10,6 +10,7 @@ from moescope.reporting.document import FigureBlock, Group, KeyValues, Notes, Se
 from moescope.reporting.figures import quant as quant_figs
 from moescope.reporting.results import QuantResults
 from moescope.reporting.sections.common import _guarded, fmt, slug
+from moescope.trace.storage import source_of
 
 
 # -- quantization ------------------------------------------------------------------------------------
@@ -17,7 +18,7 @@ def quant_group(q: QuantResults, gid: str, label: str) -> Group:
     s, configs = q.summary, q.configs
     models = q.sweep.get("models") or {}
     options = q.sweep.get("options") or {}
-    header = [("sweep", str(q.path))]
+    header = [("sweep", source_of(q.path))]  # an s3:// sweep: its URL, not the downloaded copy
     for kind, name in models.items():
         ref = (s.get("reference") or {}).get(kind) or {}
         header.append((f"{kind} model", f"{name}: reference NLL {fmt(ref.get('nll'), '.4f')} (ppl {fmt(ref.get('ppl'), '.4g')}) "

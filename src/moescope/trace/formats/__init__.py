@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from moescope.errors import MoescopeError
-from moescope.trace.storage import fetch
+from moescope.trace.storage import exists, fetch, is_url, write_through_local
 
 READERS = {"vllm": "vllm:read_vllm", "sglang": "sglang:read_sglang", "trtllm": "trtllm:read_trtllm_tokens",
            "olmoe": "olmoe:read_olmoe"}
@@ -45,13 +45,12 @@ def import_foreign(fmt: str, path: str | os.PathLike, out: str | os.PathLike, *,
         from moescope.trace.formats.trtllm import read_trtllm_counts
         from moescope.trace.load_table import write_load_table
 
-        out = Path(out)
-        if out.exists() and not overwrite:
+        if exists(out) and not overwrite:
             raise MoescopeError(f"{out} exists; pass --overwrite or choose another --out")
-        if not out.parent.is_dir():
-            raise MoescopeError(f"folder {out.parent} does not exist; create it first")
+        if not is_url(out) and not Path(out).parent.is_dir():
+            raise MoescopeError(f"folder {Path(out).parent} does not exist; create it first")
         iterations, tokens, layers = read_trtllm_counts(path, n_experts=n_experts, slot_map=slot_map)
-        write_load_table(out, iterations, tokens)
+        write_through_local(out, lambda local: write_load_table(local, iterations, tokens))  # s3://: uploaded whole
         return f"wrote load table {out}: {len(iterations)} iterations x {len(layers)} MoE layers x {tokens.shape[2]} experts"
     from moescope.trace.formats.dense import write_imported
 
