@@ -164,3 +164,11 @@ def test_a_statistics_prefix_on_s3_becomes_a_load_table_there(tmp_path, statisti
     capsys.readouterr()
     assert main(["import", f"{s3}/expert_statistic", "--format", "trtllm", "--out", f"{s3}/load.parquet"]) == 2
     assert "exists" in capsys.readouterr().err
+    # analyze reads the table from the store and writes its results there: what it writes from and to a folder
+    assert main(["analyze", str(tmp_path / "load.parquet"), "--out", str(tmp_path / "res")]) == 0
+    assert main(["analyze", f"{s3}/load.parquet", "--out", f"{s3}/res"]) == 0
+    names = sorted(p.name for p in (tmp_path / "res").iterdir())
+    assert sorted(location(f"{s3}/res").list()) == names
+    for name in names:
+        if name.endswith(".csv"):
+            assert location(f"{s3}/res").read_bytes(name) == (tmp_path / "res" / name).read_bytes(), name

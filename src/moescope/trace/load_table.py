@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from moescope.errors import TraceError
 from moescope.trace.manifest import atomic_write_bytes
+from moescope.trace.storage import fetch, is_url, location
 
 SCHEMA = pa.schema([
     pa.field("window", pa.int32(), nullable=False),
@@ -68,8 +69,9 @@ def write_load_table(path: str | os.PathLike, windows: np.ndarray, tokens: np.nd
 
 
 def read_load_table(path: str | os.PathLike) -> LoadTable:
-    """A load table file, or a folder of them, as dense counts; a malformed table is one TraceError."""
-    path = Path(path)
+    """A load table file, or a folder of them (or an object-store URL of either), as dense counts; a malformed table
+    is one TraceError."""
+    path = fetch(path)  # s3://: a local copy (a table of counts per window: small)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files or not files[0].is_file():
         raise TraceError(f"{path}: no load table here (a .parquet file or a folder of them)")
@@ -103,7 +105,13 @@ def read_load_table(path: str | os.PathLike) -> LoadTable:
 
 
 def is_load_table(path: str | os.PathLike) -> bool:
-    """A .parquet file, or a folder of them without a trace's manifest.json."""
+    """A .parquet file, or a folder of them without a trace's manifest.json (on a local disk or an object store)."""
+    if is_url(path):
+        where = location(path)
+        if where.size("") is not None:
+            return str(path).endswith(".parquet")
+        top = [name for name in where.list() if "/" not in name]
+        return "manifest.json" not in top and any(name.endswith(".parquet") for name in top)
     path = Path(path)
     if path.is_file():
         return path.suffix == ".parquet"
