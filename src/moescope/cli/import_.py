@@ -21,7 +21,7 @@ FORMATS = ("jsonl", "vllm", "sglang", "trtllm", "olmoe")
 def add_parser(sub) -> None:
     p = add_command(sub, "import", help="import routing JSONL ({problem_id, layer, token_id, expert_ids, weights}) "
                                         "or an engine's own files (--format)", examples=EXAMPLES)
-    p.add_argument("file", help="file (or folder, for sglang/trtllm) to read")
+    p.add_argument("file", help="file (or folder, for sglang/trtllm) to read; an s3:// URL is downloaded first")
     p.add_argument("--out", required=True, help="trace folder to write (a .parquet load table for trtllm counts)")
     p.add_argument("--format", choices=FORMATS, default="jsonl",
                    help="jsonl (default), vllm, sglang, trtllm or olmoe: see moescope/trace/formats/")
