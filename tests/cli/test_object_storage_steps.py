@@ -251,3 +251,47 @@ def test_demo_into_s3(capsys, tmp_path, s3):
     # a rerun reuses the traces on the store
     code, again, err = run(capsys, "demo", "--max-tokens", "200", "--steps", "capture", "--no-progress", "--out", f"{s3}/demo")
     assert code == 0 and again.count("reusing") == 3, err
+
+
+def test_a_sweep_resumes_from_the_log_on_its_prefix(capsys, tmp_path, s3):
+    """A prefix holding a sweep's first configurations (what a killed sweep leaves there): the rerun runs only the
+    others, and ends with the uninterrupted sweep's configurations."""
+    args = ["quant", "moescope:tiny-moe", "--data", "wiki", "--bits", "2,4,8", "--targets", "router", "--max-tokens", "128",
+            "--seq-len", "64", "--no-progress"]
+    code, _, err = run(capsys, *args, "--out", tmp_path / "ref")
+    assert code == 0, err
+    lines = (tmp_path / "ref" / "results.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    prefix = location(f"{s3}/q")
+    prefix.upload("sweep.json", tmp_path / "ref" / "sweep.json")
+    prefix.write_bytes("results.jsonl", lines[0])
+    code, _, err = run(capsys, *args, "--out", f"{s3}/q")
+    assert code == 0, err
+    log = prefix.read_bytes("results.jsonl").splitlines(keepends=True)
+    assert log[0] == lines[0]  # kept, not run again
+    ids = lambda rows: [json.loads(row)["config"]["config_id"] for row in rows]
+    assert ids(log) == ids(lines)
+    configs = [pd.read_parquet(path).drop(columns=["seconds"]) for path in (tmp_path / "ref" / "configs.parquet", download(f"{s3}/q") / "configs.parquet")]
+    pd.testing.assert_frame_equal(*configs)
+
+
+def test_a_sweep_prefix_copies_its_log_while_it_runs_and_has_one_writer(monkeypatch, s3):
+    import time
+
+    from moescope.errors import TraceError
+    from moescope.pipeline import output
+
+    monkeypatch.setattr(output, "SYNC_S", 0.05)
+    markers = ("sweep.json", "results.jsonl", "summary.json")
+    with output.sweep_folder(f"{s3}/sweep", markers=markers, what="quantization sweep") as folder:
+        (folder / "results.jsonl").write_bytes(b'{"config": {"config_id": "a"}}\n')
+        deadline = time.monotonic() + 10
+        while location(f"{s3}/sweep").size("results.jsonl") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert location(f"{s3}/sweep").read_bytes("results.jsonl") == b'{"config": {"config_id": "a"}}\n'
+        with pytest.raises(TraceError, match="being written by another moescope process"):
+            with output.sweep_folder(f"{s3}/sweep", markers=markers, what="quantization sweep"):
+                pass
+        (folder / "summary.json").write_bytes(b"{}")
+        (folder / ".moescope-sweep.lock").write_bytes(b"")
+    assert sorted(location(f"{s3}/sweep").list()) == ["results.jsonl", "summary.json"]  # no lock file, no lease
