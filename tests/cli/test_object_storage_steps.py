@@ -295,3 +295,13 @@ def test_a_sweep_prefix_copies_its_log_while_it_runs_and_has_one_writer(monkeypa
         (folder / "summary.json").write_bytes(b"{}")
         (folder / ".moescope-sweep.lock").write_bytes(b"")
     assert sorted(location(f"{s3}/sweep").list()) == ["results.jsonl", "summary.json"]  # no lock file, no lease
+
+
+def test_the_sweep_functions_refuse_a_url_instead_of_making_a_local_folder_of_it(tmp_path, monkeypatch):
+    from moescope.quant.formats import QuantConfigError
+    from moescope.quant.store import ResultStore
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(QuantConfigError, match="moescope quant --out s3://bucket/q` runs it in a local copy"):
+        ResultStore("s3://bucket/q", {"fingerprint": "x"})
+    assert list(tmp_path.iterdir()) == []

@@ -1,15 +1,18 @@
 """Output folders of the pipeline steps: refuse what is not ours before anything is written.
 
-Every step that writes a folder (`analyze`, `compare`, `quant`, `demo`) calls `prepare_output_folder`
+Every step that writes a folder (`analyze`, `compare`, `demo`, ...) calls `prepare_output_folder`
 first, so a path that is a file, a non-empty folder that some other program (or the user) owns, or a
 folder that cannot be written is one clear error, and nothing of the user's is ever overwritten.
 
-Results on an object store (`--out s3://bucket/results`, for the steps that pass `remote=True`: analyze,
-placement, offload) are written into a local staging folder and published by `publish` (called by
+Results on an object store (`--out s3://bucket/results`, for the steps that pass `remote=True`: all of them)
+are written into a local staging folder and published by `publish` (called by
 `write_results` once summary.json, the last file of every results folder, is written): the old summary.json
 object is deleted, every other file uploaded, then summary.json, so a prefix with a summary.json holds a
 whole set of results, as a local folder does. Results folders are small (tables and a summary); traces,
 which are not, are written to the store directly (trace/writer.py). `storage.download` fetches one for reading.
+
+Resumable sweeps (`quant`, `importance`) on a prefix run in a local copy of it (`sweep_folder`), under the
+prefix's lease (trace/lease.py), their log copied up while they run.
 """
 
 from __future__ import annotations
@@ -132,7 +135,10 @@ def sweep_folder(out, *, markers: tuple[str, ...], what: str) -> Iterator[Path]:
 
         def sync() -> None:  # a sweep killed on the way loses at most the last SYNC_S seconds of its log
             while not stop.wait(SYNC_S):
-                _upload_changed(where, staging, SWEEP_LOG, seen)
+                try:
+                    _upload_changed(where, staging, SWEEP_LOG, seen)
+                except MoescopeError:  # the store is unreachable: the copy when the sweep stops raises it
+                    return
 
         thread = threading.Thread(target=sync, name="moescope-sweep-sync", daemon=True)
         thread.start()
@@ -143,6 +149,7 @@ def sweep_folder(out, *, markers: tuple[str, ...], what: str) -> Iterator[Path]:
             thread.join()
             _upload_changed(where, staging, SWEEP_LOG, seen)
         files = _sweep_files(staging)
+        lease.check()  # a sweep that lost the prefix to another (paused past the lease) does not publish over it
         where.delete(SUMMARY, missing_ok=True)  # until the new one lands, the prefix does not claim to be complete
         _upload_changed(where, staging, sorted(files, key=lambda name: name == SUMMARY), seen)
     finally:

@@ -25,6 +25,7 @@ import weakref
 from pathlib import Path
 
 from moescope.quant.formats import QuantConfigError
+from moescope.trace.storage import is_url
 
 RESULTS = "results.jsonl"
 SWEEP = "sweep.json"
@@ -107,6 +108,9 @@ class ResultStore:
     def __init__(self, out: str | os.PathLike, sweep_info: dict, *, overwrite: bool = False,
                  command: str = "moescope quant", what: str = "quantization sweep",
                  error: type[Exception] = QuantConfigError):
+        if is_url(out):  # Path() would make a local folder named 's3:' of it
+            raise error(f"{out}: a {what} is written to a local folder here; `{command} --out {out}` runs it in a "
+                        "local copy and publishes it to the store")
         self.out, self.error = Path(out), error
         if self.out.exists() and not self.out.is_dir():
             raise error(f"--out {self.out} is a file; give a folder path")
