@@ -167,6 +167,9 @@ def test_export_to_a_url_and_import_from_one(capsys, traces, tmp_path, s3):
     assert a.manifest["capture"]["imported_from"] == f"{s3}/exports/a.npz"
     code, _, err = run(capsys, "import", f"{s3}/exports/missing.jsonl", "--out", tmp_path / "nothing")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "nothing").exists()
+    location(f"{s3}/exports").write_bytes("bad.jsonl", b"not json\n")
+    code, _, err = run(capsys, "import", f"{s3}/exports/bad.jsonl", "--out", tmp_path / "nothing")
+    assert code == 2 and err == f"error: {s3}/exports/bad.jsonl:1: not valid JSON (or a number too long to read)\n"
 
 
 def _sweep_files_agree(local: Path, url: str) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from moescope.errors import ImportFormatError, MoescopeError, TraceError
 from moescope.trace.reader import Trace
-from moescope.trace.storage import fetch, is_url, write_through_local
+from moescope.trace.storage import fetch, is_url, source_of, write_through_local
 
 FORMATS = ("jsonl", "csv")
 FLOAT16_MAX = 65504.0  # imported weights are stored as float16: anything larger would become inf
@@ -92,6 +92,7 @@ def _check_row(row, line_no: int, source: str) -> tuple[int, int, int, list, lis
 
 def read_jsonl_rows(path: Path):
     """Validated rows as NumPy arrays: seq [R], layer [R], pos [R], ids [R, k], weights [R, k]."""
+    name = source_of(path)  # an s3:// input is read from a local copy: messages name the URL
     seqs, layers, positions, all_ids, all_weights = [], [], [], [], []
     top_k = None
     try:
@@ -102,19 +103,19 @@ def read_jsonl_rows(path: Path):
                 try:
                     row = json.loads(line)
                 except (ValueError, RecursionError):  # JSONDecodeError, or an integer of over 4300 digits
-                    raise ImportFormatError(f"{path}:{line_no}: not valid JSON (or a number too long to read)") from None
-                seq, layer, pos, ids, weights = _check_row(row, line_no, str(path))
+                    raise ImportFormatError(f"{name}:{line_no}: not valid JSON (or a number too long to read)") from None
+                seq, layer, pos, ids, weights = _check_row(row, line_no, name)
                 if top_k is None:
                     top_k = len(ids)
                 elif len(ids) != top_k:
-                    raise ImportFormatError(f"{path}:{line_no}: {len(ids)} experts but earlier lines have {top_k}")
+                    raise ImportFormatError(f"{name}:{line_no}: {len(ids)} experts but earlier lines have {top_k}")
                 seqs.append(seq), layers.append(layer), positions.append(pos), all_ids.append(ids), all_weights.append(weights)
     except UnicodeDecodeError:
-        raise ImportFormatError(f"{path}: not UTF-8 text; JSONL must be UTF-8") from None
+        raise ImportFormatError(f"{name}: not UTF-8 text; JSONL must be UTF-8") from None
     except FileNotFoundError:
-        raise ImportFormatError(f"{path}: no such file") from None
+        raise ImportFormatError(f"{name}: no such file") from None
     if not seqs:
-        raise ImportFormatError(f"{path}: no rows; nothing to import")
+        raise ImportFormatError(f"{name}: no rows; nothing to import")
     return (np.array(seqs, np.int64), np.array(layers, np.int64), np.array(positions, np.int64),
             np.array(all_ids, np.int16), np.array(all_weights, np.float32))
 
@@ -128,20 +129,21 @@ def import_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, n_experts: 
     from moescope.trace.formats.dense import Imported, token_block, write_imported
 
     path = fetch(path)  # s3://: a local copy (the manifest names the URL)
+    name = source_of(path)
     if n_experts is not None and not 0 < n_experts <= 2**15:
         raise ImportFormatError(f"--n-experts must be between 1 and {2**15}, not {n_experts}")
     seq, layer, pos, ids, weights = read_jsonl_rows(path)
     layer_values = np.unique(layer)
     n_layers = len(layer_values)
     if not np.array_equal(layer_values, np.arange(n_layers)):
-        raise ImportFormatError(f"{path}: layers must be numbered 0..L-1 without gaps; found {layer_values[:10].tolist()}")
+        raise ImportFormatError(f"{name}: layers must be numbered 0..L-1 without gaps; found {layer_values[:10].tolist()}")
     tokens, token_index = np.unique(np.stack([seq, pos], 1), axis=0, return_inverse=True)  # tokens sorted by (seq, pos)
     token_index = token_index.reshape(-1)
     cell = token_index * n_layers + layer
     if len(np.unique(cell)) != len(cell):
-        raise ImportFormatError(f"{path}: a (problem_id, token_id, layer) appears more than once")
+        raise ImportFormatError(f"{name}: a (problem_id, token_id, layer) appears more than once")
     if len(cell) != len(tokens) * n_layers:
-        raise ImportFormatError(f"{path}: every (problem_id, token_id) needs a line for each of the {n_layers} layers")
+        raise ImportFormatError(f"{name}: every (problem_id, token_id) needs a line for each of the {n_layers} layers")
     order = np.argsort(layer * len(tokens) + token_index, kind="stable")  # -> (layer, seq, pos)
     k = ids.shape[1]
     T = len(tokens)
