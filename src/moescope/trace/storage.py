@@ -263,7 +263,7 @@ _DOWNLOADED: dict[Path, str] = {}  # local copy -> the URL it was downloaded fro
 
 def source_of(path) -> str:
     """Where a folder came from: the URL of a `download`ed copy, else the path itself (for what a report shows)."""
-    return _DOWNLOADED.get(Path(path), str(path))
+    return str(path) if path is None else _DOWNLOADED.get(Path(path), str(path))  # None: results held in memory
 
 
 def _temporary(remote: Location) -> Path:
