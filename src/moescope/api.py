@@ -274,12 +274,11 @@ def verify(trace) -> VerifyReport:
 def export(trace, out: str | os.PathLike, *, format: str = "jsonl", overwrite: bool = False) -> int:
     """Write a trace as JSONL, CSV or the RL routing-replay layout (``moescope export``); returns the rows
     (sequences for ``replay``) written. An existing `out` is refused unless `overwrite`."""
-    from pathlib import Path
-
     from moescope.errors import MoescopeError
     from moescope.trace.reader import Trace, open_trace
+    from moescope.trace.storage import exists
 
-    if Path(out).exists() and not overwrite:
+    if exists(out) and not overwrite:  # a file, or an object on a store
         raise MoescopeError(f"{out} exists; pass --overwrite or choose another --out")
     trace = trace if isinstance(trace, Trace) else open_trace(trace)
     if format == "replay":
