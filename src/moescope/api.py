@@ -187,20 +187,21 @@ def quant_sweep(model, data, *, tokenizer=None, out: str | os.PathLike | None = 
     from pathlib import Path
 
     from moescope.errors import MoescopeError
-    from moescope.pipeline.quant import quant_from_names
-    from moescope.quant.sweep import run_quant_sweep
+    from moescope.pipeline.quant import quant_from_names, quant_of_model
     from moescope.reporting import results as report_results
     from moescope.results import QuantSweep
+    from moescope.trace.storage import download
 
     options.setdefault("progress", False)
-    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="moescope-quant-"))
+    folder = out if out is not None else Path(tempfile.mkdtemp(prefix="moescope-quant-"))  # out: a folder or s3:// prefix
     try:
         if isinstance(model, str):
             quant_from_names(model, data, out=folder, dense_model=dense_model, **options)
         else:
-            run_quant_sweep(model, tokenizer, data, out=folder, dense_model=dense_model, **options)
-        loaded = report_results.load_results(folder)
-        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+            quant_of_model(model, tokenizer, data, out=folder, dense_model=dense_model, **options)
+        written = download(folder)  # an s3:// prefix: read back from a local copy
+        loaded = report_results.load_results(written)
+        files = {p.name: p.read_bytes() for p in sorted(written.iterdir()) if p.is_file() and not p.name.startswith(".")}
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

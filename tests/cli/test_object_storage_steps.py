@@ -308,3 +308,19 @@ def test_the_sweep_functions_refuse_a_url_instead_of_making_a_local_folder_of_it
     with pytest.raises(QuantConfigError, match="moescope quant --out s3://bucket/q` runs it in a local copy"):
         ResultStore("s3://bucket/q", {"fingerprint": "x"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quant_sweep_of_a_loaded_model_into_s3(tiny_model_dir, tmp_path, s3):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 4)
+    options = dict(bits="4,8", targets="router", max_tokens=96, seq_len=32, device="cpu")
+    local = moescope.quant_sweep(model, str(data), tokenizer=tokenizer, out=tmp_path / "q", **options)
+    remote = moescope.quant_sweep(model, str(data), tokenizer=tokenizer, out=f"{s3}/q", **options)
+    pd.testing.assert_frame_equal(local.configs.drop(columns=["seconds"]), remote.configs.drop(columns=["seconds"]))
+    assert sorted(remote._files) == sorted(local._files)
+    _sweep_files_agree(tmp_path / "q", f"{s3}/q")

@@ -22,6 +22,16 @@ def quant_from_names(model: str, data, *, out, dense_model: str | None = None, d
     return result.summary
 
 
+def quant_of_model(model, tokenizer, data, *, out, **options) -> dict:
+    """The sweep of a loaded model (`options`: those of `run_quant_sweep`) into `out`, a folder or an object-store
+    prefix (run in a local copy, published as it goes: pipeline/output.py); returns its summary."""
+    from moescope.quant.sweep import run_quant_sweep
+
+    with sweep_folder(out, markers=MARKERS, what="quantization sweep") as folder:
+        result = run_quant_sweep(model, tokenizer, data, out=folder, **options)
+    return result.summary
+
+
 def run_demo_quant(out: Path, *, max_tokens: int, progress: bool) -> Path:
     """Router vs experts vs attention at 2/3/4/8 bits on tiny-moe, with tiny-dense as the control."""
     quant_from_names("moescope:tiny-moe", "humaneval,gsm-symbolic,wiki", out=out, dense_model="moescope:tiny-dense",
