@@ -146,15 +146,18 @@ class QuantSweep:
                   for b in build(q, "quant").blocks] if self.configs is not None and len(self.configs) else []
         return _figures(blocks)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write what `moescope quant` writes into a new folder."""
-        from moescope.pipeline.output import check_output_folder, prepare_output_folder
+    def save(self, folder: str | os.PathLike, *, storage_options: dict | None = None) -> Path:
+        """Write what `moescope quant` writes into a new folder (or an s3:// prefix; `storage_options`: its settings)."""
+        from moescope.pipeline.output import check_output_folder, prepare_output_folder, publish
+        from moescope.trace.storage import is_url, with_options
 
-        check_output_folder(folder, markers=("summary.json",), what="quantization results")
-        out = prepare_output_folder(folder, markers=("summary.json",), what="quantization results")
+        target = with_options(folder, storage_options)
+        check_output_folder(target, markers=("summary.json",), what="quantization results", remote=True)
+        out = prepare_output_folder(target, markers=("summary.json",), what="quantization results", remote=True)
         for name, data in self._files.items():
             (out / name).write_bytes(data)
-        return out
+        publish(out)  # a staging folder for an s3:// prefix is uploaded now, summary.json last
+        return folder if is_url(folder) else out
 
     def _repr_html_(self) -> str:
         return quant_html(self)

@@ -324,3 +324,5 @@ def test_quant_sweep_of_a_loaded_model_into_s3(tiny_model_dir, tmp_path, s3):
     pd.testing.assert_frame_equal(local.configs.drop(columns=["seconds"]), remote.configs.drop(columns=["seconds"]))
     assert sorted(remote._files) == sorted(local._files)
     _sweep_files_agree(tmp_path / "q", f"{s3}/q")
+    assert remote.save(f"{s3}/saved") == f"{s3}/saved"  # what the sweep wrote, without its log's lock
+    assert {name: location(f"{s3}/saved").read_bytes(name) for name in location(f"{s3}/saved").list()} == remote._files
