@@ -326,3 +326,43 @@ def test_quant_sweep_of_a_loaded_model_into_s3(tiny_model_dir, tmp_path, s3):
     _sweep_files_agree(tmp_path / "q", f"{s3}/q")
     assert remote.save(f"{s3}/saved") == f"{s3}/saved"  # what the sweep wrote, without its log's lock
     assert {name: location(f"{s3}/saved").read_bytes(name) for name in location(f"{s3}/saved").list()} == remote._files
+
+
+@pytest.mark.slow  # a sweep long enough to outlast one log copy (5 s; ~10 s in a warm child), run three times
+def test_a_sweep_killed_on_a_prefix_resumes_there(warm_cli, tmp_path, s3_server):
+    """SIGKILL a quant sweep writing to a prefix once its log is on the store: the rerun keeps those
+    configurations, runs the rest, and ends with the uninterrupted sweep's configurations in the same order."""
+    import time
+
+    from s3_server import CREDENTIALS
+
+    options = {"endpoint_url": s3_server.endpoint, "access_key": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+               "secret_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "region": "us-east-1"}
+    url = f"s3://{s3_server.new_bucket()}/q"
+    args = ["quant", "moescope:tiny-moe", "--data", "wiki", "--bits", "2,3,4,5,6,7,8", "--targets", "router,experts,attention",
+            "--max-tokens", "1024", "--seq-len", "64", "--batch-size", "4", "--device", "cpu", "--no-progress",
+            *[f"--storage-option={k}={v}" for k, v in options.items()]]
+    status, log = warm_cli.run([str(a) for a in args] + ["--out", str(tmp_path / "ref")])
+    assert status == 0, log
+    reference = (tmp_path / "ref" / "results.jsonl").read_bytes().splitlines(keepends=True)
+    prefix = location(url, options)
+    run_ = warm_cli.start([str(a) for a in args] + ["--out", url])
+    deadline = time.monotonic() + 120
+    while not run_.finished(0.05) and time.monotonic() < deadline:
+        if prefix.size("results.jsonl"):
+            run_.kill()
+            break
+    assert run_.wait() == -9, "the sweep ended before its log reached the store; give it more configurations"
+    kept = prefix.read_bytes("results.jsonl").splitlines(keepends=True)
+    print(f"killed with {len(kept)} of {len(reference)} configurations on the store")  # pytest -s shows it
+    assert 0 < len(kept) < len(reference) and prefix.size("summary.json") is None
+    status, log = warm_cli.run([str(a) for a in args] + ["--out", url])
+    assert status == 0, log
+    final = prefix.read_bytes("results.jsonl").splitlines(keepends=True)
+    assert final[:len(kept)] == kept  # not run again
+    ids = lambda rows: [json.loads(row)["config"]["config_id"] for row in rows]
+    assert ids(final) == ids(reference)
+    configs = [pd.read_parquet(path).drop(columns=["seconds"])
+               for path in (tmp_path / "ref" / "configs.parquet", download(prefix) / "configs.parquet")]
+    pd.testing.assert_frame_equal(*configs)
+    assert not [name for name in prefix.list() if name.startswith("_lease/")]
