@@ -70,7 +70,7 @@ def test_a_second_capture_on_the_same_prefix_is_refused_in_one_line(warm_cli, ti
                                                                      capsys):
     """Two `moescope capture` processes on one s3:// prefix (the warm CLI's child, and this test's own process):
     the second is refused while the first holds the lease."""
-    corpus = _corpus(tmp_path / "docs.txt", 40)
+    corpus = _corpus(tmp_path / "docs.txt", 400)  # ~80 shards: the first is still writing when the second has started
     where = location(f"{s3}/t")
     flags = [f"--storage-option=endpoint_url={s3_server.endpoint}", "--storage-option=access_key=k",
              "--storage-option=secret_key=s"]
