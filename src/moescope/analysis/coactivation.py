@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.kernels import jsonable, pair_counts
+from moescope.analysis.kernels import jsonable, pair_counts, token_count_dtype, widened
 from moescope.analysis.result import TABLE_PIECE_ROWS, ChunkedTable
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -27,13 +27,14 @@ MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in pla
 @dataclass(frozen=True, eq=False)
 class CoactivationState:
     layers: tuple[int, ...]
-    counts: np.ndarray  # int64 [L, E, E]
+    counts: np.ndarray  # int32 (int64 past 2**31 - 1 tokens) [L, E, E]
     n_tokens: int
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CoactivationState:
     view = ShardView.of(shard, ctx)
-    return CoactivationState(view.layers, pair_counts(view.ids, view.ids, view.E), view.T)
+    counts = np.zeros((view.L, view.E, view.E), token_count_dtype(view.T))
+    return CoactivationState(view.layers, pair_counts(view.ids, view.ids, view.E, out=counts), view.T)
 
 
 def accumulate_into(state: CoactivationState, shard: ShardData | ShardView, ctx: AnalysisContext) -> CoactivationState:
@@ -41,20 +42,22 @@ def accumulate_into(state: CoactivationState, shard: ShardData | ShardView, ctx:
     view = ShardView.of(shard, ctx)
     if state.layers != view.layers:
         raise MoescopeError(f"cannot merge co-activation states of different layers {state.layers} and {view.layers}")
-    pair_counts(view.ids, view.ids, view.E, out=state.counts)
-    return CoactivationState(state.layers, state.counts, state.n_tokens + view.T)
+    counts = widened(state.counts, state.n_tokens + view.T)
+    pair_counts(view.ids, view.ids, view.E, out=counts)
+    return CoactivationState(state.layers, counts, state.n_tokens + view.T)
 
 
 def merge(a: CoactivationState, b: CoactivationState) -> CoactivationState:
     if a.layers != b.layers:
         raise MoescopeError(f"cannot merge co-activation states of different layers {a.layers} and {b.layers}")
-    return CoactivationState(a.layers, a.counts + b.counts, a.n_tokens + b.n_tokens)
+    tokens = a.n_tokens + b.n_tokens
+    return CoactivationState(a.layers, widened(a.counts, tokens) + b.counts, tokens)
 
 
 @dataclass(frozen=True, eq=False)
 class CoactivationResult:
     layers: tuple[int, ...]
-    counts: np.ndarray  # int64 [L, E, E]
+    counts: np.ndarray  # int32 or int64 [L, E, E]
     n_tokens: int
     top_n: int
     min_count: int  # pairs seen fewer times are left out of the summary's lift figures

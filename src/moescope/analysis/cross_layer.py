@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
-from moescope.analysis.kernels import expert_counts, jsonable, merge_arrays, pair_counts, token_count_dtype
+from moescope.analysis.kernels import expert_counts, jsonable, merge_arrays, pair_counts, token_count_dtype, widened
 from moescope.analysis.result import TABLE_PIECE_ROWS, ChunkedTable
 from moescope.analysis.rowwise import top_m_by_partition
 from moescope.analysis.shard_view import ShardView, predicted_next_ids_of, set_overlap
@@ -105,7 +105,7 @@ def accumulate_into(state: CrossLayerState, shard: ShardData | ShardView, ctx: A
     own): no second [K, L, E, E] table per shard (130 MiB at DeepSeek-V3's shape)."""
     view = ShardView.of(shard, ctx)
     L, T, E = view.L, view.T, view.E
-    state = widened(state, state.n_tokens + T)
+    state = widened_state(state, state.n_tokens + T)
     K = state.transitions.shape[0]
     predicted = predicted_next_ids_of(view.shard)
     if state.layers != view.layers or K != ctx.thresholds.max_hop:
@@ -129,13 +129,10 @@ def accumulate_into(state: CrossLayerState, shard: ShardData | ShardView, ctx: A
     return dataclasses.replace(state, n_tokens=state.n_tokens + T)
 
 
-def widened(state: CrossLayerState, n_tokens: int) -> CrossLayerState:
+def widened_state(state: CrossLayerState, n_tokens: int) -> CrossLayerState:
     """`state` with count tables wide enough for `n_tokens` tokens (a cell counts tokens, so it is at most that)."""
-    count = token_count_dtype(n_tokens)
-    if np.dtype(count).itemsize <= state.transitions.dtype.itemsize:
-        return state
-    return dataclasses.replace(state, transitions=state.transitions.astype(count),
-                               first_choice_transitions=state.first_choice_transitions.astype(count))
+    return dataclasses.replace(state, transitions=widened(state.transitions, n_tokens),
+                               first_choice_transitions=widened(state.first_choice_transitions, n_tokens))
 
 
 def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
@@ -144,7 +141,7 @@ def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
     if (a.lookahead_overlap is None) != (b.lookahead_overlap is None):
         raise MoescopeError("cannot merge shards with and without predicted_next_ids")
     tokens = a.n_tokens + b.n_tokens
-    a, b = widened(a, tokens), widened(b, tokens)
+    a, b = widened_state(a, tokens), widened_state(b, tokens)
     return CrossLayerState(
         a.layers,
         tokens,
@@ -342,9 +339,10 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
         counts = state.first_choice_transitions  # [2, K, L, E, E]
         hits = np.zeros((K, L), np.int64)
         for f in range(2):  # tokens of fold f are predicted with the table learned on fold 1 - f
-            for d in range(K):  # one [L, E, E] table at a time: bounded memory
-                learned = top_predictions(counts[1 - f, d], target_load[1 - f, d], k)  # [L, E, k]
-                hits[d] += np.take_along_axis(counts[f, d], learned, axis=-1).sum(axis=(1, 2))
+            for d in range(K):
+                for l in range(L):  # one [E, E] table at a time: bounded memory
+                    learned = top_predictions(counts[1 - f, d, l], target_load[1 - f, d, l], k)  # [E, k]
+                    hits[d, l] += np.take_along_axis(counts[f, d, l], learned, axis=-1).sum(dtype=np.int64)
         frames.append(_recall_rows("transition", hop, src, target, hits, slots[target], valid, layers))
         popular = popular_experts(state.load_by_fold, k)[::-1]  # [2, L, k]: what tokens of fold f are given
         popular_hits = np.take_along_axis(state.load_by_fold, popular, axis=-1).sum(axis=(0, 2))  # [L] per target

@@ -55,6 +55,12 @@ def token_count_dtype(n_tokens: int) -> type:
     return np.int32 if n_tokens <= np.iinfo(np.int32).max else np.int64
 
 
+def widened(counts: np.ndarray, n_tokens: int) -> np.ndarray:
+    """`counts` (cells counting tokens), as int64 when `n_tokens` no longer fits its dtype; else itself."""
+    wide = token_count_dtype(n_tokens)
+    return counts.astype(wide) if np.dtype(wide).itemsize > counts.dtype.itemsize else counts
+
+
 def pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int, *, group: np.ndarray | None = None,
                 n_groups: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """int64 [L, E, E]: counts[l, i, j] = #tokens t with i in a[l, t] and j in b[l, t].

@@ -27,7 +27,7 @@ class AnalysisResult(Protocol):
         ...
 
 
-TABLE_PIECE_ROWS = 1 << 20  # rows per piece of a ChunkedTable (about 1 M)
+TABLE_PIECE_ROWS = 1 << 18  # rows per piece of a ChunkedTable (262,144)
 
 
 @dataclass(frozen=True)
