@@ -200,6 +200,15 @@ class PrefetchTable:
             self._learned[k] = learned
         return self._learned[k]
 
+    def padded_predictions(self, k: int, dtype) -> np.ndarray:
+        """`predictions(k)` as `dtype` [2, L - 1, E + 1, k], row E (a token with no first choice) all E."""
+        key = ("padded", k, np.dtype(dtype).str)
+        if key not in self._learned:
+            pred = self.predictions(k)
+            E = pred.shape[2]
+            self._learned[key] = np.concatenate([pred, np.full(pred.shape[:2] + (1, pred.shape[3]), E)], axis=2).astype(dtype)
+        return self._learned[key]
+
     def popular(self, k: int) -> np.ndarray:
         """int64 [2, L, k]: popular[f, l], the k most-loaded experts of layer l in fold f."""
         return popular_experts(self.target_load, k)
