@@ -75,7 +75,7 @@ class Results:
     def __init__(self, results: dict, summary: dict, tables: dict[str, dict[str, pd.DataFrame | ChunkedTable]], manifest: dict):
         self.results = results  # {name: the analysis's result object}
         self.summary = summary  # what summary.json holds
-        self.tables = tables  # {analysis: {file stem: DataFrame}}
+        self.tables = tables  # {analysis: {file stem: DataFrame, or ChunkedTable for the largest (built on first use)}}
         self.manifest = manifest  # the trace's
 
     @property

@@ -168,7 +168,7 @@ def test_large_tables_are_written_in_pieces_and_as_parquet_only(tmp_path, monkey
     spec = SyntheticSpec(n_layers=3, n_experts=16, top_k=4, router_output=None, output_entropy=False)
     write_synthetic_trace(tmp_path / "t", spec, 90, 40)
     summary = analyze_trace(tmp_path / "t", tmp_path / "cli", only=["cross_layer", "coactivation", "load"], use_model=False)
-    results = moescope.analyze(tmp_path / "t", only=["cross_layer", "coactivation", "load"], model=None)
+    results = moescope.analyze(tmp_path / "t", only=["cross_layer", "coactivation", "load"], use_model=False)
     results.save(tmp_path / "nb")
     for stem, frame in [("cross_layer__transitions", results.cross_layer.transitions),
                         ("coactivation__pairs", results.coactivation.pairs)]:
