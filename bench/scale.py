@@ -4,6 +4,7 @@ release and a DuckDB floor, on the same synthetic traces.
     PYTHONPATH=src python bench/scale.py                  # DeepSeek-V3, Kimi-K2, Qwen3-235B, Mixtral; 2 reps
     PYTHONPATH=src python bench/scale.py --shapes dsv3 --tokens 40000 --reps 3
     PYTHONPATH=src python bench/scale.py --quick           # tiny traces, one rep (what tests/bench runs)
+    PYTHONPATH=src python bench/scale.py --shapes dsv3 --flatness 34483,344828 --keep-traces /tmp/traces
 
 For each shape a routing-only trace (top-k ids and weights, no router logits; `analysis/synthetic.py`) is
 written to a temporary folder in shards of --shard-tokens tokens. Then, interleaved for --reps repetitions
@@ -12,10 +13,17 @@ written to a temporary folder in shards of --shard-tokens tokens. Then, interlea
                    (time.process_time around it; imports and start-up are reported apart), peak RSS of the process
   previous release the same, from `git archive <--previous>` of this repository (default 16d7652, the last
                    release before this benchmark), imported from its own src/ by PYTHONPATH
+  ... analyze      `moescope analyze --no-model` as the command runs it (pipeline.analyze.analyze_trace): the suite,
+                   the summary and every table written to a temporary folder; CPU seconds and peak RSS (this code
+                   and the previous release; --skip-files leaves these rows out)
   DuckDB floor     `SELECT layer, e, count(*) FROM (SELECT layer, unnest(topk_ids) e FROM routing) GROUP BY ALL`
                    over the same Parquet: the load alone, as a database computes it (CPU of all its threads)
 Rows are (token, layer) rows. Then once, for this code only, every analysis alone in its own process: its CPU
 seconds and rows per CPU-second, and its peak RSS (the process's, imports included).
+
+--flatness A,B: instead, for each shape, `analyze` (files written) on a trace of A tokens and one of B tokens,
+interleaved for --reps: peak RSS of each and their ratio (memory that does not grow with the trace: B/A near 1).
+--keep-traces DIR keeps the traces (DIR/<shape>-<tokens>) and reuses them on the next run.
 """
 
 from __future__ import annotations
@@ -50,18 +58,23 @@ def peak_rss():
 """
 
 CHILD = PEAK_RSS + r"""
-import json, sys, time
+import json, sys, tempfile, time
 started = time.process_time()
 from moescope.analysis import run_analyses
-from moescope.pipeline.analyze import analysis_context
+from moescope.pipeline.analyze import analysis_context, analyze_trace
 from moescope.trace.reader import open_trace
 trace = open_trace(sys.argv[1])
 ctx = analysis_context(trace)
-only = None if sys.argv[2] == "all" else sys.argv[2].split(",")
+only = None if sys.argv[2] in ("all", "files") else sys.argv[2].split(",")
 timings = {}
 ready = time.process_time()
-run_analyses(trace.shards, ctx, only=only, timings=timings)
-done = time.process_time()
+if sys.argv[2] == "files":  # what `moescope analyze --no-model` does: the suite, then every table and summary.json
+    with tempfile.TemporaryDirectory() as out:
+        analyze_trace(sys.argv[1], out + "/results", use_model=False)
+        done = time.process_time()
+else:
+    run_analyses(trace.shards, ctx, only=only, timings=timings)
+    done = time.process_time()
 print(json.dumps({"cpu": done - ready, "startup": ready - started, "timings": timings,
                   "rows": trace.n_tokens * trace.n_layers, "rss": peak_rss()}))
 """
@@ -108,15 +121,53 @@ def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.0f}"
 
 
+def trace_folder(shape: str, tokens: int, args, work: Path) -> Path:
+    """A synthetic trace of `tokens` tokens at `shape`: written under --keep-traces (reused when there) or `work`."""
+    folder = (Path(args.keep_traces) if args.keep_traces else work) / f"{shape}-{tokens}"
+    if not (folder / "manifest.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_trace(folder, shape, tokens, args.shard_tokens)
+    return folder
+
+
+def bench_flatness(shape: str, args, work: Path) -> None:
+    """Peak RSS of `analyze` (files written) on a short and a long trace of one shape, interleaved."""
+    name, L, E, k = SHAPES[shape]
+    sizes = [int(n) for n in args.flatness.split(",")]
+    folders = {n: trace_folder(shape, n, args, work) for n in sizes}
+    results: dict[int, list[dict]] = {n: [] for n in sizes}
+
+    def measure(n: int) -> float:
+        results[n].append(run_child(CHILD, ROOT / "src", str(folders[n]), "files"))
+        return results[n][-1]["rss"]
+
+    interleave({n: n for n in sizes}, args.reps, measure=measure, warmup=False)
+    print(f"\n{name}: {L} MoE layers x {E} experts, top-{k}; `analyze` (files written), peak RSS by trace length; "
+          f"median (min–max) of {args.reps} interleaved reps")
+    print(f"  {'tokens':>10s} {'(token, layer) rows':>20s} {'peak RSS MiB':>22s} {'rows per CPU-s':>28s}   ratio to the first")
+    base = [r["rss"] for r in results[sizes[0]]]
+    for n in sizes:
+        rss = [r["rss"] for r in results[n]]
+        ratio = paired_ratios(rss, base)
+        print(f"  {n:>10,d} {n * L:>20,d} {Spread.of(rss).text(',.0f', 1 / 2**20):>22s} "
+              f"{Spread.of([n * L / r['cpu'] for r in results[n]]).text(',.0f'):>28s}   {ratio.text('.3f')}x")
+    if not args.keep_traces:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def bench_shape(shape: str, args, work: Path, previous: Path | None) -> dict:
     name, L, E, k = SHAPES[shape]
     tokens = args.tokens or (600 if args.quick else TOKENS[shape])
-    folder = work / shape
-    write_trace(folder, shape, tokens, args.shard_tokens)
+    folder = trace_folder(shape, tokens, args, work)
     rows = tokens * L
     commands = {"this code": (CHILD, ROOT / "src", str(folder), "all")}
     if previous is not None:
         commands["previous release"] = (CHILD, previous, str(folder), "all")
+    if not args.skip_files:
+        commands["this code, analyze"] = (CHILD, ROOT / "src", str(folder), "files")
+        if previous is not None:
+            commands["previous, analyze"] = (CHILD, previous, str(folder), "files")
     commands["DuckDB floor"] = (DUCKDB, None, str(folder / "routing" / "*.parquet"))
     results: dict[str, list[dict]] = {way: [] for way in commands}
 
@@ -131,8 +182,9 @@ def bench_shape(shape: str, args, work: Path, previous: Path | None) -> dict:
     print(f"  {'':18s} {'rows per CPU-s':>28s} {'CPU-s':>22s} {'peak RSS MiB':>22s}   ratio to this code")
     for way, seconds in cpu.items():
         rss = Spread.of([r["rss"] for r in results[way]])
-        ratio = paired_ratios(seconds, cpu["this code"])
-        judged = "the base" if way == "this code" else f"{ratio.text('.2f')}x the CPU ({verdict(ratio, 'more', 'less')})"
+        base = "this code, analyze" if way == "previous, analyze" else "this code"
+        ratio = paired_ratios(seconds, cpu[base])
+        judged = "the base" if way == base else f"{ratio.text('.2f')}x the CPU of {base} ({verdict(ratio, 'more', 'less')})"
         print(f"  {way:18s} {Spread.of([rows / s for s in seconds]).text(',.0f'):>28s} {Spread.of(seconds).text('.2f'):>22s} "
               f"{rss.text(',.0f', 1 / 2**20):>22s}   {judged}")
     startup = Spread.of([r["startup"] for r in results["this code"]])
@@ -146,7 +198,8 @@ def bench_shape(shape: str, args, work: Path, previous: Path | None) -> dict:
             one = run_child(CHILD, ROOT / "src", str(folder), analysis)
             per[analysis] = one
             print(f"  {analysis:24s} {one['cpu']:8.2f} {rows / one['cpu']:16,.0f} {mib(one['rss']):>13s}")
-    shutil.rmtree(folder, ignore_errors=True)
+    if not args.keep_traces:
+        shutil.rmtree(folder, ignore_errors=True)
     return {"shape": name, "rows": rows, "results": results, "per_analysis": per}
 
 
@@ -158,6 +211,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--previous", default="16d7652", help="commit of the previous release ('' to skip it)")
     ap.add_argument("--skip-per-analysis", action="store_true", help="only the suite")
+    ap.add_argument("--skip-files", action="store_true", help="leave out the `analyze` rows (tables written)")
+    ap.add_argument("--flatness", default=None, metavar="A,B",
+                    help="peak RSS of `analyze` on traces of A and B tokens per shape, instead of the comparison")
+    ap.add_argument("--keep-traces", default=None, metavar="DIR", help="keep (and reuse) the traces in DIR")
     ap.add_argument("--quick", action="store_true", help="600-token traces, one rep, Mixtral and DeepSeek-V3 only, no "
                     "previous release (a smoke test)")
     args = ap.parse_args()
@@ -170,10 +227,13 @@ def main() -> None:
         raise SystemExit(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
     work = Path(tempfile.mkdtemp(prefix="moescope-scale-"))
     try:
-        previous = previous_release(args.previous, work) if args.previous else None
+        previous = previous_release(args.previous, work) if args.previous and not args.flatness else None
         print(f"machine: {os.cpu_count()} CPUs; routing-only synthetic traces (no router logits)")
         for shape in shapes:
-            bench_shape(shape, args, work, previous)
+            if args.flatness:
+                bench_flatness(shape, args, work)
+            else:
+                bench_shape(shape, args, work, previous)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

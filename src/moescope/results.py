@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from moescope.analysis.result import ChunkedTable
 from moescope.display import analysis_html, figures_html, quant_html, results_html
 from moescope.errors import MoescopeError
 from moescope.reporting import results as report_results
@@ -52,6 +53,8 @@ class Analysis:
     def __getattr__(self, table: str) -> pd.DataFrame:
         tables = self.__dict__.get("tables", {})
         if table in tables:
+            if isinstance(tables[table], ChunkedTable):  # a large table, built on first use (the files never need it whole)
+                tables[table] = tables[table].to_pandas()
             return tables[table]
         raise AttributeError(f"{self.__dict__.get('name')} has no table {table!r}; it has {', '.join(tables) or 'none'}")
 
@@ -69,10 +72,10 @@ class Analysis:
 class Results:
     """What `moescope.analyze(...)` returns: every table `moescope analyze` writes, as pandas DataFrames."""
 
-    def __init__(self, results: dict, summary: dict, tables: dict[str, dict[str, pd.DataFrame]], manifest: dict):
+    def __init__(self, results: dict, summary: dict, tables: dict[str, dict[str, pd.DataFrame | ChunkedTable]], manifest: dict):
         self.results = results  # {name: the analysis's result object}
         self.summary = summary  # what summary.json holds
-        self.tables = tables  # {analysis: {file stem: DataFrame}}
+        self.tables = tables  # {analysis: {file stem: DataFrame, or ChunkedTable for the largest (built on first use)}}
         self.manifest = manifest  # the trace's
 
     @property
@@ -97,7 +100,8 @@ class Results:
 
     def for_report(self) -> report_results.AnalysisResults:
         """These results as the report reads a results folder (tables from memory)."""
-        frames = {stem: frame for stems in self.tables.values() for stem, frame in stems.items()}
+        frames = {stem: frame.to_pandas() if isinstance(frame, ChunkedTable) else frame
+                  for stems in self.tables.values() for stem, frame in stems.items()}
         return report_results.AnalysisResults(None, self.summary, self.manifest, None, frames=frames)
 
     def plot(self, name: str) -> Figures:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from analysis_helpers import DOCUMENT_LAYOUTS, SHARD_LAYOUTS, SPECS, document_in_fold, make_shard, run_one, shards_with_documents, synthetic_shards
@@ -166,3 +168,31 @@ def test_the_printed_summary_gives_the_verdict_against_popularity(capsys):
                      AnalysisContext(n_experts=4, top_k=1, n_layers=2, thresholds=Thresholds(max_hop=1)))
     print_summary({"trace": {}, "analyses": {"cross_layer": result.summary()}, "notes": {}}, limit=2)
     assert "  cross_layer: hop 1: transition beats popularity by +0.750 recall (1.000 vs 0.250)" in capsys.readouterr().out
+
+
+def test_counts_widen_to_int64_before_they_could_pass_int32():
+    """Token counts are int32 while the tokens fit it: a state that has counted nearly 2**31 tokens is widened to
+    int64 before more are added (here a cell that would wrap), by accumulate_into, merge and the runner's add_into."""
+    from moescope.analysis import coactivation, cross_layer
+    from moescope.analysis.kernels import add_into
+
+    spec = SPECS["base"]
+    shard = synthetic_shards(spec, [40])[0]
+    ctx = spec.context()
+    near = np.iinfo(np.int32).max - 10
+    for module in (cross_layer, coactivation):
+        state = module.accumulate(shard, ctx)
+        arrays = {f: getattr(state, f) for f in ("transitions", "first_choice_transitions", "counts") if hasattr(state, f)}
+        assert all(a.dtype == np.int32 for a in arrays.values())
+        fresh = module.accumulate(shard, ctx)
+        big = dataclasses.replace(state, n_tokens=near, **{f: a + (near - a.max()) * (a > 0) for f, a in arrays.items()})
+        def owned():  # accumulate_into and add_into add into the state's own arrays
+            return dataclasses.replace(big, **{f: getattr(big, f).copy() for f in arrays})
+
+        for combined in (module.accumulate_into(owned(), shard, ctx), module.merge(big, fresh), add_into(owned(), fresh)):
+            assert combined.n_tokens == near + 40
+            for f in arrays:
+                total = getattr(combined, f)
+                assert total.dtype == np.int64
+                np.testing.assert_array_equal(total, getattr(big, f).astype(np.int64) + getattr(fresh, f))
+                assert total.max() > np.iinfo(np.int32).max  # the sum a wrapped int32 could not hold

@@ -149,3 +149,39 @@ def test_a_model_in_the_local_cache_still_loads_offline(tmp_path, no_network, ti
     loaded, tokenizer, reason, warning = model_for(open_trace(tmp_path / "t"), None)
     assert loaded is not None and tokenizer is not None and reason is None and warning is None
     assert no_network == []
+
+
+def test_large_tables_are_written_in_pieces_and_as_parquet_only(tmp_path, monkeypatch):
+    """A table longer than CSV_MAX_ROWS is Parquet only (a note says so); the transitions and pair tables are built
+    piece by piece (ChunkedTable) yet their files hold the same rows, in row groups of ROW_GROUP_ROWS, as the
+    notebook's whole DataFrames written by the same writer (byte for byte)."""
+    import pyarrow.parquet as pq
+
+    from moescope.analysis import coactivation, cross_layer
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+    from moescope.pipeline import analyze as pipeline
+
+    monkeypatch.setattr(pipeline, "CSV_MAX_ROWS", 300)
+    monkeypatch.setattr(pipeline, "ROW_GROUP_ROWS", 37)
+    for module in (cross_layer, coactivation):
+        monkeypatch.setattr(module, "TABLE_PIECE_ROWS", 50)  # pieces of a layer or two, of uneven sizes
+    spec = SyntheticSpec(n_layers=3, n_experts=16, top_k=4, router_output=None, output_entropy=False)
+    write_synthetic_trace(tmp_path / "t", spec, 90, 40)
+    summary = analyze_trace(tmp_path / "t", tmp_path / "cli", only=["cross_layer", "coactivation", "load"], use_model=False)
+    results = moescope.analyze(tmp_path / "t", only=["cross_layer", "coactivation", "load"], use_model=False)
+    results.save(tmp_path / "nb")
+    for stem, frame in [("cross_layer__transitions", results.cross_layer.transitions),
+                        ("coactivation__pairs", results.coactivation.pairs)]:
+        assert len(frame) > 300
+        part = pq.ParquetFile(tmp_path / "cli" / f"{stem}.parquet")
+        assert [part.metadata.row_group(g).num_rows for g in range(part.num_row_groups)] == \
+            [37] * (len(frame) // 37) + ([len(frame) % 37] if len(frame) % 37 else [])
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli" / f"{stem}.parquet"), frame)
+        assert (tmp_path / "cli" / f"{stem}.parquet").read_bytes() == (tmp_path / "nb" / f"{stem}.parquet").read_bytes()
+        assert not (tmp_path / "cli" / f"{stem}.csv").exists() and not (tmp_path / "nb" / f"{stem}.csv").exists()
+        name = stem.split("__")[0]
+        assert f"{stem}: {len(frame):,} rows, written as Parquet only" in " ".join(summary["notes"][name])
+    short = results.coactivation.top_pairs
+    assert len(short) <= 300
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cli" / "coactivation__top_pairs.csv"), short, check_dtype=False)
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text()) == json.loads((tmp_path / "nb" / "summary.json").read_text())

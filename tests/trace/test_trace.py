@@ -156,3 +156,32 @@ def test_manifest_layers_need_a_positive_top_k(tiny_moe, ids, tmp_path):
     (trace.folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TraceError, match=r"layers\[1\] lacks positive n_experts/top_k"):
         moescope.open_trace(trace.folder)
+
+
+def test_routing_is_read_in_batches_that_cut_layers_anywhere(tmp_path, monkeypatch):
+    """Trace.read_shard reads a routing part in batches of ROUTING_BATCH_ROWS rows into [L, T, k] arrays: batches of 7
+    rows (cutting layers and tokens anywhere) give the same shards as one batch; rows out of order are refused."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from moescope.analysis.synthetic import SyntheticSpec, write_synthetic_trace
+    from moescope.trace import reader
+    from moescope.trace.reader import open_trace
+
+    spec = SyntheticSpec(n_layers=3, n_experts=16, top_k=4, vocab_size=50, seq_len=(3, 9))
+    write_synthetic_trace(tmp_path / "t", spec, 50, 20)
+    whole = list(open_trace(tmp_path / "t").shards())
+    monkeypatch.setattr(reader, "ROUTING_BATCH_ROWS", 7)
+    for a, b in zip(whole, open_trace(tmp_path / "t").shards(), strict=True):
+        for field in dataclasses.fields(a):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            assert (x is None and y is None) or np.array_equal(x, y), field.name
+    trace = open_trace(tmp_path / "t")
+    entry = trace.manifest["shards"][0]["files"]["routing"]
+    table = pq.read_table(tmp_path / "t" / entry["path"])
+    swapped = pa.concat_tables([table.slice(0, 8), table.slice(9, 1), table.slice(8, 1), table.slice(10)])
+    pq.write_table(swapped, tmp_path / "t" / entry["path"])
+    entry["bytes"] = (tmp_path / "t" / entry["path"]).stat().st_size
+    with pytest.raises(TraceError, match="not one row per token and layer"):
+        trace.read_shard(trace.manifest["shards"][0])

@@ -20,7 +20,7 @@ from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT
 def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
     """out[g(t), l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j whose ids are in [0, n_experts).
 
-    a: int [L, T, ka], b: int [L, T, kb], group: int [T] (empty: every token in group 0), out: int64 [G, L, E, E].
+    a: int [L, T, ka], b: int [L, T, kb], group: int [T] (empty: every token in group 0), out: int64 or int32 [G, L, E, E].
     """
     L, T, ka = a.shape
     kb = b.shape[2]

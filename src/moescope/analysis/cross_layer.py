@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
-from moescope.analysis.kernels import expert_counts, jsonable, merge_arrays, pair_counts
+from moescope.analysis.kernels import expert_counts, jsonable, merge_arrays, pair_counts, token_count_dtype, widened
+from moescope.analysis.result import TABLE_PIECE_ROWS, ChunkedTable
 from moescope.analysis.rowwise import top_m_by_partition
 from moescope.analysis.shard_view import ShardView, predicted_next_ids_of, set_overlap
 from moescope.errors import MoescopeError
@@ -52,8 +53,8 @@ LEARNED = ("transition", "popularity")  # predictors learned on the other fold
 class CrossLayerState:
     layers: tuple[int, ...]
     n_tokens: int
-    transitions: np.ndarray  # int64 [K, L, E, E] (zero where l + d >= L)
-    first_choice_transitions: np.ndarray  # int64 [2, K, L, E, E] by fold
+    transitions: np.ndarray  # int32 (int64 past 2**31 - 1 tokens) [K, L, E, E] (zero where l + d >= L)
+    first_choice_transitions: np.ndarray  # int32 (int64 past 2**31 - 1 tokens) [2, K, L, E, E] by fold
     load_by_fold: np.ndarray  # int64 [2, L, E]
     previous_overlap: np.ndarray  # int64 [L] sum over tokens with a previous token of |S_t ∩ S_t-1|
     previous_targets: np.ndarray  # int64 [L] real experts in S_t over those tokens
@@ -92,7 +93,8 @@ def empty_fold_warning(fold_slots: np.ndarray) -> str | None:
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
     view = ShardView.of(shard, ctx)
     L, E, K = view.L, view.E, ctx.thresholds.max_hop
-    empty = CrossLayerState(view.layers, 0, np.zeros((K, L, E, E), np.int64), np.zeros((2, K, L, E, E), np.int64),
+    count = token_count_dtype(view.T)
+    empty = CrossLayerState(view.layers, 0, np.zeros((K, L, E, E), count), np.zeros((2, K, L, E, E), count),
                             np.zeros((2, L, E), np.int64), np.zeros(L, np.int64), np.zeros(L, np.int64),
                             None if predicted_next_ids_of(view.shard) is None else np.zeros(L, np.int64))
     return accumulate_into(empty, view, ctx)
@@ -100,9 +102,10 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayer
 
 def accumulate_into(state: CrossLayerState, shard: ShardData | ShardView, ctx: AnalysisContext) -> CrossLayerState:
     """`merge(state, accumulate(shard))`, adding the shard's counts into `state`'s own arrays (which it must
-    own): no second [K, L, E, E] table per shard (261 MiB at DeepSeek-V3's shape)."""
+    own): no second [K, L, E, E] table per shard (130 MiB at DeepSeek-V3's shape)."""
     view = ShardView.of(shard, ctx)
     L, T, E = view.L, view.T, view.E
+    state = widened_state(state, state.n_tokens + T)
     K = state.transitions.shape[0]
     predicted = predicted_next_ids_of(view.shard)
     if state.layers != view.layers or K != ctx.thresholds.max_hop:
@@ -126,14 +129,22 @@ def accumulate_into(state: CrossLayerState, shard: ShardData | ShardView, ctx: A
     return dataclasses.replace(state, n_tokens=state.n_tokens + T)
 
 
+def widened_state(state: CrossLayerState, n_tokens: int) -> CrossLayerState:
+    """`state` with count tables wide enough for `n_tokens` tokens (a cell counts tokens, so it is at most that)."""
+    return dataclasses.replace(state, transitions=widened(state.transitions, n_tokens),
+                               first_choice_transitions=widened(state.first_choice_transitions, n_tokens))
+
+
 def merge(a: CrossLayerState, b: CrossLayerState) -> CrossLayerState:
     if a.layers != b.layers or a.transitions.shape != b.transitions.shape:
         raise MoescopeError("cannot merge cross-layer states of different layers or max_hop")
     if (a.lookahead_overlap is None) != (b.lookahead_overlap is None):
         raise MoescopeError("cannot merge shards with and without predicted_next_ids")
+    tokens = a.n_tokens + b.n_tokens
+    a, b = widened_state(a, tokens), widened_state(b, tokens)
     return CrossLayerState(
         a.layers,
-        a.n_tokens + b.n_tokens,
+        tokens,
         a.transitions + b.transitions,
         a.first_choice_transitions + b.first_choice_transitions,
         a.load_by_fold + b.load_by_fold,
@@ -156,7 +167,7 @@ def top_predictions(counts: np.ndarray, target_load: np.ndarray, k: int) -> np.n
 
     counts: int64 [..., E, E]; target_load: int64 [..., E] breaks ties (more load first), then lower j.
     """
-    score = counts * (target_load.max(initial=0) + 1) + target_load[..., None, :]  # [..., E, E]
+    score = counts.astype(np.int64) * (int(target_load.max(initial=0)) + 1) + target_load[..., None, :]  # [..., E, E]
     return top_indices(score, k)
 
 
@@ -181,8 +192,22 @@ class PrefetchTable:
         """int64 [2, L - 1, E, k]: predictions[f, l, i] learned on fold f, for layer l + 1 (the tables are read-only:
         learned on the first call, then reused by every shard)."""
         if k not in self._learned:
-            self._learned[k] = top_predictions(self.counts, self.target_load[:, 1:], k)
+            F, L1, E, _ = self.counts.shape
+            learned = np.empty((F, L1, E, min(k, E)), np.int64)
+            for f in range(F):  # one [E, E] table at a time: a few MiB however many layers and experts
+                for layer in range(L1):
+                    learned[f, layer] = top_predictions(self.counts[f, layer], self.target_load[f, layer + 1], k)
+            self._learned[k] = learned
         return self._learned[k]
+
+    def padded_predictions(self, k: int, dtype) -> np.ndarray:
+        """`predictions(k)` as `dtype` [2, L - 1, E + 1, k], row E (a token with no first choice) all E."""
+        key = ("padded", k, np.dtype(dtype).str)
+        if key not in self._learned:
+            pred = self.predictions(k)
+            E = pred.shape[2]
+            self._learned[key] = np.concatenate([pred, np.full(pred.shape[:2] + (1, pred.shape[3]), E)], axis=2).astype(dtype)
+        return self._learned[key]
 
     def popular(self, k: int) -> np.ndarray:
         """int64 [2, L, k]: popular[f, l], the k most-loaded experts of layer l in fold f."""
@@ -225,23 +250,40 @@ class CrossLayerResult:
         grouped["recall"] = grouped["hits"] / grouped["targets"].where(grouped["targets"] > 0)
         return grouped
 
-    def to_pandas(self) -> dict[str, pd.DataFrame]:
+    def transition_table(self) -> ChunkedTable:
+        """The nonzero transitions as a long table (hop, source_layer, target_layer, expert_from, expert_to, count,
+        p_to_given_from), by hop, source layer, expert_from, expert_to; built in pieces of whole source layers."""
         K, L, E, _ = self.transitions.shape
-        d, l, i, j = np.meshgrid(np.arange(1, K + 1), np.arange(L), np.arange(E), np.arange(E), indexing="ij")
-        keep = (self.transitions > 0).ravel()
-        layers = np.asarray(self.layers)
-        transitions = pd.DataFrame(
-            {
-                "hop": d.ravel()[keep],
-                "source_layer": layers[l.ravel()[keep]],
-                "target_layer": layers[(l + d).ravel()[keep]],
-                "expert_from": i.ravel()[keep],
-                "expert_to": j.ravel()[keep],
-                "count": self.transitions.ravel()[keep],
-                "p_to_given_from": self.conditional().ravel()[keep],
-            }
-        )
-        return {"transitions": transitions, "recall": self.recall, "recall_overall": self.recall_overall()}
+        per_piece = max(1, TABLE_PIECE_ROWS // max(1, E * E))  # source layers per piece
+
+        def pieces():
+            layers = np.asarray(self.layers)
+            for d in range(1, K + 1):
+                for lo in range(0, L, per_piece):
+                    counts = self.transitions[d - 1, lo : lo + per_piece]  # [l, E, E]
+                    l, i, j = np.nonzero(counts)
+                    count = counts[l, i, j].astype(np.int64)
+                    load = self.load[lo + l, i]
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        p = count / load
+                    yield pd.DataFrame({
+                        "hop": np.full(len(l), d, np.int64),
+                        "source_layer": layers[lo + l],
+                        "target_layer": layers[lo + l + d],
+                        "expert_from": i.astype(np.int64),
+                        "expert_to": j.astype(np.int64),
+                        "count": count,
+                        "p_to_given_from": p,
+                    })
+
+        return ChunkedTable(pieces, int(np.count_nonzero(self.transitions)))
+
+    def chunked_tables(self) -> dict[str, pd.DataFrame | ChunkedTable]:
+        return {"transitions": self.transition_table(), "recall": self.recall, "recall_overall": self.recall_overall()}
+
+    def to_pandas(self) -> dict[str, pd.DataFrame]:
+        return {name: table.to_pandas() if isinstance(table, ChunkedTable) else table
+                for name, table in self.chunked_tables().items()}
 
     def summary(self) -> dict:
         overall = self.recall_overall()
@@ -297,7 +339,7 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
     src = np.arange(L)[None, :]  # [1, L]
     valid = src + hop < L  # [K, L]
     target = np.minimum(src + hop, L - 1)
-    same_index = np.trace(state.transitions, axis1=2, axis2=3)  # [K, L]
+    same_index = np.trace(state.transitions, axis1=2, axis2=3, dtype=np.int64)  # [K, L]
     frames.append(_recall_rows("same_index", hop, src, target, same_index, slots[target], valid, layers))
 
     warning = empty_fold_warning(state.load_by_fold.sum(axis=(1, 2)))
@@ -306,9 +348,10 @@ def finalize(state: CrossLayerState, ctx: AnalysisContext) -> CrossLayerResult:
         counts = state.first_choice_transitions  # [2, K, L, E, E]
         hits = np.zeros((K, L), np.int64)
         for f in range(2):  # tokens of fold f are predicted with the table learned on fold 1 - f
-            for d in range(K):  # one [L, E, E] table at a time: bounded memory
-                learned = top_predictions(counts[1 - f, d], target_load[1 - f, d], k)  # [L, E, k]
-                hits[d] += np.take_along_axis(counts[f, d], learned, axis=-1).sum(axis=(1, 2))
+            for d in range(K):
+                for l in range(L):  # one [E, E] table at a time: bounded memory
+                    learned = top_predictions(counts[1 - f, d, l], target_load[1 - f, d, l], k)  # [E, k]
+                    hits[d, l] += np.take_along_axis(counts[f, d, l], learned, axis=-1).sum(dtype=np.int64)
         frames.append(_recall_rows("transition", hop, src, target, hits, slots[target], valid, layers))
         popular = popular_experts(state.load_by_fold, k)[::-1]  # [2, L, k]: what tokens of fold f are given
         popular_hits = np.take_along_axis(state.load_by_fold, popular, axis=-1).sum(axis=(0, 2))  # [L] per target

@@ -45,36 +45,42 @@ class CacheState:
     n_tokens: int
 
 
-def prefetch_sources(view: ShardView, ctx: AnalysisContext) -> dict[str, np.ndarray | None]:
-    """predictor -> intp [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel); also
-    what simulate/offload.py prefetches."""
-    E, ids = view.E, view.ids
-    empty = np.full((1, view.T, view.k), E, np.intp)
-    sources: dict[str, np.ndarray | None] = {"lru": None, "same_index": np.concatenate([empty, ids[:-1]])}
+def prefetch_sources(view: ShardView, ctx: AnalysisContext, dtype=np.intp) -> dict[str, np.ndarray | None]:
+    """predictor -> `dtype` [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel E); also
+    what simulate/offload.py prefetches. `dtype` must hold E (the expert-cache pass takes int16 at E < 2**15)."""
+    E, L, T, k = view.E, view.L, view.T, view.k
+
+    def below_a_sentinel_row(rows: np.ndarray) -> np.ndarray:  # [L - 1, T, kp] -> [L, T, kp], row 0 all E
+        out = np.empty((L,) + rows.shape[1:], dtype)
+        out[0] = E
+        out[1:] = rows
+        return out
+
+    sources: dict[str, np.ndarray | None] = {"lru": None, "same_index": below_a_sentinel_row(view.ids[:-1])}
     table = ctx.prefetch_table
     if table is not None and table.empty_fold_warning() is None:
-        pred = table.predictions(view.k)  # [2, L-1, E, k] learned per fold
-        if pred.shape[1] != view.L - 1:
-            raise MoescopeError(f"prefetch table covers {pred.shape[1] + 1} layers, the shard {view.L}")
-        pred = np.concatenate([pred, np.full(pred.shape[:2] + (1, view.k), E)], axis=2)  # row E: no first choice
+        pred = table.predictions(k)  # [2, L-1, E, k] learned per fold
+        if pred.shape[1] != L - 1:
+            raise MoescopeError(f"prefetch table covers {pred.shape[1] + 1} layers, the shard {L}")
+        pred = table.padded_predictions(k, dtype)  # [2, L-1, E + 1, k]: row E (no first choice) all sentinel
         learned_on = 1 - fold_of(view.shard)  # [T] tokens use the other fold's table
-        layer = np.arange(view.L)[:, None]  # [L, 1]
-        guess = pred[learned_on[None, :], layer[:-1], view.first_choice[:-1]]  # [L-1, T, k]
-        sources["transition"] = np.concatenate([empty, guess.astype(np.intp)])
-        sources["popularity"] = table.popular(view.k)[learned_on[None, :], layer].astype(np.intp)  # [L, T, k]
+        layer = np.arange(L)[:, None]  # [L, 1]
+        sources["transition"] = below_a_sentinel_row(pred[learned_on[None, :], layer[:-1], view.first_choice[:-1]])
+        sources["popularity"] = table.popular(k).astype(dtype)[learned_on[None, :], layer]  # [L, T, k]
     predicted = predicted_next_ids_of(view.shard)
     if predicted is not None:
-        pred = np.where((predicted >= 0) & (predicted < E), predicted, E).astype(np.intp)
-        sources["router_lookahead"] = np.concatenate([np.full((1,) + pred.shape[1:], E, np.intp), pred[:-1]])
+        sources["router_lookahead"] = below_a_sentinel_row(np.where((predicted >= 0) & (predicted < E), predicted, E)[:-1])
     return sources
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CacheState:
     view = ShardView.of(shard, ctx)
-    sources = prefetch_sources(view, ctx)
     E = view.E
+    compact = np.int16 if E < np.iinfo(np.int16).max else np.intp  # ids up to the sentinel E: less memory to walk
+    sources = prefetch_sources(view, ctx, compact)
+    ids = view.compact_ids if compact is np.int16 else view.ids
     # one LRU stack-distance pass per predictor over the L caches (analysis/stack_distance.py)
-    counts = np.stack([rank_counts(view.ids, prefetch, ~view.has_previous, E) for prefetch in sources.values()])
+    counts = np.stack([rank_counts(ids, prefetch, ~view.has_previous, E) for prefetch in sources.values()])
     batch = tuple(view.k if s is None else max(view.k, s.shape[2]) for s in sources.values())
     return CacheState(view.layers, tuple(sources), batch, counts, view.T)
 

@@ -49,21 +49,34 @@ def expert_counts(ids: np.ndarray, n_experts: int, *, group: np.ndarray | None =
     return counts if group is not None else counts[0]
 
 
+def token_count_dtype(n_tokens: int) -> type:
+    """int32 for a table whose cells count tokens (each at most `n_tokens`) while that fits, else int64: half the
+    memory of the [L, E, E] tables at today's shapes (a cross_layer state is 637 MiB in int64 at Kimi-K2's)."""
+    return np.int32 if n_tokens <= np.iinfo(np.int32).max else np.int64
+
+
+def widened(counts: np.ndarray, n_tokens: int) -> np.ndarray:
+    """`counts` (cells counting tokens), as int64 when `n_tokens` no longer fits its dtype; else itself."""
+    wide = token_count_dtype(n_tokens)
+    return counts.astype(wide) if np.dtype(wide).itemsize > counts.dtype.itemsize else counts
+
+
 def pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int, *, group: np.ndarray | None = None,
                 n_groups: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """int64 [L, E, E]: counts[l, i, j] = #tokens t with i in a[l, t] and j in b[l, t].
 
     a: int [L, T, ka], b: int [L, T, kb]; ids outside [0, E) are no expert (dropped). Each token's ids are
     distinct within a and within b. group: int [T] each token's group in [0, n_groups): the result is then
-    [n_groups, L, E, E]. out: an int64 array of the result's shape to add the counts into (returned).
+    [n_groups, L, E, E]. out: an int64 or int32 array of the result's shape to add the counts into (returned;
+    int32 only when its cells cannot pass 2**31 - 1, see `token_count_dtype`).
     One compiled pass (compiled.pair_count_pass), layer by layer, no per-pair array.
     """
     L = a.shape[0]
     shape = (L, n_experts, n_experts) if group is None else (n_groups, L, n_experts, n_experts)
     if out is None:
         out = np.zeros(shape, np.int64)
-    elif out.shape != shape or out.dtype != np.int64:
-        raise ValueError(f"out has shape {out.shape} {out.dtype}, the counts {shape} int64")
+    elif out.shape != shape or out.dtype not in (np.int64, np.int32):
+        raise ValueError(f"out has shape {out.shape} {out.dtype}, the counts {shape} int64 or int32")
     if group is not None and a.shape[1] and (group.min() < 0 or group.max() >= n_groups):
         raise ValueError(f"group ids must be in [0, {n_groups})")
     if a.shape[:2] != b.shape[:2]:
@@ -303,13 +316,24 @@ def add_into(running, new):
     For the states of analyses whose merge is the elementwise sum of fixed-shape arrays (MERGE_ADDS):
     arrays are added with np.add(out=), integers summed, None must meet None, and every other field (layers,
     predictor names) must be equal. `running` must own its arrays (see `copy_state`); `new` is only read.
+    An int32 array counts tokens (`token_count_dtype`): it is widened to int64 when the two states' n_tokens
+    together pass 2**31 - 1.
     """
     if type(running) is not type(new):
         raise MoescopeError(f"cannot merge a {type(running).__name__} with a {type(new).__name__}")
     sums = {}
+    tokens = getattr(running, "n_tokens", 0) + getattr(new, "n_tokens", 0)
     for field in dataclasses.fields(running):
         a, b = getattr(running, field.name), getattr(new, field.name)
-        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype:
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype != b.dtype \
+                and a.dtype.kind == b.dtype.kind == "i":
+            wide = np.promote_types(a.dtype, b.dtype)  # int32 token counts widened past 2**31 - 1 tokens
+            if a.dtype != wide:
+                a = sums[field.name] = a.astype(wide)
+        if isinstance(a, np.ndarray) and a.dtype == np.int32 and tokens > np.iinfo(np.int32).max:
+            a = sums[field.name] = a.astype(np.int64)  # int32 cells count tokens: widen before they can overflow
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and (
+                a.dtype == b.dtype or a.dtype.kind == b.dtype.kind == "i" and a.dtype.itemsize > b.dtype.itemsize):
             np.add(a, b, out=a)
         elif isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)) and not isinstance(a, bool):
             sums[field.name] = a + b

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -15,11 +17,34 @@ class AnalysisResult(Protocol):
 
     notes: tuple[str, ...]  # why something was skipped or how to read it; empty when nothing to say
 
+    # A result may also have `chunked_tables() -> dict[str, pd.DataFrame | ChunkedTable]`: the tables of
+    # `to_pandas()`, its largest ones as ChunkedTable (built piece by piece when written).
+
     def to_pandas(self) -> pd.DataFrame | dict[str, pd.DataFrame]: ...
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers, JSON-serialisable (NaN becomes None)."""
         ...
+
+
+TABLE_PIECE_ROWS = 1 << 18  # rows per piece of a ChunkedTable (262,144)
+
+
+@dataclass(frozen=True)
+class ChunkedTable:
+    """A table too large to hold whole (11 M rows of cross-layer transitions at DeepSeek-V3's shape): `pieces()`
+    builds its rows piece by piece, in order, every piece with the same columns; `to_pandas()` is their concatenation.
+    A result offers its large tables this way in `chunked_tables()`, next to `to_pandas()`, so that `analyze` writes
+    them in bounded memory."""
+
+    pieces: Callable[[], Iterator[pd.DataFrame]]
+    n_rows: int
+
+    def to_pandas(self) -> pd.DataFrame:
+        return pd.concat(list(self.pieces()), ignore_index=True)
+
+    def __len__(self) -> int:
+        return self.n_rows
 
 
 def layer_labels(layers: tuple[int, ...], overall: bool = True) -> list[int]:

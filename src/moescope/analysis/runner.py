@@ -70,7 +70,7 @@ ANALYSES: dict[str, ModuleType] = {
 
 ShardSource = Iterable[ShardData] | Callable[[], Iterable[ShardData]]
 
-PIECE_ROWS = 1 << 18  # (token, layer) rows per piece of a shard: ~4.5k tokens at 58 layers, 32k at 8
+PIECE_ROWS = 1 << 17  # (token, layer) rows per piece of a shard: ~2.3k tokens at 58 layers, 4k at 32
 
 
 def pieces(shard: ShardData, max_rows: int | None = None) -> Iterator[ShardData]:

@@ -67,6 +67,14 @@ class ShardView:
         return np.where((raw >= 0) & (raw < self.E), raw, self.E).astype(np.intp)
 
     @cached_property
+    def compact_ids(self) -> np.ndarray:
+        """int16 [L, T, k]: `ids` in two bytes (E < 2**15): what the expert cache's LRU pass walks."""
+        if self.E >= np.iinfo(np.int16).max:
+            raise MoescopeError(f"{self.E} experts do not fit int16 ids")
+        raw = self.shard.topk_ids
+        return np.where((raw >= 0) & (raw < self.E), raw, self.E).astype(np.int16)
+
+    @cached_property
     def load(self) -> np.ndarray:
         """int64 [L, E + 1]: slots per expert per layer; column E counts invalid slots."""
         return expert_counts(self.ids, self.E, keep_invalid=True)

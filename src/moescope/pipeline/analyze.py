@@ -9,15 +9,20 @@ skipped with a note and one warning line (`--model PATH` supplies it, and may na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.kernels import jsonable
+from moescope.analysis.result import TABLE_PIECE_ROWS, ChunkedTable
 from moescope.analysis.router_structure import analyze_router_weights
 from moescope.analysis.runner import ANALYSES, run_analyses
 from moescope.errors import ModelLoadError, MoescopeError, NoRouterFoundError
@@ -76,22 +81,62 @@ def router_weights(model, trace: Trace) -> dict[int, np.ndarray]:
     return weights
 
 
-def result_tables(name: str, result) -> dict[str, pd.DataFrame]:
-    """{file stem: table} of one analysis result, as `analyze` writes them (`<name>` or `<name>__<table>`)."""
-    tables = result.to_pandas()
+CSV_MAX_ROWS = 1 << 20  # 1,048,576, a spreadsheet's row limit: larger tables are written as Parquet only
+ROW_GROUP_ROWS = TABLE_PIECE_ROWS  # rows per Parquet row group, however the table was held
+
+
+def result_tables(name: str, result, *, chunked: bool = False) -> dict[str, pd.DataFrame | ChunkedTable]:
+    """{file stem: table} of one analysis result, as `analyze` writes them (`<name>` or `<name>__<table>`).
+
+    `chunked`: a result's largest tables as ChunkedTable (built piece by piece when written), where it offers them."""
+    tables = result.chunked_tables() if chunked and hasattr(result, "chunked_tables") else result.to_pandas()
     frames = tables if isinstance(tables, dict) else {"": tables}
-    return {(f"{name}__{table}" if table else name): frame.reset_index(drop=True)
-            for table, frame in frames.items() if isinstance(frame, pd.DataFrame)}
+    return {(f"{name}__{table}" if table else name): frame if isinstance(frame, ChunkedTable) else frame.reset_index(drop=True)
+            for table, frame in frames.items() if isinstance(frame, (pd.DataFrame, ChunkedTable))}
 
 
-def write_results(out: Path, tables: dict[str, dict[str, pd.DataFrame]], summary: dict) -> None:
-    """The results folder: every table as Parquet and CSV, then summary.json (written last, atomically)."""
+def table_rows(table: pd.DataFrame | ChunkedTable) -> int:
+    return table.n_rows if isinstance(table, ChunkedTable) else len(table)
+
+
+def parquet_only_notes(tables: dict[str, pd.DataFrame | ChunkedTable]) -> list[str]:
+    """The note for each table too long for a CSV copy (more than CSV_MAX_ROWS rows)."""
+    return [f"{stem}: {table_rows(table):,} rows, written as Parquet only (a CSV copy is written for tables of at most "
+            f"{CSV_MAX_ROWS:,} rows)" for stem, table in tables.items() if table_rows(table) > CSV_MAX_ROWS]
+
+
+def write_results(out: Path, tables: dict[str, dict[str, pd.DataFrame | ChunkedTable]], summary: dict) -> None:
+    """The results folder: every table as Parquet, and as CSV up to CSV_MAX_ROWS rows; then summary.json (written
+    last, atomically). A ChunkedTable is written piece by piece; the files are the same as for its whole DataFrame."""
     for frames in tables.values():
         for stem, frame in frames.items():
-            frame.to_parquet(out / f"{stem}.parquet", index=False)
-            frame.to_csv(out / f"{stem}.csv", index=False)
+            write_table(out, stem, frame)
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=1) + "\n").encode())
     publish(out)  # a staging folder for an s3:// --out is uploaded now (pipeline/output.py)
+
+
+def write_table(out: Path, stem: str, table: pd.DataFrame | ChunkedTable) -> None:
+    """`stem`.parquet in row groups of ROW_GROUP_ROWS, and `stem`.csv when the table has at most CSV_MAX_ROWS rows."""
+    pieces = table.pieces() if isinstance(table, ChunkedTable) else iter([table])
+    with_csv = table_rows(table) <= CSV_MAX_ROWS
+    writer, pending, written = None, None, 0  # pending: converted rows not yet written, < ROW_GROUP_ROWS
+    with open(out / f"{stem}.csv", "w", newline="") if with_csv else contextlib.nullcontext() as csv:
+        for n, piece in enumerate(pieces):
+            arrow = pa.Table.from_pandas(piece, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(out / f"{stem}.parquet", arrow.schema)
+            pending = arrow if pending is None else pa.concat_tables([pending, arrow])
+            whole = pending.num_rows - pending.num_rows % ROW_GROUP_ROWS
+            if whole:
+                writer.write_table(pending.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+                pending, written = pending.slice(whole), written + whole
+            if csv is not None:
+                piece.to_csv(csv, index=False, header=n == 0)
+        if writer is None:
+            raise MoescopeError(f"table {stem} has no pieces")  # a ChunkedTable yields at least one, maybe empty
+        if pending.num_rows or not written:
+            writer.write_table(pending, row_group_size=ROW_GROUP_ROWS)
+        writer.close()
 
 
 def check_analyses(only: list[str] | None) -> list[str]:
@@ -104,10 +149,11 @@ def check_analyses(only: list[str] | None) -> list[str]:
 
 def run_trace_analyses(trace: Trace, names: list[str], *, trace_label: str, loaded=None, tokenizer=None,
                        skipped_reason: str = "not requested (--no-model)", run_pass=None,
-                       warnings: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+                       warnings: tuple[str, ...] = (), chunked: bool = False) -> tuple[dict, dict, dict]:
     """(results {name: result}, summary dict, tables {name: {stem: DataFrame}}): everything `analyze` writes, in memory.
 
-    `warnings`: lines to show the user besides the analyses' own (e.g. that the model is not on this machine)."""
+    `warnings`: lines to show the user besides the analyses' own (e.g. that the model is not on this machine).
+    `chunked`: the largest tables as ChunkedTable, built when written (what `analyze` writes, in bounded memory)."""
     if not trace.manifest["shards"]:
         raise MoescopeError(f"{trace_label} has no committed shards; nothing to analyse")
     overrides = {}
@@ -123,7 +169,9 @@ def run_trace_analyses(trace: Trace, names: list[str], *, trace_label: str, load
         else:
             results[ROUTER_STRUCTURE] = analyze_router_weights(router_weights(loaded, trace))
             notes[ROUTER_STRUCTURE] = list(results[ROUTER_STRUCTURE].notes)
-    tables = {name: result_tables(name, result) for name, result in results.items()}
+    tables = {name: result_tables(name, result, chunked=chunked) for name, result in results.items()}
+    for name, frames in tables.items():
+        notes[name] += parquet_only_notes(frames)
     summary = {
         "trace": {"path": trace_label, "model": trace.manifest["model"].get("id"), "tokens": trace.n_tokens,
                   "moe_layers": trace.n_layers, "complete": trace.complete, "corpus": trace.manifest.get("corpus")},
@@ -152,8 +200,6 @@ def run_analyze(trace, out: str | os.PathLike | None = None, *, only: list[str] 
     {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}, "warnings": [...]} (each warning once,
     however many analyses raised it; the CLI prints them on stderr).
     """
-    from torch import nn
-
     label = str(trace) if not isinstance(trace, Trace) else str(trace.folder) if trace.folder is not None else "in memory"
     trace = trace if isinstance(trace, Trace) else open_trace(trace)
     if not trace.manifest["shards"]:
@@ -168,16 +214,24 @@ def run_analyze(trace, out: str | os.PathLike | None = None, *, only: list[str] 
         run_pass = ray_pass(trace.folder.resolve(), None if ray == "local" else ray)  # connects: fails before the work
     loaded = loaded_tokenizer = None
     skipped_reason, warning = "not requested (--no-model)", None
-    if isinstance(model, nn.Module):
+    if _is_module(model):
         loaded, skipped_reason = model, None
     elif use_model:
         loaded, loaded_tokenizer, skipped_reason, warning = model_for(trace, model)
     results, summary, tables = run_trace_analyses(
         trace, names, trace_label=label, loaded=loaded, tokenizer=tokenizer if tokenizer is not None else loaded_tokenizer,
-        skipped_reason=skipped_reason or "", run_pass=run_pass, warnings=() if warning is None else (warning,))
+        skipped_reason=skipped_reason or "", run_pass=run_pass, warnings=() if warning is None else (warning,),
+        chunked=True)
     if out is not None:
         write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), tables, summary)
     return results, summary, tables
+
+
+def _is_module(model) -> bool:
+    """Whether `model` is a loaded torch module; torch is not imported for it (a module passed in means torch is
+    imported already): `analyze --no-model` runs without torch, 180 MiB less at its peak."""
+    torch_nn = sys.modules.get("torch.nn")
+    return torch_nn is not None and isinstance(model, torch_nn.Module)
 
 
 def analyze_load_table(path: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[dict, dict, dict]:

@@ -13,7 +13,7 @@ import os
 import pyarrow as pa
 
 from moescope.errors import TraceError
-from moescope.trace.reader import Trace
+from moescope.trace.reader import ROUTING_BATCH_ROWS, Trace
 from moescope.trace.schema import SCHEMA_VERSION, TABLES
 
 
@@ -50,6 +50,10 @@ class MemoryTrace(Trace):
     def _read(self, entry: dict, *, verify: bool = False, columns=None) -> pa.Table:
         table = self._parts[entry["path"]]
         return table.select(columns) if columns is not None else table
+
+    def _part_batches(self, entry: dict, *, verify: bool = False):
+        table = self._parts[entry["path"]]
+        return table.schema, table.num_rows, iter(table.to_batches(max_chunksize=ROUTING_BATCH_ROWS))
 
     def duckdb(self):
         """A DuckDB connection with views `routing`, `tokens`, `sequences` over the in-memory tables."""

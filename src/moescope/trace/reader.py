@@ -35,6 +35,11 @@ def fixed_list_to_numpy(column: pa.ChunkedArray, width: int, dtype) -> np.ndarra
     return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
 
 
+ROUTING_BATCH_ROWS = 1 << 16  # rows per batch of a routing part read by `Trace.read_shard`
+ROUTING_LISTS = {"topk_ids": np.int16, "topk_weights": np.float32, "router_output": np.float32,
+                 "next_layer_prediction": np.int16, "expert_norms": np.float32}  # list columns -> numpy dtypes
+
+
 class Trace:
     """A trace folder opened for reading. Use `shards()`, `table(name)` or `sql(query)`."""
 
@@ -117,6 +122,54 @@ class Trace:
             raise TraceError(f"{path}: {problem}; not a part this moescope wrote, recapture")
         return table
 
+    def _part_batches(self, entry: dict, *, verify: bool = False) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+        """(schema, rows, batches of at most ROUTING_BATCH_ROWS rows) of one part, read as the batches are taken."""
+        part = pq.ParquetFile(self.check_part(entry, verify=verify))
+        return part.schema_arrow, part.metadata.num_rows, part.iter_batches(batch_size=ROUTING_BATCH_ROWS)
+
+    def _read_routing(self, shard: dict, seq_id: np.ndarray, pos: np.ndarray, n_layers: int, *,
+                      verify: bool = False) -> dict[str, np.ndarray]:
+        """{list column: [L, T, width] array} of a shard's routing part, read in batches of ROUTING_BATCH_ROWS rows
+        into arrays of their final shape (no whole Arrow table beside them: about half the peak memory of a read);
+        checks that its rows are one per token and layer in (layer, seq_id, pos) order."""
+        entry = shard["files"]["routing"]
+        path = entry["path"] if self.folder is None else self.folder / entry["path"]  # a MemoryTrace has no folder
+        n_tokens = len(seq_id)
+        try:
+            schema, rows, batches = self._part_batches(entry, verify=verify)
+            problem = schema_problem("routing", schema)
+        except (pa.ArrowException, OSError, KeyError, ValueError) as err:  # ArrowException: every pyarrow error
+            raise TraceError(f"{path}: unreadable Parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                             "recapture") from None
+        if rows != entry["rows"]:
+            raise TraceError(f"{path}: {rows} rows but the manifest says {entry['rows']}; recapture")
+        if problem:
+            raise TraceError(f"{path}: {problem}; not a part this moescope wrote, recapture")
+        if rows != n_tokens * n_layers:
+            raise TraceError(f"{self.folder}: shard {shard['index']} has {rows} routing rows, expected {n_tokens}x{n_layers}")
+        arrays = {name: np.empty((rows, schema.field(name).type.list_size), dtype)
+                  for name, dtype in ROUTING_LISTS.items() if name in schema.names}
+        start, in_order = 0, True
+        try:
+            for batch in batches:
+                row = np.arange(start, start + batch.num_rows)
+                token = row % max(n_tokens, 1)
+                # rows are (layer, seq_id, pos)-ordered and every layer covers the shard's tokens: the dense reshape needs it
+                in_order &= bool(np.array_equal(batch.column("layer").to_numpy(), row // max(n_tokens, 1))
+                                 and np.array_equal(batch.column("seq_id").to_numpy(), seq_id[token])
+                                 and np.array_equal(batch.column("pos").to_numpy(), pos[token]))
+                for name, out in arrays.items():
+                    values = batch.column(name).flatten()
+                    out[start : start + batch.num_rows] = values.to_numpy(zero_copy_only=False).reshape(-1, out.shape[1])
+                start += batch.num_rows
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise TraceError(f"{path}: unreadable Parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                             "recapture") from None
+        if not in_order or start != rows:
+            raise TraceError(f"{self.folder}: shard {shard['index']}'s routing rows are not one row per token and layer in "
+                             "(layer, seq_id, pos) order; recapture")
+        return {name: out.reshape(n_layers, n_tokens, -1) for name, out in arrays.items()}
+
     def check_schema(self, entry: dict) -> None:
         """The part's columns and their types (from the footer alone) are those of its table."""
         path = self.folder / entry["path"]
@@ -150,21 +203,12 @@ class Trace:
             yield self.read_shard(shard, verify=verify)
 
     def read_shard(self, shard: dict, *, verify: bool = False) -> ShardData:
-        routing = self._read(shard["files"]["routing"], verify=verify)
         tokens = self._read(shard["files"]["tokens"], verify=verify)
         sequences = self._read(shard["files"]["sequences"], verify=verify)
         n_tokens, n_layers = tokens.num_rows, len(self.layers)
-        if routing.num_rows != n_tokens * n_layers:
-            raise TraceError(f"{self.folder}: shard {shard['index']} has {routing.num_rows} routing rows, expected {n_tokens}x{n_layers}")
-        k = routing.schema.field("topk_ids").type.list_size
         seq_id = tokens.column("seq_id").to_numpy()
         pos = tokens.column("pos").to_numpy()
-        # rows are (layer, seq_id, pos)-ordered and every layer covers the shard's tokens: the dense [L, T, k] reshape needs it
-        if not (np.array_equal(routing.column("layer").to_numpy(), np.repeat(np.arange(n_layers), n_tokens))
-                and np.array_equal(routing.column("seq_id").to_numpy(), np.tile(seq_id, n_layers))
-                and np.array_equal(routing.column("pos").to_numpy(), np.tile(pos, n_layers))):
-            raise TraceError(f"{self.folder}: shard {shard['index']}'s routing rows are not one row per token and layer in "
-                             "(layer, seq_id, pos) order; recapture")
+        routing = self._read_routing(shard, seq_id, pos, n_layers, verify=verify)  # {column: [L, T, width]}
         domain_of_seq = dict(zip(sequences.column("seq_id").to_pylist(), sequences.column("domain").to_pylist()))
         names = self.domain_names
         seq_ids, inverse = np.unique(seq_id, return_inverse=True)
@@ -175,21 +219,11 @@ class Trace:
         document_of_seq = {int(s): document_key(src, doc) for s, src, doc in zip(
             *(sequences.column(c).to_pylist() for c in ("seq_id", "source", "doc_id")))}
         documents = np.array([document_of_seq[int(s)] for s in seq_ids], dtype=np.int64)  # one per sequence
-        router_output = None
-        if "router_output" in routing.column_names:
-            width = routing.schema.field("router_output").type.list_size
-            router_output = fixed_list_to_numpy(routing.column("router_output"), width, np.float32).reshape(n_layers, n_tokens, width)
-        predicted = None
-        if "next_layer_prediction" in routing.column_names:
-            width = routing.schema.field("next_layer_prediction").type.list_size
-            predicted = fixed_list_to_numpy(routing.column("next_layer_prediction"), width, np.int16).reshape(n_layers, n_tokens, width)
-        norms = None
-        if "expert_norms" in routing.column_names:
-            width = routing.schema.field("expert_norms").type.list_size
-            norms = fixed_list_to_numpy(routing.column("expert_norms"), width, np.float32).reshape(n_layers, n_tokens, width)
+        router_output = routing.get("router_output")
+        predicted = routing.get("next_layer_prediction")
+        norms = routing.get("expert_norms")
         entropy = tokens.column("output_entropy").to_numpy(zero_copy_only=False).astype(np.float32)
-        topk_ids = fixed_list_to_numpy(routing.column("topk_ids"), k, np.int16).reshape(n_layers, n_tokens, k)
-        topk_weights = fixed_list_to_numpy(routing.column("topk_weights"), k, np.float32).reshape(n_layers, n_tokens, k)
+        topk_ids, topk_weights = routing["topk_ids"], routing["topk_weights"]
         if self.schema_version == 1:  # stored in the experts' order
             topk_ids, topk_weights = order_slots(topk_ids, topk_weights)
         return ShardData(
