@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT
+from moescope.analysis.ranks import NO_PRIOR_USE, NOT_AN_EXPERT
 
 
 @numba.njit(cache=True, nogil=True)

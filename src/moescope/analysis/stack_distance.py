@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NO_PRIOR_USE = -1  # rank of a touch whose expert was not touched earlier in the sequence (compulsory miss)
-NOT_AN_EXPERT = -2  # rank of a slot that holds no real expert, or repeats an earlier column of its batch
+from moescope.analysis.ranks import NO_PRIOR_USE, NOT_AN_EXPERT
 
 __all__ = ["NOT_AN_EXPERT", "NO_PRIOR_USE", "drop_repeats", "hits_from_ranks", "lru_ranks", "rank_counts",
            "rank_histogram"]
