@@ -150,13 +150,8 @@ def analyze(trace, only=None, model=None, *, tokenizer=None, out: str | os.PathL
             raise MoescopeError(f"{trace} is a load table: only the load analysis runs on it (no --only, --model, --ray)")
         results, summary, tables = analyze_load_table(trace, out)
         return Results(results, summary, tables, {})
-    results, summary, tables = run_analyze(trace, out, only=list(only) if only is not None else None, model=model,
-                                           tokenizer=tokenizer, use_model=use_model, ray=ray)
-    manifest = trace.manifest if isinstance(trace, Trace) else None
-    if manifest is None:
-        from moescope.trace.reader import open_trace
-
-        manifest = open_trace(trace).manifest
+    results, summary, tables, manifest = run_analyze(trace, out, only=list(only) if only is not None else None,
+                                                     model=model, tokenizer=tokenizer, use_model=use_model, ray=ray)
     return Results(results, summary, tables, manifest)
 
 

@@ -191,12 +191,13 @@ def analyze_trace(trace_path: str | os.PathLike, out: str | os.PathLike, *, only
 
 
 def run_analyze(trace, out: str | os.PathLike | None = None, *, only: list[str] | None = None, model=None, tokenizer=None,
-                use_model: bool = True, ray: str | None = None) -> tuple[dict, dict, dict]:
+                use_model: bool = True, ray: str | None = None) -> tuple[dict, dict, dict, dict]:
     """Run the analyses on a trace (a Trace, a folder or a URL) and, with `out`, write their tables and `summary.json`.
 
     `model`: a loaded module, a name to load as asked, or None for the manifest's model from this machine only;
     `use_model=False`: no model at all. `ray`: a Ray cluster address, "auto" or "local" to accumulate the shards
-    on Ray workers. Returns (results {name: result}, summary, tables {name: {stem: DataFrame}}); the summary is
+    on Ray workers. Returns (results {name: result}, summary, tables {name: {stem: DataFrame}}, the trace's
+    manifest); the summary is
     {"trace": ..., "analyses": {name: summary}, "notes": {name: [...]}, "warnings": [...]} (each warning once,
     however many analyses raised it; the CLI prints them on stderr).
     """
@@ -224,7 +225,7 @@ def run_analyze(trace, out: str | os.PathLike | None = None, *, only: list[str] 
         chunked=True)
     if out is not None:
         write_results(prepare_output_folder(out, markers=("summary.json",), what="analysis results", remote=True), tables, summary)
-    return results, summary, tables
+    return results, summary, tables, trace.manifest
 
 
 def _is_module(model) -> bool:
