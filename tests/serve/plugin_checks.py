@@ -3,6 +3,7 @@ offline Hugging Face capture of the same tokens that the counts are checked agai
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -104,19 +105,47 @@ def offline_entropy_sum(trace) -> np.ndarray:
     return np.bincount(logits["layer"].astype(int), weights=entropy)  # [L]
 
 
+TOP_PATIENCE_S = 600.0  # top ends in ~3 s; the CI machine has stalled processes for minutes (stacks below)
+
+
 def run_top(url: str, *args: str) -> subprocess.CompletedProcess:
-    """`moescope top URL ARGS` in a child; one that does not end in 120 s fails the test with its Python stacks."""
+    """`moescope top URL ARGS` in a child. One that has not ended in TOP_PATIENCE_S fails the test with what
+    the machine was doing (the child's state and CPU time, the busiest processes) and its Python stacks."""
     import signal
 
     top = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "moescope.cli.main", "top", url, *args],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = top.communicate(timeout=120)
+        out, err = top.communicate(timeout=TOP_PATIENCE_S)
     except subprocess.TimeoutExpired:
+        machine = machine_report(top.pid)
         top.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack on stderr
         out, err = top.communicate()
-        pytest.fail(f"moescope top did not end in 120 s; stdout:\n{out}\nstderr:\n{err}")
+        pytest.fail(f"moescope top did not end in {TOP_PATIENCE_S:.0f} s\n{machine}\nstdout:\n{out}\nstderr:\n{err}")
     return subprocess.CompletedProcess(top.args, top.returncode, out, err)
+
+
+def machine_report(pid: int) -> str:
+    """The process's state, CPU seconds and kernel wait channel, the load average, and the 8 processes that have
+    used the most CPU (from /proc): tells a starved process from a stuck one."""
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def stat(p: str) -> tuple[str, str, float] | None:
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            return None
+        name, rest = text[text.index("(") + 1: text.rindex(")")], text[text.rindex(")") + 2:].split()
+        return name, rest[0], (int(rest[11]) + int(rest[12])) / ticks  # comm, state, utime + stime
+
+    own = stat(str(pid))
+    wchan = Path(f"/proc/{pid}/wchan").read_text() if Path(f"/proc/{pid}/wchan").exists() else "?"
+    busiest = sorted((s[2], p, s[0], s[1]) for p in os.listdir("/proc") if p.isdigit() and (s := stat(p)))[-8:]
+    lines = [f"top (pid {pid}): state {own and own[1]}, {own and own[2]:.2f} CPU-s, wchan {wchan!r}",
+             f"load average: {Path('/proc/loadavg').read_text().strip()}",
+             "busiest processes (CPU-s, pid, name, state):"]
+    lines += [f"  {cpu:9.1f} {p:>7} {name} {state}" for cpu, p, name, state in reversed(busiest)]
+    return "\n".join(lines)
 
 
 def check_frame(text: str, n_hot: int, from_window: bool) -> None:

@@ -153,7 +153,7 @@ def test_top_redraws_live_under_tmux_and_quits_on_ctrl_c(served):
         def pane() -> str:
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
 
-        deadline, screen = time.monotonic() + 60, ""
+        deadline, screen = time.monotonic() + 300, ""  # a good frame comes in seconds; CI has stalled for minutes
         while time.monotonic() < deadline:
             screen = pane()
             if "tokens/s" in screen and "n/a" not in screen and "tokens/s 0.0" not in screen:
@@ -162,7 +162,7 @@ def test_top_redraws_live_under_tmux_and_quits_on_ctrl_c(served):
         check_frame(screen, n_hot=HOTTEST, from_window=True)
         assert screen.count("moescope top") == 1  # redrawn in place, not scrolled
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while "moescope-top-exit=" not in (screen := pane()) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "moescope-top-exit=0" in screen, screen
