@@ -23,7 +23,7 @@ import pytest
 from moescope.serve.metrics import ExpertSeries
 from plugin_checks import (LOAD_SECONDS, MAX_TOKENS, PROMPTS, check_frame, fed_tokens, offline_capture,
                            offline_entropy_sum, offline_load, per_layer, run_top, scrape, settled, stop_load, table_counts,
-                           wait_until_tokens_flow)
+                           top_once_under_load, wait_until_tokens_flow)
 from serve_helpers import post_completion, send, send_in_background, start_server, vllm_python
 
 pytestmark = pytest.mark.vllm
@@ -135,7 +135,7 @@ def test_top_once_shows_balancedness_hottest_experts_and_tokens_per_second(serve
     load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=LOAD_SECONDS)
     try:
         wait_until_tokens_flow(server.url)  # the client's start-up alone can outlast a fixed sleep on a busy machine
-        result = run_top(server.url, "--once", "--interval", "2")
+        result = top_once_under_load(server.url)
     finally:
         stop_load(load)
     assert result.returncode == 0, result.stderr

@@ -11,8 +11,8 @@ import pytest
 
 from moescope.trace.load_table import read_load_table
 from plugin_checks import (LOAD_SECONDS, MAX_TOKENS, PROMPTS, check_frame, expert_counts, fed_tokens,
-                           offline_capture, offline_entropy_sum, offline_load, per_layer, run_top, scrape, settled,
-                           stop_load, wait_until_tokens_flow)
+                           offline_capture, offline_entropy_sum, offline_load, per_layer, scrape, settled,
+                           stop_load, top_once_under_load, wait_until_tokens_flow)
 from serve_helpers import send, send_in_background, start_server
 
 pytestmark = pytest.mark.vllm
@@ -68,7 +68,7 @@ def test_top_reads_the_expert_counters(served):
     load = send_in_background(server, PROMPTS[1:3], [3, 1], seconds=LOAD_SECONDS)
     try:
         wait_until_tokens_flow(server.url)
-        result = run_top(server.url, "--once", "--interval", "2")
+        result = top_once_under_load(server.url)
     finally:
         stop_load(load)
     assert result.returncode == 0, result.stderr
