@@ -9,6 +9,7 @@ Ranks are trace-wide identities, so per-shard combination counts merge by key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from math import comb
 
 import numpy as np
@@ -27,13 +28,16 @@ class CombinationCoder:
         return comb(self.n_symbols + self.k - 1, self.k)
 
     @classmethod
+    @cache  # one table per (E, k) for the process: analyses ask for it on every piece of every shard
     def for_context(cls, n_experts: int, k: int) -> CombinationCoder | None:
         """The coder for E experts and top-k, or None when the number of sets does not fit in int64."""
         n_symbols = n_experts + 1
         if comb(n_symbols + k - 1, k) >= 2**62:
             return None
         table = [[min(comb(n, r), _INT64_MAX) for r in range(k + 1)] for n in range(n_symbols + k)]
-        return cls(n_symbols, k, np.array(table, dtype=np.int64))
+        binom = np.array(table, dtype=np.int64)
+        binom.flags.writeable = False  # shared by every caller
+        return cls(n_symbols, k, binom)
 
     def encode(self, ids: np.ndarray) -> np.ndarray:
         """int64 [...] rank of each row of ids [..., k] (values in 0..E, order irrelevant)."""
