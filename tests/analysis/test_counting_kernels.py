@@ -12,6 +12,7 @@ from analysis_helpers import SPECS, synthetic_shards
 
 from moescope.analysis import run_analyses
 from moescope.analysis import runner
+from moescope.analysis.cross_layer import top_indices
 from moescope.analysis.kernels import expert_counts, pair_counts
 from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT, hits_from_ranks, lru_ranks, rank_counts
 
@@ -158,6 +159,30 @@ def test_pair_counts_equal_a_loop(T, E, k):
     np.testing.assert_array_equal(pair_counts(a, b, E, group=group, n_groups=2), expect)
     running = pair_counts(a, b, E)
     np.testing.assert_array_equal(pair_counts(a, b, E, out=running), 2 * expect.sum(0))  # adds into out
+
+
+def test_pair_counts_hold_cells_past_the_scratch_tables_range():
+    """The kernel counts in uint16 tables added into `out` every few thousand tokens: cells far past 65,535,
+    even for rows that repeat an id (a cell then gains k * k per token), come out exact."""
+    same = np.zeros((1, 200_000, 1), np.intp)  # one pair, 200,000 times
+    np.testing.assert_array_equal(pair_counts(same, same, 2), [[[200_000, 0], [0, 0]]])
+    repeated = np.full((1, 10_000, 4), 1, np.intp)  # 4 x 4 increments of cell (1, 1) per token
+    counts = pair_counts(repeated, repeated, 3, out=np.zeros((1, 3, 3), np.int32))
+    assert counts[0, 1, 1] == 160_000 and counts.sum() == 160_000
+
+
+@pytest.mark.parametrize("E", [17, 256, 384])
+@pytest.mark.parametrize("N", [1, 7, 256])
+def test_top_indices_equal_a_stable_sort(N, E):
+    """cross_layer.top_indices (a compiled pass for integer tables) against a stable argsort of the negated
+    values: descending, ties to the lower index, with many ties (few distinct values) and without."""
+    rng = np.random.default_rng(N * 31 + E)
+    for high, dtype in ((3, np.int32), (10**12, np.int64)):
+        values = rng.integers(0, high, (N, E)).astype(dtype)
+        for k in (1, 8, 16):
+            expect = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(top_indices(values, k), expect)
+            np.testing.assert_array_equal(top_indices(values.reshape(N, 1, E), k), expect[:, None])
 
 
 def test_pair_counts_refuse_out_of_range_groups_and_wrong_out():

@@ -3,7 +3,12 @@ arrays many times the size of the input. Each has a plain NumPy or per-event ref
 
   lru_rank_pass   LRU stack distance of every touch of a stream of expert batches (stack_distance.py)
   pair_count_pass counts[l, i, j] += 1 for every (slot of a, slot of b) of every token (kernels.pair_counts):
-                  NumPy needs one int64 code per pair (64 per row at top-8) and a bincount over them, ~4x slower
+                  NumPy needs one int64 code per pair (64 per row at top-8) and a bincount over them, ~4x slower;
+                  counted in a small table the core's cache holds, then added into the large one in order
+  set_overlap_pass |S_t & S_t'| of two id sets per position (shard_view.set_overlap): NumPy compares whole arrays
+                  ka x kb times
+  top_k_pass      the k largest of each row of an integer [N, E] table (the learned prefetch predictions: 2 x L
+                  tables of E x E): one pass per row instead of a partition, a tie check and two sorts
 
 Compiled on first use and cached on disk (numba's cache=True, next to this file or in NUMBA_CACHE_DIR).
 """
@@ -21,23 +26,79 @@ def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
     """out[g(t), l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j whose ids are in [0, n_experts).
 
     a: int [L, T, ka], b: int [L, T, kb], group: int [T] (empty: every token in group 0), out: int64 or int32 [G, L, E, E].
+    The increments go to a uint16 scratch table per group ([G, E, E]: 128 KiB at 256 experts, held in the core's
+    cache), added into `out` row by row every `block` tokens (a cell gains at most ka * kb per token, so it never
+    wraps): `out` is read and written sequentially, not missed into at random (half the time on a cold table).
     """
     L, T, ka = a.shape
     kb = b.shape[2]
+    G = out.shape[0]
     grouped = group.shape[0] > 0
+    block = max(1, 65535 // max(1, ka * kb))
+    scratch = np.zeros((G, n_experts, n_experts), np.uint16)
     for l in range(L):
-        for t in range(T):
-            counts = out[group[t] if grouped else 0, l]
-            src, dst = a[l, t], b[l, t]
-            for i in range(ka):
-                x = src[i]
-                if x < 0 or x >= n_experts:
-                    continue
-                row = counts[x]
-                for j in range(kb):
-                    y = dst[j]
-                    if 0 <= y < n_experts:
-                        row[y] += 1
+        for t0 in range(0, T, block):
+            for t in range(t0, min(T, t0 + block)):
+                counts = scratch[group[t] if grouped else 0]
+                src, dst = a[l, t], b[l, t]
+                for i in range(ka):
+                    x = src[i]
+                    if x < 0 or x >= n_experts:
+                        continue
+                    row = counts[x]
+                    for j in range(kb):
+                        y = dst[j]
+                        if 0 <= y < n_experts:
+                            row[y] += 1
+            for g in range(G):
+                total, part = out[g, l], scratch[g]
+                for x in range(n_experts):
+                    for y in range(n_experts):
+                        total[x, y] += part[x, y]
+                        part[x, y] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def set_overlap_pass(a, b, sentinel, out):  # pragma: no cover - compiled
+    """out[n] = |set(a[:, n]) & set(b[:, n])| over ids other than `sentinel` (a: int [ka, N], b: int [kb, N],
+    each column's ids distinct)."""
+    ka, N = a.shape
+    kb = b.shape[0]
+    for n in range(N):
+        hits = 0
+        for i in range(ka):
+            x = a[i, n]
+            if x == sentinel:
+                continue
+            for j in range(kb):
+                if b[j, n] == x:
+                    hits += 1
+                    break
+        out[n] = hits
+
+
+@numba.njit(cache=True, nogil=True)
+def top_k_pass(values, k, out):  # pragma: no cover - compiled
+    """out[n] = indices of the k largest of values[n] (int [N, E]), descending, ties to the lower index.
+
+    One pass per row keeping the k best so far in order (a later index enters only above an equal value's).
+    """
+    N, E = values.shape
+    best = np.empty(k, values.dtype)
+    for n in range(N):
+        row, idx = values[n], out[n]
+        size = 0
+        for j in range(E):
+            v = row[j]
+            if size == k and v <= best[k - 1]:
+                continue
+            p = size if size < k else k - 1  # the slot it takes, then moved up past every smaller value
+            while p > 0 and best[p - 1] < v:
+                best[p], idx[p] = best[p - 1], idx[p - 1]
+                p -= 1
+            best[p], idx[p] = v, j
+            if size < k:
+                size += 1
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)

@@ -159,6 +159,13 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     (a stable argsort of -values, cut at k; a partition first when k is small)."""
     if k >= values.shape[-1] or values.shape[-1] <= 16:
         return np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    if values.dtype.kind in "iu":  # counts and loads: one compiled pass per row
+        from moescope.analysis.compiled import top_k_pass  # numba on first use (the vLLM plugin imports analysis/)
+
+        rows = np.ascontiguousarray(values.reshape(-1, values.shape[-1]))
+        out = np.empty((rows.shape[0], k), np.int64)
+        top_k_pass(rows, k, out)
+        return out.reshape(values.shape[:-1] + (k,))
     return np.moveaxis(top_m_by_partition(np.moveaxis(values, -1, 0), k)[0], 0, -1).astype(np.int64)
 
 

@@ -193,10 +193,11 @@ def set_overlap(a: np.ndarray, b: np.ndarray, sentinel: int) -> np.ndarray:
 
     a: slot-major [ka, ...], b: [kb, ...] integer ids; ids equal to `sentinel` never match.
     """
-    hits = np.zeros(a.shape[1:], np.int64)
-    for i in range(a.shape[0]):  # ka x kb comparisons of whole arrays (k is small)
-        match = a[i] == b[0]
-        for j in range(1, b.shape[0]):
-            match |= a[i] == b[j]
-        hits += match & (a[i] != sentinel)
-    return hits
+    from moescope.analysis.compiled import set_overlap_pass  # numba on first use (the vLLM plugin imports analysis/)
+
+    shape = np.broadcast_shapes(a.shape[1:], b.shape[1:])
+    flat = [np.ascontiguousarray(np.broadcast_to(x, x.shape[:1] + shape).reshape(x.shape[0], -1), np.int64)
+            for x in (a, b)]
+    out = np.empty(flat[0].shape[1], np.int64)
+    set_overlap_pass(flat[0], flat[1], int(sentinel), out)
+    return out.reshape(shape)
