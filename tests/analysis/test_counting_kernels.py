@@ -253,3 +253,23 @@ def test_token_table_keeps_exact_counts_for_the_most_frequent_tokens():
     assert summary["tokens_without_expert_counts"] == full.token_ids.size - 10
     assert any("most frequent" in note for note in summary["notes"])
     assert full.summary()["tokens_without_expert_counts"] == 0
+
+
+@pytest.mark.parametrize("n_blocks", [1, 7, 256])
+def test_placement_blocks_rebinned_equal_a_loop(n_blocks):
+    """placement._rebin (equal blocks summed by one sort and reduceat) against a per-block loop, with blocks in
+    any order (a merge concatenates two states' blocks)."""
+    from moescope.analysis.placement import PlacementState, _rebin
+
+    rng = np.random.default_rng(n_blocks)
+    block = rng.permutation(3 * n_blocks)[:n_blocks]
+    state = PlacementState((0, 1), 2, block, rng.integers(1, 50, n_blocks), rng.integers(0, 9, (n_blocks, 2, 256)))
+    rebinned = _rebin(state, 8)
+    expect = {}
+    for b, tokens, loads in zip(block // 4, state.tokens, state.loads):
+        t, l = expect.get(b, (0, 0))
+        expect[b] = (t + tokens, l + loads)
+    assert rebinned.span == 8 and rebinned.block.tolist() == sorted(expect)
+    np.testing.assert_array_equal(rebinned.tokens, [expect[b][0] for b in sorted(expect)])
+    np.testing.assert_array_equal(rebinned.loads, np.stack([expect[b][1] for b in sorted(expect)]))
+    assert rebinned.loads.dtype == np.int64

@@ -79,8 +79,9 @@ def merge(a: PlacementState, b: PlacementState) -> PlacementState:
 def _rebin(state: PlacementState, span: int) -> PlacementState:
     """Blocks of `span` sequences (a multiple of the state's), equal blocks summed."""
     block, which = np.unique(state.block // (span // state.span), return_inverse=True)
-    loads = np.zeros((len(block),) + state.loads.shape[1:], np.int64)
-    np.add.at(loads, which, state.loads)
+    order = np.argsort(which, kind="stable")  # equal blocks side by side, then one sum each (np.add.at is ~10x slower)
+    starts = np.flatnonzero(np.diff(which[order], prepend=-1))  # [len(block)]
+    loads = np.add.reduceat(state.loads[order], starts, axis=0).astype(np.int64, copy=False)
     return PlacementState(state.layers, span, block, np.bincount(which, weights=state.tokens, minlength=len(block)).astype(np.int64),
                           loads)
 
