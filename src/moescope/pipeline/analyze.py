@@ -10,6 +10,7 @@ skipped with a note and one warning line (`--model PATH` supplies it, and may na
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from moescope.analysis.context import AnalysisContext
@@ -131,12 +133,27 @@ def write_table(out: Path, stem: str, table: pd.DataFrame | ChunkedTable) -> Non
                 writer.write_table(pending.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
                 pending, written = pending.slice(whole), written + whole
             if csv is not None:
-                piece.to_csv(csv, index=False, header=n == 0)
+                write_csv(csv, piece, arrow, header=n == 0)
         if writer is None:
             raise MoescopeError(f"table {stem} has no pieces")  # a ChunkedTable yields at least one, maybe empty
         if pending.num_rows or not written:
             writer.write_table(pending, row_group_size=ROW_GROUP_ROWS)
         writer.close()
+
+
+def write_csv(csv, frame: pd.DataFrame, arrow: pa.Table, *, header: bool) -> None:
+    """`frame.to_csv(csv, index=False, header=header)`; a table of plain integer columns (the long count tables,
+    up to a million rows) is formatted by Arrow's CSV writer instead, ~5x faster and the same text."""
+    plain = all(isinstance(t, np.dtype) and t.kind in "iu" for t in frame.dtypes) and all(
+        str(c).isidentifier() for c in frame.columns)
+    if not plain:
+        frame.to_csv(csv, index=False, header=header)
+        return
+    text = io.BytesIO()
+    pa_csv.write_csv(arrow, text, pa_csv.WriteOptions(include_header=False, quoting_style="none"))
+    if header:
+        csv.write(",".join(map(str, frame.columns)) + "\n")
+    csv.write(text.getvalue().decode())
 
 
 def check_analyses(only: list[str] | None) -> list[str]:
