@@ -5,6 +5,8 @@ arrays many times the size of the input. Each has a plain NumPy or per-event ref
   pair_count_pass counts[l, i, j] += 1 for every (slot of a, slot of b) of every token (kernels.pair_counts):
                   NumPy needs one int64 code per pair (64 per row at top-8) and a bincount over them, ~4x slower;
                   counted in a small table the core's cache holds, then added into the large one in order
+  group_count_pass (token, inner key) counts of token_specialisation, sorted, without a dense table of every token's
+                  cells (NumPy's bincount over it was most of the analysis)
   set_overlap_pass |S_t & S_t'| of two id sets per position (shard_view.set_overlap): NumPy compares whole arrays
                   ka x kb times
   top_k_pass      the k largest of each row of an integer [N, E] table (the learned prefetch predictions: 2 x L
@@ -56,6 +58,51 @@ def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
                     for y in range(n_experts):
                         total[x, y] += part[x, y]
                         part[x, y] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def group_count_pass(group, n_groups, inner, inner_size, keys, counts):  # pragma: no cover - compiled
+    """Count the keys group[t] * inner_size + inner[l, t, c] over all l, t, c with inner >= 0, into keys/counts
+    (each at least as long as inner.size) in ascending key order; returns how many distinct keys there are.
+
+    group: int [T] in [0, n_groups); inner: int [L, T, m] in [-1, inner_size). Tokens are bucketed by group, and
+    each group counted in a dense row of inner_size cells of which only the touched ones are sorted and emitted:
+    no table of n_groups * inner_size cells is allocated or scanned.
+    """
+    L, T, m = inner.shape
+    start = np.zeros(n_groups + 1, np.int64)  # tokens of group u: order[start[u]:start[u + 1]]
+    for t in range(T):
+        start[group[t] + 1] += 1
+    for u in range(n_groups):
+        start[u + 1] += start[u]
+    order = np.empty(T, np.int64)
+    fill = start[:-1].copy()
+    for t in range(T):
+        order[fill[group[t]]] = t
+        fill[group[t]] += 1
+    row = np.zeros(inner_size, np.int64)
+    touched = np.empty(inner_size, np.int64)
+    n = 0
+    for u in range(n_groups):
+        seen = 0
+        for i in range(start[u], start[u + 1]):
+            t = order[i]
+            for l in range(L):
+                for c in range(m):
+                    v = inner[l, t, c]
+                    if v < 0:
+                        continue
+                    if row[v] == 0:
+                        touched[seen] = v
+                        seen += 1
+                    row[v] += 1
+        cells = np.sort(touched[:seen])
+        for v in cells:
+            keys[n] = u * inner_size + v
+            counts[n] = row[v]
+            row[v] = 0
+            n += 1
+    return n
 
 
 @numba.njit(cache=True, nogil=True)

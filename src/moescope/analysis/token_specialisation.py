@@ -35,6 +35,7 @@ from moescope.trace.shard import ShardData
 
 NAME = "token_specialisation"
 _INT32_TOKENS = 1 << 31
+DENSE_ROW_CELLS = 1 << 20  # (layer, expert or combination) cells of one token up to which counting uses a dense row
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,8 +63,16 @@ def _count_by_token(
 
     inverse: intp [T] local index of each token; inner: int64 [L, T, ...] in [0, inner_size) or -1 (dropped).
     """
-    local = inverse.reshape((1, -1) + (1,) * (inner.ndim - 2)) * inner_size + inner
-    counts = SparseCounts.from_keys(local[inner >= 0])
+    if inner_size <= DENSE_ROW_CELLS:  # one token's cells fit a dense row: a compiled pass, token by token
+        from moescope.analysis.compiled import group_count_pass  # numba on first use (the vLLM plugin imports analysis/)
+
+        inner = np.ascontiguousarray(inner.reshape(inner.shape[:2] + (int(np.prod(inner.shape[2:])),)), np.int64)  # [L, T, m]
+        keys, counts = np.empty(inner.size, np.int64), np.empty(inner.size, np.int64)
+        n = group_count_pass(np.ascontiguousarray(inverse, np.int64), uniq.size, inner, inner_size, keys, counts)
+        counts = SparseCounts(keys[:n], counts[:n], np.zeros((n, 0)))
+    else:  # a large combination space: sort the keys
+        local = inverse.reshape((1, -1) + (1,) * (inner.ndim - 2)) * inner_size + inner
+        counts = SparseCounts.from_keys(local[inner >= 0])
     return SparseCounts(
         uniq[counts.keys // inner_size] * inner_size + counts.keys % inner_size, counts.counts, counts.sums
     )
@@ -120,10 +129,17 @@ def merge(a: TokenState, b: TokenState) -> TokenState:
 def _expert_counts_from_combinations(combos: SparseCounts, L: int, E: int, k: int, R: int) -> SparseCounts:
     """(token, layer, expert) counts from (token, layer, combination) counts: each set adds 1 per member."""
     coder = CombinationCoder.for_context(E, k)
-    ids = coder.decode(combos.keys % R)  # [N, k] sorted, E = not an expert
-    keys = (combos.keys // R)[:, None] * E + ids  # [N, k] (token * L + l) * E + e
+    rank = combos.keys % R
+    ids = coder.decode(np.arange(R))[rank] if R <= DENSE_ROW_CELLS else coder.decode(rank)  # [N, k] sorted, E = none
+    group = combos.keys // R  # [N] token * L + l, non-decreasing
+    first = np.flatnonzero(np.diff(group, prepend=-1))  # [G] where each (token, layer) starts
+    g = np.cumsum(np.diff(group, prepend=-1) != 0) - 1  # [N] its index among the G groups
     real = ids < E
-    return SparseCounts.from_keys(keys[real], weights=np.broadcast_to(combos.counts[:, None], ids.shape)[real])
+    cell = (g[:, None] * E + ids)[real]  # (group, expert) cells: G * E of them, not (tokens * L * E)
+    total = np.bincount(cell, weights=np.broadcast_to(combos.counts[:, None], ids.shape)[real], minlength=first.size * E)
+    present = np.flatnonzero(total)
+    return SparseCounts(group[first][present // E] * E + present % E, total[present].astype(np.int64),
+                        np.zeros((present.size, 0)))
 
 
 @dataclass(frozen=True, eq=False)
