@@ -64,9 +64,10 @@ def _count_by_token(
     inverse: intp [T] local index of each token; inner: int64 [L, T, ...] in [0, inner_size) or -1 (dropped).
     """
     if inner_size <= DENSE_ROW_CELLS:  # one token's cells fit a dense row: a compiled pass, token by token
-        from moescope.analysis.compiled import group_count_pass  # numba on first use (the vLLM plugin imports analysis/)
+        from moescope.analysis.compiled import group_count_pass  # numba on first use (the vLLM plugin imports it)
 
-        inner = np.ascontiguousarray(inner.reshape(inner.shape[:2] + (int(np.prod(inner.shape[2:])),)), np.int64)  # [L, T, m]
+        m = int(np.prod(inner.shape[2:]))  # slots per token: 1 (a combination) or k (experts)
+        inner = np.ascontiguousarray(inner.reshape(inner.shape[:2] + (m,)), np.int64)  # [L, T, m]
         keys, counts = np.empty(inner.size, np.int64), np.empty(inner.size, np.int64)
         n = group_count_pass(np.ascontiguousarray(inverse, np.int64), uniq.size, inner, inner_size, keys, counts)
         counts = SparseCounts(keys[:n], counts[:n], np.zeros((n, 0)))

@@ -10,7 +10,6 @@ skipped with a note and one warning line (`--model PATH` supplies it, and may na
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pa_csv
+import pyarrow.compute as pa_compute
 import pyarrow.parquet as pq
 
 from moescope.analysis.context import AnalysisContext
@@ -133,7 +132,7 @@ def write_table(out: Path, stem: str, table: pd.DataFrame | ChunkedTable) -> Non
                 writer.write_table(pending.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
                 pending, written = pending.slice(whole), written + whole
             if csv is not None:
-                write_csv(csv, piece, arrow, header=n == 0)
+                write_csv(csv, piece, header=n == 0)
         if writer is None:
             raise MoescopeError(f"table {stem} has no pieces")  # a ChunkedTable yields at least one, maybe empty
         if pending.num_rows or not written:
@@ -141,19 +140,31 @@ def write_table(out: Path, stem: str, table: pd.DataFrame | ChunkedTable) -> Non
         writer.close()
 
 
-def write_csv(csv, frame: pd.DataFrame, arrow: pa.Table, *, header: bool) -> None:
-    """`frame.to_csv(csv, index=False, header=header)`; a table of plain integer columns (the long count tables,
-    up to a million rows) is formatted by Arrow's CSV writer instead, ~5x faster and the same text."""
-    plain = all(isinstance(t, np.dtype) and t.kind in "iu" for t in frame.dtypes) and all(
+CSV_SLICE_ROWS = 1 << 17  # rows formatted at a time by the fast CSV path (bounds its Python strings)
+
+
+def write_csv(csv, frame: pd.DataFrame, *, header: bool) -> None:
+    """`frame.to_csv(csv, index=False, header=header)`, the same text. A table of integer and float64 columns
+    only (every long table: counts, rates, shares) is formatted column by column instead, ~2-5x faster: Arrow
+    writes the integers; a float64 is Python's repr, as pandas writes it, and NaN is empty."""
+    plain = all(isinstance(t, np.dtype) and (t.kind in "iu" or t == np.float64) for t in frame.dtypes) and all(
         str(c).isidentifier() for c in frame.columns)
     if not plain:
         frame.to_csv(csv, index=False, header=header)
         return
-    text = io.BytesIO()
-    pa_csv.write_csv(arrow, text, pa_csv.WriteOptions(include_header=False, quoting_style="none"))
     if header:
         csv.write(",".join(map(str, frame.columns)) + "\n")
-    csv.write(text.getvalue().decode())
+    for lo in range(0, len(frame), CSV_SLICE_ROWS):
+        columns = []
+        for name in frame.columns:
+            values = frame[name].to_numpy()[lo : lo + CSV_SLICE_ROWS]
+            if values.dtype.kind in "iu":
+                columns.append(pa_compute.cast(pa.array(values), pa.string()))
+            else:
+                text = pa.array(list(map(repr, values.tolist())), pa.string())
+                columns.append(pa_compute.if_else(pa.array(np.isnan(values)), "", text))
+        lines = pa_compute.binary_join_element_wise(*columns, ",")  # [rows] one CSV line each
+        csv.write(pa_compute.binary_join(pa.ListArray.from_arrays([0, len(lines)], lines), "\n")[0].as_py() + "\n")
 
 
 def check_analyses(only: list[str] | None) -> list[str]:
