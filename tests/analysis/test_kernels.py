@@ -21,8 +21,8 @@ def test_comoments_merge_equals_one_pass():
 
 def test_sparse_counts_merge_adds_keys_and_sums():
     rng = np.random.default_rng(1)
-    for _ in range(50):
-        a, b = rng.integers(0, 30, rng.integers(0, 20)), rng.integers(0, 10**9, rng.integers(0, 20))
+    for trial in range(100):  # b's keys mostly new, or mostly shared with a's
+        a, b = rng.integers(0, 30, rng.integers(0, 20)), rng.integers(0, 10**9 if trial % 2 else 40, rng.integers(0, 20))
         wa, wb = rng.random((a.size, 2)), rng.random((b.size, 2))
         merged = SparseCounts.from_keys(a, wa).merge(SparseCounts.from_keys(b, wb))
         keys = np.concatenate([a, b])

@@ -279,26 +279,28 @@ class SparseCounts:
         at = np.searchsorted(big.keys, small.keys)  # [n_small] insertion points, non-decreasing
         found = at < big.keys.size
         found[found] = big.keys[at[found]] == small.keys[found]
-        counts, sums = big.counts.copy(), big.sums.copy()
-        counts[at[found]] += small.counts[found]  # matched keys are unique: plain fancy add is exact
-        sums[at[found]] += small.sums[found]
         new = ~found
         at_new = at[new]
-        # output slot of big row i: i + (new keys inserted at or before i); of the j-th new key: at_new[j] + j
-        shift = np.cumsum(np.bincount(at_new, minlength=big.keys.size + 1))[: big.keys.size]
-        slot_big = np.arange(big.keys.size) + shift
-        slot_new = at_new + np.arange(at_new.size)
+        # output slot of big row i: i + (new keys inserted at or before i), built in one array (the merged table
+        # of a long trace is millions of rows: no temporaries of its size beyond this and the output)
+        slot_big = np.bincount(at_new, minlength=big.keys.size + 1)[: big.keys.size]
+        slot_big += 1
+        np.cumsum(slot_big, out=slot_big)
+        slot_big -= 1
+        slot_new = at_new + np.arange(at_new.size)  # the j-th new key: at_new[j] + j
+        matched = slot_big[at[found]]  # output slots of the big rows that small's found keys add to
         n = big.keys.size + at_new.size
 
-        def place(old_rows, new_rows):
+        def place(old_rows, new_rows, add=None):
             out = np.empty((n,) + old_rows.shape[1:], old_rows.dtype)
             out[slot_big] = old_rows
             out[slot_new] = new_rows
+            if add is not None:
+                out[matched] += add  # matched keys are unique: plain fancy add is exact
             return out
 
-        return SparseCounts(
-            place(big.keys, small.keys[new]), place(counts, small.counts[new]), place(sums, small.sums[new])
-        )
+        return SparseCounts(place(big.keys, small.keys[new]), place(big.counts, small.counts[new], small.counts[found]),
+                            place(big.sums, small.sums[new], small.sums[found]))
 
 
 def merge_arrays(a, b):
