@@ -28,6 +28,17 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def run_both(capsys, *argv, local: Path, remote: str) -> str:
+    """`moescope ARGV --out LOCAL`, then `--out REMOTE`: both succeed and print the same lines but for the out path;
+    returns what the remote run printed."""
+    code, out_local, err = run(capsys, *argv, "--out", local)
+    assert code == 0, err
+    code, out_remote, err = run(capsys, *argv, "--out", remote)
+    assert code == 0, err
+    assert out_local.replace(str(local), "OUT") == out_remote.replace(remote, "OUT")
+    return out_remote
+
+
 def _normalised_json(data: bytes, paths: list[str]) -> object:
     text = data.decode()
     for path in sorted(paths, key=len, reverse=True):
@@ -118,11 +129,7 @@ def test_saturation_into_s3(capsys, checkpoint, tiny_model_dir, tmp_path, s3):
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
     args = [checkpoint, "--final", tiny_model_dir, "--data", data, "--max-tokens", "64", "--seq-len", "32", "--device", "cpu"]
-    code, out_local, err = run(capsys, "saturation", *args, "--out", tmp_path / "sat")
-    assert code == 0, err
-    code, out_remote, err = run(capsys, "saturation", *args, "--out", f"{s3}/sat")
-    assert code == 0, err
-    assert out_local.replace(str(tmp_path / "sat"), "OUT") == out_remote.replace(f"{s3}/sat", "OUT")
+    out_remote = run_both(capsys, "saturation", *args, local=tmp_path / "sat", remote=f"{s3}/sat")
     names = same_files(tmp_path / "sat", f"{s3}/sat", skip=("traces/",))
     assert "saturation__per_layer.parquet" in names
     for label in ("final", "checkpoint-1"):  # the traces are written to the store, and read as the local ones
@@ -192,11 +199,7 @@ def _sweep_files_agree(local: Path, url: str) -> list[str]:
 def test_quant_sweep_into_s3_and_resumed_from_it(capsys, tmp_path, s3):
     args = ["quant", "moescope:tiny-moe", "--data", "wiki", "--bits", "4,8", "--targets", "router", "--max-tokens", "128",
             "--seq-len", "64", "--no-progress"]
-    code, out_local, err = run(capsys, *args, "--out", tmp_path / "q")
-    assert code == 0, err
-    code, out_remote, err = run(capsys, *args, "--out", f"{s3}/q")
-    assert code == 0, err
-    assert out_local.replace(str(tmp_path / "q"), "OUT") == out_remote.replace(f"{s3}/q", "OUT")
+    out_remote = run_both(capsys, *args, local=tmp_path / "q", remote=f"{s3}/q")
     names = _sweep_files_agree(tmp_path / "q", f"{s3}/q")
     assert {"sweep.json", "results.jsonl", "summary.json", "configs.parquet"} <= set(names)
     # a rerun finds every configuration finished on the prefix (resumed from its results.jsonl): nothing runs again
@@ -220,11 +223,7 @@ def test_quant_sweep_into_s3_and_resumed_from_it(capsys, tmp_path, s3):
 def test_importance_sweep_into_s3(capsys, tmp_path, s3):
     args = ["importance", "moescope:tiny-moe", "--data", "wiki", "--layers", "3", "--max-tokens", "80", "--seq-len", "40",
             "--no-prune", "--no-progress"]
-    code, out_local, err = run(capsys, *args, "--out", tmp_path / "imp")
-    assert code == 0, err
-    code, out_remote, err = run(capsys, *args, "--out", f"{s3}/imp")
-    assert code == 0, err
-    assert out_local.replace(str(tmp_path / "imp"), "OUT") == out_remote.replace(f"{s3}/imp", "OUT")
+    run_both(capsys, *args, local=tmp_path / "imp", remote=f"{s3}/imp")
     names = _sweep_files_agree(tmp_path / "imp", f"{s3}/imp")
     assert "experts.parquet" in names and "trace/manifest.json" in names
     a, b = moescope.open_trace(tmp_path / "imp" / "trace"), moescope.open_trace(f"{s3}/imp/trace")  # its trace reads back

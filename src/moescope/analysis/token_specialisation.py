@@ -131,10 +131,11 @@ def _expert_counts_from_combinations(combos: SparseCounts, L: int, E: int, k: in
     """(token, layer, expert) counts from (token, layer, combination) counts: each set adds 1 per member."""
     coder = CombinationCoder.for_context(E, k)
     rank = combos.keys % R
-    ids = coder.decode(np.arange(R))[rank] if R <= DENSE_ROW_CELLS else coder.decode(rank)  # [N, k] sorted, E = none
+    ids = coder.decode(np.arange(R))[rank] if R <= rank.size else coder.decode(rank)  # [N, k] sorted, E = none
     group = combos.keys // R  # [N] token * L + l, non-decreasing
-    first = np.flatnonzero(np.diff(group, prepend=-1))  # [G] where each (token, layer) starts
-    g = np.cumsum(np.diff(group, prepend=-1) != 0) - 1  # [N] its index among the G groups
+    starts = np.diff(group, prepend=-1) != 0  # [N] the first entry of each (token, layer)
+    first = np.flatnonzero(starts)  # [G]
+    g = np.cumsum(starts) - 1  # [N] its index among the G groups
     real = ids < E
     cell = (g[:, None] * E + ids)[real]  # (group, expert) cells: G * E of them, not (tokens * L * E)
     total = np.bincount(cell, weights=np.broadcast_to(combos.counts[:, None], ids.shape)[real], minlength=first.size * E)
