@@ -126,7 +126,7 @@ def test_summed_states_fold_in_shard_order_exactly_like_a_left_fold_of_merge():
     spec = SPECS["base"]
     shards = synthetic_shards(spec, [30, 1, 17, 8, 40], seed=41)
     ctx = spec.context()
-    folded = [name for name in ANALYSES if folds_in_place(ANALYSES[name])]
+    folded = [name for name in ANALYSES if folds_in_place(ANALYSES[name], ctx)]
     assert {"load", "aux_losses", "coactivation", "cross_layer", "expert_cache", "temporal_locality",
             "domain_specialisation"} == set(folded)
     results = run_analyses(shards, ctx, only=folded)
@@ -146,7 +146,7 @@ def test_adding_in_place_equals_merge_and_leaves_the_added_state_alone():
     a, b = synthetic_shards(spec, [20, 9], seed=43)
     ctx = spec.context()
     for name, module in ANALYSES.items():
-        if not folds_in_place(module):
+        if not folds_in_place(module, ctx):
             continue
         ctx_name = ctx
         if name == "expert_cache":

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from analysis_helpers import SHARD_LAYOUTS, SPECS, make_shard, run_one, synthetic_shards
@@ -5,6 +7,7 @@ from analysis_helpers import SHARD_LAYOUTS, SPECS, make_shard, run_one, syntheti
 from moescope.analysis import AnalysisContext
 from moescope.analysis.combinations import CombinationCoder
 from moescope.analysis.reference import token_specialisation as reference
+from moescope.analysis.synthetic import SyntheticSpec, synthetic_shard
 
 
 def test_hand_made_token_table():
@@ -87,3 +90,62 @@ def test_tokens_without_any_real_expert():
     assert result.occurrences.tolist() == [1] and result.top1_share.tolist() == [0.0]
     assert result.mode_combination.tolist() == [[[-1, -1]]]
     assert result.summary()["distinct_tokens"] == 1
+
+
+@pytest.mark.parametrize("spec_name", ["base", "fine_grained"])  # (layer, combination) cells; (layer, expert) cells
+def test_folding_into_a_dense_table_equals_the_sparse_merge(spec_name):
+    """With a token table, a run merges each piece's counts into one dense table in order (`merge_into`): the
+    same counts as the pairwise sparse merge, at 6 experts / top-2 (combinations) and 256 / top-8 (experts)."""
+    from moescope.analysis import token_specialisation as ts
+    from moescope.errors import MoescopeError
+
+    spec = SPECS[spec_name]
+    shards = synthetic_shards(spec, [1, 7, 40, 256], seed=13)
+    ctx = spec.context()
+    if spec_name == "fine_grained":  # any vocabulary: C(264, 8) combinations do not fit a key, experts are counted
+        ctx = dataclasses.replace(ctx, vocab_size=None)
+    ids = np.unique(np.concatenate([s.token_id for s in shards]))
+    table = dataclasses.replace(ctx, token_table=ids[::2].astype(np.int64))  # every other token seen, and some unseen
+    assert ts.folds(table) and not ts.folds(ctx)
+    states = [ts.accumulate(s, table) for s in shards]
+    merged = states[0]
+    running = states[0]
+    for state in states[1:]:
+        merged = ts.merge(merged, state)
+        running = ts.merge_into(running, state, table)
+    assert running.dense.shape == (table.token_table.size, ts._dense_cells(table))
+    a, b = ts.finalize(merged, table), ts.finalize(running, table)
+    for x, y in ((a.expert_counts, b.expert_counts), (a.occurrences, b.occurrences), (a.token_ids, b.token_ids)):
+        np.testing.assert_array_equal(getattr(x, "keys", x), getattr(y, "keys", y))
+        np.testing.assert_array_equal(getattr(x, "counts", x), getattr(y, "counts", y))
+    np.testing.assert_array_equal(a.top1_share, b.top1_share)
+    if a.mode_combination is not None:
+        np.testing.assert_array_equal(a.mode_combination, b.mode_combination)
+    with pytest.raises(MoescopeError, match="outside the run's token table"):
+        ts.merge_into(running, ts.accumulate(shards[2], ctx), table)  # counts of every token: not the table's
+
+
+def test_token_counts_take_memory_flat_in_the_number_of_shards(monkeypatch):
+    """The counting pass, given a token table: a few shards' counts are already about as large as the whole trace's,
+    so a merge tree would hold log2(shards) such tables; a folded run holds one dense table however many come."""
+    import tracemalloc
+
+    from moescope.analysis import run_analyses
+    from moescope.analysis import token_specialisation as ts
+
+    spec = SyntheticSpec(n_layers=4, n_experts=256, top_k=8, seq_len=(4, 20), vocab_size=200, router_output=None)
+    ctx = dataclasses.replace(spec.context(), vocab_size=None)  # (token, layer, expert) cells are counted
+    few, many = ([synthetic_shard(spec, 300, seed=5, shard_index=i) for i in range(n)] for n in (4, 64))
+    whole = run_analyses(many, ctx, only=["token_specialisation"])["token_specialisation"]  # loads the compiled loops
+    table_bytes = whole.expert_counts.keys.nbytes * 2  # the whole trace's counts, as a sparse table
+    ctx = dataclasses.replace(ctx, token_table=np.arange(200, dtype=np.int64))
+    monkeypatch.setattr(ts, "finalize", lambda state, ctx: state)  # the pass alone (results grow with what was seen)
+    peaks = {}
+    for n, shards in ((4, few), (64, many)):
+        tracemalloc.start()
+        try:
+            run_analyses(shards, ctx, only=["token_specialisation"])
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks[64] < peaks[4] + table_bytes / 4, (peaks, table_bytes)

@@ -149,7 +149,7 @@ def test_ray_pass_reduces_like_in_process_to_the_bit_over_many_shards_with_float
     ctx = analysis_context(trace)
     local = run_analyses(trace.shards, ctx)
     remote = run_analyses(trace.shards, ctx, run_pass=ray_pass(trace.folder, None))
-    assert len(trace.manifest["shards"]) == 7 and {n for n in ANALYSES if folds_in_place(ANALYSES[n])} and ctx.router_output_kind == "logits"
+    assert len(trace.manifest["shards"]) == 7 and {n for n in ANALYSES if folds_in_place(ANALYSES[n], ctx)} and ctx.router_output_kind == "logits"
     for name in ANALYSES:
         frames, ray_frames = local[name].to_pandas(), remote[name].to_pandas()
         frames, ray_frames = (f if isinstance(f, dict) else {"": f} for f in (frames, ray_frames))

@@ -3,8 +3,9 @@
 States of fixed size whose merge is a plain sum (modules with MERGE_ADDS = True: load, aux_losses,
 coactivation, cross_layer, expert_cache, temporal_locality, domain_specialisation) are added into one
 running state as shards come, in shard order (`_Fold`): memory is that state plus the newest shard's, however
-many shards there are (a DeepSeek-V3-sized cross_layer state is 261 MiB). The other states (which grow,
-or merge by more than a sum) are merged in a tree (pairs of equal rank, like a binary counter: each state
+many shards there are (a DeepSeek-V3-sized cross_layer state is 261 MiB). token_specialisation with a token
+table folds too, by its own `merge_into` (one dense table of the kept tokens' counts). The other states (which
+grow, or merge by more than a sum) are merged in a tree (pairs of equal rank, like a binary counter: each state
 takes part in O(log n) merges), holding at most log2(shards) partial states. Integer sums do not depend on
 the order; the float sums (aux_losses' router probabilities) are added in shard order both here and on Ray
 (distributed/analyze.py folds on the driver in the same order), so results are equal to the bit.
@@ -19,7 +20,7 @@ can be evaluated, so when `shards` can be read twice
 (a list, a tuple, or a zero-argument callable returning an iterable) and no `ctx.prefetch_table` is given,
 the cache runs in a second pass; with a one-shot iterator it runs in the first pass without those predictors.
 token_specialisation likewise counts occurrences in the first pass and keeps exact expert counts for the most
-frequent tokens (ctx.token_table) in the second, so its memory does not grow with the trace.
+frequent tokens (ctx.token_table) in the second, folded into one table, so its memory does not grow with the trace.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def _open(shards: ShardSource) -> Iterable[ShardData]:
 def _run_pass(
     shards: Iterable[ShardData], names: list[str], ctx: AnalysisContext, clock: dict[str, float]
 ) -> dict[str, AnalysisResult]:
-    reducers = {name: reducer_for(ANALYSES[name]) for name in names}
+    reducers = {name: reducer_for(ANALYSES[name], ctx) for name in names}
     for shard in shards:
         for piece in pieces(shard):
             view = ShardView(piece, ctx)  # derived arrays shared by the analyses of this piece
@@ -178,28 +179,36 @@ def _run_pass(
     return results
 
 
-def folds_in_place(module: ModuleType) -> bool:
-    """Whether the analysis's states are fixed-shape arrays whose merge is their sum (added in place)."""
-    return getattr(module, "MERGE_ADDS", False)
+def folds_in_place(module: ModuleType, ctx: AnalysisContext) -> bool:
+    """Whether the run keeps one running state of the analysis, each new state merged into it in arrival order: its
+    states are fixed-shape arrays whose merge is their sum (MERGE_ADDS), or the module says so for this context
+    (`folds(ctx)`, with a `merge_into(running, new, ctx)`: token_specialisation with a token table)."""
+    return getattr(module, "MERGE_ADDS", False) or getattr(module, "folds", lambda ctx: False)(ctx)
 
 
-def reducer_for(module: ModuleType, merge: Callable | None = None):
-    """A running state for summed states, else a merge tree using `merge` (default: the module's merge)."""
-    return _Fold() if folds_in_place(module) else _TreeReduce(merge or module.merge)
+def reducer_for(module: ModuleType, ctx: AnalysisContext, merge: Callable | None = None):
+    """A running state when the analysis folds (`folds_in_place`), else a merge tree using `merge` (default: the
+    module's merge)."""
+    if not folds_in_place(module, ctx):
+        return _TreeReduce(merge or module.merge)
+    into = getattr(module, "merge_into", None)
+    return _Fold(add_into if into is None else lambda running, new: into(running, new, ctx))
 
 
 class _Fold:
-    """One running state: each new state is added into it in place (kernels.add_into), in arrival order.
+    """One running state: each new state is merged into it in arrival order, by `merge_into(running, new)` (default
+    kernels.add_into: summed in place).
 
     The first state is copied so the running state owns its arrays (a state may share arrays with the
     shard's view, or be a read-only array fetched from Ray's object store).
     """
 
-    def __init__(self):
+    def __init__(self, merge_into: Callable = add_into):
+        self.merge_into = merge_into
         self.state = None
 
     def push(self, state) -> None:
-        self.state = copy_state(state) if self.state is None else add_into(self.state, state)
+        self.state = copy_state(state) if self.state is None else self.merge_into(self.state, state)
 
     def add(self, module: ModuleType, view: ShardView, ctx: AnalysisContext) -> None:
         """Add one shard's state: straight into the running state when the module can (`accumulate_into`)."""

@@ -13,7 +13,8 @@ Occurrences (and output entropy) are exact for every token. Expert and combinati
 tokens of `ctx.token_table`: run_analyses fills it in a first pass with the most frequent tokens that fit
 `thresholds.token_table_cells` (token, layer, expert) cells, or (token, layer, combination) cells when a small
 combination space is counted (ties to the lower id; every token when all fit),
-so memory does not grow with the trace; the other tokens' top1_share, entropy_norm, sizes and FLOPs are NaN,
+and a run folds each piece's counts into one dense table of those tokens' cells (`merge_into`; a large combination
+space is counted sparse and merged in a tree), so memory does not grow with the trace; the other tokens' top1_share, entropy_norm, sizes and FLOPs are NaN,
 and the summary's `tokens_without_expert_counts` and notes say how many tokens and occurrences were cut.
 Without a table (ctx.token_table None, e.g. a one-shot stream of shards) every token is kept, and memory
 grows with the distinct (token, layer, expert) triples.
@@ -45,6 +46,8 @@ class TokenState:
     combinations: SparseCounts | None  # key (token * L + l) * R + rank; None when keys would overflow
     expert_counts: SparseCounts | None  # key (token * L + l) * E + e; only kept without combinations
     # (expert counts follow from the combination counts, so they are derived at finalize when possible)
+    dense: np.ndarray | None = None  # int64 [V', L * C]: a folded run's counts of ctx.token_table's V' tokens (`merge_into`),
+    # C = R with combinations, else E; the SparseCounts field it replaces is then None
 
 
 def _combination_space(ctx: AnalysisContext) -> int | None:
@@ -79,18 +82,30 @@ def _count_by_token(
     )
 
 
-def kept_tokens(token_ids: np.ndarray, occurrences: np.ndarray, ctx: AnalysisContext) -> np.ndarray | None:
-    """int64 sorted ids of the most frequent tokens whose (layer, expert) counts fit thresholds.token_table_cells
-    (ties to the lower id), or None when every token fits."""
+def _dense_cells(ctx: AnalysisContext) -> int | None:
+    """Cells per token of the counted key, L * R with combinations, else L * E; None when a small combination space
+    is not what is counted (a large one grows with the distinct sets seen, at most L per occurrence: kept sparse)."""
     R = _combination_space(ctx)
-    # a token's cells: (layer, combination) when combinations are counted and their space is small (Mixtral's 45),
-    # else (layer, expert); a large combination space grows with the distinct sets seen (at most L per occurrence)
-    per_token = ctx.n_layers * (R if R is not None and R <= 16 * ctx.n_experts else ctx.n_experts)
+    if R is None:
+        return ctx.n_layers * ctx.n_experts
+    return ctx.n_layers * R if R <= 16 * ctx.n_experts else None  # Mixtral's 45 combinations: dense
+
+
+def kept_tokens(token_ids: np.ndarray, occurrences: np.ndarray, ctx: AnalysisContext) -> np.ndarray:
+    """int64 sorted ids of the most frequent tokens whose (layer, expert) counts fit thresholds.token_table_cells
+    (ties to the lower id): every token seen when all fit."""
+    # a token's cells: (layer, combination) when combinations are counted and their space is small, else (layer, expert)
+    per_token = _dense_cells(ctx) or ctx.n_layers * ctx.n_experts
     budget = max(1, ctx.thresholds.token_table_cells // per_token)
-    if token_ids.size <= budget:
-        return None
     order = np.lexsort((token_ids, -occurrences))[:budget]  # most occurrences first, then the lower id
     return np.sort(token_ids[order]).astype(np.int64)
+
+
+def folds(ctx: AnalysisContext) -> bool:
+    """Whether a run keeps one running state and merges each piece's into it in order (`merge_into`): with a token
+    table whose tokens' cells fit one dense table, so memory stays flat in the trace's length. Otherwise (no table,
+    e.g. a one-shot stream of shards, or a large combination space) states merge in a tree (runner._TreeReduce)."""
+    return ctx.token_table is not None and (ctx.token_table.size == 0 or _dense_cells(ctx) is not None)
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:
@@ -125,6 +140,40 @@ def merge(a: TokenState, b: TokenState) -> TokenState:
     if a.combinations is not None:
         return TokenState(a.layers, a.occurrences.merge(b.occurrences), a.combinations.merge(b.combinations), None)
     return TokenState(a.layers, a.occurrences.merge(b.occurrences), None, a.expert_counts.merge(b.expert_counts))
+
+
+def merge_into(running: TokenState, new: TokenState, ctx: AnalysisContext) -> TokenState:
+    """`merge(running, new)` when the run `folds`: the counted cells of the table's tokens held in one dense table
+    (made from `running`'s counts on the first call, then owned by the running state), `new`'s added into it in
+    place. The SparseCounts field the table replaces stays, empty, to say what is counted."""
+    if running.layers != new.layers or (running.combinations is None) != (new.combinations is None):
+        raise MoescopeError("cannot merge token states of different layers or combination coding")
+    dense = running.dense
+    if dense is None:
+        dense = np.zeros((ctx.token_table.size, _dense_cells(ctx) if ctx.token_table.size else 0), np.int64)
+        _add_counts(dense, running, ctx.token_table)
+    _add_counts(dense, new, ctx.token_table)
+    emptied = SparseCounts.empty()
+    return TokenState(running.layers, running.occurrences.merge(new.occurrences),
+                      None if running.combinations is None else emptied,
+                      None if running.expert_counts is None else emptied, dense)
+
+
+def _add_counts(dense: np.ndarray, state: TokenState, token_table: np.ndarray) -> None:
+    """Add a state's counts (dense, or sparse keyed token * cells + cell) into `dense` [V', cells], whose rows are
+    token_table's tokens."""
+    if state.dense is not None:
+        dense += state.dense
+        return
+    counts = state.expert_counts if state.combinations is None else state.combinations
+    if not counts.keys.size:
+        return
+    cells = dense.shape[1]
+    token = counts.keys // cells
+    row = np.searchsorted(token_table, token)
+    if row.max(initial=0) >= token_table.size or (token_table[row] != token).any():
+        raise MoescopeError("token-specialisation counts of a token outside the run's token table")
+    dense.ravel()[row * cells + counts.keys % cells] += counts.counts  # keys are unique: a plain fancy add
 
 
 def _expert_counts_from_combinations(combos: SparseCounts, L: int, E: int, k: int, R: int) -> SparseCounts:
@@ -270,7 +319,21 @@ def _format_combinations(combos: np.ndarray, sizes: np.ndarray | None) -> list[s
     return ("(" + joined.str.replace(r"^,+|,+$", "", regex=True).str.replace(r",,+", ",", regex=True) + ")").tolist()
 
 
+def _sparse_of(state: TokenState, ctx: AnalysisContext) -> TokenState:
+    """A folded state's dense table (`merge_into`) back as the SparseCounts it replaced: nonzero cells, keys ascending."""
+    if state.dense is None:
+        return state
+    cells = state.dense.shape[1]
+    present = np.flatnonzero(state.dense)
+    counts = SparseCounts(ctx.token_table[present // cells] * cells + present % cells, state.dense.ravel()[present],
+                          np.zeros((present.size, 0)))
+    if state.combinations is not None:
+        return TokenState(state.layers, state.occurrences, counts, None)
+    return TokenState(state.layers, state.occurrences, None, counts)
+
+
 def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
+    state = _sparse_of(state, ctx)
     L, E, k = len(state.layers), ctx.n_experts, ctx.top_k
     occ = state.occurrences
     token_ids, occurrences = occ.keys, occ.counts

@@ -60,14 +60,15 @@ def ray_pass(folder: str | os.PathLike, address: str | None):
             raise MoescopeError("the trace has no shards: nothing to analyse")
         light = ray.put(dataclasses.replace(ctx, token_text=None))  # once per pass; accumulate never needs token text
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        reducers = {name: reducer_for(ANALYSES[name], lambda a, b, name=name: merge.remote(name, a, b)) for name in names}
+        reducers = {name: reducer_for(ANALYSES[name], ctx, lambda a, b, name=name: merge.remote(name, a, b))
+                    for name in names}
         task = accumulate.options(num_returns=len(names))
         pending: deque[list] = deque()  # per submitted shard, in shard order: one ref per analysis
 
         def reduce_oldest() -> None:
             for name, ref in zip(names, pending.popleft()):
                 for state in ray.get(ref):  # the shard's pieces, in order: the in-process reduction, step by step
-                    reducers[name].push(state if folds_in_place(ANALYSES[name]) else ray.put(state))
+                    reducers[name].push(state if folds_in_place(ANALYSES[name], ctx) else ray.put(state))
 
         try:
             for position in range(n_shards):
@@ -78,7 +79,7 @@ def ray_pass(folder: str | os.PathLike, address: str | None):
             while pending:
                 reduce_oldest()
             states = {name: reducers[name].result() for name in names}
-            states = {name: s if folds_in_place(ANALYSES[name]) else ray.get(s) for name, s in states.items()}
+            states = {name: s if folds_in_place(ANALYSES[name], ctx) else ray.get(s) for name, s in states.items()}
         except ray.exceptions.RayError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, MoescopeError):
