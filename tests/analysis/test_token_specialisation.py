@@ -108,19 +108,20 @@ def test_folding_into_a_dense_table_equals_the_sparse_merge(spec_name):
     table = dataclasses.replace(ctx, token_table=ids[::2].astype(np.int64))  # every other token seen, and some unseen
     assert ts.folds(table) and not ts.folds(ctx)
     states = [ts.accumulate(s, table) for s in shards]
-    merged = states[0]
-    running = states[0]
-    for state in states[1:]:
+    merged = running = counted = states[0]
+    for shard, state in zip(shards[1:], states[1:]):
         merged = ts.merge(merged, state)
-        running = ts.merge_into(running, state, table)
-    assert running.dense.shape == (table.token_table.size, ts._dense_cells(table))
-    a, b = ts.finalize(merged, table), ts.finalize(running, table)
-    for x, y in ((a.expert_counts, b.expert_counts), (a.occurrences, b.occurrences), (a.token_ids, b.token_ids)):
-        np.testing.assert_array_equal(getattr(x, "keys", x), getattr(y, "keys", y))
-        np.testing.assert_array_equal(getattr(x, "counts", x), getattr(y, "counts", y))
-    np.testing.assert_array_equal(a.top1_share, b.top1_share)
-    if a.mode_combination is not None:
-        np.testing.assert_array_equal(a.mode_combination, b.mode_combination)
+        running = ts.merge_into(running, state, table)  # Ray's fold: each piece's state fetched, then merged in
+        counted = ts.accumulate_into(counted, shard, table)  # the in-process fold: counted straight into the table
+    assert running.dense.shape == counted.dense.shape == (table.token_table.size, ts._dense_cells(table))
+    a = ts.finalize(merged, table)
+    for b in (ts.finalize(running, table), ts.finalize(counted, table)):
+        for x, y in ((a.expert_counts, b.expert_counts), (a.occurrences, b.occurrences), (a.token_ids, b.token_ids)):
+            np.testing.assert_array_equal(getattr(x, "keys", x), getattr(y, "keys", y))
+            np.testing.assert_array_equal(getattr(x, "counts", x), getattr(y, "counts", y))
+        np.testing.assert_array_equal(a.top1_share, b.top1_share)
+        if a.mode_combination is not None:
+            np.testing.assert_array_equal(a.mode_combination, b.mode_combination)
     with pytest.raises(MoescopeError, match="outside the run's token table"):
         ts.merge_into(running, ts.accumulate(shards[2], ctx), table)  # counts of every token: not the table's
 

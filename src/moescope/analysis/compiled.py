@@ -7,6 +7,7 @@ arrays many times the size of the input. Each has a plain NumPy or per-event ref
                   counted in a small table the core's cache holds, then added into the large one in order
   group_count_pass (token, inner key) counts of token_specialisation, sorted, without a dense table of every token's
                   cells (NumPy's bincount over it was most of the analysis)
+  row_count_pass  the same counts of a piece added straight into a run's dense table of the kept tokens' cells
   set_overlap_pass |S_t & S_t'| of two id sets per position (shard_view.set_overlap): NumPy compares whole arrays
                   ka x kb times
   top_k_pass      the k largest of each row of an integer [N, E] table (the learned prefetch predictions: 2 x L
@@ -103,6 +104,20 @@ def group_count_pass(group, n_groups, inner, inner_size, keys, counts):  # pragm
             row[v] = 0
             n += 1
     return n
+
+
+@numba.njit(cache=True, nogil=True)
+def row_count_pass(row, inner, out):  # pragma: no cover - compiled
+    """out[row[t], inner[l, t, c]] += 1 for all l, t, c with inner >= 0 (row: int [T]; inner: int [L, T, m];
+    out: int64 [rows, cells]): token_specialisation's counts of a piece added into its running dense table."""
+    L, T, m = inner.shape
+    for t in range(T):
+        counts = out[row[t]]
+        for l in range(L):
+            for c in range(m):
+                v = inner[l, t, c]
+                if v >= 0:
+                    counts[v] += 1
 
 
 @numba.njit(cache=True, nogil=True)

@@ -22,6 +22,7 @@ grows with the distinct (token, layer, expert) triples.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,30 +109,53 @@ def folds(ctx: AnalysisContext) -> bool:
     return ctx.token_table is not None and (ctx.token_table.size == 0 or _dense_cells(ctx) is not None)
 
 
-def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:
-    view = ShardView.of(shard, ctx)
+def _piece_keys(view: ShardView, ctx: AnalysisContext) -> tuple[SparseCounts, np.ndarray, np.ndarray, int]:
+    """(occurrences of every token, intp [T'] the tokens whose cells are counted (the table's, or all),
+    int64 [L, T', m] their inner keys (layer, combination) or (layer, expert), -1 = none, cells per token)."""
     L, E = view.L, view.E
     token_id = view.shard.token_id.astype(np.int64)
-    kept = slice(None)
-    if ctx.token_table is not None:  # expert counts for the table's tokens only
-        at = np.minimum(np.searchsorted(ctx.token_table, token_id), max(ctx.token_table.size - 1, 0))
-        kept = np.flatnonzero(ctx.token_table[at] == token_id) if ctx.token_table.size else np.zeros(0, np.intp)
-    uniq, inverse = np.unique(token_id[kept], return_inverse=True)
     entropy = view.shard.output_entropy
     if entropy is None:
         entropy = np.full(view.T, np.nan, np.float32)
     finite = np.isfinite(entropy)
-    occurrences = SparseCounts.from_keys(
-        view.shard.token_id.astype(np.int64), sums=np.stack([np.where(finite, entropy, 0.0), finite], axis=1)
-    )
+    occurrences = SparseCounts.from_keys(token_id, sums=np.stack([np.where(finite, entropy, 0.0), finite], axis=1))
+    kept = np.arange(view.T)
+    if ctx.token_table is not None:  # expert counts for the table's tokens only
+        at = np.minimum(np.searchsorted(ctx.token_table, token_id), max(ctx.token_table.size - 1, 0))
+        kept = np.flatnonzero(ctx.token_table[at] == token_id) if ctx.token_table.size else np.zeros(0, np.intp)
     layer = np.arange(L, dtype=np.int64)[:, None, None]
     R = _combination_space(ctx)
     if R is not None:
-        combo_key = layer[..., 0] * R + view.multiset_rank[:, kept]  # [L, T']
-        return TokenState(view.layers, occurrences, _count_by_token(inverse, uniq, combo_key, L * R, L), None)
+        return occurrences, kept, layer * R + view.multiset_rank[:, kept, None], L * R  # [L, T', 1]
     ids = view.ids[:, kept]
-    expert_key = np.where(ids < E, layer * E + ids, -1)  # [L, T', k] inner key (layer, expert)
-    return TokenState(view.layers, occurrences, None, _count_by_token(inverse, uniq, expert_key, L * E, L))
+    return occurrences, kept, np.where(ids < E, layer * E + ids, -1), L * E  # [L, T', k]
+
+
+def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:
+    view = ShardView.of(shard, ctx)
+    occurrences, kept, inner, cells = _piece_keys(view, ctx)
+    uniq, inverse = np.unique(view.shard.token_id[kept].astype(np.int64), return_inverse=True)
+    counts = _count_by_token(inverse, uniq, inner, cells, view.L)
+    if _combination_space(ctx) is not None:
+        return TokenState(view.layers, occurrences, counts, None)
+    return TokenState(view.layers, occurrences, None, counts)
+
+
+def accumulate_into(running: TokenState, shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:
+    """`merge_into(running, accumulate(shard))` when the run `folds`: the piece's cells counted straight into the
+    running dense table by one compiled pass, with no sparse table of the piece in between."""
+    from moescope.analysis.compiled import row_count_pass  # numba on first use (the vLLM plugin imports analysis/)
+
+    view = ShardView.of(shard, ctx)
+    if running.layers != view.layers:
+        raise MoescopeError("cannot merge token states of different layers")
+    occurrences, kept, inner, cells = _piece_keys(view, ctx)
+    running = _densified(running, ctx)
+    if kept.size:
+        row = np.searchsorted(ctx.token_table, view.shard.token_id[kept].astype(np.int64))  # [T'] its table row
+        inner = np.ascontiguousarray(inner.reshape(inner.shape[:2] + (-1,)), np.int64)
+        row_count_pass(row, inner, running.dense)
+    return dataclasses.replace(running, occurrences=running.occurrences.merge(occurrences))
 
 
 def merge(a: TokenState, b: TokenState) -> TokenState:
@@ -148,15 +172,20 @@ def merge_into(running: TokenState, new: TokenState, ctx: AnalysisContext) -> To
     place. The SparseCounts field the table replaces stays, empty, to say what is counted."""
     if running.layers != new.layers or (running.combinations is None) != (new.combinations is None):
         raise MoescopeError("cannot merge token states of different layers or combination coding")
-    dense = running.dense
-    if dense is None:
-        dense = np.zeros((ctx.token_table.size, _dense_cells(ctx) if ctx.token_table.size else 0), np.int64)
-        _add_counts(dense, running, ctx.token_table)
-    _add_counts(dense, new, ctx.token_table)
+    running = _densified(running, ctx)
+    _add_counts(running.dense, new, ctx.token_table)
+    return dataclasses.replace(running, occurrences=running.occurrences.merge(new.occurrences))
+
+
+def _densified(state: TokenState, ctx: AnalysisContext) -> TokenState:
+    """`state` with its counts in a dense table of its own (itself when it has one)."""
+    if state.dense is not None:
+        return state
+    dense = np.zeros((ctx.token_table.size, _dense_cells(ctx) if ctx.token_table.size else 0), np.int64)
+    _add_counts(dense, state, ctx.token_table)
     emptied = SparseCounts.empty()
-    return TokenState(running.layers, running.occurrences.merge(new.occurrences),
-                      None if running.combinations is None else emptied,
-                      None if running.expert_counts is None else emptied, dense)
+    return TokenState(state.layers, state.occurrences, None if state.combinations is None else emptied,
+                      None if state.expert_counts is None else emptied, dense)
 
 
 def _add_counts(dense: np.ndarray, state: TokenState, token_table: np.ndarray) -> None:
