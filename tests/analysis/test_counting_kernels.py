@@ -5,10 +5,11 @@ top-8; and the runner's pieces of a shard."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
-from analysis_helpers import SPECS, synthetic_shards
+from analysis_helpers import SPECS, run_one, synthetic_shards
 
 from moescope.analysis import run_analyses
 from moescope.analysis import runner
@@ -273,3 +274,31 @@ def test_placement_blocks_rebinned_equal_a_loop(n_blocks):
     np.testing.assert_array_equal(rebinned.tokens, [expect[b][0] for b in sorted(expect)])
     np.testing.assert_array_equal(rebinned.loads, np.stack([expect[b][1] for b in sorted(expect)]))
     assert rebinned.loads.dtype == np.int64
+
+
+def test_placement_folded_piece_by_piece_equals_the_merges(monkeypatch):
+    """A run folds placement states piece by piece into spare rows (placement.merge_into): over 200+ short
+    sequences, pieces of a few tokens, block spans that double several times and blocks shared by neighbouring
+    pieces, the state and the results are the pairwise merges'; out-of-order states fall back to the merge."""
+    from moescope.analysis import placement
+
+    spec = dataclasses.replace(SPECS["base"], seq_len=(1, 6))
+    shards = synthetic_shards(spec, [300, 7, 1, 256, 190], seed=17)
+    ctx = spec.context()
+    monkeypatch.setattr(runner, "PIECE_ROWS", 9 * spec.n_layers)  # pieces of at most 9 tokens
+    states = [placement.accumulate(piece, ctx) for shard in shards for piece in runner.pieces(shard)]
+    assert len(states) > 60
+    merged = folded = states[0]
+    in_place = 0
+    for state in states[1:]:
+        merged = placement.merge(merged, state)
+        folded = placement.merge_into(folded, state, ctx)
+        in_place += folded.room is not None  # not rebinned (the span doubled) by this merge
+    assert folded.span == merged.span >= 4 and in_place > len(states) / 2
+    for field in ("block", "tokens", "loads"):
+        np.testing.assert_array_equal(getattr(folded, field), getattr(merged, field), err_msg=field)
+    whole = run_analyses(shards, ctx, only=["placement"])["placement"]
+    reference = run_one("placement", shards, ctx)
+    assert json.dumps(whole.summary()) == json.dumps(reference.summary())
+    late, early = states[-1], states[0]
+    np.testing.assert_array_equal(placement.merge_into(late, early, ctx).loads, placement.merge(late, early).loads)

@@ -49,6 +49,7 @@ class PlacementState:
     block: np.ndarray  # int64 [B] block index = seq_id // span, ascending
     tokens: np.ndarray  # int64 [B] tokens per block
     loads: np.ndarray  # int64 [B, L, E] tokens routed to each expert per block
+    room: np.ndarray | None = None  # int64 [2 * MAX_BLOCKS, L, E]: a folded run's buffer whose first B rows are loads
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> PlacementState:
@@ -74,6 +75,43 @@ def merge(a: PlacementState, b: PlacementState) -> PlacementState:
     a, b = _rebin(a, span), _rebin(b, span)
     return _coalesce(_rebin(PlacementState(a.layers, span, np.concatenate([a.block, b.block]),
                                            np.concatenate([a.tokens, b.tokens]), np.concatenate([a.loads, b.loads])), span))
+
+
+def folds(ctx: AnalysisContext) -> bool:
+    """A run keeps one running state and merges each piece's into it in order (`merge_into`): the state is bounded
+    (MAX_BLOCKS blocks), and a tree would copy it whole at every merge."""
+    return True
+
+
+def merge_into(running: PlacementState, new: PlacementState, ctx: AnalysisContext) -> PlacementState:
+    """`merge(running, new)` for states in seq_id order (a run's pieces): `new`'s blocks go into spare rows of the
+    running state's buffer (the block a sequence cut between pieces shares is added in place), so the running
+    blocks are not copied at every piece; they are rebinned only when the span doubles. Any other order: `merge`."""
+    if running.layers != new.layers:
+        raise MoescopeError(f"cannot merge placement states of different layers {running.layers} and {new.layers}")
+    span = max(running.span, new.span)
+    running = running if running.span == span else _rebin(running, span)
+    new = new if new.span == span else _rebin(new, span)
+    B = running.block.size
+    if not new.block.size:
+        return running
+    if B and new.block[0] < running.block[-1]:
+        return merge(running, new)
+    shared = int(B > 0 and new.block[0] == running.block[-1])  # the block both hold: at most the first of new's
+    n = B + new.block.size - shared
+    if n > 2 * MAX_BLOCKS:  # states not coalesced (each side holds at most MAX_BLOCKS when they are)
+        return merge(running, new)
+    room = running.room
+    if room is None or running.loads.base is not room:  # the first merge: the running blocks move into a buffer
+        room = np.empty((2 * MAX_BLOCKS,) + running.loads.shape[1:], np.int64)
+        room[:B] = running.loads
+    if shared:
+        room[B - 1] += new.loads[0]
+    room[B:n] = new.loads[shared:]
+    tokens = np.concatenate([running.tokens, new.tokens[shared:]])
+    tokens[B - shared : B] += new.tokens[:shared]
+    state = PlacementState(running.layers, span, np.concatenate([running.block, new.block[shared:]]), tokens, room[:n], room)
+    return _coalesce(state)
 
 
 def _rebin(state: PlacementState, span: int) -> PlacementState:

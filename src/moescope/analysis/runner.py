@@ -3,8 +3,9 @@
 States of fixed size whose merge is a plain sum (modules with MERGE_ADDS = True: load, aux_losses,
 coactivation, cross_layer, expert_cache, temporal_locality, domain_specialisation) are added into one
 running state as shards come, in shard order (`_Fold`): memory is that state plus the newest shard's, however
-many shards there are (a DeepSeek-V3-sized cross_layer state is 261 MiB). token_specialisation with a token
-table folds too, by its own `merge_into` (one dense table of the kept tokens' counts). The other states (which
+many shards there are (a DeepSeek-V3-sized cross_layer state is 261 MiB). placement and token_specialisation
+with a token table fold too, by their own `merge_into` (spare rows for new blocks of sequences; one dense table
+of the kept tokens' counts). The other states (which
 grow, or merge by more than a sum) are merged in a tree (pairs of equal rank, like a binary counter: each state
 takes part in O(log n) merges), holding at most log2(shards) partial states. Integer sums do not depend on
 the order; the float sums (aux_losses' router probabilities) are added in shard order both here and on Ray
