@@ -96,9 +96,15 @@ class ShardView:
         return self.shard.topk_weights.transpose(2, 0, 1).astype(np.float64)
 
     @cached_property
+    def slots_in_weight_order(self) -> bool:
+        """Every token's gate weights are descending by slot, as a trace's are (trace/slots.py); NaN never is."""
+        w = self.shard.topk_weights  # [L, T, k] as stored
+        return bool((w[..., :-1] >= w[..., 1:]).all())
+
+    @cached_property
     def sorted_weights(self) -> np.ndarray:
         """float64 [k, L, T]: each token's gate weights, descending."""
-        return sort_descending(self.weights_by_slot)
+        return self.weights_by_slot if self.slots_in_weight_order else sort_descending(self.weights_by_slot)
 
     @cached_property
     def sorted_ids(self) -> np.ndarray:
@@ -109,6 +115,8 @@ class ShardView:
     def first_choice(self) -> np.ndarray:
         """intp [L, T]: the expert with the largest gate weight (first such column on ties): slot 0 of a trace,
         whose slots are in gate-weight order (trace/slots.py), and of any hand-built shard alike."""
+        if self.slots_in_weight_order:
+            return np.ascontiguousarray(self.ids[..., 0])
         w, ids = self.weights_by_slot, self.ids_by_slot
         best, choice = w[0], ids[0]
         for c in range(1, self.k):  # k slots, each a whole-shard operation
