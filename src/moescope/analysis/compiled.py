@@ -122,21 +122,21 @@ def row_count_pass(row, inner, out):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def set_overlap_pass(a, b, sentinel, out):  # pragma: no cover - compiled
-    """out[n] = |set(a[:, n]) & set(b[:, n])| over ids other than `sentinel` (a: int [ka, N], b: int [kb, N],
-    each column's ids distinct)."""
-    ka, N = a.shape
-    kb = b.shape[0]
-    for n in range(N):
-        hits = 0
-        for i in range(ka):
-            x = a[i, n]
-            if x == sentinel:
-                continue
-            for j in range(kb):
-                if b[j, n] == x:
-                    hits += 1
-                    break
-        out[n] = hits
+    """out[m, n] = |set(a[m, n]) & set(b[m, n])| over ids other than `sentinel` (a: int [M, N, ka], b: int [M, N, kb],
+    each row's ids distinct). Each row's ids are adjacent, and every pair is compared without a branch."""
+    M, N, ka = a.shape
+    kb = b.shape[2]
+    for m in range(M):
+        for n in range(N):
+            ra, rb = a[m, n], b[m, n]
+            hits = 0
+            for i in range(ka):
+                x = ra[i]
+                same = 0
+                for j in range(kb):
+                    same += rb[j] == x
+                hits += same if x != sentinel else 0
+            out[m, n] = hits
 
 
 @numba.njit(cache=True, nogil=True)

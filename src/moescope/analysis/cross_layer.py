@@ -123,9 +123,8 @@ def accumulate_into(state: CrossLayerState, shard: ShardData | ShardView, ctx: A
     state.previous_overlap[...] += view.previous_overlap.sum(axis=1)
     state.previous_targets[...] += view.valid_slots - (view.ids[:, starts] < E).sum(axis=(1, 2))
     if predicted is not None:
-        pred = predicted.transpose(2, 0, 1)  # [k', L, T]
-        pred = np.where((pred >= 0) & (pred < E), pred, E).astype(np.intp)
-        state.lookahead_overlap[: L - 1] += set_overlap(pred[:, : L - 1], view.ids_by_slot[:, 1:], E).sum(axis=1)
+        pred = np.where((predicted >= 0) & (predicted < E), predicted, E)  # [L, T, k']
+        state.lookahead_overlap[: L - 1] += set_overlap(pred[: L - 1], view.ids[1:], E).sum(axis=1)
     return dataclasses.replace(state, n_tokens=state.n_tokens + T)
 
 

@@ -140,8 +140,7 @@ class ShardView:
     def previous_overlap(self) -> np.ndarray:
         """int64 [L, T]: |S_t ∩ S_{t-1}| over real experts; 0 where t has no previous token."""
         out = np.zeros((self.L, self.T), np.int64)
-        ids = self.ids_by_slot
-        out[:, 1:] = set_overlap(ids[:, :, 1:], ids[:, :, :-1], self.E)
+        out[:, 1:] = set_overlap(self.ids[:, 1:], self.ids[:, :-1], self.E)
         return out * self.has_previous[None, :]
 
     @cached_property
@@ -199,13 +198,14 @@ class ShardView:
 def set_overlap(a: np.ndarray, b: np.ndarray, sentinel: int) -> np.ndarray:
     """int64 [...]: |set(a) ∩ set(b)| per position, counting real ids only; each set holds distinct ids.
 
-    a: slot-major [ka, ...], b: [kb, ...] integer ids; ids equal to `sentinel` never match.
+    a: [..., ka], b: [..., kb] integer ids, a position's ids last (ShardView.ids' layout); ids equal to `sentinel`
+    never match.
     """
     from moescope.analysis.compiled import set_overlap_pass  # numba on first use (the vLLM plugin imports analysis/)
 
-    shape = np.broadcast_shapes(a.shape[1:], b.shape[1:])
-    flat = [np.ascontiguousarray(np.broadcast_to(x, x.shape[:1] + shape).reshape(x.shape[0], -1), np.int64)
-            for x in (a, b)]
-    out = np.empty(flat[0].shape[1], np.int64)
-    set_overlap_pass(flat[0], flat[1], int(sentinel), out)
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    rows = (int(np.prod(shape[:-1])), shape[-1]) if shape else (1, 1)  # [M, N]: all but the last position axis merged
+    a, b = (np.broadcast_to(x, shape + x.shape[-1:]).reshape(rows + x.shape[-1:]) for x in (a, b))
+    out = np.empty(rows, np.int64)
+    set_overlap_pass(a, b, int(sentinel), out)
     return out.reshape(shape)
