@@ -178,3 +178,35 @@ def test_states_of_different_shapes_are_refused_when_folded():
     b = ANALYSES["coactivation"].accumulate(synthetic_shards(other, [10])[0], other.context())
     with pytest.raises(MoescopeError, match="cannot merge"):
         add_into(a, b)
+
+
+def test_the_ids_only_pass_reads_less_and_gives_the_same_results(tmp_path):
+    """The second pass (expert_cache, token_specialisation) asks a trace for shards without gate weights and router
+    logits (`ids_only`): the shards hold the same ids and predictions, and every result equals a full read's."""
+    import moescope
+    from moescope.analysis.synthetic import write_synthetic_trace
+    from moescope.pipeline.analyze import analysis_context
+
+    spec = dataclasses.replace(SPECS["fine_grained"], router_output="logits")
+    write_synthetic_trace(tmp_path / "t", spec, 300, 70, seed=3)
+    trace = moescope.open_trace(tmp_path / "t")
+    ctx = analysis_context(trace)
+    full, lean = next(trace.shards()), next(trace.shards(ids_only=True))
+    np.testing.assert_array_equal(lean.topk_ids, full.topk_ids)
+    np.testing.assert_array_equal(lean.predicted_next_ids, full.predicted_next_ids)
+    assert lean.topk_weights is None and lean.router_output is None and full.router_output is not None
+    asked = []
+
+    def source(ids_only=False):
+        asked.append(ids_only)
+        return trace.shards(ids_only=ids_only)
+
+    lean_results = run_analyses(source, ctx)
+    full_results = run_analyses(list(trace.shards()), ctx)
+    assert asked == [False, True]
+    for name in ANALYSES:
+        for table, frame in _tables(full_results[name]).items():
+            pd.testing.assert_frame_equal(frame, _tables(lean_results[name])[table], check_exact=True, obj=f"{name}/{table}")
+        assert json.dumps(full_results[name].summary()) == json.dumps(lean_results[name].summary()), name
+    with pytest.raises(MoescopeError, match="needs gate weights"):
+        run_analyses([lean], ctx, only=["router_confidence"])

@@ -151,6 +151,7 @@ def test_schema1_trace_is_reordered_when_read(captured, tiny_moe, padded_batch, 
     got = next(old.shards())
     np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
     np.testing.assert_array_equal(got.topk_weights, want.topk_weights)
+    np.testing.assert_array_equal(next(old.shards(ids_only=True)).topk_ids, want.topk_ids)  # ordered by the weights
     sql = old.sql("SELECT topk_ids, topk_weights FROM routing ORDER BY layer, seq_id, pos")
     np.testing.assert_array_equal(np.stack(sql["topk_ids"].to_numpy()), want.topk_ids.reshape(-1, 2))
     export_trace(old, tmp_path / "v1.jsonl", fmt="jsonl")

@@ -34,6 +34,7 @@ from moescope.trace.shard import ShardData
 
 NAME = "expert_cache"
 MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in place (runner._Fold)
+IDS_ONLY = True  # reads expert ids (and next-layer predictions), never gate weights or router outputs
 
 
 @dataclass(frozen=True, eq=False)

@@ -27,6 +27,7 @@ frequent tokens (ctx.token_table) in the second, folded into one table, so its m
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
@@ -70,6 +71,8 @@ ANALYSES: dict[str, ModuleType] = {
     )
 }
 
+# a callable that takes `ids_only` (Trace.shards) is asked for shards without gate weights and router outputs in a
+# pass whose analyses all say IDS_ONLY (the second pass: expert_cache, token_specialisation): half the decoding
 ShardSource = Iterable[ShardData] | Callable[[], Iterable[ShardData]]
 
 PIECE_ROWS = 1 << 17  # (token, layer) rows per piece of a shard: ~2.3k tokens at 58 layers, 4k at 32
@@ -139,7 +142,7 @@ def run_analyses(
         first.append("token_specialisation")  # occurrences only (an empty token table): picks the table
     clock = timings if timings is not None else {}
     first_ctx = dataclasses.replace(ctx, token_table=np.zeros(0, np.int64)) if token_pass else ctx
-    results = run_pass(_open(shards), first, first_ctx, clock)
+    results = run_pass(_open(shards, first), first, first_ctx, clock)
     if later:
         learned = ctx
         if second_pass:
@@ -148,12 +151,21 @@ def run_analyses(
             tokens = results.pop("token_specialisation")
             learned = dataclasses.replace(learned, token_table=token_specialisation.kept_tokens(
                 tokens.token_ids, tokens.occurrences, ctx))
-        results.update(run_pass(_open(shards), later, learned, clock))
+        results.update(run_pass(_open(shards, later), later, learned, clock))
     return {n: results[n] for n in names}
 
 
-def _open(shards: ShardSource) -> Iterable[ShardData]:
-    return shards() if callable(shards) else shards
+def ids_only(names: Iterable[str]) -> bool:
+    """Whether every named analysis reads only expert ids (IDS_ONLY): its pass can read shards without the rest."""
+    return all(getattr(ANALYSES[name], "IDS_ONLY", False) for name in names)
+
+
+def _open(shards: ShardSource, names: list[str]) -> Iterable[ShardData]:
+    if not callable(shards):
+        return shards
+    if ids_only(names) and "ids_only" in inspect.signature(shards).parameters:
+        return shards(ids_only=True)
+    return shards()
 
 
 def _run_pass(

@@ -36,7 +36,7 @@ class ShardView:
             raise MoescopeError(f"shard has {L} MoE layers but the analysis context says {ctx.n_layers}")
         if k != ctx.top_k:
             raise MoescopeError(f"shard has top-{k} routing but the analysis context says top-{ctx.top_k}")
-        if shard.topk_weights.shape != (L, T, k):
+        if shard.topk_weights is not None and shard.topk_weights.shape != (L, T, k):
             raise MoescopeError(f"topk_weights shape {shard.topk_weights.shape} != topk_ids shape {(L, T, k)}")
         if shard.router_output is not None and shard.router_output.shape != (L, T, ctx.router_width):
             raise MoescopeError(
@@ -93,12 +93,17 @@ class ShardView:
     @cached_property
     def weights_by_slot(self) -> np.ndarray:
         """float64 [k, L, T]: gate weights slot-major."""
+        if self.shard.topk_weights is None:
+            raise MoescopeError("this analysis needs gate weights: the shard was read without them (ids_only)")
         return self.shard.topk_weights.transpose(2, 0, 1).astype(np.float64)
 
     @cached_property
     def slots_in_weight_order(self) -> bool:
-        """Every token's gate weights are descending by slot, as a trace's are (trace/slots.py); NaN never is."""
+        """Every token's gate weights are descending by slot, as a trace's are (trace/slots.py); NaN never is. A shard
+        read without its weights (ids_only) is a trace's, so its slots are in that order."""
         w = self.shard.topk_weights  # [L, T, k] as stored
+        if w is None:
+            return True
         return bool((w[..., :-1] >= w[..., 1:]).all())
 
     @cached_property

@@ -36,6 +36,7 @@ from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
 
 NAME = "token_specialisation"
+IDS_ONLY = True  # reads expert ids (and next-layer predictions), never gate weights or router outputs
 _INT32_TOKENS = 1 << 31
 DENSE_ROW_CELLS = 1 << 20  # (layer, expert or combination) cells of one token up to which counting uses a dense row
 

@@ -19,7 +19,7 @@ from collections import deque
 
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.result import AnalysisResult
-from moescope.analysis.runner import ANALYSES, folds_in_place, pieces, reducer_for
+from moescope.analysis.runner import ANALYSES, folds_in_place, ids_only, pieces, reducer_for
 from moescope.errors import MoescopeError
 
 
@@ -31,7 +31,8 @@ def accumulate_shard(folder, position: int, names: list[str], ctx: AnalysisConte
 
     trace = Trace(folder)
     states: tuple[list, ...] = tuple([] for _ in names)
-    for piece in pieces(trace.read_shard(trace.manifest["shards"][position])):
+    shard = trace.read_shard(trace.manifest["shards"][position], ids_only=ids_only(names))
+    for piece in pieces(shard):
         view = ShardView(piece, ctx)
         for name, kept in zip(names, states):
             kept.append(ANALYSES[name].accumulate(view, ctx))

@@ -51,9 +51,11 @@ class MemoryTrace(Trace):
         table = self._parts[entry["path"]]
         return table.select(columns) if columns is not None else table
 
-    def _part_batches(self, entry: dict, *, verify: bool = False):
+    def _part_batches(self, entry: dict, *, verify: bool = False, columns=None):
         table = self._parts[entry["path"]]
-        return table.schema, table.num_rows, iter(table.to_batches(max_chunksize=ROUTING_BATCH_ROWS))
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.schema.names])
+        return self._parts[entry["path"]].schema, table.num_rows, iter(table.to_batches(max_chunksize=ROUTING_BATCH_ROWS))
 
     def duckdb(self):
         """A DuckDB connection with views `routing`, `tokens`, `sequences` over the in-memory tables."""

@@ -122,21 +122,27 @@ class Trace:
             raise TraceError(f"{path}: {problem}; not a part this moescope wrote, recapture")
         return table
 
-    def _part_batches(self, entry: dict, *, verify: bool = False) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
-        """(schema, rows, batches of at most ROUTING_BATCH_ROWS rows) of one part, read as the batches are taken."""
+    def _part_batches(self, entry: dict, *, verify: bool = False,
+                      columns: list[str] | None = None) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
+        """(schema, rows, batches of at most ROUTING_BATCH_ROWS rows of those of `columns` it has (default all)) of
+        one part, read as the batches are taken."""
         part = pq.ParquetFile(self.check_part(entry, verify=verify))
-        return part.schema_arrow, part.metadata.num_rows, part.iter_batches(batch_size=ROUTING_BATCH_ROWS)
+        schema = part.schema_arrow
+        columns = None if columns is None else [c for c in columns if c in schema.names]
+        return schema, part.metadata.num_rows, part.iter_batches(batch_size=ROUTING_BATCH_ROWS, columns=columns)
 
     def _read_routing(self, shard: dict, seq_id: np.ndarray, pos: np.ndarray, n_layers: int, *,
-                      verify: bool = False) -> dict[str, np.ndarray]:
-        """{list column: [L, T, width] array} of a shard's routing part, read in batches of ROUTING_BATCH_ROWS rows
-        into arrays of their final shape (no whole Arrow table beside them: about half the peak memory of a read);
-        checks that its rows are one per token and layer in (layer, seq_id, pos) order."""
+                      verify: bool = False, lists: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """{list column: [L, T, width] array} of a shard's routing part (only the `lists` named, when given), read in
+        batches of ROUTING_BATCH_ROWS rows into arrays of their final shape (no whole Arrow table beside them: about
+        half the peak memory of a read); checks that its rows are one per token and layer in (layer, seq_id, pos)
+        order."""
         entry = shard["files"]["routing"]
         path = entry["path"] if self.folder is None else self.folder / entry["path"]  # a MemoryTrace has no folder
         n_tokens = len(seq_id)
         try:
-            schema, rows, batches = self._part_batches(entry, verify=verify)
+            columns = None if lists is None else ["seq_id", "pos", "layer", *lists]
+            schema, rows, batches = self._part_batches(entry, verify=verify, columns=columns)
             problem = schema_problem("routing", schema)
         except (pa.ArrowException, OSError, KeyError, ValueError) as err:  # ArrowException: every pyarrow error
             raise TraceError(f"{path}: unreadable Parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
@@ -148,7 +154,7 @@ class Trace:
         if rows != n_tokens * n_layers:
             raise TraceError(f"{self.folder}: shard {shard['index']} has {rows} routing rows, expected {n_tokens}x{n_layers}")
         arrays = {name: np.empty((rows, schema.field(name).type.list_size), dtype)
-                  for name, dtype in ROUTING_LISTS.items() if name in schema.names}
+                  for name, dtype in ROUTING_LISTS.items() if name in schema.names and (lists is None or name in lists)}
         start, in_order = 0, True
         try:
             for batch in batches:
@@ -197,18 +203,23 @@ class Trace:
             self._domain_names = tuple(sorted(set(pa.array(domains).to_pylist()))) if len(domains) else ()
         return self._domain_names
 
-    def shards(self, *, verify: bool = False) -> Iterator[ShardData]:
-        """Committed shards in order, as dense ShardData blocks."""
+    def shards(self, *, verify: bool = False, ids_only: bool = False) -> Iterator[ShardData]:
+        """Committed shards in order, as dense ShardData blocks (see `read_shard` for `ids_only`)."""
         for shard in self.manifest["shards"]:
-            yield self.read_shard(shard, verify=verify)
+            yield self.read_shard(shard, verify=verify, ids_only=ids_only)
 
-    def read_shard(self, shard: dict, *, verify: bool = False) -> ShardData:
+    def read_shard(self, shard: dict, *, verify: bool = False, ids_only: bool = False) -> ShardData:
+        """One committed shard. `ids_only`: of the routing part's lists, only the expert ids and next-layer predictions
+        are decoded (gate weights, router outputs and expert norms are left out, None): what analyses that never read
+        them need, at about half the decoding (a trace's slots stay in gate-weight order: trace/slots.py)."""
         tokens = self._read(shard["files"]["tokens"], verify=verify)
         sequences = self._read(shard["files"]["sequences"], verify=verify)
         n_tokens, n_layers = tokens.num_rows, len(self.layers)
         seq_id = tokens.column("seq_id").to_numpy()
         pos = tokens.column("pos").to_numpy()
-        routing = self._read_routing(shard, seq_id, pos, n_layers, verify=verify)  # {column: [L, T, width]}
+        ids_only = ids_only and self.schema_version != 1  # slots stored in the experts' order: the weights order them
+        lists = ("topk_ids", "next_layer_prediction") if ids_only else None
+        routing = self._read_routing(shard, seq_id, pos, n_layers, verify=verify, lists=lists)  # {column: [L, T, width]}
         domain_of_seq = dict(zip(sequences.column("seq_id").to_pylist(), sequences.column("domain").to_pylist()))
         names = self.domain_names
         seq_ids, inverse = np.unique(seq_id, return_inverse=True)
@@ -223,7 +234,7 @@ class Trace:
         predicted = routing.get("next_layer_prediction")
         norms = routing.get("expert_norms")
         entropy = tokens.column("output_entropy").to_numpy(zero_copy_only=False).astype(np.float32)
-        topk_ids, topk_weights = routing["topk_ids"], routing["topk_weights"]
+        topk_ids, topk_weights = routing["topk_ids"], routing.get("topk_weights")
         if self.schema_version == 1:  # stored in the experts' order
             topk_ids, topk_weights = order_slots(topk_ids, topk_weights)
         return ShardData(

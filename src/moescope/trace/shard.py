@@ -22,7 +22,7 @@ class ShardData:
     domain: np.ndarray  # int16 [T]      index into `domain_names`
     domain_names: tuple[str, ...]  # trace-wide, sorted
     topk_ids: np.ndarray  # int16 [L, T, k] expert ids the experts actually received
-    topk_weights: np.ndarray  # float32 [L, T, k] gate weights as the experts applied them
+    topk_weights: np.ndarray | None  # float32 [L, T, k] gate weights as the experts applied them (None: read ids only)
     router_output: np.ndarray | None = None  # float32 [L, T, E] logits or probs (manifest says which)
     output_entropy: np.ndarray | None = None  # float32 [T] entropy of next-token distribution, NaN if absent
     predicted_next_ids: np.ndarray | None = None  # int16 [L, T, k] layer l+1's router on layer l's input (-1: last layer)
