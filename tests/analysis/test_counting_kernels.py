@@ -14,7 +14,7 @@ from analysis_helpers import SPECS, run_one, synthetic_shards
 from moescope.analysis import run_analyses
 from moescope.analysis import runner
 from moescope.analysis.cross_layer import top_indices
-from moescope.analysis.kernels import expert_counts, pair_counts
+from moescope.analysis.kernels import expert_counts, pair_counts, symmetrised
 from moescope.analysis.stack_distance import NO_PRIOR_USE, NOT_AN_EXPERT, hits_from_ranks, lru_ranks, rank_counts
 
 SIZES = [1, 7, 256]
@@ -160,6 +160,16 @@ def test_pair_counts_equal_a_loop(T, E, k):
     np.testing.assert_array_equal(pair_counts(a, b, E, group=group, n_groups=2), expect)
     running = pair_counts(a, b, E)
     np.testing.assert_array_equal(pair_counts(a, b, E, out=running), 2 * expect.sum(0))  # adds into out
+    together = np.zeros((L, E, E), np.int64)  # the co-activation table of a's ids with themselves
+    for l in range(L):
+        for t in range(T):
+            for i in a[l, t]:
+                for j in a[l, t]:
+                    if 0 <= i < E and 0 <= j < E:
+                        together[l, i, j] += 1
+    np.testing.assert_array_equal(symmetrised(pair_counts(a, a, E, triangle=True)), together)
+    with pytest.raises(ValueError, match="same array"):
+        pair_counts(a, a.copy(), E, triangle=True)
 
 
 def test_pair_counts_hold_cells_past_the_scratch_tables_range():

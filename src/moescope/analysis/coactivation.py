@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import OVERALL, AnalysisContext
-from moescope.analysis.kernels import jsonable, pair_counts, token_count_dtype, widened
+from moescope.analysis.kernels import jsonable, pair_counts, symmetrised, token_count_dtype, widened
 from moescope.analysis.result import TABLE_PIECE_ROWS, ChunkedTable
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -27,14 +27,16 @@ MERGE_ADDS = True  # merge is the sum of fixed-shape arrays: runs fold it in pla
 @dataclass(frozen=True, eq=False)
 class CoactivationState:
     layers: tuple[int, ...]
-    counts: np.ndarray  # int32 (int64 past 2**31 - 1 tokens) [L, E, E]
+    counts: np.ndarray  # int32 (int64 past 2**31 - 1 tokens) [L, E, E]: each pair in one of its two cells (kernels.
+    # pair_counts' triangle: the cell its slots came in), the diagonal the load; symmetrised at finalize
     n_tokens: int
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> CoactivationState:
     view = ShardView.of(shard, ctx)
     counts = np.zeros((view.L, view.E, view.E), token_count_dtype(view.T))
-    return CoactivationState(view.layers, pair_counts(view.ids, view.ids, view.E, out=counts), view.T)
+    ids = view.ids
+    return CoactivationState(view.layers, pair_counts(ids, ids, view.E, out=counts, triangle=True), view.T)
 
 
 def accumulate_into(state: CoactivationState, shard: ShardData | ShardView, ctx: AnalysisContext) -> CoactivationState:
@@ -43,7 +45,8 @@ def accumulate_into(state: CoactivationState, shard: ShardData | ShardView, ctx:
     if state.layers != view.layers:
         raise MoescopeError(f"cannot merge co-activation states of different layers {state.layers} and {view.layers}")
     counts = widened(state.counts, state.n_tokens + view.T)
-    pair_counts(view.ids, view.ids, view.E, out=counts)
+    ids = view.ids
+    pair_counts(ids, ids, view.E, out=counts, triangle=True)
     return CoactivationState(state.layers, counts, state.n_tokens + view.T)
 
 
@@ -142,4 +145,4 @@ class CoactivationResult:
 def finalize(state: CoactivationState, ctx: AnalysisContext) -> CoactivationResult:
     notes = ("top-1 routing: no expert pairs",) if ctx.top_k < 2 else ()
     th = ctx.thresholds
-    return CoactivationResult(state.layers, state.counts, state.n_tokens, th.top_n, th.min_count, notes)
+    return CoactivationResult(state.layers, symmetrised(state.counts), state.n_tokens, th.top_n, th.min_count, notes)

@@ -25,8 +25,9 @@ from moescope.analysis.ranks import NO_PRIOR_USE, NOT_AN_EXPERT
 
 
 @numba.njit(cache=True, nogil=True)
-def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
-    """out[g(t), l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j whose ids are in [0, n_experts).
+def pair_count_pass(a, b, group, n_experts, out, triangle=False):  # pragma: no cover - compiled
+    """out[g(t), l, a[l, t, i], b[l, t, j]] += 1 for all l, t, i, j whose ids are in [0, n_experts) (with `triangle`,
+    for j >= i only: a and b the same ids, each unordered pair of slots counted once).
 
     a: int [L, T, ka], b: int [L, T, kb], group: int [T] (empty: every token in group 0), out: int64 or int32 [G, L, E, E].
     The increments go to a uint16 scratch table per group ([G, E + 1, E + 1]: 130 KiB at 256 experts, held in the
@@ -49,7 +50,7 @@ def pair_count_pass(a, b, group, n_experts, out):  # pragma: no cover - compiled
                 src, dst = a[l, t], b[l, t]
                 for i in range(ka):
                     row = counts[min(np.uint64(src[i]), none)]
-                    for j in range(kb):
+                    for j in range(i if triangle else 0, kb):
                         row[min(np.uint64(dst[j]), none)] += 1
             for g in range(G):
                 total, part = out[g, l], scratch[g]
