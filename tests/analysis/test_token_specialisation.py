@@ -150,3 +150,22 @@ def test_token_counts_take_memory_flat_in_the_number_of_shards(monkeypatch):
         finally:
             tracemalloc.stop()
     assert peaks[64] < peaks[4] + table_bytes / 4, (peaks, table_bytes)
+
+
+@pytest.mark.parametrize("spec_name", ["wide", "fine_grained"])
+def test_per_token_figures_taken_in_small_chunks_are_the_same_floats(spec_name, monkeypatch):
+    """finalize sums each token's figures over chunks of the kept counts cut between tokens (bounded temporaries):
+    chunks of a few counts, and chunks shorter than one token's counts, give the one-pass floats exactly."""
+    from moescope.analysis import token_specialisation as ts
+
+    spec = SPECS[spec_name]
+    shards = synthetic_shards(spec, [1, 7, 40, 256], seed=19)
+    ctx = spec.context()
+    whole = run_one("token_specialisation", shards, ctx)
+    monkeypatch.setattr(ts, "STATS_CHUNK", 5)
+    chunked = run_one("token_specialisation", shards, ctx)
+    for field in ("top1_share", "entropy_norm", "avg_expert_size", "flops_per_token"):
+        if getattr(whole, field) is not None:
+            np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
+    assert chunked.baseline_top1_share == whole.baseline_top1_share
+    assert chunked.baseline_entropy_norm == whole.baseline_entropy_norm

@@ -374,23 +374,15 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
     expert_counts = state.expert_counts
     if state.combinations is not None:
         expert_counts = _expert_counts_from_combinations(state.combinations, L, E, k, R)
-    keys, counts = expert_counts.keys, expert_counts.counts
-    group = keys // E  # token * L + layer, sorted
-    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]])) if keys.size else keys
-    total = np.add.reduceat(counts, starts).astype(np.float64) if keys.size else np.zeros(0)
-    top = np.maximum.reduceat(counts, starts) / total if keys.size else np.zeros(0)
-    p = counts / np.repeat(total, np.diff(np.append(starts, counts.size)))
-    h = -np.add.reduceat(p * np.log(p), starts) / np.log(E) if E > 1 and keys.size else np.zeros(starts.size)
-    token_of_group = group[starts] // L
-    tok_index = np.searchsorted(token_ids, token_of_group)  # [groups] index into token_ids
-    layers_seen = np.bincount(tok_index, minlength=token_ids.size)
+    sums = _per_token_sums(expert_counts, token_ids, L, E, ctx)
     counted = _counted(token_ids, ctx)  # bool [V]: the token's expert counts were kept
-    top1_share = np.bincount(tok_index, weights=top, minlength=token_ids.size) / np.maximum(layers_seen, 1)
-    entropy_norm = np.bincount(tok_index, weights=h, minlength=token_ids.size) / np.maximum(layers_seen, 1)
+    layers_seen = np.maximum(sums["layers"], 1)
+    top1_share = sums["top"] / layers_seen
+    entropy_norm = sums["entropy"] / layers_seen
     top1_share[~counted] = np.nan
     entropy_norm[~counted] = np.nan
 
-    load = np.bincount((keys // E) % L * E + keys % E, weights=counts, minlength=L * E).reshape(L, E)
+    load = sums["load"].reshape(L, E)
     with np.errstate(invalid="ignore", divide="ignore"):
         layer_share = load / load.sum(axis=1, keepdims=True)
         baseline_entropy = (
@@ -402,18 +394,10 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
 
     notes = []
     avg_size = flops = mode_flops = None
-    token_all = np.searchsorted(token_ids, keys // (L * E))  # [N] token index of each count
-    layer_all, expert_all = (keys // E) % L, keys % E
     if ctx.expert_sizes is not None:
-        sizes = ctx.expert_sizes
-        size_sum = np.bincount(token_all, weights=counts * sizes[layer_all, expert_all], minlength=token_ids.size)
-        avg_size = np.where(counted, size_sum / (occurrences * L * k), np.nan)  # slots holding no expert count as size 0
+        avg_size = np.where(counted, sums["size"] / (occurrences * L * k), np.nan)  # slots holding no expert count as size 0
     if ctx.has_costs:
-        per_expert = ctx.expert_flops()  # [L, E]
-        flops = (
-            np.bincount(token_all, weights=counts * per_expert[layer_all, expert_all], minlength=token_ids.size)
-            / occurrences
-        )
+        flops = sums["flops"] / occurrences
         flops[~counted] = np.nan
 
     mode = share = None
@@ -458,6 +442,48 @@ def finalize(state: TokenState, ctx: AnalysisContext) -> TokenResult:
         ctx.thresholds.min_token_count,
         tuple(notes),
     )
+
+
+STATS_CHUNK = 1 << 18  # (token, layer, expert) counts per chunk of `_per_token_sums`: its temporaries stay bounded
+
+
+def _per_token_sums(expert_counts: SparseCounts, token_ids: np.ndarray, L: int, E: int,
+                    ctx: AnalysisContext) -> dict[str, np.ndarray]:
+    """Sums over each token's (layer) rows of its (token, layer, expert) counts, float64 [V] each: "layers" seen,
+    "top" (busiest expert's share) and "entropy" (normalised), "size" and "flops" of its slots (with expert sizes,
+    with costs); and "load" [L * E] (slots per layer and expert). Taken over chunks of about STATS_CHUNK counts cut
+    between tokens, so each token's sums are added in the order of one whole pass (the same floats) while the
+    temporaries stay a chunk's size, not the kept table's (up to thresholds.token_table_cells counts)."""
+    V = token_ids.size
+    out = {name: np.zeros(V) for name in ("layers", "top", "entropy", "size", "flops")}
+    out["load"] = np.zeros(L * E)
+    keys, counts = expert_counts.keys, expert_counts.counts
+    per_expert = ctx.expert_flops() if ctx.has_costs else None  # [L, E]
+    lo = 0
+    while lo < keys.size:
+        hi = min(keys.size, lo + STATS_CHUNK)
+        if hi < keys.size:  # back to the first count of the token there, or past it when it alone is longer
+            first = int(np.searchsorted(keys, keys[hi] // (L * E) * (L * E)))
+            hi = first if first > lo else int(np.searchsorted(keys, (keys[hi] // (L * E) + 1) * (L * E)))
+        key, count = keys[lo:hi], counts[lo:hi]
+        group = key // E  # token * L + layer, sorted
+        starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+        total = np.add.reduceat(count, starts).astype(np.float64)
+        p = count / np.repeat(total, np.diff(np.append(starts, count.size)))
+        tok = np.searchsorted(token_ids, group[starts] // L)  # [groups] index into token_ids
+        out["layers"] += np.bincount(tok, minlength=V)
+        out["top"] += np.bincount(tok, weights=np.maximum.reduceat(count, starts) / total, minlength=V)
+        if E > 1:
+            out["entropy"] += np.bincount(tok, weights=-np.add.reduceat(p * np.log(p), starts) / np.log(E), minlength=V)
+        layer, expert = group % L, key % E
+        out["load"] += np.bincount(layer * E + expert, weights=count, minlength=L * E)
+        token = np.searchsorted(token_ids, key // (L * E))  # [n] token index of each count
+        if ctx.expert_sizes is not None:
+            out["size"] += np.bincount(token, weights=count * ctx.expert_sizes[layer, expert], minlength=V)
+        if per_expert is not None:
+            out["flops"] += np.bincount(token, weights=count * per_expert[layer, expert], minlength=V)
+        lo = hi
+    return out
 
 
 def _counted(token_ids: np.ndarray, ctx: AnalysisContext) -> np.ndarray:
