@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 from analysis_helpers import SHARD_LAYOUTS, SPECS, make_shard, run_one, synthetic_shards
 
@@ -169,3 +170,22 @@ def test_per_token_figures_taken_in_small_chunks_are_the_same_floats(spec_name, 
             np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field), err_msg=field)
     assert chunked.baseline_top1_share == whole.baseline_top1_share
     assert chunked.baseline_entropy_norm == whole.baseline_entropy_norm
+
+
+def test_the_token_expert_table_in_pieces_is_the_whole_table(monkeypatch):
+    """`analyze` writes token_experts piece by piece (up to 4 M rows on a long trace): the pieces, in order, are the
+    rows of (token, layer, expert) counts, with the same columns as the whole table."""
+    from moescope.analysis import token_specialisation as ts
+
+    spec = SPECS["fine_grained"]
+    result = run_one("token_specialisation", synthetic_shards(spec, [7, 256], seed=23), spec.context())
+    whole = result.expert_table()
+    monkeypatch.setattr(ts, "TABLE_PIECE_ROWS", 5)
+    chunked = result.chunked_tables()["token_experts"]
+    pieces = list(chunked.pieces())
+    assert chunked.n_rows == len(whole) > 10 and len(pieces) == -(-len(whole) // 5)
+    pd.testing.assert_frame_equal(pd.concat(pieces, ignore_index=True), whole)
+    L, E = len(result.layers), result.n_experts
+    keys = (whole.token_id * L + whole.layer) * E + whole.expert  # layers are 0..L-1 here
+    np.testing.assert_array_equal(keys, result.expert_counts.keys)
+    np.testing.assert_array_equal(whole["count"], result.expert_counts.counts)

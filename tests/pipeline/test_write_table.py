@@ -41,3 +41,22 @@ def test_the_csv_copy_is_what_pandas_writes(tmp_path, n, slice_rows, monkeypatch
         assert (tmp_path / "chunked.csv").read_text() == frame.to_csv(index=False)
         parquet = pq.read_table(tmp_path / "chunked.parquet").to_pandas()
         pd.testing.assert_frame_equal(parquet, frame.reset_index(drop=True))
+
+
+@pytest.mark.parametrize("n", [1, 7, 256])
+def test_a_dataframe_is_written_a_row_group_at_a_time_as_one_conversion_would(tmp_path, n, monkeypatch):
+    """A DataFrame table is converted to Arrow a row group at a time (bounded memory): the same rows, schema and
+    pandas metadata as one conversion of the whole frame, even when the first row group's strings are all None."""
+    import pyarrow as pa
+
+    for frame in _frames(n)[:3]:
+        frame = frame.assign(label=pd.Series([None if i < 4 else f"t{i}" for i in range(len(frame))], dtype=object))
+        monkeypatch.setattr(analyze, "ROW_GROUP_ROWS", 3)
+        write_table(tmp_path, "sliced", frame)
+        sliced = pq.ParquetFile(tmp_path / "sliced.parquet")
+        assert sliced.metadata.num_row_groups == max(1, -(-len(frame) // 3))
+        assert sliced.schema_arrow.equals(pa.Table.from_pandas(frame, preserve_index=False).schema, check_metadata=True)
+        monkeypatch.setattr(analyze, "ROW_GROUP_ROWS", 1 << 20)  # one slice: the whole frame converted at once
+        write_table(tmp_path, "whole", frame)
+        pd.testing.assert_frame_equal(sliced.read().to_pandas(), pq.read_table(tmp_path / "whole.parquet").to_pandas())
+        assert (tmp_path / "sliced.csv").read_text() == frame.to_csv(index=False)

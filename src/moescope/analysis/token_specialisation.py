@@ -31,6 +31,7 @@ import pandas as pd
 from moescope.analysis.combinations import CombinationCoder
 from moescope.analysis.context import AnalysisContext
 from moescope.analysis.kernels import SparseCounts, jsonable
+from moescope.analysis.result import TABLE_PIECE_ROWS, ChunkedTable
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
 from moescope.trace.shard import ShardData
@@ -248,16 +249,21 @@ class TokenResult:
 
     def expert_table(self) -> pd.DataFrame:
         """Long table: token_id, layer, expert, count."""
+        return self.expert_pieces().to_pandas()
+
+    def expert_pieces(self) -> ChunkedTable:
+        """`expert_table` built TABLE_PIECE_ROWS rows at a time (up to thresholds.token_table_cells rows in all)."""
         L, E = len(self.layers), self.n_experts
-        keys = self.expert_counts.keys
-        return pd.DataFrame(
-            {
-                "token_id": keys // (L * E),
-                "layer": np.asarray(self.layers)[(keys // E) % L],
-                "expert": keys % E,
-                "count": self.expert_counts.counts,
-            }
-        )
+        keys, counts = self.expert_counts.keys, self.expert_counts.counts
+        layers = np.asarray(self.layers)
+
+        def pieces():
+            for lo in range(0, max(keys.size, 1), TABLE_PIECE_ROWS):
+                key = keys[lo : lo + TABLE_PIECE_ROWS]
+                yield pd.DataFrame({"token_id": key // (L * E), "layer": layers[(key // E) % L], "expert": key % E,
+                                    "count": counts[lo : lo + TABLE_PIECE_ROWS]})
+
+        return ChunkedTable(pieces, int(keys.size))
 
     def routing_table(self) -> pd.DataFrame:
         """One row per token: the exportable token routing table (sorted by FLOPs when known)."""
@@ -284,6 +290,9 @@ class TokenResult:
         if self.flops_per_token is not None:
             df = df.sort_values("flops_per_token", kind="stable").reset_index(drop=True)
         return df
+
+    def chunked_tables(self) -> dict[str, pd.DataFrame | ChunkedTable]:
+        return {"tokens": self.routing_table(), "token_experts": self.expert_pieces()}
 
     def to_pandas(self) -> dict[str, pd.DataFrame]:
         return {"tokens": self.routing_table(), "token_experts": self.expert_table()}

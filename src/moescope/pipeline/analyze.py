@@ -117,13 +117,20 @@ def write_results(out: Path, tables: dict[str, dict[str, pd.DataFrame | ChunkedT
 
 
 def write_table(out: Path, stem: str, table: pd.DataFrame | ChunkedTable) -> None:
-    """`stem`.parquet in row groups of ROW_GROUP_ROWS, and `stem`.csv when the table has at most CSV_MAX_ROWS rows."""
-    pieces = table.pieces() if isinstance(table, ChunkedTable) else iter([table])
+    """`stem`.parquet in row groups of ROW_GROUP_ROWS, and `stem`.csv when the table has at most CSV_MAX_ROWS rows.
+    A DataFrame is converted a row group at a time (no Arrow copy of the whole table beside it: token_experts is
+    millions of rows on a long trace); the files are those of one conversion."""
+    schema = None  # a ChunkedTable's pieces each convert alike; a DataFrame's slices take the whole frame's types
+    if isinstance(table, ChunkedTable):
+        pieces = table.pieces()
+    else:
+        schema = pa.Schema.from_pandas(table, preserve_index=False)
+        pieces = (table.iloc[lo : lo + ROW_GROUP_ROWS] for lo in range(0, max(len(table), 1), ROW_GROUP_ROWS))
     with_csv = table_rows(table) <= CSV_MAX_ROWS
     writer, pending, written = None, None, 0  # pending: converted rows not yet written, < ROW_GROUP_ROWS
     with open(out / f"{stem}.csv", "w", newline="") if with_csv else contextlib.nullcontext() as csv:
         for n, piece in enumerate(pieces):
-            arrow = pa.Table.from_pandas(piece, preserve_index=False)
+            arrow = pa.Table.from_pandas(piece, schema=schema, preserve_index=False)
             if writer is None:
                 writer = pq.ParquetWriter(out / f"{stem}.parquet", arrow.schema)
             pending = arrow if pending is None else pa.concat_tables([pending, arrow])
