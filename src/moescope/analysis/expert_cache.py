@@ -49,7 +49,7 @@ class CacheState:
 def prefetch_sources(view: ShardView, ctx: AnalysisContext, dtype=np.intp) -> dict[str, np.ndarray | None]:
     """predictor -> `dtype` [L, T, kp] experts to prefetch into layer l's cache (row 0 all sentinel E); also
     what simulate/offload.py prefetches. `dtype` must hold E (the expert-cache pass takes int16 at E < 2**15)."""
-    E, L, T, k = view.E, view.L, view.T, view.k
+    E, L, k = view.E, view.L, view.k
 
     def below_a_sentinel_row(rows: np.ndarray) -> np.ndarray:  # [L - 1, T, kp] -> [L, T, kp], row 0 all E
         out = np.empty((L,) + rows.shape[1:], dtype)

@@ -5,9 +5,9 @@ coactivation, cross_layer, expert_cache, temporal_locality, domain_specialisatio
 running state as shards come, in shard order (`_Fold`): memory is that state plus the newest shard's, however
 many shards there are (a DeepSeek-V3-sized cross_layer state is 261 MiB). placement and token_specialisation
 with a token table fold too, by their own `merge_into` (spare rows for new blocks of sequences; one dense table
-of the kept tokens' counts). The other states (which
-grow, or merge by more than a sum) are merged in a tree (pairs of equal rank, like a binary counter: each state
-takes part in O(log n) merges), holding at most log2(shards) partial states. Integer sums do not depend on
+of the kept tokens' counts). The other states (which grow, or merge by more than a sum) are merged in a tree
+(pairs of equal rank, like a binary counter: each state takes part in O(log n) merges), holding at most
+log2(shards) partial states. Integer sums do not depend on
 the order; the float sums (aux_losses' router probabilities) are added in shard order both here and on Ray
 (distributed/analyze.py folds on the driver in the same order), so results are equal to the bit.
 
@@ -195,7 +195,7 @@ def _run_pass(
 def folds_in_place(module: ModuleType, ctx: AnalysisContext) -> bool:
     """Whether the run keeps one running state of the analysis, each new state merged into it in arrival order: its
     states are fixed-shape arrays whose merge is their sum (MERGE_ADDS), or the module says so for this context
-    (`folds(ctx)`, with a `merge_into(running, new, ctx)`: token_specialisation with a token table)."""
+    (`folds(ctx)`, with a `merge_into(running, new, ctx)`: placement, and token_specialisation with a token table)."""
     return getattr(module, "MERGE_ADDS", False) or getattr(module, "folds", lambda ctx: False)(ctx)
 
 

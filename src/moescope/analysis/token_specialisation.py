@@ -50,7 +50,7 @@ class TokenState:
     expert_counts: SparseCounts | None  # key (token * L + l) * E + e; only kept without combinations
     # (expert counts follow from the combination counts, so they are derived at finalize when possible)
     dense: np.ndarray | None = None  # int64 [V', L * C]: a folded run's counts of ctx.token_table's V' tokens (`merge_into`),
-    # C = R with combinations, else E; the SparseCounts field it replaces is then None
+    # C = R with combinations, else E; the SparseCounts field it replaces is then empty
 
 
 def _combination_space(ctx: AnalysisContext) -> int | None:
@@ -62,9 +62,7 @@ def _combination_space(ctx: AnalysisContext) -> int | None:
     return coder.n_codes if vocab * ctx.n_layers * coder.n_codes < 2**62 else None
 
 
-def _count_by_token(
-    inverse: np.ndarray, uniq: np.ndarray, inner: np.ndarray, inner_size: int, layers: int
-) -> SparseCounts:
+def _count_by_token(inverse: np.ndarray, uniq: np.ndarray, inner: np.ndarray, inner_size: int) -> SparseCounts:
     """Count keys (local token index, inner) and return them keyed by (token id * inner_size + inner).
 
     inverse: intp [T] local index of each token; inner: int64 [L, T, ...] in [0, inner_size) or -1 (dropped).
@@ -111,9 +109,9 @@ def folds(ctx: AnalysisContext) -> bool:
     return ctx.token_table is not None and (ctx.token_table.size == 0 or _dense_cells(ctx) is not None)
 
 
-def _piece_keys(view: ShardView, ctx: AnalysisContext) -> tuple[SparseCounts, np.ndarray, np.ndarray, int]:
-    """(occurrences of every token, intp [T'] the tokens whose cells are counted (the table's, or all),
-    int64 [L, T', m] their inner keys (layer, combination) or (layer, expert), -1 = none, cells per token)."""
+def _piece_keys(view: ShardView, ctx: AnalysisContext) -> tuple[SparseCounts, np.ndarray | slice, np.ndarray, int]:
+    """(occurrences of every token, the tokens whose cells are counted (intp [T'] the table's, or every token's
+    slice), int64 [L, T', m] their inner keys (layer, combination) or (layer, expert), -1 = none, cells per token)."""
     L, E = view.L, view.E
     token_id = view.shard.token_id.astype(np.int64)
     entropy = view.shard.output_entropy
@@ -121,7 +119,7 @@ def _piece_keys(view: ShardView, ctx: AnalysisContext) -> tuple[SparseCounts, np
         entropy = np.full(view.T, np.nan, np.float32)
     finite = np.isfinite(entropy)
     occurrences = SparseCounts.from_keys(token_id, sums=np.stack([np.where(finite, entropy, 0.0), finite], axis=1))
-    kept = np.arange(view.T)
+    kept: np.ndarray | slice = slice(None)  # every token: views, not copies
     if ctx.token_table is not None:  # expert counts for the table's tokens only
         at = np.minimum(np.searchsorted(ctx.token_table, token_id), max(ctx.token_table.size - 1, 0))
         kept = np.flatnonzero(ctx.token_table[at] == token_id) if ctx.token_table.size else np.zeros(0, np.intp)
@@ -137,7 +135,7 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState
     view = ShardView.of(shard, ctx)
     occurrences, kept, inner, cells = _piece_keys(view, ctx)
     uniq, inverse = np.unique(view.shard.token_id[kept].astype(np.int64), return_inverse=True)
-    counts = _count_by_token(inverse, uniq, inner, cells, view.L)
+    counts = _count_by_token(inverse, uniq, inner, cells)
     if _combination_space(ctx) is not None:
         return TokenState(view.layers, occurrences, counts, None)
     return TokenState(view.layers, occurrences, None, counts)

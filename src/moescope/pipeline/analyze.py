@@ -118,8 +118,8 @@ def write_results(out: Path, tables: dict[str, dict[str, pd.DataFrame | ChunkedT
 
 def write_table(out: Path, stem: str, table: pd.DataFrame | ChunkedTable) -> None:
     """`stem`.parquet in row groups of ROW_GROUP_ROWS, and `stem`.csv when the table has at most CSV_MAX_ROWS rows.
-    A DataFrame is converted a row group at a time (no Arrow copy of the whole table beside it: token_experts is
-    millions of rows on a long trace); the files are those of one conversion."""
+    A DataFrame is converted a row group at a time (no Arrow copy of the whole table beside it); the files are those
+    of one conversion."""
     schema = None  # a ChunkedTable's pieces each convert alike; a DataFrame's slices take the whole frame's types
     if isinstance(table, ChunkedTable):
         pieces = table.pieces()
