@@ -84,6 +84,24 @@ def test_matches_per_token_reference(spec_name, layout):
         np.testing.assert_allclose(result.mode_share[i], r["mode_share"], rtol=1e-12)
 
 
+@pytest.mark.parametrize("n_layers", [1, 3])  # one layer: token -1's (token, layer) code is -1 itself
+@pytest.mark.parametrize("spec_name", ["base", "fine_grained"])  # (layer, combination) cells; (layer, expert) cells
+def test_negative_token_ids_are_counted_like_any_other(spec_name, n_layers):
+    """A token id of -1 (unknown to the capture) is its own token, first in the table: its counts are its own."""
+    spec = dataclasses.replace(SPECS[spec_name], n_layers=n_layers)
+    shards = synthetic_shards(spec, SHARD_LAYOUTS["uneven"], seed=5)
+    shards = [dataclasses.replace(s, token_id=np.where(np.arange(s.token_id.size) % 3 == 0, -1, s.token_id))
+              for s in shards]
+    ctx = spec.context()
+    result = run_one("token_specialisation", shards, ctx)
+    ref = reference.compute(shards, ctx)["tokens"]
+    assert result.token_ids.tolist() == sorted(ref) and result.token_ids[0] == -1
+    for i, token in enumerate(result.token_ids.tolist()):
+        assert result.occurrences[i] == ref[token]["occurrences"]
+        np.testing.assert_allclose([result.top1_share[i], result.entropy_norm[i]],
+                                   [ref[token]["top1_share"], ref[token]["entropy_norm"]], rtol=1e-9)
+
+
 def test_tokens_without_any_real_expert():
     result = run_one(
         "token_specialisation", [make_shard([[[-1, 2]]])], AnalysisContext(n_experts=2, top_k=2, n_layers=1)

@@ -211,7 +211,8 @@ def _expert_counts_from_combinations(combos: SparseCounts, L: int, E: int, k: in
     rank = combos.keys % R
     ids = coder.decode(np.arange(R))[rank] if R <= rank.size else coder.decode(rank)  # [N, k] sorted, E = none
     group = combos.keys // R  # [N] token * L + l, non-decreasing
-    starts = np.diff(group, prepend=-1) != 0  # [N] the first entry of each (token, layer)
+    starts = np.ones(group.size, bool)  # [N] the first entry of each (token, layer); codes can be negative (token -1)
+    starts[1:] = group[1:] != group[:-1]
     first = np.flatnonzero(starts)  # [G]
     g = np.cumsum(starts) - 1  # [N] its index among the G groups
     real = ids < E
