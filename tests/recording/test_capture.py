@@ -169,3 +169,58 @@ def test_capture_skips_the_lm_head_over_all_positions_unless_it_needs_the_logits
     a, b = next(headless.shards()), next(full.shards())
     np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
     np.testing.assert_array_equal(a.topk_weights, b.topk_weights)
+
+
+def test_only_the_last_shard_is_encoded_at_the_quick_level(tiny_moe, tmp_path, monkeypatch):
+    """The last shard is written after the last forward pass, where nothing overlaps it: the quicker zstd level
+    there, the smaller files everywhere else (every part here is big enough for the default level)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moescope.trace import writer
+    from moescope.trace.schema import TABLES
+
+    def chunk_sizes(source) -> list[int]:  # compressed bytes of every column chunk (the footer's schema aside)
+        meta = pq.ParquetFile(source).metadata
+        return [meta.row_group(g).column(c).total_compressed_size
+                for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
+
+    monkeypatch.setattr(writer, "SMALL_PART_ROWS", 0)
+    ids = torch.randint(3, 256, (6, 64), generator=torch.Generator().manual_seed(2))
+    trace = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(batch_size=2, shard_tokens=128))
+    shards = trace.manifest["shards"]
+    assert len(shards) == 3
+    for i, shard in enumerate(shards):
+        for name in TABLES:
+            path = tmp_path / "t" / shard["files"][name]["path"]
+            table = pq.read_table(path)
+            default, quick = (chunk_sizes(pa.BufferReader(writer._encode(name, table, fast=fast))) for fast in (False, True))
+            if name == "routing":
+                assert default != quick  # the levels make different bytes: the check below tells them apart
+            assert chunk_sizes(path) == (quick if i == len(shards) - 1 else default), (i, name)
+
+
+def test_a_failing_capture_still_commits_its_full_shards(tiny_moe, tmp_path):
+    """A shard filled before the loop fails is written (a rerun resumes after it); the failure is reported."""
+    import json
+
+    ids = torch.randint(3, 256, (6, 64), generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    def fail_on_third_batch(*_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+
+    handle = tiny_moe.register_forward_pre_hook(fail_on_third_batch)
+    with pytest.raises(RuntimeError, match="boom"):
+        moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False,
+                         options=moescope.CaptureOptions(batch_size=2, shard_tokens=128))
+    handle.remove()
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert [(s["seq_id_min"], s["seq_id_max"]) for s in manifest["shards"]] == [(0, 1), (2, 3)]
+    assert not manifest.get("complete")
+    trace = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False,
+                             options=moescope.CaptureOptions(batch_size=2, shard_tokens=128))
+    assert [(s["seq_id_min"], s["seq_id_max"]) for s in trace.manifest["shards"]] == [(0, 1), (2, 3), (4, 5)]

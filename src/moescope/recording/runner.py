@@ -91,18 +91,21 @@ class ShardBuffer:
         self._pending: Future | None = None
 
     def add(self, block: TokenBlock | DeferredBlock, sequences: list[Sequence]) -> None:
-        if self.sequences and sequences and sequences[0].seq_id != self.sequences[-1].seq_id + 1:
-            self.flush()  # a shard holds one contiguous run of seq ids (TraceWriter.committed_seq_ids relies on it)
+        # A full shard is handed over when the next block arrives, not at once: the capture's last shard is then
+        # always the one `flush(last=True)` writes, at the quicker encoding (see flush). A shard holds one
+        # contiguous run of seq ids (TraceWriter.committed_seq_ids relies on it).
+        if self.n_tokens >= self.shard_tokens or (
+                self.sequences and sequences and sequences[0].seq_id != self.sequences[-1].seq_id + 1):
+            self.flush()
         self.blocks.append(self._pool.submit(prepare_block, block))
         self.n_tokens += block.n_tokens
         self.sequences.extend(sequences)
-        if self.n_tokens >= self.shard_tokens:
-            self.flush()
 
     def flush(self, last: bool = False) -> None:
         """Hand what is buffered to the writer thread (after the previous shard is committed). The `last` shard is
         written on this thread, since no forward pass is left to overlap it with (a hand-off there only adds the
-        thread's wake-up), and committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
+        thread's wake-up), at the quicker zstd level (trace/writer.py FAST_ZSTD_LEVEL: the capture waits on it), and
+        committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
         if not self.blocks:
             return
         blocks, sequences = self.blocks, self.sequences
@@ -123,7 +126,8 @@ class ShardBuffer:
         tables, kinds = encode_shard([block.result() for block in prepared], sequences)
         self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
-        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last)
+        # the last shard is the capture's critical path (written after the last forward): the quicker encoding
+        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last, fast=last)
 
     def __enter__(self) -> "ShardBuffer":
         return self
@@ -133,8 +137,12 @@ class ShardBuffer:
             if exc_type is None:
                 self.flush(last=True)
                 self.wait()
-            elif self._pending is not None:  # let the write end before the lock is released; report the loop's error
-                futures_wait([self._pending])
+            else:  # a full shard is still written (unless an earlier write failed); let the write end before the
+                # lock is released, and report the loop's error
+                if self.n_tokens >= self.shard_tokens and (self._pending is None or self._pending.exception() is None):
+                    self.flush()
+                if self._pending is not None:
+                    futures_wait([self._pending])
         finally:  # after a failure, the blocks still queued for preparing are dropped
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
