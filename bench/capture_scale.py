@@ -27,7 +27,9 @@ writer's) are recorded per rep. Printed:
                  tables (trace/block.py) and their Parquet encoding (trace/writer.py). File writes, fsyncs and the
                  manifest are not in it (they are mostly waiting, in the capture's wall time below)
   edges      wall time of the capture before its first forward and after its last one (stamped by plain model
-             hooks of this script), where nothing overlaps moescope's work
+             hooks of this script), where nothing overlaps moescope's work; with the hook calls, over the headless
+             forward's wall time (paired per rep): the overhead of the capture that no forward pass hides, a steadier
+             figure than the capture / headless ratio when the forward itself varies by more than the overhead
   inside     with --threads 1, the capture's CPU time outside its forwards (the calling thread's, less its CPU
              inside the forwards, plus every other thread's: moescope's writer and encoder threads), plus the hook
              calls: moescope's whole own work measured inside a real capture, in rows per CPU-second
@@ -37,6 +39,7 @@ writer's) are recorded per rep. Printed:
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import shutil
@@ -58,6 +61,9 @@ except ImportError:  # a release before it (PYTHONPATH=<its src>): its tables or
     prepare_block = None
 from moescope.trace.block import Sequence, shard_tables
 from moescope.trace.writer import _encode
+
+# the capture encodes its last shard at the quicker level; a release before that took one level for every part
+LAST_SHARD = {"fast": True} if "fast" in inspect.signature(_encode).parameters else {}
 
 
 def make_model(*, layers: int, experts: int, top_k: int, groups: int, hidden: int, vocab: int):
@@ -168,7 +174,8 @@ def hook_seconds(model, layers, ids: torch.Tensor, batch: int, calls: int = 50) 
 def after_forward_parts(taken: list, ids: torch.Tensor, batch: int) -> dict[str, float]:
     """Thread CPU seconds of each step after the forward, on this thread: each batch's block built and its slots
     ordered (what the capture does on its writer thread as batches arrive), the shard's Arrow tables, their
-    Parquet encoding (in the capture, the three tables are encoded concurrently)."""
+    Parquet encoding as the capture encodes its last shard (in the capture, the three tables are encoded
+    concurrently)."""
     seconds = {}
     started = time.thread_time()
     blocks, sequences = [], []
@@ -185,7 +192,7 @@ def after_forward_parts(taken: list, ids: torch.Tensor, batch: int) -> dict[str,
     seconds["tables"] = time.thread_time() - started
     started = time.thread_time()
     for name, table in tables.items():
-        _encode(name, table)
+        _encode(name, table, **LAST_SHARD)
     seconds["parquet"] = time.thread_time() - started
     return seconds
 
@@ -279,6 +286,9 @@ def main() -> None:
     head, tail = Spread.of([e["head"] for e in edges]), Spread.of([e["tail"] for e in edges])
     print(f"  capture's wall ms before its first forward {head.text('.1f', 1e3)}, after its last forward "
           f"{tail.text('.1f', 1e3)} (last batch's block, tables, Parquet, writes, fsyncs, manifest)")
+    edge_share = paired_ratios([e["head"] + e["tail"] + hook.median * n_calls for e in edges], wall["headless"])
+    print(f"  what nothing overlaps (before the first forward + after the last + hook calls) / headless wall: "
+          f"{edge_share.text('.3f')}")
     own_cpu, own_main = Spread.of([e["own_cpu"] for e in edges]), Spread.of([e["own_main"] for e in edges])
     if args.threads == 1:
         print(f"  moescope's own work, inside the capture (CPU outside the forwards, all threads; + hook calls): "
