@@ -58,11 +58,15 @@ def reference_ranks(lookups, prefetch, new_sequence, E):
     return out, out_pre
 
 
-@pytest.mark.parametrize("method", ["scan", "tree"])
-@pytest.mark.parametrize("E, k", SHAPES)
+@pytest.mark.parametrize("method", ["packed", "scan", "tree"])
+@pytest.mark.parametrize("E, k", [*SHAPES, (16, 4)])  # 16 experts: every 4-bit entry of the packed word in use
 @pytest.mark.parametrize("T", SIZES)
 @pytest.mark.parametrize("with_prefetch", [False, True])
 def test_lru_ranks_equal_a_recency_list(T, E, k, with_prefetch, method):
+    if method == "packed" and E > 16:
+        with pytest.raises(ValueError, match="at most 16 experts"):
+            lru_ranks(np.zeros((T, k), np.int16), None, np.ones(T, bool), E, method=method)
+        return
     rng = np.random.default_rng(T * 1000 + E + with_prefetch)
     lookups = _ids(rng, T, E, k)
     prefetch = _ids(rng, T, E, k + 1) if with_prefetch else None
@@ -102,9 +106,10 @@ def test_hits_from_ranks_equal_an_lru_cache_of_that_capacity(capacity):
     assert 0 < expected.mean() < 1
 
 
-def test_rank_counts_are_per_stream_histograms():
+@pytest.mark.parametrize("E, k", [(256, 8), (16, 4), (8, 2)])  # the scan; the packed word, full and half used
+def test_rank_counts_are_per_stream_histograms(E, k):
     rng = np.random.default_rng(3)
-    E, k, S, T = 256, 8, 3, 7
+    S, T = 3, 7
     lookups = _ids(rng, T, E, k, L=S)
     new_sequence = np.array([1, 0, 0, 1, 0, 0, 0], bool)
     counts = rank_counts(lookups, None, new_sequence, E)

@@ -1,7 +1,8 @@
 """The compiled loops (numba) of the analyses: only the work NumPy cannot express without materialising
 arrays many times the size of the input. Each has a plain NumPy or per-event reference in the tests.
 
-  lru_rank_pass   LRU stack distance of every touch of a stream of expert batches (stack_distance.py)
+  lru_rank_pass   LRU stack distance of every touch of a stream of expert batches (stack_distance.py); for up to
+                  16 experts lru_rank_pass_packed keeps the whole recency order in one 64-bit word
   pair_count_pass counts[l, i, j] += 1 for every (slot of a, slot of b) of every token (kernels.pair_counts):
                   NumPy needs one int64 code per pair (64 per row at top-8) and a bincount over them, ~4x slower;
                   counted in a small table the core's cache holds, then added into the large one in order
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros  # LLVM's cttz: in numba since 0.40, used by its own code
 
 from moescope.analysis.ranks import NO_PRIOR_USE, NOT_AN_EXPERT
 
@@ -307,3 +309,81 @@ def lru_rank_pass_tree(lookups, prefetch, new_sequence, length, E, kk, has_prefe
         for c in range(k):
             out[t, c] = _tree_rank(tree, last, batch[c], E, start, total, c, batch)
         total = _tree_touch(tree, last, batch, E, base + kk, kk, start, size, total)
+
+
+# lru_rank_pass_packed: a cache of up to 16 experts as one uint64, 4 bits per entry, most recent entry lowest
+_NIBBLE_ONES = np.uint64(0x1111111111111111)
+_NIBBLE_HIGHS = np.uint64(0x8888888888888888)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _packed_position(stack, n, e):  # pragma: no cover - compiled
+    """Position of expert e among the n entries of a packed stack (0 = most recent), or -1. The lowest zero nibble of
+    stack ^ (e in every nibble) is the first match (a borrow only runs upward from a zero nibble)."""
+    x = stack ^ (np.uint64(e) * _NIBBLE_ONES)
+    zero = (x - _NIBBLE_ONES) & ~x & _NIBBLE_HIGHS
+    if zero == 0:
+        return -1
+    p = trailing_zeros(zero) >> 2
+    return p if p < n else -1  # past the n entries only stale nibbles
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _packed_rank_batch(stack, n, batch, out, E):  # pragma: no cover - compiled
+    """Rank every id of one batch before it is applied (as _rank_batch): its position, NO_PRIOR_USE, NOT_AN_EXPERT."""
+    for c in range(batch.shape[0]):
+        e = batch[c]
+        if e < 0 or e >= E or _repeats_earlier(batch, c):
+            out[c] = NOT_AN_EXPERT
+            continue
+        p = _packed_position(stack, n, e)
+        out[c] = NO_PRIOR_USE if p < 0 else p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _packed_touch(stack, n, batch, E):  # pragma: no cover - compiled
+    """Apply a batch, last column first (an earlier column ends more recent): each id leaves its place, if it has one,
+    and enters at position 0. Returns (stack, n)."""
+    for c in range(batch.shape[0] - 1, -1, -1):
+        e = batch[c]
+        if e < 0 or e >= E:
+            continue
+        p = _packed_position(stack, n, e)
+        if p >= 0:  # close the gap: entries above p move down one place
+            below = (np.uint64(1) << np.uint64(4 * p)) - np.uint64(1)
+            stack = (stack & below) | ((stack >> np.uint64(4)) & ~below)
+            n -= 1
+        stack = (stack << np.uint64(4)) | np.uint64(e)
+        n += 1
+    return stack, n
+
+
+@numba.njit(cache=True, nogil=True)
+def lru_rank_pass_packed(lookups, prefetch, new_sequence, E, has_prefetch, rank_prefetch, out, out_pre,
+                         rows_per_stream, hist):  # pragma: no cover - compiled
+    """lru_rank_pass for E <= 16 experts (Mixtral's 8, DBRX's 16): the cache's recency order is one uint64 of 4-bit
+    entries, so a rank is a few word operations instead of a scan of E stamps; the same ranks and counts."""
+    N, k = lookups.shape
+    counting = hist.shape[0] > 0
+    stack, n = np.uint64(0), 0
+    stream, left = 0, rows_per_stream
+    for t in range(N):
+        if new_sequence[t]:
+            stack, n = np.uint64(0), 0
+        if has_prefetch:
+            if rank_prefetch:
+                _packed_rank_batch(stack, n, prefetch[t], out_pre[t], E)
+            stack, n = _packed_touch(stack, n, prefetch[t], E)
+        _packed_rank_batch(stack, n, lookups[t], out[t], E)
+        stack, n = _packed_touch(stack, n, lookups[t], E)
+        if counting:
+            row = hist[stream]
+            for c in range(k):
+                r = out[t, c]
+                if r >= 0:
+                    row[r] += 1
+                elif r == NO_PRIOR_USE:
+                    row[E] += 1
+            left -= 1
+            if left == 0:
+                stream, left = stream + 1, rows_per_stream
