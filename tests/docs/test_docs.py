@@ -3,6 +3,7 @@ page and the guides runs as written (a block that cannot run here is marked `<!-
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -62,3 +63,41 @@ def test_the_page_runs_as_written(page, tmp_path):
         assert done.returncode == 0, f"{page.name}: this block failed:\n{body}\n{done.stderr[-3000:]}"
         ran += 1
     assert ran, f"{page.name}: no block ran"
+
+
+def _command_lines(text: str) -> list[str]:
+    """Every `moescope ...` command (`.venv/bin/moescope ...` too) of a page's bash and plain blocks, continuation
+    lines joined, comments dropped."""
+    found = []
+    for m in FENCE.finditer(text):
+        if m["lang"] not in ("bash", ""):
+            continue
+        for line in m["body"].replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            for part in re.split(r"\s*(?:&&|\|\||;|\|)\s*", line):
+                command = re.sub(r"^\S*/moescope ", "moescope ", part)
+                if command.startswith("moescope "):
+                    found.append(command)
+    return found
+
+
+DOC_PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_documented_command_parses(page):
+    """Pages that are not run (the benchmarks, the reference) still show commands the CLI accepts as written."""
+    import shlex
+
+    from moescope.cli.main import build_parser
+
+    parser = build_parser()
+    subcommands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in _command_lines(page.read_text(encoding="utf-8")):
+        words = command.split()
+        if "<" in command or "..." in command or words[1] not in subcommands:  # a placeholder, or printed output
+            continue
+        try:
+            parser.parse_args(shlex.split(command)[1:])
+        except SystemExit as stop:
+            pytest.fail(f"{page.name}: `{command}` does not parse (exit {stop.code})")
