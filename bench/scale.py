@@ -11,6 +11,9 @@ written to a temporary folder in shards of --shard-tokens tokens. Then, interlea
 (bench/_timing.py), each in a fresh process:
   this code        the default `analyze` suite (run_analyses over every analysis), CPU seconds of the suite
                    (time.process_time around it; imports and start-up are reported apart), peak RSS of the process
+  ... warm         the same suite run a second time in its process, timed alone: without the fixed costs of a
+                   process's first run (the compiled kernels loaded from numba's cache, modules imported on first
+                   use), what a long trace approaches
   previous release the same, from `git archive <--previous>` of this repository (default 16d7652, the last
                    release before this benchmark), imported from its own src/ by PYTHONPATH
   ... analyze      `moescope analyze --no-model` as the command runs it (pipeline.analyze.analyze_trace): the suite,
@@ -65,8 +68,10 @@ from moescope.pipeline.analyze import analysis_context, analyze_trace
 from moescope.trace.reader import open_trace
 trace = open_trace(sys.argv[1])
 ctx = analysis_context(trace)
-only = None if sys.argv[2] in ("all", "files") else sys.argv[2].split(",")
+only = None if sys.argv[2] in ("all", "files", "warm") else sys.argv[2].split(",")
 timings = {}
+if sys.argv[2] == "warm":  # the suite once untimed: the compiled kernels loaded, every module it imports imported
+    run_analyses(trace.shards, ctx)
 ready = time.process_time()
 if sys.argv[2] == "files":  # what `moescope analyze --no-model` does: the suite, then every table and summary.json
     with tempfile.TemporaryDirectory() as out:
@@ -161,7 +166,8 @@ def bench_shape(shape: str, args, work: Path, previous: Path | None) -> dict:
     tokens = args.tokens or (600 if args.quick else TOKENS[shape])
     folder = trace_folder(shape, tokens, args, work)
     rows = tokens * L
-    commands = {"this code": (CHILD, ROOT / "src", str(folder), "all")}
+    commands = {"this code": (CHILD, ROOT / "src", str(folder), "all"),
+                "this code, warm": (CHILD, ROOT / "src", str(folder), "warm")}
     if previous is not None:
         commands["previous release"] = (CHILD, previous, str(folder), "all")
     if not args.skip_files:
