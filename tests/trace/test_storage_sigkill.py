@@ -5,7 +5,9 @@ killed writers' lease and unlisted parts are gone. The S3 server is moto on loop
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import moescope
 from moescope.cli.main import main
@@ -69,8 +71,9 @@ def test_capture_to_s3_killed_twice_resumes_to_the_uninterrupted_trace(warm_cli,
 def test_a_second_capture_on_the_same_prefix_is_refused_in_one_line(warm_cli, tiny_model_dir, tmp_path, s3, s3_server,
                                                                      capsys):
     """Two `moescope capture` processes on one s3:// prefix (the warm CLI's child, and this test's own process):
-    the second is refused while the first holds the lease."""
-    corpus = _corpus(tmp_path / "docs.txt", 400)  # ~80 shards: the first is still writing when the second has started
+    the second is refused while the first holds the lease (the first is paused meanwhile, so it is still writing
+    whatever the machine's speed; a paused process on this machine is still a live holder)."""
+    corpus = _corpus(tmp_path / "docs.txt", 60)
     where = location(f"{s3}/t")
     flags = [f"--storage-option=endpoint_url={s3_server.endpoint}", "--storage-option=access_key=k",
              "--storage-option=secret_key=s"]
@@ -78,7 +81,12 @@ def test_a_second_capture_on_the_same_prefix_is_refused_in_one_line(warm_cli, ti
             "--device", "cpu", "--no-progress", "--out", str(where), *flags]
     first = warm_cli.start(argv)
     assert wait_until(lambda: where.size("manifest.json") is not None, first), first.log.read_text()[-2000:]  # holds it
-    status = main([str(a) for a in argv])
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert not moescope.open_trace(str(where)).complete  # caught mid-capture
+        status = main([str(a) for a in argv])
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     log = capsys.readouterr().err
     assert status == 2 and log.strip().count("\n") == 0, log
     assert log.startswith(f"error: {where} is being written by another moescope process (") and f"pid {first.pid})" in log
