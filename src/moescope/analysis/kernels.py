@@ -83,10 +83,10 @@ def pair_counts(a: np.ndarray, b: np.ndarray, n_experts: int, *, group: np.ndarr
         raise ValueError(f"group ids must be in [0, {n_groups})")
     if a.shape[:2] != b.shape[:2]:
         raise ValueError(f"a {a.shape} and b {b.shape} must cover the same layers and tokens")
-    from moescope.analysis.compiled import pair_count_pass  # numba: imported on first use (the vLLM plugin imports this module)
-
     if triangle and a is not b:
         raise ValueError("triangle counts pairs of one set of ids: pass the same array as a and b")
+    from moescope.analysis.compiled import pair_count_pass  # numba: imported on first use (the vLLM plugin imports this module)
+
     pair_count_pass(a, b, np.zeros(0, np.intp) if group is None else np.asarray(group, np.intp), n_experts,
                     out[None] if group is None else out, triangle)
     return out

@@ -52,10 +52,9 @@ class MemoryTrace(Trace):
         return table.select(columns) if columns is not None else table
 
     def _part_batches(self, entry: dict, *, verify: bool = False, columns=None):
-        table = self._parts[entry["path"]]
-        if columns is not None:
-            table = table.select([c for c in columns if c in table.schema.names])
-        return self._parts[entry["path"]].schema, table.num_rows, iter(table.to_batches(max_chunksize=ROUTING_BATCH_ROWS))
+        whole = self._parts[entry["path"]]
+        table = whole if columns is None else whole.select([c for c in columns if c in whole.schema.names])
+        return whole.schema, table.num_rows, iter(table.to_batches(max_chunksize=ROUTING_BATCH_ROWS))
 
     def duckdb(self):
         """A DuckDB connection with views `routing`, `tokens`, `sequences` over the in-memory tables."""
