@@ -1,13 +1,59 @@
+import math
+
 import numpy as np
 import pytest
 
-from moescope.analysis.kernels import CoMoments, SparseCounts, fixed_histogram, js_divergence
+from moescope.analysis.kernels import CoMoments, SparseCounts, histogram_moments, js_divergence
 from moescope.analysis.rowwise import top_m_by_partition, sort_ascending, sort_descending, top_m
 
 
-def test_fixed_histogram_edges_and_overflow():
-    x = np.array([-0.1, 0.0, 0.49, 0.5, 1.0, 1.01, np.nan, np.inf])
-    assert fixed_histogram(x, 0.0, 1.0, 2).tolist() == [1, 2, 2, 3]
+def test_histogram_edges_and_overflow():
+    x = np.array([[-0.1, 0.0, 0.49, 0.5, 1.0, 1.01, np.nan, np.inf, -np.inf]])
+    assert histogram_moments(x, 0.0, 1.0, 2)[0].tolist() == [[2, 2, 2, 3]]
+
+
+def _bin(v: float, lo: float, hi: float, bins: int) -> int:
+    """Index into [underflow, bins..., overflow] of one value, by comparisons with the edges."""
+    if not v <= hi:
+        return bins + 1  # above, +inf, NaN
+    if v < lo:
+        return 0
+    if v == hi:
+        return bins
+    return 1 + min(bins - 1, int((v - lo) / (hi - lo) * bins))
+
+
+@pytest.mark.parametrize("T", [1, 7, 256])
+@pytest.mark.parametrize("finite_only", [True, False])
+def test_histogram_moments_match_per_value_sums(T, finite_only):
+    rng = np.random.default_rng(T)
+    x = (rng.random((3, T)) * 1.4 - 0.2).astype(np.float32)  # [L, T], some outside [0, 1]
+    x[0, 0], x[1, -1] = np.nan, np.inf
+    x[2, 0] = 1.0
+    counts, moments = histogram_moments(x, 0.0, 1.0, 20, finite_only=finite_only)
+    for layer in range(3):
+        values = [float(v) for v in x[layer]]
+        expected = np.zeros(22, np.int64)
+        for v in values:
+            expected[_bin(v, 0.0, 1.0, 20)] += 1
+        assert counts[layer].tolist() == expected.tolist()
+        kept = [v for v in values if math.isfinite(v)] if finite_only else values
+        mean = sum(kept) / len(kept) if kept else 0.0
+        assert moments.n[layer] == len(kept)
+        if math.isfinite(mean):
+            assert moments.mean_x[layer] == pytest.approx(mean, rel=1e-12)
+            assert moments.m2_x[layer] == pytest.approx(sum((v - mean) ** 2 for v in kept), rel=1e-9, abs=1e-12)
+        else:
+            assert not math.isfinite(moments.mean_x[layer])
+
+
+def test_histogram_moments_of_a_second_feature_and_float16():
+    x = np.array([[0.5, 2.0, 8.0]], np.float16)
+    counts, moments = histogram_moments(np.log10(x), 0.0, 1.0, 2, moment_values=x)
+    assert counts.tolist() == [[1, 1, 1, 0]]  # log10: -0.30 under, 0.30, 0.90
+    assert moments.mean_x[0] == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="one \\[L, T\\] shape"):
+        histogram_moments(x, 0.0, 1.0, 2, moment_values=x[:, :2])
 
 
 def test_comoments_merge_equals_one_pass():

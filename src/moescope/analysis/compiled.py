@@ -13,6 +13,8 @@ arrays many times the size of the input. Each has a plain NumPy or per-event ref
                   ka x kb times
   top_k_pass      the k largest of each row of an integer [N, E] table (the learned prefetch predictions: 2 x L
                   tables of E x E): one pass per row instead of a partition, a tie check and two sorts
+  histogram_moments_pass fixed-bin histogram, count, mean and second moment of each row of a [L, T] feature in two
+                  passes over it (kernels.histogram_moments): NumPy takes about a dozen whole-array passes
 
 Compiled on first use and cached on disk (numba's cache=True, next to this file or in NUMBA_CACHE_DIR).
 """
@@ -164,6 +166,44 @@ def top_k_pass(values, k, out):  # pragma: no cover - compiled
             best[p], idx[p] = v, j
             if size < k:
                 size += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def histogram_moments_pass(values, moment_values, lo, scale, hi, bins, finite_only, counts, n, mean,
+                           m2):  # pragma: no cover - compiled
+    """Per row l of values [L, T]: counts[l] [bins + 2] binned as kernels.histogram_moments says; n[l], mean[l], m2[l]
+    (sum of squared deviations) of moment_values[l] [T], over its finite values when finite_only. Branch-free
+    sums (a value left out adds 0.0), so the loops vectorise."""
+    L, T = values.shape
+    top = float(bins)
+    for l in range(L):
+        total = 0.0
+        count = 0.0
+        for t in range(T):
+            x = np.float64(moment_values[l, t])
+            keep = (not finite_only) or (x - x == 0.0)  # x - x is 0 for every finite x, NaN for inf and NaN
+            total += x if keep else 0.0
+            count += 1.0 if keep else 0.0
+        mu = total / count if count > 0 else 0.0
+        squares = 0.0
+        for t in range(T):
+            x = np.float64(moment_values[l, t])
+            keep = (not finite_only) or (x - x == 0.0)
+            d = x - mu
+            squares += d * d if keep else 0.0
+        for t in range(T):
+            v = np.float64(values[l, t])
+            idx = np.floor((v - lo) * scale)
+            if v == hi:
+                idx -= 1.0  # right edge inclusive
+            if not idx <= top:  # above the range, +inf or NaN: overflow
+                idx = top
+            elif idx < -1.0:
+                idx = -1.0
+            counts[l, int(idx) + 1] += 1
+        n[l] = count
+        mean[l] = mu
+        m2[l] = squares
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from moescope.analysis.context import AnalysisContext
-from moescope.analysis.kernels import CoMoments, expert_counts, fixed_histogram, histogram_edges, jsonable
+from moescope.analysis.kernels import CoMoments, expert_counts, histogram_edges, histogram_moments, jsonable
 from moescope.analysis.result import layer_labels
 from moescope.analysis.shard_view import ShardView
 from moescope.errors import MoescopeError
@@ -58,43 +58,34 @@ def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> Confidence
     hist: dict[str, Histogram] = {}
     mom: dict[str, CoMoments] = {}
 
-    w = view.sorted_weights  # [k, L, T] descending
+    w = view.sorted_weights  # [k, L, T] descending, each slot contiguous: the sums below add slot by slot
     with np.errstate(invalid="ignore", divide="ignore"):
         wn = w / w.sum(axis=0)  # [k, L, T] renormalised
-    hist["top1_weight"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(wn[0], 0, 1, bins))
-    mom["top1_weight"] = CoMoments.of(wn[0], axis=1, mask=np.isfinite(wn[0]))
+
+    def add(name: str, values: np.ndarray, lo: float, hi: float, *, log: bool = False, **how) -> None:
+        """Histogram of a [L, T] feature over [lo, hi] and its per-layer moments (of `moment_values` when given)."""
+        counts, mom[name] = histogram_moments(values, lo, hi, bins, **how)
+        hist[name] = Histogram(histogram_edges(lo, hi, bins, log=log), counts)
+
+    add("top1_weight", wn[0], 0, 1)  # moments over finite values: a token whose weights are all 0 is left out
     if k >= 2:
-        hist["top2_weight"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(wn[1], 0, 1, bins))
-        mom["top2_weight"] = CoMoments.of(wn[1], axis=1, mask=np.isfinite(wn[1]))
+        add("top2_weight", wn[1], 0, 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = w[0] / w[1]  # [L, T]
             log_ratio = np.log10(ratio)
-        log_max = math.log10(th.ratio_max)
-        hist["weight_ratio"] = Histogram(
-            histogram_edges(0, log_max, bins, log=True), fixed_histogram(log_ratio, 0, log_max, bins)
-        )
-        mom["weight_ratio"] = CoMoments.of(ratio, axis=1, mask=np.isfinite(ratio))
+        add("weight_ratio", log_ratio, 0, math.log10(th.ratio_max), log=True, moment_values=ratio)
         with np.errstate(invalid="ignore", divide="ignore"):
-            h_sel = -(wn * np.log(wn + (wn == 0))).sum(axis=0)  # [L, T]; 0 log 0 = 0
-        hist["selected_entropy"] = Histogram(
-            histogram_edges(0, math.log(k), bins), fixed_histogram(h_sel, 0, math.log(k), bins)
-        )
-        mom["selected_entropy"] = CoMoments.of(h_sel, axis=1, mask=np.isfinite(h_sel))
+            h_sel = -sum(p * np.log(np.where(p == 0, 1.0, p)) for p in wn)  # [L, T]; 0 log 0 = 0
+        add("selected_entropy", h_sel, 0, math.log(k))
 
     R = view.R  # router classes: E routed experts, then the non-compute choices
     what_if_k = tuple(m for m in th.what_if_top_k if m <= R)
     what_if_load = matches = None
     if view.router_probs is not None:
-        h = view.router_entropy  # [L, T]
-        hist["router_entropy"] = Histogram(
-            histogram_edges(0, math.log(R), bins), fixed_histogram(h, 0, math.log(R), bins)
-        )
-        mom["router_entropy"] = CoMoments.of(h, axis=1)
+        add("router_entropy", view.router_entropy, 0, math.log(R), finite_only=False)  # [L, T]
         top_ids, top_p = view.router_top  # [m, L, T] descending
         if R > k:
-            margin = top_p[k - 1].astype(np.float64) - top_p[k]  # [L, T]
-            hist["margin"] = Histogram(histogram_edges(0, 1, bins), fixed_histogram(margin, 0, 1, bins))
-            mom["margin"] = CoMoments.of(margin, axis=1)
+            add("margin", top_p[k - 1].astype(np.float64) - top_p[k], 0, 1, finite_only=False)  # [L, T]
         matches = _is_a_router_top_k(view, top_ids, top_p).sum(axis=1)  # [L]
         loads = []
         for m in what_if_k:  # a handful of alternative k values, each vectorised over the shard

@@ -95,7 +95,7 @@ class ShardView:
         """float64 [k, L, T]: gate weights slot-major."""
         if self.shard.topk_weights is None:
             raise MoescopeError("this analysis needs gate weights: the shard was read without them (ids_only)")
-        return self.shard.topk_weights.transpose(2, 0, 1).astype(np.float64)
+        return self.shard.topk_weights.transpose(2, 0, 1).astype(np.float64, order="C")  # C: each slot contiguous
 
     @cached_property
     def slots_in_weight_order(self) -> bool:

@@ -8,7 +8,7 @@ from moescope.analysis.reference.rows import softmax, token_rows
 
 
 def bin_of(value: float, lo: float, hi: float, bins: int) -> int:
-    """Index into [underflow, bins..., overflow], the binning of kernels.fixed_histogram."""
+    """Index into [underflow, bins..., overflow], the binning of kernels.histogram_moments."""
     if math.isnan(value):
         return bins + 1
     if value == hi:
