@@ -23,7 +23,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn

@@ -214,7 +214,7 @@ class Trace:
         them need, at about half the decoding (a trace's slots stay in gate-weight order: trace/slots.py)."""
         tokens = self._read(shard["files"]["tokens"], verify=verify)
         sequences = self._read(shard["files"]["sequences"], verify=verify)
-        n_tokens, n_layers = tokens.num_rows, len(self.layers)
+        n_layers = len(self.layers)
         seq_id = tokens.column("seq_id").to_numpy()
         pos = tokens.column("pos").to_numpy()
         ids_only = ids_only and self.schema_version != 1  # slots stored in the experts' order: the weights order them

@@ -4,7 +4,6 @@ LP split bound, and distinct experts per decode batch."""
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 

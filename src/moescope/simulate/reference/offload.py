@@ -151,7 +151,7 @@ POLICIES = {"lru": LRU, "lfu": LFU, "belady": Belady, "arc": ARC}
 
 def _streams(rows, ctx, scope, prefetch, tables):
     """Per cold-start run of tokens: its events [(is_lookup, batch, phase, layer)] in order, per cache."""
-    E, L, k = ctx.n_experts, ctx.n_layers, ctx.top_k
+    E, L = ctx.n_experts, ctx.n_layers
     runs, prev = [], None
     for row in rows:
         if not is_next_position(prev, row):
