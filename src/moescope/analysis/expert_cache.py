@@ -51,23 +51,29 @@ def prefetch_sources(view: ShardView, ctx: AnalysisContext, dtype=np.intp) -> di
     what simulate/offload.py prefetches. `dtype` must hold E (the expert-cache pass takes int16 at E < 2**15)."""
     E, L, k = view.E, view.L, view.k
 
-    def below_a_sentinel_row(rows: np.ndarray) -> np.ndarray:  # [L - 1, T, kp] -> [L, T, kp], row 0 all E
-        out = np.empty((L,) + rows.shape[1:], dtype)
+    def below_a_sentinel_row(rows: np.ndarray, row: np.ndarray | None = None) -> np.ndarray:
+        """[L, T, kp], row 0 all E, rows 1.. `rows` [L - 1, T, kp] (or, with `row` [L - 1, T], rows[row])."""
+        out = np.empty((L, view.T, rows.shape[-1]), dtype)
         out[0] = E
-        out[1:] = rows
+        if row is None:
+            out[1:] = rows
+        else:
+            np.take(rows, row, axis=0, out=out[1:], mode="clip")  # row is in range: clip only skips a buffered copy
         return out
 
     sources: dict[str, np.ndarray | None] = {"lru": None, "same_index": below_a_sentinel_row(view.ids[:-1])}
     table = ctx.prefetch_table
     if table is not None and table.empty_fold_warning() is None:
-        pred = table.predictions(k)  # [2, L-1, E, k] learned per fold
+        pred = table.padded_predictions(k, dtype)  # [2, L-1, E + 1, kp] learned per fold: row E (no first choice) all E
         if pred.shape[1] != L - 1:
             raise MoescopeError(f"prefetch table covers {pred.shape[1] + 1} layers, the shard {L}")
-        pred = table.padded_predictions(k, dtype)  # [2, L-1, E + 1, k]: row E (no first choice) all sentinel
         learned_on = 1 - fold_of(view.shard)  # [T] tokens use the other fold's table
         layer = np.arange(L)[:, None]  # [L, 1]
-        sources["transition"] = below_a_sentinel_row(pred[learned_on[None, :], layer[:-1], view.first_choice[:-1]])
-        sources["popularity"] = table.popular(k).astype(dtype)[learned_on[None, :], layer]  # [L, T, k]
+        # one row of a flat table per (layer, token): np.take of rows, about 3x faster than indexing with three arrays
+        row = (learned_on * (L - 1) + layer[:-1]) * (E + 1) + view.first_choice[:-1]  # [L - 1, T] into [2, L-1, E+1]
+        sources["transition"] = below_a_sentinel_row(pred.reshape(-1, pred.shape[3]), row)
+        popular = table.popular(k).astype(dtype)  # [2, L, k]
+        sources["popularity"] = np.take(popular.reshape(2 * L, -1), learned_on * L + layer, axis=0)  # [L, T, k]
     predicted = predicted_next_ids_of(view.shard)
     if predicted is not None:
         sources["router_lookahead"] = below_a_sentinel_row(np.where((predicted >= 0) & (predicted < E), predicted, E)[:-1])
