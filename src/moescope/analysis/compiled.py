@@ -6,6 +6,8 @@ arrays many times the size of the input. Each has a plain NumPy or per-event ref
   pair_count_pass counts[l, i, j] += 1 for every (slot of a, slot of b) of every token (kernels.pair_counts):
                   NumPy needs one int64 code per pair (64 per row at top-8) and a bincount over them, ~4x slower;
                   counted in a small table the core's cache holds, then added into the large one in order
+  slot_count_pass counts[group of t, l, e] += 1 (or the slot's weight) for every slot of ids [L, T, k]
+                  (kernels.expert_counts): NumPy builds an intp key per slot and bincounts them, ~3x slower
   group_count_pass (token, inner key) counts of token_specialisation, sorted, without a dense table of every token's
                   cells (NumPy's bincount over it was most of the analysis)
   row_count_pass  the same counts of a piece added straight into a run's dense table of the kept tokens' cells
@@ -64,6 +66,26 @@ def pair_count_pass(a, b, group, n_experts, out, triangle=False):  # pragma: no 
                         part[x, y] = 0
                 part[n_experts, :] = 0
                 part[:, n_experts] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def slot_count_pass(ids, group, n_experts, weights, out):  # pragma: no cover - compiled
+    """out[g, l, e] += 1 (or weights[l, t, c]) for each slot c of token t at layer l, g = group[t] (0 when group is
+    empty), e = ids[l, t, c], or n_experts for an id outside [0, n_experts). Weights are added in (l, t, c) order."""
+    L, T, k = ids.shape
+    grouped = group.shape[0] > 0
+    weighted = weights.shape[0] > 0
+    for layer in range(L):
+        for t in range(T):
+            g = group[t] if grouped else 0
+            for c in range(k):
+                e = ids[layer, t, c]
+                if e < 0 or e >= n_experts:
+                    e = n_experts
+                if weighted:
+                    out[g, layer, e] += weights[layer, t, c]
+                else:
+                    out[g, layer, e] += 1
 
 
 @numba.njit(cache=True, nogil=True)

@@ -36,17 +36,22 @@ def expert_counts(ids: np.ndarray, n_experts: int, *, group: np.ndarray | None =
 
     group: int [T] each token's group in [0, n_groups) (a domain, a fold, a block of tokens): the result is then
     [n_groups, L, E]. keep_invalid: one more column, E, counting the slots that hold no expert.
+    One compiled pass (compiled.slot_count_pass), weights summed in (layer, token, slot) order.
     """
     L, T, k = ids.shape
-    side = n_experts + 1
-    base = (np.arange(L, dtype=np.intp) * side)[:, None]  # [L, 1]
-    if group is not None:
-        base = base + (np.asarray(group, np.intp) * (L * side))[None, :]  # [L, T]
-    keys = (base[:, :, None] + expert_ids(ids, n_experts)).ravel()  # [L, T, k] one key per slot
-    counts = np.bincount(keys, weights=None if weights is None else np.asarray(weights, np.float64).ravel(),
-                         minlength=n_groups * L * side).reshape(n_groups, L, side)
+    grouped = group is not None
+    group = np.asarray(group, np.intp) if grouped else np.zeros(0, np.intp)
+    if grouped and (group.shape != (T,) or T and (group.min() < 0 or group.max() >= n_groups)):
+        raise ValueError(f"group must be [{T}] ids in [0, {n_groups})")
+    if weights is not None and weights.shape != ids.shape:
+        raise ValueError(f"weights {weights.shape} must have the ids' shape {ids.shape}")
+    counts = np.zeros((n_groups, L, n_experts + 1), np.int64 if weights is None else np.float64)
+    from moescope.analysis.compiled import slot_count_pass  # numba on first use (the vLLM plugin imports this module)
+
+    slot_count_pass(ids, group, n_experts,
+                    np.zeros((0, 0, 0)) if weights is None else np.asarray(weights, np.float64), counts)
     counts = counts if keep_invalid else counts[..., :n_experts]
-    return counts if group is not None else counts[0]
+    return counts if grouped else counts[0]
 
 
 def token_count_dtype(n_tokens: int) -> type:
