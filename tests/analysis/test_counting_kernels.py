@@ -81,6 +81,26 @@ def test_lru_ranks_equal_a_recency_list(T, E, k, with_prefetch, method):
         np.testing.assert_array_equal(pre, ref_pre)
 
 
+@pytest.mark.parametrize("method", ["scan", "tree"])
+def test_lru_ranks_of_a_sequence_longer_than_the_scans_stamps_last(method):
+    """The scan's int16 stamps are renumbered every ~2,000 tokens at top-8 with a prefetch batch: one sequence of
+    4,500 tokens (and a second one starting after a renumbering) crosses that twice, at 256 experts."""
+    rng = np.random.default_rng(45)
+    T, E, k = 4500, 256, 8
+    weights = 1.0 / np.arange(1, E + 1) ** 0.7  # skewed: old entries stay cached and get ranked
+    lookups = np.stack([rng.choice(E, k, replace=False, p=weights / weights.sum()) for _ in range(T)]).astype(np.int16)
+    prefetch = np.roll(lookups, 1, axis=0)  # the previous token's experts
+    new_sequence = np.zeros(T, bool)
+    new_sequence[[0, 2100]] = True
+    ranks, pre = lru_ranks(lookups, prefetch, new_sequence, E, prefetch_ranks=True, method=method)
+    ref, ref_pre = reference_ranks(lookups, prefetch, new_sequence, E)
+    np.testing.assert_array_equal(ranks, ref)
+    np.testing.assert_array_equal(pre, ref_pre)
+    if method == "scan":
+        with pytest.raises(ValueError, match="'scan' holds at most 16384 experts"):
+            lru_ranks(lookups, None, new_sequence, 16385, method="scan")
+
+
 @pytest.mark.parametrize("capacity", [8, 9, 40, 256])
 def test_hits_from_ranks_equal_an_lru_cache_of_that_capacity(capacity):
     """An explicit cache of `capacity` entries, evicting the least recently used: the same hits as rank < C."""
@@ -145,6 +165,8 @@ def test_expert_counts_equal_a_loop(T, E, k):
     np.testing.assert_array_equal(expert_counts(ids, E, keep_invalid=True), counts.sum(0))
     np.testing.assert_array_equal(expert_counts(ids, E, group=group, n_groups=G), counts[..., :E])
     np.testing.assert_allclose(expert_counts(ids, E, weights=weights), sums.sum(0)[:, :E], rtol=1e-12)
+    with pytest.raises(ValueError, match="group must be"):
+        expert_counts(ids, E, group=group + G, n_groups=G)
 
 
 @pytest.mark.parametrize("E, k", SHAPES)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from moescope.analysis.kernels import CoMoments, SparseCounts, expert_counts, histogram_moments, js_divergence
+from moescope.analysis.kernels import CoMoments, SparseCounts, histogram_moments, js_divergence
 from moescope.analysis.rowwise import top_m_by_partition, sort_ascending, sort_descending, top_m
 
 
@@ -101,24 +101,3 @@ def test_sorting_networks():
         np.testing.assert_array_equal(sort_descending(x), -np.sort(-x, axis=0))
         np.testing.assert_array_equal(sort_ascending(x), np.sort(x, axis=0))
 
-
-@pytest.mark.parametrize("T, k, E", [(1, 1, 4), (7, 2, 8), (256, 8, 256)])
-def test_expert_counts_match_a_per_slot_loop(T, k, E):
-    rng = np.random.default_rng(T)
-    L, G = 3, 4
-    ids = rng.integers(-1, E + 2, (L, T, k)).astype(np.int16)  # -1 and ids >= E hold no expert
-    group = rng.integers(0, G, T)
-    weights = rng.random((L, T, k)).astype(np.float32)
-    counts = np.zeros((G, L, E + 1), np.int64)
-    sums = np.zeros((L, E + 1))
-    for layer in range(L):
-        for t in range(T):
-            for c in range(k):
-                e = int(ids[layer, t, c]) if 0 <= ids[layer, t, c] < E else E
-                counts[group[t], layer, e] += 1
-                sums[layer, e] += float(weights[layer, t, c])
-    assert expert_counts(ids, E, group=group, n_groups=G, keep_invalid=True).tolist() == counts.tolist()
-    assert expert_counts(ids, E).tolist() == counts.sum(axis=0)[:, :E].tolist()
-    np.testing.assert_allclose(expert_counts(ids, E, weights=weights), sums[:, :E], rtol=1e-12)
-    with pytest.raises(ValueError, match="group must be"):
-        expert_counts(ids, E, group=group + G, n_groups=G)

@@ -13,7 +13,8 @@ touch finds e cached  <=>  rank(e) < C: one pass of ranks answers every capacity
 ranks, cumulated, is the hit count of every C). NO_PRIOR_USE marks e not touched earlier in the sequence.
 
 The pass walks each stream token by token in a compiled loop (compiled.py, numba): per touch it compares e's
-last stamp with the E stamps of a small array (SIMD), O(E) with no memory traffic beyond that array; up to 16
+last stamp with the E stamps of a small array (SIMD over int16 stamps, renumbered in order every couple of thousand
+tokens so that they fit), O(E) with no memory traffic beyond that array; up to 16
 experts the whole recency order is one 64-bit word of 4-bit entries instead (a rank and a move to the front are
 a few word operations: about 1.6x faster per token at Mixtral's 8 experts). NumPy
 cannot express the sequential dependency without materialising [E, N] histories (the previous kernel did,
@@ -32,6 +33,7 @@ __all__ = ["NOT_AN_EXPERT", "NO_PRIOR_USE", "drop_repeats", "hits_from_ranks", "
 
 PACKED_MAX_KEYS = 16  # up to here the recency order is one 64-bit word of 4-bit entries (a rank: a few word operations)
 SCAN_MAX_KEYS = 1024  # up to here a touch scans every key's stamp (SIMD); above, a Fenwick tree (O(log n))
+SCAN_LIMIT_KEYS = 16384  # the scan's int16 stamps hold at most this many keys (with room for a token's batches)
 
 
 def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np.ndarray, n_experts: int,
@@ -62,8 +64,6 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
     out = np.empty((N, k), np.int32)
     out_pre = np.empty(pre.shape, np.int32) if has_prefetch and prefetch_ranks else np.empty((0, 0), np.int32)
     kk = max(k, pre.shape[1])
-    # stamps: int32 while 2 batches x kk columns per token fit, else int64 (numba compiles one loop per dtype)
-    stamp = np.int32 if 2 * kk * (N + 1) < 2**31 else np.int64
     pre = pre.astype(lookups.dtype, copy=False)
     rank_prefetch = bool(has_prefetch and prefetch_ranks)
     if method == "auto":
@@ -71,6 +71,9 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
     rows, hist = counts if counts is not None else (1, np.zeros((0, n_experts + 1), np.int64))
     if method == "packed" and n_experts > PACKED_MAX_KEYS:
         raise ValueError(f"method 'packed' holds at most {PACKED_MAX_KEYS} experts, not {n_experts}")
+    if method == "scan" and (n_experts > SCAN_LIMIT_KEYS or kk > SCAN_LIMIT_KEYS):
+        raise ValueError(f"method 'scan' holds at most {SCAN_LIMIT_KEYS} experts and batches of as many, not "
+                         f"{n_experts} and {kk}")
     if method == "packed":
         from moescope.analysis.compiled import lru_rank_pass_packed  # numba on first use
 
@@ -80,7 +83,7 @@ def lru_ranks(lookups: np.ndarray, prefetch: np.ndarray | None, new_sequence: np
         from moescope.analysis.compiled import lru_rank_pass  # numba on first use: the vLLM plugin imports analysis/
 
         lru_rank_pass(lookups, pre, new_sequence, int(n_experts), kk, has_prefetch, rank_prefetch, out, out_pre,
-                      np.zeros(1, stamp), max(1, int(rows)), hist)
+                      max(1, int(rows)), hist)
     elif method == "tree" and counts is None:
         starts = np.flatnonzero(new_sequence)
         length = np.zeros(N, np.int64)
