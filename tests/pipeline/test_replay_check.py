@@ -8,6 +8,7 @@ each flagged as what it is. The figures for vLLM traces (float32, bfloat16) are 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,8 +28,11 @@ def hf_trace(tmp_path_factory):
 
 
 def _arrays(trace):
-    (shard,) = list(trace.shards())
-    return shard
+    """The fields this test reads of the trace's shards, joined (the capture's last batch is a shard of its own)."""
+    shards = list(trace.shards())
+    per_token = {f: np.concatenate([getattr(s, f) for s in shards]) for f in ("seq_id", "pos", "token_id", "generated")}
+    per_row = {f: np.concatenate([getattr(s, f) for s in shards], axis=1) for f in ("topk_ids", "topk_weights")}
+    return SimpleNamespace(**per_token, **per_row)
 
 
 def test_a_trace_checked_against_its_own_model_differs_nowhere(hf_trace, tmp_path, capsys):

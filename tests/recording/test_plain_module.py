@@ -114,13 +114,15 @@ def test_plain_module_is_captured_from_the_module_routers_and_ids(tmp_path, kind
     router = None if with_mask else CustomRouter(pattern="blocks.*.moe.router", top_k=TOP_K)
     trace = moescope.capture(model, input_ids=ids, attention_mask=mask, out=tmp_path / "t", progress=False,
                              options=moescope.CaptureOptions(router=router, batch_size=4, weights_dtype="float32"))
-    shard = next(trace.shards())
+    shards = list(trace.shards())  # the last batch is a shard of its own
+    topk_ids, topk_weights = (np.concatenate([getattr(s, f) for s in shards], axis=1) for f in ("topk_ids", "topk_weights"))
+    token_id, pos = (np.concatenate([getattr(s, f) for s in shards]).tolist() for f in ("token_id", "pos"))
     rows = [ids[r, :n].tolist() for r, n in enumerate(lengths)]
     ref_ids, ref_w = _reference(model, rows)
-    assert shard.topk_ids.shape == (LAYERS, sum(lengths), TOP_K)
-    np.testing.assert_array_equal(shard.topk_ids, ref_ids)
-    np.testing.assert_allclose(shard.topk_weights, ref_w, rtol=1e-5, atol=1e-6)
-    assert shard.token_id.tolist() == sum(rows, []) and shard.pos.tolist() == sum((list(range(n)) for n in lengths), [])
+    assert topk_ids.shape == (LAYERS, sum(lengths), TOP_K)
+    np.testing.assert_array_equal(topk_ids, ref_ids)
+    np.testing.assert_allclose(topk_weights, ref_w, rtol=1e-5, atol=1e-6)
+    assert token_id == sum(rows, []) and pos == sum((list(range(n)) for n in lengths), [])
     manifest = trace.manifest
     assert manifest["model"]["class"] == type(model).__name__ and manifest["model"]["model_type"] is None
     assert manifest["model"]["hidden_size"] == HIDDEN  # read from the routers' input width

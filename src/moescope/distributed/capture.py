@@ -55,7 +55,7 @@ class CaptureWorker:
     def capture_unit(self, folder, index: int, sequences: list[Sequence], opts: CaptureSettings,
                      die_once: tuple[str, str] | None = None, tag: str | None = None) -> dict:
         blocks = []
-        for _, block in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
+        for _, block, _ in record_batches(self.model, self.tokenizer, self.layers, sequences, opts):
             blocks.append(block)
             _maybe_die(die_once, "forward")
         tables, kinds = encode_shard(blocks, sequences)

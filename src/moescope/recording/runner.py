@@ -8,6 +8,7 @@ Shards hold whole sequences; sequences already committed by an interrupted run a
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,7 +93,8 @@ class ShardBuffer:
 
     def add(self, block: TokenBlock | DeferredBlock, sequences: list[Sequence]) -> None:
         # A full shard is handed over when the next block arrives, not at once: the capture's last shard is then
-        # always the one `flush(last=True)` writes, at the quicker encoding (see flush). A shard holds one
+        # always the one `flush(last=True)` writes, at the quicker encoding (see flush); run_capture also hands
+        # over what is buffered before the last batch, so that shard is one batch. A shard holds one
         # contiguous run of seq ids (TraceWriter.committed_seq_ids relies on it).
         if self.n_tokens >= self.shard_tokens or (
                 self.sequences and sequences and sequences[0].seq_id != self.sequences[-1].seq_id + 1):
@@ -147,7 +149,18 @@ class ShardBuffer:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
+def _one_left(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether exactly one more item follows it), reading at most two items ahead."""
+    it = iter(items)
+    ahead = list(itertools.islice(it, 2))
+    while ahead:
+        item = ahead.pop(0)
+        ahead.extend(itertools.islice(it, 1))  # refill to two: one left over means the source is spent
+        yield item, len(ahead) == 1
+
+
 def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], opts: CaptureSettings, eos: set[int]):
+    """(batch, block, whether exactly one batch follows) per batch, after its forward pass."""
     device = next(model.parameters()).device
     # several with --device-map; none unless CUDA was initialised (skips a walk over every parameter on CPU)
     gpus = {p.device for p in model.parameters() if p.device.type == "cuda"} if torch.cuda.is_initialized() else set()
@@ -156,19 +169,19 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
                                predict_next_layer=opts.predict_next_layer, save_expert_norms=opts.save_expert_norms,
                                weights_dtype=getattr(torch, opts.weights_dtype), logits_dtype=getattr(torch, opts.logits_dtype))
     with recorder as rec, torch.inference_mode():
-        for batch in batches:
+        for batch, one_left in _one_left(batches):
             input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             if opts.generate:
                 out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=opts.generate,
                                      do_sample=False, pad_token_id=_pad_id(model))
-                yield batch, block_from_generate(batch, rec.take(), out.cpu(), eos)
+                yield batch, block_from_generate(batch, rec.take(), out.cpu(), eos), one_left
             else:
                 output = forward(input_ids, mask)
                 logits = getattr(output, "logits", None)  # None for a base model without an LM head or a plain tensor
                 entropy = _output_entropy(logits).cpu() if opts.output_entropy and logits is not None else None
                 chunks, ready = rec.take(synchronize=False), _copies_done(gpus)
                 build = lambda batch=batch, chunks=chunks, entropy=entropy: block_from_forward(batch, chunks, entropy)
-                yield batch, DeferredBlock(int(batch.attention_mask.sum()), build, ready)
+                yield batch, DeferredBlock(int(batch.attention_mask.sum()), build, ready), one_left
 
 
 def _copies_done(gpus: set[torch.device]) -> list[torch.cuda.Event]:
@@ -215,7 +228,8 @@ def forward_call(model, *, need_logits: bool = True) -> Callable[[torch.Tensor, 
 
 
 def record_batches(model, tokenizer, layers: list[MoELayer], sequences: Iterable[Sequence], opts: CaptureSettings):
-    """(batch, block) for each padded batch of `sequences`: the capture loop without the writing.
+    """(batch, block, whether exactly one batch follows) for each padded batch of `sequences`: the capture loop
+    without the writing.
 
     A model whose forward takes no attention_mask is never fed padding: its batches hold sequences of one length."""
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else _pad_id(model)
@@ -243,8 +257,10 @@ def run_capture(model, tokenizer, sequences: Iterable[Sequence], out: str | os.P
         started = time.perf_counter()
         n_tokens = 0
         with ShardBuffer(writer, opts.shard_tokens) as buffer:
-            for batch, block in record_batches(model, tokenizer, layers, todo, opts):
+            for batch, block, one_left in record_batches(model, tokenizer, layers, todo, opts):
                 buffer.add(block, batch.sequences)
+                if one_left:  # what is buffered is encoded while the last batch runs: the last shard is that batch
+                    buffer.flush()  # alone, the only encoding the capture waits for after its last forward
                 n_tokens += block.n_tokens
                 bar.update(block.n_tokens)
         bar.close()
