@@ -415,7 +415,7 @@ def _packed_position(stack, n, e):  # pragma: no cover - compiled
     zero = (x - _NIBBLE_ONES) & ~x & _NIBBLE_HIGHS
     if zero == 0:
         return -1
-    p = trailing_zeros(zero) >> 2
+    p = np.int64(trailing_zeros(zero)) >> 2  # int64: a uint64 beside -1 would make numba return a float
     return p if p < n else -1  # past the n entries only stale nibbles
 
 
