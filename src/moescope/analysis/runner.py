@@ -26,8 +26,11 @@ frequent tokens (ctx.token_table) in the second, folded into one table, so its m
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import inspect
+import os
+import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
@@ -168,9 +171,30 @@ def _open(shards: ShardSource, names: list[str]) -> Iterable[ShardData]:
     return shards()
 
 
+TOP_PAD_BYTES = 128 << 20  # free memory glibc keeps at the top of its heap once keep_freed_memory has run
+_top_pad_set = False
+
+
+def keep_freed_memory() -> bool:
+    """Once per process, on glibc: keep TOP_PAD_BYTES of freed memory at the top of the heap (mallopt M_TOP_PAD)
+    instead of returning it to the kernel, so the arrays every piece allocates and frees come back without fresh
+    page faults: 1.2 -> 0.3 CPU-s of system time on 12.8 M Mixtral rows (a quarter of the run), peak RSS within a
+    few MiB. Left alone when the user set MALLOC_TOP_PAD_, and on other C libraries. Returns whether it set it now."""
+    global _top_pad_set
+    if _top_pad_set or "MALLOC_TOP_PAD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return False
+    _top_pad_set = True
+    M_TOP_PAD = -2  # malloc.h
+    try:
+        return ctypes.CDLL(None).mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def _run_pass(
     shards: Iterable[ShardData], names: list[str], ctx: AnalysisContext, clock: dict[str, float]
 ) -> dict[str, AnalysisResult]:
+    keep_freed_memory()  # pieces allocate and free the same array sizes over and over
     reducers = {name: reducer_for(ANALYSES[name], ctx) for name in names}
     for shard in shards:
         for piece in pieces(shard):
