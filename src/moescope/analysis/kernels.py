@@ -4,10 +4,11 @@ histograms, moments, sparse counts.
 Everything here adds up: a state built from two shards equals the merge of the states of each.
 `add_into` is that merge done in place, for states that are plain sums of fixed-shape arrays.
 
-The counting kernels (every analysis counts experts through these two):
-  expert_counts  [G, L, E] slots (or summed weights) per (group of tokens, layer, expert): one offset bincount
+The counting kernels (every analysis counts experts through these two), each one compiled pass (compiled.py):
+  expert_counts  [G, L, E] slots (or summed weights) per (group of tokens, layer, expert)
   pair_counts    [L, E, E] tokens with i in one set and j in another, per layer (co-activation, transitions)
-Both take ids [L, T, k] where any id outside [0, E) is no expert and is dropped.
+Both take ids [L, T, k] where any id outside [0, E) is no expert and is dropped. histogram_moments bins a
+per-token feature [L, T] and takes its moments per layer, in one compiled call too.
 """
 
 from __future__ import annotations
@@ -19,15 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from moescope.errors import MoescopeError
-
-
-def expert_ids(ids: np.ndarray, n_experts: int) -> np.ndarray:
-    """intp [...]: ids with every id outside [0, E) (dropped -1, non-compute choices >= E) replaced by E.
-
-    Ids already in [0, E] as intp (ShardView.ids) are returned as they are, after two reductions."""
-    if ids.dtype == np.intp and (ids.size == 0 or (ids.min() >= 0 and ids.max() <= n_experts)):
-        return ids
-    return np.where((ids >= 0) & (ids < n_experts), ids, n_experts).astype(np.intp, copy=False)
 
 
 def expert_counts(ids: np.ndarray, n_experts: int, *, group: np.ndarray | None = None, n_groups: int = 1,
