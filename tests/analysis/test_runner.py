@@ -217,10 +217,13 @@ def test_the_ids_only_pass_reads_less_and_gives_the_same_results(tmp_path):
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's M_TOP_PAD is glibc's")
-def test_freed_memory_is_kept_once_per_process_unless_the_user_set_it():
-    code = "from moescope.analysis.runner import keep_freed_memory as k; print(k(), k())"
+def test_freed_memory_is_kept_while_the_passes_run_unless_the_user_set_it():
+    code = ("from moescope.analysis.runner import freed_memory_kept as kept\n"
+            "with kept() as outer:\n    with kept() as inner:\n        pass\n"
+            "with kept() as again:\n    pass\n"
+            "print(outer, inner, again)")
     env = {key: value for key, value in os.environ.items() if key != "MALLOC_TOP_PAD_"}
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                      check=True).stdout.split()
-    assert run(env) == ["True", "False"]  # set by the first pass of a process, then left as it is
-    assert run({**env, "MALLOC_TOP_PAD_": str(1 << 20)}) == ["False", "False"]  # the user's setting stands
+    assert run(env) == ["True", "False", "True"]  # set around the outermost block, restored after it
+    assert run({**env, "MALLOC_TOP_PAD_": str(1 << 20)}) == ["False", "False", "False"]  # the user's setting stands

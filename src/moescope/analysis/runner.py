@@ -26,6 +26,7 @@ frequent tokens (ctx.token_table) in the second, folded into one table, so its m
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import inspect
@@ -145,16 +146,17 @@ def run_analyses(
         first.append("token_specialisation")  # occurrences only (an empty token table): picks the table
     clock = timings if timings is not None else {}
     first_ctx = dataclasses.replace(ctx, token_table=np.zeros(0, np.int64)) if token_pass else ctx
-    results = run_pass(_open(shards, first), first, first_ctx, clock)
-    if later:
-        learned = ctx
-        if second_pass:
-            learned = dataclasses.replace(learned, prefetch_table=results["cross_layer"].prefetch_table())
-        if token_pass:
-            tokens = results.pop("token_specialisation")
-            learned = dataclasses.replace(learned, token_table=token_specialisation.kept_tokens(
-                tokens.token_ids, tokens.occurrences, ctx))
-        results.update(run_pass(_open(shards, later), later, learned, clock))
+    with freed_memory_kept():  # pieces allocate and free the same array sizes over and over
+        results = run_pass(_open(shards, first), first, first_ctx, clock)
+        if later:
+            learned = ctx
+            if second_pass:
+                learned = dataclasses.replace(learned, prefetch_table=results["cross_layer"].prefetch_table())
+            if token_pass:
+                tokens = results.pop("token_specialisation")
+                learned = dataclasses.replace(learned, token_table=token_specialisation.kept_tokens(
+                    tokens.token_ids, tokens.occurrences, ctx))
+            results.update(run_pass(_open(shards, later), later, learned, clock))
     return {n: results[n] for n in names}
 
 
@@ -171,30 +173,47 @@ def _open(shards: ShardSource, names: list[str]) -> Iterable[ShardData]:
     return shards()
 
 
-TOP_PAD_BYTES = 128 << 20  # free memory glibc keeps at the top of its heap once keep_freed_memory has run
-_top_pad_set = False
+TOP_PAD_BYTES = 128 << 20  # freed memory glibc keeps at the top of its heap while the passes run
+DEFAULT_TOP_PAD_BYTES = 128 << 10  # glibc's own M_TOP_PAD (malloc.h DEFAULT_TOP_PAD)
+M_TOP_PAD = -2  # malloc.h
+_passes_running = 0
 
 
-def keep_freed_memory() -> bool:
-    """Once per process, on glibc: keep TOP_PAD_BYTES of freed memory at the top of the heap (mallopt M_TOP_PAD)
-    instead of returning it to the kernel, so the arrays every piece allocates and frees come back without fresh
-    page faults: 1.2 -> 0.3 CPU-s of system time on 12.8 M Mixtral rows (a quarter of the run), peak RSS within a
-    few MiB. Left alone when the user set MALLOC_TOP_PAD_, and on other C libraries. Returns whether it set it now."""
-    global _top_pad_set
-    if _top_pad_set or "MALLOC_TOP_PAD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    _top_pad_set = True
-    M_TOP_PAD = -2  # malloc.h
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """While the analysis passes run, on glibc: keep TOP_PAD_BYTES of freed memory at the top of the heap (mallopt
+    M_TOP_PAD) instead of returning it to the kernel, so the arrays every piece allocates and frees come back
+    without fresh page faults (1.2 -> 0.3 CPU-s of system time on 12.8 M Mixtral rows, a quarter of the run). On
+    exit glibc's default is restored and the kept memory handed back (malloc_trim), so what runs after (writing the
+    tables) peaks as before. Nothing is changed when the user set MALLOC_TOP_PAD_, on other C libraries, or inside
+    another such block. Yields whether it changed the setting."""
+    global _passes_running
+    libc = _glibc() if _passes_running == 0 and "MALLOC_TOP_PAD_" not in os.environ else None
+    changed = libc is not None and libc.mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1
+    _passes_running += 1
     try:
-        return ctypes.CDLL(None).mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1
-    except (OSError, AttributeError):
-        return False
+        yield changed
+    finally:
+        _passes_running -= 1
+        if changed:
+            libc.mallopt(M_TOP_PAD, DEFAULT_TOP_PAD_BYTES)
+            libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library of this process when it is glibc (which has mallopt's M_TOP_PAD and malloc_trim), else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _run_pass(
     shards: Iterable[ShardData], names: list[str], ctx: AnalysisContext, clock: dict[str, float]
 ) -> dict[str, AnalysisResult]:
-    keep_freed_memory()  # pieces allocate and free the same array sizes over and over
     reducers = {name: reducer_for(ANALYSES[name], ctx) for name in names}
     for shard in shards:
         for piece in pieces(shard):
