@@ -62,7 +62,7 @@ except ImportError:  # a release before it (PYTHONPATH=<its src>): its tables or
 from moescope.trace.block import Sequence, shard_tables
 from moescope.trace.writer import _encode
 
-# the capture encodes its last shard at the quicker level; a release before that took one level for every part
+# some earlier versions encoded a capture's last shard at a quicker zstd level (`fast`); others take one level for all
 LAST_SHARD = {"fast": True} if "fast" in inspect.signature(_encode).parameters else {}
 
 

@@ -171,34 +171,27 @@ def test_capture_skips_the_lm_head_over_all_positions_unless_it_needs_the_logits
     np.testing.assert_array_equal(a.topk_weights, b.topk_weights)
 
 
-def test_only_the_last_shard_is_encoded_at_the_quick_level(tiny_moe, tmp_path, monkeypatch):
-    """The last shard is written after the last forward pass, where nothing overlaps it: the quicker zstd level
-    there, the smaller files everywhere else (every part here is big enough for the default level)."""
-    import pyarrow as pa
+def test_every_part_is_zstd_with_dictionary_ids_and_split_weights(tiny_moe, tmp_path):
+    """The encodings the trace's size rests on, read back from every part's Parquet metadata: zstd everywhere,
+    expert ids dictionary-encoded, gate weights split into byte planes."""
     import pyarrow.parquet as pq
 
-    from moescope.trace import writer
     from moescope.trace.schema import TABLES
 
-    def chunk_sizes(source) -> list[int]:  # compressed bytes of every column chunk (the footer's schema aside)
-        meta = pq.ParquetFile(source).metadata
-        return [meta.row_group(g).column(c).total_compressed_size
-                for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
-
-    monkeypatch.setattr(writer, "SMALL_PART_ROWS", 0)
     ids = torch.randint(3, 256, (6, 64), generator=torch.Generator().manual_seed(2))
     trace = moescope.capture(tiny_moe, input_ids=ids, out=tmp_path / "t", progress=False,
                              options=moescope.CaptureOptions(batch_size=2, shard_tokens=128))
     shards = trace.manifest["shards"]
     assert len(shards) == 3
-    for i, shard in enumerate(shards):
+    for shard in shards:
         for name in TABLES:
-            path = tmp_path / "t" / shard["files"][name]["path"]
-            table = pq.read_table(path)
-            default, quick = (chunk_sizes(pa.BufferReader(writer._encode(name, table, fast=fast))) for fast in (False, True))
+            meta = pq.ParquetFile(tmp_path / "t" / shard["files"][name]["path"]).metadata
+            columns = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c)
+                       for c in range(meta.num_columns)}
+            assert {c.compression for c in columns.values()} == {"ZSTD"}, (name, shard["index"])
             if name == "routing":
-                assert default != quick  # the levels make different bytes: the check below tells them apart
-            assert chunk_sizes(path) == (quick if i == len(shards) - 1 else default), (i, name)
+                assert "RLE_DICTIONARY" in columns["topk_ids.list.element"].encodings
+                assert "BYTE_STREAM_SPLIT" in columns["topk_weights.list.element"].encodings
 
 
 def test_a_failing_capture_still_commits_its_full_shards(tiny_moe, tmp_path):

@@ -93,7 +93,7 @@ class ShardBuffer:
 
     def add(self, block: TokenBlock | DeferredBlock, sequences: list[Sequence]) -> None:
         # A full shard is handed over when the next block arrives, not at once: the capture's last shard is then
-        # always the one `flush(last=True)` writes, at the quicker encoding (see flush); run_capture also hands
+        # always the one `flush(last=True)` writes on this thread (see flush); run_capture also hands
         # over what is buffered before the last batch, so that shard is one batch. A shard holds one
         # contiguous run of seq ids (TraceWriter.committed_seq_ids relies on it).
         if self.n_tokens >= self.shard_tokens or (
@@ -106,8 +106,7 @@ class ShardBuffer:
     def flush(self, last: bool = False) -> None:
         """Hand what is buffered to the writer thread (after the previous shard is committed). The `last` shard is
         written on this thread, since no forward pass is left to overlap it with (a hand-off there only adds the
-        thread's wake-up), at the quicker zstd level (trace/writer.py FAST_ZSTD_LEVEL: the capture waits on it), and
-        committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
+        thread's wake-up), and committed by the `finish` that follows (one manifest write, see trace/writer.py)."""
         if not self.blocks:
             return
         blocks, sequences = self.blocks, self.sequences
@@ -128,8 +127,7 @@ class ShardBuffer:
         tables, kinds = encode_shard([block.result() for block in prepared], sequences)
         self.kind_votes += kinds
         ids = [s.seq_id for s in sequences]
-        # the last shard is the capture's critical path (written after the last forward): the quicker encoding
-        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last, fast=last)
+        self.writer.write_shard(tables, seq_id_min=min(ids), seq_id_max=max(ids), commit=not last)
 
     def __enter__(self) -> "ShardBuffer":
         return self

@@ -48,18 +48,15 @@ LOCK = ".moescope.lock"
 RESUME_KEYS = ("model", "corpus", "capture")
 
 
-ZSTD_LEVEL = 9  # level 15 is 10 % smaller but writes 0.65 M rows/s, slower than an H100 prefill (bench/gpu_capture.py)
-# A part on a capture's critical path (its last shard, written after the last forward pass, where nothing overlaps
-# it) or of fewer rows is written at level 3: about half the encoding time for 1-3 % more bytes (65,536 rows at
-# top-8: 24 -> 13 ms, 16.17 -> 16.33 B/row; a trained top-2 model's routing, 2.82 -> 2.91 B/row).
-SMALL_PART_ROWS, FAST_ZSTD_LEVEL = 1 << 16, 3
+# zstd's default level. Against level 9 at top-8 (65,536 rows): 35 -> 19 ms of encoding for 1-3 % more bytes (a
+# trained top-2 model's routing 2.83 -> 2.92 B/row, a trained DeepSeek-V3-style one 6.11 -> 6.28); most of what is
+# left is Parquet's list encoding, not zstd (13 ms uncompressed). A capture's writer keeps up with 3 M rows/s.
+ZSTD_LEVEL = 3
 
 
-def _parquet_options(table: str, rows: int, *, fast: bool = False) -> dict:
-    """zstd with encodings picked per column (measured in bench/capture.py: ~0.5 B/row less than defaults);
-    `fast`: the quicker level, for a part someone is waiting on."""
-    level = FAST_ZSTD_LEVEL if fast or rows < SMALL_PART_ROWS else ZSTD_LEVEL
-    options = dict(compression="zstd", compression_level=level, write_statistics=False)
+def _parquet_options(table: str) -> dict:
+    """zstd with encodings picked per column (measured in bench/capture.py: ~0.5 B/row less than defaults)."""
+    options = dict(compression="zstd", compression_level=ZSTD_LEVEL, write_statistics=False)
     if table == "routing":
         # expert ids: few distinct values -> dictionary; gate weights: floats compress far better split
         # into byte planes (the exponent plane is nearly constant)
@@ -76,9 +73,9 @@ def _is_manifest_tmp(name: str) -> bool:
     return name.startswith(f".{MANIFEST}.tmp-")
 
 
-def _encode(name: str, table: pa.Table, *, fast: bool = False) -> pa.Buffer:
+def _encode(name: str, table: pa.Table) -> pa.Buffer:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **_parquet_options(name, table.num_rows, fast=fast))
+    pq.write_table(table, sink, **_parquet_options(name))
     return sink.getvalue()
 
 
@@ -86,50 +83,49 @@ def _entry(rel: str, table: pa.Table, data: pa.Buffer) -> dict:
     return {"path": rel, "rows": table.num_rows, "bytes": data.size, "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _write_part(folder: Path, name: str, table: pa.Table, index: int, fast: bool = False) -> tuple[Path, dict]:
+def _write_part(folder: Path, name: str, table: pa.Table, index: int) -> tuple[Path, dict]:
     """Encode one table's part in memory, write it under a temporary name and rename it (not yet fsynced):
     (its path, its manifest entry). The checksum is taken from the bytes written, not read back."""
     rel = f"{name}/part-{index:05d}.parquet"
     final = Path(folder) / rel
     tmp = final.with_name(f".{final.name}.tmp")
-    data = _encode(name, table, fast=fast)
+    data = _encode(name, table)
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, final)
     return final, _entry(rel, table, data)
 
 
-def _put_part(where: Location, name: str, table: pa.Table, index: int, tag: str, fast: bool = False) -> dict:
+def _put_part(where: Location, name: str, table: pa.Table, index: int, tag: str) -> dict:
     """Encode one table's part and PUT it under a name only this writer uses: its manifest entry."""
     rel = f"{name}/part-{index:05d}-{tag}.parquet"
-    data = _encode(name, table, fast=fast)
+    data = _encode(name, table)
     where.write_bytes(rel, data)
     return _entry(rel, table, data)
 
 
-def write_parts(folder, tables: dict[str, pa.Table], index: int, *, tag: str | None = None, fast: bool = False) -> dict:
+def write_parts(folder, tables: dict[str, pa.Table], index: int, *, tag: str | None = None) -> dict:
     """Write shard `index`'s part files (the tables encoded concurrently, each to a temporary name and renamed;
     then the parts and their folders fsynced together) and return their manifest entries: on disk, durably,
     when this returns. On an object store (`folder` a URL or Location) each part is one PUT named with the
-    committing writer's `tag` (TraceWriter.part_tag). `fast`: encoded at the quicker zstd level (FAST_ZSTD_LEVEL).
+    committing writer's `tag` (TraceWriter.part_tag).
 
     Safe to repeat: a retried shard overwrites its own files. Not yet part of the trace until
     `TraceWriter.commit_shard` lists them (an unlisted part is deleted when a writer next opens the folder).
     """
     if is_url(folder):
         where = location(folder)
-        pending = {name: io_pool().submit(_put_part, where, name, tables[name], index, tag, fast) for name in TABLES}
+        pending = {name: io_pool().submit(_put_part, where, name, tables[name], index, tag) for name in TABLES}
         futures_wait(pending.values())
         return {name: done.result() for name, done in pending.items()}
-    files, unsynced = write_parts_unsynced(folder, tables, index, fast=fast)
+    files, unsynced = write_parts_unsynced(folder, tables, index)
     fsync_all(unsynced)
     return files
 
 
-def write_parts_unsynced(folder: Path, tables: dict[str, pa.Table], index: int, *,
-                         fast: bool = False) -> tuple[dict, list[Path]]:
+def write_parts_unsynced(folder: Path, tables: dict[str, pa.Table], index: int) -> tuple[dict, list[Path]]:
     """`write_parts` without its fsync round: (manifest entries, the paths to fsync before they are listed)."""
-    pending = {name: io_pool().submit(_write_part, folder, name, tables[name], index, fast) for name in TABLES}
+    pending = {name: io_pool().submit(_write_part, folder, name, tables[name], index) for name in TABLES}
     futures_wait(pending.values())  # all ended, so a failed part's error is raised with no write still running
     written = {name: done.result() for name, done in pending.items()}  # table order, whatever order they finished in
     unsynced = [*(path for path, _ in written.values()), *(Path(folder) / name for name in TABLES)]
@@ -260,19 +256,17 @@ class TraceWriter:
         """A shard index no committed shard uses (part files are named by it)."""
         return 1 + max((shard["index"] for shard in self.manifest["shards"]), default=-1)
 
-    def write_shard(self, tables: dict[str, pa.Table], *, seq_id_min: int, seq_id_max: int, commit: bool = True,
-                    fast: bool = False) -> None:
+    def write_shard(self, tables: dict[str, pa.Table], *, seq_id_min: int, seq_id_max: int, commit: bool = True) -> None:
         """Commit one shard made of one table per name in TABLES; all-or-nothing.
 
         `commit=False`: the parts are written and listed, but the manifest is written by the next `finish`
-        (or `update`, or `close`): for the last shard of a capture, which `finish` follows at once. `fast`: the
-        parts are encoded at the quicker zstd level (for a shard someone waits on: a capture's last)."""
+        (or `update`, or `close`): for the last shard of a capture, which `finish` follows at once."""
         index = self.next_index()
         if self.remote:  # no fsync to defer: the parts are PUT now, committed by the next manifest PUT
-            files = write_parts(self.folder, tables, index, tag=self.part_tag, fast=fast)
+            files = write_parts(self.folder, tables, index, tag=self.part_tag)
             self.commit_shard(index, files, seq_id_min=seq_id_min, seq_id_max=seq_id_max, write=commit)
             return
-        files, unsynced = write_parts_unsynced(self.folder, tables, index, fast=fast)
+        files, unsynced = write_parts_unsynced(self.folder, tables, index)
         if commit:
             fsync_all(unsynced)
         else:
