@@ -180,8 +180,11 @@ def test_routing_is_read_in_batches_that_cut_layers_anywhere(tmp_path, monkeypat
     trace = open_trace(tmp_path / "t")
     entry = trace.manifest["shards"][0]["files"]["routing"]
     table = pq.read_table(tmp_path / "t" / entry["path"])
-    swapped = pa.concat_tables([table.slice(0, 8), table.slice(9, 1), table.slice(8, 1), table.slice(10)])
-    pq.write_table(swapped, tmp_path / "t" / entry["path"])
-    entry["bytes"] = (tmp_path / "t" / entry["path"]).stat().st_size
-    with pytest.raises(TraceError, match="not one row per token and layer"):
-        trace.read_shard(trace.manifest["shards"][0])
+    T = len(whole[0].seq_id)
+    two_rows_swapped = pa.concat_tables([table.slice(0, 8), table.slice(9, 1), table.slice(8, 1), table.slice(10)])
+    two_layers_swapped = pa.concat_tables([table.slice(T, T), table.slice(0, T), table.slice(2 * T)])  # same tokens
+    for bad in (two_rows_swapped, two_layers_swapped):
+        pq.write_table(bad, tmp_path / "t" / entry["path"])
+        entry["bytes"] = (tmp_path / "t" / entry["path"]).stat().st_size
+        with pytest.raises(TraceError, match="not one row per token and layer"):
+            trace.read_shard(trace.manifest["shards"][0])

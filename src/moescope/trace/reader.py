@@ -40,6 +40,24 @@ ROUTING_LISTS = {"topk_ids": np.int16, "topk_weights": np.float32, "router_outpu
                  "next_layer_prediction": np.int16, "expert_norms": np.float32}  # list columns -> numpy dtypes
 
 
+
+def _rows_in_order(batch: pa.RecordBatch, start: int, seq_id: np.ndarray, pos: np.ndarray) -> bool:
+    """Whether routing rows start..start+len(batch) are, in order, each token of the shard (seq_id, pos [T]) at layer
+    0, then each at layer 1, ...: row r is token r % T at layer r // T. Compared a layer's span at a time, slices
+    against slices (no per-row index arrays)."""
+    layer, seqs, positions = (batch.column(name).to_numpy() for name in ("layer", "seq_id", "pos"))
+    n_tokens, at = len(seq_id), 0
+    while at < batch.num_rows:
+        if not n_tokens:
+            return False
+        l, t = divmod(start + at, n_tokens)
+        span = min(n_tokens - t, batch.num_rows - at)
+        if not (np.all(layer[at : at + span] == l) and np.array_equal(seqs[at : at + span], seq_id[t : t + span])
+                and np.array_equal(positions[at : at + span], pos[t : t + span])):
+            return False
+        at += span
+    return True
+
 class Trace:
     """A trace folder opened for reading. Use `shards()`, `table(name)` or `sql(query)`."""
 
@@ -158,12 +176,8 @@ class Trace:
         start, in_order = 0, True
         try:
             for batch in batches:
-                row = np.arange(start, start + batch.num_rows)
-                token = row % max(n_tokens, 1)
                 # rows are (layer, seq_id, pos)-ordered and every layer covers the shard's tokens: the dense reshape needs it
-                in_order &= bool(np.array_equal(batch.column("layer").to_numpy(), row // max(n_tokens, 1))
-                                 and np.array_equal(batch.column("seq_id").to_numpy(), seq_id[token])
-                                 and np.array_equal(batch.column("pos").to_numpy(), pos[token]))
+                in_order = in_order and _rows_in_order(batch, start, seq_id, pos)
                 for name, out in arrays.items():
                     values = batch.column(name).flatten()
                     out[start : start + batch.num_rows] = values.to_numpy(zero_copy_only=False).reshape(-1, out.shape[1])
