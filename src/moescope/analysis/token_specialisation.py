@@ -125,6 +125,8 @@ def _piece_keys(view: ShardView, ctx: AnalysisContext) -> tuple[SparseCounts, np
         kept = np.flatnonzero(ctx.token_table[at] == token_id) if ctx.token_table.size else np.zeros(0, np.intp)
     layer = np.arange(L, dtype=np.int64)[:, None, None]
     R = _combination_space(ctx)
+    if isinstance(kept, np.ndarray) and not kept.size:  # occurrences only (a first pass's empty table): no cells
+        return occurrences, kept, np.zeros((L, 0, 1), np.int64), L * (E if R is None else R)
     if R is not None:
         return occurrences, kept, layer * R + view.multiset_rank[:, kept, None], L * R  # [L, T', 1]
     ids = view.ids[:, kept]
