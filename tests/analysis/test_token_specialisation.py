@@ -207,3 +207,22 @@ def test_the_token_expert_table_in_pieces_is_the_whole_table(monkeypatch):
     keys = (whole.token_id * L + whole.layer) * E + whole.expert  # layers are 0..L-1 here
     np.testing.assert_array_equal(keys, result.expert_counts.keys)
     np.testing.assert_array_equal(whole["count"], result.expert_counts.counts)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 256])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_mode_combinations_are_formatted_row_by_row_as_written(rows, k):
+    """The token table's '(3,7)' / '(3(2432),7(128))' cells (each distinct row formatted once) against a plain
+    per-row format: -1 entries dropped, an empty set '()', repeated rows alike."""
+    from moescope.analysis.token_specialisation import _format_combinations
+
+    rng = np.random.default_rng(rows * 10 + k)
+    combos = np.sort(rng.integers(-1, 256, (rows, k)), axis=1)
+    combos[::3] = combos[0] if rows else combos[::3]  # repeats
+    if rows > 1:
+        combos[1] = -1
+    sizes = rng.integers(1, 5000, 256)
+    plain = ["(" + ",".join(str(e) for e in row if e >= 0) + ")" for row in combos.tolist()]
+    sized = ["(" + ",".join(f"{e}({sizes[e]})" for e in row if e >= 0) + ")" for row in combos.tolist()]
+    assert _format_combinations(combos, None) == plain
+    assert _format_combinations(combos, sizes) == sized

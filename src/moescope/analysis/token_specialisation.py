@@ -342,21 +342,22 @@ def _row_mean(values: np.ndarray) -> np.ndarray:
 
 
 def _format_combinations(combos: np.ndarray, sizes: np.ndarray | None) -> list[str]:
-    """'(3,7)' or, with sizes, '(3(2432),7(128))' for each row of sorted ids [V, k] (-1 entries dropped)."""
-    V, k = combos.shape
-    parts = []
-    for c in range(k):  # k columns, each formatted for every token at once
-        ids = pd.Series(combos[:, c])
-        text = (
-            ids.astype(str)
-            if sizes is None
-            else ids.astype(str) + "(" + pd.Series(sizes[np.maximum(combos[:, c], 0)]).astype(str) + ")"
-        )
-        parts.append(text.where(ids >= 0, ""))
-    joined = parts[0]
-    for p in parts[1:]:
-        joined = joined.str.cat(p, sep=",")
-    return ("(" + joined.str.replace(r"^,+|,+$", "", regex=True).str.replace(r",,+", ",", regex=True) + ")").tolist()
+    """'(3,7)' or, with sizes, '(3(2432),7(128))' for each row of sorted ids [V, k] (-1 entries dropped). Each distinct
+    row is formatted once (a layer's modes repeat: Mixtral's 8 experts have 28 pairs for every token)."""
+    if not combos.shape[0]:
+        return []
+    order = np.lexsort(combos.T[::-1])  # rows sorted (a lexsort of k columns: np.unique(axis=0) is ~20x slower)
+    ordered = combos[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    rows = ordered[starts]  # [U, k] distinct rows
+    inverse = np.empty(len(order), np.intp)
+    inverse[order] = np.cumsum(starts) - 1  # [V] each row's distinct row
+    if sizes is None:
+        texts = ["(" + ",".join(str(e) for e in row if e >= 0) + ")" for row in rows.tolist()]
+    else:
+        texts = ["(" + ",".join(f"{e}({sizes[e]})" for e in row if e >= 0) + ")" for row in rows.tolist()]
+    return np.array(texts, dtype=object)[inverse].tolist()
 
 
 def _sparse_of(state: TokenState, ctx: AnalysisContext) -> TokenState:
