@@ -1,5 +1,5 @@
 """Results tables: the CSV copy is the text pandas writes, whichever way it is formatted (column by column for
-integer and float64 tables, pandas for the rest), whole or piece by piece; Parquet holds the same rows."""
+integer, float64 and string tables, pandas for the rest), whole or piece by piece; Parquet holds the same rows."""
 
 from __future__ import annotations
 
@@ -24,7 +24,14 @@ def _frames(n: int):
     mixed = numbers.assign(name=[f"x,{i}" if i % 3 else f'say "{i}"' for i in range(n)], hot=rng.random(n) < 0.5,
                            narrow=rng.random(n).astype(np.float32))
     mixed.loc[mixed.index[::4], "share"] = np.nan
-    return integers, numbers, mixed, integers.iloc[:0], numbers.iloc[:0]
+    odd = ["(3,7)", 'say "hi"', "two\nlines", "carriage\rreturn", "", " padded ", "é∑", "a,\"b\"\n", "plain"]
+    texts = [odd[i % len(odd)] for i in range(n)]
+    halves = [pd.Series(texts[: n // 2], dtype="str"), pd.Series(texts[n // 2 :], dtype="str")]
+    strings = numbers.assign(token=pd.concat(halves, ignore_index=True),  # Arrow-backed, in two chunks; formatted
+                             # column by column, quoted as csv would
+                             label=pd.Series([None if i % 4 == 1 else t for i, t in enumerate(texts)], dtype=object),
+                             missing=pd.Series([np.nan if i % 2 else t for i, t in enumerate(texts)], dtype="str"))
+    return integers, numbers, mixed, strings, integers.iloc[:0], numbers.iloc[:0], strings.iloc[:0]
 
 
 @pytest.mark.parametrize("slice_rows", [3, 1 << 17])
@@ -32,15 +39,17 @@ def _frames(n: int):
 def test_the_csv_copy_is_what_pandas_writes(tmp_path, n, slice_rows, monkeypatch):
     monkeypatch.setattr(analyze, "CSV_SLICE_ROWS", slice_rows)  # formatted a few rows at a time, or all at once
     for frame in _frames(n):
+        assert analyze._columnwise(frame) == ("hot" not in frame)  # only `mixed` (bool, float32) goes to pandas
         write_table(tmp_path, "whole", frame)
-        assert (tmp_path / "whole.csv").read_text() == frame.to_csv(index=False)
+        assert (tmp_path / "whole.csv").read_bytes().decode() == frame.to_csv(index=False)  # bytes: a lone \r kept
         rows = len(frame)
         cuts = sorted({0, min(1, rows), rows // 2, rows})
         chunked = ChunkedTable(lambda: (frame.iloc[a:b] for a, b in zip(cuts, cuts[1:] or [rows])), rows)
         write_table(tmp_path, "chunked", chunked)
-        assert (tmp_path / "chunked.csv").read_text() == frame.to_csv(index=False)
+        assert (tmp_path / "chunked.csv").read_bytes().decode() == frame.to_csv(index=False)
         parquet = pq.read_table(tmp_path / "chunked.parquet").to_pandas()
-        pd.testing.assert_frame_equal(parquet, frame.reset_index(drop=True))
+        strings_back = {c: "str" for c in frame.columns if frame[c].dtype == object}  # object or str, as Arrow reads it
+        pd.testing.assert_frame_equal(parquet.astype(strings_back), frame.reset_index(drop=True).astype(strings_back))
 
 
 @pytest.mark.parametrize("n", [1, 7, 256])
