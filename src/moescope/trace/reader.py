@@ -40,7 +40,6 @@ ROUTING_LISTS = {"topk_ids": np.int16, "topk_weights": np.float32, "router_outpu
                  "next_layer_prediction": np.int16, "expert_norms": np.float32}  # list columns -> numpy dtypes
 
 
-
 def _rows_in_order(batch: pa.RecordBatch, start: int, seq_id: np.ndarray, pos: np.ndarray) -> bool:
     """Whether routing rows start..start+len(batch) are, in order, each token of the shard (seq_id, pos [T]) at layer
     0, then each at layer 1, ...: row r is token r % T at layer r // T. Compared a layer's span at a time, slices
@@ -57,6 +56,7 @@ def _rows_in_order(batch: pa.RecordBatch, start: int, seq_id: np.ndarray, pos: n
             return False
         at += span
     return True
+
 
 class Trace:
     """A trace folder opened for reading. Use `shards()`, `table(name)` or `sql(query)`."""
