@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import inspect
 import os
 import platform
@@ -200,6 +201,7 @@ def freed_memory_kept() -> Iterator[bool]:
             libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc():
     """The C library of this process when it is glibc (which has mallopt's M_TOP_PAD and malloc_trim), else None."""
     if platform.libc_ver()[0] != "glibc":

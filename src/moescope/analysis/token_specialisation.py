@@ -125,12 +125,13 @@ def _piece_keys(view: ShardView, ctx: AnalysisContext) -> tuple[SparseCounts, np
         kept = np.flatnonzero(ctx.token_table[at] == token_id) if ctx.token_table.size else np.zeros(0, np.intp)
     layer = np.arange(L, dtype=np.int64)[:, None, None]
     R = _combination_space(ctx)
+    cells = L * (E if R is None else R)
     if isinstance(kept, np.ndarray) and not kept.size:  # occurrences only (a first pass's empty table): no cells
-        return occurrences, kept, np.zeros((L, 0, 1), np.int64), L * (E if R is None else R)
+        return occurrences, kept, np.zeros((L, 0, 1), np.int64), cells
     if R is not None:
-        return occurrences, kept, layer * R + view.multiset_rank[:, kept, None], L * R  # [L, T', 1]
+        return occurrences, kept, layer * R + view.multiset_rank[:, kept, None], cells  # [L, T', 1]
     ids = view.ids[:, kept]
-    return occurrences, kept, np.where(ids < E, layer * E + ids, -1), L * E  # [L, T', k]
+    return occurrences, kept, np.where(ids < E, layer * E + ids, -1), cells  # [L, T', k]
 
 
 def accumulate(shard: ShardData | ShardView, ctx: AnalysisContext) -> TokenState:

@@ -46,9 +46,9 @@ def _rows_in_order(batch: pa.RecordBatch, start: int, seq_id: np.ndarray, pos: n
     against slices (no per-row index arrays)."""
     layer, seqs, positions = (batch.column(name).to_numpy() for name in ("layer", "seq_id", "pos"))
     n_tokens, at = len(seq_id), 0
+    if not n_tokens:
+        return batch.num_rows == 0
     while at < batch.num_rows:
-        if not n_tokens:
-            return False
         l, t = divmod(start + at, n_tokens)
         span = min(n_tokens - t, batch.num_rows - at)
         if not (np.all(layer[at : at + span] == l) and np.array_equal(seqs[at : at + span], seq_id[t : t + span])
