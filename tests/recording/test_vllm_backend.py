@@ -123,8 +123,9 @@ def _routing(folder: Path, columns: str):
 
 @pytest.fixture(scope="module")
 def prompt_traces(tmp_path_factory):
+    # shards of about 1,000 tokens: several engine calls, each shard but the last encoded while the next one runs
     return _capture_both(tmp_path_factory.mktemp("vllm"), "prompt", "humaneval,wiki", max_tokens=4000, seq_len=128,
-                         save_logits=True)
+                         save_logits=True, shard_tokens=1000)
 
 
 @pytest.mark.vllm
@@ -157,6 +158,7 @@ def test_vllm_trace_has_the_hf_manifest_fields_and_verifies(prompt_traces):
     tokens = "select seq_id, pos, token_id, generated from read_parquet('{}/tokens/*.parquet') order by seq_id, pos"
     assert duckdb.sql(tokens.format(hf_out)).fetchall() == duckdb.sql(tokens.format(vllm_out)).fetchall()
     assert verify_trace(vllm_out).ok
+    assert len(list((vllm_out / "routing").glob("*.parquet"))) >= 3  # one engine call per shard of ~1,000 tokens
 
 
 @pytest.mark.vllm

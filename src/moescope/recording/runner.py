@@ -147,7 +147,7 @@ class ShardBuffer:
             self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
-def _one_left(items: Iterable) -> Iterator[tuple[object, bool]]:
+def with_one_left(items: Iterable) -> Iterator[tuple[object, bool]]:
     """(item, whether exactly one more item follows it), reading at most two items ahead."""
     it = iter(items)
     ahead = list(itertools.islice(it, 2))
@@ -167,7 +167,7 @@ def _forward_batches(model, layers: list[MoELayer], batches: Iterator[Batch], op
                                predict_next_layer=opts.predict_next_layer, save_expert_norms=opts.save_expert_norms,
                                weights_dtype=getattr(torch, opts.weights_dtype), logits_dtype=getattr(torch, opts.logits_dtype))
     with recorder as rec, torch.inference_mode():
-        for batch, one_left in _one_left(batches):
+        for batch, one_left in with_one_left(batches):
             input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             if opts.generate:
                 out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=opts.generate,

@@ -26,7 +26,7 @@ from moescope.trace.block import Sequence, TokenBlock
 from moescope.recording.manifest_info import build_manifest
 from moescope.recording.loading import model_skeleton
 from moescope.recording.options import CaptureSettings
-from moescope.recording.runner import ShardBuffer, finish_capture
+from moescope.recording.runner import ShardBuffer, finish_capture, with_one_left
 from moescope.trace.reader import Trace
 from moescope.trace.writer import TraceWriter
 
@@ -155,9 +155,12 @@ def run_vllm_capture(path: str, sequences: Iterable[Sequence], out: str | os.Pat
         done = writer.committed_seq_ids
         try:
             with ShardBuffer(writer, opts.shard_tokens) as buffer:
-                for chunk in chunks((s for s in sequences if s.seq_id not in done), opts.shard_tokens):
+                for chunk, one_left in with_one_left(chunks((s for s in sequences if s.seq_id not in done),
+                                                            opts.shard_tokens)):
                     block = capture_chunk(llm, chunk, params, opts)
                     buffer.add(block, chunk)
+                    if one_left:  # this shard is encoded while the last chunk is generated, as run_capture does
+                        buffer.flush()
                     n_tokens += block.n_tokens
                     bar.update(block.n_tokens)
         finally:
